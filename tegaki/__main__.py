@@ -1,0 +1,5 @@
+import sys
+
+from tegaki.cli import main
+
+sys.exit(main())
