@@ -1,0 +1,301 @@
+"""ModelConfig: every architecture tegaki knows is one of these.
+
+GPT-2 is the default of every field. Each modern change (rotary positions, RMSNorm, SwiGLU, GQA,
+QK-norm, mixture of experts, attention sinks, sliding windows, gated attention) is one flag here,
+read in one visible place in `model.py`. The field names follow nanoGPT (`n_layer`, `n_head`,
+`n_embd`, `block_size`) so its readers feel at home.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+from tegaki.errors import TegakiError
+
+
+@dataclass
+class ModelConfig:
+    # --- sizes -------------------------------------------------------------------------------
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024  # the longest context the model is built for
+    n_kv_head: int | None = None  # None: = n_head (MHA); fewer: GQA; 1: MQA
+    head_dim: int | None = None  # None: n_embd // n_head (Qwen3 and GPT-OSS set it on its own)
+    intermediate_size: int | None = None  # MLP hidden width; None: 4 * n_embd (the "4x MLP")
+
+    # --- biases, dropout, head ----------------------------------------------------------------
+    bias: bool = True  # default for every Linear and LayerNorm bias below that is left at None
+    qkv_bias: bool | None = None
+    attn_out_bias: bool | None = None
+    mlp_bias: bool | None = None
+    dropout: float = 0.0
+    tie_embeddings: bool = True  # LM head shares the token-embedding matrix (GPT-2 does)
+    final_norm: bool = True
+
+    # --- positions ----------------------------------------------------------------------------
+    pos_embedding: str = "learned"  # "learned" (GPT-2) | "rope" | "none"
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # "none" | "linear" | "ntk" | "yarn" | "llama3"
+    rope_factor: float = 1.0
+    rope_original_max_len: int | None = None  # the context the model was pre-trained with
+    rope_beta_fast: float = 32.0  # YaRN
+    rope_beta_slow: float = 1.0  # YaRN
+    rope_truncate: bool = True  # YaRN: round the correction range (GPT-OSS: False)
+    rope_attention_factor: float | None = None  # YaRN: None -> 0.1 * ln(factor) + 1
+    rope_low_freq_factor: float = 1.0  # Llama 3
+    rope_high_freq_factor: float = 4.0  # Llama 3
+
+    # --- normalisation ------------------------------------------------------------------------
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    norm_eps: float = 1e-5
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each query and key head
+
+    # --- MLP ----------------------------------------------------------------------------------
+    mlp: str = "gelu"  # "gelu" (GPT-2) | "swiglu" (Llama) | "moe"
+    n_experts: int = 0
+    n_experts_per_tok: int = 2
+    moe_expert: str = "swiglu"  # "swiglu" (Mixtral/Qwen3-MoE) | "gpt-oss" (clamped SwiGLU)
+    moe_router_bias: bool = False
+    moe_softmax_after_topk: bool = True  # GPT-OSS: softmax over the top-k logits only
+    moe_norm_topk_prob: bool = True  # softmax-before-top-k only: renormalise the chosen k
+    moe_swiglu_limit: float = 7.0  # gpt-oss expert clamp
+    moe_swiglu_alpha: float = 1.702  # gpt-oss expert sigmoid slope
+    moe_aux_loss_coef: float = 0.0  # weight of the load-balancing loss added in training
+    moe_impl: str = "loop"  # "loop" (readable, per expert) | "dense" (every expert, batched)
+
+    # --- attention ----------------------------------------------------------------------------
+    causal: bool = True  # False is the classic bug: the model sees the future while training
+    attn_impl: str = "sdpa"  # "manual" (written out) | "sdpa" (PyTorch's fused kernel)
+    attn_sinks: bool = False  # GPT-OSS: one learned logit per head that absorbs attention mass
+    sliding_window: int | None = None  # keys further back than this are invisible
+    layer_types: list[str] | None = None  # per layer "full" | "sliding"; None: all full,
+    #                                       or all sliding when sliding_window is set
+    attn_gate: str = "none"  # "none" | "elementwise" | "headwise" (Qiu et al. 2025)
+    attn_scale: float | None = None  # None: 1/sqrt(head_dim)
+    attn_scale_learnable: bool = False
+
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # --- derived values: read these, not the raw Nones ------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.intermediate_size or 4 * self.n_embd
+
+    def use_bias(self, which: str) -> bool:
+        value = getattr(self, f"{which}_bias")
+        return self.bias if value is None else value
+
+    def layer_type(self, layer: int) -> str:
+        if self.layer_types is not None:
+            return self.layer_types[layer]
+        return "sliding" if self.sliding_window else "full"
+
+    def validate(self) -> None:
+        """Reject inconsistent flags when the config is built, not deep inside a forward pass."""
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise TegakiError(f"invalid ModelConfig: {message}")
+
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        need(
+            self.head_dim is not None or self.n_embd % self.n_head == 0,
+            f"n_head={self.n_head} does not divide n_embd={self.n_embd} (or set head_dim)",
+        )
+        need(
+            self.n_head % self.kv_heads == 0,
+            f"n_kv_head={self.kv_heads} must divide n_head={self.n_head}",
+        )
+        choices = {
+            "pos_embedding": ("learned", "rope", "none"),
+            "rope_scaling": ("none", "linear", "ntk", "yarn", "llama3"),
+            "norm": ("layernorm", "rmsnorm"),
+            "mlp": ("gelu", "swiglu", "moe"),
+            "moe_expert": ("swiglu", "gpt-oss"),
+            "moe_impl": ("loop", "dense"),
+            "attn_impl": ("manual", "sdpa"),
+            "attn_gate": ("none", "elementwise", "headwise"),
+        }
+        for name, allowed in choices.items():
+            need(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r}, expected one of {allowed}")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        if self.pos_embedding == "rope":
+            need(self.dim_head % 2 == 0, f"rotary embeddings need an even head_dim, got {self.dim_head}")
+        if self.rope_scaling != "none":
+            need(self.pos_embedding == "rope", "rope_scaling needs pos_embedding='rope'")
+            need(self.rope_factor >= 1.0, f"rope_factor must be >= 1, got {self.rope_factor}")
+        if self.rope_scaling in ("yarn", "llama3"):
+            need(self.rope_original_max_len is not None, f"rope_scaling={self.rope_scaling!r} needs rope_original_max_len")
+        if self.mlp == "moe":
+            need(self.n_experts >= 1, "mlp='moe' needs n_experts >= 1")
+            need(
+                1 <= self.n_experts_per_tok <= self.n_experts,
+                f"n_experts_per_tok={self.n_experts_per_tok} must be between 1 and n_experts={self.n_experts}",
+            )
+        if self.sliding_window is not None:
+            need(self.sliding_window >= 1, f"sliding_window must be >= 1, got {self.sliding_window}")
+            need(
+                self.sliding_window <= self.block_size,
+                f"sliding_window={self.sliding_window} is larger than the context block_size={self.block_size}",
+            )
+        if self.layer_types is not None:
+            need(
+                len(self.layer_types) == self.n_layer,
+                f"layer_types has {len(self.layer_types)} entries for n_layer={self.n_layer}",
+            )
+            need(all(t in ("full", "sliding") for t in self.layer_types), "layer_types entries must be 'full' or 'sliding'")
+            need(
+                "sliding" not in self.layer_types or self.sliding_window is not None,
+                "layer_types has 'sliding' layers but sliding_window is not set",
+            )
+
+    # --- conversions ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise TegakiError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, assignments: list[str]) -> "ModelConfig":
+        """Apply `field=value` strings (the CLI's --set), each value parsed by the field's type."""
+        changes = {}
+        types = {f.name: f.type for f in fields(self)}
+        for item in assignments:
+            name, sep, raw = item.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or name not in types:
+                known = ", ".join(sorted(types))
+                raise TegakiError(f"--set expects field=value with a ModelConfig field, got {item!r}. Fields: {known}")
+            changes[name] = _parse_value(name, types[name], raw.strip())
+        return self.replace(**changes)
+
+    @staticmethod
+    def preset(name: str) -> "ModelConfig":
+        if name not in PRESETS:
+            raise TegakiError(f"unknown preset {name!r}. Known presets: {', '.join(PRESETS)}")
+        return ModelConfig(**PRESETS[name])
+
+
+def _parse_value(name: str, type_name: Any, raw: str) -> Any:
+    t = str(type_name)
+    try:
+        if raw.lower() in ("none", "null") and "None" in t:
+            return None
+        if t.startswith("bool"):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if t.startswith("int"):
+            return int(raw)
+        if t.startswith("float"):
+            return float(raw)
+        if t.startswith("list"):
+            return json.loads(raw) if raw.startswith("[") else [s.strip() for s in raw.split(",")]
+        return raw
+    except ValueError:
+        raise TegakiError(f"--set {name}={raw!r}: expected a value of type {t}") from None
+
+
+def _alternating(n_layer: int) -> list[str]:
+    """GPT-OSS: even layers use the sliding window, odd layers see the whole context."""
+    return ["sliding" if i % 2 == 0 else "full" for i in range(n_layer)]
+
+
+_LLAMA = dict(
+    pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False
+)
+
+# The demo presets share one size (about 1.5M parameters apart from the embeddings) so that
+# `tegaki compare` pits architectures, not budgets, against each other.
+_TINY = dict(vocab_size=4096, n_layer=4, n_head=4, n_embd=192, block_size=256)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # GPT-2 as released by OpenAI (vocab 50257, learned positions, LayerNorm, GELU, tied head).
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    # Small enough to train visibly within a minute on two CPU cores.
+    "tiny": dict(_TINY),
+    "tiny-llama": dict(**_TINY | _LLAMA, n_kv_head=2, intermediate_size=512, norm_eps=1e-5),
+    "tiny-qwen3": dict(
+        _TINY, **_LLAMA | dict(tie_embeddings=True), n_kv_head=2, head_dim=64, qk_norm=True, intermediate_size=512,
+        norm_eps=1e-6, rope_theta=1_000_000.0,
+    ),
+    "tiny-gpt-oss": dict(
+        **_TINY | _LLAMA | dict(mlp="moe"), n_kv_head=2, head_dim=48, moe_expert="gpt-oss",
+        n_experts=4, n_experts_per_tok=2, intermediate_size=192, moe_router_bias=True,
+        qkv_bias=True, attn_out_bias=True, mlp_bias=True, attn_sinks=True,
+        sliding_window=64, layer_types=_alternating(4), rope_theta=150_000.0,
+        moe_aux_loss_coef=0.01,
+    ),
+    "tiny-gpt-oss-yarn": dict(
+        **_TINY | _LLAMA | dict(mlp="moe"), n_kv_head=2, head_dim=48, moe_expert="gpt-oss",
+        n_experts=4, n_experts_per_tok=2, intermediate_size=192, moe_router_bias=True,
+        qkv_bias=True, attn_out_bias=True, mlp_bias=True, attn_sinks=True,
+        sliding_window=64, layer_types=_alternating(4), rope_theta=150_000.0,
+        rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=64, rope_truncate=False,
+        moe_aux_loss_coef=0.01,
+    ),
+    "tiny-gated": dict(**_TINY | _LLAMA, n_kv_head=2, intermediate_size=512, attn_gate="elementwise"),
+    # Real shapes (the numbers in their transformers config.json files).
+    "llama-3.2-1b": dict(
+        **_LLAMA | dict(tie_embeddings=True), vocab_size=128256, n_layer=16, n_head=32, n_kv_head=8, n_embd=2048,
+        intermediate_size=8192, block_size=131072, rope_theta=500_000.0, rope_scaling="llama3",
+        rope_factor=32.0, rope_original_max_len=8192, rope_low_freq_factor=1.0,
+        rope_high_freq_factor=4.0,
+    ),
+    "qwen3-0.6b": dict(
+        **_LLAMA | dict(tie_embeddings=True), vocab_size=151936, n_layer=28, n_head=16, n_kv_head=8, head_dim=128, n_embd=1024,
+        intermediate_size=3072, block_size=40960, rope_theta=1_000_000.0, qk_norm=True,
+        norm_eps=1e-6,
+    ),
+    "gpt-oss-20b": dict(
+        **_LLAMA | dict(mlp="moe"), vocab_size=201088, n_layer=24, n_head=64, n_kv_head=8, head_dim=64, n_embd=2880,
+        intermediate_size=2880, block_size=131072, moe_expert="gpt-oss", n_experts=32,
+        n_experts_per_tok=4, moe_router_bias=True, qkv_bias=True, attn_out_bias=True,
+        mlp_bias=True, attn_sinks=True, sliding_window=128, layer_types=_alternating(24),
+        rope_theta=150_000.0, rope_scaling="yarn", rope_factor=32.0, rope_original_max_len=4096,
+        rope_truncate=False, moe_aux_loss_coef=0.9,
+    ),
+    "gpt-oss-120b": dict(
+        **_LLAMA | dict(mlp="moe"), vocab_size=201088, n_layer=36, n_head=64, n_kv_head=8, head_dim=64, n_embd=2880,
+        intermediate_size=2880, block_size=131072, moe_expert="gpt-oss", n_experts=128,
+        n_experts_per_tok=4, moe_router_bias=True, qkv_bias=True, attn_out_bias=True,
+        mlp_bias=True, attn_sinks=True, sliding_window=128, layer_types=_alternating(36),
+        rope_theta=150_000.0, rope_scaling="yarn", rope_factor=32.0, rope_original_max_len=4096,
+        rope_truncate=False, moe_aux_loss_coef=0.9,
+    ),
+}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+

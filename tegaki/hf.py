@@ -1,0 +1,538 @@
+"""Checkpoints in transformers' format, both ways, as data.
+
+A family (GPT-2, Llama, Qwen3, GPT-OSS) is two tables:
+  * CONFIG: transformers' config.json key  <->  ModelConfig field
+  * WEIGHTS: transformers' tensor name  <->  tegaki's parameter name(s), and how the tensor changes
+The same tables drive `from_pretrained` (import) and `export_hf` (export); there is no per-model
+loading code. transformers itself is never imported here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tegaki.config import ModelConfig
+from tegaki.errors import TegakiError
+
+# -------------------------------------------------------------------------------------------------
+# Weight tables. "{i}" stands for the layer index. Kinds:
+#   same       the tensor as it is
+#   transpose  GPT-2's Conv1D stores (in, out); nn.Linear wants (out, in)
+#   qkv        GPT-2's c_attn: one Conv1D (C, 3C) holding q, k and v side by side
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    hf: str
+    ours: tuple[str, ...]
+    kind: str = "same"
+
+
+def _r(hf: str, *ours: str, kind: str = "same") -> Rule:
+    return Rule(hf, ours, kind)
+
+
+GPT2_WEIGHTS = [
+    _r("transformer.wte.weight", "wte.weight"),
+    _r("transformer.wpe.weight", "wpe.weight"),
+    _r("transformer.h.{i}.ln_1.weight", "blocks.{i}.ln_1.weight"),
+    _r("transformer.h.{i}.ln_1.bias", "blocks.{i}.ln_1.bias"),
+    _r("transformer.h.{i}.attn.c_attn.weight", "blocks.{i}.attn.q_proj.weight", "blocks.{i}.attn.k_proj.weight",
+       "blocks.{i}.attn.v_proj.weight", kind="qkv"),
+    _r("transformer.h.{i}.attn.c_attn.bias", "blocks.{i}.attn.q_proj.bias", "blocks.{i}.attn.k_proj.bias",
+       "blocks.{i}.attn.v_proj.bias", kind="qkv"),
+    _r("transformer.h.{i}.attn.c_proj.weight", "blocks.{i}.attn.o_proj.weight", kind="transpose"),
+    _r("transformer.h.{i}.attn.c_proj.bias", "blocks.{i}.attn.o_proj.bias"),
+    _r("transformer.h.{i}.ln_2.weight", "blocks.{i}.ln_2.weight"),
+    _r("transformer.h.{i}.ln_2.bias", "blocks.{i}.ln_2.bias"),
+    _r("transformer.h.{i}.mlp.c_fc.weight", "blocks.{i}.mlp.fc.weight", kind="transpose"),
+    _r("transformer.h.{i}.mlp.c_fc.bias", "blocks.{i}.mlp.fc.bias"),
+    _r("transformer.h.{i}.mlp.c_proj.weight", "blocks.{i}.mlp.proj.weight", kind="transpose"),
+    _r("transformer.h.{i}.mlp.c_proj.bias", "blocks.{i}.mlp.proj.bias"),
+    _r("transformer.ln_f.weight", "ln_f.weight"),
+    _r("transformer.ln_f.bias", "ln_f.bias"),
+    _r("lm_head.weight", "lm_head.weight"),
+]
+
+LLAMA_WEIGHTS = [
+    _r("model.embed_tokens.weight", "wte.weight"),
+    _r("model.layers.{i}.input_layernorm.weight", "blocks.{i}.ln_1.weight"),
+    *[_r(f"model.layers.{{i}}.self_attn.{p}_proj.{w}", f"blocks.{{i}}.attn.{p}_proj.{w}")
+      for p in "qkvo" for w in ("weight", "bias")],
+    _r("model.layers.{i}.self_attn.q_norm.weight", "blocks.{i}.attn.q_norm.weight"),
+    _r("model.layers.{i}.self_attn.k_norm.weight", "blocks.{i}.attn.k_norm.weight"),
+    _r("model.layers.{i}.post_attention_layernorm.weight", "blocks.{i}.ln_2.weight"),
+    *[_r(f"model.layers.{{i}}.mlp.{hf}_proj.{w}", f"blocks.{{i}}.mlp.{ours}.{w}")
+      for hf, ours in (("gate", "gate"), ("up", "up"), ("down", "down")) for w in ("weight", "bias")],
+    _r("model.norm.weight", "ln_f.weight"),
+    _r("lm_head.weight", "lm_head.weight"),
+]
+
+GPT_OSS_WEIGHTS = [
+    r for r in LLAMA_WEIGHTS if ".mlp." not in r.hf
+] + [
+    _r("model.layers.{i}.self_attn.sinks", "blocks.{i}.attn.sinks"),
+    _r("model.layers.{i}.mlp.router.weight", "blocks.{i}.mlp.router.weight"),
+    _r("model.layers.{i}.mlp.router.bias", "blocks.{i}.mlp.router.bias"),
+    _r("model.layers.{i}.mlp.experts.gate_up_proj", "blocks.{i}.mlp.w_in"),
+    _r("model.layers.{i}.mlp.experts.gate_up_proj_bias", "blocks.{i}.mlp.b_in"),
+    _r("model.layers.{i}.mlp.experts.down_proj", "blocks.{i}.mlp.w_out"),
+    _r("model.layers.{i}.mlp.experts.down_proj_bias", "blocks.{i}.mlp.b_out"),
+]
+
+# Buffers some checkpoints carry that are recomputed, not learned.
+IGNORED = [r"\.attn\.bias$", r"\.attn\.masked_bias$", r"rotary_emb\.inv_freq$"]
+
+
+# -------------------------------------------------------------------------------------------------
+# Config tables: (config.json key, ModelConfig field). Values that need thought go in functions.
+# -------------------------------------------------------------------------------------------------
+
+GPT2_CONFIG = [
+    ("vocab_size", "vocab_size"), ("n_layer", "n_layer"), ("n_head", "n_head"), ("n_embd", "n_embd"),
+    ("n_positions", "block_size"), ("layer_norm_epsilon", "norm_eps"), ("n_inner", "intermediate_size"),
+    ("tie_word_embeddings", "tie_embeddings"),
+]
+
+LLAMA_CONFIG = [
+    ("vocab_size", "vocab_size"), ("num_hidden_layers", "n_layer"), ("num_attention_heads", "n_head"),
+    ("num_key_value_heads", "n_kv_head"), ("hidden_size", "n_embd"), ("head_dim", "head_dim"),
+    ("intermediate_size", "intermediate_size"), ("max_position_embeddings", "block_size"),
+    ("rms_norm_eps", "norm_eps"), ("tie_word_embeddings", "tie_embeddings"),
+    ("attention_bias", "qkv_bias"), ("attention_bias", "attn_out_bias"), ("mlp_bias", "mlp_bias"),
+]
+
+GPT_OSS_CONFIG = [c for c in LLAMA_CONFIG if c[0] != "mlp_bias"] + [
+    ("num_local_experts", "n_experts"), ("num_experts_per_tok", "n_experts_per_tok"),
+    ("router_aux_loss_coef", "moe_aux_loss_coef"), ("swiglu_limit", "moe_swiglu_limit"),
+    ("swiglu_alpha", "moe_swiglu_alpha"), ("sliding_window", "sliding_window"),
+]
+
+# What each family fixes regardless of config.json.
+_GPT2_FIXED = dict(pos_embedding="learned", norm="layernorm", mlp="gelu", bias=True)
+_LLAMA_FIXED = dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+_GPT_OSS_FIXED = dict(
+    pos_embedding="rope", norm="rmsnorm", mlp="moe", moe_expert="gpt-oss", bias=False, attn_sinks=True,
+    moe_router_bias=True, mlp_bias=True, moe_softmax_after_topk=True,
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    architecture: str  # transformers' class name in config.json "architectures"
+    model_type: str
+    config_table: list[tuple[str, str]]
+    weights: list[Rule]
+    fixed: dict[str, Any]
+    hf_defaults: dict[str, Any]  # config.json values transformers assumes when a key is absent
+
+
+FAMILIES = {
+    "gpt2": Family("gpt2", "GPT2LMHeadModel", "gpt2", GPT2_CONFIG, GPT2_WEIGHTS, _GPT2_FIXED,
+                   dict(vocab_size=50257, n_layer=12, n_head=12, n_embd=768, n_positions=1024,
+                        layer_norm_epsilon=1e-5, tie_word_embeddings=True)),
+    "llama": Family("llama", "LlamaForCausalLM", "llama", LLAMA_CONFIG, LLAMA_WEIGHTS, _LLAMA_FIXED,
+                    dict(rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+                         max_position_embeddings=2048)),
+    "qwen3": Family("qwen3", "Qwen3ForCausalLM", "qwen3", [c for c in LLAMA_CONFIG if c[0] != "mlp_bias"],
+                    LLAMA_WEIGHTS, dict(_LLAMA_FIXED, qk_norm=True),
+                    dict(rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False,
+                         max_position_embeddings=32768)),
+    "gpt_oss": Family("gpt_oss", "GptOssForCausalLM", "gpt_oss", GPT_OSS_CONFIG, GPT_OSS_WEIGHTS, _GPT_OSS_FIXED,
+                      dict(rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=True,
+                           router_aux_loss_coef=0.9, swiglu_limit=7.0, swiglu_alpha=1.702,
+                           max_position_embeddings=131072, sliding_window=128)),
+}
+
+
+def supported_architectures() -> str:
+    return ", ".join(f"{f.architecture} (model_type {f.model_type!r})" for f in FAMILIES.values())
+
+
+def family_of(hf_config: dict) -> Family:
+    model_type = hf_config.get("model_type")
+    archs = hf_config.get("architectures") or []
+    for fam in FAMILIES.values():
+        if model_type == fam.model_type or fam.architecture in archs:
+            return fam
+    what = model_type or (archs[0] if archs else "unknown")
+    raise TegakiError(f"unsupported architecture {what!r}; tegaki loads {supported_architectures()}")
+
+
+# -------------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+# -------------------------------------------------------------------------------------------------
+
+_HF_LAYER_TYPES = {"sliding_attention": "sliding", "full_attention": "full"}
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    fam = family_of(hf)
+    hf = {**fam.hf_defaults, **{k: v for k, v in hf.items() if v is not None}}
+    fields: dict[str, Any] = dict(fam.fixed)
+    for hf_key, field in fam.config_table:
+        if hf_key in hf:
+            fields[field] = hf[hf_key]
+    if fam.name == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise TegakiError(f"GPT-2 with activation {act!r} is not supported (tegaki uses the tanh GELU)")
+    else:
+        fields.update(_rope_from_hf(hf))
+        layer_types = hf.get("layer_types")
+        uses_window = fam.name == "gpt_oss" or hf.get("use_sliding_window", False)
+        if layer_types and uses_window and "sliding_attention" in layer_types:
+            fields["layer_types"] = [_HF_LAYER_TYPES[t] for t in layer_types]
+        else:
+            fields["sliding_window"] = None
+        if fields.get("sliding_window") and fields["sliding_window"] > fields.get("block_size", 0):
+            fields["sliding_window"] = None  # a window wider than the context never binds
+            fields.pop("layer_types", None)
+    return ModelConfig(**fields)
+
+
+def _rope_from_hf(hf: dict) -> dict[str, Any]:
+    params = dict(hf.get("rope_parameters") or {})
+    params.update(hf.get("rope_scaling") or {})  # older config.json files
+    out: dict[str, Any] = {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    kind = params.get("rope_type", params.get("type", "default"))
+    mapping = {"default": "none", "linear": "linear", "dynamic": "ntk", "yarn": "yarn", "llama3": "llama3"}
+    if kind not in mapping:
+        raise TegakiError(f"rope type {kind!r} is not supported; tegaki has {', '.join(mapping)}")
+    out["rope_scaling"] = mapping[kind]
+    if kind == "default":
+        return out
+    out["rope_factor"] = float(params.get("factor", 1.0))
+    original = params.get("original_max_position_embeddings")
+    if original is not None:
+        out["rope_original_max_len"] = int(original)
+    if kind == "yarn":
+        out["rope_beta_fast"] = float(params.get("beta_fast") or 32.0)
+        out["rope_beta_slow"] = float(params.get("beta_slow") or 1.0)
+        out["rope_truncate"] = bool(params.get("truncate", True))
+        out["rope_attention_factor"] = params.get("attention_factor")
+        if original is None:
+            out["rope_original_max_len"] = int(hf["max_position_embeddings"])
+    if kind == "llama3":
+        out["rope_low_freq_factor"] = float(params["low_freq_factor"])
+        out["rope_high_freq_factor"] = float(params["high_freq_factor"])
+    return out
+
+
+def family_for_config(config: ModelConfig) -> Family:
+    """Which transformers class can express this config, or a clear error naming the flag."""
+
+    def refuse(flag: str, why: str) -> None:
+        raise TegakiError(f"cannot export: {flag} ({why}) has no transformers equivalent")
+
+    if config.attn_gate != "none":
+        refuse(f"attn_gate={config.attn_gate!r}", "gated attention")
+    if config.attn_scale is not None or config.attn_scale_learnable:
+        refuse("attn_scale / attn_scale_learnable", "a custom attention scale")
+    if not config.causal:
+        refuse("causal=False", "bidirectional attention")
+    if not config.final_norm:
+        refuse("final_norm=False", "no final norm")
+    if config.pos_embedding == "learned":
+        if config.norm != "layernorm" or config.mlp != "gelu" or config.kv_heads != config.n_head:
+            refuse("pos_embedding='learned'", "learned positions exist only in GPT-2, with LayerNorm, GELU and MHA")
+        if not (config.use_bias("qkv") and config.use_bias("attn_out") and config.use_bias("mlp") and config.bias):
+            refuse("bias=False", "GPT-2 always has biases")
+        return FAMILIES["gpt2"]
+    if config.pos_embedding != "rope":
+        refuse(f"pos_embedding={config.pos_embedding!r}", "no positions")
+    if config.norm != "rmsnorm":
+        refuse("norm='layernorm' with rotary positions", "Llama-family models use RMSNorm")
+    if config.use_bias("qkv") != config.use_bias("attn_out"):
+        refuse("qkv_bias != attn_out_bias", "transformers has one attention_bias switch")
+    if config.mlp == "moe":
+        if config.moe_expert != "gpt-oss" or not config.attn_sinks or not config.moe_softmax_after_topk:
+            refuse("mlp='moe' without GPT-OSS experts, sinks and softmax after top-k",
+                   "only GPT-OSS is supported among MoE models")
+        if not (config.moe_router_bias and config.use_bias("mlp")):
+            refuse("moe_router_bias/mlp_bias False", "GPT-OSS experts and router have biases")
+        if config.qk_norm:
+            refuse("qk_norm with MoE", "GPT-OSS has no QK-norm")
+        return FAMILIES["gpt_oss"]
+    if config.attn_sinks:
+        refuse("attn_sinks without MoE", "only GPT-OSS has sinks")
+    if config.mlp != "swiglu":
+        refuse(f"mlp={config.mlp!r} with rotary positions", "Llama and Qwen3 use SwiGLU")
+    if config.qk_norm:
+        if config.use_bias("mlp"):
+            refuse("mlp_bias with qk_norm", "Qwen3 has no MLP bias")
+        if config.sliding_window is not None:
+            refuse("sliding_window with qk_norm", "exported Qwen3 uses full attention")
+        return FAMILIES["qwen3"]
+    if config.sliding_window is not None:
+        refuse("sliding_window", "Llama has no sliding window")
+    return FAMILIES["llama"]
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    fam = family_for_config(config)
+    hf: dict[str, Any] = {"architectures": [fam.architecture], "model_type": fam.model_type}
+    values = {"n_kv_head": config.kv_heads, "head_dim": config.dim_head, "intermediate_size": config.mlp_hidden}
+    for hf_key, field in fam.config_table:
+        hf[hf_key] = values.get(field, getattr(config, field))
+    if fam.name == "gpt2":
+        hf.update(activation_function="gelu_new", n_ctx=config.block_size, resid_pdrop=0.0, embd_pdrop=0.0,
+                  attn_pdrop=0.0, scale_attn_weights=True)
+        return hf
+    hf["hidden_act"] = "silu"
+    hf["rope_parameters"] = _rope_to_hf(config)
+    hf["rope_theta"] = config.rope_theta
+    if config.rope_scaling != "none":
+        hf["rope_scaling"] = dict(hf["rope_parameters"])
+    if fam.name == "gpt_oss":
+        hf["layer_types"] = [
+            "sliding_attention" if config.layer_type(i) == "sliding" else "full_attention"
+            for i in range(config.n_layer)
+        ]
+        hf["sliding_window"] = config.sliding_window or config.block_size
+    if fam.name == "qwen3":
+        hf["use_sliding_window"] = False
+    return hf
+
+
+def _rope_to_hf(config: ModelConfig) -> dict[str, Any]:
+    kind = {"none": "default", "linear": "linear", "ntk": "dynamic", "yarn": "yarn", "llama3": "llama3"}[config.rope_scaling]
+    if kind == "dynamic":
+        raise TegakiError("cannot export: rope_scaling='ntk' (static NTK) differs from transformers' dynamic NTK")
+    out: dict[str, Any] = {"rope_type": kind, "rope_theta": config.rope_theta}
+    if kind == "default":
+        return out
+    out["factor"] = config.rope_factor
+    if config.rope_original_max_len is not None:
+        out["original_max_position_embeddings"] = config.rope_original_max_len
+    if kind == "yarn":
+        out.update(beta_fast=config.rope_beta_fast, beta_slow=config.rope_beta_slow, truncate=config.rope_truncate)
+        if config.rope_attention_factor is not None:
+            out["attention_factor"] = config.rope_attention_factor
+    if kind == "llama3":
+        out.update(low_freq_factor=config.rope_low_freq_factor, high_freq_factor=config.rope_high_freq_factor)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# Tensors: the rules applied both ways
+# -------------------------------------------------------------------------------------------------
+
+
+def _expand(rules: list[Rule], n_layer: int) -> list[Rule]:
+    out = []
+    for r in rules:
+        if "{i}" in r.hf:
+            out += [Rule(r.hf.format(i=i), tuple(o.format(i=i) for o in r.ours), r.kind) for i in range(n_layer)]
+        else:
+            out.append(r)
+    return out
+
+
+def _to_ours(kind: str, tensor: torch.Tensor, n: int) -> list[torch.Tensor]:
+    if kind == "same":
+        return [tensor]
+    if kind == "transpose":
+        return [tensor.t().contiguous()]
+    if kind == "qkv":  # (C, 3C) Conv1D weight or (3C,) bias: split the output axis in three
+        parts = tensor.chunk(n, dim=-1)
+        return [p.t().contiguous() if p.dim() == 2 else p.contiguous() for p in parts]
+    raise ValueError(kind)
+
+
+def _to_hf(kind: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    if kind == "same":
+        return tensors[0]
+    if kind == "transpose":
+        return tensors[0].t().contiguous()
+    if kind == "qkv":
+        return torch.cat([t.t() if t.dim() == 2 else t for t in tensors], dim=-1).contiguous()
+    raise ValueError(kind)
+
+
+def _normalise_gpt2_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hub GPT-2 checkpoints have no "transformer." prefix; save_pretrained writes it. Accept both."""
+    out = {}
+    for key, value in state.items():
+        if not key.startswith(("transformer.", "lm_head.")):
+            key = "transformer." + key
+        out[key] = value
+    return out
+
+
+def state_dict_from_hf(model, hf_state: dict[str, torch.Tensor], fam: Family) -> dict[str, torch.Tensor]:
+    """Map transformers tensors onto the model's names; one error lists every problem."""
+    if fam.name == "gpt2":
+        hf_state = _normalise_gpt2_keys(hf_state)
+    ours_expected = model.state_dict()
+    result: dict[str, torch.Tensor] = {}
+    missing, mis_shaped = [], []
+    used = set()
+    for rule in _expand(fam.weights, model.config.n_layer):
+        wanted = [o for o in rule.ours if o in ours_expected]
+        if not wanted:
+            continue  # this model has no such parameter (a bias switched off, say)
+        if rule.hf == "lm_head.weight" and model.config.tie_embeddings:
+            used.add(rule.hf)  # tied: the head is the embedding; a stored copy is fine and unused
+            continue
+        if rule.hf not in hf_state:
+            missing.append(rule.hf)
+            continue
+        used.add(rule.hf)
+        for name, tensor in zip(rule.ours, _to_ours(rule.kind, hf_state[rule.hf], len(rule.ours))):
+            if tuple(tensor.shape) != tuple(ours_expected[name].shape):
+                mis_shaped.append(f"{rule.hf}: got {tuple(hf_state[rule.hf].shape)}, "
+                                  f"expected {tuple(ours_expected[name].shape)} for {name}")
+            result[name] = tensor
+    unexpected = [k for k in hf_state if k not in used and not any(re.search(p, k) for p in IGNORED)]
+    if missing or unexpected or mis_shaped:
+        lines = [f"the checkpoint does not fit a {fam.architecture} built from its config.json:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" …" if len(items) > 20 else ""))
+        raise TegakiError("\n".join(lines))
+    if model.config.tie_embeddings:
+        result["lm_head.weight"] = result["wte.weight"]
+    return result
+
+
+def state_dict_to_hf(model) -> dict[str, torch.Tensor]:
+    fam = family_for_config(model.config)
+    ours = model.state_dict()
+    out = {}
+    for rule in _expand(fam.weights, model.config.n_layer):
+        if not all(o in ours for o in rule.ours):
+            continue
+        if rule.hf == "lm_head.weight" and model.config.tie_embeddings:
+            continue
+        out[rule.hf] = _to_hf(rule.kind, [ours[o] for o in rule.ours]).detach().cpu().contiguous()
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# Reading and writing folders
+# -------------------------------------------------------------------------------------------------
+
+
+def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            if not (folder / shard).exists():
+                raise TegakiError(f"{folder}: the index names shard {shard}, which is missing")
+            state.update(load_file(folder / shard))
+        return state
+    if (folder / "model.safetensors").exists():
+        return load_file(folder / "model.safetensors")
+    bin_index = folder / "pytorch_model.bin.index.json"
+    bins = sorted(set(json.loads(bin_index.read_text())["weight_map"].values())) if bin_index.exists() else []
+    if not bins and (folder / "pytorch_model.bin").exists():
+        bins = ["pytorch_model.bin"]
+    if bins:
+        state = {}
+        for b in bins:
+            try:  # weights_only: a pickle cannot run code on load
+                state.update(torch.load(folder / b, map_location="cpu", weights_only=True))
+            except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
+                raise TegakiError(f"{folder / b}: could not read weights ({e})") from None
+        return state
+    raise TegakiError(
+        f"{folder}: no weights found (expected model.safetensors, a sharded index, or pytorch_model.bin)"
+    )
+
+
+def load_hf_folder(folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    from tegaki.model import GPT
+
+    try:
+        hf_config = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise TegakiError(f"{folder / 'config.json'} is not valid JSON: {e}") from None
+    config = config_from_hf(hf_config)
+    fam = family_of(hf_config)
+    hf_state = read_hf_weights(folder)
+    with torch.device("meta"):
+        model = GPT(config)
+    state = state_dict_from_hf(model, hf_state, fam)
+    model.load_state_dict(state, strict=False, assign=True)
+    if hasattr(model, "inv_freq"):  # the rotary table is a buffer computed from the config, not saved
+        from tegaki.rope import rope_frequencies
+
+        model.inv_freq = rope_frequencies(config)[0]
+    if config.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return model.eval()
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise TegakiError(
+            f"{repo_id!r} is not a local folder; to download it from the Hugging Face hub install "
+            "the hub extra: pip install 'tegaki[hub]'"
+        ) from None
+    try:
+        path = snapshot_download(
+            repo_id, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
+                                     "tokenizer*", "vocab.json", "merges.txt", "generation_config.json"]
+        )
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth: all become one message
+        raise TegakiError(
+            f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}). "
+            "Are you offline? Pass a local folder with config.json and model.safetensors instead."
+        ) from None
+    return Path(path)
+
+
+def from_pretrained(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", dtype=None):
+    """Load a model: a transformers folder, a tegaki run folder, or a hub id such as "gpt2"."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if (path / "run.json").exists():
+            from tegaki.train import load_run_model
+
+            return load_run_model(path, device=device, dtype=dtype)
+        if (path / "config.json").exists():
+            return load_hf_folder(path, device, dtype)
+        raise TegakiError(f"{path}: neither a transformers folder (config.json) nor a tegaki run folder (run.json)")
+    text = str(name_or_path)
+    looks_local = text.startswith((".", "/", "~")) or os.sep in text and text.count("/") != 1
+    if path.exists() or looks_local:
+        raise TegakiError(f"{text}: no such folder")
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text):
+        raise TegakiError(f"{text!r} is neither a folder nor a hub id like 'gpt2' or 'openai-community/gpt2'")
+    return load_hf_folder(_download(text), device, dtype)
+
+
+def export_hf(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Write config.json + model.safetensors that transformers' AutoModelForCausalLM loads."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    hf_config = config_to_hf(model.config)  # raises first if no transformers class fits
+    state = state_dict_to_hf(model)
+    hf_config["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if tokenizer is not None:
+        from tegaki.tokenizer import export_hf_tokenizer
+
+        export_hf_tokenizer(tokenizer, out)
+    return out
+
