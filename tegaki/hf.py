@@ -10,6 +10,7 @@ loading code. transformers itself is never imported here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -187,8 +188,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
         fields.update(_rope_from_hf(hf))
         layer_types = hf.get("layer_types")
         uses_window = fam.name == "gpt_oss" or hf.get("use_sliding_window", False)
-        if layer_types and uses_window and "sliding_attention" in layer_types:
+        if layer_types and uses_window and "sliding_attention" in layer_types and hf.get("sliding_window"):
             fields["layer_types"] = [_HF_LAYER_TYPES[t] for t in layer_types]
+            fields["sliding_window"] = hf["sliding_window"]
         else:
             fields["sliding_window"] = None
         if fields.get("sliding_window") and fields["sliding_window"] > fields.get("block_size", 0):
@@ -228,23 +230,36 @@ def _rope_from_hf(hf: dict) -> dict[str, Any]:
     params.update(hf.get("rope_scaling") or {})  # older config.json files
     out: dict[str, Any] = {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))}
     kind = params.get("rope_type", params.get("type", "default"))
-    mapping = {"default": "none", "linear": "linear", "dynamic": "ntk", "yarn": "yarn", "llama3": "llama3"}
+    # transformers' "dynamic" NTK leaves the frequencies alone until a sequence outgrows
+    # max_position_embeddings -- which is tegaki's block_size, the longest input it takes -- so
+    # within the model's context it *is* plain RoPE. (tegaki's "ntk" is the static variant.)
+    mapping = {"default": "none", "dynamic": "none", "linear": "linear", "yarn": "yarn", "llama3": "llama3"}
     if kind not in mapping:
-        raise TegakiError(f"rope type {kind!r} is not supported; tegaki has {', '.join(mapping)}")
+        raise TegakiError(f"rope type {kind!r} is not supported; tegaki reads {', '.join(mapping)}")
     out["rope_scaling"] = mapping[kind]
-    if kind == "default":
+    if out["rope_scaling"] == "none":
         return out
-    out["rope_factor"] = float(params.get("factor", 1.0))
     original = params.get("original_max_position_embeddings")
+    if kind == "yarn" and original is None:
+        original = hf["max_position_embeddings"]
     if original is not None:
         out["rope_original_max_len"] = int(original)
+    factor = params.get("factor")
+    if factor is None and kind == "yarn":  # as transformers does: the context's growth
+        factor = hf["max_position_embeddings"] / int(original)
+    out["rope_factor"] = float(factor if factor is not None else 1.0)
     if kind == "yarn":
         out["rope_beta_fast"] = float(params.get("beta_fast") or 32.0)
         out["rope_beta_slow"] = float(params.get("beta_slow") or 1.0)
         out["rope_truncate"] = bool(params.get("truncate", True))
-        out["rope_attention_factor"] = params.get("attention_factor")
-        if original is None:
-            out["rope_original_max_len"] = int(hf["max_position_embeddings"])
+        attention_factor = params.get("attention_factor")
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        if attention_factor is None and mscale and mscale_all_dim:  # DeepSeek's variant of the factor
+            def m(scale: float, k: float) -> float:
+                return 1.0 if scale <= 1 else 0.1 * k * math.log(scale) + 1.0
+
+            attention_factor = m(out["rope_factor"], mscale) / m(out["rope_factor"], mscale_all_dim)
+        out["rope_attention_factor"] = attention_factor
     if kind == "llama3":
         out["rope_low_freq_factor"] = float(params["low_freq_factor"])
         out["rope_high_freq_factor"] = float(params["high_freq_factor"])
@@ -300,8 +315,6 @@ def family_for_config(config: ModelConfig) -> Family:
     if config.qk_norm:
         if config.use_bias("mlp"):
             refuse("mlp_bias with qk_norm", "Qwen3 has no MLP bias")
-        if config.sliding_window is not None:
-            refuse("sliding_window with qk_norm", "exported Qwen3 uses full attention")
         return FAMILIES["qwen3"]
     if config.sliding_window is not None:
         refuse("sliding_window", "Llama has no sliding window")
@@ -311,7 +324,11 @@ def family_for_config(config: ModelConfig) -> Family:
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     fam = family_for_config(config)
     hf: dict[str, Any] = {"architectures": [fam.architecture], "model_type": fam.model_type}
-    values = {"n_kv_head": config.kv_heads, "head_dim": config.dim_head, "intermediate_size": config.mlp_hidden}
+    values = {  # the derived values: a None in ModelConfig means "the default", never null in config.json
+        "n_kv_head": config.kv_heads, "head_dim": config.dim_head, "intermediate_size": config.mlp_hidden,
+        "qkv_bias": config.use_bias("qkv"), "attn_out_bias": config.use_bias("attn_out"),
+        "mlp_bias": config.use_bias("mlp"),
+    }
     for hf_key, field in fam.config_table:
         hf[hf_key] = values.get(field, getattr(config, field))
     if fam.name == "gpt2":
@@ -323,14 +340,18 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     hf["rope_theta"] = config.rope_theta
     if config.rope_scaling != "none":
         hf["rope_scaling"] = dict(hf["rope_parameters"])
+    layer_types = [
+        "sliding_attention" if config.layer_type(i) == "sliding" else "full_attention" for i in range(config.n_layer)
+    ]
     if fam.name == "gpt_oss":
-        hf["layer_types"] = [
-            "sliding_attention" if config.layer_type(i) == "sliding" else "full_attention"
-            for i in range(config.n_layer)
-        ]
+        hf["layer_types"] = layer_types
         hf["sliding_window"] = config.sliding_window or config.block_size
     if fam.name == "qwen3":
-        hf["use_sliding_window"] = False
+        windowed = "sliding_attention" in layer_types
+        hf["use_sliding_window"] = windowed
+        hf["sliding_window"] = config.sliding_window if windowed else None
+        hf["layer_types"] = layer_types
+        hf["max_window_layers"] = config.n_layer  # unused when layer_types is given
     return hf
 
 
