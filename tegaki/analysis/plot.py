@@ -41,8 +41,25 @@ def pyplot():
 def _installed_cjk_fonts() -> tuple[str, ...]:
     from matplotlib import font_manager
 
+    _register_packaged_cjk_font(font_manager)
     names = {f.name for f in font_manager.fontManager.ttflist}
     return tuple(f for f in CJK_FONTS if f in names)
+
+
+def _register_packaged_cjk_font(font_manager) -> None:
+    """A font shipped inside a Python package (`pip install japanize-matplotlib` brings IPAexGothic),
+    found without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("japanize_matplotlib")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    for folder in spec.submodule_search_locations:
+        for font in sorted(Path(folder).glob("fonts/*.ttf")):
+            try:
+                font_manager.fontManager.addfont(str(font))
+            except (OSError, RuntimeError):
+                continue
 
 
 @lru_cache(maxsize=1)
@@ -64,6 +81,8 @@ def _drawable_codepoints() -> frozenset[int]:
 
 def label_text(token: str) -> str:
     """A token as a readable axis label: whitespace made visible, undrawable characters escaped."""
+    if token.startswith("<") and token.endswith(">") and all(c in "0123456789abcdef " for c in token[1:-1]):
+        return token  # raw bytes of a piece of a character, as the trace shows them
     drawable = _drawable_codepoints()
     out = []
     for ch in token:
