@@ -422,3 +422,28 @@ def test_gpt_oss_active_parameters():
     # OpenAI's model card: 116.83B total, 5.13B active.
     assert round(big.num_parameters() / 1e9, 2) == 116.83
     assert round(active_parameters(big) / 1e9, 2) == 5.13
+
+
+# -------------------------------------------------------------------------------------------------
+# docs/architectures.md points at real code
+# -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("doc", ["architectures.md", "architectures.ja.md"])
+def test_architecture_doc_quotes_code_that_exists(doc):
+    """Each `[model.py:N](../tegaki/model.py#LN) `code`` in the doc quotes code model.py really has,
+    so the page cannot silently drift from the model. (Line numbers move with edits; the quote is
+    the anchor, and a failure here says where it is now.)"""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "docs" / doc).read_text(encoding="utf-8")
+    source = (root / "tegaki" / "model.py").read_text(encoding="utf-8").splitlines()
+    links = re.findall(r"\[model\.py:(\d+)\]\(\.\./tegaki/model\.py#L(\d+)\) `([^`]+)`", text)
+    assert len(links) >= 20
+    for label, anchor, code in links:
+        assert label == anchor, f"{doc}: link text says line {label}, the link goes to {anchor}"
+        found = [i + 1 for i, line in enumerate(source) if code in line]
+        assert found, f"{doc}: model.py no longer has `{code}`"
+        assert int(anchor) in found, f"{doc}: `{code}` is now at model.py line(s) {found}, not {anchor}"
