@@ -202,6 +202,55 @@ def test_import_reads_the_flags_of_each_family(tmp_path):
     assert c.sliding_window == 8 and c.layer_types == ["sliding", "full"]
 
 
+# The config.json files of the real checkpoints on the hub (abridged to the keys that matter).
+HUB_CONFIGS = {
+    "gpt-oss-20b": {
+        "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "attention_bias": True,
+        "experts_per_token": 4, "num_experts_per_tok": 4, "head_dim": 64, "hidden_act": "silu",
+        "hidden_size": 2880, "initial_context_length": 4096, "intermediate_size": 2880,
+        "layer_types": ["sliding_attention", "full_attention"] * 12, "max_position_embeddings": 131072,
+        "num_attention_heads": 64, "num_hidden_layers": 24, "num_key_value_heads": 8, "num_local_experts": 32,
+        "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
+        "rms_norm_eps": 1e-05, "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                                                "original_max_position_embeddings": 4096, "rope_type": "yarn",
+                                                "truncate": False},
+        "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+        "tie_word_embeddings": False, "vocab_size": 201088,
+    },
+    "llama-3.2-1b": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False, "head_dim": 64,
+        "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 8192, "max_position_embeddings": 131072,
+        "mlp_bias": False, "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                                "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": True, "vocab_size": 128256,
+    },
+    "qwen3-0.6b": {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False, "head_dim": 128,
+        "hidden_act": "silu", "hidden_size": 1024, "intermediate_size": 3072, "max_position_embeddings": 40960,
+        "max_window_layers": 28, "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None,
+        "tie_word_embeddings": True, "use_sliding_window": False, "vocab_size": 151936,
+    },
+}
+
+
+@pytest.mark.parametrize("preset", HUB_CONFIGS)
+def test_hub_config_json_reads_as_the_preset(preset, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(HUB_CONFIGS[preset]))
+    model = from_pretrained(tmp_path, device="meta")  # shapes only: no weights needed
+    assert architecture(model.config) == architecture(ModelConfig.preset(preset))
+
+
+def architecture(config: ModelConfig) -> dict:
+    """The config with every None-means-default field resolved, so equal models compare equal."""
+    d = config.to_dict()
+    d.update(n_kv_head=config.kv_heads, head_dim=config.dim_head, intermediate_size=config.mlp_hidden,
+             **{f"{w}_bias": config.use_bias(w) for w in ("qkv", "attn_out", "mlp")})
+    return d
+
+
 # -------------------------------------------------------------------------------------------------
 # Export of models born in tegaki
 # -------------------------------------------------------------------------------------------------
