@@ -28,10 +28,12 @@ from tegaki.tokenizer.base import Tokenizer, write_meta
 
 # Pre-tokenization patterns, by name. GPT-2's keeps letters, digits and other symbols apart and
 # glues one leading space to a word. GPT-4's (cl100k) also splits numbers into groups of at most
-# three digits, matches contractions case-insensitively and keeps newlines apart from words.
+# three digits, matches contractions case-insensitively and keeps newlines apart from words. It is
+# written as tiktoken writes it today: possessive quantifiers (`++`, `?+`) never backtrack, which
+# keeps the regex fast, and `\s++$` keeps trailing whitespace at the very end of a text together.
 PATTERNS = {
     "gpt2": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-    "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""",
+    "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
 }
 
 ENDOFTEXT = "<|endoftext|>"
