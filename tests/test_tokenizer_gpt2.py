@@ -93,6 +93,7 @@ def test_special_token_policy(gpt2):
     as_text = gpt2.encode(text, allowed_special="none")
     assert 50256 not in as_text and gpt2.decode(as_text) == text
     assert gpt2.encode(text, allowed_special={"<|endoftext|>"}) == [64, 50256, 65]
+    assert gpt2.encode(text, allowed_special="<|endoftext|>") == [64, 50256, 65]
     with pytest.raises(TegakiError, match="unknown special"):
         gpt2.encode(text, allowed_special={"<|im_start|>"})
 

@@ -79,7 +79,7 @@ class Tokenizer:
             return set(self.special_tokens)
         if allowed_special == "none" or allowed_special is None:
             return set()
-        allowed = set(allowed_special)
+        allowed = {allowed_special} if isinstance(allowed_special, str) else set(allowed_special)
         unknown = allowed - set(self.special_tokens)
         if unknown:
             raise TegakiError(
