@@ -42,6 +42,25 @@ def test_train_reads_folders_and_ranges(corpus, tmp_path):
     assert cut_range("abcdefghij", "0.8:1") == "ij"
 
 
+def test_shakespeare_prefers_tegaki_data_when_it_exists(monkeypatch):
+    import sys
+    import types
+
+    fake = types.ModuleType("tegaki.data")
+    fake.shakespeare_text = lambda: "O Romeo, Romeo! wherefore art thou Romeo?"
+    monkeypatch.setitem(sys.modules, "tegaki.data", fake)
+    assert read_inputs(["shakespeare"]) == ["O Romeo, Romeo! wherefore art thou Romeo?"]
+
+
+def test_shakespeare_fallback_strips_the_markdown(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tegaki.data", None)  # as if tegaki.data did not exist
+    text = shakespeare_text()
+    assert len(text) > 4_000_000 and "ROMEO" in text
+    assert "**" not in text and "\n#" not in text and "  \n" not in text
+
+
 @pytest.mark.parametrize("content, message", [
     (b"", "is empty"),
     (b"  \n\n", "is empty"),
