@@ -1,10 +1,12 @@
 """The `tegaki tokenizer` command: train → load, stats, show, and clear errors for bad input."""
 
+import io
+
 import pytest
 
 from tegaki.cli import main
 from tegaki.tokenizer import load
-from tegaki.tokenizer.cli import cut_range, printable_piece, read_inputs, shakespeare_text
+from tegaki.tokenizer.cli import cut_range, printable_piece, read_inputs, shakespeare_text, use_colour
 from tegaki.tokenizer.stats import token_stats
 from tegaki.tokenizer.trainer import train_bpe, train_bpe_tokenizers
 
@@ -38,6 +40,25 @@ def test_train_reads_folders_and_ranges(corpus, tmp_path):
     texts = read_inputs([str(tmp_path)], "0:0.5")
     assert texts == [TEXT[: len(TEXT) // 2]]
     assert cut_range("abcdefghij", "0.8:1") == "ij"
+
+
+def test_shakespeare_prefers_tegaki_data_when_it_exists(monkeypatch):
+    import sys
+    import types
+
+    fake = types.ModuleType("tegaki.data")
+    fake.shakespeare_text = lambda: "O Romeo, Romeo! wherefore art thou Romeo?"
+    monkeypatch.setitem(sys.modules, "tegaki.data", fake)
+    assert read_inputs(["shakespeare"]) == ["O Romeo, Romeo! wherefore art thou Romeo?"]
+
+
+def test_shakespeare_fallback_strips_the_markdown(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tegaki.data", None)  # as if tegaki.data did not exist
+    text = shakespeare_text()
+    assert len(text) > 4_000_000 and "ROMEO" in text
+    assert "**" not in text and "\n#" not in text and "  \n" not in text
 
 
 @pytest.mark.parametrize("content, message", [
@@ -77,6 +98,19 @@ def test_show_marks_partial_characters_as_bytes(capsys, monkeypatch):
     assert "\033[" not in out
     assert printable_piece(b"a\n\xe3\x81") == "a\\n<e3 81>"
     assert printable_piece(b"\x81x") == "<81>x"
+
+
+def test_colour_only_on_a_terminal_without_no_color(monkeypatch):
+    class Terminal:
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert use_colour(Terminal())
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not use_colour(Terminal())
+    monkeypatch.delenv("NO_COLOR")
+    assert not use_colour(io.StringIO())  # a pipe or file, not a terminal
 
 
 def test_stats_by_script(capsys):
