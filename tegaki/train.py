@@ -895,7 +895,8 @@ class Run:
         tb = _tensorboard(self.run_dir) if self.dist.is_main else None
         for step in range(start_step, cfg.max_steps):
             t0 = time.perf_counter()
-            loss, grad_norm, lr = self.train_step(step)
+            with _explain_out_of_memory(cfg, self.device):
+                loss, grad_norm, lr = self.train_step(step)
             _sync(self.device)
             dt = time.perf_counter() - t0
             done = step + 1
@@ -946,6 +947,20 @@ class Run:
             f"training stopped at step {step}: the loss is {loss} and the gradient norm {grad_norm} (not finite). "
             f"The weights were not updated with it; {where}. Lower --lr, raise --warmup, or use --dtype fp32"
         )
+
+
+@contextlib.contextmanager
+def _explain_out_of_memory(cfg: TrainConfig, device: torch.device):
+    """A batch that does not fit in memory is a setting to change, not a crash to debug."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        raise TegakiError(
+            f"a batch of {cfg.batch_size} x {cfg.block_size or 'block_size'} tokens does not fit in {device} memory; "
+            f"lower --batch-size (and raise --grad-accum to keep the tokens per step) or --block-size"
+        ) from None
 
 
 class MetricsLog:
