@@ -41,19 +41,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(shards: Path, out: Path, *, nproc: int, batch: int, steps: int, extra=()) -> subprocess.CompletedProcess:
+def _train(shards: Path, out: Path, *, nproc: int, batch: int, steps: int, extra=(), launcher="torchrun"):
+    """Train with `nproc` processes: through torchrun (what users run), or by starting the ranks
+    directly with the environment torchrun would give them (one process less to start)."""
     args = ["train", "--data", str(shards), "--out", str(out), "--max-steps", str(steps), "--batch-size", str(batch),
-            "--dtype", "fp32", "--device", "cpu", "--eval-every", "2", "--save-every", "2", "--no-progress",
-            "--sample-every", "0", *MODEL, *extra]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "tegaki", *args]
-    else:
+            "--dtype", "fp32", "--device", "cpu", "--eval-every", "2", "--eval-batches", "2", "--save-every", "2",
+            "--no-progress", "--sample-every", "0", *MODEL, *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(_free_port()), "-m", "tegaki", *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stderr
+    port = str(_free_port())
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "tegaki", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc),
+                              "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+        for r in range(nproc)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stdout + stderr
+    return outputs[0][1]
 
 
 def _curves(out: Path) -> tuple[list[float], list[float]]:
@@ -65,8 +76,12 @@ def _curves(out: Path) -> tuple[list[float], list[float]]:
 
 @pytest.fixture(scope="module")
 def single(shards, tmp_path_factory) -> tuple[list[float], list[float]]:
+    from tegaki.cli import main
+
     out = tmp_path_factory.mktemp("single") / "run"
-    _train(shards, out, nproc=1, batch=8, steps=4)
+    assert main(["train", "--data", str(shards), "--out", str(out), "--max-steps", "4", "--batch-size", "8",
+                 "--dtype", "fp32", "--device", "cpu", "--eval-every", "2", "--eval-batches", "2", "--save-every", "2",
+                 "--no-progress", "--sample-every", "0", *MODEL]) == 0
     return _curves(out)
 
 
@@ -82,9 +97,9 @@ def test_ddp_two_processes_match_one(shards, single, tmp_path):
 
 def test_fsdp2_matches_one_process_and_resumes(shards, single, tmp_path):
     out = tmp_path / "fsdp"
-    _train(shards, out, nproc=2, batch=4, steps=2, extra=["--fsdp"])
-    resumed = _train(shards, out, nproc=2, batch=4, steps=4, extra=["--fsdp"])  # gathers, then re-shards
-    assert "resuming from" in resumed.stderr
+    _train(shards, out, nproc=2, batch=4, steps=2, extra=["--fsdp"], launcher="env")
+    log = _train(shards, out, nproc=2, batch=4, steps=4, extra=["--fsdp"], launcher="env")  # gathers, re-shards
+    assert "resuming from" in log
     train, val = _curves(out)
     assert train == pytest.approx(single[0], abs=1e-5)
     assert val == pytest.approx(single[1], abs=1e-5)
