@@ -25,6 +25,8 @@ from tegaki import GPT, ModelConfig, export_hf, from_pretrained  # noqa: E402
 from tegaki.errors import TegakiError  # noqa: E402
 from tegaki.hf import dequantize_mxfp4, quantize_mxfp4, tokenizer_for  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 97
 T = 24  # longer than every sliding window and every rope "original" context below
 

@@ -21,6 +21,8 @@ from tegaki.model import (
 )
 from tegaki.rope import rope_cos_sin, rope_frequencies
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # -------------------------------------------------------------------------------------------------
 # Formulas vs fused kernels
 # -------------------------------------------------------------------------------------------------
