@@ -469,7 +469,6 @@ def state_dict_to_hf(model) -> dict[str, torch.Tensor]:
     return out
 
 
-
 # -------------------------------------------------------------------------------------------------
 # MXFP4: how GPT-OSS checkpoints on the hub store their experts
 # -------------------------------------------------------------------------------------------------
@@ -529,6 +528,7 @@ def _dequantize_experts(hf_state: dict[str, torch.Tensor], dtype: torch.dtype) -
                 raise TegakiError(f"MXFP4 checkpoint: {key} has no matching {name}_scales")
             out[name] = dequantize_mxfp4(hf_state[key], hf_state[name + "_scales"], dtype)
     return out
+
 
 # -------------------------------------------------------------------------------------------------
 # Reading and writing folders
@@ -696,7 +696,6 @@ def export_hf(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
 
         export_hf_tokenizer(tokenizer, out)
     return out
-
 
 
 # -------------------------------------------------------------------------------------------------
