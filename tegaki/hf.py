@@ -669,6 +669,8 @@ def tokenizer_for(name_or_path: str | os.PathLike):
     try:
         return tokenizers.load(path)
     except TegakiError as e:
+        if not hf_formats and _is_gpt2_vocabulary(path):
+            return tokenizers.load("gpt2")  # a GPT-2 checkpoint saved without its tokenizer files
         if not hf_formats:
             raise TegakiError(
                 f"{path}: no tokenizer found (expected a tegaki run folder, a saved tegaki tokenizer, "
@@ -678,6 +680,15 @@ def tokenizer_for(name_or_path: str | os.PathLike):
             f"{path} holds a transformers tokenizer ({', '.join(hf_formats)}) that tegaki.tokenizer "
             f"cannot read: {e}"
         ) from None
+
+
+def _is_gpt2_vocabulary(folder: Path) -> bool:
+    """A GPT-2 config.json whose vocabulary is GPT-2's 50,257 tokens (or that padded to 50,304)."""
+    try:
+        hf_config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return hf_config.get("model_type") == "gpt2" and hf_config.get("vocab_size", 50257) in (50257, 50304)
 
 
 def export_hf(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
