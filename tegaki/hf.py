@@ -668,6 +668,9 @@ def tokenizer_for(name_or_path: str | os.PathLike):
     hf_formats = [f for f in ("tokenizer.json", "vocab.json", "merges.txt") if (path / f).exists()]
     try:
         return tokenizers.load(path)
+    except (ValueError, KeyError, OSError) as e:  # a damaged file (bad JSON, a missing key)
+        files = ", ".join(hf_formats) or "the tokenizer files"
+        raise TegakiError(f"{path}: could not read {files} ({type(e).__name__}: {e})") from None
     except TegakiError as e:
         if not hf_formats and _is_gpt2_vocabulary(path):
             return tokenizers.load("gpt2")  # a GPT-2 checkpoint saved without its tokenizer files

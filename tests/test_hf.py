@@ -491,18 +491,25 @@ def test_tokenizer_for_a_saved_tegaki_tokenizer(tmp_path):
 
 
 def test_tokenizer_for_a_transformers_gpt2_folder(tmp_path):
-    """vocab.json + merges.txt are GPT-2's encoder.json + vocab.bpe under transformers' names. The
-    tokenizer package reads them (then the ids must be GPT-2's), or says clearly that it cannot."""
+    """vocab.json + merges.txt are GPT-2's encoder.json + vocab.bpe under transformers' names."""
     from tegaki.tokenizer import gpt2_files_dir
 
     shutil.copy(gpt2_files_dir() / "encoder.json", tmp_path / "vocab.json")
     shutil.copy(gpt2_files_dir() / "vocab.bpe", tmp_path / "merges.txt")
-    try:
-        tok = tokenizer_for(tmp_path)
-    except TegakiError as e:
-        assert "vocab.json, merges.txt" in str(e) and "transformers tokenizer" in str(e)
-    else:
-        assert tok.encode("Hello, I am") == [15496, 11, 314, 716]
+    assert tokenizer_for(tmp_path).encode("Hello, I am") == [15496, 11, 314, 716]
+
+
+def test_tokenizer_for_a_tokenizer_json_folder(tmp_path):
+    from tegaki.tokenizer import export_hf_tokenizer, load
+
+    export_hf_tokenizer(load("gpt2"), tmp_path)  # tokenizer.json + tokenizer_config.json only
+    assert tokenizer_for(tmp_path).encode("Hello, I am") == [15496, 11, 314, 716]
+
+
+def test_tokenizer_for_an_unreadable_transformers_tokenizer(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(TegakiError, match="tokenizer.json"):
+        tokenizer_for(tmp_path)
 
 
 def test_tokenizer_for_a_folder_without_tokenizer(tmp_path):
