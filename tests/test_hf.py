@@ -512,6 +512,11 @@ def test_tokenizer_for_an_unreadable_transformers_tokenizer(tmp_path):
         tokenizer_for(tmp_path)
 
 
+def test_tokenizer_for_a_gpt2_checkpoint_without_tokenizer_files(tmp_path):
+    gpt2_model(vocab_size=50257).config.save_pretrained(tmp_path)  # config.json only
+    assert tokenizer_for(tmp_path).encode("Hello, I am") == [15496, 11, 314, 716]
+
+
 def test_tokenizer_for_a_folder_without_tokenizer(tmp_path):
     with pytest.raises(TegakiError, match="no tokenizer found"):
         tokenizer_for(tmp_path)
