@@ -120,6 +120,20 @@ def test_gpt2_hub_keys_and_old_attention_buffers(perturb, tmp_path):
     assert_same_logits(from_pretrained(tmp_path), hf_logits(hf, ids), ids, tol=1e-5)
 
 
+def test_bfloat16_checkpoint_keeps_or_changes_its_dtype(perturb, tmp_path):
+    """Hub checkpoints are mostly bfloat16: loaded as they are, or converted with dtype=."""
+    hf = perturb(gpt2_model()).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path)
+    assert load_file(tmp_path / "model.safetensors")["transformer.wte.weight"].dtype == torch.bfloat16
+    as_stored = from_pretrained(tmp_path)
+    assert {p.dtype for p in as_stored.parameters()} == {torch.bfloat16}
+    ids = token_ids()
+    with torch.no_grad():
+        as_stored(ids)  # runs in bfloat16 end to end
+    as_float = from_pretrained(tmp_path, dtype=torch.float32)
+    assert_same_logits(as_float, hf_logits(hf.float(), ids), ids, tol=1e-5)
+
+
 def test_wrong_weights_listed_in_one_error(tmp_path):
     gpt2_model().save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
