@@ -461,6 +461,25 @@ def test_cli_export_writes_a_transformers_folder(perturb, tmp_path):
     assert err <= 1e-5
 
 
+def test_cli_exports_a_training_run_with_its_tokenizer(perturb, tmp_path):
+    """The path a user takes: a tegaki run folder (as `tegaki train` writes it) -> `tegaki export`
+    -> transformers, same logits; the run's tokenizer goes along as tokenizer.json."""
+    from tegaki.train import save_checkpoint
+
+    model = perturb(GPT(EXPORT_CASES["tiny-llama"]))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"model_config": model.config.to_dict(), "tokenizer": "gpt2"}))
+    save_checkpoint(run, 1, model.state_dict(), {}, {}, model.config, keep=1)
+    assert tegaki.cli.main(["export", str(run), str(tmp_path / "out")]) == 0
+    ids = token_ids()
+    with torch.no_grad():
+        want = model(ids)
+    err = (hf_logits(load_with_transformers(tmp_path / "out"), ids) - want).abs().max()
+    assert err <= 1e-5
+    assert (tmp_path / "out" / "tokenizer.json").exists()
+
+
 def test_meta_device_reads_config_only(tmp_path):
     """`tegaki params some/folder` needs shapes, not 40 GB of weights: no weight file required."""
     transformers.LlamaConfig(**_SMALL).save_pretrained(tmp_path)
