@@ -206,16 +206,27 @@ def test_family_import_and_export_match_transformers(name, perturb, tmp_path):
     assert err <= tol, f"export -> transformers: max abs diff {err:.2e}"
 
 
+def imported_config(name: str, tmp_path) -> ModelConfig:
+    config_class, overrides, _ = FAMILY_CASES[name]
+    config_class(**(_SMALL | overrides)).save_pretrained(tmp_path / name)
+    return from_pretrained(tmp_path / name, device="meta").config  # config.json only
+
+
 def test_import_reads_the_flags_of_each_family(tmp_path):
     """The parity tests above would pass vacuously if a flag were read but ignored by both sides;
     check the config tegaki builds really uses the family's features."""
-    hf_config = transformers.GptOssConfig(**(_SMALL | FAMILY_CASES["gpt-oss-yarn-window-sinks-moe"][1]))
-    transformers.AutoModelForCausalLM.from_config(hf_config).save_pretrained(tmp_path)
-    c = from_pretrained(tmp_path, device="meta").config
+    c = imported_config("gpt-oss-yarn-window-sinks-moe", tmp_path)
     assert (c.mlp, c.moe_expert, c.n_experts, c.n_experts_per_tok) == ("moe", "gpt-oss", 4, 2)
     assert c.attn_sinks and c.moe_router_bias and c.use_bias("qkv") and not c.tie_embeddings
     assert (c.rope_scaling, c.rope_truncate, c.rope_original_max_len) == ("yarn", False, 16)
     assert c.sliding_window == 8 and c.layer_types == ["sliding", "full"]
+    c = imported_config("qwen3-untied-sliding", tmp_path)
+    assert c.qk_norm and c.dim_head == 16 and c.kv_heads == 2 and c.norm_eps == 1e-5
+    assert c.sliding_window == 8 and c.layer_types == ["full", "sliding"] and c.use_bias("qkv")
+    c = imported_config("llama-mqa-tied-biases", tmp_path)
+    assert c.kv_heads == 1 and c.tie_embeddings and c.use_bias("qkv") and c.use_bias("mlp")
+    c = imported_config("llama-rope-llama3", tmp_path)
+    assert (c.rope_scaling, c.rope_factor, c.rope_original_max_len, c.rope_high_freq_factor) == ("llama3", 8.0, 16, 4.0)
 
 
 # The config.json files of the real checkpoints on the hub (abridged to the keys that matter).
