@@ -114,11 +114,14 @@ def train(texts: list[str], vocab_size: int, kind: str = "bpe", pattern: str = "
 
 
 def cmd_train(args) -> int:
+    specials = args.special_tokens
+    if len(set(specials)) != len(specials) or not all(specials):
+        raise TegakiError(f"--special-tokens must be distinct and non-empty, got {specials}")
     texts = read_inputs(args.input, args.range)
     out = Path(args.out)
     start = time.perf_counter()
     tok = train(texts, args.vocab_size, args.kind, args.pattern, args.backend,
-                name=args.name or out.name)
+                special_tokens=args.special_tokens, name=args.name or out.name)
     seconds = time.perf_counter() - start
     tok.save(out)
     chars = sum(len(t) for t in texts)
@@ -205,13 +208,16 @@ def register(subparsers) -> None:
     p = sub.add_parser("train", help="train a tokenizer and save it to a folder")
     p.add_argument("--input", nargs="+", required=True,
                    help="text files, folders of .txt/.md files, or 'shakespeare' (bundled)")
-    p.add_argument("--vocab-size", type=_positive_int, required=True)
+    p.add_argument("--vocab-size", type=_positive_int, required=True,
+                   help="all tokens together: 256 bytes + learned tokens + special tokens")
     p.add_argument("--out", required=True, help="folder to write; load it with tegaki.tokenizer.load")
     p.add_argument("--kind", choices=KINDS, default="bpe",
                    help="bpe: byte-level BPE (GPT-2 style); unigram / sp-bpe: SentencePiece with byte fallback")
     p.add_argument("--pattern", choices=("gpt2", "gpt4"), default="gpt2", help="pre-tokenization regex (bpe)")
     p.add_argument("--backend", choices=("readable", "tokenizers"), default="readable",
                    help="bpe only: tegaki's own trainer, or the tokenizers library's (faster)")
+    p.add_argument("--special-tokens", nargs="*", default=["<|endoftext|>"], metavar="TOKEN",
+                   help="special tokens, each one id of its own (default: <|endoftext|>)")
     p.add_argument("--range", help="use only this fraction of each input, e.g. 0:0.8")
     p.add_argument("--name", help="the tokenizer's name (default: the folder name)")
     p.set_defaults(func=cmd_train)
