@@ -100,13 +100,14 @@ def cut_range(text: str, text_range: str) -> str:
 
 
 def train(texts: list[str], vocab_size: int, kind: str = "bpe", pattern: str = "gpt2",
-          backend: str = "readable", special_tokens=("<|endoftext|>",), name: str = "bpe"):
+          backend: str = "readable", special_tokens=("<|endoftext|>",), name: str = "bpe",
+          verbose: bool = False):
     if kind == "bpe":
         if backend == "tokenizers":
             from tegaki.tokenizer.trainer import train_bpe_tokenizers
             return train_bpe_tokenizers(texts, vocab_size, pattern, special_tokens, name)
         from tegaki.tokenizer.trainer import train_bpe
-        return train_bpe(texts, vocab_size, pattern, special_tokens, name)
+        return train_bpe(texts, vocab_size, pattern, special_tokens, name, verbose=verbose)
     if backend != "readable":
         raise TegakiError(f"--backend {backend} is for --kind bpe; SentencePiece kinds train with sentencepiece")
     from tegaki.tokenizer.spm import train_sentencepiece
@@ -121,7 +122,8 @@ def cmd_train(args) -> int:
     out = Path(args.out)
     start = time.perf_counter()
     tok = train(texts, args.vocab_size, args.kind, args.pattern, args.backend,
-                special_tokens=args.special_tokens, name=args.name or out.name)
+                special_tokens=args.special_tokens, name=args.name or out.name,
+                verbose=sys.stderr.isatty())
     seconds = time.perf_counter() - start
     tok.save(out)
     chars = sum(len(t) for t in texts)
