@@ -450,4 +450,5 @@ def test_architecture_doc_quotes_code_that_exists(doc):
         found = [i + 1 for i, line in enumerate(source) if code in line]
         assert found, f"{doc}: model.py no longer has `{code}`"
         if int(anchor) not in found:
-            warnings.warn(f"docs/{doc}: `{code}` is now at model.py line(s) {found}, not {anchor}", stacklevel=1)
+            warnings.warn(f"docs/{doc}: `{code}` is now at model.py line(s) {found}, not {anchor}; "
+                          "run python scripts/refresh_doc_links.py", stacklevel=1)
