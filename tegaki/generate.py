@@ -357,7 +357,7 @@ def generate_tokens(
         return
 
     cache = KVCache(model.config, B, T0 + max_new_tokens, dtype=_cache_dtype(model), device=device) if use_cache else None
-    step = decode_step or model
+    step = decode_step if decode_step is not None else model
 
     # Prefill: the whole prompt at once.
     ids, all_valid = input_ids, valid
