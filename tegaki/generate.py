@@ -52,9 +52,14 @@ class KVCache:
     or one query that may see every key handed back.
     """
 
-    def __init__(self, config, batch_size: int, max_len: int, *, dtype=torch.float32, device="cpu"):
+    def __init__(self, config, batch_size: int, max_len: int, *, dtype=torch.float32, device="cpu", static=False):
         self.batch_size, self.max_len = batch_size, max_len
-        self.length = 0
+        # static: one-token steps attend over every slot with a mask built from tensors, and the
+        # count of cached tokens is a tensor -- so a torch.compile'd step has one shape and
+        # compiles once, instead of once per length.
+        self.static = static
+        self._length = 0
+        self.cursor = torch.zeros(1, dtype=torch.long, device=device)  # static mode's count
         self.windows = [
             config.sliding_window if config.layer_type(i) == "sliding" else None for i in range(config.n_layer)
         ]
@@ -76,6 +81,10 @@ class KVCache:
         self._new_valid: torch.Tensor | None = None  # (B, T) of the forward under way
         self._steps: dict[int | None, _Step] = {}  # this forward's plan per layer kind
 
+    @property
+    def length(self) -> int:
+        return int(self.cursor) if self.static else self._length
+
     def mark_padding(self, padding_mask: torch.Tensor) -> None:
         """padding_mask (B, T) for the tokens about to go in: False marks padding."""
         self._new_valid = padding_mask.bool()
@@ -90,6 +99,10 @@ class KVCache:
         if step is None:  # the first layer of this kind in this forward: plan once for all of them
             step = self._steps[window] = self._plan(window, positions)
         k_buf, v_buf = self.k[layer_idx], self.v[layer_idx]
+        if step.visible is None and step.keep_old is None:  # static step: a slot index tensor
+            k_buf.index_copy_(2, step.slots, k)
+            v_buf.index_copy_(2, step.slots, v)
+            return k_buf, v_buf, step.mask  # every slot; the mask hides the empty and the stale
         if step.keep_old is not None:
             # Several tokens into a sliding ring: read what is cached *before* overwriting it,
             # since the first new queries still need keys that the last new tokens replace.
@@ -103,13 +116,18 @@ class KVCache:
         return k_buf[:, :, : step.visible], v_buf[:, :, : step.visible], step.mask  # views
 
     def advance(self, T: int) -> None:
-        self.length += T
+        if self.static:
+            self.cursor += T  # in place, a tensor: a compiled step must not bake the count in
+        else:
+            self._length += T
         self._steps.clear()
         self._new_valid = None
 
     # --- planning a forward pass, once per layer kind --------------------------------------------
     def _plan(self, window: int | None, positions: torch.Tensor) -> "_Step":
         B, T = positions.shape
+        if self.static and T == 1:
+            return self._plan_static_step(window, positions)
         start, end = self.length, self.length + T
         if end > self.max_len:
             raise TegakiError(f"the KV cache holds {self.max_len} tokens; {end} were asked for")
@@ -148,6 +166,17 @@ class KVCache:
         pos[:, slots] = positions[:, take]
         valid[:, slots] = new_valid[:, take]
         return _Step(slots=slots, visible=None, mask=mask, keep_old=keep_old, take=take)
+
+
+    def _plan_static_step(self, window: int | None, positions: torch.Tensor) -> "_Step":
+        """One token, no Python number that changes from step to step (see `static`)."""
+        pos, valid = self.slot_pos[window], self.slot_valid[window]
+        slot = self.cursor % pos.shape[1]  # (1,): full layers never wrap, rings do
+        pos.index_copy_(1, slot, positions)
+        new_valid = self._new_valid if self._new_valid is not None else torch.ones_like(positions, dtype=torch.bool)
+        valid.index_copy_(1, slot, new_valid)
+        mask = build_attention_mask(positions, pos, window=window, k_valid=valid)  # (B, 1, 1, slots)
+        return _Step(slots=slot, visible=None, mask=mask)
 
 
 @dataclass
@@ -356,8 +385,11 @@ def generate_tokens(
     if max_new_tokens == 0:
         return
 
-    cache = KVCache(model.config, B, T0 + max_new_tokens, dtype=_cache_dtype(model), device=device) if use_cache else None
-    step = decode_step if decode_step is not None else model
+    compiled = decode_step is not None
+    cache = None
+    if use_cache:
+        cache = KVCache(model.config, B, T0 + max_new_tokens, dtype=_cache_dtype(model), device=device, static=compiled)
+    step = decode_step if compiled else model
 
     # Prefill: the whole prompt at once.
     ids, all_valid = input_ids, valid
@@ -372,7 +404,8 @@ def generate_tokens(
             seen[torch.arange(B, device=device), token] = True
         if use_cache:
             # Decode: the new token alone. Without padding the model counts positions itself.
-            logits = step(token[:, None], positions=next_pos if padded else None, kv_cache=cache)[:, -1]
+            # A compiled step always gets the positions (it must not read the cache's count).
+            logits = step(token[:, None], positions=next_pos if padded or compiled else None, kv_cache=cache)[:, -1]
         else:
             ids = torch.cat([ids, token[:, None]], dim=1)  # (B, T0 + i + 1): recompute everything
             positions = torch.cat([positions, next_pos], dim=1)
@@ -467,11 +500,11 @@ _compiled: dict[int, object] = {}
 
 
 def compiled_decode_step(model):
-    """The model's forward through torch.compile, built once per model. dynamic=True: the cache
-    grows by one every step, and a shape-specialised graph would recompile every step."""
+    """The model's forward through torch.compile, built once per model, for one-token steps on a
+    static cache (one shape every step, so it compiles once; the prefill runs eagerly)."""
     key = id(model)
     if key not in _compiled:
-        _compiled[key] = torch.compile(model, dynamic=True)
+        _compiled[key] = torch.compile(model, dynamic=False)
     return _compiled[key]
 
 
