@@ -1,0 +1,291 @@
+"""Pictures: loss curves (`tegaki plot RUN_DIR`), where the parameters go (`tegaki params --plot`)
+and attention heatmaps (`tegaki attention`).
+
+matplotlib draws off-screen (the Agg backend), so this works on a server with no display. Token
+labels may be Japanese: a CJK font is used when one is installed (Noto Sans CJK, IPAex, ...); when
+none is, characters no installed font can draw are written as `\\u3042`-style escapes rather than
+empty boxes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from tegaki.errors import TegakiError
+
+# Fonts that draw Japanese (and Chinese/Korean) glyphs, in order of preference.
+CJK_FONTS = [
+    "Noto Sans CJK JP", "Noto Sans JP", "Source Han Sans JP", "IPAexGothic", "IPAGothic",
+    "TakaoGothic", "VL Gothic", "Hiragino Sans", "Yu Gothic", "MS Gothic", "Meiryo",
+    "WenQuanYi Zen Hei", "Droid Sans Fallback", "Unifont",
+]
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, with a CJK font in the fallback list if one exists."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams["font.family"] = ["DejaVu Sans", *[f for f in _installed_cjk_fonts()]]
+    return plt
+
+
+@lru_cache(maxsize=1)
+def _installed_cjk_fonts() -> tuple[str, ...]:
+    from matplotlib import font_manager
+
+    _register_packaged_cjk_font(font_manager)
+    names = {f.name for f in font_manager.fontManager.ttflist}
+    return tuple(f for f in CJK_FONTS if f in names)
+
+
+def _register_packaged_cjk_font(font_manager) -> None:
+    """A font shipped inside a Python package (`pip install japanize-matplotlib` brings IPAexGothic),
+    found without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("japanize_matplotlib")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    for folder in spec.submodule_search_locations:
+        for font in sorted(Path(folder).glob("fonts/*.ttf")):
+            try:
+                font_manager.fontManager.addfont(str(font))
+            except (OSError, RuntimeError):
+                continue
+
+
+@lru_cache(maxsize=1)
+def _drawable_codepoints() -> frozenset[int]:
+    """Every character the fonts in use can draw."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    wanted = {"DejaVu Sans", *_installed_cjk_fonts()}
+    points: set[int] = set()
+    for entry in font_manager.fontManager.ttflist:
+        if entry.name in wanted:
+            try:
+                points.update(FT2Font(entry.fname).get_charmap())
+            except (OSError, RuntimeError):  # an unreadable font file: skip it
+                continue
+    return frozenset(points)
+
+
+def label_text(token: str) -> str:
+    """A token as a readable axis label: whitespace made visible, undrawable characters escaped."""
+    if token.startswith("<") and token.endswith(">") and all(c in "0123456789abcdef " for c in token[1:-1]):
+        return token  # raw bytes of a piece of a character, as the trace shows them
+    drawable = _drawable_codepoints()
+    out = []
+    for ch in token:
+        if ch == " ":
+            out.append("␣" if ord("␣") in drawable else "_")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 32 or ord(ch) not in drawable:
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise TegakiError(f"{path}: pictures are written as PNG; give a file name ending in .png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=fig.dpi)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+# -------------------------------------------------------------------------------------------------
+# Where the parameters go
+# -------------------------------------------------------------------------------------------------
+
+GROUP_COLOURS = {
+    "embedding": "#4C72B0", "attention": "#DD8452", "norm": "#937860", "mlp": "#55A868",
+    "router": "#8172B3", "experts": "#55A868", "head": "#C44E52", "other": "#8C8C8C",
+}
+
+
+def plot_parameters(info: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """One horizontal bar per part of `count_parameters(config)`, longest first."""
+    plt = pyplot()
+    parts = [p for p in info["parts"] if p["count"] > 0]
+    parts.sort(key=lambda p: p["count"])
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(parts) + 1.4), dpi=100)
+    labels = [" ".join(p["label"].split()) for p in parts]
+    ax.barh(labels, [p["count"] for p in parts], color=[GROUP_COLOURS.get(p["group"], "#8C8C8C") for p in parts])
+    for i, p in enumerate(parts):
+        ax.text(p["count"], i, f" {p['count']:,} ({100 * p['share']:.1f}%)", va="center", fontsize=8)
+    ax.set_xlim(0, max(p["count"] for p in parts) * 1.45)
+    ax.set_xlabel("parameters")
+    headline = f"{title}: {info['total']:,} parameters"
+    if info.get("active") is not None:
+        headline += f", {info['active']:,} active per token"
+    if info.get("tied_embeddings"):
+        headline += " (LM head tied to wte)"
+    ax.set_title(headline, fontsize=10)
+    ax.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# -------------------------------------------------------------------------------------------------
+# Loss curves
+# -------------------------------------------------------------------------------------------------
+
+
+def read_metrics(path: str | Path) -> dict[str, list[tuple[float, float]]]:
+    """metrics.jsonl -> {"train": [(step, loss)], "val": [(step, loss)]}.
+
+    A line with `val_loss` is a validation point; a line with `loss` (and no split other than
+    "train") is a training point. Lines that are not JSON (a run killed mid-write) are skipped.
+    """
+    curves: dict[str, list[tuple[float, float]]] = {"train": [], "val": []}
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(rec, dict) or "step" not in rec:
+            continue
+        split = rec.get("split", "train")
+        if rec.get("val_loss") is not None:
+            curves["val"].append((rec["step"], float(rec["val_loss"])))
+        if rec.get("loss") is not None:
+            curves["val" if split in ("val", "valid", "validation") else "train"].append((rec["step"], float(rec["loss"])))
+    for key in curves:  # a resumed run may repeat steps: keep the last value of each
+        curves[key] = sorted(dict(curves[key]).items())
+    return curves
+
+
+def find_runs(run_dir: str | Path) -> list[tuple[str, Path]]:
+    """(label, metrics.jsonl) for a run folder, or for each run of a comparison folder."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise TegakiError(f"{root}: no such folder")
+    if (root / "metrics.jsonl").exists():
+        return [(root.name, root / "metrics.jsonl")]
+    found = sorted(root.glob("*/metrics.jsonl")) + sorted(root.glob("runs/*/metrics.jsonl"))
+    if not found:
+        raise TegakiError(f"{root}: no metrics.jsonl in it or in its sub-folders; is it a `tegaki train` or `tegaki compare` output?")
+    return [(p.parent.name, p) for p in found]
+
+
+def plot_losses(runs: list[tuple[str, dict[str, list]]], path: str | Path, title: str = "", smooth: int = 1) -> Path:
+    """Overlay train (solid) and validation (dashed, dots) curves of several runs."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    drew = False
+    for i, (label, curves) in enumerate(runs):
+        colour = colours[i % len(colours)]
+        if curves["train"]:
+            steps, losses = zip(*curves["train"])
+            ax.plot(steps, _moving_average(losses, smooth), color=colour, lw=1.2, label=f"{label} train")
+            drew = True
+        if curves["val"]:
+            steps, losses = zip(*curves["val"])
+            ax.plot(steps, losses, color=colour, lw=1.2, ls="--", marker="o", ms=3, label=f"{label} val")
+            drew = True
+    if not drew:
+        plt.close(fig)
+        raise TegakiError("no loss values to plot (the metrics files have no `loss` or `val_loss` lines yet)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_title(title or "loss", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _moving_average(values, width: int) -> list[float]:
+    if width <= 1:
+        return list(values)
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= width:
+            acc -= values[i - width]
+        out.append(acc / min(i + 1, width))
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# Attention heatmaps
+# -------------------------------------------------------------------------------------------------
+
+
+def plot_attention_heads(att, tokens: list[str], path: str | Path, title: str = "") -> Path:
+    """att (H, T, T) as H heatmaps: row = query token, column = key token it attends to."""
+    plt = pyplot()
+    H, T = att.shape[0], att.shape[-1]
+    cols = min(H, 4)
+    rows = math.ceil(H / cols)
+    cell = max(2.4, min(4.5, 0.28 * T + 1.2))
+    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols, cell * rows + 0.5), dpi=80, squeeze=False)
+    labels = [label_text(t) for t in tokens]
+    show_labels = T <= 40
+    for h in range(rows * cols):
+        ax = axes[h // cols][h % cols]
+        if h >= H:
+            ax.axis("off")
+            continue
+        ax.imshow(att[h], cmap="viridis", vmin=0.0, vmax=1.0)
+        ax.set_title(f"head {h}", fontsize=9)
+        if show_labels:
+            ax.set_xticks(range(T), labels, rotation=90, fontsize=7)
+            ax.set_yticks(range(T), labels, fontsize=7)
+        else:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(title + "  (row: query, column: key)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# -------------------------------------------------------------------------------------------------
+# CLI: tegaki plot RUN_DIR
+# -------------------------------------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plot",
+        help="loss curves of a run or a comparison, as a PNG",
+        description="Draw the train and validation loss curves of `tegaki train` or `tegaki compare` folders.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run or comparison folder(s)")
+    p.add_argument("--out", help="PNG file (default: RUN_DIR/loss.png)")
+    p.add_argument("--smooth", type=int, default=1, metavar="N", help="moving average over N train points")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    runs = []
+    for d in args.run_dirs:
+        runs += [(label, read_metrics(path)) for label, path in find_runs(d)]
+    out = args.out or str(Path(args.run_dirs[0]) / "loss.png")
+    title = ", ".join(Path(d).name for d in args.run_dirs)
+    path = plot_losses(runs, out, title=title, smooth=args.smooth)
+    print(f"wrote {path}")
+    for label, curves in runs:
+        last_train = f"{curves['train'][-1][1]:.4f}" if curves["train"] else "-"
+        last_val = f"{curves['val'][-1][1]:.4f}" if curves["val"] else "-"
+        print(f"  {label}: last train loss {last_train}, last val loss {last_val}")
+    return 0

@@ -1,0 +1,353 @@
+"""`tegaki trace "Hello, I am"`: one forward pass, step by step, for one prompt.
+
+The five steps of `tegaki/model.py`, watched from the outside with forward hooks (the model is not
+changed to be watched):
+
+  1. text -> token ids                           the tokenizer
+  2. ids -> vectors                              `GPT.wte` (+ `GPT.wpe` for learned positions)
+  3. per block: attention, then MLP              `Block.attn`, `Block.mlp`, each added to the stream
+  4. the final norm                              `GPT.ln_f`
+  5. vectors -> logits -> next-token probabilities   `GPT.lm_head`, softmax
+
+The attention pattern of one layer is read from inside that layer's written-out path
+(`Attention._attend_written_out`): for the traced pass the model runs with `attn_impl="manual"`,
+and a hook on the layer's `attn_dropout` (an identity at inference) receives the softmax weights
+exactly as the model used them -- masks, sliding window and sinks included. The fused path computes
+the same numbers (tests/test_model.py proves it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tegaki.errors import TegakiError
+
+# -------------------------------------------------------------------------------------------------
+# Loading what to trace
+# -------------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(name_or_dir: str):
+    from tegaki.tokenizer import load
+
+    return load(name_or_dir)
+
+
+def tokenizer_for_model(path: str):
+    """The tokenizer that belongs to a run folder or a transformers folder."""
+    import tegaki.hf as hf
+
+    if hasattr(hf, "tokenizer_for"):
+        return hf.tokenizer_for(path)
+    folder = Path(path)
+    if (folder / "run.json").exists():
+        from tegaki.train import load_run_tokenizer
+
+        return load_run_tokenizer(folder)
+    return load_tokenizer(str(folder))
+
+
+def load_model_and_tokenizer(
+    model: str | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+    tokenizer: str | None = None,
+    seed: int = 0,
+):
+    """(model in eval mode, tokenizer, description). Exactly one of model/preset.
+
+    A preset gets random weights (seeded): the shapes and the mechanics are real, the words are not.
+    Its vocabulary is resized to the tokenizer's when they differ, so every id has a row.
+    """
+    from tegaki.config import ModelConfig
+    from tegaki.model import GPT
+
+    if (model is None) == (preset is None):
+        raise TegakiError("give either --model PATH (a run or transformers folder) or --preset NAME (random weights)")
+    if preset is not None:
+        tok = load_tokenizer(tokenizer or "gpt2")
+        config = ModelConfig.preset(preset)
+        if overrides:
+            config = config.with_overrides(overrides)
+        note = ""
+        if config.vocab_size != tok.vocab_size:
+            note = f" (vocab_size {config.vocab_size:,} -> {tok.vocab_size:,} to fit the tokenizer)"
+            config = config.replace(vocab_size=tok.vocab_size)
+        torch.manual_seed(seed)
+        net = GPT(config).eval()
+        return net, tok, f"preset {preset} with random weights (seed {seed}){note}"
+    from tegaki.hf import from_pretrained
+
+    net = from_pretrained(model).eval()
+    if overrides:
+        raise TegakiError("--set changes a preset's config; a trained model's shapes are fixed by its weights")
+    tok = load_tokenizer(tokenizer) if tokenizer else tokenizer_for_model(model)
+    return net, tok, f"model {model}"
+
+
+# -------------------------------------------------------------------------------------------------
+# Watching a forward pass
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Capture:
+    """What the hooks saw during one forward pass (batch of one)."""
+
+    token_embedding: torch.Tensor | None = None  # (1, T, C)
+    position_embedding: torch.Tensor | None = None  # (1, T, C)
+    block_inputs: list[torch.Tensor] = field(default_factory=list)  # each (1, T, C)
+    attn_outputs: list[torch.Tensor] = field(default_factory=list)  # each (1, T, C)
+    mlp_outputs: list[torch.Tensor] = field(default_factory=list)  # each (1, T, C)
+    block_outputs: list[torch.Tensor] = field(default_factory=list)  # each (1, T, C)
+    final_norm: torch.Tensor | None = None  # (1, T, C)
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (1, H, T, T)
+    logits: torch.Tensor | None = None  # (1, T, V)
+
+
+@contextlib.contextmanager
+def _written_out_attention(model):
+    """Run every attention layer through its written-out path for the duration."""
+    old = model.config.attn_impl
+    model.config.attn_impl = "manual"
+    try:
+        yield
+    finally:
+        model.config.attn_impl = old
+
+
+@torch.no_grad()
+def capture(model, ids: list[int] | torch.Tensor, attention_layers: list[int] = ()) -> Capture:
+    """Run `model` on one sequence and record every intermediate the trace reports."""
+    ids = torch.as_tensor(ids, dtype=torch.long, device=model.device).reshape(1, -1)  # (1, T)
+    if ids.shape[1] == 0:
+        raise TegakiError("the prompt is empty: there is nothing to trace")
+    if ids.shape[1] > model.config.block_size:
+        raise TegakiError(f"the prompt has {ids.shape[1]} tokens; the model's context is {model.config.block_size}")
+    for layer in attention_layers:
+        if not 0 <= layer < model.config.n_layer:
+            raise TegakiError(f"--layer {layer}: the model has layers 0..{model.config.n_layer - 1}")
+    cap = Capture()
+    handles = []
+
+    def keep(store, index=None):
+        def hook(module, inputs, output):
+            value = output.detach().float().clone()
+            if index is None:
+                store.append(value)
+            else:
+                store[index] = value
+
+        return hook
+
+    def setter(name):
+        def hook(module, inputs, output):
+            setattr(cap, name, output.detach().float().clone())
+
+        return hook
+
+    handles.append(model.wte.register_forward_hook(setter("token_embedding")))
+    if hasattr(model, "wpe"):
+        handles.append(model.wpe.register_forward_hook(setter("position_embedding")))
+    for block in model.blocks:
+        handles.append(block.register_forward_pre_hook(lambda m, args: cap.block_inputs.append(args[0].detach().float().clone())))
+        handles.append(block.attn.register_forward_hook(keep(cap.attn_outputs)))
+        handles.append(block.mlp.register_forward_hook(keep(cap.mlp_outputs)))
+        handles.append(block.register_forward_hook(keep(cap.block_outputs)))
+    for layer in attention_layers:
+        # Called as attn_dropout(att) with the softmax weights (B, H, T, S) in the written-out path.
+        handles.append(model.blocks[layer].attn.attn_dropout.register_forward_hook(keep(cap.attention, layer)))
+    handles.append(model.ln_f.register_forward_hook(setter("final_norm")))
+    try:
+        with _written_out_attention(model):
+            cap.logits = model(ids).detach().float()  # (1, T, V)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [layer for layer in attention_layers if layer not in cap.attention]
+    if missing:  # the model's written-out path no longer goes through attn_dropout
+        raise RuntimeError(f"could not capture the attention weights of layer(s) {missing}")
+    return cap
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """One token as text; a token that is only part of a character (byte-level BPE splits UTF-8)
+    shows its bytes, e.g. <e3 81>, instead of a replacement character."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" in text and hasattr(tokenizer, "token_bytes"):
+        raw = tokenizer.token_bytes(token_id)
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "<" + " ".join(f"{b:02x}" for b in raw) + ">"
+    return text
+
+
+def _norm(t: torch.Tensor) -> float:
+    """Mean length of the per-token vectors in t (1, T, C)."""
+    return float(t.norm(dim=-1).mean())
+
+
+def trace(model, tokenizer, prompt: str, layer: int = 0, head: int = 0, top_k: int = 10) -> dict[str, Any]:
+    """Everything `tegaki trace` prints, as a dict (what --json prints)."""
+    cfg = model.config
+    if not 0 <= head < cfg.n_head:
+        raise TegakiError(f"--head {head}: the model has heads 0..{cfg.n_head - 1}")
+    ids = tokenizer.encode(prompt)
+    if ids and max(ids) >= cfg.vocab_size:
+        raise TegakiError(f"token id {max(ids)} is outside the model's vocabulary ({cfg.vocab_size}); wrong tokenizer?")
+    cap = capture(model, ids, attention_layers=[layer])
+    T = len(ids)
+    tokens = [token_text(tokenizer, i) for i in ids]
+
+    result: dict[str, Any] = {"prompt": prompt, "config": {k: getattr(cfg, k) for k in (
+        "n_layer", "n_head", "n_embd", "vocab_size", "pos_embedding", "norm", "mlp", "attn_impl")}}
+    # Step 1: tokens.
+    result["tokens"] = [{"id": i, "text": t} for i, t in zip(ids, tokens)]
+    # Step 2: embeddings.
+    emb: dict[str, Any] = {
+        "token_embedding": {"shape": list(cap.token_embedding.shape), "mean_norm": _norm(cap.token_embedding)},
+        "positions": cfg.pos_embedding,
+    }
+    if cap.position_embedding is not None:
+        pos = cap.position_embedding.reshape(1, T, -1)
+        emb["position_embedding"] = {"shape": list(pos.shape), "mean_norm": _norm(pos)}
+    first = cap.block_inputs[0]
+    emb["sum"] = {"shape": list(first.shape), "mean_norm": _norm(first)}
+    result["embedding"] = emb
+    # Steps 3-4: blocks.
+    blocks = []
+    for i in range(cfg.n_layer):
+        a, m, x_in, x_out = cap.attn_outputs[i], cap.mlp_outputs[i], cap.block_inputs[i], cap.block_outputs[i]
+        a_norm, m_norm = _norm(a), _norm(m)
+        blocks.append({
+            "layer": i,
+            "kind": cfg.layer_type(i),
+            "attention": {"shape": list(a.shape), "mean_norm": a_norm},
+            "mlp": {"shape": list(m.shape), "mean_norm": m_norm},
+            # How much of the block's update came from attention vs the MLP (by vector length)...
+            "attention_share": a_norm / (a_norm + m_norm) if a_norm + m_norm > 0 else 0.0,
+            # ...and how large the update is next to the residual stream it is added to.
+            "update_over_residual": _norm(x_out - x_in) / max(_norm(x_in), 1e-12),
+            "residual_after": {"shape": list(x_out.shape), "mean_norm": _norm(x_out)},
+        })
+    result["blocks"] = blocks
+    att = cap.attention[layer][0]  # (H, T, T)
+    result["attention_pattern"] = {
+        "layer": layer,
+        "head": head,
+        "shape": list(cap.attention[layer].shape),
+        "weights": [[round(float(w), 6) for w in row] for row in att[head]],  # (T, T): row = query
+        "sink_mass": [round(1.0 - float(s), 6) for s in att[head].sum(dim=-1)] if cfg.attn_sinks else None,
+    }
+    # Step 5: logits and the next token.
+    result["final_norm"] = {"shape": list(cap.final_norm.shape), "mean_norm": _norm(cap.final_norm)} if cfg.final_norm else None
+    result["logits"] = {"shape": list(cap.logits.shape)}
+    probs = torch.softmax(cap.logits[0, -1], dim=-1)  # (V,): the guess for the token after the prompt
+    top = probs.topk(min(top_k, probs.numel()))
+    result["next_tokens"] = [
+        {"id": int(i), "text": token_text(tokenizer, int(i)), "prob": float(p)} for p, i in zip(top.values, top.indices)
+    ]
+    return result
+
+
+# -------------------------------------------------------------------------------------------------
+# Printing
+# -------------------------------------------------------------------------------------------------
+
+
+def _shape(s: list[int]) -> str:
+    return "(" + ", ".join(str(d) for d in s) + ")"
+
+
+def format_trace(r: dict[str, Any], description: str = "") -> str:
+    cfg = r["config"]
+    lines = [f"tracing {description}" if description else "tracing", f"prompt: {r['prompt']!r}", ""]
+    lines.append(f"step 1  text -> {len(r['tokens'])} tokens")
+    for pos, t in enumerate(r["tokens"]):
+        lines.append(f"          {pos:>3}  id {t['id']:>6}  {t['text']!r}")
+    e = r["embedding"]
+    lines.append("")
+    lines.append("step 2  token ids -> vectors")
+    lines.append(f"          token embedding wte[ids]      {_shape(e['token_embedding']['shape']):<16} mean |v| {e['token_embedding']['mean_norm']:.4f}")
+    if "position_embedding" in e:
+        lines.append(f"          position embedding wpe[pos]   {_shape(e['position_embedding']['shape']):<16} mean |v| {e['position_embedding']['mean_norm']:.4f}")
+        lines.append(f"          sum = residual stream x       {_shape(e['sum']['shape']):<16} mean |v| {e['sum']['mean_norm']:.4f}")
+    elif e["positions"] == "rope":
+        lines.append("          positions: rotary (RoPE), applied to q and k inside attention; nothing is added here")
+    else:
+        lines.append("          positions: none (the causal mask alone tells tokens apart by what they can see)")
+    lines.append("")
+    lines.append(f"step 3  {cfg['n_layer']} blocks, each x = x + attn(norm(x)); x = x + mlp(norm(x))")
+    lines.append(f"          {'layer':>5} {'kind':<8}{'attn out |v|':>14}{'mlp out |v|':>13}{'attn share':>12}{'|update|/|x|':>14}{'|x| after':>11}")
+    for b in r["blocks"]:
+        lines.append(
+            f"          {b['layer']:>5} {b['kind']:<8}{b['attention']['mean_norm']:>14.4f}{b['mlp']['mean_norm']:>13.4f}"
+            f"{100 * b['attention_share']:>11.1f}%{b['update_over_residual']:>14.3f}{b['residual_after']['mean_norm']:>11.4f}"
+        )
+    lines.append(f"          every output has shape {_shape(r['blocks'][0]['attention']['shape'])}: (batch, tokens, n_embd)")
+    ap = r["attention_pattern"]
+    lines.append("")
+    lines.append(f"          attention of layer {ap['layer']}, head {ap['head']} (weights {_shape(ap['shape'])}; row = query, column = key):")
+    labels = [t["text"] for t in r["tokens"]]
+    width = min(max(len(repr(s)) for s in labels), 14)
+    for q, row in enumerate(ap["weights"]):
+        cells = " ".join(f"{w:4.2f}" if w >= 0.005 else "   ." for w in row)
+        extra = f"  sink {ap['sink_mass'][q]:.2f}" if ap["sink_mass"] else ""
+        lines.append(f"          {repr(labels[q])[:width]:>{width}} {cells}{extra}")
+    lines.append("")
+    lines.append("step 4  final norm ln_f" + (f"                {_shape(r['final_norm']['shape']):<16} mean |v| {r['final_norm']['mean_norm']:.4f}" if r["final_norm"] else ": none"))
+    lines.append("")
+    lines.append(f"step 5  lm_head -> logits {_shape(r['logits']['shape'])}: one score per vocabulary entry, per position;")
+    lines.append(f"          the last position's softmax is the next-token distribution. Top {len(r['next_tokens'])}:")
+    for t in r["next_tokens"]:
+        lines.append(f"          {100 * t['prob']:6.2f}%  id {t['id']:>6}  {t['text']!r}")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------
+# CLI
+# -------------------------------------------------------------------------------------------------
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model / --preset / --set / --tokenizer / --seed: shared with `tegaki attention`."""
+    p.add_argument("--model", help="a run folder (tegaki train --out) or a transformers folder")
+    p.add_argument("--preset", help="a preset with random weights instead of a trained model")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a preset's config field (repeatable)")
+    p.add_argument("--tokenizer", help="tokenizer name or folder (default: the model's own, or gpt2 for a preset)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "trace",
+        help="follow one prompt through the five steps of a forward pass",
+        description="Show the tokens, embeddings, each block's attention and MLP output, one head's "
+        "attention pattern, the logits and the top next tokens for one prompt.",
+    )
+    p.add_argument("prompt", help='the text to trace, e.g. "Hello, I am"')
+    add_model_arguments(p)
+    p.add_argument("--layer", type=int, default=0, help="layer whose attention pattern to show")
+    p.add_argument("--head", type=int, default=0, help="head whose attention pattern to show")
+    p.add_argument("--top", type=int, default=10, help="how many next tokens to list")
+    p.add_argument("--json", action="store_true", help="print the trace as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model, tok, description = load_model_and_tokenizer(args.model, args.preset, args.overrides, args.tokenizer, args.seed)
+    result = trace(model, tok, args.prompt, layer=args.layer, head=args.head, top_k=args.top)
+    if args.json:
+        print(json.dumps(dict(result, model=description), indent=1, ensure_ascii=False))
+    else:
+        print(format_trace(result, description))
+    return 0
