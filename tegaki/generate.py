@@ -542,40 +542,11 @@ def register(subparsers) -> None:
 
 
 def load_for_generation(name_or_path: str, dtype: torch.dtype):
-    """(model, tokenizer) for --model."""
+    """(model, tokenizer) for --model: a tegaki run folder, a transformers folder, or a hub id."""
     from tegaki import hf
 
     model = hf.from_pretrained(name_or_path, dtype=dtype)
-    return model.eval(), resolve_tokenizer(name_or_path)
-
-
-def resolve_tokenizer(name_or_path: str):
-    """The tokenizer that goes with --model. Uses `tegaki.hf.tokenizer_for` when present; otherwise
-    a run folder's run.json "tokenizer" entry, a folder's own tokenizer files, or a hub id's."""
-    from pathlib import Path
-
-    from tegaki import hf
-
-    if hasattr(hf, "tokenizer_for"):
-        return hf.tokenizer_for(name_or_path)
-    import json
-
-    from tegaki import tokenizer as tok_module
-
-    path = Path(name_or_path).expanduser()
-    if (path / "run.json").exists():
-        name = json.loads((path / "run.json").read_text()).get("tokenizer", "gpt2")
-        if name != "gpt2" and (path / name).is_dir():
-            name = str(path / name)
-        return tok_module.load(name)
-    if path.is_dir() and ((path / "encoder.json").exists() or (path / "tokenizer").is_dir()):
-        return tok_module.load(str(path / "tokenizer") if (path / "tokenizer").is_dir() else str(path))
-    model_type = ""
-    if (path / "config.json").exists():
-        model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
-    if model_type == "gpt2" or str(name_or_path).split("/")[-1].startswith("gpt2"):
-        return tok_module.load("gpt2")
-    raise TegakiError(f"{name_or_path}: no tokenizer found next to the model (expected a run folder or GPT-2 files)")
+    return model.eval(), hf.tokenizer_for(name_or_path)
 
 
 def run_generate(args) -> int:
