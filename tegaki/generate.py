@@ -388,7 +388,10 @@ def generate_tokens(
     compiled = decode_step is not None
     cache = None
     if use_cache:
-        cache = KVCache(model.config, B, T0 + max_new_tokens, dtype=_cache_dtype(model), device=device, static=compiled)
+        max_len = T0 + max_new_tokens
+        if compiled:  # round up: a later request of a similar length reuses the compiled graph
+            max_len = -(-max_len // 256) * 256
+        cache = KVCache(model.config, B, max_len, dtype=_cache_dtype(model), device=device, static=compiled)
     step = decode_step if compiled else model
 
     # Prefill: the whole prompt at once.
@@ -439,7 +442,7 @@ def generate(
     use_cache: bool = True,
     seed: int | None = None,
     generator: torch.Generator | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> torch.Tensor:
     """Sample max_new_tokens after input_ids (B, T); return (B, T + n) ids, prompt included.
 
@@ -447,7 +450,8 @@ def generate(
     `left_pad`). A row stops after producing one of `stop_tokens` (kept in the output) or text
     containing one of `stop_strings` (needs `tokenizer` to decode; the token completing it is
     kept); finished rows are filled with pad_id until every row has stopped, and the output is
-    cut at the longest row. `compile=True` runs the decode step through torch.compile.
+    cut at the longest row. `compile=True` runs the decode step through torch.compile (a string
+    names the backend, e.g. "aot_eager").
     """
     if stop_strings and tokenizer is None:
         raise TegakiError("stop_strings need a tokenizer to decode the generated text")
@@ -455,7 +459,9 @@ def generate(
     stop_set = torch.as_tensor(sorted(set(stop_tokens or [])), dtype=torch.long, device=input_ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     new_tokens: list[torch.Tensor] = []
-    step = compiled_decode_step(model) if compile else None
+    step = None
+    if compile:
+        step = compiled_decode_step(model, compile if isinstance(compile, str) else "inductor")
     tokens = generate_tokens(
         model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
@@ -496,15 +502,15 @@ def find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
     return min(hits) if hits else None
 
 
-_compiled: dict[int, object] = {}
+_compiled: dict[tuple[int, str], object] = {}
 
 
-def compiled_decode_step(model):
+def compiled_decode_step(model, backend: str = "inductor"):
     """The model's forward through torch.compile, built once per model, for one-token steps on a
     static cache (one shape every step, so it compiles once; the prefill runs eagerly)."""
-    key = id(model)
+    key = (id(model), backend)
     if key not in _compiled:
-        _compiled[key] = torch.compile(model, dynamic=False)
+        _compiled[key] = torch.compile(model, dynamic=False, backend=backend)
     return _compiled[key]
 
 
