@@ -34,7 +34,7 @@ from tegaki.config import ModelConfig  # noqa: E402
 from tegaki.generate import KVCache, generate  # noqa: E402
 from tegaki.hf import export_hf  # noqa: E402
 from tegaki.model import GPT  # noqa: E402
-from tegaki.quant import Int4Linear, Int8Linear, quantize_model  # noqa: E402
+from tegaki.quant import quantize_model  # noqa: E402
 
 PROMPT, NEW = 32, 128
 
@@ -53,12 +53,14 @@ def best_of(fn, repeats: int) -> float:
 # --- ceilings ------------------------------------------------------------------------------------
 
 
-def copy_bandwidth() -> float:
-    """Bytes moved per second by a large copy (read + write), in bytes/s."""
-    src = torch.empty(256 * 2**20 // 4, dtype=torch.float32).fill_(1.0)  # 256 MiB, beyond every cache
+COPY_BYTES = 256 * 2**20
+
+
+def copy_run():
+    """A 256 MiB copy, beyond every cache: the memory bandwidth ceiling."""
+    src = torch.empty(COPY_BYTES // 4, dtype=torch.float32).fill_(1.0)
     dst = torch.empty_like(src)
-    seconds = best_of(lambda: dst.copy_(src), 10)
-    return 2 * src.numel() * 4 / seconds
+    return lambda: dst.copy_(src)
 
 
 def linear_weights(model: GPT) -> list[torch.Tensor]:
@@ -71,8 +73,8 @@ def linear_weights(model: GPT) -> list[torch.Tensor]:
     return ws + [model.lm_head.weight]
 
 
-def matvec_ceiling(weights: list[torch.Tensor], mode: str, repeats: int) -> float:
-    """Seconds for one token through the linear layers alone."""
+def matvec_run(weights: list[torch.Tensor], mode: str):
+    """One token through the linear layers alone, as plain matrix-vector products."""
     if mode == "int8":
         from tegaki.quant import quantize_int8
 
@@ -91,7 +93,7 @@ def matvec_ceiling(weights: list[torch.Tensor], mode: str, repeats: int) -> floa
             for w in ws:
                 F.linear(xs[w.shape[1]], w)
 
-    return best_of(run, repeats)
+    return run
 
 
 def weight_bytes(weights: list[torch.Tensor], mode: str) -> int:
@@ -112,10 +114,6 @@ def tegaki_variant(base: GPT, mode: str) -> GPT:
     elif mode in ("int8", "int4"):
         quantize_model(model, mode)
     return model
-
-
-def tokens_per_second(run, repeats: int) -> float:
-    return NEW / best_of(run, repeats)
 
 
 def per_token_at_context(model: GPT, context: int, steps: int = 8) -> float:
@@ -150,8 +148,7 @@ def logit_error(base: GPT, ids: torch.Tensor) -> dict[str, tuple[float, float]]:
         out = {}
         for mode in ("bf16", "int8", "int4"):
             model = tegaki_variant(base, mode)
-            x = ids
-            logits = model(x).float()
+            logits = model(ids).float()
             rel = ((logits - reference).norm() / reference.norm()).item()
             agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
             out[mode] = (rel, agree)
@@ -211,68 +208,88 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=300)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    repeats = 2 if args.quick else 3
+    rounds = 2 if args.quick else args.rounds
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
 
     torch.manual_seed(0)
     base = GPT(ModelConfig.preset("gpt2")).eval()
     prompt = torch.randint(0, 50257, (1, PROMPT), generator=torch.Generator().manual_seed(1))
-
-    bandwidth = copy_bandwidth()
     weights = [w.detach() for w in linear_weights(base)]
-    print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)")
-    ceilings = {}
-    for mode in ("fp32", "bf16", "int8"):
-        mv = matvec_ceiling(weights, mode, 10)
-        bw_tps = bandwidth / weight_bytes(weights, mode)
-        ceilings[mode] = (mv, bw_tps)
-        print(f"ceiling {mode}: matvec {mv * 1e3:.1f} ms/token = {1 / mv:.0f} tok/s; bandwidth {bw_tps:.0f} tok/s")
 
-    rows = []  # (name, tokens/s, ceiling mode)
-
-    # transformers on the same weights.
+    # Everything that is timed, as name -> a function running it once. They run round-robin,
+    # `rounds` times, and each keeps its best time: a burst of other work on the machine then
+    # hurts every contestant alike instead of one of them.
     from transformers import GPT2LMHeadModel
 
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(base, tmp)
-        hf_models = {"fp32": GPT2LMHeadModel.from_pretrained(tmp).eval()}
-    hf_models["bf16"] = _hf_bf16(hf_models["fp32"])
-    hf_out = {}
-    for mode, hf in hf_models.items():
-        def run(hf=hf, mode=mode):
+        hf_fp32 = GPT2LMHeadModel.from_pretrained(tmp).eval()
+    hf = {"fp32": hf_fp32, "bf16": _hf_bf16(hf_fp32)}
+    ours = {mode: tegaki_variant(base, mode) for mode in ("fp32", "bf16", "int8", "int4")}
+    outputs = {}
+
+    def hf_run(mode):
+        def run():
             with torch.inference_mode():
-                hf_out[mode] = hf.generate(
+                outputs[f"hf {mode}"] = hf[mode].generate(
                     prompt, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0
                 )
-        rows.append((f"transformers generate {mode}", tokens_per_second(run, repeats), mode))
+        return run
 
-    tegaki_out = {}
+    def tegaki_run(mode):
+        def run():
+            outputs[f"tegaki {mode}"] = generate(ours[mode], prompt, NEW, temperature=0)
+        return run
+
+    timed = {"copy 256 MiB": copy_run()}
+    for mode in ("fp32", "bf16", "int8"):
+        timed[f"matvec {mode}"] = matvec_run(weights, mode)
+    for mode in ("fp32", "bf16"):
+        timed[f"transformers generate {mode}"] = hf_run(mode)
     for mode in ("fp32", "bf16", "int8", "int4"):
-        model = tegaki_variant(base, mode)
+        timed[f"tegaki {mode}"] = tegaki_run(mode)
+    best = {name: float("inf") for name in timed}
+    for fn in timed.values():
+        fn()  # warm-up
+    for _ in range(rounds):
+        for name, fn in timed.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
 
-        def run(model=model, mode=mode):
-            tegaki_out[mode] = generate(model, prompt, NEW, temperature=0)
-        rows.append((f"tegaki {mode}", tokens_per_second(run, repeats), "int8" if mode == "int4" else mode))
-        del model
-    same = torch.equal(tegaki_out["fp32"], hf_out["fp32"])
+    bandwidth = 2 * COPY_BYTES / best["copy 256 MiB"]
+    print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (bytes read + written per second)")
+    ceilings = {}
+    for mode in ("fp32", "bf16", "int8"):
+        mv = best[f"matvec {mode}"]
+        bw_tps = bandwidth / weight_bytes(weights, mode)
+        ceilings[mode] = (mv, bw_tps)
+        print(f"ceiling {mode}: linear layers as plain matvecs {mv * 1e3:.1f} ms/token = {1 / mv:.1f} tok/s; "
+              f"bandwidth {weight_bytes(weights, mode) / 1e6:.0f} MB/token -> {bw_tps:.1f} tok/s")
+    same = torch.equal(outputs["tegaki fp32"], outputs["hf fp32"])
     print(f"greedy tokens, tegaki fp32 == transformers fp32: {same}")
 
     print()
-    print("| run | tokens/s | ms/token | vs transformers (same dtype) | of matvec ceiling | of bandwidth ceiling |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    hf_fp32 = rows[0][1]
-    for name, tps, cmode in rows:
-        mv, bw = ceilings[cmode]
-        hf_ref = rows[1][1] if "bf16" in name else hf_fp32
-        print(f"| {name} | {tps:.1f} | {1e3 / tps:.1f} | {tps / hf_ref:.2f}x | {tps * mv:.0%} | {tps / bw:.0%} |")
+    print("| run | tokens/s | ms/token | vs transformers fp32 | vs transformers, same dtype | of matvec ceiling | of bandwidth ceiling |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    hf_tps = {mode: NEW / best[f"transformers generate {mode}"] for mode in ("fp32", "bf16")}
+    for name in [n for n in timed if "generate" in n or n.startswith("tegaki")]:
+        tps = NEW / best[name]
+        mode = name.split()[-1]
+        mv, bw = ceilings["int8" if mode == "int4" else mode]
+        same_dtype = f"{tps / hf_tps[mode]:.2f}x" if mode in hf_tps else "-"
+        print(f"| {name} | {tps:.1f} | {1e3 / tps:.1f} | {tps / hf_tps['fp32']:.2f}x | {same_dtype} | "
+              f"{tps * mv:.0%} | {tps / bw:.0%} |")
+    print("(int4 is compared with the int8 ceilings: its own would be about half their bytes)")
 
     if not args.quick:
-        fp32 = tegaki_variant(base, "fp32")
+        fp32 = ours["fp32"]
         print()
-        print("| context | ms/token (cache) |")
+        print("| context | ms/token with the cache (fp32) |")
         print("| ---: | ---: |")
         times = {}
         for context in (64, 256, 1024 - 16):
@@ -290,6 +307,7 @@ def main() -> None:
         print(f"GPT-2 shapes, random weights, {mode}: relative logit error {rel:.4f}, argmax agrees {agree:.1%}")
     ppl, label = perplexities(args.train_steps if not args.quick else 100)
     print(f"perplexity ({label}): " + ", ".join(f"{m} {p:.3f}" for m, p in ppl.items()))
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
 def _hf_bf16(hf_fp32):
