@@ -145,7 +145,8 @@ SKIPPED = ("router",)  # MoE routers: tiny, and a flipped expert choice costs mo
 def quantize_model(model: nn.Module, mode: str = "int8", *, group_size: int = 64) -> nn.Module:
     """Replace every nn.Linear of the blocks and the LM head, in place. A tied LM head gets its own
     quantized copy; the embedding table stays in float (only one row per token is read).
-    MoE expert weights (not nn.Linear) stay in float."""
+    MoE expert weights (not nn.Linear) stay in float. With int4, a layer whose shape the int4
+    kernel cannot tile (GPT-2's 50,257-word head) is quantized to int8 instead."""
     if mode not in ("int8", "int4"):
         raise TegakiError(f"quantize mode must be 'int8' or 'int4', got {mode!r}")
     targets = [
@@ -156,11 +157,16 @@ def quantize_model(model: nn.Module, mode: str = "int8", *, group_size: int = 64
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        if mode == "int8":
-            setattr(parent, child, Int8Linear(linear))
-        elif linear.in_features % group_size == 0:
+        if mode == "int4" and int4_fits(linear, group_size):
             setattr(parent, child, Int4Linear(linear, group_size))
+        else:
+            setattr(parent, child, Int8Linear(linear))
     return model
+
+
+def int4_fits(linear: nn.Linear, group_size: int) -> bool:
+    """The packed int4 kernel wants whole groups along the input and outputs in tiles of 16."""
+    return linear.in_features % group_size == 0 and linear.out_features % 16 == 0
 
 
 def set_fast(model: nn.Module, fast: bool) -> None:
