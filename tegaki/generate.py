@@ -99,7 +99,7 @@ class KVCache:
         if step is None:  # the first layer of this kind in this forward: plan once for all of them
             step = self._steps[window] = self._plan(window, positions)
         k_buf, v_buf = self.k[layer_idx], self.v[layer_idx]
-        if step.visible is None and step.keep_old is None:  # static step: a slot index tensor
+        if step.static:  # a slot index tensor, every slot handed back
             k_buf.index_copy_(2, step.slots, k)
             v_buf.index_copy_(2, step.slots, v)
             return k_buf, v_buf, step.mask  # every slot; the mask hides the empty and the stale
@@ -167,7 +167,6 @@ class KVCache:
         valid[:, slots] = new_valid[:, take]
         return _Step(slots=slots, visible=None, mask=mask, keep_old=keep_old, take=take)
 
-
     def _plan_static_step(self, window: int | None, positions: torch.Tensor) -> "_Step":
         """One token, no Python number that changes from step to step (see `static`)."""
         pos, valid = self.slot_pos[window], self.slot_valid[window]
@@ -176,7 +175,7 @@ class KVCache:
         new_valid = self._new_valid if self._new_valid is not None else torch.ones_like(positions, dtype=torch.bool)
         valid.index_copy_(1, slot, new_valid)
         mask = build_attention_mask(positions, pos, window=window, k_valid=valid)  # (B, 1, 1, slots)
-        return _Step(slots=slot, visible=None, mask=mask)
+        return _Step(slots=slot, visible=None, mask=mask, static=True)
 
 
 @dataclass
@@ -184,8 +183,9 @@ class _Step:
     slots: object  # a slice or an index tensor into the slot axis
     visible: int | None
     mask: torch.Tensor | None
-    keep_old: int | None = None
-    take: torch.Tensor | None = None
+    keep_old: int | None = None  # a block into a wrapping ring: old slots to attend over too
+    take: torch.Tensor | None = None  # ... and which of the new tokens the ring keeps
+    static: bool = False
 
 
 # -------------------------------------------------------------------------------------------------

@@ -228,3 +228,16 @@ def test_the_command_refuses_bad_input_with_a_message(gpt2_folder, capsys):
     assert "longer than the model's context" in capsys.readouterr().err
     assert main(["generate", "--model", "/no/such/folder", "hi"]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_the_command_runs_quantized_in_bf16_with_several_samples_and_a_stop(gpt2_folder, capsys):
+    args = ["generate", "--model", str(gpt2_folder), "--max-new-tokens", "10", "--seed", "0",
+            "--dtype", "bf16", "--quantize", "int8", "--num-samples", "2", "--temperature", "0"]
+    assert main(args + ["Hello"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- sample") == 2
+    first = out.split("--- sample 2 ---")[0].split("\n", 1)[1].rstrip("\n")  # sample 1's text
+    stop = first[len("Hello") + 2 : len("Hello") + 4]  # two characters from the middle of it
+    assert main(args[:-4] + ["--temperature", "0", "--stop", stop, "Hello"]) == 0
+    cut = capsys.readouterr().out.rstrip("\n")
+    assert stop not in cut[len("Hello"):] and first.startswith(cut)
