@@ -2,6 +2,35 @@
 
 Read in pipeline order: tokenizer/ → data.py → config.py → model.py → train.py → generate.py →
 hf.py → analysis/.
+
+    import tegaki
+    model = tegaki.from_pretrained("gpt2")          # or a transformers folder, or a tegaki run
+    model = tegaki.GPT(tegaki.ModelConfig.preset("tiny-llama"))
+    tegaki.export_hf(model, "out/")                 # config.json + model.safetensors for transformers
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["ModelConfig", "GPT", "from_pretrained", "export_hf", "tokenizer_for"]
+
+# Where each public name lives. Imported on first use, so `import tegaki.tokenizer` stays light
+# (no torch) and the CLI starts quickly.
+_EXPORTS = {
+    "ModelConfig": "tegaki.config",
+    "GPT": "tegaki.model",
+    "from_pretrained": "tegaki.hf",
+    "export_hf": "tegaki.hf",
+    "tokenizer_for": "tegaki.hf",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'tegaki' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "tegaki.analysis.trace",
     "tegaki.analysis.attention",
     "tegaki.analysis.plot",
+    "tegaki.hf",
 ]
 
 

@@ -232,8 +232,11 @@ _LLAMA = dict(
     pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False
 )
 
-# The demo presets share one size (about 1.5M parameters apart from the embeddings) so that
-# `tegaki compare` pits architectures, not budgets, against each other.
+# The demo presets share one budget -- about 1.8M parameters in the blocks (embeddings and LM head
+# left out), each within 10% of `tiny` -- so that `tegaki compare` pits architectures, not budgets,
+# against each other. Where a family adds weights, its MLP is narrowed to pay for them: SwiGLU's three
+# matrices get a 512-wide hidden layer instead of GELU's 768; GPT-OSS's 4 experts (2 active) get 144
+# each. tests/test_config.py holds them to it.
 _TINY = dict(vocab_size=4096, n_layer=4, n_head=4, n_embd=192, block_size=256)
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -251,14 +254,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "tiny-gpt-oss": dict(
         **_TINY | _LLAMA | dict(mlp="moe"), n_kv_head=2, head_dim=48, moe_expert="gpt-oss",
-        n_experts=4, n_experts_per_tok=2, intermediate_size=192, moe_router_bias=True,
+        n_experts=4, n_experts_per_tok=2, intermediate_size=144, moe_router_bias=True,
         qkv_bias=True, attn_out_bias=True, mlp_bias=True, attn_sinks=True,
         sliding_window=64, layer_types=_alternating(4), rope_theta=150_000.0,
         moe_aux_loss_coef=0.01,
     ),
     "tiny-gpt-oss-yarn": dict(
         **_TINY | _LLAMA | dict(mlp="moe"), n_kv_head=2, head_dim=48, moe_expert="gpt-oss",
-        n_experts=4, n_experts_per_tok=2, intermediate_size=192, moe_router_bias=True,
+        n_experts=4, n_experts_per_tok=2, intermediate_size=144, moe_router_bias=True,
         qkv_bias=True, attn_out_bias=True, mlp_bias=True, attn_sinks=True,
         sliding_window=64, layer_types=_alternating(4), rope_theta=150_000.0,
         rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=64, rope_truncate=False,

@@ -10,6 +10,7 @@ loading code. transformers itself is never imported here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -182,16 +183,14 @@ def config_from_hf(hf: dict) -> ModelConfig:
     for hf_key, field in fam.config_table:
         if hf_key in hf:
             fields[field] = hf[hf_key]
-    if fam.name == "gpt2":
-        act = hf.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise TegakiError(f"GPT-2 with activation {act!r} is not supported (tegaki uses the tanh GELU)")
-    else:
+    _refuse_unsupported_options(fam, hf)
+    if fam.name != "gpt2":
         fields.update(_rope_from_hf(hf))
         layer_types = hf.get("layer_types")
         uses_window = fam.name == "gpt_oss" or hf.get("use_sliding_window", False)
-        if layer_types and uses_window and "sliding_attention" in layer_types:
+        if layer_types and uses_window and "sliding_attention" in layer_types and hf.get("sliding_window"):
             fields["layer_types"] = [_HF_LAYER_TYPES[t] for t in layer_types]
+            fields["sliding_window"] = hf["sliding_window"]
         else:
             fields["sliding_window"] = None
         if fields.get("sliding_window") and fields["sliding_window"] > fields.get("block_size", 0):
@@ -200,28 +199,67 @@ def config_from_hf(hf: dict) -> ModelConfig:
     return ModelConfig(**fields)
 
 
+def _refuse_unsupported_options(fam: Family, hf: dict) -> None:
+    """config.json options that change the forward pass in a way tegaki does not: refuse, never
+    load a model that would silently compute something else."""
+    problems = []
+    if fam.name == "gpt2":
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            problems.append(f"activation_function={hf['activation_function']!r} (tegaki uses the tanh GELU)")
+        if hf.get("scale_attn_by_inverse_layer_idx"):
+            problems.append("scale_attn_by_inverse_layer_idx=true")
+        if hf.get("scale_attn_weights") is False:
+            problems.append("scale_attn_weights=false")
+    elif fam.name in ("llama", "qwen3"):
+        if hf.get("hidden_act", "silu") != "silu":
+            problems.append(f"hidden_act={hf['hidden_act']!r} (tegaki's SwiGLU uses silu)")
+    if fam.name != "gpt2":
+        rope = {**(hf.get("rope_parameters") or {}), **(hf.get("rope_scaling") or {})}
+        partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+        if partial not in (None, 1, 1.0):
+            problems.append(f"partial_rotary_factor={partial} (tegaki rotates the whole head)")
+    quant = hf.get("quantization_config")
+    if quant and quant.get("quant_method") != "mxfp4":
+        problems.append(f"quantization_config.quant_method={quant.get('quant_method')!r} (only mxfp4 is read)")
+    if problems:
+        raise TegakiError(f"{fam.architecture} with " + "; ".join(problems) + " is not supported")
+
+
 def _rope_from_hf(hf: dict) -> dict[str, Any]:
     params = dict(hf.get("rope_parameters") or {})
     params.update(hf.get("rope_scaling") or {})  # older config.json files
     out: dict[str, Any] = {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))}
     kind = params.get("rope_type", params.get("type", "default"))
-    mapping = {"default": "none", "linear": "linear", "dynamic": "ntk", "yarn": "yarn", "llama3": "llama3"}
+    # transformers' "dynamic" NTK leaves the frequencies alone until a sequence outgrows
+    # max_position_embeddings -- which is tegaki's block_size, the longest input it takes -- so
+    # within the model's context it *is* plain RoPE. (tegaki's "ntk" is the static variant.)
+    mapping = {"default": "none", "dynamic": "none", "linear": "linear", "yarn": "yarn", "llama3": "llama3"}
     if kind not in mapping:
-        raise TegakiError(f"rope type {kind!r} is not supported; tegaki has {', '.join(mapping)}")
+        raise TegakiError(f"rope type {kind!r} is not supported; tegaki reads {', '.join(mapping)}")
     out["rope_scaling"] = mapping[kind]
-    if kind == "default":
+    if out["rope_scaling"] == "none":
         return out
-    out["rope_factor"] = float(params.get("factor", 1.0))
     original = params.get("original_max_position_embeddings")
+    if kind == "yarn" and original is None:
+        original = hf["max_position_embeddings"]
     if original is not None:
         out["rope_original_max_len"] = int(original)
+    factor = params.get("factor")
+    if factor is None and kind == "yarn":  # as transformers does: the context's growth
+        factor = hf["max_position_embeddings"] / int(original)
+    out["rope_factor"] = float(factor if factor is not None else 1.0)
     if kind == "yarn":
         out["rope_beta_fast"] = float(params.get("beta_fast") or 32.0)
         out["rope_beta_slow"] = float(params.get("beta_slow") or 1.0)
         out["rope_truncate"] = bool(params.get("truncate", True))
-        out["rope_attention_factor"] = params.get("attention_factor")
-        if original is None:
-            out["rope_original_max_len"] = int(hf["max_position_embeddings"])
+        attention_factor = params.get("attention_factor")
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        if attention_factor is None and mscale and mscale_all_dim:  # DeepSeek's variant of the factor
+            def m(scale: float, k: float) -> float:
+                return 1.0 if scale <= 1 else 0.1 * k * math.log(scale) + 1.0
+
+            attention_factor = m(out["rope_factor"], mscale) / m(out["rope_factor"], mscale_all_dim)
+        out["rope_attention_factor"] = attention_factor
     if kind == "llama3":
         out["rope_low_freq_factor"] = float(params["low_freq_factor"])
         out["rope_high_freq_factor"] = float(params["high_freq_factor"])
@@ -247,6 +285,13 @@ def family_for_config(config: ModelConfig) -> Family:
             refuse("pos_embedding='learned'", "learned positions exist only in GPT-2, with LayerNorm, GELU and MHA")
         if not (config.use_bias("qkv") and config.use_bias("attn_out") and config.use_bias("mlp") and config.bias):
             refuse("bias=False", "GPT-2 always has biases")
+        for flag in ("qk_norm", "attn_sinks"):
+            if getattr(config, flag):
+                refuse(f"{flag}=True with pos_embedding='learned'", "GPT-2 has no such layer")
+        if config.sliding_window is not None:
+            refuse("sliding_window with pos_embedding='learned'", "GPT-2 attends to the whole context")
+        if config.dim_head * config.n_head != config.n_embd:
+            refuse(f"head_dim={config.dim_head} with pos_embedding='learned'", "GPT-2 heads split n_embd")
         return FAMILIES["gpt2"]
     if config.pos_embedding != "rope":
         refuse(f"pos_embedding={config.pos_embedding!r}", "no positions")
@@ -270,8 +315,6 @@ def family_for_config(config: ModelConfig) -> Family:
     if config.qk_norm:
         if config.use_bias("mlp"):
             refuse("mlp_bias with qk_norm", "Qwen3 has no MLP bias")
-        if config.sliding_window is not None:
-            refuse("sliding_window with qk_norm", "exported Qwen3 uses full attention")
         return FAMILIES["qwen3"]
     if config.sliding_window is not None:
         refuse("sliding_window", "Llama has no sliding window")
@@ -281,7 +324,11 @@ def family_for_config(config: ModelConfig) -> Family:
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     fam = family_for_config(config)
     hf: dict[str, Any] = {"architectures": [fam.architecture], "model_type": fam.model_type}
-    values = {"n_kv_head": config.kv_heads, "head_dim": config.dim_head, "intermediate_size": config.mlp_hidden}
+    values = {  # the derived values: a None in ModelConfig means "the default", never null in config.json
+        "n_kv_head": config.kv_heads, "head_dim": config.dim_head, "intermediate_size": config.mlp_hidden,
+        "qkv_bias": config.use_bias("qkv"), "attn_out_bias": config.use_bias("attn_out"),
+        "mlp_bias": config.use_bias("mlp"),
+    }
     for hf_key, field in fam.config_table:
         hf[hf_key] = values.get(field, getattr(config, field))
     if fam.name == "gpt2":
@@ -293,14 +340,18 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     hf["rope_theta"] = config.rope_theta
     if config.rope_scaling != "none":
         hf["rope_scaling"] = dict(hf["rope_parameters"])
+    layer_types = [
+        "sliding_attention" if config.layer_type(i) == "sliding" else "full_attention" for i in range(config.n_layer)
+    ]
     if fam.name == "gpt_oss":
-        hf["layer_types"] = [
-            "sliding_attention" if config.layer_type(i) == "sliding" else "full_attention"
-            for i in range(config.n_layer)
-        ]
+        hf["layer_types"] = layer_types
         hf["sliding_window"] = config.sliding_window or config.block_size
     if fam.name == "qwen3":
-        hf["use_sliding_window"] = False
+        windowed = "sliding_attention" in layer_types
+        hf["use_sliding_window"] = windowed
+        hf["sliding_window"] = config.sliding_window if windowed else None
+        hf["layer_types"] = layer_types
+        hf["max_window_layers"] = config.n_layer  # unused when layer_types is given
     return hf
 
 
@@ -418,6 +469,67 @@ def state_dict_to_hf(model) -> dict[str, torch.Tensor]:
     return out
 
 
+
+# -------------------------------------------------------------------------------------------------
+# MXFP4: how GPT-OSS checkpoints on the hub store their experts
+# -------------------------------------------------------------------------------------------------
+# The expert matrices (over 90% of GPT-OSS's weights) ship as 4-bit floats in the OCP "microscaling"
+# format: each run of 32 weights along a row shares one power-of-two scale. config.json says
+# {"quantization_config": {"quant_method": "mxfp4"}}, and each expert tensor X is stored as
+#   X_blocks  (E, R, G, 16) uint8  two 4-bit codes per byte, the low nibble first; 32 codes per group
+#   X_scales  (E, R, G)     uint8  the group's exponent, biased by 127: scale = 2 ** (s - 127)
+# with R the rows of the (out, in) matrix and G * 32 = in. A 4-bit code is an E2M1 float: a sign
+# bit, 2 exponent bits, 1 mantissa bit -- exactly the 16 values below.
+
+FP4_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    """blocks (E, R, G, 16) uint8 + scales (E, R, G) uint8 -> weights (E, G*32, R) in tegaki's
+    (in, out) layout, one expert at a time so the float copy of a 20B model never sits in memory twice."""
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
+        raise TegakiError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
+    table = torch.tensor(FP4_E2M1_VALUES, dtype=torch.float32)
+    experts = []
+    for e in range(blocks.shape[0]):
+        codes = blocks[e].to(torch.uint8)  # (R, G, 16)
+        low, high = table[(codes & 0x0F).long()], table[(codes >> 4).long()]  # (R, G, 16) each
+        values = torch.stack([low, high], dim=-1).flatten(-2)  # (R, G, 32): low nibble is the earlier weight
+        exponent = scales[e].to(torch.int32)[..., None] - 127  # (R, G, 1)
+        # Exact: 4-bit values times powers of two fit bfloat16 without rounding.
+        weights = torch.ldexp(values, exponent).flatten(-2)  # (R, G*32) = (out, in)
+        experts.append(weights.t().to(dtype))  # (in, out)
+    return torch.stack(experts).contiguous()  # (E, in, out)
+
+
+def quantize_mxfp4(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `dequantize_mxfp4` (round to nearest): weights (E, in, out) -> blocks, scales.
+    tegaki only reads MXFP4; this exists to write test checkpoints in the hub's format."""
+    E, n_in, n_out = weights.shape
+    if n_in % 32:
+        raise TegakiError(f"MXFP4 needs the input width to be a multiple of 32, got {n_in}")
+    rows = weights.float().transpose(1, 2).reshape(E, n_out, n_in // 32, 32)  # (E, R, G, 32)
+    # The smallest power of two that brings the group's largest magnitude within the grid's 6.0.
+    peak = rows.abs().amax(dim=-1).clamp(min=2.0**-126)  # (E, R, G)
+    exponent = torch.ceil(torch.log2(peak / 6.0)).clamp(-127, 127)
+    scaled = rows / torch.exp2(exponent)[..., None]  # within [-6, 6]
+    table = torch.tensor(FP4_E2M1_VALUES)
+    codes = (scaled[..., None] - table).abs().argmin(dim=-1).to(torch.uint8)  # (E, R, G, 32)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)  # (E, R, G, 16)
+    return blocks, (exponent + 127).to(torch.uint8)
+
+
+def _dequantize_experts(hf_state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Replace each X_blocks / X_scales pair by the float tensor X the name tables expect."""
+    out = {k: v for k, v in hf_state.items() if not k.endswith(("_blocks", "_scales"))}
+    for key in hf_state:
+        if key.endswith("_blocks"):
+            name = key[: -len("_blocks")]
+            if name + "_scales" not in hf_state:
+                raise TegakiError(f"MXFP4 checkpoint: {key} has no matching {name}_scales")
+            out[name] = dequantize_mxfp4(hf_state[key], hf_state[name + "_scales"], dtype)
+    return out
+
 # -------------------------------------------------------------------------------------------------
 # Reading and writing folders
 # -------------------------------------------------------------------------------------------------
@@ -463,7 +575,14 @@ def load_hf_folder(folder: Path, device: str | torch.device = "cpu", dtype: torc
         raise TegakiError(f"{folder / 'config.json'} is not valid JSON: {e}") from None
     config = config_from_hf(hf_config)
     fam = family_of(hf_config)
+    if str(device) == "meta":  # shapes only (parameter counts): no need to read the weights
+        with torch.device("meta"):
+            return GPT(config).eval()
     hf_state = read_hf_weights(folder)
+    if (hf_config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
+        # The experts come out in the dtype of the checkpoint's other tensors (bfloat16 on the hub).
+        float_dtypes = [t.dtype for k, t in hf_state.items() if t.is_floating_point()]
+        hf_state = _dequantize_experts(hf_state, dtype or (float_dtypes[0] if float_dtypes else torch.bfloat16))
     with torch.device("meta"):
         model = GPT(config)
     state = state_dict_from_hf(model, hf_state, fam)
@@ -478,7 +597,13 @@ def load_hf_folder(folder: Path, device: str | torch.device = "cpu", dtype: torc
     return model.eval()
 
 
-def _download(repo_id: str) -> Path:
+# What a hub snapshot needs: the model's own files, not the extra copies some repositories carry
+# (GPT-OSS ships its weights again under original/ and metal/).
+_MODEL_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json", "generation_config.json"]
+_TOKENIZER_FILES = ["tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json"]
+
+
+def _download(repo_id: str, patterns: list[str]) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -487,10 +612,7 @@ def _download(repo_id: str) -> Path:
             "the hub extra: pip install 'tegaki[hub]'"
         ) from None
     try:
-        path = snapshot_download(
-            repo_id, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
-                                     "tokenizer*", "vocab.json", "merges.txt", "generation_config.json"]
-        )
+        path = snapshot_download(repo_id, allow_patterns=patterns)
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth: all become one message
         raise TegakiError(
             f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}). "
@@ -499,24 +621,74 @@ def _download(repo_id: str) -> Path:
     return Path(path)
 
 
-def from_pretrained(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", dtype=None):
-    """Load a model: a transformers folder, a tegaki run folder, or a hub id such as "gpt2"."""
+def _resolve(name_or_path: str | os.PathLike) -> tuple[Path | None, str]:
+    """(an existing folder, or None for a hub id, and the text). Bad paths fail here, clearly."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        if (path / "run.json").exists():
-            from tegaki.train import load_run_model
-
-            return load_run_model(path, device=device, dtype=dtype)
-        if (path / "config.json").exists():
-            return load_hf_folder(path, device, dtype)
-        raise TegakiError(f"{path}: neither a transformers folder (config.json) nor a tegaki run folder (run.json)")
+        return path, str(name_or_path)
     text = str(name_or_path)
     looks_local = text.startswith((".", "/", "~")) or os.sep in text and text.count("/") != 1
     if path.exists() or looks_local:
         raise TegakiError(f"{text}: no such folder")
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text):
         raise TegakiError(f"{text!r} is neither a folder nor a hub id like 'gpt2' or 'openai-community/gpt2'")
-    return load_hf_folder(_download(text), device, dtype)
+    return None, text
+
+
+def from_pretrained(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", dtype=None):
+    """Load a model: a transformers folder, a tegaki run folder, or a hub id such as "gpt2".
+
+    device="meta" builds the model from config.json alone (shapes, no weights read)."""
+    path, text = _resolve(name_or_path)
+    if path is None:
+        config_only = str(device) == "meta"
+        return load_hf_folder(_download(text, ["config.json"] if config_only else _MODEL_FILES), device, dtype)
+    if (path / "run.json").exists():
+        from tegaki.train import load_run_model
+
+        return load_run_model(path, device=device, dtype=dtype)
+    if (path / "config.json").exists():
+        return load_hf_folder(path, device, dtype)
+    raise TegakiError(f"{path}: neither a transformers folder (config.json) nor a tegaki run folder (run.json)")
+
+
+def tokenizer_for(name_or_path: str | os.PathLike):
+    """The tokenizer that goes with a model: a tegaki run folder, a transformers folder, or a hub id."""
+    import tegaki.tokenizer as tokenizers
+
+    path, text = _resolve(name_or_path)
+    if path is None:
+        if text in ("gpt2", "openai-community/gpt2"):
+            return tokenizers.load("gpt2")  # shipped with tegaki: no download
+        path = _download(text, _TOKENIZER_FILES)
+    if (path / "run.json").exists():
+        from tegaki.train import load_run_tokenizer
+
+        return load_run_tokenizer(path)
+    hf_formats = [f for f in ("tokenizer.json", "vocab.json", "merges.txt") if (path / f).exists()]
+    try:
+        return tokenizers.load(path)
+    except TegakiError as e:
+        if not hf_formats and _is_gpt2_vocabulary(path):
+            return tokenizers.load("gpt2")  # a GPT-2 checkpoint saved without its tokenizer files
+        if not hf_formats:
+            raise TegakiError(
+                f"{path}: no tokenizer found (expected a tegaki run folder, a saved tegaki tokenizer, "
+                "tokenizer.json, or GPT-2's vocab.json + merges.txt)"
+            ) from None
+        raise TegakiError(
+            f"{path} holds a transformers tokenizer ({', '.join(hf_formats)}) that tegaki.tokenizer "
+            f"cannot read: {e}"
+        ) from None
+
+
+def _is_gpt2_vocabulary(folder: Path) -> bool:
+    """A GPT-2 config.json whose vocabulary is GPT-2's 50,257 tokens (or that padded to 50,304)."""
+    try:
+        hf_config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return hf_config.get("model_type") == "gpt2" and hf_config.get("vocab_size", 50257) in (50257, 50304)
 
 
 def export_hf(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
@@ -536,3 +708,35 @@ def export_hf(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
         export_hf_tokenizer(tokenizer, out)
     return out
 
+
+
+# -------------------------------------------------------------------------------------------------
+# `tegaki export`: any model tegaki can load -> a folder transformers can load
+# -------------------------------------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write a model as config.json + model.safetensors for transformers",
+        description="Load a tegaki run folder, a transformers folder or a hub id and write it in "
+        "transformers' format (with the run's tokenizer as tokenizer.json when it has one).",
+    )
+    p.add_argument("model", help="tegaki run folder, transformers folder, or hub id")
+    p.add_argument("out", help="folder to write")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="convert the weights first (default: as loaded)")
+    p.set_defaults(func=_export_command)
+
+
+def _export_command(args) -> int:
+    import sys
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = from_pretrained(args.model, dtype=dtype)
+    tokenizer = None
+    if (Path(args.model) / "run.json").exists():
+        tokenizer = tokenizer_for(args.model)
+    out = export_hf(model, args.out, tokenizer=tokenizer)
+    print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'}", file=sys.stderr)
+    return 0

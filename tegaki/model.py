@@ -204,12 +204,13 @@ class Attention(nn.Module):
         if K != H:  # GQA: each key/value head serves H // K query heads
             k = k.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
             v = v.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
-        if mask is None:
+        T = q.shape[2]
+        if mask is None and T > 1:  # None with one query (a decode step): every key is visible
             mask = build_attention_mask(positions, positions, causal=self.config.causal, window=self.window)
 
         att = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, T, S): query-key similarities
-        # Invisible keys get -inf, so softmax gives them exactly zero weight.
-        att = att.masked_fill(~mask, float("-inf"))
+        if mask is not None:  # invisible keys get -inf, so softmax gives them exactly zero weight
+            att = att.masked_fill(~mask, float("-inf"))
         if self.config.attn_sinks:
             # The sink is one more column per head: it takes part in the softmax, then is dropped,
             # so a head can put its attention "nowhere" instead of on some token.
@@ -228,13 +229,17 @@ class Attention(nn.Module):
         if isinstance(scale, torch.Tensor):  # learnable scale: fold it into q, tell sdpa "1"
             q, scale = q * scale, 1.0
         gqa = self.n_kv_head != self.n_head
-        plain_causal = mask is None and self.window is None and not self.config.attn_sinks
-        if plain_causal:
+        T = q.shape[2]
+        # mask None: a plain causal block over T keys, or (T == 1, a cached decode step) one query
+        # that sees every key it is given. sdpa's is_causal aligns the triangle top-left, which
+        # would hide all but the first key from a lone query; so it is used only for T > 1.
+        if mask is None and not self.config.attn_sinks and (self.window is None or T == 1):
             return F.scaled_dot_product_attention(
-                q, k, v, is_causal=self.config.causal, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
+                q, k, v, is_causal=self.config.causal and T > 1, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
             )
-        if mask is None:
-            T = q.shape[2]
+        if mask is None and T == 1:
+            mask = torch.ones(q.shape[0], 1, 1, k.shape[2], dtype=torch.bool, device=q.device)
+        elif mask is None:
             pos = torch.arange(T, device=q.device)[None]
             mask = build_attention_mask(pos, pos, causal=self.config.causal, window=self.window)
         if self.config.attn_sinks:
@@ -498,6 +503,8 @@ class GPT(nn.Module):
 
         # Which keys each query sees, once per layer kind (the cache builds its own).
         masks = {} if kv_cache is not None else self._masks(positions, padding_mask)
+        if kv_cache is not None and padding_mask is not None:
+            kv_cache.mark_padding(padding_mask)  # padded keys stay invisible in later steps too
 
         # Steps 2-4: the blocks.
         for block in self.blocks:

@@ -93,6 +93,7 @@ def test_special_token_policy(gpt2):
     as_text = gpt2.encode(text, allowed_special="none")
     assert 50256 not in as_text and gpt2.decode(as_text) == text
     assert gpt2.encode(text, allowed_special={"<|endoftext|>"}) == [64, 50256, 65]
+    assert gpt2.encode(text, allowed_special="<|endoftext|>") == [64, 50256, 65]
     with pytest.raises(TegakiError, match="unknown special"):
         gpt2.encode(text, allowed_special={"<|im_start|>"})
 
@@ -125,10 +126,13 @@ def test_save_and_load_give_the_same_ids(gpt2, tmp_path):
     assert again.special_tokens == gpt2.special_tokens
 
 
-def test_a_bare_gpt2_folder_loads(tmp_path):
-    for name in ("encoder.json", "vocab.bpe"):
-        (tmp_path / name).write_bytes((gpt2_files_dir() / name).read_bytes())
-    assert load(tmp_path).encode("Hello, I am") == [15496, 11, 314, 716]
+@pytest.mark.parametrize("names", [("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")])
+def test_a_bare_gpt2_folder_loads(tmp_path, names):
+    """GPT-2's two files, under OpenAI's names or transformers' names."""
+    for source, target in zip(("encoder.json", "vocab.bpe"), names):
+        (tmp_path / target).write_bytes((gpt2_files_dir() / source).read_bytes())
+    tok = load(tmp_path)
+    assert tok.encode("Hello, I am<|endoftext|>") == [15496, 11, 314, 716, 50256]
 
 
 def test_unknown_name_and_missing_folder(tmp_path):

@@ -57,3 +57,38 @@ def test_sentencepiece_export_says_why_not(tmp_path):
     tok = train_sentencepiece(CORPUS, 400)
     with pytest.raises(TegakiError, match="byte-level BPE only"):
         export_hf_tokenizer(tok, tmp_path)
+
+
+def test_load_reads_a_gpt2_style_tokenizer_json(tmp_path):
+    """The hub's GPT-2 tokenizer.json form: ByteLevel with its built-in regex, no Split step."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tegaki.tokenizer import gpt2_files_dir
+
+    folder = gpt2_files_dir()
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(
+        str(folder / "encoder.json"), str(folder / "vocab.bpe")))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = tokenizers.decoders.ByteLevel()
+    hf.add_special_tokens(["<|endoftext|>"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = load(tmp_path)
+    assert tok.vocab_size == 50257 and tok.eot_id == 50256
+    for text in CASES:
+        assert tok.encode(text) == hf.encode(text).ids == load("gpt2").encode(text)
+
+
+def test_export_then_load_round_trips(exported, tmp_path):
+    tok, _ = exported
+    export_hf_tokenizer(tok, tmp_path)
+    again = load(tmp_path)
+    assert again.merges == tok.merges and again.special_tokens == tok.special_tokens
+    assert again.pattern == tok.pattern
+    for text in CASES:
+        assert again.encode(text) == tok.encode(text)
+
+
+def test_unsupported_tokenizer_json_is_refused_clearly(tmp_path):
+    (tmp_path / "tokenizer.json").write_text(
+        '{"model": {"type": "WordPiece", "vocab": {}}, "normalizer": null, "pre_tokenizer": null}')
+    with pytest.raises(TegakiError, match="'WordPiece', not BPE"):
+        load(tmp_path)

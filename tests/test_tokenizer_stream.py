@@ -16,7 +16,7 @@ class ByteTokens:
         return self.pieces[i]
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(st.binary(max_size=5), max_size=30))
 def test_pieces_join_to_the_full_decode_even_for_invalid_bytes(pieces):
     tok = ByteTokens(pieces)

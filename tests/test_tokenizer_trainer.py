@@ -94,3 +94,22 @@ def test_save_and_load_give_the_same_ids(tmp_path):
 def test_vocab_smaller_than_the_byte_alphabet_is_refused():
     with pytest.raises(TegakiError, match="256 byte tokens \\+ 1 special"):
         train_bpe("abc", 256)
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_trained_tokenizer_is_byte_exact_with_tiktoken(pattern):
+    """tiktoken running our vocabulary (rank = id) with its own copy of the pattern agrees with us."""
+    tiktoken = pytest.importorskip("tiktoken")
+    tiktoken_patterns = {  # as written in tiktoken_ext/openai_public.py (gpt2, cl100k_base)
+        "gpt2": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
+        "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
+    }
+    tok = train_bpe(SMALL_CORPUS, 256 + 150 + 1, pattern=pattern)
+    ranks = {tok.token_bytes(i): i for i in range(tok.vocab_size - 1)}
+    reference = tiktoken.Encoding(f"small-{pattern}", pat_str=tiktoken_patterns[pattern],
+                                  mergeable_ranks=ranks, special_tokens=tok.special_tokens)
+    rng = random.Random(0)
+    alphabet = SMALL_CORPUS + "  \n\n\t 1234567 HE'S 'll"
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert tok.encode(text) == reference.encode(text, allowed_special="all"), repr(text)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tegaki.errors import TegakiError
 from tegaki.tokenizer.base import META_FILE, Tokenizer
-from tegaki.tokenizer.bpe import ENDOFTEXT, BytePairTokenizer
+from tegaki.tokenizer.bpe import ENDOFTEXT, GPT2_FILE_NAMES, BytePairTokenizer
 from tegaki.tokenizer.stream import StreamDecoder
 
 KNOWN_NAMES = ("gpt2",)
@@ -48,8 +48,8 @@ _loaded: dict[str, Tokenizer] = {}
 
 
 def load(name_or_dir: str | Path) -> Tokenizer:
-    """A tokenizer by name ("gpt2") or from a folder written by any tegaki tokenizer's `save`
-    (or a plain GPT-2-style folder with encoder.json + vocab.bpe)."""
+    """A tokenizer by name ("gpt2") or from a folder: one written by any tegaki tokenizer's `save`,
+    a transformers folder with a byte-level BPE tokenizer.json, or GPT-2's two files."""
     key = str(name_or_dir)
     if key == "gpt2":
         if key not in _loaded:  # reading 50k merges takes half a second; do it once
@@ -65,12 +65,15 @@ def load(name_or_dir: str | Path) -> Tokenizer:
     meta_path = folder / META_FILE
     if meta_path.exists():
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    elif (folder / "encoder.json").exists() and (folder / "vocab.bpe").exists():
+    elif (folder / "tokenizer.json").exists():  # written by transformers (or our export)
+        from tegaki.tokenizer.hf_export import load_hf_tokenizer_json
+        return load_hf_tokenizer_json(folder / "tokenizer.json", name=folder.name)
+    elif any((folder / a).exists() and (folder / b).exists() for a, b in GPT2_FILE_NAMES):
         meta = {"kind": "bpe", "pattern": "gpt2"}  # a bare GPT-2-style folder
     else:
         raise TegakiError(
-            f"{folder} holds no tokenizer: expected {META_FILE} (written by tegaki) "
-            "or GPT-2's encoder.json + vocab.bpe"
+            f"{folder} holds no tokenizer: expected {META_FILE} (written by tegaki), a byte-level "
+            "BPE tokenizer.json, or GPT-2's encoder.json + vocab.bpe (vocab.json + merges.txt)"
         )
     kind = meta.get("kind")
     if kind == "bpe":

@@ -79,7 +79,7 @@ class Tokenizer:
             return set(self.special_tokens)
         if allowed_special == "none" or allowed_special is None:
             return set()
-        allowed = set(allowed_special)
+        allowed = {allowed_special} if isinstance(allowed_special, str) else set(allowed_special)
         unknown = allowed - set(self.special_tokens)
         if unknown:
             raise TegakiError(
@@ -89,6 +89,8 @@ class Tokenizer:
         return allowed
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        if hasattr(ids, "tolist"):  # a tensor or array: plain ints, not 0-d tensors
+            ids = ids.tolist()
         return b"".join(self.token_bytes(i) for i in ids)
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -103,7 +105,7 @@ class Tokenizer:
         return StreamDecoder(self)
 
     def _check_id(self, token_id: int) -> None:
-        if not 0 <= token_id < self.vocab_size:
+        if not 0 <= int(token_id) < self.vocab_size:
             raise TegakiError(
                 f"token id {token_id} is outside the vocabulary of {self.name} "
                 f"(ids 0..{self.vocab_size - 1})"

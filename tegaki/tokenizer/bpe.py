@@ -28,10 +28,12 @@ from tegaki.tokenizer.base import Tokenizer, write_meta
 
 # Pre-tokenization patterns, by name. GPT-2's keeps letters, digits and other symbols apart and
 # glues one leading space to a word. GPT-4's (cl100k) also splits numbers into groups of at most
-# three digits, matches contractions case-insensitively and keeps newlines apart from words.
+# three digits, matches contractions case-insensitively and keeps newlines apart from words. It is
+# written as tiktoken writes it today: possessive quantifiers (`++`, `?+`) never backtrack, which
+# keeps the regex fast, and `\s++$` keeps trailing whitespace at the very end of a text together.
 PATTERNS = {
     "gpt2": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-    "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""",
+    "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
 }
 
 ENDOFTEXT = "<|endoftext|>"
@@ -182,7 +184,7 @@ class BytePairTokenizer(Tokenizer):
 
     def token_bytes(self, token_id: int) -> bytes:
         try:
-            return self.vocab[token_id]
+            return self.vocab[int(token_id)]
         except KeyError:
             self._check_id(token_id)
             raise TegakiError(f"{self.name} has no token with id {token_id}") from None
@@ -213,21 +215,41 @@ class BytePairTokenizer(Tokenizer):
     @classmethod
     def from_files(cls, folder: str | Path, pattern: str = "gpt2", special_tokens=None,
                    name: str | None = None) -> "BytePairTokenizer":
-        """Read `encoder.json` + `vocab.bpe` (GPT-2's format) from a folder."""
+        """Read GPT-2's format from a folder: `encoder.json` + `vocab.bpe`, or the same two files
+        under transformers' names, `vocab.json` + `merges.txt`."""
         folder = Path(folder)
-        encoder = json.loads((folder / "encoder.json").read_text(encoding="utf-8"))
+        for vocab_file, merges_file in GPT2_FILE_NAMES:
+            if (folder / vocab_file).exists() and (folder / merges_file).exists():
+                break
+        else:
+            raise TegakiError(f"{folder}: expected encoder.json + vocab.bpe (or vocab.json + merges.txt)")
+        encoder = json.loads((folder / vocab_file).read_text(encoding="utf-8"))
+        merge_lines = (folder / merges_file).read_text(encoding="utf-8").split("\n")
+        merge_pairs = [tuple(line.split(" ")) for line in merge_lines
+                       if line and not line.startswith("#version")]
         if special_tokens is None:  # GPT-2 keeps "<|endoftext|>" inside encoder.json
             special_tokens = {ENDOFTEXT: encoder[ENDOFTEXT]} if ENDOFTEXT in encoder else {}
+        return cls.from_strings(encoder, merge_pairs, pattern, special_tokens, name or folder.name)
+
+    @classmethod
+    def from_strings(cls, encoder: dict[str, int], merge_pairs: list[tuple[str, str]], pattern: str,
+                     special_tokens: dict[str, int], name: str) -> "BytePairTokenizer":
+        """Build from the printable-string form: {"Ġthe": 262, …} and [("Ġ", "t"), …] in merge order."""
         vocab = {i: str_to_token(s) for s, i in encoder.items() if s not in special_tokens}
         ids = {token: i for i, token in vocab.items()}
         merges = {}
-        lines = (folder / "vocab.bpe").read_text(encoding="utf-8").split("\n")
-        for line in lines[1:]:  # the first line is "#version: 0.2"
-            if not line:
-                continue
-            left, right = (str_to_token(part) for part in line.split(" "))
+        for left, right in merge_pairs:
+            left, right = str_to_token(left), str_to_token(right)
             merges[ids[left], ids[right]] = ids[left + right]
-        return cls(vocab, merges, pattern, special_tokens, name or folder.name)
+        # The merge loop ranks merges by the id they make; that is only right if ids grow in merge order.
+        made = list(merges.values())
+        if any(a >= b for a, b in zip(made, made[1:])):
+            raise TegakiError(f"{name}: merged token ids do not grow in merge order, which tegaki's BPE "
+                              "relies on (merge k must make a newer id than merge k-1)")
+        return cls(vocab, merges, pattern, special_tokens, name)
+
+
+GPT2_FILE_NAMES = [("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")]
 
 
 def merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:

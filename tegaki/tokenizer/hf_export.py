@@ -73,3 +73,54 @@ def export_hf_tokenizer(tok: Tokenizer, out_dir: str | Path) -> Path:
         config["model_max_length"] = 1024  # GPT-2's context; a trained vocabulary has none of its own
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return out
+
+
+# --- and back: reading a byte-level BPE tokenizer.json -------------------------------------------
+
+
+def load_hf_tokenizer_json(path: str | Path, name: str | None = None) -> BytePairTokenizer:
+    """Read a transformers `tokenizer.json` that holds a byte-level BPE (GPT-2's, ours, and others
+    built the same way). Anything else gets a TegakiError that names the part tegaki cannot follow."""
+    from tegaki.tokenizer.bpe import PATTERNS
+
+    path = Path(path)
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    model = spec.get("model") or {}
+
+    def unsupported(what):
+        return TegakiError(f"{path}: {what}; tegaki reads byte-level BPE tokenizer.json files only")
+
+    if model.get("type") != "BPE":
+        raise unsupported(f"the model is {model.get('type')!r}, not BPE")
+    if model.get("ignore_merges") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        raise unsupported("it uses ignore_merges or subword prefixes/suffixes")
+    if spec.get("normalizer") is not None:
+        raise unsupported(f"it normalizes text first ({spec['normalizer'].get('type')})")
+    pattern = _pattern_of(spec.get("pre_tokenizer"), PATTERNS["gpt2"])
+    if pattern is None:
+        raise unsupported("its pre-tokenizer is not ByteLevel (optionally after one regex Split)")
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    name = name or path.parent.name
+    pattern_name = next((k for k, v in PATTERNS.items() if v == pattern), pattern)
+    return BytePairTokenizer.from_strings(model["vocab"], merges, pattern_name, specials, name)
+
+
+def _pattern_of(pre_tokenizer: dict | None, gpt2_pattern: str) -> str | None:
+    """The regex a pre-tokenizer splits with, if it is one tegaki can run: ByteLevel(use_regex)
+    alone, or Split(regex, Isolated) followed by ByteLevel(use_regex=False)."""
+    if not pre_tokenizer:
+        return None
+    steps = pre_tokenizer["pretokenizers"] if pre_tokenizer["type"] == "Sequence" else [pre_tokenizer]
+    *splits, last = steps
+    if last.get("type") != "ByteLevel" or last.get("add_prefix_space"):
+        return None
+    if not splits:
+        return gpt2_pattern if last.get("use_regex", True) else None
+    if len(splits) != 1 or last.get("use_regex", True):
+        return None
+    split = splits[0]
+    if (split.get("type") != "Split" or "Regex" not in split.get("pattern", {})
+            or split.get("behavior") != "Isolated" or split.get("invert")):
+        return None
+    return split["pattern"]["Regex"]

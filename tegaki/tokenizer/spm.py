@@ -72,7 +72,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def token_bytes(self, token_id: int) -> bytes:
         self._check_id(token_id)
-        return self.pieces[token_id]
+        return self.pieces[int(token_id)]
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)

