@@ -4,12 +4,10 @@ import json
 
 import pytest
 
-pytest.importorskip("tegaki.train", reason="tegaki compare drives tegaki.train's training loop")
-
-from tegaki.analysis.compare import _HashedBatches, batch_digest, parse_entries  # noqa: E402
-from tegaki.analysis.params import count_parameters  # noqa: E402
-from tegaki.cli import main  # noqa: E402
-from tegaki.config import ModelConfig  # noqa: E402
+from tegaki.analysis.compare import _HashedBatches, batch_digest, parse_entries
+from tegaki.analysis.params import count_parameters
+from tegaki.cli import main
+from tegaki.config import ModelConfig
 
 TINY = ["--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2", "--set", "vocab_size=300",
         "--max-steps", "4", "--batch-size", "4", "--block-size", "32", "--eval-every", "2", "--eval-batches", "2",
