@@ -250,16 +250,25 @@ def _matched_intermediate(s: CompareSettings, entry: Entry, data_dir: Path, bloc
 
 
 def compare(s: CompareSettings) -> dict[str, Any]:
+    flush = s.device in ("auto", "cpu") and not torch.cuda.is_available()
+    if flush:
+        # Subnormal floats (|x| < 1.2e-38) take a slow path on x86 CPUs; a GPT-OSS-style run on
+        # Japanese text slowed from ~2 s to 15-30 s per step from step 9 on without this. Flushing
+        # them to zero keeps every run at full speed (PyTorch's default, off, is restored after).
+        torch.set_flush_denormal(True)
+    try:
+        return _compare(s)
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+
+
+def _compare(s: CompareSettings) -> dict[str, Any]:
     from tegaki.analysis.params import count_parameters
     from tegaki.config import ModelConfig
     from tegaki.data import TokenWindows
     from tegaki.train import build_model_config
 
-    if s.device in ("auto", "cpu") and not torch.cuda.is_available():
-        # Subnormal floats (|x| < 1.2e-38) take a slow path on x86 CPUs; a GPT-OSS-style run on
-        # Japanese text slowed from ~2 s to 15-30 s per step from step 9 on without this. Flushing
-        # them to zero changes no loss digit we report and keeps every run at full speed.
-        torch.set_flush_denormal(True)
     tokenizer, data_dir = prepare_shared_data(s)
     block_size = s.block_size or min(
         ModelConfig.preset(e.preset).with_overrides([*s.overrides, *e.overrides]).block_size for e in s.entries
