@@ -469,7 +469,6 @@ def state_dict_to_hf(model) -> dict[str, torch.Tensor]:
     return out
 
 
-
 # -------------------------------------------------------------------------------------------------
 # MXFP4: how GPT-OSS checkpoints on the hub store their experts
 # -------------------------------------------------------------------------------------------------
@@ -529,6 +528,7 @@ def _dequantize_experts(hf_state: dict[str, torch.Tensor], dtype: torch.dtype) -
                 raise TegakiError(f"MXFP4 checkpoint: {key} has no matching {name}_scales")
             out[name] = dequantize_mxfp4(hf_state[key], hf_state[name + "_scales"], dtype)
     return out
+
 
 # -------------------------------------------------------------------------------------------------
 # Reading and writing folders
@@ -668,6 +668,9 @@ def tokenizer_for(name_or_path: str | os.PathLike):
     hf_formats = [f for f in ("tokenizer.json", "vocab.json", "merges.txt") if (path / f).exists()]
     try:
         return tokenizers.load(path)
+    except (ValueError, KeyError, OSError) as e:  # a damaged file (bad JSON, a missing key)
+        files = ", ".join(hf_formats) or "the tokenizer files"
+        raise TegakiError(f"{path}: could not read {files} ({type(e).__name__}: {e})") from None
     except TegakiError as e:
         if not hf_formats and _is_gpt2_vocabulary(path):
             return tokenizers.load("gpt2")  # a GPT-2 checkpoint saved without its tokenizer files
@@ -707,7 +710,6 @@ def export_hf(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
 
         export_hf_tokenizer(tokenizer, out)
     return out
-
 
 
 # -------------------------------------------------------------------------------------------------

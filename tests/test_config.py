@@ -10,6 +10,8 @@ from tegaki.errors import TegakiError
 from tegaki.hf import config_from_hf, config_to_hf
 from tegaki.model import GPT
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 _ROPE = dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu")
 
 INCONSISTENT = [
