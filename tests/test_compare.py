@@ -47,6 +47,11 @@ def test_outputs_are_complete(compared):
     report = (out / "report.md").read_text()
     for r in runs:
         assert f"| {r['label']} | {r['parameters']:,} |" in report
+    from tegaki.analysis.plot import read_metrics
+
+    curves = read_metrics(out / "runs" / "tiny" / "metrics.jsonl")  # the trainer's own log, as plotted
+    assert [step for step, _ in curves["train"]] == [1, 2, 3, 4] and [step for step, _ in curves["val"]] == [2, 4]
+    assert curves["val"][-1][1] == pytest.approx(runs[0]["final_val_loss"])
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image
 
