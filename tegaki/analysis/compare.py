@@ -329,6 +329,7 @@ def _summarise(s, entry, run, cfg, prompt_ids, prompt_text, peak, peak_what, sec
         "preset": entry.preset,
         "overrides": cfg.set,
         "run_dir": str(run_dir),
+        "device": f"{run.device} {run.dtype}",
         "steps": train[-1]["step"] if train else 0,
         "tokens_trained": (train[-1]["step"] if train else 0) * cfg.batch_size * run.block_size,
         "parameters": counts["total"],
@@ -386,7 +387,7 @@ def _write_outputs(s: CompareSettings, results, tokenizer, data_dir: Path, block
         "match_params": s.match_params,
         "overrides": s.overrides,
         "identical_batches": same_batches,
-        "device": str(torch.device("cuda" if s.device == "auto" and torch.cuda.is_available() else (s.device if s.device != "auto" else "cpu"))),
+        "device": results[0]["device"] if results else s.device,
         "torch": torch.__version__,
         "runs": results,
     }
