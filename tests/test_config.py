@@ -146,3 +146,10 @@ def test_bad_overrides_are_clear(assignment, message):
 def test_from_dict_rejects_unknown_fields():
     with pytest.raises(TegakiError, match="unknown ModelConfig field.*n_heads"):
         ModelConfig.from_dict({"n_heads": 4})
+
+
+def test_changing_depth_repeats_the_per_layer_pattern():
+    cfg = ModelConfig.preset("tiny-gpt-oss").with_overrides(["n_layer=3"])
+    assert cfg.layer_types == ["sliding", "full", "sliding"]
+    deeper = ModelConfig.preset("tiny-gpt-oss").with_overrides(["n_layer=6"])
+    assert deeper.layer_types == ["sliding", "full"] * 3

@@ -416,6 +416,35 @@ def test_missing_folder(tmp_path):
         from_pretrained(tmp_path / "empty")
 
 
+def test_a_relative_path_that_looks_like_a_hub_id_is_not_downloaded(tmp_path, monkeypatch):
+    """`runs/demo` has the shape of a hub id; when `runs/` is a local folder the user meant a path."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(TegakiError, match="runs/demo: no such folder"):
+        from_pretrained("runs/demo")
+    (tmp_path / "weights.txt").write_text("not a model")
+    with pytest.raises(TegakiError, match="is a file"):
+        from_pretrained("weights.txt")
+
+
+def test_a_truncated_safetensors_file_is_reported_by_name(tmp_path):
+    gpt2_model().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(TegakiError, match="model.safetensors: could not read weights"):
+        from_pretrained(tmp_path)
+
+
+def test_a_mis_shaped_fused_tensor_is_reported_once_in_the_file_s_shape(tmp_path):
+    gpt2_model().save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["transformer.h.0.attn.c_attn.weight"] = torch.zeros(32, 10)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(TegakiError) as err:
+        from_pretrained(tmp_path)
+    assert "wrong shape (1): transformer.h.0.attn.c_attn.weight: got (32, 10), expected (32, 96)" in str(err.value)
+
+
 def test_folder_without_weights(tmp_path):
     gpt2_model().config.save_pretrained(tmp_path)
     with pytest.raises(TegakiError, match="no weights found"):
