@@ -250,17 +250,10 @@ def _matched_intermediate(s: CompareSettings, entry: Entry, data_dir: Path, bloc
 
 
 def compare(s: CompareSettings) -> dict[str, Any]:
-    flush = s.device in ("auto", "cpu") and not torch.cuda.is_available()
-    if flush:
-        # Subnormal floats (|x| < 1.2e-38) take a slow path on x86 CPUs; a GPT-OSS-style run on
-        # Japanese text slowed from ~2 s to 15-30 s per step from step 9 on without this. Flushing
-        # them to zero keeps every run at full speed (PyTorch's default, off, is restored after).
-        torch.set_flush_denormal(True)
-    try:
+    from tegaki.train import flushed_subnormals
+
+    with flushed_subnormals(s.device):  # the same CPU float settings as `tegaki train`
         return _compare(s)
-    finally:
-        if flush:
-            torch.set_flush_denormal(False)
 
 
 def _compare(s: CompareSettings) -> dict[str, Any]:
