@@ -593,3 +593,12 @@ def test_tokenizer_for_a_gpt2_checkpoint_without_tokenizer_files(tmp_path):
 def test_tokenizer_for_a_folder_without_tokenizer(tmp_path):
     with pytest.raises(TegakiError, match="no tokenizer found"):
         tokenizer_for(tmp_path)
+
+
+def test_subpackages_are_attributes_of_the_package():
+    """`import tegaki` then `tegaki.tokenizer.load(...)`, as the README shows, in a fresh process."""
+    import subprocess
+
+    code = "import tegaki; print(tegaki.tokenizer.load('gpt2').encode('Hello, I am'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[15496, 11, 314, 716]"

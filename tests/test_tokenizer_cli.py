@@ -116,6 +116,13 @@ def test_show_marks_partial_characters_as_bytes(capsys, monkeypatch):
     assert printable_piece(b"\x81x") == "<81>x"
 
 
+def test_show_survives_a_command_line_byte_that_is_not_utf8(capsys, monkeypatch):
+    """A shell passes b"abc\xff" to Python as "abc\udcff"; show must count it, not crash."""
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert main(["tokenizer", "show", "--tokenizer", "gpt2", "abc\udcff"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("4 characters, 4 bytes")
+
+
 def test_colour_only_on_a_terminal_without_no_color(monkeypatch):
     class Terminal:
         def isatty(self):

@@ -187,7 +187,10 @@ def cmd_show(args) -> int:
     else:
         print("|".join(pieces))
     print(ids)
-    print(f"{len(ids)} tokens, {len(args.text)} characters, {len(args.text.encode())} bytes")
+    # A command-line byte that is not UTF-8 arrives as a lone surrogate (Python's surrogateescape);
+    # count the bytes the user actually typed.
+    n_bytes = len(args.text.encode("utf-8", errors="surrogateescape"))
+    print(f"{len(ids)} tokens, {len(args.text)} characters, {n_bytes} bytes")
     return 0
 
 
