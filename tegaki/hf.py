@@ -164,6 +164,9 @@ def family_of(hf_config: dict) -> Family:
     archs = hf_config.get("architectures") or []
     for fam in FAMILIES.values():
         if model_type == fam.model_type or fam.architecture in archs:
+            if model_type is not None and model_type != fam.model_type:
+                raise TegakiError(f"config.json disagrees with itself: model_type {model_type!r} but "
+                                  f"architectures {archs}; fix one of them")
             return fam
     what = model_type or (archs[0] if archs else "unknown")
     raise TegakiError(f"unsupported architecture {what!r}; tegaki loads {supported_architectures()}")
@@ -716,6 +719,9 @@ def export_hf(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     hf_config["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out / "model.safetensors", 0o666 & ~umask)  # as readable as the other files beside it
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     if tokenizer is not None:
         from tegaki.tokenizer import export_hf_tokenizer

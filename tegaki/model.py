@@ -83,6 +83,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # No fused call here: the formula itself, in float32 as Llama and GPT-OSS compute it.
         return rms_norm_reference(x, self.weight, self.eps)
 
 
@@ -355,7 +356,8 @@ class MoE(nn.Module):
             out = self._forward_dense(x, chosen, weights)
         else:
             out = self._forward_loop(x, chosen, weights)
-        self.aux_loss = self._load_balancing_loss(logits, chosen)
+        # The balance loss only matters for learning; inference skips its softmax over all experts.
+        self.aux_loss = self._load_balancing_loss(logits, chosen) if self.training else None
         return out.view(B, T, C)
 
     def _forward_loop(self, x, chosen, weights) -> torch.Tensor:

@@ -602,3 +602,21 @@ def test_subpackages_are_attributes_of_the_package():
     code = "import tegaki; print(tegaki.tokenizer.load('gpt2').encode('Hello, I am'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[15496, 11, 314, 716]"
+
+
+def test_a_config_json_that_disagrees_with_itself_is_refused(tmp_path):
+    gpt2_model().save_pretrained(tmp_path)
+    hf_config = json.loads((tmp_path / "config.json").read_text())
+    hf_config["model_type"] = "mamba"
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    with pytest.raises(TegakiError, match="disagrees with itself"):
+        from_pretrained(tmp_path)
+
+
+def test_exported_weights_are_readable_like_the_files_beside_them(tmp_path):
+    import os
+    import stat
+
+    out = export_hf(GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=VOCAB, block_size=8)), tmp_path / "x")
+    mode = stat.S_IMODE(os.stat(out / "model.safetensors").st_mode)
+    assert mode == stat.S_IMODE(os.stat(out / "config.json").st_mode)
