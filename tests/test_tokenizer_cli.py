@@ -161,3 +161,20 @@ def test_readable_trainer_and_tokenizers_backend_agree():
     assert {ours.token_bytes(i) for i in first} == {theirs.token_bytes(i) for i in first}
     n_ours, n_theirs = len(ours.encode(held_out)), len(theirs.encode(held_out))
     assert abs(n_ours - n_theirs) <= 0.01 * n_ours
+
+
+def test_sentencepiece_vocab_too_small_names_tegaki_s_own_flag(tmp_path, capsys):
+    pytest.importorskip("sentencepiece")
+    text = tmp_path / "kanji.txt"
+    text.write_text("".join(chr(0x4E00 + i) for i in range(600)) * 2, encoding="utf-8")
+    code = main(["tokenizer", "train", "--input", str(text), "--vocab-size", "300", "--kind", "unigram",
+                 "--out", str(tmp_path / "tok")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--vocab-size 300 is too small" in err and "character_coverage" not in err
+
+
+def test_stats_on_an_empty_file_says_there_is_nothing_to_measure(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["tokenizer", "stats", "--tokenizer", "gpt2", "--input", str(empty)]) == 2
+    assert "nothing to measure" in capsys.readouterr().err

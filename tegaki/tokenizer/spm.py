@@ -18,6 +18,7 @@ Special tokens are SentencePiece "control symbols": they own an id but never mat
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -129,5 +130,11 @@ def train_sentencepiece(
             num_threads=2, minloglevel=2,
         )
     except RuntimeError as e:  # SentencePiece reports bad settings as RuntimeError
+        too_small = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(e))
+        if too_small:  # its own advice names a flag tegaki does not have: translate it
+            raise TegakiError(
+                f"--vocab-size {too_small.group(1)} is too small for this text: it has {too_small.group(2)} "
+                f"distinct characters that each need a piece; use --vocab-size {too_small.group(2)} or more"
+            ) from None
         raise TegakiError(f"SentencePiece training failed: {e}") from None
     return SentencePieceTokenizer(model.getvalue(), model_type, special_tokens, name)
