@@ -378,7 +378,15 @@ def read_run_json(path: str | os.PathLike) -> dict[str, Any]:
     run_file = Path(path) / "run.json"
     if not run_file.exists():
         raise TegakiError(f"{path} is not a tegaki run folder (no run.json); train one with `tegaki train --out {path}`")
-    return json.loads(run_file.read_text())
+    try:
+        info = json.loads(run_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise TegakiError(f"{run_file} is damaged ({e}); restore it from a copy, or retrain with "
+                          f"`tegaki train --out {path} --fresh`") from None
+    if not isinstance(info, dict) or not isinstance(info.get("model_config"), dict):
+        raise TegakiError(f"{run_file} is damaged (no model_config); restore it from a copy, or retrain with "
+                          f"`tegaki train --out {path} --fresh`")
+    return info
 
 
 def load_run_tokenizer(path: str | os.PathLike):
@@ -667,7 +675,7 @@ class Run:
             "train": self.cfg.to_dict(),
         }
         if path.exists():
-            old = json.loads(path.read_text())
+            old = read_run_json(self.run_dir)
             if old.get("model_config") != info["model_config"]:
                 changed = sorted(k for k, v in info["model_config"].items() if old.get("model_config", {}).get(k) != v)
                 raise TegakiError(

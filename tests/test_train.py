@@ -246,3 +246,16 @@ def test_empty_and_non_utf8_corpora_via_train(tmp_path, capsys):
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe broken")
     rc, log = run_cli(["--data", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "r2"), *MICRO], capsys)
     assert rc == 2 and "bad.txt is not UTF-8" in log
+
+
+@pytest.mark.parametrize("text", ["{", "[]", "\xff"])
+def test_damaged_run_json_names_the_file(shards, tmp_path, capsys, text):
+    out = tmp_path / "run"
+    base = ["--data", str(shards), "--out", str(out), "--max-steps", "2", *MICRO]
+    assert run_cli(base, capsys)[0] == 0
+    (out / "run.json").write_text(text, encoding="latin-1")
+    for load in (load_run_model, load_run_tokenizer):
+        with pytest.raises(TegakiError, match="run.json is damaged"):
+            load(out)
+    rc, log = run_cli([*base[:-len(MICRO)], "--max-steps", "3", *MICRO], capsys)
+    assert rc == 2 and "run.json is damaged" in log and "Traceback" not in log, log
