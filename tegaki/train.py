@@ -527,6 +527,8 @@ def setup_tokenizer(cfg: TrainConfig, run_dir: Path, model_vocab: int, say) -> t
 
     if is_prepared(cfg.data):  # shards made with a tokenizer already: use that one
         ref = load_meta(cfg.data)["tokenizer"]
+        if not _is_named_tokenizer(ref):  # a relative path is relative to the shard folder
+            ref = str(Path(cfg.data) / ref)
         return setup_tokenizer(dataclasses.replace(cfg, tokenizer=ref), run_dir, model_vocab, say)
     if model_vocab >= 50257 or not hasattr(tok_module, "train_bpe"):
         return tok_module.load("gpt2"), "gpt2"
@@ -577,13 +579,33 @@ def setup_data(cfg: TrainConfig, run_dir: Path, tokenizer, tokenizer_ref: str, p
     folder = run_dir / "data"
     if not (folder / "meta.json").exists():
         say(f"preparing token shards from {cfg.data} into {folder} ...")
-    ref = tokenizer_ref if _is_named_tokenizer(tokenizer_ref) else str(run_dir / tokenizer_ref)
+    # Stored relative to the shard folder ("../tokenizer"), so a copied or moved run folder still resumes.
+    ref = tokenizer_ref if _is_named_tokenizer(tokenizer_ref) else os.path.relpath(run_dir / tokenizer_ref, folder)
+    _relative_tokenizer_ref(folder, run_dir / tokenizer_ref, ref)
     result = prepare(cfg.data, tokenizer, folder, tokenizer_ref=ref, val_fraction=cfg.val_fraction,
                      text_column=cfg.text_column, progress=progress)
     if result.seconds:
         say(f"  {result.meta['train_tokens']:,} train + {result.meta['val_tokens']:,} validation tokens "
             f"({result.mb_per_s:.1f} MB/s)")
     return folder
+
+
+def _relative_tokenizer_ref(folder: Path, tokenizer_dir: Path, ref: str) -> None:
+    """Older runs wrote the run's own tokenizer into DIR/data/prepare.json (and meta.json) as an
+    absolute path, "/old/place/tokenizer". Those shards were made with DIR/tokenizer, wherever DIR
+    is now: rewrite the reference in the relative form, so the settings compare equal."""
+    for name in ("prepare.json", "meta.json"):
+        path = folder / name
+        if not path.exists():
+            continue
+        try:
+            settings = json.loads(path.read_text())
+        except ValueError:
+            continue  # prepare() reports a damaged file
+        old = settings.get("tokenizer") if isinstance(settings, dict) else None
+        if isinstance(old, str) and os.path.isabs(old) and Path(old).name == tokenizer_dir.name and old != ref:
+            settings["tokenizer"] = ref
+            path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def padded_vocab(n: int, multiple: int = 64) -> int:
@@ -671,7 +693,8 @@ class Run:
         info = {
             "model_config": self.model_config.to_dict(),
             "tokenizer": self.tokenizer_ref,
-            "data": str(self.data_dir),
+            # inside the run folder: relative to it, so the folder can be moved
+            "data": os.path.relpath(self.data_dir, self.run_dir) if self._inside_run(self.data_dir) else str(self.data_dir),
             "train": self.cfg.to_dict(),
         }
         if path.exists():
@@ -691,6 +714,9 @@ class Run:
                 )
         if self.dist.is_main:
             path.write_text(json.dumps(info, indent=2) + "\n")
+
+    def _inside_run(self, path: Path) -> bool:
+        return Path(path).resolve().is_relative_to(self.run_dir.resolve())
 
     def _build_data(self) -> None:
         from tegaki.data import BatchLoader, TokenWindows

@@ -259,3 +259,26 @@ def test_damaged_run_json_names_the_file(shards, tmp_path, capsys, text):
             load(out)
     rc, log = run_cli([*base[:-len(MICRO)], "--max-steps", "3", *MICRO], capsys)
     assert rc == 2 and "run.json is damaged" in log and "Traceback" not in log, log
+
+
+@pytest.mark.parametrize("old_format", [False, True])
+def test_a_copied_run_folder_resumes(corpus, shards, tmp_path, capsys, old_format):
+    import shutil
+
+    first = tmp_path / "first"
+    base = ["--data", str(corpus), "--tokenizer", str(shards.parent / "tok"), "--dtype", "fp32", *MICRO]
+    rc, log = run_cli([*base, "--out", str(first), "--max-steps", "2"], capsys)
+    assert rc == 0, log
+    if old_format:  # written by an older tegaki: the tokenizer as an absolute path
+        for name in ("prepare.json", "meta.json"):
+            settings = json.loads((first / "data" / name).read_text())
+            settings["tokenizer"] = str(first / "tokenizer")
+            (first / "data" / name).write_text(json.dumps(settings))
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)
+    shutil.rmtree(first)  # moved, not copied: nothing may point back at the old place
+    rc, log = run_cli(["--data", str(corpus), "--dtype", "fp32", *MICRO, "--out", str(copy), "--max-steps", "3"], capsys)
+    assert rc == 0 and "resuming from" in log and "(step 2)" in log, log
+    assert len(losses(copy)) == 3
+    assert json.loads((copy / "data" / "prepare.json").read_text())["tokenizer"] == os.path.join("..", "tokenizer")
+    assert json.loads((copy / "run.json").read_text())["data"] == "data"
