@@ -66,7 +66,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    warmup: int = 30
+    warmup: int | None = None  # None: DEFAULT_WARMUP, at most a tenth of max_steps (`warmup_steps`)
     schedule: str = "cosine"  # "cosine" | "wsd" (warmup-stable-decay)
     decay_fraction: float = 0.2  # wsd: the share of steps spent decaying
     dtype: str = "auto"  # "auto" | "fp32" | "bf16"
@@ -148,7 +148,7 @@ def _check_settings(cfg: TrainConfig) -> None:
         need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     need(cfg.block_size is None or cfg.block_size >= 1, f"--block-size must be positive, got {cfg.block_size}")
     need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
-    need(cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}")
+    need(cfg.warmup is None or cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}")
     need(cfg.schedule in ("cosine", "wsd"), f"--schedule must be cosine or wsd, got {cfg.schedule!r}")
     need(cfg.dtype in ("auto", "fp32", "bf16"), f"--dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")
     need(0.0 < cfg.val_fraction < 1.0, f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}")
@@ -160,6 +160,15 @@ def _check_settings(cfg: TrainConfig) -> None:
 # =================================================================================================
 
 
+DEFAULT_WARMUP = 30
+
+
+def warmup_steps(cfg: TrainConfig) -> int:
+    """--warmup when given; else 30 steps, but at most a tenth of the run: a warmup longer than
+    the run would never reach --lr, nor decay."""
+    return cfg.warmup if cfg.warmup is not None else min(DEFAULT_WARMUP, cfg.max_steps // 10)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """The learning rate for optimizer step `step` (0-based).
 
@@ -169,11 +178,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
             (a run can be extended from any checkpoint of the stable phase).
     """
     min_lr = cfg.lr * cfg.min_lr_ratio
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
+    warmup = warmup_steps(cfg)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
     if cfg.schedule == "cosine":
-        span = max(cfg.max_steps - cfg.warmup, 1)
-        progress = min((step - cfg.warmup) / span, 1.0)
+        span = max(cfg.max_steps - warmup, 1)
+        progress = min((step - warmup) / span, 1.0)
         return min_lr + 0.5 * (cfg.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
     decay_steps = int(round(cfg.decay_fraction * cfg.max_steps))
     decay_start = cfg.max_steps - decay_steps
@@ -930,6 +940,9 @@ class Run:
             self.say(f"model: {self.cfg.preset}, {n_params / 1e6:.2f}M parameters; {tokens_per_step:,} tokens per step "
                      f"({cfg.batch_size} x {self.block_size}" + (f" x {cfg.grad_accum} accum" if cfg.grad_accum > 1 else "")
                      + (f" x {self.dist.world_size} ranks" if self.dist.enabled else "") + f"); {self.device} {self.dtype}")
+        if cfg.warmup is None and warmup_steps(cfg) < DEFAULT_WARMUP and start_step < cfg.max_steps:
+            self.say(f"note: warmup shortened to {warmup_steps(cfg)} steps (a tenth of --max-steps {cfg.max_steps}); "
+                     "set --warmup to choose")
         bar = _progress(cfg.max_steps, start_step, enabled=self.dist.is_main and cfg.progress)
         last_val, result = None, {"step": start_step}
         if start_step >= cfg.max_steps:
@@ -1132,7 +1145,7 @@ def register(subparsers) -> None:
     a("--min-lr-ratio", type=float, help="final lr as a fraction of --lr (default 0.1)")
     a("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
     a("--grad-clip", type=float, help="clip the gradient norm to this (default 1.0)")
-    a("--warmup", type=int, help="linear warmup steps (default 30)")
+    a("--warmup", type=int, help="linear warmup steps (default 30, at most a tenth of --max-steps)")
     a("--schedule", choices=["cosine", "wsd"], help="after warmup: cosine decay, or warmup-stable-decay")
     a("--dtype", choices=["auto", "fp32", "bf16"], help="bf16 autocast or fp32 (auto: bf16 on GPUs)")
     a("--device", help="auto | cpu | cuda | cuda:N")

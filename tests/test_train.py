@@ -282,3 +282,16 @@ def test_a_copied_run_folder_resumes(corpus, shards, tmp_path, capsys, old_forma
     assert len(losses(copy)) == 3
     assert json.loads((copy / "data" / "prepare.json").read_text())["tokenizer"] == os.path.join("..", "tokenizer")
     assert json.loads((copy / "run.json").read_text())["data"] == "data"
+
+
+def test_default_warmup_fits_a_short_run(shards, tmp_path, capsys):
+    short = TrainConfig(lr=1.0, max_steps=30, min_lr_ratio=0.1)  # --warmup not given
+    assert lr_at(2, short) == pytest.approx(1.0)  # peak after a tenth of the run
+    assert lr_at(29, short) < 0.11  # and decayed by its end
+    assert lr_at(29, TrainConfig(lr=1.0, max_steps=30, warmup=50)) == pytest.approx(0.6)  # an explicit --warmup is kept
+    assert lr_at(29, TrainConfig(lr=1.0, max_steps=1000)) == pytest.approx(1.0)  # long runs: 30 steps
+    out = tmp_path / "run"
+    rc, log = run_cli(["--data", str(shards), "--out", str(out), "--max-steps", "20", *MICRO], capsys)
+    assert rc == 0 and "warmup shortened to 2 steps" in log, log
+    lrs = [r["lr"] for r in read_metrics(out / "metrics.jsonl") if r.get("kind") is None]
+    assert max(lrs) == pytest.approx(2e-3) and lrs[1] == max(lrs) and lrs[-1] < lrs[1] / 5
