@@ -337,8 +337,9 @@ def _prune_checkpoints(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_checkpoint(folder: Path) -> str | None:
-    """None when the checkpoint is whole; else what is wrong with it, in words."""
+def check_checkpoint(folder: Path, need: tuple[str, ...] | None = None) -> str | None:
+    """None when the checkpoint is whole; else what is wrong with it, in words.
+    `need`: check only these files (what the caller reads); None: every file."""
     state_path = folder / STATE_FILE
     try:
         state = json.loads(state_path.read_text())
@@ -346,6 +347,8 @@ def check_checkpoint(folder: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         return f"{STATE_FILE} is missing or unreadable"
     for name, expected in files.items():
+        if need is not None and name not in need:
+            continue
         path = folder / name
         if not path.exists():
             return f"{name} is missing"
@@ -357,14 +360,16 @@ def check_checkpoint(folder: Path) -> str | None:
     return None
 
 
-def find_checkpoint(run_dir: Path, say=print) -> Path | None:
+def find_checkpoint(run_dir: Path, say=print, need: tuple[str, ...] | None = None,
+                    fix: str = "run again with --fresh to start over") -> Path | None:
     """The newest intact checkpoint; damaged ones are reported (never used) and skipped.
-    Raises when checkpoints exist but none is intact: starting over silently would lose a run."""
+    Raises when checkpoints exist but none is intact: starting over silently would lose a run.
+    `need`: the files the caller reads (generation needs only the weights, not optimizer.pt)."""
     root = Path(run_dir) / "checkpoints"
     candidates = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
     problems = []
     for folder in candidates:
-        problem = check_checkpoint(folder)
+        problem = check_checkpoint(folder, need)
         if problem is None:
             if problems:
                 say(f"using the previous intact checkpoint {folder.name}")
@@ -373,8 +378,7 @@ def find_checkpoint(run_dir: Path, say=print) -> Path | None:
         problems.append(folder.name)
     if problems:
         raise TegakiError(
-            f"no intact checkpoint in {root} ({', '.join(problems)} damaged); "
-            "run again with --fresh to start over"
+            f"no intact checkpoint in {root} ({', '.join(problems)} damaged); {fix}"
         )
     return None
 
@@ -417,7 +421,8 @@ def load_run_model(path: str | os.PathLike, device: str | torch.device = "cpu", 
     from tegaki.model import GPT
 
     info = read_run_json(path)
-    checkpoint = find_checkpoint(Path(path), say=lambda m: print(m, file=sys.stderr))
+    checkpoint = find_checkpoint(Path(path), say=lambda m: print(m, file=sys.stderr), need=(MODEL_FILE,),
+                                 fix=f"retrain with `tegaki train --out {path} --fresh`")
     if checkpoint is None:
         raise TegakiError(f"{path} has no checkpoint yet; train longer or lower --save-every")
     config = ModelConfig.from_dict(info["model_config"])
