@@ -656,6 +656,7 @@ class Run:
         self.device = pick_device(cfg.device, self.dist)
         self.dtype = pick_dtype(cfg.dtype, self.device)
         self.say = self._say if self.dist.is_main else (lambda *a, **k: None)
+        self.started = False  # set once setup is done and the steps begin
 
     def _say(self, message: str) -> None:
         from tqdm.auto import tqdm
@@ -812,6 +813,7 @@ class Run:
             path = save_checkpoint(self.run_dir, step, model_state, {"optimizer": optim_state, "rng": rng},
                                    extra, self.model_config, self.cfg.keep)
             self.say(f"saved checkpoint {path}")
+        self.last_saved = step
         self.dist.barrier()
 
     def resume(self) -> int:
@@ -953,42 +955,54 @@ class Run:
         if start_step >= cfg.max_steps:
             self.say(f"{self.run_dir} has already trained {start_step} steps (--max-steps {cfg.max_steps})")
         tb = _tensorboard(self.run_dir) if self.dist.is_main else None
-        for step in range(start_step, cfg.max_steps):
-            t0 = time.perf_counter()
-            with _explain_out_of_memory(cfg, self.device):
-                loss, grad_norm, lr = self.train_step(step)
-            _sync(self.device)
-            dt = time.perf_counter() - t0
-            done = step + 1
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                bar.close()
-                self._stop_on_nan(done, loss, grad_norm)
-            tok_s = tokens_per_step / dt
-            mfu = flops_step / dt / peak
-            self.metrics.write({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                "tokens_per_s": round(tok_s, 1), "mfu": round(mfu, 4), "dt": round(dt, 4)})
-            if tb is not None:
-                tb.add_scalar("train/loss", loss, done)
-                tb.add_scalar("train/lr", lr, done)
-            bar.set_postfix_str(f"loss {loss:.3f}  {tok_s:,.0f} tok/s  mfu {mfu:.1%}")
-            bar.update(1)
-            if done % cfg.eval_every == 0 or done == cfg.max_steps:
-                val_loss, bpb = self.evaluate()
-                last_val = val_loss
-                self.metrics.write({"step": done, "kind": "val", "val_loss": val_loss, "val_bpb": bpb})
+        self.started = True  # from here on, the run folder holds work worth keeping
+        self.last_saved = start_step or None
+        step = start_step
+        try:
+            for step in range(start_step, cfg.max_steps):
+                t0 = time.perf_counter()
+                with _explain_out_of_memory(cfg, self.device):
+                    loss, grad_norm, lr = self.train_step(step)
+                _sync(self.device)
+                dt = time.perf_counter() - t0
+                done = step + 1
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    bar.close()
+                    self._stop_on_nan(done, loss, grad_norm)
+                tok_s = tokens_per_step / dt
+                mfu = flops_step / dt / peak
+                self.metrics.write({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                    "tokens_per_s": round(tok_s, 1), "mfu": round(mfu, 4), "dt": round(dt, 4)})
                 if tb is not None:
-                    tb.add_scalar("val/loss", val_loss, done)
-                    tb.add_scalar("val/bpb", bpb, done)
-                self.say(f"step {done}: train loss {loss:.4f}, val loss {val_loss:.4f}, {bpb:.3f} bits/byte")
-            # Under FSDP every rank must take part in each forward (the weights are gathered from all).
-            if cfg.sample_every and done % cfg.sample_every == 0 and (self.dist.is_main or cfg.fsdp):
-                text = self.sample(done)
-                if text is not None and self.dist.is_main:
-                    self.metrics.write({"step": done, "kind": "sample", "text": text})
-                    self.say(f"--- sample at step {done} ---\n{text}\n---")
-            if done % cfg.save_every == 0 or done == cfg.max_steps:
-                self.save(done, last_val)
-            result = {"step": done, "loss": loss, "val_loss": last_val}
+                    tb.add_scalar("train/loss", loss, done)
+                    tb.add_scalar("train/lr", lr, done)
+                bar.set_postfix_str(f"loss {loss:.3f}  {tok_s:,.0f} tok/s  mfu {mfu:.1%}")
+                bar.update(1)
+                if done % cfg.eval_every == 0 or done == cfg.max_steps:
+                    val_loss, bpb = self.evaluate()
+                    last_val = val_loss
+                    self.metrics.write({"step": done, "kind": "val", "val_loss": val_loss, "val_bpb": bpb})
+                    if tb is not None:
+                        tb.add_scalar("val/loss", val_loss, done)
+                        tb.add_scalar("val/bpb", bpb, done)
+                    self.say(f"step {done}: train loss {loss:.4f}, val loss {val_loss:.4f}, {bpb:.3f} bits/byte")
+                # Under FSDP every rank must take part in each forward (the weights are gathered from all).
+                if cfg.sample_every and done % cfg.sample_every == 0 and (self.dist.is_main or cfg.fsdp):
+                    text = self.sample(done)
+                    if text is not None and self.dist.is_main:
+                        self.metrics.write({"step": done, "kind": "sample", "text": text})
+                        self.say(f"--- sample at step {done} ---\n{text}\n---")
+                if done % cfg.save_every == 0 or done == cfg.max_steps:
+                    self.save(done, last_val)
+                result = {"step": done, "loss": loss, "val_loss": last_val}
+        except KeyboardInterrupt:
+            bar.close()
+            if self.dist.is_main:
+                kept = (f"the last checkpoint is step {self.last_saved}" if self.last_saved
+                        else f"no checkpoint was saved yet (every --save-every {cfg.save_every} steps)")
+                self.say(f"stopped during step {step + 1}; {kept}. Run the same command again to "
+                         + ("resume from it" if self.last_saved else "start over"))
+            raise
         bar.close()
         self.metrics.close()
         if tb is not None:
@@ -1112,10 +1126,17 @@ def flushed_subnormals(device: str):
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) the run described by `cfg`; returns the last step's numbers."""
+    out = Path(cfg.out)
+    created = not out.exists()
     run = Run(cfg)
     try:
         with flushed_subnormals(cfg.device):
             return run.train()
+    except TegakiError:
+        # Refused before any step (bad preset, data, --set, ...): leave no half-made --out behind.
+        if created and not run.started and run.dist.is_main:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         if run.dist.enabled or cfg.fsdp:
             import torch.distributed as dist

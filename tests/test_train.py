@@ -251,6 +251,33 @@ def test_empty_and_non_utf8_corpora_via_train(tmp_path, capsys):
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe broken")
     rc, log = run_cli(["--data", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "r2"), *MICRO], capsys)
     assert rc == 2 and "bad.txt is not UTF-8" in log
+    rc, log = run_cli(["--data", str(tmp_path / "empty.txt"), "--preset", "nope", "--out", str(tmp_path / "r3")], capsys)
+    assert rc == 2 and "nope" in log
+    # a refused run leaves no --out folder behind; one that existed before is kept
+    assert not any((tmp_path / name).exists() for name in ("r1", "r2", "r3"))
+    (tmp_path / "mine").mkdir()
+    assert run_cli(["--data", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "mine"), *MICRO], capsys)[0] == 2
+    assert (tmp_path / "mine").is_dir()
+
+
+def test_ctrl_c_says_what_was_saved_and_how_to_resume(shards, tmp_path, capsys, monkeypatch):
+    from tegaki.train import Run
+
+    out = tmp_path / "run"
+    args = ["--data", str(shards), "--out", str(out), "--max-steps", "8", "--save-every", "2", "--dtype", "fp32", *MICRO]
+    real_step = Run.train_step
+
+    def interrupted_at_5(self, step):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_step(self, step)
+
+    monkeypatch.setattr(Run, "train_step", interrupted_at_5)
+    rc, log = run_cli(args, capsys)
+    assert rc == 130 and "the last checkpoint is step 4" in log and "Run the same command again" in log, log
+    monkeypatch.setattr(Run, "train_step", real_step)
+    rc, log = run_cli(args, capsys)
+    assert rc == 0 and "(step 4)" in log and len(losses(out)) == 8, log
 
 
 @pytest.mark.parametrize("text", ["{", "[]", "\xff"])
