@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -315,6 +316,7 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, optimizer_state
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(_model_tensors(model_state, config), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    os.chmod(tmp / MODEL_FILE, 0o666 & ~_umask())  # safetensors writes 0600; every other file follows the umask
     torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
     files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in (MODEL_FILE, OPTIMIZER_FILE)}
     state = {"step": step, "model_config": config.to_dict(), "files": files, **extra}
@@ -322,16 +324,33 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, optimizer_state
     for name in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE):
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
+    # Saving a step again (a resumed run that stopped right after a save): never delete the only
+    # good copy first. The old folder steps aside as step_N.old (still found by find_checkpoint),
+    # the new one takes its name, and only then is the old one removed.
+    old = root / f"step_{step:06d}.old"
     if final.exists():
-        shutil.rmtree(final)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
     _prune_checkpoints(root, keep)
     return final
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _prune_checkpoints(root: Path, keep: int) -> None:
     for stale in root.glob("*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
+    for aside in root.glob("*.old"):  # set aside by a re-save: finished (drop it) or killed (restore it)
+        if (root / aside.stem).is_dir():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(aside, root / aside.stem)
     done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -802,11 +821,15 @@ class Run:
     def save(self, step: int, val_loss: float | None) -> None:
         model_state, optim_state = self._state_dicts()
         if self.dist.is_main:
+            # Tensors, ints, floats, strings and lists only: optimizer.pt then loads with
+            # torch.load(weights_only=True), which runs no code from a downloaded run folder.
+            kind, keys, pos, has_gauss, gauss = np.random.get_state()
+            version, py_state, py_gauss = random.getstate()
             rng = {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
+                "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+                "python": [version, list(py_state), py_gauss],
             }
             extra = {"loader": self.loader.state_dict(), "val_loss": val_loss, "train_config": self.cfg.to_dict(),
                      "tokenizer": self.tokenizer_ref, "time": time.time()}
@@ -830,7 +853,13 @@ class Run:
         tensors = load_file(str(folder / MODEL_FILE))
         if self.model_config.tie_embeddings:
             tensors["lm_head.weight"] = tensors["wte.weight"]
-        saved = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
+        try:
+            saved = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise TegakiError(
+                f"{folder / OPTIMIZER_FILE} holds Python objects that tegaki does not load (a file from an older "
+                "tegaki, or not from tegaki at all); start over with --fresh"
+            ) from None
         options = StateDictOptions(full_state_dict=True, cpu_offload=False)
         set_model_state_dict(self.model, tensors, options=options)
         set_optimizer_state_dict(self.model, self.optimizer, saved["optimizer"], options=options)
@@ -838,8 +867,10 @@ class Run:
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        kind, keys, pos, has_gauss, gauss = rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        version, py_state, py_gauss = rng["python"]
+        random.setstate((version, tuple(py_state), py_gauss))
         if self.dist.rank != 0:  # rank 0's RNG was saved; the others take their own stream
             torch.manual_seed(self.cfg.seed + 1000 * self.dist.rank + state["step"])
         self.loader.load_state_dict(state["loader"])

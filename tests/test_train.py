@@ -327,3 +327,37 @@ def test_default_warmup_fits_a_short_run(shards, tmp_path, capsys):
     assert rc == 0 and "warmup shortened to 2 steps" in log, log
     lrs = [r["lr"] for r in read_metrics(out / "metrics.jsonl") if r.get("kind") is None]
     assert max(lrs) == pytest.approx(2e-3) and lrs[1] == max(lrs) and lrs[-1] < lrs[1] / 5
+
+
+def test_checkpoint_files_are_readable_safe_to_load_and_resaved_atomically(shards, tmp_path, capsys, monkeypatch):
+    import tegaki.train as train_module
+
+    out = tmp_path / "run"
+    args = ["--data", str(shards), "--out", str(out), "--max-steps", "2", "--save-every", "2", "--dtype", "fp32", *MICRO]
+    assert run_cli(args, capsys)[0] == 0
+    folder = out / "checkpoints" / "step_000002"
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "optimizer.pt", "state.json"):
+        assert (folder / name).stat().st_mode & 0o777 == 0o666 & ~umask, name  # no 0600 weights
+    saved = torch.load(folder / "optimizer.pt", weights_only=True)  # no pickled objects: loads safely
+    assert {"optimizer", "rng"} <= set(saved)
+    # saving step 2 again, killed between the renames: an intact step 2 must survive
+    model = load_run_model(out)
+    state = json.loads((folder / "state.json").read_text())
+    real_replace = os.replace
+
+    def killed(src, dst):
+        if str(src).endswith(".tmp"):
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(train_module.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.save_checkpoint(out, 2, model.state_dict(), saved, {"loader": state["loader"]}, model.config, keep=3)
+    monkeypatch.setattr(train_module.os, "replace", real_replace)
+    assert find_checkpoint(out) is not None
+    args[args.index("--max-steps") + 1] = "3"
+    rc, log = run_cli(args, capsys)
+    assert rc == 0 and "(step 2)" in log, log
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
