@@ -615,7 +615,8 @@ def setup_data(cfg: TrainConfig, run_dir: Path, tokenizer, tokenizer_ref: str, p
         say(f"preparing token shards from {cfg.data} into {folder} ...")
     # Stored relative to the shard folder ("../tokenizer"), so a copied or moved run folder still resumes.
     ref = tokenizer_ref if _is_named_tokenizer(tokenizer_ref) else os.path.relpath(run_dir / tokenizer_ref, folder)
-    _relative_tokenizer_ref(folder, run_dir / tokenizer_ref, ref)
+    if not _is_named_tokenizer(tokenizer_ref):
+        _relative_tokenizer_ref(folder, run_dir / tokenizer_ref, ref)
     result = prepare(cfg.data, tokenizer, folder, tokenizer_ref=ref, val_fraction=cfg.val_fraction,
                      text_column=cfg.text_column, progress=progress)
     if result.seconds:
