@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -66,7 +67,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    warmup: int = 30
+    warmup: int | None = None  # None: DEFAULT_WARMUP, at most a tenth of max_steps (`warmup_steps`)
     schedule: str = "cosine"  # "cosine" | "wsd" (warmup-stable-decay)
     decay_fraction: float = 0.2  # wsd: the share of steps spent decaying
     dtype: str = "auto"  # "auto" | "fp32" | "bf16"
@@ -148,7 +149,7 @@ def _check_settings(cfg: TrainConfig) -> None:
         need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     need(cfg.block_size is None or cfg.block_size >= 1, f"--block-size must be positive, got {cfg.block_size}")
     need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
-    need(cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}")
+    need(cfg.warmup is None or cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}")
     need(cfg.schedule in ("cosine", "wsd"), f"--schedule must be cosine or wsd, got {cfg.schedule!r}")
     need(cfg.dtype in ("auto", "fp32", "bf16"), f"--dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")
     need(0.0 < cfg.val_fraction < 1.0, f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}")
@@ -160,6 +161,15 @@ def _check_settings(cfg: TrainConfig) -> None:
 # =================================================================================================
 
 
+DEFAULT_WARMUP = 30
+
+
+def warmup_steps(cfg: TrainConfig) -> int:
+    """--warmup when given; else 30 steps, but at most a tenth of the run: a warmup longer than
+    the run would never reach --lr, nor decay."""
+    return cfg.warmup if cfg.warmup is not None else min(DEFAULT_WARMUP, cfg.max_steps // 10)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """The learning rate for optimizer step `step` (0-based).
 
@@ -169,11 +179,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
             (a run can be extended from any checkpoint of the stable phase).
     """
     min_lr = cfg.lr * cfg.min_lr_ratio
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
+    warmup = warmup_steps(cfg)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
     if cfg.schedule == "cosine":
-        span = max(cfg.max_steps - cfg.warmup, 1)
-        progress = min((step - cfg.warmup) / span, 1.0)
+        span = max(cfg.max_steps - warmup, 1)
+        progress = min((step - warmup) / span, 1.0)
         return min_lr + 0.5 * (cfg.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
     decay_steps = int(round(cfg.decay_fraction * cfg.max_steps))
     decay_start = cfg.max_steps - decay_steps
@@ -305,6 +316,7 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, optimizer_state
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(_model_tensors(model_state, config), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    os.chmod(tmp / MODEL_FILE, 0o666 & ~_umask())  # safetensors writes 0600; every other file follows the umask
     torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
     files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in (MODEL_FILE, OPTIMIZER_FILE)}
     state = {"step": step, "model_config": config.to_dict(), "files": files, **extra}
@@ -312,23 +324,41 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, optimizer_state
     for name in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE):
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
+    # Saving a step again (a resumed run that stopped right after a save): never delete the only
+    # good copy first. The old folder steps aside as step_N.old (still found by find_checkpoint),
+    # the new one takes its name, and only then is the old one removed.
+    old = root / f"step_{step:06d}.old"
     if final.exists():
-        shutil.rmtree(final)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
     _prune_checkpoints(root, keep)
     return final
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _prune_checkpoints(root: Path, keep: int) -> None:
     for stale in root.glob("*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
+    for aside in root.glob("*.old"):  # set aside by a re-save: finished (drop it) or killed (restore it)
+        if (root / aside.stem).is_dir():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(aside, root / aside.stem)
     done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_checkpoint(folder: Path) -> str | None:
-    """None when the checkpoint is whole; else what is wrong with it, in words."""
+def check_checkpoint(folder: Path, need: tuple[str, ...] | None = None) -> str | None:
+    """None when the checkpoint is whole; else what is wrong with it, in words.
+    `need`: check only these files (what the caller reads); None: every file."""
     state_path = folder / STATE_FILE
     try:
         state = json.loads(state_path.read_text())
@@ -336,6 +366,8 @@ def check_checkpoint(folder: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         return f"{STATE_FILE} is missing or unreadable"
     for name, expected in files.items():
+        if need is not None and name not in need:
+            continue
         path = folder / name
         if not path.exists():
             return f"{name} is missing"
@@ -347,14 +379,16 @@ def check_checkpoint(folder: Path) -> str | None:
     return None
 
 
-def find_checkpoint(run_dir: Path, say=print) -> Path | None:
+def find_checkpoint(run_dir: Path, say=print, need: tuple[str, ...] | None = None,
+                    fix: str = "run again with --fresh to start over") -> Path | None:
     """The newest intact checkpoint; damaged ones are reported (never used) and skipped.
-    Raises when checkpoints exist but none is intact: starting over silently would lose a run."""
+    Raises when checkpoints exist but none is intact: starting over silently would lose a run.
+    `need`: the files the caller reads (generation needs only the weights, not optimizer.pt)."""
     root = Path(run_dir) / "checkpoints"
     candidates = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
     problems = []
     for folder in candidates:
-        problem = check_checkpoint(folder)
+        problem = check_checkpoint(folder, need)
         if problem is None:
             if problems:
                 say(f"using the previous intact checkpoint {folder.name}")
@@ -363,8 +397,7 @@ def find_checkpoint(run_dir: Path, say=print) -> Path | None:
         problems.append(folder.name)
     if problems:
         raise TegakiError(
-            f"no intact checkpoint in {root} ({', '.join(problems)} damaged); "
-            "run again with --fresh to start over"
+            f"no intact checkpoint in {root} ({', '.join(problems)} damaged); {fix}"
         )
     return None
 
@@ -378,7 +411,15 @@ def read_run_json(path: str | os.PathLike) -> dict[str, Any]:
     run_file = Path(path) / "run.json"
     if not run_file.exists():
         raise TegakiError(f"{path} is not a tegaki run folder (no run.json); train one with `tegaki train --out {path}`")
-    return json.loads(run_file.read_text())
+    try:
+        info = json.loads(run_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise TegakiError(f"{run_file} is damaged ({e}); restore it from a copy, or retrain with "
+                          f"`tegaki train --out {path} --fresh`") from None
+    if not isinstance(info, dict) or not isinstance(info.get("model_config"), dict):
+        raise TegakiError(f"{run_file} is damaged (no model_config); restore it from a copy, or retrain with "
+                          f"`tegaki train --out {path} --fresh`")
+    return info
 
 
 def load_run_tokenizer(path: str | os.PathLike):
@@ -399,7 +440,8 @@ def load_run_model(path: str | os.PathLike, device: str | torch.device = "cpu", 
     from tegaki.model import GPT
 
     info = read_run_json(path)
-    checkpoint = find_checkpoint(Path(path), say=lambda m: print(m, file=sys.stderr))
+    checkpoint = find_checkpoint(Path(path), say=lambda m: print(m, file=sys.stderr), need=(MODEL_FILE,),
+                                 fix=f"retrain with `tegaki train --out {path} --fresh`")
     if checkpoint is None:
         raise TegakiError(f"{path} has no checkpoint yet; train longer or lower --save-every")
     config = ModelConfig.from_dict(info["model_config"])
@@ -519,6 +561,8 @@ def setup_tokenizer(cfg: TrainConfig, run_dir: Path, model_vocab: int, say) -> t
 
     if is_prepared(cfg.data):  # shards made with a tokenizer already: use that one
         ref = load_meta(cfg.data)["tokenizer"]
+        if not _is_named_tokenizer(ref):  # a relative path is relative to the shard folder
+            ref = str(Path(cfg.data) / ref)
         return setup_tokenizer(dataclasses.replace(cfg, tokenizer=ref), run_dir, model_vocab, say)
     if model_vocab >= 50257 or not hasattr(tok_module, "train_bpe"):
         return tok_module.load("gpt2"), "gpt2"
@@ -569,13 +613,34 @@ def setup_data(cfg: TrainConfig, run_dir: Path, tokenizer, tokenizer_ref: str, p
     folder = run_dir / "data"
     if not (folder / "meta.json").exists():
         say(f"preparing token shards from {cfg.data} into {folder} ...")
-    ref = tokenizer_ref if _is_named_tokenizer(tokenizer_ref) else str(run_dir / tokenizer_ref)
+    # Stored relative to the shard folder ("../tokenizer"), so a copied or moved run folder still resumes.
+    ref = tokenizer_ref if _is_named_tokenizer(tokenizer_ref) else os.path.relpath(run_dir / tokenizer_ref, folder)
+    if not _is_named_tokenizer(tokenizer_ref):
+        _relative_tokenizer_ref(folder, run_dir / tokenizer_ref, ref)
     result = prepare(cfg.data, tokenizer, folder, tokenizer_ref=ref, val_fraction=cfg.val_fraction,
                      text_column=cfg.text_column, progress=progress)
     if result.seconds:
         say(f"  {result.meta['train_tokens']:,} train + {result.meta['val_tokens']:,} validation tokens "
             f"({result.mb_per_s:.1f} MB/s)")
     return folder
+
+
+def _relative_tokenizer_ref(folder: Path, tokenizer_dir: Path, ref: str) -> None:
+    """Older runs wrote the run's own tokenizer into DIR/data/prepare.json (and meta.json) as an
+    absolute path, "/old/place/tokenizer". Those shards were made with DIR/tokenizer, wherever DIR
+    is now: rewrite the reference in the relative form, so the settings compare equal."""
+    for name in ("prepare.json", "meta.json"):
+        path = folder / name
+        if not path.exists():
+            continue
+        try:
+            settings = json.loads(path.read_text())
+        except ValueError:
+            continue  # prepare() reports a damaged file
+        old = settings.get("tokenizer") if isinstance(settings, dict) else None
+        if isinstance(old, str) and os.path.isabs(old) and Path(old).name == tokenizer_dir.name and old != ref:
+            settings["tokenizer"] = ref
+            path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def padded_vocab(n: int, multiple: int = 64) -> int:
@@ -611,6 +676,7 @@ class Run:
         self.device = pick_device(cfg.device, self.dist)
         self.dtype = pick_dtype(cfg.dtype, self.device)
         self.say = self._say if self.dist.is_main else (lambda *a, **k: None)
+        self.started = False  # set once setup is done and the steps begin
 
     def _say(self, message: str) -> None:
         from tqdm.auto import tqdm
@@ -663,11 +729,12 @@ class Run:
         info = {
             "model_config": self.model_config.to_dict(),
             "tokenizer": self.tokenizer_ref,
-            "data": str(self.data_dir),
+            # inside the run folder: relative to it, so the folder can be moved
+            "data": os.path.relpath(self.data_dir, self.run_dir) if self._inside_run(self.data_dir) else str(self.data_dir),
             "train": self.cfg.to_dict(),
         }
         if path.exists():
-            old = json.loads(path.read_text())
+            old = read_run_json(self.run_dir)
             if old.get("model_config") != info["model_config"]:
                 changed = sorted(k for k, v in info["model_config"].items() if old.get("model_config", {}).get(k) != v)
                 raise TegakiError(
@@ -683,6 +750,9 @@ class Run:
                 )
         if self.dist.is_main:
             path.write_text(json.dumps(info, indent=2) + "\n")
+
+    def _inside_run(self, path: Path) -> bool:
+        return Path(path).resolve().is_relative_to(self.run_dir.resolve())
 
     def _build_data(self) -> None:
         from tegaki.data import BatchLoader, TokenWindows
@@ -752,17 +822,22 @@ class Run:
     def save(self, step: int, val_loss: float | None) -> None:
         model_state, optim_state = self._state_dicts()
         if self.dist.is_main:
+            # Tensors, ints, floats, strings and lists only: optimizer.pt then loads with
+            # torch.load(weights_only=True), which runs no code from a downloaded run folder.
+            kind, keys, pos, has_gauss, gauss = np.random.get_state()
+            version, py_state, py_gauss = random.getstate()
             rng = {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
+                "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+                "python": [version, list(py_state), py_gauss],
             }
             extra = {"loader": self.loader.state_dict(), "val_loss": val_loss, "train_config": self.cfg.to_dict(),
                      "tokenizer": self.tokenizer_ref, "time": time.time()}
             path = save_checkpoint(self.run_dir, step, model_state, {"optimizer": optim_state, "rng": rng},
                                    extra, self.model_config, self.cfg.keep)
             self.say(f"saved checkpoint {path}")
+        self.last_saved = step
         self.dist.barrier()
 
     def resume(self) -> int:
@@ -779,7 +854,13 @@ class Run:
         tensors = load_file(str(folder / MODEL_FILE))
         if self.model_config.tie_embeddings:
             tensors["lm_head.weight"] = tensors["wte.weight"]
-        saved = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
+        try:
+            saved = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise TegakiError(
+                f"{folder / OPTIMIZER_FILE} holds Python objects that tegaki does not load (a file from an older "
+                "tegaki, or not from tegaki at all); start over with --fresh"
+            ) from None
         options = StateDictOptions(full_state_dict=True, cpu_offload=False)
         set_model_state_dict(self.model, tensors, options=options)
         set_optimizer_state_dict(self.model, self.optimizer, saved["optimizer"], options=options)
@@ -787,8 +868,10 @@ class Run:
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        kind, keys, pos, has_gauss, gauss = rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        version, py_state, py_gauss = rng["python"]
+        random.setstate((version, tuple(py_state), py_gauss))
         if self.dist.rank != 0:  # rank 0's RNG was saved; the others take their own stream
             torch.manual_seed(self.cfg.seed + 1000 * self.dist.rank + state["step"])
         self.loader.load_state_dict(state["loader"])
@@ -896,47 +979,62 @@ class Run:
             self.say(f"model: {self.cfg.preset}, {n_params / 1e6:.2f}M parameters; {tokens_per_step:,} tokens per step "
                      f"({cfg.batch_size} x {self.block_size}" + (f" x {cfg.grad_accum} accum" if cfg.grad_accum > 1 else "")
                      + (f" x {self.dist.world_size} ranks" if self.dist.enabled else "") + f"); {self.device} {self.dtype}")
+        if cfg.warmup is None and warmup_steps(cfg) < DEFAULT_WARMUP and start_step < cfg.max_steps:
+            self.say(f"note: warmup shortened to {warmup_steps(cfg)} steps (a tenth of --max-steps {cfg.max_steps}); "
+                     "set --warmup to choose")
         bar = _progress(cfg.max_steps, start_step, enabled=self.dist.is_main and cfg.progress)
         last_val, result = None, {"step": start_step}
         if start_step >= cfg.max_steps:
             self.say(f"{self.run_dir} has already trained {start_step} steps (--max-steps {cfg.max_steps})")
         tb = _tensorboard(self.run_dir) if self.dist.is_main else None
-        for step in range(start_step, cfg.max_steps):
-            t0 = time.perf_counter()
-            with _explain_out_of_memory(cfg, self.device):
-                loss, grad_norm, lr = self.train_step(step)
-            _sync(self.device)
-            dt = time.perf_counter() - t0
-            done = step + 1
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                bar.close()
-                self._stop_on_nan(done, loss, grad_norm)
-            tok_s = tokens_per_step / dt
-            mfu = flops_step / dt / peak
-            self.metrics.write({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                "tokens_per_s": round(tok_s, 1), "mfu": round(mfu, 4), "dt": round(dt, 4)})
-            if tb is not None:
-                tb.add_scalar("train/loss", loss, done)
-                tb.add_scalar("train/lr", lr, done)
-            bar.set_postfix_str(f"loss {loss:.3f}  {tok_s:,.0f} tok/s  mfu {mfu:.1%}")
-            bar.update(1)
-            if done % cfg.eval_every == 0 or done == cfg.max_steps:
-                val_loss, bpb = self.evaluate()
-                last_val = val_loss
-                self.metrics.write({"step": done, "kind": "val", "val_loss": val_loss, "val_bpb": bpb})
+        self.started = True  # from here on, the run folder holds work worth keeping
+        self.last_saved = start_step or None
+        step = start_step
+        try:
+            for step in range(start_step, cfg.max_steps):
+                t0 = time.perf_counter()
+                with _explain_out_of_memory(cfg, self.device):
+                    loss, grad_norm, lr = self.train_step(step)
+                _sync(self.device)
+                dt = time.perf_counter() - t0
+                done = step + 1
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    bar.close()
+                    self._stop_on_nan(done, loss, grad_norm)
+                tok_s = tokens_per_step / dt
+                mfu = flops_step / dt / peak
+                self.metrics.write({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                    "tokens_per_s": round(tok_s, 1), "mfu": round(mfu, 4), "dt": round(dt, 4)})
                 if tb is not None:
-                    tb.add_scalar("val/loss", val_loss, done)
-                    tb.add_scalar("val/bpb", bpb, done)
-                self.say(f"step {done}: train loss {loss:.4f}, val loss {val_loss:.4f}, {bpb:.3f} bits/byte")
-            # Under FSDP every rank must take part in each forward (the weights are gathered from all).
-            if cfg.sample_every and done % cfg.sample_every == 0 and (self.dist.is_main or cfg.fsdp):
-                text = self.sample(done)
-                if text is not None and self.dist.is_main:
-                    self.metrics.write({"step": done, "kind": "sample", "text": text})
-                    self.say(f"--- sample at step {done} ---\n{text}\n---")
-            if done % cfg.save_every == 0 or done == cfg.max_steps:
-                self.save(done, last_val)
-            result = {"step": done, "loss": loss, "val_loss": last_val}
+                    tb.add_scalar("train/loss", loss, done)
+                    tb.add_scalar("train/lr", lr, done)
+                bar.set_postfix_str(f"loss {loss:.3f}  {tok_s:,.0f} tok/s  mfu {mfu:.1%}")
+                bar.update(1)
+                if done % cfg.eval_every == 0 or done == cfg.max_steps:
+                    val_loss, bpb = self.evaluate()
+                    last_val = val_loss
+                    self.metrics.write({"step": done, "kind": "val", "val_loss": val_loss, "val_bpb": bpb})
+                    if tb is not None:
+                        tb.add_scalar("val/loss", val_loss, done)
+                        tb.add_scalar("val/bpb", bpb, done)
+                    self.say(f"step {done}: train loss {loss:.4f}, val loss {val_loss:.4f}, {bpb:.3f} bits/byte")
+                # Under FSDP every rank must take part in each forward (the weights are gathered from all).
+                if cfg.sample_every and done % cfg.sample_every == 0 and (self.dist.is_main or cfg.fsdp):
+                    text = self.sample(done)
+                    if text is not None and self.dist.is_main:
+                        self.metrics.write({"step": done, "kind": "sample", "text": text})
+                        self.say(f"--- sample at step {done} ---\n{text}\n---")
+                if done % cfg.save_every == 0 or done == cfg.max_steps:
+                    self.save(done, last_val)
+                result = {"step": done, "loss": loss, "val_loss": last_val}
+        except KeyboardInterrupt:
+            bar.close()
+            if self.dist.is_main:
+                kept = (f"the last checkpoint is step {self.last_saved}" if self.last_saved
+                        else f"no checkpoint was saved yet (every --save-every {cfg.save_every} steps)")
+                self.say(f"stopped during step {step + 1}; {kept}. Run the same command again to "
+                         + ("resume from it" if self.last_saved else "start over"))
+            raise
         bar.close()
         self.metrics.close()
         if tb is not None:
@@ -1060,10 +1158,17 @@ def flushed_subnormals(device: str):
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) the run described by `cfg`; returns the last step's numbers."""
+    out = Path(cfg.out)
+    created = not out.exists()
     run = Run(cfg)
     try:
         with flushed_subnormals(cfg.device):
             return run.train()
+    except TegakiError:
+        # Refused before any step (bad preset, data, --set, ...): leave no half-made --out behind.
+        if created and not run.started and run.dist.is_main:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         if run.dist.enabled or cfg.fsdp:
             import torch.distributed as dist
@@ -1098,7 +1203,7 @@ def register(subparsers) -> None:
     a("--min-lr-ratio", type=float, help="final lr as a fraction of --lr (default 0.1)")
     a("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
     a("--grad-clip", type=float, help="clip the gradient norm to this (default 1.0)")
-    a("--warmup", type=int, help="linear warmup steps (default 30)")
+    a("--warmup", type=int, help="linear warmup steps (default 30, at most a tenth of --max-steps)")
     a("--schedule", choices=["cosine", "wsd"], help="after warmup: cosine decay, or warmup-stable-decay")
     a("--dtype", choices=["auto", "fp32", "bf16"], help="bf16 autocast or fp32 (auto: bf16 on GPUs)")
     a("--device", help="auto | cpu | cuda | cuda:N")
