@@ -24,11 +24,17 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
+# Subpackages reachable as attributes after a plain `import tegaki` (tegaki.tokenizer.load(...)).
+_SUBMODULES = ("config", "model", "rope", "tokenizer", "data", "train", "generate", "hf", "quant", "analysis")
 
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"tegaki.{name}")
     raise AttributeError(f"module 'tegaki' has no attribute {name!r}")
 
 

@@ -43,12 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         if hasattr(module, "register"):
             module.register(subparsers)
+    parser.commands = subparsers.choices  # name -> that command's own parser
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # complain with the subcommand's usage, not the top-level one
+        command_parser = parser.commands.get(getattr(args, "command", None) or "", parser)
+        command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

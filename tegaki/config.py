@@ -192,6 +192,10 @@ class ModelConfig:
                 known = ", ".join(sorted(types))
                 raise TegakiError(f"--set expects field=value with a ModelConfig field, got {item!r}. Fields: {known}")
             changes[name] = _parse_value(name, types[name], raw.strip())
+        if "n_layer" in changes and "layer_types" not in changes and self.layer_types:
+            # A per-layer pattern (GPT-OSS: sliding, full, sliding, ...) repeats to the new depth.
+            pattern = self.layer_types
+            changes["layer_types"] = [pattern[i % len(pattern)] for i in range(changes["n_layer"])]
         return self.replace(**changes)
 
     @staticmethod

@@ -439,11 +439,12 @@ def state_dict_from_hf(model, hf_state: dict[str, torch.Tensor], fam: Family) ->
             missing.append(rule.hf)
             continue
         used.add(rule.hf)
-        for name, tensor in zip(rule.ours, _to_ours(rule.kind, hf_state[rule.hf], len(rule.ours))):
-            if tuple(tensor.shape) != tuple(ours_expected[name].shape):
-                mis_shaped.append(f"{rule.hf}: got {tuple(hf_state[rule.hf].shape)}, "
-                                  f"expected {tuple(ours_expected[name].shape)} for {name}")
-            result[name] = tensor
+        stored = hf_state[rule.hf]
+        expected = _to_hf(rule.kind, [ours_expected[o] for o in rule.ours])  # the file's shape
+        if tuple(stored.shape) != tuple(expected.shape):
+            mis_shaped.append(f"{rule.hf}: got {tuple(stored.shape)}, expected {tuple(expected.shape)}")
+            continue
+        result.update(zip(rule.ours, _to_ours(rule.kind, stored, len(rule.ours))))
     unexpected = [k for k in hf_state if k not in used and not any(re.search(p, k) for p in IGNORED)]
     if missing or unexpected or mis_shaped:
         lines = [f"the checkpoint does not fit a {fam.architecture} built from its config.json:"]
@@ -467,7 +468,6 @@ def state_dict_to_hf(model) -> dict[str, torch.Tensor]:
             continue
         out[rule.hf] = _to_hf(rule.kind, [ours[o] for o in rule.ours]).detach().cpu().contiguous()
     return out
-
 
 
 # -------------------------------------------------------------------------------------------------
@@ -530,14 +530,22 @@ def _dequantize_experts(hf_state: dict[str, torch.Tensor], dtype: torch.dtype) -
             out[name] = dequantize_mxfp4(hf_state[key], hf_state[name + "_scales"], dtype)
     return out
 
+
 # -------------------------------------------------------------------------------------------------
 # Reading and writing folders
 # -------------------------------------------------------------------------------------------------
 
 
-def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    try:
+        return load_file(file)
+    except Exception as e:  # noqa: BLE001 - a damaged file is the file's fault, not a bug
+        raise TegakiError(f"{file}: could not read weights ({e}); the file may be truncated or damaged") from None
+
+
+def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -545,10 +553,10 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
         for shard in shards:
             if not (folder / shard).exists():
                 raise TegakiError(f"{folder}: the index names shard {shard}, which is missing")
-            state.update(load_file(folder / shard))
+            state.update(_load_safetensors(folder / shard))
         return state
     if (folder / "model.safetensors").exists():
-        return load_file(folder / "model.safetensors")
+        return _load_safetensors(folder / "model.safetensors")
     bin_index = folder / "pytorch_model.bin.index.json"
     bins = sorted(set(json.loads(bin_index.read_text())["weight_map"].values())) if bin_index.exists() else []
     if not bins and (folder / "pytorch_model.bin").exists():
@@ -627,9 +635,13 @@ def _resolve(name_or_path: str | os.PathLike) -> tuple[Path | None, str]:
     if path.is_dir():
         return path, str(name_or_path)
     text = str(name_or_path)
+    if path.exists():
+        raise TegakiError(f"{text} is a file; expected a folder (config.json + weights, or a tegaki run folder)")
     looks_local = text.startswith((".", "/", "~")) or os.sep in text and text.count("/") != 1
-    if path.exists() or looks_local:
-        raise TegakiError(f"{text}: no such folder")
+    # "runs/demo" has the shape of a hub id; if its first part is a local folder, the user meant a path.
+    first_part_is_local = "/" in text and Path(text.split("/")[0]).is_dir()
+    if looks_local or first_part_is_local:
+        raise TegakiError(f"{text}: no such folder (train one with `tegaki train --out {text}`, or check the path)")
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text):
         raise TegakiError(f"{text!r} is neither a folder nor a hub id like 'gpt2' or 'openai-community/gpt2'")
     return None, text
@@ -668,6 +680,9 @@ def tokenizer_for(name_or_path: str | os.PathLike):
     hf_formats = [f for f in ("tokenizer.json", "vocab.json", "merges.txt") if (path / f).exists()]
     try:
         return tokenizers.load(path)
+    except (ValueError, KeyError, OSError) as e:  # a damaged file (bad JSON, a missing key)
+        files = ", ".join(hf_formats) or "the tokenizer files"
+        raise TegakiError(f"{path}: could not read {files} ({type(e).__name__}: {e})") from None
     except TegakiError as e:
         if not hf_formats and _is_gpt2_vocabulary(path):
             return tokenizers.load("gpt2")  # a GPT-2 checkpoint saved without its tokenizer files
@@ -707,7 +722,6 @@ def export_hf(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
 
         export_hf_tokenizer(tokenizer, out)
     return out
-
 
 
 # -------------------------------------------------------------------------------------------------

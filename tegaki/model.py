@@ -8,8 +8,9 @@ Read it top to bottom. A forward pass is five steps:
   4. (2 and 3 repeat per `Block`, each added to the residual stream after a norm)
   5. vectors -> next-token logits   final norm, then the LM head
 
-Shapes in comments: B batch, T time (tokens), C channels (n_embd), H query heads, K key/value
-heads, D head_dim, V vocabulary, E experts, N = B*T tokens.
+Shapes in comments: B batch, T time (tokens), S keys attended to (= T without a KV cache; the
+cached length with one), C channels (n_embd), H query heads, K key/value heads, D head_dim,
+V vocabulary, E experts, N = B*T tokens.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tegaki.config import ModelConfig
+from tegaki.errors import TegakiError
 from tegaki.rope import apply_rope, rope_cos_sin, rope_frequencies
 
 # -------------------------------------------------------------------------------------------------
@@ -113,7 +115,7 @@ def build_attention_mask(
     """
     q = q_pos[:, :, None]  # (B, Tq, 1)
     k = k_pos[:, None, :]  # (B, 1, Tk)
-    visible = torch.ones_like(q >= k)  # (B, Tq, Tk)
+    visible = torch.ones(q.shape[0], q.shape[1], k.shape[2], dtype=torch.bool, device=q.device)  # (B, Tq, Tk)
     if causal:
         visible = visible & (k <= q)
     if window is not None:
@@ -165,7 +167,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # (B, T, C), already normalised
         rope: tuple[torch.Tensor, torch.Tensor] | None,  # cos, sin: (B, 1, T, D) each
         positions: torch.Tensor,  # (B, T) absolute positions of these tokens
-        mask: torch.Tensor | None,  # (B, 1, T, T) bool, or None for plain causal over 0..T-1
+        mask: torch.Tensor | None,  # (B, 1, T, S) bool, or None for plain causal over 0..T-1
         kv_cache=None,
     ) -> torch.Tensor:
         B, T, C = x.shape
@@ -304,8 +306,8 @@ class MoE(nn.Module):
         self.config = config
         E, C, I = config.n_experts, config.n_embd, config.mlp_hidden
         self.router = nn.Linear(C, E, bias=config.moe_router_bias)
-        self.w_in = nn.Parameter(torch.empty(E, C, 2 * I))
-        self.w_out = nn.Parameter(torch.empty(E, I, C))
+        self.w_in = nn.Parameter(torch.randn(E, C, 2 * I) * config.init_std)
+        self.w_out = nn.Parameter(torch.randn(E, I, C) * config.init_std)
         if config.use_bias("mlp"):
             self.b_in = nn.Parameter(torch.zeros(E, 2 * I))
             self.b_out = nn.Parameter(torch.zeros(E, C))
@@ -486,11 +488,15 @@ class GPT(nn.Module):
         if positions is None:
             start = kv_cache.length if kv_cache is not None else 0
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        checkable = not torch.compiler.is_compiling()  # reading a number back breaks a compiled graph
-        if cfg.pos_embedding == "learned" and checkable and int(positions.max()) >= cfg.block_size:
-            raise ValueError(
-                f"position {int(positions.max())} is beyond the learned position table "
-                f"(block_size={cfg.block_size}); shorten the input"
+            last = start + T - 1  # a plain int: checking it costs no device round trip
+        elif torch.compiler.is_compiling():
+            last = None  # reading a number back from the device would break a compiled graph
+        else:
+            last = int(positions.max())
+        if cfg.pos_embedding == "learned" and last is not None and last >= cfg.block_size:
+            raise TegakiError(
+                f"position {last} is beyond the learned position table (block_size={cfg.block_size}); "
+                "shorten the input"
             )
 
         # Step 1: tokens -> vectors.

@@ -29,3 +29,13 @@ def perturb():
         return model.eval()
 
     return _perturb
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models: on tensors this small a second thread only adds synchronisation
+    (about half the CPU time goes to it on two cores), so run them on one and restore afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -4,12 +4,10 @@ import json
 
 import pytest
 
-pytest.importorskip("tegaki.train", reason="tegaki compare drives tegaki.train's training loop")
-
-from tegaki.analysis.compare import _HashedBatches, batch_digest, parse_entries  # noqa: E402
-from tegaki.analysis.params import count_parameters  # noqa: E402
-from tegaki.cli import main  # noqa: E402
-from tegaki.config import ModelConfig  # noqa: E402
+from tegaki.analysis.compare import _HashedBatches, batch_digest, parse_entries
+from tegaki.analysis.params import count_parameters
+from tegaki.cli import main
+from tegaki.config import ModelConfig
 
 TINY = ["--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2", "--set", "vocab_size=300",
         "--max-steps", "4", "--batch-size", "4", "--block-size", "32", "--eval-every", "2", "--eval-batches", "2",
@@ -49,6 +47,11 @@ def test_outputs_are_complete(compared):
     report = (out / "report.md").read_text()
     for r in runs:
         assert f"| {r['label']} | {r['parameters']:,} |" in report
+    from tegaki.analysis.plot import read_metrics
+
+    curves = read_metrics(out / "runs" / "tiny" / "metrics.jsonl")  # the trainer's own log, as plotted
+    assert [step for step, _ in curves["train"]] == [1, 2, 3, 4] and [step for step, _ in curves["val"]] == [2, 4]
+    assert curves["val"][-1][1] == pytest.approx(runs[0]["final_val_loss"])
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image
 

@@ -10,6 +10,8 @@ from tegaki.errors import TegakiError
 from tegaki.hf import config_from_hf, config_to_hf
 from tegaki.model import GPT
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 _ROPE = dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu")
 
 INCONSISTENT = [
@@ -144,3 +146,10 @@ def test_bad_overrides_are_clear(assignment, message):
 def test_from_dict_rejects_unknown_fields():
     with pytest.raises(TegakiError, match="unknown ModelConfig field.*n_heads"):
         ModelConfig.from_dict({"n_heads": 4})
+
+
+def test_changing_depth_repeats_the_per_layer_pattern():
+    cfg = ModelConfig.preset("tiny-gpt-oss").with_overrides(["n_layer=3"])
+    assert cfg.layer_types == ["sliding", "full", "sliding"]
+    deeper = ModelConfig.preset("tiny-gpt-oss").with_overrides(["n_layer=6"])
+    assert deeper.layer_types == ["sliding", "full"] * 3

@@ -25,6 +25,8 @@ from tegaki import GPT, ModelConfig, export_hf, from_pretrained  # noqa: E402
 from tegaki.errors import TegakiError  # noqa: E402
 from tegaki.hf import dequantize_mxfp4, quantize_mxfp4, tokenizer_for  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 97
 T = 24  # longer than every sliding window and every rope "original" context below
 
@@ -118,6 +120,20 @@ def test_gpt2_hub_keys_and_old_attention_buffers(perturb, tmp_path):
     assert_same_logits(from_pretrained(tmp_path), hf_logits(hf, ids), ids, tol=1e-5)
 
 
+def test_bfloat16_checkpoint_keeps_or_changes_its_dtype(perturb, tmp_path):
+    """Hub checkpoints are mostly bfloat16: loaded as they are, or converted with dtype=."""
+    hf = perturb(gpt2_model()).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path)
+    assert load_file(tmp_path / "model.safetensors")["transformer.wte.weight"].dtype == torch.bfloat16
+    as_stored = from_pretrained(tmp_path)
+    assert {p.dtype for p in as_stored.parameters()} == {torch.bfloat16}
+    ids = token_ids()
+    with torch.no_grad():
+        as_stored(ids)  # runs in bfloat16 end to end
+    as_float = from_pretrained(tmp_path, dtype=torch.float32)
+    assert_same_logits(as_float, hf_logits(hf.float(), ids), ids, tol=1e-5)
+
+
 def test_wrong_weights_listed_in_one_error(tmp_path):
     gpt2_model().save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
@@ -190,16 +206,27 @@ def test_family_import_and_export_match_transformers(name, perturb, tmp_path):
     assert err <= tol, f"export -> transformers: max abs diff {err:.2e}"
 
 
+def imported_config(name: str, tmp_path) -> ModelConfig:
+    config_class, overrides, _ = FAMILY_CASES[name]
+    config_class(**(_SMALL | overrides)).save_pretrained(tmp_path / name)
+    return from_pretrained(tmp_path / name, device="meta").config  # config.json only
+
+
 def test_import_reads_the_flags_of_each_family(tmp_path):
     """The parity tests above would pass vacuously if a flag were read but ignored by both sides;
     check the config tegaki builds really uses the family's features."""
-    hf_config = transformers.GptOssConfig(**(_SMALL | FAMILY_CASES["gpt-oss-yarn-window-sinks-moe"][1]))
-    transformers.AutoModelForCausalLM.from_config(hf_config).save_pretrained(tmp_path)
-    c = from_pretrained(tmp_path, device="meta").config
+    c = imported_config("gpt-oss-yarn-window-sinks-moe", tmp_path)
     assert (c.mlp, c.moe_expert, c.n_experts, c.n_experts_per_tok) == ("moe", "gpt-oss", 4, 2)
     assert c.attn_sinks and c.moe_router_bias and c.use_bias("qkv") and not c.tie_embeddings
     assert (c.rope_scaling, c.rope_truncate, c.rope_original_max_len) == ("yarn", False, 16)
     assert c.sliding_window == 8 and c.layer_types == ["sliding", "full"]
+    c = imported_config("qwen3-untied-sliding", tmp_path)
+    assert c.qk_norm and c.dim_head == 16 and c.kv_heads == 2 and c.norm_eps == 1e-5
+    assert c.sliding_window == 8 and c.layer_types == ["full", "sliding"] and c.use_bias("qkv")
+    c = imported_config("llama-mqa-tied-biases", tmp_path)
+    assert c.kv_heads == 1 and c.tie_embeddings and c.use_bias("qkv") and c.use_bias("mlp")
+    c = imported_config("llama-rope-llama3", tmp_path)
+    assert (c.rope_scaling, c.rope_factor, c.rope_original_max_len, c.rope_high_freq_factor) == ("llama3", 8.0, 16, 4.0)
 
 
 # The config.json files of the real checkpoints on the hub (abridged to the keys that matter).
@@ -389,6 +416,35 @@ def test_missing_folder(tmp_path):
         from_pretrained(tmp_path / "empty")
 
 
+def test_a_relative_path_that_looks_like_a_hub_id_is_not_downloaded(tmp_path, monkeypatch):
+    """`runs/demo` has the shape of a hub id; when `runs/` is a local folder the user meant a path."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(TegakiError, match="runs/demo: no such folder"):
+        from_pretrained("runs/demo")
+    (tmp_path / "weights.txt").write_text("not a model")
+    with pytest.raises(TegakiError, match="is a file"):
+        from_pretrained("weights.txt")
+
+
+def test_a_truncated_safetensors_file_is_reported_by_name(tmp_path):
+    gpt2_model().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(TegakiError, match="model.safetensors: could not read weights"):
+        from_pretrained(tmp_path)
+
+
+def test_a_mis_shaped_fused_tensor_is_reported_once_in_the_file_s_shape(tmp_path):
+    gpt2_model().save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["transformer.h.0.attn.c_attn.weight"] = torch.zeros(32, 10)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(TegakiError) as err:
+        from_pretrained(tmp_path)
+    assert "wrong shape (1): transformer.h.0.attn.c_attn.weight: got (32, 10), expected (32, 96)" in str(err.value)
+
+
 def test_folder_without_weights(tmp_path):
     gpt2_model().config.save_pretrained(tmp_path)
     with pytest.raises(TegakiError, match="no weights found"):
@@ -445,6 +501,25 @@ def test_cli_export_writes_a_transformers_folder(perturb, tmp_path):
     assert err <= 1e-5
 
 
+def test_cli_exports_a_training_run_with_its_tokenizer(perturb, tmp_path):
+    """The path a user takes: a tegaki run folder (as `tegaki train` writes it) -> `tegaki export`
+    -> transformers, same logits; the run's tokenizer goes along as tokenizer.json."""
+    from tegaki.train import save_checkpoint
+
+    model = perturb(GPT(EXPORT_CASES["tiny-llama"]))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"model_config": model.config.to_dict(), "tokenizer": "gpt2"}))
+    save_checkpoint(run, 1, model.state_dict(), {}, {}, model.config, keep=1)
+    assert tegaki.cli.main(["export", str(run), str(tmp_path / "out")]) == 0
+    ids = token_ids()
+    with torch.no_grad():
+        want = model(ids)
+    err = (hf_logits(load_with_transformers(tmp_path / "out"), ids) - want).abs().max()
+    assert err <= 1e-5
+    assert (tmp_path / "out" / "tokenizer.json").exists()
+
+
 def test_meta_device_reads_config_only(tmp_path):
     """`tegaki params some/folder` needs shapes, not 40 GB of weights: no weight file required."""
     transformers.LlamaConfig(**_SMALL).save_pretrained(tmp_path)
@@ -489,20 +564,41 @@ def test_tokenizer_for_a_saved_tegaki_tokenizer(tmp_path):
 
 
 def test_tokenizer_for_a_transformers_gpt2_folder(tmp_path):
-    """vocab.json + merges.txt are GPT-2's encoder.json + vocab.bpe under transformers' names. The
-    tokenizer package reads them (then the ids must be GPT-2's), or says clearly that it cannot."""
+    """vocab.json + merges.txt are GPT-2's encoder.json + vocab.bpe under transformers' names."""
     from tegaki.tokenizer import gpt2_files_dir
 
     shutil.copy(gpt2_files_dir() / "encoder.json", tmp_path / "vocab.json")
     shutil.copy(gpt2_files_dir() / "vocab.bpe", tmp_path / "merges.txt")
-    try:
-        tok = tokenizer_for(tmp_path)
-    except TegakiError as e:
-        assert "vocab.json, merges.txt" in str(e) and "transformers tokenizer" in str(e)
-    else:
-        assert tok.encode("Hello, I am") == [15496, 11, 314, 716]
+    assert tokenizer_for(tmp_path).encode("Hello, I am") == [15496, 11, 314, 716]
+
+
+def test_tokenizer_for_a_tokenizer_json_folder(tmp_path):
+    from tegaki.tokenizer import export_hf_tokenizer, load
+
+    export_hf_tokenizer(load("gpt2"), tmp_path)  # tokenizer.json + tokenizer_config.json only
+    assert tokenizer_for(tmp_path).encode("Hello, I am") == [15496, 11, 314, 716]
+
+
+def test_tokenizer_for_an_unreadable_transformers_tokenizer(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(TegakiError, match="tokenizer.json"):
+        tokenizer_for(tmp_path)
+
+
+def test_tokenizer_for_a_gpt2_checkpoint_without_tokenizer_files(tmp_path):
+    gpt2_model(vocab_size=50257).config.save_pretrained(tmp_path)  # config.json only
+    assert tokenizer_for(tmp_path).encode("Hello, I am") == [15496, 11, 314, 716]
 
 
 def test_tokenizer_for_a_folder_without_tokenizer(tmp_path):
     with pytest.raises(TegakiError, match="no tokenizer found"):
         tokenizer_for(tmp_path)
+
+
+def test_subpackages_are_attributes_of_the_package():
+    """`import tegaki` then `tegaki.tokenizer.load(...)`, as the README shows, in a fresh process."""
+    import subprocess
+
+    code = "import tegaki; print(tegaki.tokenizer.load('gpt2').encode('Hello, I am'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[15496, 11, 314, 716]"

@@ -12,6 +12,8 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 from tegaki.config import ModelConfig  # noqa: E402
 from tegaki.rope import apply_rope, rope_cos_sin, rope_frequencies  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def configs(head_dim: int, theta: float, max_pos: int, scaling: str, factor: float = 1.0,
             original: int | None = None, **extra) -> tuple[ModelConfig, transformers.LlamaConfig]:

@@ -35,6 +35,20 @@ def test_train_writes_a_folder_that_load_reads(corpus, tmp_path, capsys, kind):
     assert len(tok.encode(TEXT)) < len(TEXT.encode()) / 1.5  # it learned pieces longer than a byte
 
 
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_train_with_several_special_tokens(corpus, tmp_path, kind):
+    if kind != "bpe":
+        pytest.importorskip("sentencepiece")
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "400", "--kind", kind,
+                 "--special-tokens", "<|endoftext|>", "<|pad|>", "--out", str(out)]) == 0
+    tok = load(out)
+    assert set(tok.special_tokens) == {"<|endoftext|>", "<|pad|>"}
+    ids = tok.encode("a<|pad|>b<|endoftext|>")
+    assert tok.special_tokens["<|pad|>"] in ids and ids[-1] == tok.eot_id
+    assert tok.decode(ids) == "a<|pad|>b<|endoftext|>"
+
+
 def test_train_reads_folders_and_ranges(corpus, tmp_path):
     (tmp_path / "ignored.bin").write_bytes(b"\x00\x01")
     texts = read_inputs([str(tmp_path)], "0:0.5")
@@ -82,6 +96,8 @@ def test_other_mistakes_give_clear_errors(corpus, tmp_path, capsys):
          "does not exist"),
         (["train", "--input", str(corpus), "--vocab-size", "300", "--range", "0.9:0.1", "--out", str(tmp_path / "o")],
          "start < end"),
+        (["train", "--input", str(corpus), "--vocab-size", "300", "--special-tokens", "<a>", "<a>",
+          "--out", str(tmp_path / "o")], "distinct"),
         (["stats", "--tokenizer", str(tmp_path / "nowhere"), "--input", str(corpus)], "known names: gpt2"),
         (["show", "--tokenizer", str(tmp_path), "text"], "holds no tokenizer"),
     ]
@@ -98,6 +114,13 @@ def test_show_marks_partial_characters_as_bytes(capsys, monkeypatch):
     assert "\033[" not in out
     assert printable_piece(b"a\n\xe3\x81") == "a\\n<e3 81>"
     assert printable_piece(b"\x81x") == "<81>x"
+
+
+def test_show_survives_a_command_line_byte_that_is_not_utf8(capsys, monkeypatch):
+    """A shell passes b"abc\xff" to Python as "abc\udcff"; show must count it, not crash."""
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert main(["tokenizer", "show", "--tokenizer", "gpt2", "abc\udcff"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("4 characters, 4 bytes")
 
 
 def test_colour_only_on_a_terminal_without_no_color(monkeypatch):

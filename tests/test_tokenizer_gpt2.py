@@ -87,6 +87,13 @@ def test_heap_merge_on_a_long_japanese_chunk(gpt2, reference):
     assert gpt2.encode(text) == reference.encode(text)
 
 
+@pytest.mark.parametrize("text", ["a\ud800b", "x\udc80\ud83d", "\ud83d\ude00 joined pair"])
+def test_lone_surrogates_become_replacement_characters_as_in_tiktoken(gpt2, reference, text):
+    assert gpt2.encode(text) == reference.encode(text)
+    assert gpt2.encode_ordinary(text) == reference.encode_ordinary(text)
+    assert gpt2.decode(gpt2.encode(text)) == text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def test_special_token_policy(gpt2):
     text = "a<|endoftext|>b"
     assert gpt2.encode(text) == [64, 50256, 65]

@@ -51,6 +51,14 @@ def test_round_trip_fixed_cases(tok, text):
     assert tok.decode(tok.encode(text)) == text
 
 
+@settings(max_examples=50, deadline=None)
+@given(text=st.text(alphabet=st.characters(codec=None), max_size=20))
+def test_text_with_lone_surrogates_encodes_as_replacement_characters(tok, text):
+    """Not valid Unicode, so no bytes spell it: each lone surrogate comes back as U+FFFD."""
+    expected = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    assert tok.decode(tok.encode(text)) == expected
+
+
 def test_stream_decode_has_no_replacement_characters(tok):
     ids = tok.encode(STREAM_TEXT)
     pieces = list(tok.stream_decode(iter(ids)))

@@ -250,6 +250,13 @@ def _matched_intermediate(s: CompareSettings, entry: Entry, data_dir: Path, bloc
 
 
 def compare(s: CompareSettings) -> dict[str, Any]:
+    from tegaki.train import flushed_subnormals
+
+    with flushed_subnormals(s.device):  # the same CPU float settings as `tegaki train`
+        return _compare(s)
+
+
+def _compare(s: CompareSettings) -> dict[str, Any]:
     from tegaki.analysis.params import count_parameters
     from tegaki.config import ModelConfig
     from tegaki.data import TokenWindows
@@ -315,6 +322,7 @@ def _summarise(s, entry, run, cfg, prompt_ids, prompt_text, peak, peak_what, sec
         "preset": entry.preset,
         "overrides": cfg.set,
         "run_dir": str(run_dir),
+        "device": f"{run.device} {run.dtype}",
         "steps": train[-1]["step"] if train else 0,
         "tokens_trained": (train[-1]["step"] if train else 0) * cfg.batch_size * run.block_size,
         "parameters": counts["total"],
@@ -372,7 +380,7 @@ def _write_outputs(s: CompareSettings, results, tokenizer, data_dir: Path, block
         "match_params": s.match_params,
         "overrides": s.overrides,
         "identical_batches": same_batches,
-        "device": str(torch.device("cuda" if s.device == "auto" and torch.cuda.is_available() else (s.device if s.device != "auto" else "cpu"))),
+        "device": results[0]["device"] if results else s.device,
         "torch": torch.__version__,
         "runs": results,
     }

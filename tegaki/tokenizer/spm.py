@@ -8,7 +8,7 @@ the start, runs of spaces squeezed. We train with those switched off:
     normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False
 
 One rewrite cannot be switched off for unigram training: spaces are stored as "▁" (U+2581), so a
-real "▁" in the text would come back as a space. `encode_ordinary` therefore sends each literal
+real "▁" in the text would come back as a space. `_encode_ordinary` therefore sends each literal
 "▁" as its three UTF-8 byte tokens, and decoding is done here from each piece's bytes rather than
 by `sp.decode`. With that, `decode(encode(s)) == s` for any string (tested with hypothesis).
 Special tokens are SentencePiece "control symbols": they own an id but never match inside text;
@@ -61,7 +61,7 @@ class SentencePieceTokenizer(Tokenizer):
             return "\ufffd".encode()  # never produced with byte fallback on
         return piece.replace(SPACE_MARK, " ").encode()
 
-    def encode_ordinary(self, text: str) -> list[int]:
+    def _encode_ordinary(self, text: str) -> list[int]:
         ids: list[int] = []
         for k, part in enumerate(text.split(SPACE_MARK)):
             if k:  # a literal "▁" between parts, sent as bytes so it does not decode to " "

@@ -21,6 +21,7 @@ Ties go to the pair with the smallest ids, so training is deterministic.
 from __future__ import annotations
 
 import heapq
+import sys
 import time
 from collections import Counter, defaultdict
 from typing import Iterable
@@ -112,7 +113,8 @@ def train_bpe(
         for changed in grown:  # a count that grew needs a fresh heap entry; shrunk ones are lazy
             heapq.heappush(heap, (-pair_counts[changed], changed))
         if verbose and (new_id - 255) % 1000 == 0:
-            print(f"  merge {new_id - 255}/{num_merges}  {time.perf_counter() - start:.1f}s", flush=True)
+            print(f"  merge {new_id - 255:,}/{num_merges:,}  {time.perf_counter() - start:.1f}s",
+                  file=sys.stderr, flush=True)
     return _finish(merges, vocab_size, pattern, special_tokens, name)
 
 

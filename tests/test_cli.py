@@ -1,0 +1,80 @@
+"""The `tegaki` command: a user's mistake is one clear message and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tegaki.cli import main
+from tegaki.config import ModelConfig
+from tegaki.hf import export_hf
+from tegaki.model import GPT
+
+
+def run(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+@pytest.fixture(scope="module")
+def short_context_model(tmp_path_factory):
+    """A GPT-2-shaped model with GPT-2's vocabulary and only 16 learned positions."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    return export_hf(model, tmp_path_factory.mktemp("short") / "model")
+
+
+def test_unknown_preset_lists_the_known_ones(capsys):
+    code, err = run(capsys, "params", "gpt5")
+    assert code == 2 and "unknown preset 'gpt5'" in err and "gpt2-medium" in err and "tiny-gpt-oss" in err
+    assert "Traceback" not in err
+
+
+def test_missing_model_folder(capsys, tmp_path):
+    code, err = run(capsys, "generate", "--model", str(tmp_path / "nowhere"), "hello")
+    assert code == 2 and "no such folder" in err and "Traceback" not in err
+
+
+def test_wrong_weights_name_every_problem(capsys, short_context_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((short_context_model / "config.json").read_text())
+    state = load_file(short_context_model / "model.safetensors")
+    state.pop("transformer.ln_f.bias")
+    state["transformer.wpe.weight"] = torch.zeros(8, 32)
+    save_file(state, broken / "model.safetensors")
+    code, err = run(capsys, "generate", "--model", str(broken), "hello")
+    assert code == 2 and "missing (1): transformer.ln_f.bias" in err
+    assert "transformer.wpe.weight: got (8, 32), expected (16, 32)" in err and "Traceback" not in err
+
+
+def test_prompt_longer_than_the_context(capsys, short_context_model):
+    code, err = run(capsys, "generate", "--model", str(short_context_model), "--max-new-tokens", "4", "word " * 40)
+    assert code == 2 and "Traceback" not in err
+    assert "16" in err  # the message names the context it does not fit
+
+
+def test_empty_training_data(capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code, err = run(capsys, "train", "--data", str(empty), "--preset", "tiny", "--out", str(tmp_path / "run"),
+                    "--max-steps", "1", "--no-progress")
+    assert code == 2 and "empty" in err.lower() and "Traceback" not in err
+
+
+def test_unknown_option_shows_the_subcommand_usage(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["params", "gpt2", "--bogus"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: tegaki params" in err and "unrecognized arguments: --bogus" in err
+
+
+def test_bad_set_value_and_field(capsys):
+    code, err = run(capsys, "params", "tiny", "--set", "n_layer=four")
+    assert code == 2 and "n_layer" in err and "int" in err
+    code, err = run(capsys, "params", "tiny", "--set", "n_layers=4")
+    assert code == 2 and "n_layers" in err and "Fields:" in err
