@@ -274,6 +274,10 @@ def main() -> None:
     best["transformers generate bf16"] = time.perf_counter() - t
     timed["transformers generate bf16"] = hf_bf16
 
+    # The ceilings take milliseconds: give them many more tries, so one quiet moment is enough.
+    for name in ["copy 256 MiB"] + [f"matvec {m}" for m in ("fp32", "bf16", "int8")]:
+        best[name] = min(best[name], best_of(timed[name], 30))
+
     bandwidth = 2 * COPY_BYTES / best["copy 256 MiB"]
     print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (bytes read + written per second)")
     ceilings = {}
