@@ -17,7 +17,7 @@ install-dev:
 # Main job: train the tiny model on the bundled Shakespeare, then sample from it.
 demo: install
 	$(PYTHON) -m tegaki train --data shakespeare --preset tiny --out runs/demo
-	$(PYTHON) -m tegaki generate --model runs/demo --max-new-tokens 300 --num-samples 2 "ROMEO:"
+	$(PYTHON) -m tegaki generate --model runs/demo --max-new-tokens 200 --num-samples 2 "ROMEO:"
 
 test: install-dev
 	$(PYTHON) -m pytest
