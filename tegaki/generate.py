@@ -396,7 +396,7 @@ def generate_tokens(
 
     # Prefill: the whole prompt at once.
     ids, all_valid = input_ids, valid
-    logits = model(input_ids, positions=positions, padding_mask=valid, kv_cache=cache)[:, -1]  # (B, V)
+    logits = model(input_ids, positions=positions, padding_mask=valid, kv_cache=cache, last_only=True)[:, -1]  # (B, V)
     next_pos = positions[:, -1:] + 1  # (B, 1)
     for i in range(max_new_tokens):
         token = sample_next(logits, settings, seen=seen, generator=generator)  # (B,)
@@ -414,7 +414,7 @@ def generate_tokens(
             positions = torch.cat([positions, next_pos], dim=1)
             if all_valid is not None:
                 all_valid = torch.cat([all_valid, all_valid.new_ones(B, 1)], dim=1)
-            logits = model(ids, positions=positions, padding_mask=all_valid)[:, -1]
+            logits = model(ids, positions=positions, padding_mask=all_valid, last_only=True)[:, -1]
         next_pos = next_pos + 1
 
 

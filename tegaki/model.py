@@ -476,6 +476,7 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         kv_cache=None,
+        last_only: bool = False,
     ):
         """input_ids (B, T) -> logits (B, T, V); with targets (B, T) -> (logits, loss).
 
@@ -484,6 +485,8 @@ class GPT(nn.Module):
         model's guess for position t + 1. Targets equal to -100 are ignored.
         positions (B, T): absolute positions (default 0..T-1, or after the cache's contents).
         padding_mask (B, T): False for padding tokens (left-padded batches).
+        last_only: logits of the last position only, (B, 1, V): all that sampling needs, and it
+        spares the LM head (a third of GPT-2's weights) the other T - 1 rows of a prompt.
         """
         B, T = input_ids.shape
         cfg = self.config
@@ -523,6 +526,8 @@ class GPT(nn.Module):
             kv_cache.advance(T)
 
         # Step 5: vectors -> logits over the vocabulary.
+        if last_only and targets is None:
+            x = x[:, -1:]  # (B, 1, C)
         x = self.ln_f(x)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, V)
         if targets is None:

@@ -450,3 +450,15 @@ def test_architecture_doc_quotes_code_that_exists(doc):
         if int(anchor) not in found:
             warnings.warn(f"docs/{doc}: `{code}` is now at model.py line(s) {found}, not {anchor}; "
                           "run python scripts/refresh_doc_links.py", stacklevel=1)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gpt-oss"])
+def test_last_only_logits_equal_the_last_row_of_all_logits(preset):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset(preset)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        full = model(ids)
+        last = model(ids, last_only=True)
+    assert last.shape == (2, 1, model.config.vocab_size)
+    torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
