@@ -581,7 +581,8 @@ def _train_run_tokenizer(cfg: TrainConfig, folder: Path, vocab_size: int, say):
             break
     if size == 0:
         raise TegakiError(f"the corpus {cfg.data!r} holds no text")
-    say(f"training a byte-level BPE tokenizer (vocab {vocab_size:,}) on {size / 1e6:.1f} MB of {cfg.data} ...")
+    amount = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
+    say(f"training a byte-level BPE tokenizer (vocab {vocab_size:,}) on {amount} of {cfg.data} ...")
     start = time.perf_counter()
     tok = train_bpe(texts, vocab_size, name=f"bpe-{vocab_size}")
     tmp = folder.with_name(folder.name + ".tmp")
