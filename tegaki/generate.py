@@ -52,9 +52,14 @@ class KVCache:
     or one query that may see every key handed back.
     """
 
-    def __init__(self, config, batch_size: int, max_len: int, *, dtype=torch.float32, device="cpu"):
+    def __init__(self, config, batch_size: int, max_len: int, *, dtype=torch.float32, device="cpu", static=False):
         self.batch_size, self.max_len = batch_size, max_len
-        self.length = 0
+        # static: one-token steps attend over every slot with a mask built from tensors, and the
+        # count of cached tokens is a tensor -- so a torch.compile'd step has one shape and
+        # compiles once, instead of once per length.
+        self.static = static
+        self._length = 0
+        self.cursor = torch.zeros(1, dtype=torch.long, device=device)  # static mode's count
         self.windows = [
             config.sliding_window if config.layer_type(i) == "sliding" else None for i in range(config.n_layer)
         ]
@@ -76,6 +81,10 @@ class KVCache:
         self._new_valid: torch.Tensor | None = None  # (B, T) of the forward under way
         self._steps: dict[int | None, _Step] = {}  # this forward's plan per layer kind
 
+    @property
+    def length(self) -> int:
+        return int(self.cursor) if self.static else self._length
+
     def mark_padding(self, padding_mask: torch.Tensor) -> None:
         """padding_mask (B, T) for the tokens about to go in: False marks padding."""
         self._new_valid = padding_mask.bool()
@@ -90,6 +99,10 @@ class KVCache:
         if step is None:  # the first layer of this kind in this forward: plan once for all of them
             step = self._steps[window] = self._plan(window, positions)
         k_buf, v_buf = self.k[layer_idx], self.v[layer_idx]
+        if step.static:  # a slot index tensor, every slot handed back
+            k_buf.index_copy_(2, step.slots, k)
+            v_buf.index_copy_(2, step.slots, v)
+            return k_buf, v_buf, step.mask  # every slot; the mask hides the empty and the stale
         if step.keep_old is not None:
             # Several tokens into a sliding ring: read what is cached *before* overwriting it,
             # since the first new queries still need keys that the last new tokens replace.
@@ -103,13 +116,18 @@ class KVCache:
         return k_buf[:, :, : step.visible], v_buf[:, :, : step.visible], step.mask  # views
 
     def advance(self, T: int) -> None:
-        self.length += T
+        if self.static:
+            self.cursor += T  # in place, a tensor: a compiled step must not bake the count in
+        else:
+            self._length += T
         self._steps.clear()
         self._new_valid = None
 
     # --- planning a forward pass, once per layer kind --------------------------------------------
     def _plan(self, window: int | None, positions: torch.Tensor) -> "_Step":
         B, T = positions.shape
+        if self.static and T == 1:
+            return self._plan_static_step(window, positions)
         start, end = self.length, self.length + T
         if end > self.max_len:
             raise TegakiError(f"the KV cache holds {self.max_len} tokens; {end} were asked for")
@@ -149,14 +167,25 @@ class KVCache:
         valid[:, slots] = new_valid[:, take]
         return _Step(slots=slots, visible=None, mask=mask, keep_old=keep_old, take=take)
 
+    def _plan_static_step(self, window: int | None, positions: torch.Tensor) -> "_Step":
+        """One token, no Python number that changes from step to step (see `static`)."""
+        pos, valid = self.slot_pos[window], self.slot_valid[window]
+        slot = self.cursor % pos.shape[1]  # (1,): full layers never wrap, rings do
+        pos.index_copy_(1, slot, positions)
+        new_valid = self._new_valid if self._new_valid is not None else torch.ones_like(positions, dtype=torch.bool)
+        valid.index_copy_(1, slot, new_valid)
+        mask = build_attention_mask(positions, pos, window=window, k_valid=valid)  # (B, 1, 1, slots)
+        return _Step(slots=slot, visible=None, mask=mask, static=True)
+
 
 @dataclass
 class _Step:
     slots: object  # a slice or an index tensor into the slot axis
     visible: int | None
     mask: torch.Tensor | None
-    keep_old: int | None = None
-    take: torch.Tensor | None = None
+    keep_old: int | None = None  # a block into a wrapping ring: old slots to attend over too
+    take: torch.Tensor | None = None  # ... and which of the new tokens the ring keeps
+    static: bool = False
 
 
 # -------------------------------------------------------------------------------------------------
@@ -356,8 +385,14 @@ def generate_tokens(
     if max_new_tokens == 0:
         return
 
-    cache = KVCache(model.config, B, T0 + max_new_tokens, dtype=_cache_dtype(model), device=device) if use_cache else None
-    step = decode_step or model
+    compiled = decode_step is not None
+    cache = None
+    if use_cache:
+        max_len = T0 + max_new_tokens
+        if compiled:  # round up: a later request of a similar length reuses the compiled graph
+            max_len = -(-max_len // 256) * 256
+        cache = KVCache(model.config, B, max_len, dtype=_cache_dtype(model), device=device, static=compiled)
+    step = decode_step if compiled else model
 
     # Prefill: the whole prompt at once.
     ids, all_valid = input_ids, valid
@@ -372,7 +407,8 @@ def generate_tokens(
             seen[torch.arange(B, device=device), token] = True
         if use_cache:
             # Decode: the new token alone. Without padding the model counts positions itself.
-            logits = step(token[:, None], positions=next_pos if padded else None, kv_cache=cache)[:, -1]
+            # A compiled step always gets the positions (it must not read the cache's count).
+            logits = step(token[:, None], positions=next_pos if padded or compiled else None, kv_cache=cache)[:, -1]
         else:
             ids = torch.cat([ids, token[:, None]], dim=1)  # (B, T0 + i + 1): recompute everything
             positions = torch.cat([positions, next_pos], dim=1)
@@ -406,7 +442,7 @@ def generate(
     use_cache: bool = True,
     seed: int | None = None,
     generator: torch.Generator | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> torch.Tensor:
     """Sample max_new_tokens after input_ids (B, T); return (B, T + n) ids, prompt included.
 
@@ -414,7 +450,8 @@ def generate(
     `left_pad`). A row stops after producing one of `stop_tokens` (kept in the output) or text
     containing one of `stop_strings` (needs `tokenizer` to decode; the token completing it is
     kept); finished rows are filled with pad_id until every row has stopped, and the output is
-    cut at the longest row. `compile=True` runs the decode step through torch.compile.
+    cut at the longest row. `compile=True` runs the decode step through torch.compile (a string
+    names the backend, e.g. "aot_eager").
     """
     if stop_strings and tokenizer is None:
         raise TegakiError("stop_strings need a tokenizer to decode the generated text")
@@ -422,7 +459,9 @@ def generate(
     stop_set = torch.as_tensor(sorted(set(stop_tokens or [])), dtype=torch.long, device=input_ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     new_tokens: list[torch.Tensor] = []
-    step = compiled_decode_step(model) if compile else None
+    step = None
+    if compile:
+        step = compiled_decode_step(model, compile if isinstance(compile, str) else "inductor")
     tokens = generate_tokens(
         model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
@@ -463,15 +502,15 @@ def find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
     return min(hits) if hits else None
 
 
-_compiled: dict[int, object] = {}
+_compiled: dict[tuple[int, str], object] = {}
 
 
-def compiled_decode_step(model):
-    """The model's forward through torch.compile, built once per model. dynamic=True: the cache
-    grows by one every step, and a shape-specialised graph would recompile every step."""
-    key = id(model)
+def compiled_decode_step(model, backend: str = "inductor"):
+    """The model's forward through torch.compile, built once per model, for one-token steps on a
+    static cache (one shape every step, so it compiles once; the prefill runs eagerly)."""
+    key = (id(model), backend)
     if key not in _compiled:
-        _compiled[key] = torch.compile(model, dynamic=True)
+        _compiled[key] = torch.compile(model, dynamic=False, backend=backend)
     return _compiled[key]
 
 
@@ -509,40 +548,11 @@ def register(subparsers) -> None:
 
 
 def load_for_generation(name_or_path: str, dtype: torch.dtype):
-    """(model, tokenizer) for --model."""
+    """(model, tokenizer) for --model: a tegaki run folder, a transformers folder, or a hub id."""
     from tegaki import hf
 
     model = hf.from_pretrained(name_or_path, dtype=dtype)
-    return model.eval(), resolve_tokenizer(name_or_path)
-
-
-def resolve_tokenizer(name_or_path: str):
-    """The tokenizer that goes with --model. Uses `tegaki.hf.tokenizer_for` when present; otherwise
-    a run folder's run.json "tokenizer" entry, a folder's own tokenizer files, or a hub id's."""
-    from pathlib import Path
-
-    from tegaki import hf
-
-    if hasattr(hf, "tokenizer_for"):
-        return hf.tokenizer_for(name_or_path)
-    import json
-
-    from tegaki import tokenizer as tok_module
-
-    path = Path(name_or_path).expanduser()
-    if (path / "run.json").exists():
-        name = json.loads((path / "run.json").read_text()).get("tokenizer", "gpt2")
-        if name != "gpt2" and (path / name).is_dir():
-            name = str(path / name)
-        return tok_module.load(name)
-    if path.is_dir() and ((path / "encoder.json").exists() or (path / "tokenizer").is_dir()):
-        return tok_module.load(str(path / "tokenizer") if (path / "tokenizer").is_dir() else str(path))
-    model_type = ""
-    if (path / "config.json").exists():
-        model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
-    if model_type == "gpt2" or str(name_or_path).split("/")[-1].startswith("gpt2"):
-        return tok_module.load("gpt2")
-    raise TegakiError(f"{name_or_path}: no tokenizer found next to the model (expected a run folder or GPT-2 files)")
+    return model.eval(), hf.tokenizer_for(name_or_path)
 
 
 def run_generate(args) -> int:

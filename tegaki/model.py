@@ -486,7 +486,8 @@ class GPT(nn.Module):
         if positions is None:
             start = kv_cache.length if kv_cache is not None else 0
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        if cfg.pos_embedding == "learned" and int(positions.max()) >= cfg.block_size:
+        checkable = not torch.compiler.is_compiling()  # reading a number back breaks a compiled graph
+        if cfg.pos_embedding == "learned" and checkable and int(positions.max()) >= cfg.block_size:
             raise ValueError(
                 f"position {int(positions.max())} is beyond the learned position table "
                 f"(block_size={cfg.block_size}); shorten the input"

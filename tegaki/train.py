@@ -56,8 +56,8 @@ class TrainConfig:
     data: str = "shakespeare"
     preset: str = "tiny"
     out: str = "runs/demo"
-    max_steps: int = 600
-    batch_size: int = 16
+    max_steps: int = 500
+    batch_size: int = 8  # x 256 tokens: the tiny preset takes ~0.7 s a step on 2 CPU cores
     block_size: int | None = None  # training sequence length; None: the model's block_size
     grad_accum: int = 1
     lr: float = 2e-3
@@ -66,7 +66,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    warmup: int = 50
+    warmup: int = 30
     schedule: str = "cosine"  # "cosine" | "wsd" (warmup-stable-decay)
     decay_fraction: float = 0.2  # wsd: the share of steps spent decaying
     dtype: str = "auto"  # "auto" | "fp32" | "bf16"
@@ -77,9 +77,9 @@ class TrainConfig:
     val_fraction: float = 0.05
     eval_every: int = 100
     eval_batches: int = 10
-    sample_every: int = 200
+    sample_every: int = 100
     sample_tokens: int = 200
-    save_every: int = 200
+    save_every: int = 100
     keep: int = 3
     seed: int = 1337
     fsdp: bool = False
@@ -232,24 +232,31 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
 _PEAK: dict[tuple[str, str], float] = {}
 
 
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.3) -> float:
-    """The matmul ceiling of this machine for `dtype`, measured: FLOP/s of an n x n x n matmul."""
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 512, seconds: float = 0.2) -> float:
+    """The matmul ceiling of this machine for `dtype`, measured: FLOP/s of an n x n x n matmul.
+
+    On a CPU the time is the process's CPU time over the threads in use, so that other programs
+    running at the same moment do not make the ceiling look lower than the hardware's."""
     key = (str(device), str(dtype))
     if key in _PEAK:
         return _PEAK[key]
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):  # warm up (oneDNN picks its kernel on the first calls)
-        a @ b
+    a @ b  # warm up: the library picks its kernel on the first call
     _sync(device)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    on_cpu = device.type == "cpu"
+    clock = time.process_time if on_cpu else time.perf_counter
+    count, start, wall = 0, clock(), time.perf_counter()
+    while time.perf_counter() - wall < seconds or count < 2:
         a @ b
         count += 1
-        if device.type != "cpu" and count % 10 == 0:
+        if not on_cpu and count % 10 == 0:
             _sync(device)
     _sync(device)
-    _PEAK[key] = 2 * n**3 * count / (time.perf_counter() - start)
+    elapsed = clock() - start
+    if on_cpu:
+        elapsed /= max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+    _PEAK[key] = 2 * n**3 * count / max(elapsed, 1e-9)
     return _PEAK[key]
 
 
@@ -896,7 +903,8 @@ class Run:
         tb = _tensorboard(self.run_dir) if self.dist.is_main else None
         for step in range(start_step, cfg.max_steps):
             t0 = time.perf_counter()
-            loss, grad_norm, lr = self.train_step(step)
+            with _explain_out_of_memory(cfg, self.device):
+                loss, grad_norm, lr = self.train_step(step)
             _sync(self.device)
             dt = time.perf_counter() - t0
             done = step + 1
@@ -920,15 +928,17 @@ class Run:
                     tb.add_scalar("val/loss", val_loss, done)
                     tb.add_scalar("val/bpb", bpb, done)
                 self.say(f"step {done}: train loss {loss:.4f}, val loss {val_loss:.4f}, {bpb:.3f} bits/byte")
-            if cfg.sample_every and done % cfg.sample_every == 0 and self.dist.is_main:
+            # Under FSDP every rank must take part in each forward (the weights are gathered from all).
+            if cfg.sample_every and done % cfg.sample_every == 0 and (self.dist.is_main or cfg.fsdp):
                 text = self.sample(done)
-                if text is not None:
+                if text is not None and self.dist.is_main:
                     self.metrics.write({"step": done, "kind": "sample", "text": text})
                     self.say(f"--- sample at step {done} ---\n{text}\n---")
             if done % cfg.save_every == 0 or done == cfg.max_steps:
                 self.save(done, last_val)
             result = {"step": done, "loss": loss, "val_loss": last_val}
         bar.close()
+        self.metrics.close()
         if tb is not None:
             tb.close()
         if self.dist.is_main:
@@ -947,6 +957,20 @@ class Run:
             f"training stopped at step {step}: the loss is {loss} and the gradient norm {grad_norm} (not finite). "
             f"The weights were not updated with it; {where}. Lower --lr, raise --warmup, or use --dtype fp32"
         )
+
+
+@contextlib.contextmanager
+def _explain_out_of_memory(cfg: TrainConfig, device: torch.device):
+    """A batch that does not fit in memory is a setting to change, not a crash to debug."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        raise TegakiError(
+            f"a batch of {cfg.batch_size} x {cfg.block_size or 'block_size'} tokens does not fit in {device} memory; "
+            f"lower --batch-size (and raise --grad-accum to keep the tokens per step) or --block-size"
+        ) from None
 
 
 class MetricsLog:
@@ -972,6 +996,10 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -1061,15 +1089,15 @@ def register(subparsers) -> None:
     a("--data", help="shakespeare | .txt/.md/.jsonl/.parquet file or folder | prepared shard folder | hub id")
     a("--preset", help="model preset (tiny, tiny-llama, gpt2, ...); default tiny")
     a("--out", help="run folder (default runs/demo)")
-    a("--max-steps", type=int, help="optimizer steps in total (default 600)")
-    a("--batch-size", type=int, help="sequences per micro-batch per process (default 16)")
+    a("--max-steps", type=int, help="optimizer steps in total (default 500)")
+    a("--batch-size", type=int, help="sequences per micro-batch per process (default 8)")
     a("--block-size", type=int, help="tokens per sequence (default: the model's block_size)")
     a("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     a("--lr", type=float, help="peak learning rate (default 2e-3)")
     a("--min-lr-ratio", type=float, help="final lr as a fraction of --lr (default 0.1)")
     a("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
     a("--grad-clip", type=float, help="clip the gradient norm to this (default 1.0)")
-    a("--warmup", type=int, help="linear warmup steps (default 50)")
+    a("--warmup", type=int, help="linear warmup steps (default 30)")
     a("--schedule", choices=["cosine", "wsd"], help="after warmup: cosine decay, or warmup-stable-decay")
     a("--dtype", choices=["auto", "fp32", "bf16"], help="bf16 autocast or fp32 (auto: bf16 on GPUs)")
     a("--device", help="auto | cpu | cuda | cuda:N")
@@ -1079,9 +1107,9 @@ def register(subparsers) -> None:
     a("--val-fraction", type=float, help="share of the tokens kept for validation (default 0.05)")
     a("--eval-every", type=int, help="validation loss every N steps (default 100)")
     a("--eval-batches", type=int, help="validation batches per evaluation (default 10)")
-    a("--sample-every", type=int, help="print a sample every N steps; 0: never (default 200)")
+    a("--sample-every", type=int, help="print a sample every N steps; 0: never (default 100)")
     a("--sample-tokens", type=int, help="tokens per sample (default 200)")
-    a("--save-every", type=int, help="checkpoint every N steps (default 200)")
+    a("--save-every", type=int, help="checkpoint every N steps (default 100)")
     a("--keep", type=int, help="keep the last K checkpoints (default 3)")
     a("--seed", type=int, help="random seed (default 1337)")
     a("--fsdp", action="store_true", default=None, help="shard parameters with FSDP2 (under torchrun)")

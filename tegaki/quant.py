@@ -1,0 +1,176 @@
+"""Weight-only quantization of the linear layers: int8 (per output channel) and int4 (per group).
+
+Decoding one token reads every weight once and does two flops per weight: the time goes into
+moving weights from memory, not into arithmetic. Storing weights in 8 bits instead of 32 reads a
+quarter of the bytes. Only the weights are quantized; activations stay in floating point
+("weight-only"), which keeps the quality cost small.
+
+int8, per output channel (one scale per row of W, shape (out, in)):
+    scale_o = max_i |W[o, i]| / 127        q = round(W / scale) in [-127, 127]
+    W ~= q * scale                          y = x @ W^T = (x @ q^T) * scale
+int4, per group of `group_size` inputs in each row, asymmetric (a zero point per group):
+    scale = (max - min) / 15      q = round((W - min) / scale) in [0, 15]
+    W ~= (q - 8) * scale + zero   with zero = min + 8 * scale
+
+Each layer has a readable path (dequantize, then an ordinary matmul) and a fast path (PyTorch's
+packed CPU kernels: `_weight_int8pack_mm` with bf16 activations, `_weight_int4pack_mm_for_cpu`);
+tests/test_quant.py proves they agree.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tegaki.errors import TegakiError
+
+# -------------------------------------------------------------------------------------------------
+# The formulas
+# -------------------------------------------------------------------------------------------------
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (out, in) -> q (out, in) int8, scale (out,) float32: weight ~= q * scale[:, None]."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,): the row's largest |w| maps to 127
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)  # -128 unused: symmetric
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale[:, None]  # (out, in)
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight (out, in) -> q (out, in) int32 in [0, 15], scale and zero (out, in // group_size)."""
+    out_f, in_f = weight.shape
+    w = weight.float().view(out_f, in_f // group_size, group_size)  # (out, groups, g)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)  # (out, groups)
+    scale = ((high - low) / 15.0).clamp(min=1e-12)
+    zero = low + 8.0 * scale  # the value that q = 8 (the middle code) stands for
+    q = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+    return q.view(out_f, in_f), scale, zero
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    out_f, in_f = q.shape
+    qg = q.view(out_f, in_f // group_size, group_size).float()  # (out, groups, g)
+    return ((qg - 8.0) * scale[..., None] + zero[..., None]).view(out_f, in_f)
+
+
+# -------------------------------------------------------------------------------------------------
+# Layers that replace nn.Linear
+# -------------------------------------------------------------------------------------------------
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear with int8 weights and one float scale per output channel."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, scale = quantize_int8(linear.weight.detach())
+        self.register_buffer("weight_int8", q)  # (out, in)
+        self.register_buffer("scale", scale)  # (out,) float32
+        self.register_buffer("scale_bf16", scale.to(torch.bfloat16))  # what the fast kernel takes
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.fast = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_fast(x) if self.fast else self.forward_reference(x)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Readable: rebuild the float weight, then an ordinary linear layer."""
+        w = dequantize_int8(self.weight_int8, self.scale).to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """The packed kernel reads int8 weights and multiplies in bf16 (AMX); on this CPU it is
+        ~10x slower with float32 activations, so they go in as bf16 and come back in x's dtype."""
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (N, in)
+        y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scale_bf16)  # (N, out)
+        y = y.to(x.dtype).view(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 per-channel"
+
+
+class Int4Linear(nn.Module):
+    """nn.Linear with 4-bit weights, a scale and a zero point per group of inputs."""
+
+    def __init__(self, linear: nn.Linear, group_size: int = 64):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if self.in_features % group_size:
+            raise TegakiError(f"int4 needs in_features ({self.in_features}) divisible by the group size {group_size}")
+        self.group_size = group_size
+        q, scale, zero = quantize_int4(linear.weight.detach(), group_size)
+        self.register_buffer("weight_int4", q.to(torch.uint8))  # (out, in), one code per byte: readable
+        self.register_buffer("scale", scale)  # (out, groups)
+        self.register_buffer("zero", zero)
+        # The kernel's layout: two codes per byte in tiles, and (groups, out, 2) scales and zeros.
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1))
+        self.register_buffer("scale_zero", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous())
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.fast = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_fast(x) if self.fast else self.forward_reference(x)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        w = dequantize_int4(self.weight_int4.to(torch.int32), self.scale, self.zero, self.group_size).to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # (N, in)
+        y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zero.to(x.dtype))
+        y = y.view(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int4 groups of {self.group_size}"
+
+
+# -------------------------------------------------------------------------------------------------
+# Whole models
+# -------------------------------------------------------------------------------------------------
+
+SKIPPED = ("router",)  # MoE routers: tiny, and a flipped expert choice costs more than it saves
+
+
+def quantize_model(model: nn.Module, mode: str = "int8", *, group_size: int = 64) -> nn.Module:
+    """Replace every nn.Linear of the blocks and the LM head, in place. A tied LM head gets its own
+    quantized copy; the embedding table stays in float (only one row per token is read).
+    MoE expert weights (not nn.Linear) stay in float. With int4, a layer whose shape the int4
+    kernel cannot tile (GPT-2's 50,257-word head) is quantized to int8 instead."""
+    if mode not in ("int8", "int4"):
+        raise TegakiError(f"quantize mode must be 'int8' or 'int4', got {mode!r}")
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in SKIPPED
+    ]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if mode == "int4" and int4_fits(linear, group_size):
+            setattr(parent, child, Int4Linear(linear, group_size))
+        else:
+            setattr(parent, child, Int8Linear(linear))
+    return model
+
+
+def int4_fits(linear: nn.Linear, group_size: int) -> bool:
+    """The packed int4 kernel wants whole groups along the input and outputs in tiles of 16."""
+    return linear.in_features % group_size == 0 and linear.out_features % 16 == 0
+
+
+def set_fast(model: nn.Module, fast: bool) -> None:
+    """Switch every quantized layer between the packed kernel and the readable dequantize path."""
+    for module in model.modules():
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            module.fast = fast

@@ -1,0 +1,73 @@
+"""Weight-only quantization: the formulas round-trip within half a step, the packed kernels equal
+the readable dequantize-then-matmul path, and a quantized model still predicts like the float one."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tegaki.config import ModelConfig
+from tegaki.errors import TegakiError
+from tegaki.generate import generate
+from tegaki.model import GPT
+from tegaki.quant import (
+    Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, quantize_model, set_fast,
+)
+
+
+def test_int8_round_trip_is_within_half_a_step_per_channel():
+    w = torch.randn(64, 96) * torch.logspace(-2, 1, 64)[:, None]  # rows of very different sizes
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() == 127
+    err = (dequantize_int8(q, scale) - w).abs()
+    assert bool((err <= scale[:, None] / 2 + 1e-6).all())  # per row: its own step, not the largest row's
+
+
+def test_int4_round_trip_is_within_half_a_step_per_group():
+    w = torch.randn(32, 128)
+    q, scale, zero = quantize_int4(w, 32)
+    assert int(q.min()) >= 0 and int(q.max()) <= 15
+    err = (dequantize_int4(q, scale, zero, 32) - w).abs().view(32, 4, 32)
+    assert bool((err <= scale[..., None] / 2 + 1e-5).all())
+
+
+@pytest.mark.parametrize("kind", [Int8Linear, Int4Linear])
+def test_the_packed_kernel_equals_the_readable_path(kind):
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 96, bias=True)
+    layer = kind(linear)
+    x = torch.randn(3, 5, 128)
+    fast, reference = layer.forward_fast(x), layer.forward_reference(x)
+    assert fast.shape == reference.shape == (3, 5, 96)
+    # int8's kernel multiplies in bf16: ~3 significant digits; int4's takes float32 as given.
+    tol = 2e-2 if kind is Int8Linear else 1e-4
+    torch.testing.assert_close(fast, reference, atol=tol * reference.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_model_keeps_the_float_models_predictions(mode):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset("tiny-llama").replace(n_layer=2)).eval()
+    ids = torch.randint(0, 4096, (2, 24))
+    with torch.no_grad():
+        reference = model(ids)
+        quantize_model(model, mode)
+        quantized = model(ids)
+        set_fast(model, False)
+        readable = model(ids)
+    assert isinstance(model.lm_head, Int8Linear if mode == "int8" else Int4Linear)
+    rel = ((quantized - reference).norm() / reference.norm()).item()
+    # Random Gaussian weights are the hard case for 4 bits (no outliers to spare, all range used).
+    assert rel < (0.02 if mode == "int8" else 0.25), rel
+    torch.testing.assert_close(quantized, readable, atol=0.05 * reference.abs().max().item(), rtol=0)
+
+
+def test_a_quantized_model_decodes_the_same_with_and_without_the_cache():
+    torch.manual_seed(0)
+    model = quantize_model(GPT(ModelConfig.preset("tiny").replace(n_layer=2)).eval(), "int8")
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(generate(model, prompt, 10, temperature=0), generate(model, prompt, 10, temperature=0, use_cache=False))
+
+
+def test_an_unknown_mode_is_refused():
+    with pytest.raises(TegakiError, match="int8"):
+        quantize_model(nn.Sequential(nn.Linear(4, 4)), "int3")
