@@ -947,13 +947,9 @@ class Run:
         return loss, bpb
 
     @torch.no_grad()
-    def sample(self, step: int) -> str | None:
-        """A short continuation of the end-of-text token (a fresh start), or None when
-        `model.generate` is not available yet. The training RNG stream is left untouched."""
-        try:
-            import tegaki.generate  # noqa: F401
-        except ImportError:
-            return None
+    def sample(self, step: int) -> str:
+        """A short continuation of the end-of-text token (a fresh start). The training RNG stream
+        is left untouched."""
         self.raw_model.eval()
         eot = self.tokenizer.eot_id
         start = torch.tensor([[eot if eot is not None else 0]], device=self.device)
@@ -1019,7 +1015,7 @@ class Run:
                 # Under FSDP every rank must take part in each forward (the weights are gathered from all).
                 if cfg.sample_every and done % cfg.sample_every == 0 and (self.dist.is_main or cfg.fsdp):
                     text = self.sample(done)
-                    if text is not None and self.dist.is_main:
+                    if self.dist.is_main:
                         self.metrics.write({"step": done, "kind": "sample", "text": text})
                         self.say(f"--- sample at step {done} ---\n{text}\n---")
                 if done % cfg.save_every == 0 or done == cfg.max_steps:

@@ -162,17 +162,6 @@ def decode_speed(model, prompt: torch.Tensor, new_tokens: int, use_cache: bool) 
     return new_tokens / (time.perf_counter() - start)
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    records = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-    return records
-
-
 # -------------------------------------------------------------------------------------------------
 # The comparison
 # -------------------------------------------------------------------------------------------------
@@ -304,9 +293,11 @@ def _save_hashes(run_dir: Path, hashes: dict[int, list[str]]) -> dict[int, list[
 
 def _summarise(s, entry, run, cfg, prompt_ids, prompt_text, peak, peak_what, seconds) -> dict[str, Any]:
     from tegaki.analysis.params import count_parameters
+    from tegaki.train import read_metrics
 
     run_dir = Path(cfg.out)
-    records = _read_metrics(run_dir / "metrics.jsonl")
+    metrics = run_dir / "metrics.jsonl"
+    records = read_metrics(metrics) if metrics.exists() else []
     train = [r for r in records if "loss" in r and r.get("kind") is None]
     val = [r for r in records if r.get("kind") == "val"]
     speeds = [r["tokens_per_s"] for r in train[1:] if "tokens_per_s" in r] or [r["tokens_per_s"] for r in train if "tokens_per_s" in r]
