@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from tegaki.errors import TegakiError
+from tegaki.fastpath import prepare_for_decoding
 from tegaki.model import build_attention_mask
 
 # -------------------------------------------------------------------------------------------------
@@ -366,11 +367,16 @@ def generate_tokens(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     decode_step=None,
+    prepare: bool = True,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next tokens (B,) one step at a time. `generate` collects them; the CLI streams."""
+    """Yield the next tokens (B,) one step at a time. `generate` collects them; the CLI streams.
+    prepare: first stack q/k/v and pick each weight's faster memory layout
+    (`tegaki.fastpath.prepare_for_decoding`; the same numbers, read faster)."""
     settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty)
     settings.check()
     _check_request(model, input_ids, max_new_tokens)
+    if prepare:
+        prepare_for_decoding(model)
     if generator is None and seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     B, T0 = input_ids.shape
@@ -443,6 +449,7 @@ def generate(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     compile: bool | str = False,
+    prepare: bool = True,
 ) -> torch.Tensor:
     """Sample max_new_tokens after input_ids (B, T); return (B, T + n) ids, prompt included.
 
@@ -451,7 +458,8 @@ def generate(
     containing one of `stop_strings` (needs `tokenizer` to decode; the token completing it is
     kept); finished rows are filled with pad_id until every row has stopped, and the output is
     cut at the longest row. `compile=True` runs the decode step through torch.compile (a string
-    names the backend, e.g. "aot_eager").
+    names the backend, e.g. "aot_eager"). `prepare=False` leaves the model's tensors exactly as
+    they are (by default q/k/v are stacked and weight layouts chosen for speed; see fastpath.py).
     """
     if stop_strings and tokenizer is None:
         raise TegakiError("stop_strings need a tokenizer to decode the generated text")
@@ -466,7 +474,7 @@ def generate(
         model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
         attention_mask=attention_mask, use_cache=use_cache, seed=seed, generator=generator,
-        decode_step=step,
+        decode_step=step, prepare=prepare,
     )
     check_stops = stop_set.numel() > 0 or bool(stop_strings)
     for token in tokens:

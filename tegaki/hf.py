@@ -21,6 +21,7 @@ import torch
 
 from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
+from tegaki.fastpath import standalone
 
 # -------------------------------------------------------------------------------------------------
 # Weight tables. "{i}" stands for the layer index. Kinds:
@@ -469,7 +470,7 @@ def state_dict_to_hf(model) -> dict[str, torch.Tensor]:
             continue
         if rule.hf == "lm_head.weight" and model.config.tie_embeddings:
             continue
-        out[rule.hf] = _to_hf(rule.kind, [ours[o] for o in rule.ours]).detach().cpu().contiguous()
+        out[rule.hf] = standalone(_to_hf(rule.kind, [ours[o] for o in rule.ours]).detach().cpu())
     return out
 
 

@@ -133,6 +133,8 @@ class Attention(nn.Module):
     key/value head). Each head works in its own head_dim-wide subspace.
     """
 
+    fused_qkv = None  # q/k/v stacked into one layer by tegaki.fastpath.prepare_for_decoding
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.config = config
@@ -176,9 +178,10 @@ class Attention(nn.Module):
 
         # Project, then split the channels into heads and move heads before time: the [B, H, T, D]
         # layout lets one batched matmul compute every head's T x T attention at once.
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        q, k, v = self.project_qkv(x)  # (B, T, H*D), (B, T, K*D), (B, T, K*D)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         if self.config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -200,6 +203,16 @@ class Attention(nn.Module):
             y = y * gate.view(B, T, H, -1).transpose(1, 2)  # (B, H, T, D or 1) broadcasts over D
         y = y.transpose(1, 2).reshape(B, T, H * D)  # heads side by side again: (B, T, H*D)
         return self.resid_dropout(self.o_proj(y))  # (B, T, C)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x @ Wq^T, x @ Wk^T, x @ Wv^T. For decoding, `tegaki.fastpath` stacks the three weights
+        into one matrix (the three become views into it): then one matmul does all three. Only
+        without gradients: autograd would not pass the stacked matrix's gradient to the three."""
+        fused = self.fused_qkv
+        parts = [self.q_proj, self.k_proj, self.v_proj]
+        if fused is not None and not torch.is_grad_enabled() and (torch.compiler.is_compiling() or fused.holds(parts)):
+            return fused(x).split([p.out_features for p in parts], dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def _attend_written_out(self, q, k, v, mask, positions) -> torch.Tensor:
         """softmax(q k^T * scale + mask) v, every step visible."""

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
+from tegaki.fastpath import standalone
 
 # =================================================================================================
 # Settings
@@ -292,7 +293,7 @@ def _sha256(path: Path) -> str:
 
 def _model_tensors(model_state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """The model's tensors for safetensors: contiguous CPU copies, a tied head stored once."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
+    tensors = {k: standalone(v.detach().to("cpu")) for k, v in model_state.items()}
     if config.tie_embeddings:
         tensors.pop("lm_head.weight", None)
     return tensors
@@ -956,7 +957,8 @@ class Run:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.cfg.seed + step)
             with self.autocast():
-                out = self.raw_model.generate(start, self.cfg.sample_tokens, temperature=0.8, top_k=50)
+                # prepare=False: the weights being trained keep their layout (and DDP/FSDP their views)
+                out = self.raw_model.generate(start, self.cfg.sample_tokens, temperature=0.8, top_k=50, prepare=False)
         ids = [i for i in out[0, 1:].tolist() if i < self.tokenizer.vocab_size]
         return self.tokenizer.decode(ids)
 
