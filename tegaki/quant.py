@@ -90,7 +90,9 @@ class Int8Linear(nn.Module):
         ~10x slower with float32 activations, so they go in as bf16 and come back in x's dtype."""
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (N, in)
-        y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scale_bf16)  # (N, out)
+        # .to(): a model cast with .to(dtype) after quantizing casts this buffer too; the kernel
+        # insists on bfloat16 scales (a no-op when they already are)
+        y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scale_bf16.to(torch.bfloat16))  # (N, out)
         y = y.to(x.dtype).view(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 

@@ -77,6 +77,19 @@ def test_a_quantized_model_decodes_the_same_with_and_without_the_cache():
     assert torch.equal(generate(model, prompt, 10, temperature=0), generate(model, prompt, 10, temperature=0, use_cache=False))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_quantized_model_can_be_cast_afterwards(dtype):
+    """.to(dtype) casts every float buffer, the int8 kernel's bf16 scales included; the kernel
+    still gets bf16 scales, and the cast model predicts what the uncast one does."""
+    torch.manual_seed(0)
+    model = quantize_model(GPT(ModelConfig.preset("tiny").replace(n_layer=2)).eval(), "int8")
+    ids = torch.randint(0, 4096, (1, 12))
+    with torch.no_grad():
+        before = model(ids)
+        after = model.to(dtype)(ids).float()
+    torch.testing.assert_close(after, before, atol=0.05 * before.abs().max().item(), rtol=0)
+
+
 def test_an_unknown_mode_is_refused():
     with pytest.raises(TegakiError, match="int8"):
         quantize_model(nn.Sequential(nn.Linear(4, 4)), "int3")
