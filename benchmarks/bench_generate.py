@@ -220,6 +220,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--perplexity-only", action="store_true", help="only the quality table")
     parser.add_argument("--skip-perplexity", action="store_true", help="the speed tables only")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.perplexity_only:
@@ -256,9 +257,9 @@ def main() -> None:
                 )
         return run
 
-    def tegaki_run(mode):
+    def tegaki_run(mode, compile=False):
         def run():
-            outputs[f"tegaki {mode}"] = generate(ours[mode], prompt, NEW, temperature=0)
+            outputs[f"tegaki {mode}"] = generate(ours[mode], prompt, NEW, temperature=0, compile=compile)
         return run
 
     timed = {"copy 256 MiB": copy_run()}
@@ -271,6 +272,13 @@ def main() -> None:
         timed[f"tegaki {mode}"] = tegaki_run(mode)
     ours["int8, fp32 activations"] = quantize_model(tegaki_variant(base, "fp32"), "int8")
     timed["tegaki int8, fp32 activations"] = tegaki_run("int8, fp32 activations")
+    if not args.no_compile:
+        # --compile: the decode step through torch.compile (inductor). Its warm-up call compiles
+        # (tens of seconds), and is not timed.
+        ours["fp32 compiled"] = tegaki_variant(base, "fp32")
+        timed["tegaki fp32, compiled"] = tegaki_run("fp32 compiled", compile=True)
+        ours["int8 compiled"] = quantize_model(tegaki_variant(base, "fp32"), "int8")
+        timed["tegaki int8, fp32 activations, compiled"] = tegaki_run("int8 compiled", compile=True)
     best = {name: float("inf") for name in timed}
     for fn in timed.values():
         fn()  # warm-up
@@ -306,6 +314,10 @@ def main() -> None:
               f"bandwidth {weight_bytes(weights, mode) / 1e6:.0f} MB/token -> {bw_tps:.1f} tok/s")
     same = torch.equal(outputs["tegaki fp32"], outputs["hf fp32"])
     print(f"greedy tokens, tegaki fp32 == transformers fp32: {same}")
+    if not args.no_compile:
+        for eager, compiled in (("fp32", "fp32 compiled"), ("int8, fp32 activations", "int8 compiled")):
+            same = torch.equal(outputs[f"tegaki {eager}"], outputs[f"tegaki {compiled}"])
+            print(f"greedy tokens, tegaki {compiled} == tegaki {eager}: {same}")
 
     print()
     print("| run | tokens/s | ms/token | vs transformers fp32 | vs transformers, same dtype | of matvec ceiling, "
@@ -315,7 +327,7 @@ def main() -> None:
     names = ["transformers generate fp32", "transformers generate bf16"] + [n for n in timed if n.startswith("tegaki")]
     for name in names:
         tps = NEW / best[name]
-        mode = name.split()[-1] if "activations" not in name else "int8"
+        mode = next(m for m in ("int8", "int4", "bf16", "fp32") if m in name)
         mv, mv_best, bw = ceilings["int8" if mode == "int4" else mode]
         same_dtype = f"{tps / hf_tps[mode]:.2f}x" if mode in hf_tps else "-"
         of_matvec = f"{tps * mv:.0%}" if mv_best == mv else f"{tps * mv:.0%} / {tps * mv_best:.0%}"
