@@ -158,3 +158,14 @@ def test_measured_layout_is_one_of_the_two_and_remembered():
     choice = fastpath.faster_layout(96, 32, torch.float32)
     assert choice in ("row", "column")
     assert fastpath._measured[(96, 32, torch.float32, torch.get_num_threads())] == choice
+
+
+@pytest.mark.slow  # a few seconds of tracing
+def test_a_traced_int8_decode_step_with_stacked_projections_gives_the_same_tokens():
+    """The compiled int8 row of bench_generate: quantized, stacked, traced (aot_eager: the same
+    graph capture as inductor, without code generation)."""
+    model = quantize_model(random_model("tiny", n_embd=64, n_head=2), "int8")
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    eager = generate(model, prompt, 10, temperature=0)
+    assert model.blocks[0].attn.fused_qkv is not None
+    assert torch.equal(generate(model, prompt, 10, temperature=0, compile="aot_eager"), eager)
