@@ -183,11 +183,20 @@ def faster_layout(out_features: int, in_features: int, dtype: torch.dtype) -> st
     return _measured[key]
 
 
+MEASURE_BYTES = 64 << 20  # beyond a CPU's caches, as a real model's weights are
+
+
 def _time_layouts(out_features: int, in_features: int, dtype: torch.dtype) -> tuple[float, float]:
     """Best-of-5 seconds for one vector times each of n copies of the matrix, row- and
-    column-major. n copies make ~64 MiB: beyond the CPU's caches, as a real model's weights are."""
-    size = out_features * in_features * torch.finfo(dtype).bits // 8
-    n = max(1, min(64, (64 << 20) // max(size, 1)))
+    column-major, n copies making ~64 MiB. A matrix larger than that (a big vocabulary's LM head)
+    is measured with fewer rows, keeping its wide-or-narrow shape, so that measuring never
+    allocates gigabytes."""
+    row_bytes = in_features * torch.finfo(dtype).bits // 8
+    if out_features * row_bytes > MEASURE_BYTES:
+        fitting = max(1, MEASURE_BYTES // row_bytes)
+        out_features = max(in_features, fitting) if out_features >= in_features else min(out_features, fitting)
+    size = out_features * row_bytes
+    n = max(1, min(64, MEASURE_BYTES // max(size, 1)))
     x = torch.full((1, in_features), 0.5, dtype=dtype)
     rows = [torch.full((out_features, in_features), 0.01, dtype=dtype) for _ in range(n)]
     times = []

@@ -169,3 +169,20 @@ def test_a_traced_int8_decode_step_with_stacked_projections_gives_the_same_token
     eager = generate(model, prompt, 10, temperature=0)
     assert model.blocks[0].attn.fused_qkv is not None
     assert torch.equal(generate(model, prompt, 10, temperature=0, compile="aot_eager"), eager)
+
+
+def test_measuring_a_huge_matrix_uses_a_smaller_one_of_the_same_kind(monkeypatch):
+    shapes = []
+    real = fastpath._column_major
+
+    def spy(w):
+        shapes.append(tuple(w.shape))
+        return real(w)
+
+    monkeypatch.setattr(fastpath, "_column_major", spy)
+    monkeypatch.setattr(fastpath, "MEASURE_BYTES", 1 << 20)
+    fastpath._time_layouts(100_000, 128, torch.float32)  # a wide 51 MB matrix
+    fastpath._time_layouts(64, 50_000, torch.float32)  # a narrow 12.8 MB one
+    wide, narrow = shapes[0], shapes[-1]
+    assert wide[1] == 128 and 128 <= wide[0] <= 2048  # still out >= in, at most ~1 MiB
+    assert narrow[1] == 50_000 and narrow[0] <= 64 and narrow[0] * 50_000 * 4 <= 1 << 20
