@@ -204,6 +204,12 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, H * D)  # heads side by side again: (B, T, H*D)
         return self.resid_dropout(self.o_proj(y))  # (B, T, C)
 
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() give q/k/v tensors of their own: let go of the stacked copy
+        # (the memory, and the old projections it refers to); generate() stacks the new ones.
+        self.__dict__["fused_qkv"] = None
+        return super()._apply(fn, recurse)
+
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x @ Wq^T, x @ Wk^T, x @ Wv^T. For decoding, `tegaki.fastpath` stacks the three weights
         into one matrix (the three become views into it): then one matmul does all three. Only

@@ -81,8 +81,10 @@ def test_a_replaced_or_cast_projection_is_not_read_from_the_stale_stack(layout):
     with torch.inference_mode():
         torch.testing.assert_close(model(ids), reference(ids), rtol=1e-5, atol=1e-5)
 
-    model.to(torch.float64)  # .to() gives every part storage of its own
-    assert not any(b.attn.fused_qkv.holds([b.attn.q_proj, b.attn.k_proj, b.attn.v_proj]) for b in model.blocks)
+    stale = model.blocks[0].attn.fused_qkv
+    model.to(torch.float64)  # .to() gives every part storage of its own, and drops the stacks
+    assert not stale.holds([model.blocks[0].attn.q_proj, model.blocks[0].attn.k_proj, model.blocks[0].attn.v_proj])
+    assert all(b.attn.fused_qkv is None for b in model.blocks)
     with torch.inference_mode():
         torch.testing.assert_close(model(ids), reference.to(torch.float64)(ids), rtol=1e-9, atol=1e-9)
     prepare_for_decoding(model)  # and preparing again stacks the new tensors
