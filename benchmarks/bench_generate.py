@@ -11,7 +11,7 @@ Ceilings, measured here too:
   bandwidth   bytes of weights read per token / measured memory-copy bandwidth
   matvec      the model's linear layers alone (c_attn, c_proj, c_fc, c_proj x 12, and the LM head)
               as plain matrix-vector products, one token: no attention, no norms, no Python;
-              once row-major as nn.Linear stores them, once in the layouts tegaki.fastpath picks
+              once row-major as nn.Linear stores them, once in tegaki.fastpath's decoding layouts
 Quality of bf16/int8/int4: logit error on GPT-2 shapes (random weights), and perplexity on held-out
 Shakespeare of a small byte-level model trained for a few hundred steps in this run.
 """
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tegaki.config import ModelConfig  # noqa: E402
-from tegaki.fastpath import _column_major, faster_layout  # noqa: E402
+from tegaki.fastpath import _column_major, decoding_layout  # noqa: E402
 from tegaki.generate import KVCache, generate  # noqa: E402
 from tegaki.hf import export_hf  # noqa: E402
 from tegaki.model import GPT  # noqa: E402
@@ -75,8 +75,8 @@ def linear_weights(model: GPT) -> list[torch.Tensor]:
     return ws + [model.lm_head.weight]
 
 
-def matvec_run(weights: list[torch.Tensor], mode: str, best_layout: bool = False):
-    """One token through the linear layers alone, as plain matrix-vector products. best_layout:
+def matvec_run(weights: list[torch.Tensor], mode: str, tegaki_layouts: bool = False):
+    """One token through the linear layers alone, as plain matrix-vector products. tegaki_layouts:
     each matrix stored in the layout `tegaki.fastpath` measures as faster for its shape (what
     tegaki decodes with); otherwise PyTorch's default row-major (out, in), as nn.Linear keeps it."""
     if mode == "int8":
@@ -91,8 +91,8 @@ def matvec_run(weights: list[torch.Tensor], mode: str, best_layout: bool = False
     else:
         dtype = torch.float32 if mode == "fp32" else torch.bfloat16
         ws = [w.to(dtype).contiguous() for w in weights]
-        if best_layout:
-            ws = [_column_major(w) if faster_layout(*w.shape, dtype) == "column" else w for w in ws]
+        if tegaki_layouts:
+            ws = [_column_major(w) if decoding_layout(w) == "column" else w for w in ws]
         xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype) for w in ws}
 
         def run():
@@ -107,6 +107,21 @@ def weight_bytes(weights: list[torch.Tensor], mode: str) -> int:
     n = sum(w.numel() for w in weights)
     scales = sum(w.shape[0] for w in weights) * 2 if mode == "int8" else 0
     return n * per_param + scales
+
+
+def layout_check(weights: list[torch.Tensor], dtype: torch.dtype) -> list[tuple[tuple[int, int], float, float]]:
+    """Is fastpath's fixed layout rule right on this machine? For each distinct shape: ms for one
+    vector times ~64 MiB of copies of it, row-major and column-major (beyond the caches)."""
+    rows = []
+    for shape in dict.fromkeys(tuple(w.shape) for w in weights):
+        size = shape[0] * shape[1] * torch.finfo(dtype).bits // 8
+        copies = [torch.full(shape, 0.01, dtype=dtype) for _ in range(max(1, min(64, (64 << 20) // size)))]
+        x = torch.full((1, shape[1]), 0.5, dtype=dtype)
+        times = []
+        for ws in (copies, [_column_major(w) for w in copies]):
+            times.append(best_of(lambda: [F.linear(x, w) for w in ws], 10) / len(ws) * 1e3)
+        rows.append((shape, times[0], times[1]))
+    return rows
 
 
 # --- tegaki and transformers ---------------------------------------------------------------------
@@ -259,14 +274,14 @@ def main() -> None:
 
     def tegaki_run(mode, compile=False):
         def run():
-            outputs[f"tegaki {mode}"] = generate(ours[mode], prompt, NEW, temperature=0, compile=compile)
+            outputs[f"tegaki {mode}"] = generate(ours[mode], prompt, NEW, temperature=0, compile=compile, prepare=True)
         return run
 
     timed = {"copy 256 MiB": copy_run()}
     for mode in ("fp32", "bf16", "int8"):
         timed[f"matvec {mode}"] = matvec_run(weights, mode)
     for mode in ("fp32", "bf16"):
-        timed[f"matvec {mode}, best layout"] = matvec_run(weights, mode, best_layout=True)
+        timed[f"matvec {mode}, tegaki layouts"] = matvec_run(weights, mode, tegaki_layouts=True)
     timed["transformers generate fp32"] = hf_run("fp32")
     for mode in ("fp32", "bf16", "int8", "int4"):
         timed[f"tegaki {mode}"] = tegaki_run(mode)
@@ -306,12 +321,20 @@ def main() -> None:
     ceilings = {}
     for mode in ("fp32", "bf16", "int8"):
         mv = best[f"matvec {mode}"]
-        mv_best = min(mv, best.get(f"matvec {mode}, best layout", mv))
+        mv_best = best.get(f"matvec {mode}, tegaki layouts", mv)
         bw_tps = bandwidth / weight_bytes(weights, mode)
         ceilings[mode] = (mv, mv_best, bw_tps)
         print(f"ceiling {mode}: linear layers as plain matvecs {mv * 1e3:.1f} ms/token = {1 / mv:.1f} tok/s "
-              f"(best layouts {mv_best * 1e3:.1f} ms = {1 / mv_best:.1f} tok/s); "
+              f"(tegaki's layouts {mv_best * 1e3:.1f} ms = {1 / mv_best:.1f} tok/s); "
               f"bandwidth {weight_bytes(weights, mode) / 1e6:.0f} MB/token -> {bw_tps:.1f} tok/s")
+    print()
+    print("| matrix (out, in) | dtype | ms per matvec, row-major | column-major | fastpath's rule |")
+    print("| --- | --- | ---: | ---: | --- |")
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape, row, col in layout_check(weights, dtype):
+            rule = decoding_layout(torch.empty(shape, dtype=dtype))
+            print(f"| {shape} | {str(dtype).replace('torch.', '')} | {row:.3f} | {col:.3f} | {rule} |")
+    print()
     same = torch.equal(outputs["tegaki fp32"], outputs["hf fp32"])
     print(f"greedy tokens, tegaki fp32 == transformers fp32: {same}")
     if not args.no_compile:
@@ -321,7 +344,7 @@ def main() -> None:
 
     print()
     print("| run | tokens/s | ms/token | vs transformers fp32 | vs transformers, same dtype | of matvec ceiling, "
-          "row-major / best layouts | of bandwidth ceiling |")
+          "row-major / tegaki's layouts | of bandwidth ceiling |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     hf_tps = {mode: NEW / best[f"transformers generate {mode}"] for mode in ("fp32", "bf16")}
     names = ["transformers generate fp32", "transformers generate bf16"] + [n for n in timed if n.startswith("tegaki")]

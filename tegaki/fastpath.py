@@ -1,8 +1,8 @@
-"""Making decoding fast without changing what the model computes.
+"""Making decoding fast without changing a weight's value: how the weights are stored.
 
 Decoding one token multiplies one vector by every weight matrix of the model, so the time goes
 into reading the weights from memory (GPT-2 124M: 500 MB of float32 per token). Two things decide
-how fast those reads go, and neither changes the value of a single weight:
+how fast those reads go:
 
 1. How many matrices. Attention's q, k and v projections read the same input. Stacked along the
    output they are one (3C, C) matrix: one matmul instead of three, one long stream of memory
@@ -11,25 +11,24 @@ how fast those reads go, and neither changes the value of a single weight:
    views into the stacked one, so each number exists once and nothing can drift apart.
 
 2. The memory layout. A (out, in) weight can be stored row after row (PyTorch's default) or
-   column after column. Which of the two the CPU's matrix-vector kernel streams faster depends on
-   the shape, the dtype and the BLAS library underneath: on a 2-core AVX2 machine, GPT-2's wide
-   float32 matrices (out >= in) ran 20-40% faster column-major, the MLP's down projection
-   (out < in) faster row-major, and bfloat16 row-major throughout. So the layout is measured, per
-   shape and dtype, on the machine at hand, and the faster one is kept.
+   column after column. For one vector times a float32 matrix with out >= in, CPU BLAS streams
+   the column-major copy faster: on a 2-core AVX2 machine 20-40% for GPT-2's q/k/v, MLP up
+   projection and LM head, while the down projection (out < in) and every bfloat16 matrix were
+   fastest row-major (benchmarks/bench_generate.py measures both layouts in every run). The
+   rule is fixed, not timed at run time, so that the same model gives the same numbers in every
+   process.
 
-`prepare_for_decoding(model)` does both, in place, and is cheap to call again; `tegaki.generate`
-calls it. tests/test_fastpath.py proves the prepared model gives the unprepared model's logits and
-tokens, and that moving, casting or quantizing a prepared model falls back to the separate
-projections instead of reading a stale stacked copy.
+`prepare_for_decoding(model)` does both, in place: the `tegaki generate` command and the benchmark
+call it; in Python, `generate(..., prepare=True)` or a direct call. It is for inference:
+optimizers (the fused AdamW especially) expect plain contiguous parameters, so `model.train()`
+calls `restore_plain_layout`, which undoes it. tests/test_fastpath.py proves a prepared model gives
+the unprepared model's tokens, trains like it after `train()`, and never reads a stale stacked copy.
 """
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tegaki.quant import Int8Linear
 
@@ -42,10 +41,10 @@ STACKABLE: dict[type, tuple[str, ...]] = {
 
 
 def prepare_for_decoding(model: nn.Module) -> nn.Module:
-    """Stack q/k/v of every attention layer and give each float weight its faster layout."""
+    """Stack q/k/v of every attention layer and store each float weight in its decoding layout."""
     from tegaki.model import Attention
 
-    with torch.inference_mode(False), torch.no_grad():  # plain tensors: the model may train later
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors, not inference tensors
         stacked: set[int] = set()
         for module in model.modules():
             if not isinstance(module, Attention):
@@ -61,16 +60,37 @@ def prepare_for_decoding(model: nn.Module) -> nn.Module:
                 stacked.update(id(p) for p in parts)
         for module in model.modules():
             if isinstance(module, nn.Linear) and id(module) not in stacked:
-                set_layout(module, layout_for(module.weight, module.out_features))
+                set_layout(module, decoding_layout(module.weight))
     return model
 
 
-def layout_for(weight: torch.Tensor, out_features: int) -> str:
-    """The faster layout for this weight's shape and dtype: measured on CPUs, row-major elsewhere
-    (GPU matmul libraries take either layout at full speed)."""
-    if weight.device.type != "cpu" or not weight.dtype.is_floating_point:
-        return "row"
-    return faster_layout(out_features, weight.shape[1], weight.dtype)
+def restore_plain_layout(model: nn.Module) -> nn.Module:
+    """Undo `prepare_for_decoding`: every weight its own contiguous row-major tensor again, the
+    stacks dropped. Same values. Cheap when there is nothing to undo."""
+    from tegaki.model import Attention
+
+    with torch.inference_mode(False), torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Attention) and module.fused_qkv is not None:
+                for part in (module.q_proj, module.k_proj, module.v_proj):
+                    for name in STACKABLE.get(type(part), ()):
+                        t = getattr(part, name)
+                        if t is not None:
+                            t.data = t.data.clone(memory_format=torch.contiguous_format)
+                module.__dict__["fused_qkv"] = None
+            elif isinstance(module, nn.Linear):
+                set_layout(module, "row")
+    return model
+
+
+def drop_stale_stacks(model: nn.Module) -> None:
+    """Forget every stack whose projections no longer live in it (a compiled step cannot check)."""
+    from tegaki.model import Attention
+
+    for module in model.modules():
+        if isinstance(module, Attention) and module.fused_qkv is not None:
+            if not module.fused_qkv.holds([module.q_proj, module.k_proj, module.v_proj]):
+                module.__dict__["fused_qkv"] = None
 
 
 def standalone(t: torch.Tensor) -> torch.Tensor:
@@ -98,12 +118,18 @@ class StackedLinear(nn.Module):
 
     @classmethod
     def stack(cls, parts: list[nn.Module]) -> "StackedLinear | None":
+        """None when the parts cannot share one matrix: different kinds of layer (a LoRA wrapper,
+        int4), different inputs, or tensors of different dtypes or devices."""
         kind = type(parts[0])
         names = STACKABLE.get(kind)
         if names is None or any(type(p) is not kind for p in parts):
             return None
         if len({p.in_features for p in parts}) != 1:
             return None
+        for name in names:  # each tensor the same dtype and device in every part
+            kinds = {None if getattr(p, name) is None else (getattr(p, name).dtype, getattr(p, name).device) for p in parts}
+            if len(kinds) > 1:
+                return None
         inner = kind.__new__(kind)
         nn.Module.__init__(inner)
         # Plain settings (in_features, the int8 layer's `fast` switch, ...) come from the first part.
@@ -116,7 +142,7 @@ class StackedLinear(nn.Module):
                 setattr(inner, name, None)
                 continue
             whole = torch.cat([piece.detach() for piece in pieces], dim=0)  # (sum of outs, ...)
-            if name == "weight" and kind is nn.Linear and layout_for(whole, whole.shape[0]) == "column":
+            if name == "weight" and kind is nn.Linear and decoding_layout(whole) == "column":
                 whole = _column_major(whole)
             for piece, view in zip(pieces, whole.split(sizes, dim=0)):
                 piece.data = view  # the part keeps its Parameter / buffer object, now a view
@@ -128,8 +154,8 @@ class StackedLinear(nn.Module):
 
     def holds(self, parts: list[nn.Module]) -> bool:
         """Are these layers still the ones stacked here, their tensors still views into it? Casting
-        or moving the model (`.to()`) or replacing a layer (quantize_model) gives them tensors of
-        their own; then the stacked copy is stale and must not be used."""
+        or moving the model, replacing or re-parametrizing a layer, loading with assign=True:
+        each gives them tensors of their own, and then the stacked copy is stale."""
         if len(parts) != len(self.part_tensors):
             return False
         return all(part is old and _tensor_ptrs(part) == ptrs for part, (old, ptrs) in zip(parts, self.part_tensors))
@@ -140,13 +166,25 @@ class StackedLinear(nn.Module):
         return self.inner(x)
 
 
-def _tensor_ptrs(module: nn.Module) -> tuple[int, ...]:
-    return tuple(0 if t is None else t.data_ptr() for t in (getattr(module, n) for n in STACKABLE[type(module)]))
+def _tensor_ptrs(module: nn.Module) -> tuple[int, ...] | None:
+    names = STACKABLE.get(type(module))  # None for a layer whose class changed (parametrizations)
+    if names is None:
+        return None
+    return tuple(0 if t is None else t.data_ptr() for t in (getattr(module, n) for n in names))
 
 
 # -------------------------------------------------------------------------------------------------
 # Memory layout
 # -------------------------------------------------------------------------------------------------
+
+
+def decoding_layout(weight: torch.Tensor) -> str:
+    """'column' for a float32 (out, in) CPU weight with out >= in, else 'row' (see the top of this
+    file). GPU matmul libraries read either layout at full speed: row there."""
+    out_features, in_features = weight.shape
+    if weight.device.type == "cpu" and weight.dtype == torch.float32 and out_features >= in_features:
+        return "column"
+    return "row"
 
 
 def _column_major(w: torch.Tensor) -> torch.Tensor:
@@ -167,45 +205,3 @@ def set_layout(linear: nn.Linear, layout: str) -> None:
         w.data = _column_major(w.data)
     elif layout == "row" and not w.is_contiguous():
         w.data = w.data.contiguous()
-
-
-_measured: dict[tuple, str] = {}
-
-
-def faster_layout(out_features: int, in_features: int, dtype: torch.dtype) -> str:
-    """'row' or 'column': the storage in which a (out, in) weight multiplies one vector faster on
-    this machine, measured once per shape, dtype and thread count. Column wins only by a clear
-    margin (5%), so noise leaves PyTorch's default."""
-    key = (out_features, in_features, dtype, torch.get_num_threads())
-    if key not in _measured:
-        row, column = _time_layouts(out_features, in_features, dtype)
-        _measured[key] = "column" if column < 0.95 * row else "row"
-    return _measured[key]
-
-
-MEASURE_BYTES = 64 << 20  # beyond a CPU's caches, as a real model's weights are
-
-
-def _time_layouts(out_features: int, in_features: int, dtype: torch.dtype) -> tuple[float, float]:
-    """Best-of-5 seconds for one vector times each of n copies of the matrix, row- and
-    column-major, n copies making ~64 MiB. A matrix larger than that (a big vocabulary's LM head)
-    is measured with fewer rows, keeping its wide-or-narrow shape, so that measuring never
-    allocates gigabytes."""
-    row_bytes = in_features * torch.finfo(dtype).bits // 8
-    if out_features * row_bytes > MEASURE_BYTES:
-        fitting = max(1, MEASURE_BYTES // row_bytes)
-        out_features = max(in_features, fitting) if out_features >= in_features else min(out_features, fitting)
-    size = out_features * row_bytes
-    n = max(1, min(64, MEASURE_BYTES // max(size, 1)))
-    x = torch.full((1, in_features), 0.5, dtype=dtype)
-    rows = [torch.full((out_features, in_features), 0.01, dtype=dtype) for _ in range(n)]
-    times = []
-    for ws in (rows, [_column_major(w) for w in rows]):
-        best = float("inf")
-        for _ in range(6):  # the first round warms up
-            t = time.perf_counter()
-            for w in ws:
-                F.linear(x, w)
-            best = min(best, time.perf_counter() - t)
-        times.append(best)
-    return times[0], times[1]

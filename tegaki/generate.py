@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from tegaki.errors import TegakiError
-from tegaki.fastpath import prepare_for_decoding
+from tegaki.fastpath import drop_stale_stacks, prepare_for_decoding
 from tegaki.model import build_attention_mask
 
 # -------------------------------------------------------------------------------------------------
@@ -367,16 +367,19 @@ def generate_tokens(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     decode_step=None,
-    prepare: bool = True,
+    prepare: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next tokens (B,) one step at a time. `generate` collects them; the CLI streams.
-    prepare: first stack q/k/v and pick each weight's faster memory layout
-    (`tegaki.fastpath.prepare_for_decoding`; the same numbers, read faster)."""
+    prepare: first stack q/k/v and store the weights in their decoding layout
+    (`tegaki.fastpath.prepare_for_decoding`: the same weights, read faster; `model.train()`
+    undoes it)."""
     settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty)
     settings.check()
     _check_request(model, input_ids, max_new_tokens)
     if prepare:
         prepare_for_decoding(model)
+    else:
+        drop_stale_stacks(model)  # a compiled step trusts any stack it finds
     if generator is None and seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     B, T0 = input_ids.shape
@@ -449,7 +452,7 @@ def generate(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     compile: bool | str = False,
-    prepare: bool = True,
+    prepare: bool = False,
 ) -> torch.Tensor:
     """Sample max_new_tokens after input_ids (B, T); return (B, T + n) ids, prompt included.
 
@@ -458,8 +461,9 @@ def generate(
     containing one of `stop_strings` (needs `tokenizer` to decode; the token completing it is
     kept); finished rows are filled with pad_id until every row has stopped, and the output is
     cut at the longest row. `compile=True` runs the decode step through torch.compile (a string
-    names the backend, e.g. "aot_eager"). `prepare=False` leaves the model's tensors exactly as
-    they are (by default q/k/v are stacked and weight layouts chosen for speed; see fastpath.py).
+    names the backend, e.g. "aot_eager"). `prepare=True` first stacks q/k/v and stores the weights
+    in their decoding layout (fastpath.py): faster, the same weights, undone by `model.train()`;
+    the default leaves the model's tensors as they are.
     """
     if stop_strings and tokenizer is None:
         raise TegakiError("stop_strings need a tokenizer to decode the generated text")
@@ -580,6 +584,7 @@ def run_generate(args) -> int:
         from tegaki.quant import quantize_model
 
         quantize_model(model, args.quantize)
+    prepare_for_decoding(model)  # this model only decodes: q/k/v stacked, decoding layouts
     prompt_ids = tok.encode(args.prompt)
     if not prompt_ids:
         raise TegakiError("the prompt encodes to no tokens")

@@ -216,6 +216,8 @@ class Attention(nn.Module):
         without gradients: autograd would not pass the stacked matrix's gradient to the three."""
         fused = self.fused_qkv
         parts = [self.q_proj, self.k_proj, self.v_proj]
+        # A compiled step cannot check `holds` (it reads memory addresses); generate() drops stale
+        # stacks before it runs one.
         if fused is not None and not torch.is_grad_enabled() and (torch.compiler.is_compiling() or fused.holds(parts)):
             return fused(x).split([p.out_features for p in parts], dim=-1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -577,6 +579,15 @@ class GPT(nn.Module):
         """The mean load-balancing loss over the MoE layers of the last forward pass."""
         losses = [b.mlp.aux_loss for b in self.blocks if isinstance(b.mlp, MoE) and b.mlp.aux_loss is not None]
         return torch.stack(losses).mean()
+
+    def train(self, mode: bool = True):
+        """Training wants plain tensors (optimizers assume each parameter is its own contiguous
+        tensor): undo the decoding layout of `tegaki.fastpath.prepare_for_decoding`, if any."""
+        if mode:
+            from tegaki.fastpath import restore_plain_layout
+
+            restore_plain_layout(self)
+        return super().train(mode)
 
     # --- conveniences --------------------------------------------------------------------------
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

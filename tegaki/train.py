@@ -957,8 +957,7 @@ class Run:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.cfg.seed + step)
             with self.autocast():
-                # prepare=False: the weights being trained keep their layout (and DDP/FSDP their views)
-                out = self.raw_model.generate(start, self.cfg.sample_tokens, temperature=0.8, top_k=50, prepare=False)
+                out = self.raw_model.generate(start, self.cfg.sample_tokens, temperature=0.8, top_k=50)
         ids = [i for i in out[0, 1:].tolist() if i < self.tokenizer.vocab_size]
         return self.tokenizer.decode(ids)
 

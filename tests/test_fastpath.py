@@ -1,13 +1,13 @@
-"""The decoding fast path (stacked q/k/v, chosen weight layouts) changes speed and nothing else:
-the same logits and tokens, training untouched, saved checkpoints unchanged, and a stale stacked
-copy never used after the model is cast, moved or changed."""
+"""The decoding fast path (stacked q/k/v, decoding weight layouts) changes speed and nothing else:
+the same logits and tokens, training exactly as before once `train()` undoes it, saved files
+unchanged, and a stale stacked copy never read -- eagerly or compiled."""
 
 import pytest
 import torch
 import torch.nn as nn
 
 import tegaki.fastpath as fastpath
-from tegaki.fastpath import StackedLinear, prepare_for_decoding, set_layout
+from tegaki.fastpath import StackedLinear, prepare_for_decoding, restore_plain_layout, set_layout
 from tegaki.generate import generate
 from tegaki.quant import Int8Linear, quantize_model, set_fast
 
@@ -16,13 +16,18 @@ from test_generate import FAMILIES, random_model
 
 @pytest.fixture(params=["row", "column"])
 def layout(request, monkeypatch):
-    """Force each layout, whatever this machine measures, so both are always checked."""
-    monkeypatch.setattr(fastpath, "faster_layout", lambda out_f, in_f, dtype: request.param)
+    """Force each layout for every matrix, whatever the rule says, so both are always checked."""
+    monkeypatch.setattr(fastpath, "decoding_layout", lambda weight: request.param)
     return request.param
 
 
 def ids_for(model, T=9, seed=1):
     return torch.randint(0, model.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(seed))
+
+
+def stacks_hold(model) -> list[bool]:
+    return [b.attn.fused_qkv is not None and b.attn.fused_qkv.holds([b.attn.q_proj, b.attn.k_proj, b.attn.v_proj])
+            for b in model.blocks]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -31,13 +36,22 @@ def test_prepared_model_gives_the_same_logits_and_tokens(name, layout):
     ids = ids_for(model)
     with torch.inference_mode():
         before = model(ids)
-    tokens_before = generate(model, ids[:1], 12, temperature=0, prepare=False)
+    tokens_before = generate(model, ids[:1], 12, temperature=0)
     prepare_for_decoding(model)
-    assert all(b.attn.fused_qkv is not None for b in model.blocks)
+    assert all(stacks_hold(model))
     with torch.inference_mode():
         after = model(ids)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     assert torch.equal(generate(model, ids[:1], 12, temperature=0), tokens_before)
+
+
+def test_generate_leaves_the_model_alone_unless_asked():
+    model = random_model("tiny")
+    before = {n: (t.data_ptr(), t.stride()) for n, t in model.state_dict().items()}
+    generate(model, ids_for(model)[:1], 4, temperature=0)
+    assert {n: (t.data_ptr(), t.stride()) for n, t in model.state_dict().items()} == before
+    generate(model, ids_for(model)[:1], 4, temperature=0, prepare=True)
+    assert all(stacks_hold(model))
 
 
 def test_the_projections_become_views_of_the_stacked_weight(layout):
@@ -53,6 +67,15 @@ def test_the_projections_become_views_of_the_stacked_weight(layout):
     # parameters() and state_dict() see each number once, under its usual name
     assert not any("fused" in name for name in model.state_dict())
     assert sum(p.numel() for p in model.parameters()) == random_model("tiny").num_parameters()
+
+
+def test_the_layout_rule_is_fixed_and_follows_the_shape():
+    def layout_of(out_f, in_f, dtype=torch.float32):
+        return fastpath.decoding_layout(torch.empty(out_f, in_f, dtype=dtype))
+
+    assert layout_of(2304, 768) == layout_of(768, 768) == layout_of(50257, 768) == "column"
+    assert layout_of(768, 3072) == "row"  # narrow: row-major streamed faster
+    assert layout_of(2304, 768, torch.bfloat16) == "row"
 
 
 def test_layout_keeps_values_parameter_and_tying():
@@ -88,7 +111,39 @@ def test_a_replaced_or_cast_projection_is_not_read_from_the_stale_stack(layout):
     with torch.inference_mode():
         torch.testing.assert_close(model(ids), reference.to(torch.float64)(ids), rtol=1e-9, atol=1e-9)
     prepare_for_decoding(model)  # and preparing again stacks the new tensors
-    assert all(b.attn.fused_qkv.holds([b.attn.q_proj, b.attn.k_proj, b.attn.v_proj]) for b in model.blocks)
+    assert all(stacks_hold(model))
+
+
+def test_a_parametrized_projection_is_not_read_from_the_stack():
+    """register_parametrization changes the layer's class under the stack's feet."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model, reference = prepare_for_decoding(random_model("tiny")), random_model("tiny")
+    for m in (model, reference):
+        parametrize.register_parametrization(m.blocks[0].attn.v_proj, "weight", Doubled())
+    ids = ids_for(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids), reference(ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # a few seconds of tracing
+def test_a_compiled_step_never_reads_a_stale_stack():
+    """A compiled step cannot check the stack's addresses; generate() drops stale stacks first.
+    Here the weights are swapped with load_state_dict(assign=True) after preparing."""
+    model = prepare_for_decoding(random_model("tiny", n_embd=64, n_head=2))
+    torch.manual_seed(5)
+    fresh = random_model("tiny", n_embd=64, n_head=2)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.mul_(-1.0)
+    model.load_state_dict(fresh.state_dict(), assign=True)
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    expected = generate(fresh, prompt, 10, temperature=0)
+    assert torch.equal(generate(model, prompt, 10, temperature=0, compile="aot_eager"), expected)
 
 
 def test_quantized_projections_stack_too_and_follow_the_readable_switch():
@@ -111,55 +166,69 @@ def test_int4_projections_are_left_unstacked():
     assert generate(model, ids_for(model)[:1], 4, temperature=0).shape == (1, 13)
 
 
-def test_training_after_decoding_still_trains_every_projection(layout):
-    """The stacked matmul is for inference only: with gradients on, the three projections run as
-    three, so each gets its gradient (the stack would have taken it)."""
-    prepared, plain = prepare_for_decoding(random_model("tiny")), random_model("tiny")
+def test_train_undoes_the_decoding_layout_and_training_matches(layout):
+    """Optimizers, the fused AdamW above all, assume each parameter is its own contiguous tensor
+    (a column-major or stacked one makes the fused CPU kernel update the wrong elements). So
+    `train()` restores plain tensors; then a real optimizer step equals the unprepared model's."""
+    from tegaki.train import TrainConfig, build_optimizer
+
+    prepared, plain = random_model("tiny"), random_model("tiny")
     ids = ids_for(prepared)
-    generate(prepared, ids[:1], 3)
+    generate(prepared, ids[:1], 3, prepare=True)
+    prepared.eval()  # eval() keeps the decoding layout ...
+    assert all(stacks_hold(prepared))
+    prepared.train()  # ... train() undoes it
+    assert all(b.attn.fused_qkv is None for b in prepared.blocks)
+    for p in prepared.parameters():
+        assert p.is_contiguous() and p.untyped_storage().nbytes() == p.numel() * p.element_size()
+    cfg = TrainConfig()
     for model in (prepared, plain):
         model.train()
-        _, loss = model(ids[:, :-1], ids[:, 1:])
-        loss.backward()
-    for name in ("q_proj", "k_proj", "v_proj"):
-        g_prepared = getattr(prepared.blocks[0].attn, name).weight.grad
-        g_plain = getattr(plain.blocks[0].attn, name).weight.grad
-        assert g_prepared is not None and g_prepared.abs().sum() > 0
-        torch.testing.assert_close(g_prepared, g_plain, rtol=1e-5, atol=1e-6)
+        opt = build_optimizer(model, cfg, torch.device("cpu"))
+        for _ in range(2):
+            _, loss = model(ids[:, :-1], ids[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, a), b in zip(prepared.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_a_prepared_model_saves_and_exports_like_any_other(tmp_path, monkeypatch):
-    """Row-major stacking makes q/k/v contiguous views of one tensor: safetensors refuses shared
-    memory, so the save paths copy them out."""
-    monkeypatch.setattr(fastpath, "faster_layout", lambda out_f, in_f, dtype: "row")
-    from safetensors.torch import load_file
+def test_restore_gives_plain_tensors_with_the_same_values(layout):
+    model = random_model("tiny-llama")
+    values = {n: t.clone() for n, t in model.state_dict().items()}
+    restore_plain_layout(prepare_for_decoding(model))
+    for name, t in model.state_dict().items():
+        assert t.is_contiguous() and torch.equal(t, values[name]), name
 
-    from tegaki.hf import export_hf
+
+def test_a_prepared_model_saves_and_exports_like_any_other(tmp_path, layout):
+    """Stacked q/k/v share one tensor's memory (and may be column-major): safetensors refuses
+    shared memory, so tegaki's save paths copy them out. Both files load back exactly."""
+    from safetensors.torch import load_file, save_file
+
+    from tegaki.hf import export_hf, from_pretrained
     from tegaki.train import _model_tensors
 
     model = prepare_for_decoding(random_model("tiny-llama"))
-    tensors = _model_tensors(model.state_dict(), model.config)
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(tmp_path / "m.safetensors"))
+    save_file(_model_tensors(model.state_dict(), model.config), str(tmp_path / "m.safetensors"))
     loaded = load_file(str(tmp_path / "m.safetensors"))
     for name, t in model.state_dict().items():
         if name in loaded:
             assert torch.equal(loaded[name], t), name
     export_hf(model, tmp_path / "hf")
-    assert (tmp_path / "hf" / "model.safetensors").stat().st_size > 0
+    back = from_pretrained(tmp_path / "hf").eval()
+    ids = ids_for(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(back(ids), model(ids), rtol=1e-5, atol=1e-5)
 
 
-def test_stacking_refuses_layers_of_different_kinds():
+def test_stacking_refuses_what_cannot_share_one_matrix():
     linear = nn.Linear(8, 8)
-    assert StackedLinear.stack([linear, Int8Linear(nn.Linear(8, 8))]) is None
-    assert StackedLinear.stack([linear, nn.Linear(4, 8)]) is None
-
-
-def test_measured_layout_is_one_of_the_two_and_remembered():
-    choice = fastpath.faster_layout(96, 32, torch.float32)
-    assert choice in ("row", "column")
-    assert fastpath._measured[(96, 32, torch.float32, torch.get_num_threads())] == choice
+    assert StackedLinear.stack([linear, Int8Linear(nn.Linear(8, 8))]) is None  # different kinds
+    assert StackedLinear.stack([linear, nn.Linear(4, 8)]) is None  # different inputs
+    assert StackedLinear.stack([linear, nn.Linear(8, 8).to(torch.bfloat16)]) is None  # different dtypes
+    assert linear.weight.dtype == torch.float32  # and nothing was cast on the way
 
 
 @pytest.mark.slow  # a few seconds of tracing
@@ -169,22 +238,6 @@ def test_a_traced_int8_decode_step_with_stacked_projections_gives_the_same_token
     model = quantize_model(random_model("tiny", n_embd=64, n_head=2), "int8")
     prompt = torch.tensor([[3, 1, 4, 1, 5]])
     eager = generate(model, prompt, 10, temperature=0)
+    traced = generate(model, prompt, 10, temperature=0, compile="aot_eager", prepare=True)
     assert model.blocks[0].attn.fused_qkv is not None
-    assert torch.equal(generate(model, prompt, 10, temperature=0, compile="aot_eager"), eager)
-
-
-def test_measuring_a_huge_matrix_uses_a_smaller_one_of_the_same_kind(monkeypatch):
-    shapes = []
-    real = fastpath._column_major
-
-    def spy(w):
-        shapes.append(tuple(w.shape))
-        return real(w)
-
-    monkeypatch.setattr(fastpath, "_column_major", spy)
-    monkeypatch.setattr(fastpath, "MEASURE_BYTES", 1 << 20)
-    fastpath._time_layouts(100_000, 128, torch.float32)  # a wide 51 MB matrix
-    fastpath._time_layouts(64, 50_000, torch.float32)  # a narrow 12.8 MB one
-    wide, narrow = shapes[0], shapes[-1]
-    assert wide[1] == 128 and 128 <= wide[0] <= 2048  # still out >= in, at most ~1 MiB
-    assert narrow[1] == 50_000 and narrow[0] <= 64 and narrow[0] * 50_000 * 4 <= 1 << 20
+    assert torch.equal(traced, eager)
