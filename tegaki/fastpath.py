@@ -21,7 +21,8 @@ how fast those reads go:
 `prepare_for_decoding(model)` does both, in place: the `tegaki generate` command and the benchmark
 call it; in Python, `generate(..., prepare=True)` or a direct call. It is for inference:
 optimizers (the fused AdamW especially) expect plain contiguous parameters, so `model.train()`
-calls `restore_plain_layout`, which undoes it. tests/test_fastpath.py proves a prepared model gives
+calls `restore_plain_layout`, which undoes it. While a stack is in use, forward hooks on q_proj,
+k_proj and v_proj do not fire (one matmul runs for the three). tests/test_fastpath.py proves a prepared model gives
 the unprepared model's tokens, trains like it after `train()`, and never reads a stale stacked copy.
 """
 
