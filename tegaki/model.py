@@ -335,7 +335,8 @@ class MoE(nn.Module):
             self.b_out = nn.Parameter(torch.zeros(E, C))
         else:
             self.b_in = self.b_out = None
-        self.aux_loss: torch.Tensor | None = None  # load-balancing loss of the last forward
+        self.routing_stats: tuple | None = None  # what the balance loss needs, from the last forward
+        self.aux_loss: torch.Tensor | None = None  # this layer's load-balancing loss, last forward
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, C) -> router logits (N, E), chosen experts (N, k), their weights (N, k)."""
@@ -378,7 +379,8 @@ class MoE(nn.Module):
         else:
             out = self._forward_loop(x, chosen, weights)
         # The balance loss only matters for learning; inference skips its softmax over all experts.
-        self.aux_loss = self._load_balancing_loss(logits, chosen) if self.training else None
+        self.routing_stats = self._routing_stats(logits, chosen) if self.training else None
+        self.aux_loss = load_balancing_loss([self.routing_stats]) if self.training else None
         return out.view(B, T, C)
 
     def _forward_loop(self, x, chosen, weights) -> torch.Tensor:
@@ -405,13 +407,23 @@ class MoE(nn.Module):
         dense_weights.scatter_(1, chosen, weights.to(y.dtype))  # (N, E)
         return torch.einsum("enc,ne->nc", y, dense_weights)  # (N, C)
 
-    def _load_balancing_loss(self, logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        """Switch-Transformer auxiliary loss: E * sum_e (share of picks for e) * (mean prob of e).
-        It is smallest when tokens spread evenly over the experts."""
+    def _routing_stats(self, logits: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Per expert: how many times it was among a token's k (E,), and the router probability it
+        got in total (E,); and the number of tokens."""
         E = self.config.n_experts
         probs = F.softmax(logits.float(), dim=-1)  # (N, E)
-        picks = F.one_hot(chosen, E).float().sum(dim=1)  # (N, E): 1 where e is among the k
-        return E * (picks.mean(dim=0) * probs.mean(dim=0)).sum()
+        picks = F.one_hot(chosen, E).float().sum(dim=(0, 1))  # (E,)
+        return picks, probs.sum(dim=0), logits.shape[0]
+
+
+def load_balancing_loss(stats: list[tuple[torch.Tensor, torch.Tensor, int]]) -> torch.Tensor:
+    """Switch-Transformer auxiliary loss: E * sum_e (picks of e per token) * (mean probability of e).
+    It is smallest when tokens spread evenly over the experts. Over several layers the counts are
+    pooled first (every token of every layer together), as transformers computes it."""
+    picks = sum(s[0] for s in stats)  # (E,)
+    probs = sum(s[1] for s in stats)  # (E,)
+    tokens = sum(s[2] for s in stats)
+    return picks.shape[0] * ((picks / tokens) * (probs / tokens)).sum()
 
 
 def make_mlp(config: ModelConfig) -> nn.Module:
@@ -576,9 +588,10 @@ class GPT(nn.Module):
         return masks
 
     def moe_aux_loss(self) -> torch.Tensor:
-        """The mean load-balancing loss over the MoE layers of the last forward pass."""
-        losses = [b.mlp.aux_loss for b in self.blocks if isinstance(b.mlp, MoE) and b.mlp.aux_loss is not None]
-        return torch.stack(losses).mean()
+        """The load-balancing loss of the last forward pass, pooled over the MoE layers."""
+        return load_balancing_loss(
+            [b.mlp.routing_stats for b in self.blocks if isinstance(b.mlp, MoE) and b.mlp.routing_stats is not None]
+        )
 
     def train(self, mode: bool = True):
         """Training wants plain tensors (optimizers assume each parameter is its own contiguous

@@ -379,6 +379,27 @@ def test_aux_loss_equals_transformers_formula_per_layer(perturb):
     torch.testing.assert_close(moe.aux_loss, load_balancing_loss_func((router_logits,), 6, 2))
 
 
+def test_model_aux_loss_pools_the_layers_as_transformers_does(perturb):
+    """Over several MoE layers transformers pools the counts of every token of every layer before
+    multiplying; the mean of per-layer losses would differ whenever the layers route differently."""
+    pytest.importorskip("transformers")
+    from transformers.models.gpt_oss.modeling_gpt_oss import load_balancing_loss_func
+
+    model = build(VARIANTS["gpt-oss"], perturb)
+    assert sum(isinstance(b.mlp, MoE) for b in model.blocks) >= 2
+    router_logits = []
+    hooks = [b.mlp.router.register_forward_hook(lambda m, i, out: router_logits.append(out)) for b in model.blocks]
+    model.train()
+    model(torch.randint(0, 61, (2, 12)), torch.randint(0, 61, (2, 12)))
+    for h in hooks:
+        h.remove()
+    cfg = model.config
+    expected = load_balancing_loss_func(tuple(router_logits), cfg.n_experts, cfg.n_experts_per_tok)
+    torch.testing.assert_close(model.moe_aux_loss(), expected)
+    per_layer_mean = torch.stack([b.mlp.aux_loss for b in model.blocks]).mean()
+    assert not torch.allclose(per_layer_mean, expected)  # the layers did route differently
+
+
 # -------------------------------------------------------------------------------------------------
 # Parameter counts of the real shapes, built on the meta device (no memory)
 # -------------------------------------------------------------------------------------------------
