@@ -22,7 +22,10 @@ how fast those reads go:
 call it; in Python, `generate(..., prepare=True)` or a direct call. It is for inference:
 optimizers (the fused AdamW especially) expect plain contiguous parameters, so `model.train()`
 calls `restore_plain_layout`, which undoes it. While a stack is in use, forward hooks on q_proj,
-k_proj and v_proj do not fire (one matmul runs for the three). tests/test_fastpath.py proves a prepared model gives
+k_proj and v_proj do not fire (one matmul runs for the three), and a compiled forward cannot check
+that a stack is current: `generate` and `load_state_dict` drop stale stacks, but after assigning
+new projection weights by hand, call `drop_stale_stacks` (or prepare again) before a compiled
+forward. tests/test_fastpath.py proves a prepared model gives
 the unprepared model's tokens, trains like it after `train()`, and never reads a stale stacked copy.
 """
 
@@ -66,22 +69,26 @@ def prepare_for_decoding(model: nn.Module) -> nn.Module:
 
 
 def restore_plain_layout(model: nn.Module) -> nn.Module:
-    """Undo `prepare_for_decoding`: every weight its own contiguous row-major tensor again, the
-    stacks dropped. Same values. Cheap when there is nothing to undo."""
+    """Undo `prepare_for_decoding`: every parameter and buffer (and gradient) a contiguous tensor
+    with memory of its own again, the stacks dropped. Same values. Cheap when there is nothing to
+    undo; tensors of other kinds (distributed shards) are left alone."""
     from tegaki.model import Attention
 
     with torch.inference_mode(False), torch.no_grad():
         for module in model.modules():
-            if isinstance(module, Attention) and module.fused_qkv is not None:
-                for part in (module.q_proj, module.k_proj, module.v_proj):
-                    for name in STACKABLE.get(type(part), ()):
-                        t = getattr(part, name)
-                        if t is not None:
-                            t.data = t.data.clone(memory_format=torch.contiguous_format)
+            if isinstance(module, Attention):
                 module.__dict__["fused_qkv"] = None
-            elif isinstance(module, nn.Linear):
-                set_layout(module, "row")
+        for t in list(model.parameters()) + list(model.buffers()):
+            if type(t.data) is torch.Tensor and not _owns_memory(t.data):
+                t.data = t.data.clone(memory_format=torch.contiguous_format)
+            grad = getattr(t, "grad", None)
+            if grad is not None and type(grad) is torch.Tensor and not grad.is_contiguous():
+                t.grad = grad.contiguous()  # a gradient keeps its parameter's old layout
     return model
+
+
+def _owns_memory(t: torch.Tensor) -> bool:
+    return t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def drop_stale_stacks(model: nn.Module) -> None:
@@ -97,10 +104,7 @@ def drop_stale_stacks(model: nn.Module) -> None:
 def standalone(t: torch.Tensor) -> torch.Tensor:
     """t as a contiguous tensor that owns its memory: what safetensors insists on. A prepared
     model's q/k/v weights are views into one stacked matrix; a saved copy must not be."""
-    t = t.contiguous()
-    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
-        t = t.clone()
-    return t
+    return t if _owns_memory(t) else t.clone(memory_format=torch.contiguous_format)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -210,6 +210,10 @@ class Attention(nn.Module):
         self.__dict__["fused_qkv"] = None
         return super()._apply(fn, recurse)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__["fused_qkv"] = None  # load_state_dict(assign=True) swaps the q/k/v tensors
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x @ Wq^T, x @ Wk^T, x @ Wv^T. For decoding, `tegaki.fastpath` stacks the three weights
         into one matrix (the three become views into it): then one matmul does all three. Only

@@ -194,6 +194,45 @@ def test_train_undoes_the_decoding_layout_and_training_matches(layout):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_gradients_taken_while_prepared_are_made_plain_too(layout):
+    """backward on a prepared model, then train(), then a fused AdamW step: a gradient keeps the
+    column-major layout of its parameter unless train() makes it plain as well."""
+    from tegaki.train import TrainConfig, build_optimizer
+
+    prepared, plain = prepare_for_decoding(random_model("tiny")), random_model("tiny")
+    ids = ids_for(prepared)
+    for model in (prepared, plain):
+        _, loss = model(ids[:, :-1], ids[:, 1:])  # still in eval mode, still prepared
+        loss.backward()
+        model.train()
+        build_optimizer(model, TrainConfig(), torch.device("cpu")).step()
+    for (name, a), b in zip(prepared.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_no_op_move_then_train_still_gives_every_tensor_its_own_memory():
+    model = prepare_for_decoding(random_model("tiny"))
+    model.to("cpu")  # drops the stacks, though nothing moved
+    model.train()
+    for t in list(model.parameters()) + list(model.buffers()):
+        assert t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+@pytest.mark.slow  # a few seconds of tracing
+def test_a_compiled_forward_after_loading_new_weights_reads_them():
+    """Outside generate(): load_state_dict(assign=True) itself drops the stacks."""
+    model = prepare_for_decoding(random_model("tiny", n_embd=64, n_head=2))
+    fresh = random_model("tiny", n_embd=64, n_head=2)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.mul_(-1.0)
+    model.load_state_dict(fresh.state_dict(), assign=True)
+    compiled = torch.compile(model, backend="aot_eager")
+    ids = ids_for(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids), fresh(ids), rtol=1e-5, atol=1e-5)
+
+
 def test_restore_gives_plain_tensors_with_the_same_values(layout):
     model = random_model("tiny-llama")
     values = {n: t.clone() for n, t in model.state_dict().items()}
