@@ -46,7 +46,7 @@ STACKABLE: dict[type, tuple[str, ...]] = {
 
 def prepare_for_decoding(model: nn.Module) -> nn.Module:
     """Stack q/k/v of every attention layer and store each float weight in its decoding layout."""
-    from tegaki.model import Attention
+    from tegaki.model import GPT, Attention
 
     with torch.inference_mode(False), torch.no_grad():  # plain tensors, not inference tensors
         stacked: set[int] = set()
@@ -65,6 +65,8 @@ def prepare_for_decoding(model: nn.Module) -> nn.Module:
         for module in model.modules():
             if isinstance(module, nn.Linear) and id(module) not in stacked:
                 set_layout(module, decoding_layout(module.weight))
+            if isinstance(module, GPT):
+                module.__dict__["prepared_for_decoding"] = True  # GPT.train() restores it
     return model
 
 
@@ -120,6 +122,7 @@ class StackedLinear(nn.Module):
         super().__init__()
         self.inner = inner  # an nn.Linear / Int8Linear whose tensors are the stacked ones
         self.part_tensors = [(part, _tensor_ptrs(part)) for part in parts]
+        self.sizes = [part.out_features for part in parts]  # how to split the output again
 
     @classmethod
     def stack(cls, parts: list[nn.Module]) -> "StackedLinear | None":

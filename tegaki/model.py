@@ -223,7 +223,7 @@ class Attention(nn.Module):
         # A compiled step cannot check `holds` (it reads memory addresses); generate() drops stale
         # stacks before it runs one.
         if fused is not None and not torch.is_grad_enabled() and (torch.compiler.is_compiling() or fused.holds(parts)):
-            return fused(x).split([p.out_features for p in parts], dim=-1)
+            return fused(x).split(fused.sizes, dim=-1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def _attend_written_out(self, q, k, v, mask, positions) -> torch.Tensor:
@@ -599,8 +599,9 @@ class GPT(nn.Module):
 
     def train(self, mode: bool = True):
         """Training wants plain tensors (optimizers assume each parameter is its own contiguous
-        tensor): undo the decoding layout of `tegaki.fastpath.prepare_for_decoding`, if any."""
-        if mode:
+        tensor): undo the decoding layout of `tegaki.fastpath.prepare_for_decoding`, if any. The
+        training loop calls this every step, so a model never prepared costs one dict lookup."""
+        if mode and self.__dict__.pop("prepared_for_decoding", False):
             from tegaki.fastpath import restore_plain_layout
 
             restore_plain_layout(self)

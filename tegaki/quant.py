@@ -80,6 +80,13 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_fast(x) if self.fast else self.forward_reference(x)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) after quantizing casts every float buffer; the kernel insists on
+        # bfloat16 scales, so they go back to bfloat16 (on whatever device fn moved them to).
+        super()._apply(fn, recurse)
+        self.scale_bf16 = self.scale_bf16.to(torch.bfloat16)
+        return self
+
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Readable: rebuild the float weight, then an ordinary linear layer."""
         w = dequantize_int8(self.weight_int8, self.scale).to(x.dtype)
@@ -90,9 +97,7 @@ class Int8Linear(nn.Module):
         ~10x slower with float32 activations, so they go in as bf16 and come back in x's dtype."""
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (N, in)
-        # .to(): a model cast with .to(dtype) after quantizing casts this buffer too; the kernel
-        # insists on bfloat16 scales (a no-op when they already are)
-        y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scale_bf16.to(torch.bfloat16))  # (N, out)
+        y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scale_bf16)  # (N, out)
         y = y.to(x.dtype).view(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 

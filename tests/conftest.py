@@ -1,4 +1,4 @@
-"""Fixtures shared by the model, rope, config and hf tests."""
+"""Fixtures shared by the test modules."""
 
 from __future__ import annotations
 
@@ -10,6 +10,16 @@ import torch
 def _seeded():
     """Every test starts from the same random state, so a failure reproduces."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models and small matmuls run faster on one thread, and do not stall when other work
+    shares the cores. A module opts in with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

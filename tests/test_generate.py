@@ -17,13 +17,7 @@ FAMILIES = ["tiny", "tiny-llama", "tiny-qwen3", "tiny-gpt-oss", "tiny-gpt-oss-ya
 WINDOW = 12  # shrunk from the presets' 64 so a short generation wraps the ring buffer twice
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models decode faster on one thread, and do not stall when other work shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def random_model(name: str, **changes) -> GPT:
