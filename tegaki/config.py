@@ -82,29 +82,49 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        # Fields left at None are derived from the others, once, here: code reads config.head_dim
+        # and gets a number. Which ones were derived is remembered, so that replace() derives them
+        # again from the new sizes and to_dict() writes None back (config files keep meaning "auto").
+        derived = {name: value for name, value in self._derivations().items() if getattr(self, name) is None}
+        object.__setattr__(self, "_derived", frozenset(derived))
+        for name, value in derived.items():
+            setattr(self, name, value)
         self.validate()
 
-    # --- derived values: read these, not the raw Nones ------------------------------------
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_head or self.n_head
+    def _derivations(self) -> dict[str, Any]:
+        """What each None field stands for."""
+        return {
+            "n_kv_head": self.n_head,  # as many key/value heads as query heads: plain multi-head
+            "head_dim": self.n_embd // self.n_head if self.n_head else 0,  # the heads split n_embd
+            "intermediate_size": 4 * self.n_embd,  # GPT-2's "4x MLP"
+            "qkv_bias": self.bias,
+            "attn_out_bias": self.bias,
+            "mlp_bias": self.bias,
+        }
 
-    @property
-    def dim_head(self) -> int:
-        return self.head_dim or self.n_embd // self.n_head
-
-    @property
-    def mlp_hidden(self) -> int:
-        return self.intermediate_size or 4 * self.n_embd
-
-    def use_bias(self, which: str) -> bool:
-        value = getattr(self, f"{which}_bias")
-        return self.bias if value is None else value
-
-    def layer_type(self, layer: int) -> str:
+    def window(self, layer: int) -> int | None:
+        """How far back layer `layer` may look: sliding_window for a sliding layer, None (the whole
+        context) for a full one. The one place that answers it: attention and the KV cache ask."""
         if self.layer_types is not None:
-            return self.layer_types[layer]
-        return "sliding" if self.sliding_window else "full"
+            kind = self.layer_types[layer]
+        else:
+            kind = "sliding" if self.sliding_window else "full"
+        return self.sliding_window if kind == "sliding" else None
+
+    @property
+    def max_positions(self) -> int | None:
+        """The number of positions the model can take: block_size for a learned position table
+        (GPT-2 has no vector for position 1024), None (no hard limit) for rotary or no positions."""
+        return self.block_size if self.pos_embedding == "learned" else None
+
+    def check_positions(self, count: int, what: str = "the input") -> None:
+        """Refuse `count` positions when a learned position table has fewer rows."""
+        limit = self.max_positions
+        if limit is not None and count > limit:
+            raise TegakiError(
+                f"{what} needs {count} positions, beyond this model's learned position table "
+                f"(block_size={limit}); shorten it"
+            )
 
     def validate(self) -> None:
         """Reject inconsistent flags when the config is built, not deep inside a forward pass."""
@@ -116,12 +136,12 @@ class ModelConfig:
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         need(
-            self.head_dim is not None or self.n_embd % self.n_head == 0,
+            "head_dim" not in self._derived or self.n_embd % self.n_head == 0,
             f"n_head={self.n_head} does not divide n_embd={self.n_embd} (or set head_dim)",
         )
         need(
-            self.n_head % self.kv_heads == 0,
-            f"n_kv_head={self.kv_heads} must divide n_head={self.n_head}",
+            self.n_kv_head >= 1 and self.n_head % self.n_kv_head == 0,
+            f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}",
         )
         choices = {
             "pos_embedding": ("learned", "rope", "none"),
@@ -137,7 +157,7 @@ class ModelConfig:
             need(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r}, expected one of {allowed}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         if self.pos_embedding == "rope":
-            need(self.dim_head % 2 == 0, f"rotary embeddings need an even head_dim, got {self.dim_head}")
+            need(self.head_dim % 2 == 0, f"rotary embeddings need an even head_dim, got {self.head_dim}")
         if self.rope_scaling != "none":
             need(self.pos_embedding == "rope", "rope_scaling needs pos_embedding='rope'")
             need(self.rope_factor >= 1.0, f"rope_factor must be >= 1, got {self.rope_factor}")
@@ -168,7 +188,10 @@ class ModelConfig:
 
     # --- conversions ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field; derived ones as None, as they were given."""
+        d = dataclasses.asdict(self)
+        d.update(dict.fromkeys(self._derived))
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -179,7 +202,8 @@ class ModelConfig:
         return cls(**d)
 
     def replace(self, **changes: Any) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields changed; derived fields are derived again from the new values."""
+        return dataclasses.replace(self, **(dict.fromkeys(self._derived) | changes))
 
     def with_overrides(self, assignments: list[str]) -> "ModelConfig":
         """Apply `field=value` strings (the CLI's --set), each value parsed by the field's type."""

@@ -62,9 +62,9 @@ class KVCache:
         self._length = 0
         self.cursor = torch.zeros(1, dtype=torch.long, device=device)  # static mode's count
         self.windows = [
-            config.sliding_window if config.layer_type(i) == "sliding" else None for i in range(config.n_layer)
+            config.window(i) for i in range(config.n_layer)
         ]
-        K, D, B = config.kv_heads, config.dim_head, batch_size
+        K, D, B = config.n_kv_head, config.head_dim, batch_size
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         for window in self.windows:

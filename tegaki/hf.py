@@ -285,29 +285,29 @@ def family_for_config(config: ModelConfig) -> Family:
     if not config.final_norm:
         refuse("final_norm=False", "no final norm")
     if config.pos_embedding == "learned":
-        if config.norm != "layernorm" or config.mlp != "gelu" or config.kv_heads != config.n_head:
+        if config.norm != "layernorm" or config.mlp != "gelu" or config.n_kv_head != config.n_head:
             refuse("pos_embedding='learned'", "learned positions exist only in GPT-2, with LayerNorm, GELU and MHA")
-        if not (config.use_bias("qkv") and config.use_bias("attn_out") and config.use_bias("mlp") and config.bias):
+        if not (config.qkv_bias and config.attn_out_bias and config.mlp_bias and config.bias):
             refuse("bias=False", "GPT-2 always has biases")
         for flag in ("qk_norm", "attn_sinks"):
             if getattr(config, flag):
                 refuse(f"{flag}=True with pos_embedding='learned'", "GPT-2 has no such layer")
         if config.sliding_window is not None:
             refuse("sliding_window with pos_embedding='learned'", "GPT-2 attends to the whole context")
-        if config.dim_head * config.n_head != config.n_embd:
-            refuse(f"head_dim={config.dim_head} with pos_embedding='learned'", "GPT-2 heads split n_embd")
+        if config.head_dim * config.n_head != config.n_embd:
+            refuse(f"head_dim={config.head_dim} with pos_embedding='learned'", "GPT-2 heads split n_embd")
         return FAMILIES["gpt2"]
     if config.pos_embedding != "rope":
         refuse(f"pos_embedding={config.pos_embedding!r}", "no positions")
     if config.norm != "rmsnorm":
         refuse("norm='layernorm' with rotary positions", "Llama-family models use RMSNorm")
-    if config.use_bias("qkv") != config.use_bias("attn_out"):
+    if config.qkv_bias != config.attn_out_bias:
         refuse("qkv_bias != attn_out_bias", "transformers has one attention_bias switch")
     if config.mlp == "moe":
         if config.moe_expert != "gpt-oss" or not config.attn_sinks or not config.moe_softmax_after_topk:
             refuse("mlp='moe' without GPT-OSS experts, sinks and softmax after top-k",
                    "only GPT-OSS is supported among MoE models")
-        if not (config.moe_router_bias and config.use_bias("mlp")):
+        if not (config.moe_router_bias and config.mlp_bias):
             refuse("moe_router_bias/mlp_bias False", "GPT-OSS experts and router have biases")
         if config.qk_norm:
             refuse("qk_norm with MoE", "GPT-OSS has no QK-norm")
@@ -317,7 +317,7 @@ def family_for_config(config: ModelConfig) -> Family:
     if config.mlp != "swiglu":
         refuse(f"mlp={config.mlp!r} with rotary positions", "Llama and Qwen3 use SwiGLU")
     if config.qk_norm:
-        if config.use_bias("mlp"):
+        if config.mlp_bias:
             refuse("mlp_bias with qk_norm", "Qwen3 has no MLP bias")
         return FAMILIES["qwen3"]
     if config.sliding_window is not None:
@@ -328,13 +328,8 @@ def family_for_config(config: ModelConfig) -> Family:
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     fam = family_for_config(config)
     hf: dict[str, Any] = {"architectures": [fam.architecture], "model_type": fam.model_type}
-    values = {  # the derived values: a None in ModelConfig means "the default", never null in config.json
-        "n_kv_head": config.kv_heads, "head_dim": config.dim_head, "intermediate_size": config.mlp_hidden,
-        "qkv_bias": config.use_bias("qkv"), "attn_out_bias": config.use_bias("attn_out"),
-        "mlp_bias": config.use_bias("mlp"),
-    }
     for hf_key, field in fam.config_table:
-        hf[hf_key] = values.get(field, getattr(config, field))
+        hf[hf_key] = getattr(config, field)  # derived fields are filled: never null in config.json
     if fam.name == "gpt2":
         hf.update(activation_function="gelu_new", n_ctx=config.block_size, resid_pdrop=0.0, embd_pdrop=0.0,
                   attn_pdrop=0.0, scale_attn_weights=True)
@@ -345,7 +340,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     if config.rope_scaling != "none":
         hf["rope_scaling"] = dict(hf["rope_parameters"])
     layer_types = [
-        "sliding_attention" if config.layer_type(i) == "sliding" else "full_attention" for i in range(config.n_layer)
+        "sliding_attention" if config.window(i) else "full_attention" for i in range(config.n_layer)
     ]
     if fam.name == "gpt_oss":
         hf["layer_types"] = layer_types

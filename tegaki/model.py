@@ -139,15 +139,15 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.dim_head
-        self.window = config.sliding_window if config.layer_type(layer_idx) == "sliding" else None
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.window = config.window(layer_idx)
         C, H, K, D = config.n_embd, self.n_head, self.n_kv_head, self.head_dim
-        qkv_bias = config.use_bias("qkv")
+        qkv_bias = config.qkv_bias
 
         self.q_proj = nn.Linear(C, H * D, bias=qkv_bias)
         self.k_proj = nn.Linear(C, K * D, bias=qkv_bias)
         self.v_proj = nn.Linear(C, K * D, bias=qkv_bias)
-        self.o_proj = nn.Linear(H * D, C, bias=config.use_bias("attn_out"))
+        self.o_proj = nn.Linear(H * D, C, bias=config.attn_out_bias)
         if config.qk_norm:  # Qwen3: normalise each query and key head before the rotation
             self.q_norm = RMSNorm(D, config.norm_eps)
             self.k_norm = RMSNorm(D, config.norm_eps)
@@ -295,9 +295,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        bias = config.use_bias("mlp")
-        self.fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=bias)
-        self.proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=bias)
+        bias = config.mlp_bias
+        self.fc = nn.Linear(config.n_embd, config.intermediate_size, bias=bias)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -310,10 +310,10 @@ class SwiGLU(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        bias = config.use_bias("mlp")
-        self.gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=bias)
-        self.up = nn.Linear(config.n_embd, config.mlp_hidden, bias=bias)
-        self.down = nn.Linear(config.mlp_hidden, config.n_embd, bias=bias)
+        bias = config.mlp_bias
+        self.gate = nn.Linear(config.n_embd, config.intermediate_size, bias=bias)
+        self.up = nn.Linear(config.n_embd, config.intermediate_size, bias=bias)
+        self.down = nn.Linear(config.intermediate_size, config.n_embd, bias=bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -330,11 +330,11 @@ class MoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        E, C, I = config.n_experts, config.n_embd, config.mlp_hidden
+        E, C, I = config.n_experts, config.n_embd, config.intermediate_size
         self.router = nn.Linear(C, E, bias=config.moe_router_bias)
         self.w_in = nn.Parameter(torch.randn(E, C, 2 * I) * config.init_std)
         self.w_out = nn.Parameter(torch.randn(E, I, C) * config.init_std)
-        if config.use_bias("mlp"):
+        if config.mlp_bias:
             self.b_in = nn.Parameter(torch.zeros(E, 2 * I))
             self.b_out = nn.Parameter(torch.zeros(E, C))
         else:

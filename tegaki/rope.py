@@ -24,7 +24,7 @@ from tegaki.config import ModelConfig
 
 def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     """Return (inv_freq of shape (head_dim // 2,), attention_factor) for the config's scaling."""
-    d = config.dim_head
+    d = config.head_dim
     base = config.rope_theta
     s = config.rope_factor
     kind = config.rope_scaling
@@ -45,7 +45,7 @@ def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 def _yarn(config: ModelConfig, inv_freq: torch.Tensor) -> tuple[torch.Tensor, float]:
-    d, base, s = config.dim_head, config.rope_theta, config.rope_factor
+    d, base, s = config.head_dim, config.rope_theta, config.rope_factor
     original = config.rope_original_max_len
 
     def dim_for_rotations(rotations: float) -> float:

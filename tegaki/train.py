@@ -226,18 +226,18 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     Position embeddings are a lookup, not a matmul; the token embedding counts because the
     LM head multiplies by it. A mixture of experts counts only the experts a token uses."""
     c = config
-    attn = c.n_embd * c.dim_head * (2 * c.n_head + 2 * c.kv_heads) + (c.n_embd * c.n_head if c.attn_gate == "headwise" else 0)
+    attn = c.n_embd * c.head_dim * (2 * c.n_head + 2 * c.n_kv_head) + (c.n_embd * c.n_head if c.attn_gate == "headwise" else 0)
     if c.attn_gate == "elementwise":
-        attn += c.n_embd * c.n_head * c.dim_head
+        attn += c.n_embd * c.n_head * c.head_dim
     if c.mlp == "gelu":
-        mlp = 2 * c.n_embd * c.mlp_hidden
+        mlp = 2 * c.n_embd * c.intermediate_size
     elif c.mlp == "swiglu":
-        mlp = 3 * c.n_embd * c.mlp_hidden
+        mlp = 3 * c.n_embd * c.intermediate_size
     else:
-        mlp = c.n_experts_per_tok * 3 * c.n_embd * c.mlp_hidden + c.n_embd * c.n_experts
+        mlp = c.n_experts_per_tok * 3 * c.n_embd * c.intermediate_size + c.n_embd * c.n_experts
     head = c.n_embd * c.vocab_size
     matmul_params = c.n_layer * (attn + mlp) + head
-    attention = 12 * c.n_layer * c.n_head * c.dim_head * seq_len / 2
+    attention = 12 * c.n_layer * c.n_head * c.head_dim * seq_len / 2
     return 6 * matmul_params + attention
 
 

@@ -49,7 +49,7 @@ def test_replace_validates_too():
 
 def test_head_dim_may_differ_from_n_embd_over_n_head():
     config = ModelConfig(n_embd=32, n_head=6, head_dim=16, **_ROPE)  # 6 does not divide 32: fine with head_dim
-    assert config.dim_head == 16
+    assert config.head_dim == 16
     attn = GPT(config.replace(vocab_size=10, n_layer=1)).blocks[0].attn
     assert attn.q_proj.weight.shape == (6 * 16, 32) and attn.o_proj.weight.shape == (32, 6 * 16)
 
@@ -84,9 +84,9 @@ def test_every_preset_builds(preset):
 def test_presets_have_their_families_features():
     c = ModelConfig.preset
     llama = c("tiny-llama")
-    assert (llama.pos_embedding, llama.norm, llama.mlp, llama.kv_heads < llama.n_head) == ("rope", "rmsnorm", "swiglu", True)
+    assert (llama.pos_embedding, llama.norm, llama.mlp, llama.n_kv_head < llama.n_head) == ("rope", "rmsnorm", "swiglu", True)
     qwen3 = c("tiny-qwen3")
-    assert qwen3.qk_norm and qwen3.tie_embeddings and qwen3.dim_head * qwen3.n_head != qwen3.n_embd
+    assert qwen3.qk_norm and qwen3.tie_embeddings and qwen3.head_dim * qwen3.n_head != qwen3.n_embd
     oss = c("tiny-gpt-oss")
     assert oss.mlp == "moe" and oss.moe_expert == "gpt-oss" and oss.attn_sinks and oss.moe_router_bias
     assert oss.layer_types == ["sliding", "full"] * 2 and oss.sliding_window < oss.block_size
@@ -110,8 +110,8 @@ def test_preset_survives_config_json_round_trip(preset):
             continue  # compared through their derived values below
         assert getattr(back, name) == value, name
     for which in ("qkv", "attn_out", "mlp"):
-        assert back.use_bias(which) == config.use_bias(which), which
-    assert (back.kv_heads, back.dim_head, back.mlp_hidden) == (config.kv_heads, config.dim_head, config.mlp_hidden)
+        assert getattr(back, f"{which}_bias") == getattr(config, f"{which}_bias"), which
+    assert (back.n_kv_head, back.head_dim, back.intermediate_size) == (config.n_kv_head, config.head_dim, config.intermediate_size)
 
 
 def test_unknown_preset_lists_the_known_ones():
@@ -128,8 +128,29 @@ def test_overrides_parse_each_fields_type():
     config = ModelConfig.preset("tiny").with_overrides(
         ["n-layer=2", "qk_norm=true", "norm_eps=1e-6", "head_dim=none", "norm=rmsnorm",
          "sliding_window=16", "layer_types=full,sliding"])
-    assert (config.n_layer, config.qk_norm, config.norm_eps, config.head_dim, config.norm) == (2, True, 1e-6, None, "rmsnorm")
+    assert (config.n_layer, config.qk_norm, config.norm_eps, config.head_dim, config.norm) == (2, True, 1e-6, 48, "rmsnorm")
+    assert config.to_dict()["head_dim"] is None  # "none" means derived: n_embd // n_head
     assert config.layer_types == ["full", "sliding"]
+
+
+def test_derived_fields_are_filled_once_and_follow_replace():
+    """None fields become numbers in __post_init__; replace() derives them again from new sizes,
+    while a value given explicitly is kept."""
+    config = ModelConfig.preset("tiny")
+    assert (config.n_kv_head, config.head_dim, config.intermediate_size, config.qkv_bias) == (4, 48, 768, True)
+    wider = config.replace(n_embd=256)
+    assert (wider.head_dim, wider.intermediate_size) == (64, 1024)
+    fixed = config.replace(head_dim=32).replace(n_embd=256)
+    assert fixed.head_dim == 32 and fixed.to_dict()["head_dim"] == 32
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    assert ModelConfig.from_dict(wider.to_dict()).head_dim == 64
+
+
+def test_window_of_each_layer():
+    oss = ModelConfig.preset("tiny-gpt-oss")
+    assert [oss.window(i) for i in range(oss.n_layer)] == [64, None, 64, None]
+    assert ModelConfig.preset("tiny").window(0) is None
+    assert ModelConfig.preset("tiny").replace(sliding_window=16).window(3) == 16
 
 
 @pytest.mark.parametrize("assignment, message", [

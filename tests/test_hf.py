@@ -217,14 +217,14 @@ def test_import_reads_the_flags_of_each_family(tmp_path):
     check the config tegaki builds really uses the family's features."""
     c = imported_config("gpt-oss-yarn-window-sinks-moe", tmp_path)
     assert (c.mlp, c.moe_expert, c.n_experts, c.n_experts_per_tok) == ("moe", "gpt-oss", 4, 2)
-    assert c.attn_sinks and c.moe_router_bias and c.use_bias("qkv") and not c.tie_embeddings
+    assert c.attn_sinks and c.moe_router_bias and c.qkv_bias and not c.tie_embeddings
     assert (c.rope_scaling, c.rope_truncate, c.rope_original_max_len) == ("yarn", False, 16)
     assert c.sliding_window == 8 and c.layer_types == ["sliding", "full"]
     c = imported_config("qwen3-untied-sliding", tmp_path)
-    assert c.qk_norm and c.dim_head == 16 and c.kv_heads == 2 and c.norm_eps == 1e-5
-    assert c.sliding_window == 8 and c.layer_types == ["full", "sliding"] and c.use_bias("qkv")
+    assert c.qk_norm and c.head_dim == 16 and c.n_kv_head == 2 and c.norm_eps == 1e-5
+    assert c.sliding_window == 8 and c.layer_types == ["full", "sliding"] and c.qkv_bias
     c = imported_config("llama-mqa-tied-biases", tmp_path)
-    assert c.kv_heads == 1 and c.tie_embeddings and c.use_bias("qkv") and c.use_bias("mlp")
+    assert c.n_kv_head == 1 and c.tie_embeddings and c.qkv_bias and c.mlp_bias
     c = imported_config("llama-rope-llama3", tmp_path)
     assert (c.rope_scaling, c.rope_factor, c.rope_original_max_len, c.rope_high_freq_factor) == ("llama3", 8.0, 16, 4.0)
 
@@ -273,8 +273,8 @@ def test_hub_config_json_reads_as_the_preset(preset, tmp_path):
 def architecture(config: ModelConfig) -> dict:
     """The config with every None-means-default field resolved, so equal models compare equal."""
     d = config.to_dict()
-    d.update(n_kv_head=config.kv_heads, head_dim=config.dim_head, intermediate_size=config.mlp_hidden,
-             **{f"{w}_bias": config.use_bias(w) for w in ("qkv", "attn_out", "mlp")})
+    d.update(n_kv_head=config.n_kv_head, head_dim=config.head_dim, intermediate_size=config.intermediate_size,
+             **{f"{w}_bias": getattr(config, f"{w}_bias") for w in ("qkv", "attn_out", "mlp")})
     return d
 
 

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         raise TegakiError(f"--out {args.out}: pictures are written as PNG; give a file name ending in .png")
     model, tok, description = load_model_and_tokenizer(args.model, args.preset, args.overrides, args.tokenizer, args.seed)
     att, tokens = attention_maps(model, tok, args.prompt, args.layer)
-    kind = model.config.layer_type(args.layer)
+    kind = "sliding" if model.config.window(args.layer) else "full"
     title = f"{description}, layer {args.layer} ({kind}), {att.shape[0]} heads"
     path = plot_attention_heads(att.numpy(), tokens, args.out, title=title)
     print(f"wrote {path}: {att.shape[0]} heads x {att.shape[1]} tokens")

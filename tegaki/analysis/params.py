@@ -213,9 +213,9 @@ def _shape_column(config: ModelConfig, row: dict) -> str:
 def format_report(title: str, config: ModelConfig, info: dict) -> str:
     c = config
     lines = [
-        f"{title}: {c.n_layer} layers, n_embd {c.n_embd:,}, {c.n_head} heads x head_dim {c.dim_head}"
-        + (f", {c.kv_heads} KV heads" if c.kv_heads != c.n_head else "")
-        + f", MLP {c.mlp} {c.mlp_hidden:,}"
+        f"{title}: {c.n_layer} layers, n_embd {c.n_embd:,}, {c.n_head} heads x head_dim {c.head_dim}"
+        + (f", {c.n_kv_head} KV heads" if c.n_kv_head != c.n_head else "")
+        + f", MLP {c.mlp} {c.intermediate_size:,}"
         + (f", {c.n_experts} experts (top {c.n_experts_per_tok})" if c.mlp == "moe" else "")
         + f", vocab {c.vocab_size:,}, context {c.block_size:,}",
         "",

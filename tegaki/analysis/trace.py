@@ -229,7 +229,7 @@ def trace(model, tokenizer, prompt: str, layer: int = 0, head: int = 0, top_k: i
         a_norm, m_norm = _norm(a), _norm(m)
         blocks.append({
             "layer": i,
-            "kind": cfg.layer_type(i),
+            "kind": "sliding" if cfg.window(i) else "full",
             "attention": {"shape": list(a.shape), "mean_norm": a_norm},
             "mlp": {"shape": list(m.shape), "mean_norm": m_norm},
             # How much of the block's update came from attention vs the MLP (by vector length)...

@@ -1,0 +1,74 @@
+"""The `tegaki` command: argument parsing only.
+
+Each subcommand is one module here (`tegaki/cli/train.py`, `tegaki/cli/generate.py`, …) with a
+`register(subparsers)` function; it turns flags into the library's settings objects and calls the
+library. This file collects them and turns a `TegakiError` into a clear message with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from tegaki.errors import TegakiError
+
+# Each command: its module here, then (while the layout moves) where it lived before. In the order
+# `tegaki --help` lists them.
+COMMAND_MODULES = [
+    ("tegaki.cli.train", "tegaki.train"),
+    ("tegaki.cli.generate", "tegaki.generate"),
+    ("tegaki.cli.params", "tegaki.analysis.params"),
+    ("tegaki.cli.tokenizer", "tegaki.tokenizer.cli"),
+    ("tegaki.cli.prepare", "tegaki.data"),
+    ("tegaki.cli.compare", "tegaki.analysis.compare"),
+    ("tegaki.cli.trace", "tegaki.analysis.trace"),
+    ("tegaki.cli.attention", "tegaki.analysis.attention"),
+    ("tegaki.cli.plot", "tegaki.analysis.plot"),
+    ("tegaki.cli.export", "tegaki.hf"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tegaki",
+        description="tegaki: an LLM written by hand in PyTorch.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for names in COMMAND_MODULES:
+        for name in names:
+            try:
+                module = importlib.import_module(name)
+            except ModuleNotFoundError as e:
+                if e.name == name:  # not (or no longer) there
+                    continue
+                raise
+            if hasattr(module, "register"):
+                module.register(subparsers)
+                break
+    parser.commands = subparsers.choices  # name -> that command's own parser
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # complain with the subcommand's usage, not the top-level one
+        command_parser = parser.commands.get(getattr(args, "command", None) or "", parser)
+        command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except TegakiError as e:
+        print(f"tegaki {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ntegaki {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
