@@ -4,7 +4,7 @@
     python benchmarks/bench_generate.py --quick    # fewer repeats, no long contexts
 
 Everything is measured in one run, on GPT-2 124M shapes with random weights (speed does not
-depend on the values): the same weights go to transformers through `tegaki.hf.export_hf` and
+depend on the values): the same weights go to transformers through `tegaki.load.export_hf` and
 `GPT2LMHeadModel.from_pretrained`. Batch 1, a 32-token prompt, 128 new tokens, greedy.
 
 Ceilings, measured here too:
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tegaki.config import ModelConfig  # noqa: E402
 from tegaki.fastpath import _column_major, decoding_layout  # noqa: E402
 from tegaki.generate import KVCache, generate  # noqa: E402
-from tegaki.hf import export_hf  # noqa: E402
+from tegaki.load import export_hf  # noqa: E402
 from tegaki.model import GPT  # noqa: E402
 from tegaki.quant import quantize_model  # noqa: E402
 

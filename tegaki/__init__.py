@@ -18,9 +18,9 @@ __all__ = ["ModelConfig", "GPT", "from_pretrained", "export_hf", "tokenizer_for"
 _EXPORTS = {
     "ModelConfig": "tegaki.config",
     "GPT": "tegaki.model",
-    "from_pretrained": "tegaki.hf",
-    "export_hf": "tegaki.hf",
-    "tokenizer_for": "tegaki.hf",
+    "from_pretrained": "tegaki.load",
+    "export_hf": "tegaki.load",
+    "tokenizer_for": "tegaki.load",
 }
 
 

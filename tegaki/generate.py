@@ -562,7 +562,7 @@ def register(subparsers) -> None:
 
 def load_for_generation(name_or_path: str, dtype: torch.dtype):
     """(model, tokenizer) for --model: a tegaki run folder, a transformers folder, or a hub id."""
-    from tegaki import hf
+    from tegaki import load as hf
 
     model = hf.from_pretrained(name_or_path, dtype=dtype)
     return model.eval(), hf.tokenizer_for(name_or_path)

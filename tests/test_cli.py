@@ -7,7 +7,7 @@ import torch
 
 from tegaki.cli import main
 from tegaki.config import ModelConfig
-from tegaki.hf import export_hf
+from tegaki.load import export_hf
 from tegaki.model import GPT
 
 

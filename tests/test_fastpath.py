@@ -246,7 +246,7 @@ def test_a_prepared_model_saves_and_exports_like_any_other(tmp_path, layout):
     shared memory, so tegaki's save paths copy them out. Both files load back exactly."""
     from safetensors.torch import load_file, save_file
 
-    from tegaki.hf import export_hf, from_pretrained
+    from tegaki.load import export_hf, from_pretrained
     from tegaki.train import _model_tensors
 
     model = prepare_for_decoding(random_model("tiny-llama"))

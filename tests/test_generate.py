@@ -193,7 +193,7 @@ def test_inductor_compiled_decoding_gives_the_same_tokens():
 @pytest.fixture(scope="module")
 def gpt2_folder(tmp_path_factory):
     """A small GPT-2-shaped model with GPT-2's vocabulary, written as a transformers folder."""
-    from tegaki.hf import export_hf
+    from tegaki.load import export_hf
 
     torch.manual_seed(0)
     config = ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)

@@ -23,7 +23,8 @@ import tegaki  # noqa: E402
 import tegaki.cli  # noqa: E402
 from tegaki import GPT, ModelConfig, export_hf, from_pretrained  # noqa: E402
 from tegaki.errors import TegakiError  # noqa: E402
-from tegaki.hf import dequantize_mxfp4, quantize_mxfp4, tokenizer_for  # noqa: E402
+from tegaki.hf import dequantize_mxfp4, quantize_mxfp4  # noqa: E402
+from tegaki.load import tokenizer_for  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -535,13 +536,14 @@ def test_meta_device_reads_config_only(tmp_path):
 
 @pytest.fixture
 def fake_train_module(monkeypatch):
-    """Stand-in for tegaki.train's run loaders: from_pretrained/tokenizer_for must hand run folders
-    to them (the training module is tested on its own)."""
+    """Stand-ins for the run loaders: from_pretrained/tokenizer_for must hand run folders to them
+    (the run folder itself is tested with the training code)."""
+    import tegaki.load
+
     calls = []
-    fake = types.ModuleType("tegaki.train")
-    fake.load_run_model = lambda path, device="cpu", dtype=None: calls.append(("model", path, device)) or "model"
-    fake.load_run_tokenizer = lambda path: calls.append(("tokenizer", path)) or "tokenizer"
-    monkeypatch.setitem(sys.modules, "tegaki.train", fake)
+    monkeypatch.setattr(tegaki.load, "load_run_model",
+                        lambda path, device="cpu", dtype=None: calls.append(("model", path, device)) or "model")
+    monkeypatch.setattr(tegaki.load, "load_run_tokenizer", lambda path: calls.append(("tokenizer", path)) or "tokenizer")
     return calls
 
 

@@ -42,7 +42,7 @@ def load_tokenizer(name_or_dir: str):
 
 def tokenizer_for_model(path: str):
     """The tokenizer that belongs to a run folder or a transformers folder."""
-    import tegaki.hf as hf
+    import tegaki.load as hf
 
     if hasattr(hf, "tokenizer_for"):
         return hf.tokenizer_for(path)
@@ -83,7 +83,7 @@ def load_model_and_tokenizer(
         torch.manual_seed(seed)
         net = GPT(config).eval()
         return net, tok, f"preset {preset} with random weights (seed {seed}){note}"
-    from tegaki.hf import from_pretrained
+    from tegaki.load import from_pretrained
 
     net = from_pretrained(model).eval()
     if overrides:

@@ -1,0 +1,202 @@
+"""Loading any model tegaki can read, and writing transformers folders.
+
+`from_pretrained` takes a tegaki run folder (`checkpoint.py` reads it), a transformers folder
+(config.json + safetensors, converted by the tables in `hf.py`) or a hub id (downloaded first, when
+`huggingface_hub` is installed); `tokenizer_for` finds the tokenizer that goes with it; `export_hf`
+writes any model back in transformers' format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from safetensors.torch import load_file, save_file
+
+import tegaki.tokenizer as tokenizers
+from tegaki.errors import TegakiError
+from tegaki.hf import config_from_hf, config_to_hf, dequantize_experts, family_of, state_dict_from_hf, state_dict_to_hf
+from tegaki.model import GPT
+from tegaki.rope import rope_frequencies
+from tegaki.tokenizer import export_hf_tokenizer
+from tegaki.train import load_run_model, load_run_tokenizer  # moves to tegaki.checkpoint
+
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except Exception as e:  # noqa: BLE001 - a damaged file is the file's fault, not a bug
+        raise TegakiError(f"{file}: could not read weights ({e}); the file may be truncated or damaged") from None
+
+
+def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            if not (folder / shard).exists():
+                raise TegakiError(f"{folder}: the index names shard {shard}, which is missing")
+            state.update(_load_safetensors(folder / shard))
+        return state
+    if (folder / "model.safetensors").exists():
+        return _load_safetensors(folder / "model.safetensors")
+    bin_index = folder / "pytorch_model.bin.index.json"
+    bins = sorted(set(json.loads(bin_index.read_text())["weight_map"].values())) if bin_index.exists() else []
+    if not bins and (folder / "pytorch_model.bin").exists():
+        bins = ["pytorch_model.bin"]
+    if bins:
+        state = {}
+        for b in bins:
+            try:  # weights_only: a pickle cannot run code on load
+                state.update(torch.load(folder / b, map_location="cpu", weights_only=True))
+            except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
+                raise TegakiError(f"{folder / b}: could not read weights ({e})") from None
+        return state
+    raise TegakiError(
+        f"{folder}: no weights found (expected model.safetensors, a sharded index, or pytorch_model.bin)"
+    )
+
+
+def load_hf_folder(folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    try:
+        hf_config = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise TegakiError(f"{folder / 'config.json'} is not valid JSON: {e}") from None
+    config = config_from_hf(hf_config)
+    fam = family_of(hf_config)
+    if str(device) == "meta":  # shapes only (parameter counts): no need to read the weights
+        with torch.device("meta"):
+            return GPT(config).eval()
+    hf_state = read_hf_weights(folder)
+    if (hf_config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
+        # The experts come out in the dtype of the checkpoint's other tensors (bfloat16 on the hub).
+        float_dtypes = [t.dtype for k, t in hf_state.items() if t.is_floating_point()]
+        hf_state = dequantize_experts(hf_state, dtype or (float_dtypes[0] if float_dtypes else torch.bfloat16))
+    with torch.device("meta"):
+        model = GPT(config)
+    state = state_dict_from_hf(model, hf_state, fam)
+    model.load_state_dict(state, strict=False, assign=True)
+    if hasattr(model, "inv_freq"):  # the rotary table is a buffer computed from the config, not saved
+        model.inv_freq = rope_frequencies(config)[0]
+    if config.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return model.eval()
+
+
+# What a hub snapshot needs: the model's own files, not the extra copies some repositories carry
+# (GPT-OSS ships its weights again under original/ and metal/).
+_MODEL_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json", "generation_config.json"]
+_TOKENIZER_FILES = ["tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json"]
+
+
+def _download(repo_id: str, patterns: list[str]) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise TegakiError(
+            f"{repo_id!r} is not a local folder; to download it from the Hugging Face hub install "
+            "the hub extra: pip install 'tegaki[hub]'"
+        ) from None
+    try:
+        path = snapshot_download(repo_id, allow_patterns=patterns)
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth: all become one message
+        raise TegakiError(
+            f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}). "
+            "Are you offline? Pass a local folder with config.json and model.safetensors instead."
+        ) from None
+    return Path(path)
+
+
+def _resolve(name_or_path: str | os.PathLike) -> tuple[Path | None, str]:
+    """(an existing folder, or None for a hub id, and the text). Bad paths fail here, clearly."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path, str(name_or_path)
+    text = str(name_or_path)
+    if path.exists():
+        raise TegakiError(f"{text} is a file; expected a folder (config.json + weights, or a tegaki run folder)")
+    looks_local = text.startswith((".", "/", "~")) or os.sep in text and text.count("/") != 1
+    # "runs/demo" has the shape of a hub id; if its first part is a local folder, the user meant a path.
+    first_part_is_local = "/" in text and Path(text.split("/")[0]).is_dir()
+    if looks_local or first_part_is_local:
+        raise TegakiError(f"{text}: no such folder (train one with `tegaki train --out {text}`, or check the path)")
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text):
+        raise TegakiError(f"{text!r} is neither a folder nor a hub id like 'gpt2' or 'openai-community/gpt2'")
+    return None, text
+
+
+def from_pretrained(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", dtype=None):
+    """Load a model: a transformers folder, a tegaki run folder, or a hub id such as "gpt2".
+
+    device="meta" builds the model from config.json alone (shapes, no weights read)."""
+    path, text = _resolve(name_or_path)
+    if path is None:
+        config_only = str(device) == "meta"
+        return load_hf_folder(_download(text, ["config.json"] if config_only else _MODEL_FILES), device, dtype)
+    if (path / "run.json").exists():
+        return load_run_model(path, device=device, dtype=dtype)
+    if (path / "config.json").exists():
+        return load_hf_folder(path, device, dtype)
+    raise TegakiError(f"{path}: neither a transformers folder (config.json) nor a tegaki run folder (run.json)")
+
+
+def tokenizer_for(name_or_path: str | os.PathLike):
+    """The tokenizer that goes with a model: a tegaki run folder, a transformers folder, or a hub id."""
+    path, text = _resolve(name_or_path)
+    if path is None:
+        if text in ("gpt2", "openai-community/gpt2"):
+            return tokenizers.load("gpt2")  # shipped with tegaki: no download
+        path = _download(text, _TOKENIZER_FILES)
+    if (path / "run.json").exists():
+        return load_run_tokenizer(path)
+    hf_formats = [f for f in ("tokenizer.json", "vocab.json", "merges.txt") if (path / f).exists()]
+    try:
+        return tokenizers.load(path)
+    except (ValueError, KeyError, OSError) as e:  # a damaged file (bad JSON, a missing key)
+        files = ", ".join(hf_formats) or "the tokenizer files"
+        raise TegakiError(f"{path}: could not read {files} ({type(e).__name__}: {e})") from None
+    except TegakiError as e:
+        if not hf_formats and _is_gpt2_vocabulary(path):
+            return tokenizers.load("gpt2")  # a GPT-2 checkpoint saved without its tokenizer files
+        if not hf_formats:
+            raise TegakiError(
+                f"{path}: no tokenizer found (expected a tegaki run folder, a saved tegaki tokenizer, "
+                "tokenizer.json, or GPT-2's vocab.json + merges.txt)"
+            ) from None
+        raise TegakiError(
+            f"{path} holds a transformers tokenizer ({', '.join(hf_formats)}) that tegaki.tokenizer "
+            f"cannot read: {e}"
+        ) from None
+
+
+def _is_gpt2_vocabulary(folder: Path) -> bool:
+    """A GPT-2 config.json whose vocabulary is GPT-2's 50,257 tokens (or that padded to 50,304)."""
+    try:
+        hf_config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return hf_config.get("model_type") == "gpt2" and hf_config.get("vocab_size", 50257) in (50257, 50304)
+
+
+def export_hf(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Write config.json + model.safetensors that transformers' AutoModelForCausalLM loads."""
+    out = Path(out_dir)
+    hf_config = config_to_hf(model.config)  # raises first if no transformers class fits
+    state = state_dict_to_hf(model)
+    hf_config["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out / "model.safetensors", 0o666 & ~umask)  # as readable as the other files beside it
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if tokenizer is not None:
+        export_hf_tokenizer(tokenizer, out)
+    return out
