@@ -10,8 +10,7 @@ depend on the values): the same weights go to transformers through `tegaki.load.
 Ceilings, measured here too:
   bandwidth   bytes of weights read per token / measured memory-copy bandwidth
   matvec      the model's linear layers alone (c_attn, c_proj, c_fc, c_proj x 12, and the LM head)
-              as plain matrix-vector products, one token: no attention, no norms, no Python;
-              once row-major as nn.Linear stores them, once in tegaki.fastpath's decoding layouts
+              as plain matrix-vector products, one token: no attention, no norms, no Python
 Quality of bf16/int8/int4: logit error on GPT-2 shapes (random weights), and perplexity on held-out
 Shakespeare of a small byte-level model trained for a few hundred steps in this run.
 """
@@ -32,8 +31,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tegaki.config import ModelConfig  # noqa: E402
-from tegaki.fastpath import _column_major, decoding_layout  # noqa: E402
-from tegaki.generate import KVCache, generate  # noqa: E402
+from tegaki.generate import generate  # noqa: E402
+from tegaki.kv_cache import KVCache  # noqa: E402
 from tegaki.load import export_hf  # noqa: E402
 from tegaki.model import GPT  # noqa: E402
 from tegaki.quant import quantize_model  # noqa: E402
@@ -70,15 +69,14 @@ def linear_weights(model: GPT) -> list[torch.Tensor]:
     ws = []
     for block in model.blocks:
         a = block.attn
-        ws += [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), a.o_proj.weight,
+        ws += [a.qkv.weight, a.o_proj.weight,
                block.mlp.fc.weight, block.mlp.proj.weight]
     return ws + [model.lm_head.weight]
 
 
-def matvec_run(weights: list[torch.Tensor], mode: str, tegaki_layouts: bool = False):
-    """One token through the linear layers alone, as plain matrix-vector products. tegaki_layouts:
-    each matrix stored in the layout `tegaki.fastpath` measures as faster for its shape (what
-    tegaki decodes with); otherwise PyTorch's default row-major (out, in), as nn.Linear keeps it."""
+def matvec_run(weights: list[torch.Tensor], mode: str):
+    """One token through the linear layers alone, as plain matrix-vector products, each weight
+    row-major (out, in) as nn.Linear keeps it."""
     if mode == "int8":
         from tegaki.quant import quantize_int8
 
@@ -91,8 +89,6 @@ def matvec_run(weights: list[torch.Tensor], mode: str, tegaki_layouts: bool = Fa
     else:
         dtype = torch.float32 if mode == "fp32" else torch.bfloat16
         ws = [w.to(dtype).contiguous() for w in weights]
-        if tegaki_layouts:
-            ws = [_column_major(w) if decoding_layout(w) == "column" else w for w in ws]
         xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype) for w in ws}
 
         def run():
@@ -107,21 +103,6 @@ def weight_bytes(weights: list[torch.Tensor], mode: str) -> int:
     n = sum(w.numel() for w in weights)
     scales = sum(w.shape[0] for w in weights) * 2 if mode == "int8" else 0
     return n * per_param + scales
-
-
-def layout_check(weights: list[torch.Tensor], dtype: torch.dtype) -> list[tuple[tuple[int, int], float, float]]:
-    """Is fastpath's fixed layout rule right on this machine? For each distinct shape: ms for one
-    vector times ~64 MiB of copies of it, row-major and column-major (beyond the caches)."""
-    rows = []
-    for shape in dict.fromkeys(tuple(w.shape) for w in weights):
-        size = shape[0] * shape[1] * torch.finfo(dtype).bits // 8
-        copies = [torch.full(shape, 0.01, dtype=dtype) for _ in range(max(1, min(64, (64 << 20) // size)))]
-        x = torch.full((1, shape[1]), 0.5, dtype=dtype)
-        times = []
-        for ws in (copies, [_column_major(w) for w in copies]):
-            times.append(best_of(lambda: [F.linear(x, w) for w in ws], 10) / len(ws) * 1e3)
-        rows.append((shape, times[0], times[1]))
-    return rows
 
 
 # --- tegaki and transformers ---------------------------------------------------------------------
@@ -274,14 +255,12 @@ def main() -> None:
 
     def tegaki_run(mode, compile=False):
         def run():
-            outputs[f"tegaki {mode}"] = generate(ours[mode], prompt, NEW, temperature=0, compile=compile, prepare=True)
+            outputs[f"tegaki {mode}"] = generate(ours[mode], prompt, NEW, temperature=0, compile=compile)
         return run
 
     timed = {"copy 256 MiB": copy_run()}
     for mode in ("fp32", "bf16", "int8"):
         timed[f"matvec {mode}"] = matvec_run(weights, mode)
-    for mode in ("fp32", "bf16"):
-        timed[f"matvec {mode}, tegaki layouts"] = matvec_run(weights, mode, tegaki_layouts=True)
     timed["transformers generate fp32"] = hf_run("fp32")
     for mode in ("fp32", "bf16", "int8", "int4"):
         timed[f"tegaki {mode}"] = tegaki_run(mode)
@@ -321,19 +300,10 @@ def main() -> None:
     ceilings = {}
     for mode in ("fp32", "bf16", "int8"):
         mv = best[f"matvec {mode}"]
-        mv_best = best.get(f"matvec {mode}, tegaki layouts", mv)
         bw_tps = bandwidth / weight_bytes(weights, mode)
-        ceilings[mode] = (mv, mv_best, bw_tps)
-        print(f"ceiling {mode}: linear layers as plain matvecs {mv * 1e3:.1f} ms/token = {1 / mv:.1f} tok/s "
-              f"(tegaki's layouts {mv_best * 1e3:.1f} ms = {1 / mv_best:.1f} tok/s); "
+        ceilings[mode] = (mv, bw_tps)
+        print(f"ceiling {mode}: linear layers as plain matvecs {mv * 1e3:.1f} ms/token = {1 / mv:.1f} tok/s; "
               f"bandwidth {weight_bytes(weights, mode) / 1e6:.0f} MB/token -> {bw_tps:.1f} tok/s")
-    print()
-    print("| matrix (out, in) | dtype | ms per matvec, row-major | column-major | fastpath's rule |")
-    print("| --- | --- | ---: | ---: | --- |")
-    for dtype in (torch.float32, torch.bfloat16):
-        for shape, row, col in layout_check(weights, dtype):
-            rule = decoding_layout(torch.empty(shape, dtype=dtype))
-            print(f"| {shape} | {str(dtype).replace('torch.', '')} | {row:.3f} | {col:.3f} | {rule} |")
     print()
     same = torch.equal(outputs["tegaki fp32"], outputs["hf fp32"])
     print(f"greedy tokens, tegaki fp32 == transformers fp32: {same}")
@@ -343,19 +313,18 @@ def main() -> None:
             print(f"greedy tokens, tegaki {compiled} == tegaki {eager}: {same}")
 
     print()
-    print("| run | tokens/s | ms/token | vs transformers fp32 | vs transformers, same dtype | of matvec ceiling, "
-          "row-major / tegaki's layouts | of bandwidth ceiling |")
+    print("| run | tokens/s | ms/token | vs transformers fp32 | vs transformers, same dtype | of matvec ceiling "
+          "| of bandwidth ceiling |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     hf_tps = {mode: NEW / best[f"transformers generate {mode}"] for mode in ("fp32", "bf16")}
     names = ["transformers generate fp32", "transformers generate bf16"] + [n for n in timed if n.startswith("tegaki")]
     for name in names:
         tps = NEW / best[name]
         mode = next(m for m in ("int8", "int4", "bf16", "fp32") if m in name)
-        mv, mv_best, bw = ceilings["int8" if mode == "int4" else mode]
+        mv, bw = ceilings["int8" if mode == "int4" else mode]
         same_dtype = f"{tps / hf_tps[mode]:.2f}x" if mode in hf_tps else "-"
-        of_matvec = f"{tps * mv:.0%}" if mv_best == mv else f"{tps * mv:.0%} / {tps * mv_best:.0%}"
         print(f"| {name} | {tps:.1f} | {1e3 / tps:.1f} | {tps / hf_tps['fp32']:.2f}x | {same_dtype} | "
-              f"{of_matvec} | {tps / bw:.0%} |")
+              f"{tps * mv:.0%} | {tps / bw:.0%} |")
     print("(int4 is compared with the int8 ceilings: its own would be about half their bytes)")
 
     if not args.quick:

@@ -112,6 +112,12 @@ class ModelConfig:
         return self.sliding_window if kind == "sliding" else None
 
     @property
+    def qkv_sizes(self) -> tuple[int, int, int]:
+        """Output widths of the joint q/k/v projection: H*D query, K*D key and K*D value channels
+        (K < H with grouped-query attention)."""
+        return (self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim)
+
+    @property
     def max_positions(self) -> int | None:
         """The number of positions the model can take: block_size for a learned position table
         (GPT-2 has no vector for position 1024), None (no hard limit) for rotary or no positions."""

@@ -22,25 +22,31 @@ import torch
 
 from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
-from tegaki.fastpath import standalone
 
 # -------------------------------------------------------------------------------------------------
-# Weight tables. "{i}" stands for the layer index. Kinds:
+# Weight tables: transformers' tensor name(s) -> tegaki's. "{i}" stands for the layer index. Kinds:
 #   same       the tensor as it is
 #   transpose  GPT-2's Conv1D stores (in, out); nn.Linear wants (out, in)
-#   qkv        GPT-2's c_attn: one Conv1D (C, 3C) holding q, k and v side by side
+#   join       several tensors stacked along the output axis: Llama's q_proj, k_proj and v_proj
+#              become tegaki's one qkv projection (export splits them again, at config.qkv_sizes)
+# GPT-2's c_attn already holds q, k and v side by side: it is tegaki's qkv, transposed.
 # -------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Rule:
-    hf: str
-    ours: tuple[str, ...]
+    hf: tuple[str, ...]
+    ours: str
     kind: str = "same"
 
 
-def _r(hf: str, *ours: str, kind: str = "same") -> Rule:
-    return Rule(hf, ours, kind)
+def _r(hf: str | tuple[str, ...], ours: str, kind: str = "same") -> Rule:
+    return Rule(hf if isinstance(hf, tuple) else (hf,), ours, kind)
+
+
+def _join(hf_pattern: str, ours: str) -> Rule:
+    """q, k and v of `hf_pattern` ("...{p}_proj.weight") joined into one of ours."""
+    return _r(tuple(hf_pattern.format(i="{i}", p=p) for p in "qkv"), ours, kind="join")
 
 
 GPT2_WEIGHTS = [
@@ -48,10 +54,8 @@ GPT2_WEIGHTS = [
     _r("transformer.wpe.weight", "wpe.weight"),
     _r("transformer.h.{i}.ln_1.weight", "blocks.{i}.ln_1.weight"),
     _r("transformer.h.{i}.ln_1.bias", "blocks.{i}.ln_1.bias"),
-    _r("transformer.h.{i}.attn.c_attn.weight", "blocks.{i}.attn.q_proj.weight", "blocks.{i}.attn.k_proj.weight",
-       "blocks.{i}.attn.v_proj.weight", kind="qkv"),
-    _r("transformer.h.{i}.attn.c_attn.bias", "blocks.{i}.attn.q_proj.bias", "blocks.{i}.attn.k_proj.bias",
-       "blocks.{i}.attn.v_proj.bias", kind="qkv"),
+    _r("transformer.h.{i}.attn.c_attn.weight", "blocks.{i}.attn.qkv.weight", kind="transpose"),
+    _r("transformer.h.{i}.attn.c_attn.bias", "blocks.{i}.attn.qkv.bias"),
     _r("transformer.h.{i}.attn.c_proj.weight", "blocks.{i}.attn.o_proj.weight", kind="transpose"),
     _r("transformer.h.{i}.attn.c_proj.bias", "blocks.{i}.attn.o_proj.bias"),
     _r("transformer.h.{i}.ln_2.weight", "blocks.{i}.ln_2.weight"),
@@ -68,8 +72,10 @@ GPT2_WEIGHTS = [
 LLAMA_WEIGHTS = [
     _r("model.embed_tokens.weight", "wte.weight"),
     _r("model.layers.{i}.input_layernorm.weight", "blocks.{i}.ln_1.weight"),
-    *[_r(f"model.layers.{{i}}.self_attn.{p}_proj.{w}", f"blocks.{{i}}.attn.{p}_proj.{w}")
-      for p in "qkvo" for w in ("weight", "bias")],
+    _join("model.layers.{i}.self_attn.{p}_proj.weight", "blocks.{i}.attn.qkv.weight"),
+    _join("model.layers.{i}.self_attn.{p}_proj.bias", "blocks.{i}.attn.qkv.bias"),
+    _r("model.layers.{i}.self_attn.o_proj.weight", "blocks.{i}.attn.o_proj.weight"),
+    _r("model.layers.{i}.self_attn.o_proj.bias", "blocks.{i}.attn.o_proj.bias"),
     _r("model.layers.{i}.self_attn.q_norm.weight", "blocks.{i}.attn.q_norm.weight"),
     _r("model.layers.{i}.self_attn.k_norm.weight", "blocks.{i}.attn.k_norm.weight"),
     _r("model.layers.{i}.post_attention_layernorm.weight", "blocks.{i}.ln_2.weight"),
@@ -80,7 +86,7 @@ LLAMA_WEIGHTS = [
 ]
 
 GPT_OSS_WEIGHTS = [
-    r for r in LLAMA_WEIGHTS if ".mlp." not in r.hf
+    r for r in LLAMA_WEIGHTS if ".mlp." not in r.ours
 ] + [
     _r("model.layers.{i}.self_attn.sinks", "blocks.{i}.attn.sinks"),
     _r("model.layers.{i}.mlp.router.weight", "blocks.{i}.mlp.router.weight"),
@@ -382,31 +388,30 @@ def _rope_to_hf(config: ModelConfig) -> dict[str, Any]:
 def _expand(rules: list[Rule], n_layer: int) -> list[Rule]:
     out = []
     for r in rules:
-        if "{i}" in r.hf:
-            out += [Rule(r.hf.format(i=i), tuple(o.format(i=i) for o in r.ours), r.kind) for i in range(n_layer)]
+        if "{i}" in r.ours:
+            out += [Rule(tuple(h.format(i=i) for h in r.hf), r.ours.format(i=i), r.kind) for i in range(n_layer)]
         else:
             out.append(r)
     return out
 
 
-def _to_ours(kind: str, tensor: torch.Tensor, n: int) -> list[torch.Tensor]:
-    if kind == "same":
-        return [tensor]
-    if kind == "transpose":
-        return [tensor.t().contiguous()]
-    if kind == "qkv":  # (C, 3C) Conv1D weight or (3C,) bias: split the output axis in three
-        parts = tensor.chunk(n, dim=-1)
-        return [p.t().contiguous() if p.dim() == 2 else p.contiguous() for p in parts]
-    raise ValueError(kind)
-
-
-def _to_hf(kind: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+def _to_ours(kind: str, tensors: list[torch.Tensor]) -> torch.Tensor:
     if kind == "same":
         return tensors[0]
     if kind == "transpose":
         return tensors[0].t().contiguous()
-    if kind == "qkv":
-        return torch.cat([t.t() if t.dim() == 2 else t for t in tensors], dim=-1).contiguous()
+    if kind == "join":  # q, k, v (out_i, ...) -> (sum of out_i, ...)
+        return torch.cat(tensors, dim=0)
+    raise ValueError(kind)
+
+
+def _to_hf(kind: str, tensor: torch.Tensor, config: ModelConfig) -> list[torch.Tensor]:
+    if kind == "same":
+        return [tensor]
+    if kind == "transpose":
+        return [tensor.t().contiguous()]
+    if kind == "join":
+        return [t.contiguous() for t in tensor.split(config.qkv_sizes, dim=0)]
     raise ValueError(kind)
 
 
@@ -429,22 +434,23 @@ def state_dict_from_hf(model, hf_state: dict[str, torch.Tensor], fam: Family) ->
     missing, mis_shaped = [], []
     used = set()
     for rule in _expand(fam.weights, model.config.n_layer):
-        wanted = [o for o in rule.ours if o in ours_expected]
-        if not wanted:
+        if rule.ours not in ours_expected:
             continue  # this model has no such parameter (a bias switched off, say)
-        if rule.hf == "lm_head.weight" and model.config.tie_embeddings:
-            used.add(rule.hf)  # tied: the head is the embedding; a stored copy is fine and unused
+        if rule.hf == ("lm_head.weight",) and model.config.tie_embeddings:
+            used.add("lm_head.weight")  # tied: the head is the embedding; a stored copy is fine and unused
             continue
-        if rule.hf not in hf_state:
-            missing.append(rule.hf)
+        absent = [h for h in rule.hf if h not in hf_state]
+        if absent:
+            missing += absent
             continue
-        used.add(rule.hf)
-        stored = hf_state[rule.hf]
-        expected = _to_hf(rule.kind, [ours_expected[o] for o in rule.ours])  # the file's shape
-        if tuple(stored.shape) != tuple(expected.shape):
-            mis_shaped.append(f"{rule.hf}: got {tuple(stored.shape)}, expected {tuple(expected.shape)}")
+        used.update(rule.hf)
+        expected = _to_hf(rule.kind, ours_expected[rule.ours], model.config)  # the file's shapes
+        wrong = [f"{h}: got {tuple(hf_state[h].shape)}, expected {tuple(e.shape)}"
+                 for h, e in zip(rule.hf, expected) if hf_state[h].shape != e.shape]
+        if wrong:
+            mis_shaped += wrong
             continue
-        result.update(zip(rule.ours, _to_ours(rule.kind, stored, len(rule.ours))))
+        result[rule.ours] = _to_ours(rule.kind, [hf_state[h] for h in rule.hf])
     unexpected = [k for k in hf_state if k not in used and not any(re.search(p, k) for p in IGNORED)]
     if missing or unexpected or mis_shaped:
         lines = [f"the checkpoint does not fit a {fam.architecture} built from its config.json:"]
@@ -462,11 +468,12 @@ def state_dict_to_hf(model) -> dict[str, torch.Tensor]:
     ours = model.state_dict()
     out = {}
     for rule in _expand(fam.weights, model.config.n_layer):
-        if not all(o in ours for o in rule.ours):
+        if rule.ours not in ours:
             continue
-        if rule.hf == "lm_head.weight" and model.config.tie_embeddings:
+        if rule.hf == ("lm_head.weight",) and model.config.tie_embeddings:
             continue
-        out[rule.hf] = standalone(_to_hf(rule.kind, [ours[o] for o in rule.ours]).detach().cpu())
+        for name, tensor in zip(rule.hf, _to_hf(rule.kind, ours[rule.ours].detach().cpu(), model.config)):
+            out[name] = tensor.contiguous()
     return out
 
 

@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tegaki.config import ModelConfig
-from tegaki.errors import TegakiError
+from tegaki.generate import generate
+from tegaki.mask import build_attention_mask, sequence_mask
 from tegaki.rope import apply_rope, rope_cos_sin, rope_frequencies
 
 # -------------------------------------------------------------------------------------------------
@@ -99,41 +100,12 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
 # -------------------------------------------------------------------------------------------------
 
 
-def build_attention_mask(
-    q_pos: torch.Tensor,
-    k_pos: torch.Tensor,
-    *,
-    causal: bool = True,
-    window: int | None = None,
-    k_valid: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Which keys each query may look at: True = visible. Shape (B, 1, Tq, Tk).
-
-    q_pos (B, Tq) and k_pos (B, Tk) are absolute positions in the sequence. Causal: a query at
-    position i sees keys at j <= i, never the future -- otherwise training would let the model read
-    the very token it must predict. Sliding window w: only i - w < j. k_valid (B, Tk) marks real
-    keys (False for left padding or empty cache slots).
-    """
-    q = q_pos[:, :, None]  # (B, Tq, 1)
-    k = k_pos[:, None, :]  # (B, 1, Tk)
-    visible = torch.ones(q.shape[0], q.shape[1], k.shape[2], dtype=torch.bool, device=q.device)  # (B, Tq, Tk)
-    if causal:
-        visible = visible & (k <= q)
-    if window is not None:
-        visible = visible & (q - k < window)
-    if k_valid is not None:
-        visible = visible & k_valid[:, None, :]
-    return visible[:, None]  # (B, 1, Tq, Tk): broadcast over heads
-
-
 class Attention(nn.Module):
     """Multi-head causal self-attention, with the modern variants as flags.
 
     n_head query heads and n_kv_head key/value heads (fewer = GQA: groups of query heads share one
     key/value head). Each head works in its own head_dim-wide subspace.
     """
-
-    fused_qkv = None  # q/k/v stacked into one layer by tegaki.fastpath.prepare_for_decoding
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -142,11 +114,11 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.window = config.window(layer_idx)
         C, H, K, D = config.n_embd, self.n_head, self.n_kv_head, self.head_dim
-        qkv_bias = config.qkv_bias
 
-        self.q_proj = nn.Linear(C, H * D, bias=qkv_bias)
-        self.k_proj = nn.Linear(C, K * D, bias=qkv_bias)
-        self.v_proj = nn.Linear(C, K * D, bias=qkv_bias)
+        # One matrix computes queries, keys and values together (they all read the same x): its
+        # output rows are H*D query channels, then K*D key channels, then K*D value channels.
+        self.qkv_sizes = config.qkv_sizes  # (H*D, K*D, K*D)
+        self.qkv = nn.Linear(C, (H + 2 * K) * D, bias=config.qkv_bias)
         self.o_proj = nn.Linear(H * D, C, bias=config.attn_out_bias)
         if config.qk_norm:  # Qwen3: normalise each query and key head before the rotation
             self.q_norm = RMSNorm(D, config.norm_eps)
@@ -155,7 +127,7 @@ class Attention(nn.Module):
             self.sinks = nn.Parameter(torch.zeros(H))
         if config.attn_gate != "none":  # gated attention: a sigmoid gate on each head's output
             gate_width = H * D if config.attn_gate == "elementwise" else H
-            self.gate_proj = nn.Linear(C, gate_width, bias=qkv_bias)
+            self.gate_proj = nn.Linear(C, gate_width, bias=config.qkv_bias)
 
         default_scale = config.attn_scale if config.attn_scale is not None else 1.0 / math.sqrt(D)
         if config.attn_scale_learnable:
@@ -170,15 +142,15 @@ class Attention(nn.Module):
         x: torch.Tensor,  # (B, T, C), already normalised
         rope: tuple[torch.Tensor, torch.Tensor] | None,  # cos, sin: (B, 1, T, D) each
         positions: torch.Tensor,  # (B, T) absolute positions of these tokens
-        mask: torch.Tensor | None,  # (B, 1, T, S) bool, or None for plain causal over 0..T-1
+        mask: torch.Tensor | None,  # (B, 1, T, S) bool, or None for plain causal over these T tokens
         kv_cache=None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         H, K, D = self.n_head, self.n_kv_head, self.head_dim
 
-        # Project, then split the channels into heads and move heads before time: the [B, H, T, D]
-        # layout lets one batched matmul compute every head's T x T attention at once.
-        q, k, v = self.project_qkv(x)  # (B, T, H*D), (B, T, K*D), (B, T, K*D)
+        # Project, split the channels into q, k, v, then into heads, and move heads before time:
+        # the [B, H, T, D] layout lets one batched matmul compute every head's attention at once.
+        q, k, v = self.qkv(x).split(self.qkv_sizes, dim=-1)  # (B, T, H*D), (B, T, K*D), (B, T, K*D)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
@@ -195,7 +167,7 @@ class Attention(nn.Module):
         if self.config.attn_impl == "manual":
             y = self._attend_written_out(q, k, v, mask, positions)
         else:
-            y = self._attend_fused(q, k, v, mask)
+            y = self._attend_fused(q, k, v, mask, positions)
         # y: (B, H, T, D)
 
         if self.config.attn_gate != "none":
@@ -204,27 +176,15 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, H * D)  # heads side by side again: (B, T, H*D)
         return self.resid_dropout(self.o_proj(y))  # (B, T, C)
 
-    def _apply(self, fn, recurse=True):
-        # .to() / .cuda() / .half() give q/k/v tensors of their own: let go of the stacked copy
-        # (the memory, and the old projections it refers to); generate() stacks the new ones.
-        self.__dict__["fused_qkv"] = None
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self.__dict__["fused_qkv"] = None  # load_state_dict(assign=True) swaps the q/k/v tensors
-        return super()._load_from_state_dict(*args, **kwargs)
-
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x @ Wq^T, x @ Wk^T, x @ Wv^T. For decoding, `tegaki.fastpath` stacks the three weights
-        into one matrix (the three become views into it): then one matmul does all three. Only
-        without gradients: autograd would not pass the stacked matrix's gradient to the three."""
-        fused = self.fused_qkv
-        parts = [self.q_proj, self.k_proj, self.v_proj]
-        # A compiled step cannot check `holds` (it reads memory addresses); generate() drops stale
-        # stacks before it runs one.
-        if fused is not None and not torch.is_grad_enabled() and (torch.compiler.is_compiling() or fused.holds(parts)):
-            return fused(x).split(fused.sizes, dim=-1)
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    def explicit_mask(self, mask: torch.Tensor | None, positions: torch.Tensor, n_keys: int) -> torch.Tensor:
+        """The mask as a tensor. None meant "nothing hidden but the future": for one query (a
+        cached decode step) every key is visible; for T queries it is the causal triangle."""
+        if mask is not None:
+            return mask
+        B, T = positions.shape
+        if T == 1:
+            return torch.ones(B, 1, 1, n_keys, dtype=torch.bool, device=positions.device)
+        return build_attention_mask(positions, positions, causal=self.config.causal, window=self.window)
 
     def _attend_written_out(self, q, k, v, mask, positions) -> torch.Tensor:
         """softmax(q k^T * scale + mask) v, every step visible."""
@@ -232,13 +192,9 @@ class Attention(nn.Module):
         if K != H:  # GQA: each key/value head serves H // K query heads
             k = k.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
             v = v.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
-        T = q.shape[2]
-        if mask is None and T > 1:  # None with one query (a decode step): every key is visible
-            mask = build_attention_mask(positions, positions, causal=self.config.causal, window=self.window)
-
         att = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, T, S): query-key similarities
-        if mask is not None:  # invisible keys get -inf, so softmax gives them exactly zero weight
-            att = att.masked_fill(~mask, float("-inf"))
+        mask = self.explicit_mask(mask, positions, k.shape[2])
+        att = att.masked_fill(~mask, float("-inf"))  # invisible keys: exactly zero weight after softmax
         if self.config.attn_sinks:
             # The sink is one more column per head: it takes part in the softmax, then is dropped,
             # so a head can put its attention "nowhere" instead of on some token.
@@ -249,7 +205,7 @@ class Attention(nn.Module):
         att = self.attn_dropout(att)
         return att @ v  # (B, H, T, D): a weighted average of the visible values
 
-    def _attend_fused(self, q, k, v, mask) -> torch.Tensor:
+    def _attend_fused(self, q, k, v, mask, positions) -> torch.Tensor:
         """The same computation through torch's scaled_dot_product_attention (FlashAttention-style
         kernels that never materialise the T x S matrix when they can)."""
         dropout_p = self.config.dropout if self.training else 0.0
@@ -265,11 +221,7 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(
                 q, k, v, is_causal=self.config.causal and T > 1, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
             )
-        if mask is None and T == 1:
-            mask = torch.ones(q.shape[0], 1, 1, k.shape[2], dtype=torch.bool, device=q.device)
-        elif mask is None:
-            pos = torch.arange(T, device=q.device)[None]
-            mask = build_attention_mask(pos, pos, causal=self.config.causal, window=self.window)
+        mask = self.explicit_mask(mask, positions, k.shape[2])
         if self.config.attn_sinks:
             # sdpa has no sink argument. Append one key of zeros and one value of zeros: its
             # logit q.0 = 0, plus an additive bias equal to the sink, is exactly the sink logit;
@@ -530,16 +482,9 @@ class GPT(nn.Module):
         if positions is None:
             start = kv_cache.length if kv_cache is not None else 0
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-            last = start + T - 1  # a plain int: checking it costs no device round trip
-        elif torch.compiler.is_compiling():
-            last = None  # reading a number back from the device would break a compiled graph
-        else:
-            last = int(positions.max())
-        if cfg.pos_embedding == "learned" and last is not None and last >= cfg.block_size:
-            raise TegakiError(
-                f"position {last} is beyond the learned position table (block_size={cfg.block_size}); "
-                "shorten the input"
-            )
+            cfg.check_positions(start + T)  # a plain int: checking it costs no device round trip
+        # (Given positions are the caller's to check -- generate() does -- since reading them back
+        # from the device would cost a round trip each step.)
 
         # Step 1: tokens -> vectors.
         x = self.wte(input_ids)  # (B, T, C)
@@ -575,37 +520,16 @@ class GPT(nn.Module):
         return logits, loss
 
     def _masks(self, positions: torch.Tensor, padding_mask: torch.Tensor | None) -> dict:
-        """{window: mask} for each window size in use (None = full attention).
-
-        A plain causal mask over positions 0..T-1 is left as None: both attention paths know it,
-        and the fused kernel runs fastest without an explicit mask.
-        """
-        cfg = self.config
-        windows = {block.attn.window for block in self.blocks}
-        plain = padding_mask is None and cfg.causal
-        masks = {}
-        for w in windows:
-            if plain and w is None:
-                masks[w] = None
-            else:
-                masks[w] = build_attention_mask(positions, positions, causal=cfg.causal, window=w, k_valid=padding_mask)
-        return masks
+        """{window: mask} for each window size in use (None = full attention), built once per
+        forward rather than once per layer."""
+        windows = {self.config.window(i) for i in range(self.config.n_layer)}
+        return {w: sequence_mask(positions, causal=self.config.causal, window=w, padding_mask=padding_mask) for w in windows}
 
     def moe_aux_loss(self) -> torch.Tensor:
         """The load-balancing loss of the last forward pass, pooled over the MoE layers."""
         return load_balancing_loss(
             [b.mlp.routing_stats for b in self.blocks if isinstance(b.mlp, MoE) and b.mlp.routing_stats is not None]
         )
-
-    def train(self, mode: bool = True):
-        """Training wants plain tensors (optimizers assume each parameter is its own contiguous
-        tensor): undo the decoding layout of `tegaki.fastpath.prepare_for_decoding`, if any. The
-        training loop calls this every step, so a model never prepared costs one dict lookup."""
-        if mode and self.__dict__.pop("prepared_for_decoding", False):
-            from tegaki.fastpath import restore_plain_layout
-
-            restore_plain_layout(self)
-        return super().train(mode)
 
     # --- conveniences --------------------------------------------------------------------------
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
@@ -622,7 +546,6 @@ class GPT(nn.Module):
         return self.wte.weight.device
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        """Autoregressive sampling; see `tegaki.generate.generate` for the options."""
-        from tegaki.generate import generate
-
+        """Autoregressive sampling with a KV cache; `tegaki.generate.generate` lists the options
+        (temperature, top_k, top_p, ..., stop_tokens, attention_mask, seed, compile)."""
         return generate(self, input_ids, max_new_tokens, **kwargs)

@@ -44,7 +44,6 @@ import torch.nn.functional as F
 
 from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
-from tegaki.fastpath import standalone
 
 # =================================================================================================
 # Settings
@@ -293,7 +292,7 @@ def _sha256(path: Path) -> str:
 
 def _model_tensors(model_state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """The model's tensors for safetensors: contiguous CPU copies, a tied head stored once."""
-    tensors = {k: standalone(v.detach().to("cpu")) for k, v in model_state.items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
     if config.tie_embeddings:
         tensors.pop("lm_head.weight", None)
     return tensors

@@ -51,7 +51,8 @@ def test_head_dim_may_differ_from_n_embd_over_n_head():
     config = ModelConfig(n_embd=32, n_head=6, head_dim=16, **_ROPE)  # 6 does not divide 32: fine with head_dim
     assert config.head_dim == 16
     attn = GPT(config.replace(vocab_size=10, n_layer=1)).blocks[0].attn
-    assert attn.q_proj.weight.shape == (6 * 16, 32) and attn.o_proj.weight.shape == (32, 6 * 16)
+    assert attn.qkv.weight.shape == ((6 + 2 * 6) * 16, 32) and attn.o_proj.weight.shape == (32, 6 * 16)
+    assert config.qkv_sizes == (6 * 16, 6 * 16, 6 * 16)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ import torch
 from tegaki.cli import main
 from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
-from tegaki.generate import KVCache, generate, generate_tokens, left_pad
+from tegaki.generate import generate, generate_tokens, left_pad
+from tegaki.kv_cache import KVCache
+from tegaki.sampling import SamplingSettings
 from tegaki.model import GPT
 
 FAMILIES = ["tiny", "tiny-llama", "tiny-qwen3", "tiny-gpt-oss", "tiny-gpt-oss-yarn", "tiny-gated"]
@@ -158,7 +160,8 @@ def test_the_static_cache_that_compiling_uses_gives_the_same_tokens(name):
     model = random_model(name)
     ids, mask = left_pad([[5, 9, 2, 7, 1, 3], [4, 8]])
     dynamic = generate(model, ids, 25, temperature=0, attention_mask=mask)
-    static = torch.stack(list(generate_tokens(model, ids, 25, temperature=0, attention_mask=mask, decode_step=model)), 1)
+    greedy = SamplingSettings(temperature=0)
+    static = torch.stack(list(generate_tokens(model, ids, 25, greedy, attention_mask=mask, decode_step=model)), 1)
     assert torch.equal(dynamic[:, 6:], static)
 
 
@@ -235,3 +238,78 @@ def test_the_command_runs_quantized_in_bf16_with_several_samples_and_a_stop(gpt2
     assert main(args[:-4] + ["--temperature", "0", "--stop", stop, "Hello"]) == 0
     cut = capsys.readouterr().out.rstrip("\n")
     assert stop not in cut[len("Hello"):] and first.startswith(cut)
+
+
+# -------------------------------------------------------------------------------------------------
+# One qkv projection, one sampling-settings object, compiled steps that read the current weights
+# -------------------------------------------------------------------------------------------------
+
+
+def test_the_joint_projection_is_q_k_and_v_side_by_side():
+    """qkv's rows are H*D query, then K*D key, then K*D value rows (GQA: K < H): the written-out
+    x @ Wq^T, x @ Wk^T, x @ Wv^T with Wq, Wk, Wv its row blocks."""
+    model = random_model("tiny-llama")  # 4 query heads, 2 key/value heads, head_dim 48
+    attn = model.blocks[0].attn
+    H, K, D = 4, 2, 48
+    assert attn.qkv_sizes == (H * D, K * D, K * D) and attn.qkv.weight.shape == ((H + 2 * K) * D, 192)
+    x = torch.randn(2, 5, 192)
+    W = attn.qkv.weight
+    q, k, v = attn.qkv(x).split(attn.qkv_sizes, dim=-1)
+    torch.testing.assert_close(q, x @ W[: H * D].T)
+    torch.testing.assert_close(k, x @ W[H * D : (H + K) * D].T)
+    torch.testing.assert_close(v, x @ W[(H + K) * D :].T)
+
+
+def test_sampling_settings_travel_as_one_object():
+    model = random_model("tiny")
+    prompt = torch.tensor([[3, 1, 4]])
+    settings = SamplingSettings(temperature=0.7, top_k=20, top_p=0.9)
+    as_object = generate(model, prompt, 10, sampling=settings, seed=3)
+    as_keywords = generate(model, prompt, 10, temperature=0.7, top_k=20, top_p=0.9, seed=3)
+    assert torch.equal(as_object, as_keywords)
+    assert torch.equal(model.generate(prompt, 10, temperature=0.7, top_k=20, top_p=0.9, seed=3), as_keywords)
+    with pytest.raises(TegakiError, match="unknown sampling setting.*top_q.*Known: temperature"):
+        generate(model, prompt, 5, top_q=0.9)
+    with pytest.raises(TegakiError, match="not both"):
+        generate(model, prompt, 5, sampling=settings, temperature=0.5)
+
+
+def test_prepare_is_still_accepted_and_changes_nothing():
+    model = random_model("tiny")
+    prompt = torch.tensor([[3, 1, 4]])
+    with pytest.warns(DeprecationWarning, match="prepare"):
+        prepared = model.generate(prompt, 8, temperature=0, prepare=True)
+    assert torch.equal(prepared, model.generate(prompt, 8, temperature=0))
+
+
+@pytest.mark.slow  # a few seconds of tracing
+def test_a_compiled_step_reads_weights_loaded_after_it_was_built():
+    """Weights swapped with load_state_dict(assign=True) after a compiled step ran: the next
+    compiled generation uses the new weights (the model keeps no second copy of any weight)."""
+    model = random_model("tiny", n_embd=64, n_head=2)
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    generate(model, prompt, 4, temperature=0, compile="aot_eager")
+    fresh = random_model("tiny", n_embd=64, n_head=2)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.mul_(-1.0)
+    model.load_state_dict(fresh.state_dict(), assign=True)
+    expected = generate(fresh, prompt, 10, temperature=0)
+    assert torch.equal(generate(model, prompt, 10, temperature=0, compile="aot_eager"), expected)
+    compiled = torch.compile(model, backend="aot_eager")
+    ids = torch.randint(0, 4096, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids), fresh(ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # a few seconds of tracing
+def test_a_traced_int8_decode_step_gives_the_same_tokens():
+    """The compiled int8 row of bench_generate: quantized (the joint qkv too), traced (aot_eager:
+    the same graph capture as inductor, without code generation)."""
+    from tegaki.quant import Int8Linear, quantize_model
+
+    model = quantize_model(random_model("tiny", n_embd=64, n_head=2), "int8")
+    assert isinstance(model.blocks[0].attn.qkv, Int8Linear)
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    eager = generate(model, prompt, 10, temperature=0)
+    assert torch.equal(generate(model, prompt, 10, temperature=0, compile="aot_eager"), eager)

@@ -622,3 +622,23 @@ def test_exported_weights_are_readable_like_the_files_beside_them(tmp_path):
     out = export_hf(GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=VOCAB, block_size=8)), tmp_path / "x")
     mode = stat.S_IMODE(os.stat(out / "model.safetensors").st_mode)
     assert mode == stat.S_IMODE(os.stat(out / "config.json").st_mode)
+
+
+def test_llama_q_k_v_are_joined_on_import_and_split_again_on_export(tmp_path):
+    """GQA sizes: q_proj has H*D rows, k_proj and v_proj K*D each; tegaki's qkv holds them in
+    that order, and export writes the three tensors back bit for bit."""
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**_SMALL, attention_bias=True))
+    hf.save_pretrained(tmp_path / "in")
+    src = load_file(str(tmp_path / "in" / "model.safetensors"))
+    model = from_pretrained(tmp_path / "in")
+    qkv = model.blocks[1].attn.qkv.weight
+    q, k, v = (src[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv")
+    assert k.shape[0] < q.shape[0]  # grouped-query attention: fewer key/value rows
+    assert torch.equal(qkv, torch.cat([q, k, v]))
+    export_hf(model, tmp_path / "out")
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(out) == set(src)
+    for name, tensor in src.items():
+        assert torch.equal(out[name], tensor), name
+    assert torch.equal(model.blocks[0].attn.qkv.bias, torch.cat([src[f"model.layers.0.self_attn.{p}_proj.bias"]
+                                                                  for p in "qkv"]))

@@ -13,12 +13,12 @@ from tegaki.model import (
     GPT,
     Attention,
     MoE,
-    build_attention_mask,
     gelu_tanh_reference,
     layer_norm_reference,
     rms_norm_reference,
     softmax_reference,
 )
+from tegaki.mask import build_attention_mask
 from tegaki.rope import rope_cos_sin, rope_frequencies
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -216,8 +216,9 @@ def test_sinks_absorb_attention_mass(impl, perturb):
     for name, m in (("sink", sinky), ("plain", plain)):
         m.o_proj.register_forward_hook(lambda mod, inp, out, name=name: captured.__setitem__(name, inp[0]))
         m(x, rope, positions, mask)
-    q = sinky.q_proj(x).view(2, 10, 4, 8).transpose(1, 2)
-    k = sinky.k_proj(x).view(2, 10, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)
+    q, k, _ = sinky.qkv(x).split(sinky.qkv_sizes, dim=-1)  # (B, T, H*D), (B, T, K*D)
+    q = q.view(2, 10, 4, 8).transpose(1, 2)
+    k = k.view(2, 10, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)
     from tegaki.rope import apply_rope
 
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -269,7 +270,7 @@ def test_biases_per_projection():
         return {n.split(".", 2)[2] for n, _ in model.named_parameters() if n.startswith("blocks.0.") and n.endswith("bias")}
 
     assert bias_names() == set()
-    assert bias_names(qkv_bias=True) == {"attn.q_proj.bias", "attn.k_proj.bias", "attn.v_proj.bias"}
+    assert bias_names(qkv_bias=True) == {"attn.qkv.bias"}
     assert bias_names(attn_out_bias=True) == {"attn.o_proj.bias"}
     assert bias_names(mlp_bias=True) == {"mlp.gate.bias", "mlp.up.bias", "mlp.down.bias"}
 

@@ -68,7 +68,7 @@ def test_moe_active_counts_k_of_e_experts():
 
 def test_per_block_shows_each_kind_of_weight():
     names = {r["name"] for r in count_parameters(ModelConfig.preset("tiny-gpt-oss"))["per_block"]}
-    assert {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "attn.sinks", "mlp.router",
+    assert {"attn.qkv", "attn.o_proj", "attn.sinks", "mlp.router",
             "mlp.w_in", "mlp.w_out", "ln_1", "ln_2"} <= names
     names = {r["name"] for r in count_parameters(ModelConfig.preset("tiny-gated"))["per_block"]}
     assert {"attn.gate_proj", "mlp.gate", "mlp.up", "mlp.down"} <= names

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tegaki.generate import (
+from tegaki.sampling import (
     SamplingSettings, apply_presence_penalty, apply_repetition_penalty, min_p_filter, sample_next, top_k_filter,
     top_p_filter,
 )

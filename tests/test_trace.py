@@ -78,7 +78,8 @@ def test_attention_weights_are_the_ones_the_layer_used(tok):
     block = model.blocks[1]
     with torch.no_grad():
         x = block.ln_1(cap.block_inputs[1])
-        v = block.attn.v_proj(x).view(1, T, 4, 8).transpose(1, 2)  # (1, H, T, D)
+        v = block.attn.qkv(x).split(block.attn.qkv_sizes, dim=-1)[2]  # (1, T, K*D): the value rows
+        v = v.view(1, T, 4, 8).transpose(1, 2)  # (1, H, T, D)
         y = (att @ v).transpose(1, 2).reshape(1, T, 32)
         assert torch.allclose(block.attn.o_proj(y), cap.attn_outputs[1], atol=1e-5)
 

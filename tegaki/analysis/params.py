@@ -26,9 +26,7 @@ from tegaki.errors import TegakiError
 # Anything model.py grows later and this table does not know still gets counted, under its own name.
 BLOCK_PARTS: dict[str, tuple[str, str]] = {
     "ln_1": ("norm before attention (ln_1)", "norm"),
-    "attn.q_proj": ("attention query  q_proj", "attention"),
-    "attn.k_proj": ("attention key    k_proj", "attention"),
-    "attn.v_proj": ("attention value  v_proj", "attention"),
+    "attn.qkv": ("attention query, key, value  qkv", "attention"),
     "attn.o_proj": ("attention output o_proj", "attention"),
     "attn.q_norm": ("QK-norm on queries q_norm", "attention"),
     "attn.k_norm": ("QK-norm on keys    k_norm", "attention"),
@@ -63,7 +61,7 @@ def build_meta_model(config: ModelConfig):
 
 
 def _module_key(param_name: str) -> str:
-    """'attn.q_proj.weight' -> 'attn.q_proj'; 'attn.sinks' -> 'attn.sinks'."""
+    """'attn.qkv.weight' -> 'attn.qkv'; 'attn.sinks' -> 'attn.sinks'."""
     head, _, last = param_name.rpartition(".")
     return head if last in ("weight", "bias") and head else param_name
 

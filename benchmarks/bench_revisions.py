@@ -1,0 +1,148 @@
+"""Two revisions of tegaki side by side: decoding and training throughput, before vs after a change.
+
+    python benchmarks/bench_revisions.py 1285955 HEAD            # 5 rounds, a few minutes on 2 cores
+    python benchmarks/bench_revisions.py 1285955 HEAD --rounds 3
+
+Each revision is unpacked from git into a temporary folder (`git archive`), and a fresh Python
+process measures it; the two revisions take turns, round after round, so that a burst of other work
+on a shared machine hurts both alike. Each figure is reported as the median of the rounds with its
+range (min-max): a difference smaller than the ranges is not a difference.
+
+What is measured, with the code each revision has (so only the public API that both revisions
+share is used):
+  decode fp32    GPT-2 124M shapes, random weights, batch 1, a 32-token prompt + 64 new tokens,
+                 greedy, `generate` with the KV cache (a revision that still had the opt-in
+                 decoding layout gets `prepare=True`, as its `tegaki generate` command did)
+  decode int8    the same with int8 weights and bf16 activations (`--dtype bf16 --quantize int8`)
+  train          the `tiny` preset, batch 16 x 256 tokens, forward + backward + AdamW, fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from io import BytesIO
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Runs inside the revision's folder: only names both revisions export.
+CHILD = r"""
+import json, sys, time, warnings
+import torch
+torch.set_num_threads(int(sys.argv[1]))
+from tegaki.config import ModelConfig
+from tegaki.model import GPT
+from tegaki.generate import generate
+from tegaki.quant import quantize_model
+try:
+    import tegaki.fastpath  # noqa: F401 -- the revision had the opt-in decoding layout
+    extra = dict(prepare=True)
+except ImportError:
+    extra = {}
+warnings.simplefilter("ignore")
+out = {}
+torch.manual_seed(0)
+base = GPT(ModelConfig.preset("gpt2")).eval()
+prompt = torch.randint(0, 50257, (1, 32), generator=torch.Generator().manual_seed(1))
+NEW = 64
+
+def decode(model):
+    generate(model, prompt, 4, temperature=0, **extra)  # warm-up
+    t = time.perf_counter()
+    generate(model, prompt, NEW, temperature=0, **extra)
+    return NEW / (time.perf_counter() - t)
+
+out["decode fp32 tok/s"] = decode(base)
+int8 = GPT(base.config).eval()
+int8.load_state_dict(base.state_dict())
+int8 = quantize_model(int8, "int8").to(torch.bfloat16)
+out["decode int8 tok/s"] = decode(int8)
+del base, int8
+
+torch.manual_seed(0)
+model = GPT(ModelConfig.preset("tiny")).train()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+x = torch.randint(0, 4096, (16, 257), generator=torch.Generator().manual_seed(2))
+
+def step():
+    _, loss = model(x[:, :-1], x[:, 1:])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+step()
+t = time.perf_counter()
+for _ in range(5):
+    step()
+out["train tok/s"] = 5 * 16 * 256 / (time.perf_counter() - t)
+print(json.dumps(out))
+"""
+
+
+def unpack(rev: str, folder: Path) -> str:
+    """Write the tree of `rev` into folder; return its short commit id."""
+    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    archive = subprocess.run(["git", "archive", sha], cwd=ROOT, check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    return sha
+
+
+def measure(folder: Path, threads: int) -> dict[str, float]:
+    env = dict(os.environ, PYTHONPATH=str(folder))
+    done = subprocess.run([sys.executable, "-c", CHILD, str(threads)], cwd=folder, env=env, check=True,
+                          capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("before")
+    parser.add_argument("after")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        revs = {}
+        for label, rev in (("before", args.before), ("after", args.after)):
+            folder = Path(tmp) / label
+            folder.mkdir()
+            revs[label] = (unpack(rev, folder), folder)
+        results: dict[str, list[dict[str, float]]] = {label: [] for label in revs}
+        for r in range(args.rounds):
+            order = list(revs) if r % 2 == 0 else list(reversed(revs))  # alternate who goes first
+            for label in order:
+                results[label].append(measure(revs[label][1], args.threads))
+                print(f"round {r + 1} {label}: {results[label][-1]}", file=sys.stderr, flush=True)
+    print(f"machine: {cpu_flags()}, {args.threads} threads; {args.rounds} rounds, alternating")
+    print(f"| figure | before ({revs['before'][0]}) | after ({revs['after'][0]}) | after / before (median) |")
+    print("| --- | ---: | ---: | ---: |")
+    for key in results["before"][0]:
+        cells = []
+        for label in ("before", "after"):
+            values = [r[key] for r in results[label]]
+            cells.append((statistics.median(values), min(values), max(values)))
+        text = [f"{m:,.1f} ({lo:,.1f}-{hi:,.1f})" for m, lo, hi in cells]
+        print(f"| {key} | {text[0]} | {text[1]} | {cells[1][0] / cells[0][0]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
