@@ -110,6 +110,8 @@ def generate_tokens(
             max_len = -(-max_len // 256) * 256
         cache = KVCache(model.config, B, max_len, dtype=_cache_dtype(model), device=device, static=compiled)
     step = decode_step if compiled else model
+    if compiled and use_cache and device.type == "cuda" and graph_capturable(model):
+        step = CudaGraphStep(decode_step, cache)  # the whole step replayed as one CUDA graph
 
     # Prefill: the whole prompt at once.
     ids, all_valid = input_ids, valid
@@ -232,3 +234,55 @@ def compiled_decode_step(model, backend: str = "inductor"):
     if key not in _compiled:
         _compiled[key] = torch.compile(model, dynamic=False, backend=backend)
     return _compiled[key]
+
+
+# -------------------------------------------------------------------------------------------------
+# A decode step as a CUDA graph
+# -------------------------------------------------------------------------------------------------
+# A one-token step of a small model is a few hundred tiny GPU kernels, and launching them from
+# Python takes longer than running them. A CUDA graph records the launches once and replays them
+# with one call. What makes the step recordable: one shape every step (the static cache), no
+# number read back to the CPU (positions are given; the static cache counts on the GPU), and every
+# tensor it reads living at a fixed address (the inputs are copied into buffers the graph owns).
+
+
+def graph_capturable(model) -> bool:
+    """MoE's readable loop asks, per expert, which tokens chose it: a shape known only on the CPU
+    after a sync, which no graph can record (moe_impl="dense" can)."""
+    return not (model.config.mlp == "moe" and model.config.moe_impl == "loop")
+
+
+class CudaGraphStep:
+    """`step(token (B, 1), positions=(B, 1), kv_cache=cache)` like the model's forward, for one
+    static cache: the first call runs eagerly (warming up kernels and allocator), the second records
+    the step as a CUDA graph, every call from then on replays it."""
+
+    def __init__(self, step, cache):
+        self.step, self.cache = step, cache
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.token: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, token: torch.Tensor, *, positions: torch.Tensor, kv_cache) -> torch.Tensor:
+        if kv_cache is not self.cache:
+            raise ValueError("a CUDA graph step is bound to the cache it was recorded with")
+        self.calls += 1
+        if self.calls == 1:  # eager, on a side stream: the warm-up a capture needs
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.step(token, positions=positions, kv_cache=kv_cache)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.graph is None:
+            self.token, self.positions = token.clone(), positions.clone()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records, computes nothing yet
+                self.logits = self.step(self.token, positions=self.positions, kv_cache=kv_cache)
+        self.token.copy_(token)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        return self.logits
+

@@ -156,6 +156,12 @@ def quantize_model(model: nn.Module, mode: str = "int8", *, group_size: int = 64
     kernel cannot tile (GPT-2's 50,257-word head) is quantized to int8 instead."""
     if mode not in ("int8", "int4"):
         raise TegakiError(f"quantize mode must be 'int8' or 'int4', got {mode!r}")
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise TegakiError(
+            f"int8/int4 weight-only quantization uses PyTorch's packed CPU kernels; the model is on {device}. "
+            "On a GPU, decode in bf16 (--dtype bf16) instead, or quantize on --device cpu"
+        )
     targets = [
         (name, module)
         for name, module in model.named_modules()

@@ -87,3 +87,10 @@ def test_a_quantized_model_can_be_cast_afterwards(dtype):
 def test_an_unknown_mode_is_refused():
     with pytest.raises(TegakiError, match="int8"):
         quantize_model(nn.Sequential(nn.Linear(4, 4)), "int3")
+
+
+def test_quantizing_a_model_off_the_cpu_is_refused_clearly():
+    with torch.device("meta"):
+        model = GPT(ModelConfig.preset("tiny"))
+    with pytest.raises(TegakiError, match="packed CPU kernels; the model is on meta"):
+        quantize_model(model, "int8")

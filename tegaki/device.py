@@ -1,0 +1,135 @@
+"""Where a model runs: the device, the dtype, and the hardware's peak for MFU.
+
+`pick_device("auto")` is CUDA when PyTorch sees a GPU, else the CPU; a bare "cuda" means the
+process's own GPU (cuda:LOCAL_RANK under torchrun, cuda:0 otherwise). `pick_dtype("auto")` is
+bfloat16 on a GPU that has it, float32 elsewhere. `peak_flops` is the dense matmul peak that MFU
+divides by: the datasheet figure for known accelerators, a measured matmul for the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from tegaki.errors import TegakiError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a torch.device, checked against what is there.
+
+    A bare 'cuda' gets its index here: torch.cuda.set_device needs one, and under torchrun each
+    process must take its own GPU (LOCAL_RANK), not all of them the first."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "cuda" and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise TegakiError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if not torch.cuda.is_available():
+        raise TegakiError(f"--device {name}, but PyTorch sees no CUDA GPU; use --device cpu (or auto)")
+    if name == "cuda":
+        rank = local_rank if local_rank is not None else int(os.environ.get("LOCAL_RANK", "0"))
+        name = f"cuda:{rank}"
+    index, count = int(name[5:]), torch.cuda.device_count()
+    if index >= count:
+        raise TegakiError(f"--device {name}, but this machine has {count} CUDA GPU(s): cuda:0..cuda:{count - 1}")
+    device = torch.device(name)
+    torch.cuda.set_device(device)
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> str:
+    """'auto' | 'fp32' | 'bf16' | 'fp16' -> one of DTYPES' names. 'auto' is bf16 on a GPU that has
+    it (tensor cores), fp32 elsewhere."""
+    if name not in ("auto", *DTYPES):
+        raise TegakiError(f"--dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
+    if name != "auto":
+        return name
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device: GPU work runs asynchronously, so a timer must wait before it reads."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# Dense (no sparsity) matmul peaks in FLOP/s from the vendors' datasheets, by a substring of
+# torch.cuda.get_device_name(). fp32 means plain float32 (TF32 tensor cores are not counted: tegaki
+# leaves TF32 off unless asked). Checked in this order: the first match wins.
+ACCELERATOR_PEAKS: list[tuple[str, dict[str, float]]] = [
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),  # SXM
+    ("GH200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
+    ("A10G", {"bf16": 70e12, "fp16": 70e12, "fp32": 31.2e12}),
+    ("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12}),
+    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12}),
+    ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12}),
+    ("RTX 4090", {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12}),
+    ("RTX 3090", {"bf16": 71e12, "fp16": 71e12, "fp32": 35.6e12}),
+    ("V100", {"fp16": 125e12, "fp32": 15.7e12}),
+    ("T4", {"fp16": 65e12, "fp32": 8.1e12}),
+]
+
+
+def datasheet_peak(device_name: str, dtype: str) -> float | None:
+    """The datasheet peak of a known accelerator for dtype, or None."""
+    for key, peaks in ACCELERATOR_PEAKS:
+        if key.lower() in device_name.lower():
+            return peaks.get(dtype)
+    return None
+
+
+_MEASURED: dict[tuple[str, str], float] = {}
+
+
+def measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.3) -> float:
+    """FLOP/s of the fastest n x n x n matmul seen in `seconds` (at least 3 tries).
+
+    The fastest, not the average: on a machine shared with other programs the quietest moment is
+    the closest to what the hardware can do (an average would put the ceiling too low)."""
+    key = (str(device), f"{dtype}-{n}")
+    if key in _MEASURED:
+        return _MEASURED[key]
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm up: the library picks its kernel on the first call
+    synchronize(device)
+    fastest, wall, tries = float("inf"), time.perf_counter(), 0
+    while time.perf_counter() - wall < seconds or tries < 3:
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        fastest = min(fastest, time.perf_counter() - start)
+        tries += 1
+    _MEASURED[key] = 2 * n**3 / max(fastest, 1e-9)
+    return _MEASURED[key]
+
+
+def peak_flops(device: torch.device, dtype: str) -> tuple[float, str]:
+    """(the peak MFU divides by, where it came from). A GPU's datasheet figure when tegaki knows
+    the chip; otherwise a large matmul measured on it (8192^3 on a GPU: small ones leave a big
+    chip idle and would put MFU above 100%); on a CPU a 1024^3 matmul, as before."""
+    torch_dtype = DTYPES[dtype]
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = datasheet_peak(name, dtype)
+        if peak is not None:
+            return peak, f"{name} datasheet"
+        return measured_matmul_flops(device, torch_dtype, n=8192, seconds=0.5), f"{name}, measured 8192^3 matmul"
+    return measured_matmul_flops(device, torch_dtype), "measured 1024^3 matmul"
+
+
+def mfu(tokens_per_second: float, flops_per_token: float, peak: float) -> float:
+    """Model FLOPs utilisation in [0, 1]: achieved / peak. A measured peak can read low on a
+    busy machine; what the run achieved is then the better estimate of the peak, hence the cap."""
+    return min(1.0, tokens_per_second * flops_per_token / peak) if peak > 0 else 0.0
