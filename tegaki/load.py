@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import tegaki.tokenizer as tokenizers
 from tegaki.errors import TegakiError
+from tegaki.files import atomic_write, atomic_write_json
 from tegaki.hf import config_from_hf, config_to_hf, dequantize_experts, family_of, state_dict_from_hf, state_dict_to_hf
 from tegaki.model import GPT
 from tegaki.rope import rope_frequencies
@@ -186,17 +187,41 @@ def _is_gpt2_vocabulary(folder: Path) -> bool:
 
 
 def export_hf(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
-    """Write config.json + model.safetensors that transformers' AutoModelForCausalLM loads."""
+    """Write config.json, generation_config.json and model.safetensors that transformers'
+    AutoModelForCausalLM loads (and the tokenizer, when given). Each file is written atomically.
+
+    The end-of-text id goes into both configs, so that transformers' generation stops where the
+    model learned to: the tokenizer's own id when one is given; otherwise the family's default
+    (GPT-2's 50256) only when it lies inside the vocabulary."""
     out = Path(out_dir)
     hf_config = config_to_hf(model.config)  # raises first if no transformers class fits
     state = state_dict_to_hf(model)
     hf_config["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    hf_config.update(special_token_ids(model.config, tokenizer))
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(out / "model.safetensors", 0o666 & ~umask)  # as readable as the other files beside it
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+
+    def write_weights(tmp: str) -> None:
+        save_file(state, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~umask)  # as readable as the other files beside it
+
+    atomic_write(out / "model.safetensors", write_weights)
+    atomic_write_json(out / "config.json", hf_config)
+    generation = {k: v for k, v in hf_config.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    atomic_write_json(out / "generation_config.json", {"_from_model_config": True, **generation})
     if tokenizer is not None:
         export_hf_tokenizer(tokenizer, out)
     return out
+
+
+def special_token_ids(config, tokenizer=None) -> dict[str, int | None]:
+    """bos/eos ids for config.json. tegaki's tokenizers have one special token that starts and ends
+    a text (<|endoftext|>, as GPT-2); a tokenizer without one, or a default outside the vocabulary,
+    gives None rather than an id the model never saw."""
+    if tokenizer is not None:
+        eot = tokenizer.eot_id
+    else:
+        eot = 50256 if config.vocab_size > 50256 else None  # GPT-2's, transformers' default
+    if eot is not None and eot >= config.vocab_size:
+        eot = None
+    return {"bos_token_id": eot, "eos_token_id": eot}

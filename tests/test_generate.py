@@ -240,6 +240,34 @@ def test_the_command_runs_quantized_in_bf16_with_several_samples_and_a_stop(gpt2
     assert stop not in cut[len("Hello"):] and first.startswith(cut)
 
 
+def test_a_stop_given_with_shell_escapes_means_the_characters():
+    """--stop '\\n\\n' (backslashes and n's, as a shell passes them) means a blank line; an
+    escaped backslash stays a backslash; other text, Japanese too, is left as it is."""
+    from tegaki.cli import build_parser
+
+    def stops(*values):
+        argv = ["generate", "--model", "m"] + [a for v in values for a in ("--stop", v)] + ["hi"]
+        return build_parser().parse_args(argv).stop
+
+    assert stops("\\n\\n", "\\t", "END") == ["\n\n", "\t", "END"]
+    assert stops("a\\\\nb") == ["a\\nb"]  # \\ then n: a backslash and a plain n
+    assert stops("終わり\\n") == ["終わり\n"]
+
+
+def test_version_and_a_closed_pipe_end_quietly():
+    import subprocess
+    import sys
+
+    import tegaki
+
+    done = subprocess.run([sys.executable, "-m", "tegaki", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == f"tegaki {tegaki.__version__}"
+    piped = subprocess.run(f"{sys.executable} -m tegaki params gpt2 | head -2", shell=True, capture_output=True,
+                           text=True)
+    assert len(piped.stdout.splitlines()) == 2
+    assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr
+
+
 # -------------------------------------------------------------------------------------------------
 # One qkv projection, one sampling-settings object, compiled steps that read the current weights
 # -------------------------------------------------------------------------------------------------

@@ -642,3 +642,23 @@ def test_llama_q_k_v_are_joined_on_import_and_split_again_on_export(tmp_path):
         assert torch.equal(out[name], tensor), name
     assert torch.equal(model.blocks[0].attn.qkv.bias, torch.cat([src[f"model.layers.0.self_attn.{p}_proj.bias"]
                                                                   for p in "qkv"]))
+
+
+def test_export_writes_the_tokenizers_end_of_text_id(tmp_path):
+    """A run with its own 4,096-token tokenizer ends texts with id 4095, not GPT-2's 50256:
+    transformers must stop generating there, and must not be told of an id outside the vocabulary."""
+    from tegaki.tokenizer import train_bpe
+
+    tok = train_bpe("the cat sat on the mat. " * 50, 300, name="small")
+    model = GPT(ModelConfig.preset("tiny").replace(vocab_size=320, n_layer=1))
+    export_hf(model, tmp_path / "own", tokenizer=tok)
+    config = json.loads((tmp_path / "own" / "config.json").read_text())
+    generation = json.loads((tmp_path / "own" / "generation_config.json").read_text())
+    assert tok.eot_id is not None and config["eos_token_id"] == config["bos_token_id"] == tok.eot_id
+    assert generation["eos_token_id"] == tok.eot_id
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "own")
+    assert hf.generation_config.eos_token_id == tok.eot_id
+    export_hf(model, tmp_path / "bare")  # no tokenizer, vocabulary too small for GPT-2's id
+    assert json.loads((tmp_path / "bare" / "config.json").read_text())["eos_token_id"] is None
+    export_hf(GPT(ModelConfig.preset("tiny").replace(vocab_size=50257, n_layer=1)), tmp_path / "gpt2")
+    assert json.loads((tmp_path / "gpt2" / "config.json").read_text())["eos_token_id"] == 50256

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+import tegaki
 
 from tegaki.errors import TegakiError
 
@@ -34,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tegaki",
         description="tegaki: an LLM written by hand in PyTorch.",
     )
+    parser.add_argument("--version", action="version", version=f"tegaki {tegaki.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for names in COMMAND_MODULES:
         for name in names:
@@ -67,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\ntegaki {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`tegaki params gpt2 | head -3`): nothing more to say, and Python's
+        # own flush at exit must not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return int(result or 0)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 
@@ -16,6 +17,12 @@ from tegaki.quant import quantize_model
 from tegaki.sampling import SamplingSettings
 
 CLI_TEMPERATURE = 0.8
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """A shell passes '\\n' as a backslash and an n; a stop string means the newline."""
+    return re.sub(r"\\([ntr\\])", lambda m: ESCAPES[m.group(1)], text)
 
 
 def register(subparsers) -> None:
@@ -44,7 +51,9 @@ def register(subparsers) -> None:
                    help=f"subtract this from the logits of tokens already seen (default {defaults.presence_penalty} = off)")
     p.add_argument("--seed", type=int, default=None, help="for reproducible samples")
     p.add_argument("--num-samples", type=int, default=1, help="how many continuations to print (default 1)")
-    p.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
+    p.add_argument("--stop", action="append", default=[], type=unescape,
+                   help="stop at this text (repeatable); \\n, \\t and \\\\ stand for a newline, a tab and a "
+                   "backslash, so --stop '\\n\\n' stops at a blank line")
     add_device_arguments(p)
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="weight-only quantization of the linear layers")
