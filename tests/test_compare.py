@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tegaki.analysis.compare import _HashedBatches, batch_digest, parse_entries
+from tegaki.analysis.compare import BatchHashes, batch_digest, parse_entries
 from tegaki.analysis.params import count_parameters
 from tegaki.cli import main
 from tegaki.config import ModelConfig
@@ -47,9 +47,10 @@ def test_outputs_are_complete(compared):
     report = (out / "report.md").read_text()
     for r in runs:
         assert f"| {r['label']} | {r['parameters']:,} |" in report
-    from tegaki.analysis.plot import read_metrics
+    from tegaki.analysis.plot import loss_curves
+    from tegaki.checkpoint import read_metrics
 
-    curves = read_metrics(out / "runs" / "tiny" / "metrics.jsonl")  # the trainer's own log, as plotted
+    curves = loss_curves(read_metrics(out / "runs" / "tiny" / "metrics.jsonl"))  # the trainer's own log, as plotted
     assert [step for step, _ in curves["train"]] == [1, 2, 3, 4] and [step for step, _ in curves["val"]] == [2, 4]
     assert curves["val"][-1][1] == pytest.approx(runs[0]["final_val_loss"])
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -97,11 +98,10 @@ def test_batch_hash_tells_different_orders_apart(compared):
     windows = TokenWindows(out / "data", "train", 32)
 
     def digest(seed):
-        loader = _HashedBatches(BatchLoader(windows, 4, seed))
+        loader, hashes = BatchLoader(windows, 4, seed), BatchHashes()
         for step in range(4):
-            loader.step = step
-            loader.next_batch()
-        return batch_digest(loader.hashes)
+            hashes(step, 0, *loader.next_batch())  # what the run's on_batch hook is handed
+        return batch_digest(hashes.hashes)
 
     assert digest(1337) == results["runs"][0]["batch_hash"]  # the hash is the batches', reproducibly
     assert digest(1338) != digest(1337)

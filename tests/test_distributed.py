@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tegaki import data
-from tegaki.train import read_metrics
+from tegaki.checkpoint import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 # A fixed warmup longer than the runs: the 2-step and 4-step runs then share one schedule (the default

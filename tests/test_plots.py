@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from tegaki.analysis.plot import find_runs, label_text, plot_losses, read_metrics
+from tegaki.analysis.plot import find_runs, label_text, loss_curves, plot_losses
+from tegaki.checkpoint import read_metrics
 from tegaki.cli import main
 from tegaki.errors import TegakiError
 
@@ -37,7 +38,9 @@ def test_params_plot(tmp_path, capsys):
 
 def test_read_metrics_splits_train_and_validation(tmp_path):
     write_metrics(tmp_path / "run", [4.0, 3.5, 3.0, 2.8])
-    curves = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")  # the broken last line is skipped
+    assert len(records) == 6
+    curves = loss_curves(records)
     assert curves["train"] == [(1, 4.0), (2, 3.5), (3, 3.0), (4, 2.8)]
     assert curves["val"] == [(2, 3.6), (4, 2.9)]
 

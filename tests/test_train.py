@@ -1,4 +1,4 @@
-"""The training loop, checkpoints, resume and the `tegaki train` command (tegaki/train.py)."""
+"""The training loop, checkpoints, resume and the `tegaki train` command (tegaki/train/, tegaki/checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -18,16 +18,8 @@ from tegaki import data
 from tegaki.cli import main
 from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
-from tegaki.train import (
-    TrainConfig,
-    build_optimizer,
-    find_checkpoint,
-    flops_per_token,
-    load_run_model,
-    load_run_tokenizer,
-    lr_at,
-    read_metrics,
-)
+from tegaki.checkpoint import find_checkpoint, load_run_model, load_run_tokenizer, read_metrics
+from tegaki.train import TrainConfig, build_optimizer, flops_per_token, lr_at
 
 REPO = Path(__file__).resolve().parents[1]
 # A model small enough that a step takes milliseconds.
@@ -330,7 +322,7 @@ def test_default_warmup_fits_a_short_run(shards, tmp_path, capsys):
 
 
 def test_checkpoint_files_are_readable_safe_to_load_and_resaved_atomically(shards, tmp_path, capsys, monkeypatch):
-    import tegaki.train as train_module
+    import tegaki.checkpoint as checkpoint_module
 
     out = tmp_path / "run"
     args = ["--data", str(shards), "--out", str(out), "--max-steps", "2", "--save-every", "2", "--dtype", "fp32", *MICRO]
@@ -352,10 +344,10 @@ def test_checkpoint_files_are_readable_safe_to_load_and_resaved_atomically(shard
             raise KeyboardInterrupt
         return real_replace(src, dst)
 
-    monkeypatch.setattr(train_module.os, "replace", killed)
+    monkeypatch.setattr(checkpoint_module.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        train_module.save_checkpoint(out, 2, model.state_dict(), saved, {"loader": state["loader"]}, model.config, keep=3)
-    monkeypatch.setattr(train_module.os, "replace", real_replace)
+        checkpoint_module.save_checkpoint(out, 2, model.state_dict(), saved, {"loader": state["loader"]}, model.config, keep=3)
+    monkeypatch.setattr(checkpoint_module.os, "replace", real_replace)
     assert find_checkpoint(out) is not None
     args[args.index("--max-steps") + 1] = "3"
     rc, log = run_cli(args, capsys)

@@ -22,7 +22,6 @@ What comes out:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -36,7 +35,13 @@ from typing import Any
 
 import torch
 
+from tegaki.analysis.params import count_parameters
+from tegaki.analysis.plot import loss_curves, plot_losses, plot_run_losses
+from tegaki.checkpoint import METRICS_FILE, read_metrics
+from tegaki.config import ModelConfig
+from tegaki.data import TokenWindows
 from tegaki.errors import TegakiError
+from tegaki.train import Run, TrainConfig, build_model_config, flushed_subnormals, setup_data, setup_tokenizer
 
 # -------------------------------------------------------------------------------------------------
 # What to train
@@ -56,8 +61,6 @@ class Entry:
 
 def parse_entries(text: str) -> list[Entry]:
     """"tiny,tiny-llama:n_kv_head=1" -> entries; every preset is checked before any training."""
-    from tegaki.config import ModelConfig
-
     entries = []
     for item in (s.strip() for s in text.split(",")):
         if not item:
@@ -74,44 +77,26 @@ def parse_entries(text: str) -> list[Entry]:
 
 
 # -------------------------------------------------------------------------------------------------
-# A training run that also records which batches it saw
+# Which batches a run saw
 # -------------------------------------------------------------------------------------------------
 
 
-class _HashedBatches:
-    """Wraps the run's BatchLoader: every batch handed out is hashed, keyed by optimizer step."""
+def batch_hash(inputs: torch.Tensor, targets: torch.Tensor) -> str:
+    """A short hash of one batch (its input and target token ids, as the loader hands them out)."""
+    return hashlib.sha256(inputs.numpy().tobytes() + targets.numpy().tobytes()).hexdigest()[:16]
 
-    def __init__(self, loader):
-        self.loader = loader
-        self.step = 0
+
+class BatchHashes:
+    """The `on_batch` hook of a compared run (`tegaki.train.Run`): a hash of every batch it trains
+    on, keyed by optimizer step. A step taken again after a resume replaces its record."""
+
+    def __init__(self):
         self.hashes: dict[int, list[str]] = {}
 
-    def next_batch(self):
-        inputs, targets = self.loader.next_batch()
-        digest = hashlib.sha256(inputs.numpy().tobytes() + targets.numpy().tobytes()).hexdigest()[:16]
-        self.hashes.setdefault(self.step, []).append(digest)
-        return inputs, targets
-
-    def __getattr__(self, name):  # state_dict, load_state_dict, ... go to the real loader
-        return getattr(self.loader, name)
-
-
-def _compared_run_class():
-    from tegaki.train import Run
-
-    class ComparedRun(Run):
-        """`tegaki train`'s own Run; only the batch loader is watched."""
-
-        def _build_data(self) -> None:
-            super()._build_data()
-            self.loader = _HashedBatches(self.loader)
-
-        def train_step(self, step: int):
-            self.loader.step = step
-            self.loader.hashes.pop(step, None)  # a step re-run after a resume replaces its record
-            return super().train_step(step)
-
-    return ComparedRun
+    def __call__(self, step: int, micro: int, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        if micro == 0:
+            self.hashes[step] = []
+        self.hashes[step].append(batch_hash(inputs, targets))
 
 
 def batch_digest(hashes: dict[int, list[str]]) -> str:
@@ -169,9 +154,11 @@ def decode_speed(model, prompt: torch.Tensor, new_tokens: int, use_cache: bool) 
 
 @dataclass
 class CompareSettings:
-    data: str
+    """Every `tegaki compare` flag (`tegaki/cli/compare.py` takes its defaults from here)."""
+
     entries: list[Entry]
     out: Path
+    data: str = "shakespeare"
     max_steps: int = 200
     seed: int = 1337
     batch_size: int = 16
@@ -191,13 +178,18 @@ class CompareSettings:
     fresh: bool = False
 
 
+def check_settings(s: CompareSettings) -> None:
+    """Refuse counts below one, naming the flag."""
+    for name in ("max_steps", "batch_size", "decode_tokens", "sample_tokens"):
+        if getattr(s, name) < 1:
+            raise TegakiError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
+
+
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
 def _train_config(s: CompareSettings, entry: Entry, data_dir: Path, extra_set: list[str], block_size: int):
-    from tegaki.train import TrainConfig
-
     return TrainConfig(
         data=str(data_dir), preset=entry.preset, out=str(s.out / "runs" / entry.folder_name),
         max_steps=s.max_steps, batch_size=s.batch_size, block_size=block_size, lr=s.lr,
@@ -210,9 +202,6 @@ def _train_config(s: CompareSettings, entry: Entry, data_dir: Path, extra_set: l
 
 def prepare_shared_data(s: CompareSettings):
     """One tokenizer and one set of shards for every run: (tokenizer, data folder)."""
-    from tegaki.config import ModelConfig
-    from tegaki.train import TrainConfig, setup_data, setup_tokenizer
-
     s.out.mkdir(parents=True, exist_ok=True)
     first = s.entries[0]
     base = ModelConfig.preset(first.preset).with_overrides([*s.overrides, *first.overrides])
@@ -222,12 +211,10 @@ def prepare_shared_data(s: CompareSettings):
     return tokenizer, Path(data_dir)
 
 
-def _matched_intermediate(s: CompareSettings, entry: Entry, data_dir: Path, block_size: int, tokenizer, target: int) -> int:
+def _matched_intermediate(s: CompareSettings, entry: Entry, data_dir: Path, block_size: int, tokenizer,
+                          target: int) -> int:
     """The MLP width (per expert for MoE) that brings this entry's total parameters closest to target.
     Parameters grow linearly with it, so two counts give the line."""
-    from tegaki.analysis.params import count_parameters
-    from tegaki.train import build_model_config
-
     def total(width: int) -> int:
         cfg = _train_config(s, entry, data_dir, [f"intermediate_size={width}"], block_size)
         return count_parameters(build_model_config(cfg, tokenizer))["total"]
@@ -239,18 +226,14 @@ def _matched_intermediate(s: CompareSettings, entry: Entry, data_dir: Path, bloc
 
 
 def compare(s: CompareSettings) -> dict[str, Any]:
-    from tegaki.train import flushed_subnormals
-
+    """Train every entry under identical conditions (resuming what was interrupted); write
+    results.json, report.md and loss.png into s.out; return what results.json holds."""
+    check_settings(s)
     with flushed_subnormals(s.device):  # the same CPU float settings as `tegaki train`
         return _compare(s)
 
 
 def _compare(s: CompareSettings) -> dict[str, Any]:
-    from tegaki.analysis.params import count_parameters
-    from tegaki.config import ModelConfig
-    from tegaki.data import TokenWindows
-    from tegaki.train import build_model_config
-
     tokenizer, data_dir = prepare_shared_data(s)
     block_size = s.block_size or min(
         ModelConfig.preset(e.preset).with_overrides([*s.overrides, *e.overrides]).block_size for e in s.entries
@@ -260,24 +243,25 @@ def _compare(s: CompareSettings) -> dict[str, Any]:
         first_cfg = build_model_config(_train_config(s, s.entries[0], data_dir, [], block_size), tokenizer)
         target = count_parameters(first_cfg)["total"]
         for e in s.entries[1:]:
-            extra[e.label] = [f"intermediate_size={_matched_intermediate(s, e, data_dir, block_size, tokenizer, target)}"]
+            width = _matched_intermediate(s, e, data_dir, block_size, tokenizer, target)
+            extra[e.label] = [f"intermediate_size={width}"]
 
     # The prompt of every sample and decode measurement: the start of the validation text.
     prompt_ids = TokenWindows(data_dir, "val", 16).window(0)[:16].tolist()
     prompt_text = tokenizer.decode(prompt_ids)
 
     results = []
-    ComparedRun = _compared_run_class()
     for entry in s.entries:
         cfg = _train_config(s, entry, data_dir, extra[entry.label], block_size)
         _say(f"=== {entry.label}: {s.max_steps} steps -> {cfg.out}")
-        run = ComparedRun(cfg)
+        batches = BatchHashes()
+        run = Run(cfg, on_batch=batches, plot_losses=plot_run_losses)  # `tegaki train`'s own run, watched
         _reset_peak_memory(run.device)
         started = time.perf_counter()
         run.train()
         seconds = time.perf_counter() - started
         peak, peak_what = _peak_memory_bytes(run.device)
-        results.append(_summarise(s, entry, run, cfg, prompt_ids, prompt_text, peak, peak_what, seconds))
+        results.append(_summarise(s, entry, run, batches, cfg, prompt_ids, prompt_text, peak, peak_what, seconds))
 
     return _write_outputs(s, results, tokenizer, data_dir, block_size, prompt_text)
 
@@ -291,23 +275,23 @@ def _save_hashes(run_dir: Path, hashes: dict[int, list[str]]) -> dict[int, list[
     return known
 
 
-def _summarise(s, entry, run, cfg, prompt_ids, prompt_text, peak, peak_what, seconds) -> dict[str, Any]:
-    from tegaki.analysis.params import count_parameters
-    from tegaki.train import read_metrics
-
+def _summarise(s, entry, run, batches, cfg, prompt_ids, prompt_text, peak, peak_what, seconds) -> dict[str, Any]:
     run_dir = Path(cfg.out)
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS_FILE
     records = read_metrics(metrics) if metrics.exists() else []
     train = [r for r in records if "loss" in r and r.get("kind") is None]
     val = [r for r in records if r.get("kind") == "val"]
-    speeds = [r["tokens_per_s"] for r in train[1:] if "tokens_per_s" in r] or [r["tokens_per_s"] for r in train if "tokens_per_s" in r]
+    # the first step pays for warm-up (allocations, kernel choice): left out when there are others
+    speeds = ([r["tokens_per_s"] for r in train[1:] if "tokens_per_s" in r]
+              or [r["tokens_per_s"] for r in train if "tokens_per_s" in r])
     counts = count_parameters(run.model_config)
     model = run.raw_model.eval()
     prompt = torch.tensor([prompt_ids], device=run.device)
     with torch.no_grad():
-        sample_ids = model.generate(prompt, s.sample_tokens, temperature=0.8, top_k=50, seed=s.seed)[0, len(prompt_ids):]
+        out = model.generate(prompt, s.sample_tokens, temperature=0.8, top_k=50, seed=s.seed)
+    sample_ids = out[0, len(prompt_ids):]
     sample = run.tokenizer.decode([i for i in sample_ids.tolist() if i < run.tokenizer.vocab_size])
-    hashes = _save_hashes(run_dir, run.loader.hashes)
+    hashes = _save_hashes(run_dir, batches.hashes)
     row = {
         "label": entry.label,
         "preset": entry.preset,
@@ -354,8 +338,6 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 
 def _write_outputs(s: CompareSettings, results, tokenizer, data_dir: Path, block_size: int, prompt_text: str):
-    from tegaki.analysis.plot import plot_losses, read_metrics
-
     same_batches = len({r["batch_hash"] for r in results}) == 1
     summary = {
         "data": s.data,
@@ -376,33 +358,40 @@ def _write_outputs(s: CompareSettings, results, tokenizer, data_dir: Path, block
         "runs": results,
     }
     (s.out / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    curves = [(r["label"], read_metrics(Path(r["run_dir"]) / "metrics.jsonl")) for r in results]
-    plot_losses(curves, s.out / "loss.png", title=f"{s.data}: {s.max_steps} steps x {s.batch_size} x {block_size} tokens",
-                smooth=max(1, s.max_steps // 50))
+    curves = [(r["label"], loss_curves(read_metrics(Path(r["run_dir"]) / METRICS_FILE))) for r in results]
+    title = f"{s.data}: {s.max_steps} steps x {s.batch_size} x {block_size} tokens"
+    plot_losses(curves, s.out / "loss.png", title=title, smooth=max(1, s.max_steps // 50))
     (s.out / "report.md").write_text(format_report(summary))
     return summary
 
 
+REPORT_COLUMNS = ("run", "params", "active", "train loss", "val loss", "val bits/byte", "train tok/s", "peak mem",
+                  "decode tok/s (KV cache)", "decode tok/s (no cache)")
+
+
 def format_report(summary: dict[str, Any]) -> str:
+    """results.json as Markdown: the settings, a table with one row per run, then the samples."""
+    s = summary
     lines = [
-        f"# Comparison on {summary['data']}",
+        f"# Comparison on {s['data']}",
         "",
-        f"Every run: {summary['max_steps']} steps x {summary['batch_size']} sequences x {summary['block_size']} tokens "
-        f"= {summary['tokens_per_run']:,} tokens, lr {summary['lr']}, seed {summary['seed']}, tokenizer "
-        f"{summary['tokenizer']} ({summary['vocab_size']:,} tokens), device {summary['device']}, torch {summary['torch']}."
-        + (" Widths matched to equal parameter counts." if summary["match_params"] else ""),
-        f"Identical batches in every run: {'yes' if summary['identical_batches'] else 'NO'} (hash of every batch, in results.json).",
+        f"Every run: {s['max_steps']} steps x {s['batch_size']} sequences x {s['block_size']} tokens "
+        f"= {s['tokens_per_run']:,} tokens, lr {s['lr']}, seed {s['seed']}, tokenizer "
+        f"{s['tokenizer']} ({s['vocab_size']:,} tokens), device {s['device']}, torch {s['torch']}."
+        + (" Widths matched to equal parameter counts." if s["match_params"] else ""),
+        f"Identical batches in every run: {'yes' if s['identical_batches'] else 'NO'} "
+        "(hash of every batch, in results.json).",
         "",
-        "| run | params | active | train loss | val loss | val bits/byte | train tok/s | peak mem | decode tok/s (KV cache) | decode tok/s (no cache) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| " + " | ".join(REPORT_COLUMNS) + " |",
+        "| --- |" + " ---: |" * (len(REPORT_COLUMNS) - 1),
     ]
     for r in summary["runs"]:
-        lines.append(
-            f"| {r['label']} | {r['parameters']:,} | {r['parameters_active']:,} | {_fmt(r['final_train_loss'], '.4f')} | "
-            f"{_fmt(r['final_val_loss'], '.4f')} | {_fmt(r['final_val_bpb'], '.3f')} | {_fmt(r['train_tokens_per_s'], ',.0f')} | "
-            f"{_fmt(r['peak_memory_bytes'] and r['peak_memory_bytes'] / 2**20, ',.0f')} MiB | "
-            f"{_fmt(r['decode_tokens_per_s_kv_cache'], ',.0f')} | {_fmt(r['decode_tokens_per_s_no_cache'], ',.0f')} |"
-        )
+        peak_mib = r["peak_memory_bytes"] and r["peak_memory_bytes"] / 2**20
+        cells = [r["label"], f"{r['parameters']:,}", f"{r['parameters_active']:,}", _fmt(r["final_train_loss"], ".4f"),
+                 _fmt(r["final_val_loss"], ".4f"), _fmt(r["final_val_bpb"], ".3f"),
+                 _fmt(r["train_tokens_per_s"], ",.0f"), f"{_fmt(peak_mib, ',.0f')} MiB",
+                 _fmt(r["decode_tokens_per_s_kv_cache"], ",.0f"), _fmt(r["decode_tokens_per_s_no_cache"], ",.0f")]
+        lines.append("| " + " | ".join(cells) + " |")
     for r in summary["runs"]:
         if "final_val_loss_with_causal_mask" in r:
             lines += ["", f"{r['label']}: trained without the causal mask, its validation loss is "
@@ -413,58 +402,3 @@ def format_report(summary: dict[str, Any]) -> str:
     for r in summary["runs"]:
         lines += [f"### {r['label']}", "", "```", r["sample"].strip("\n"), "```", ""]
     return "\n".join(lines)
-
-
-# -------------------------------------------------------------------------------------------------
-# CLI
-# -------------------------------------------------------------------------------------------------
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "compare",
-        help="train several presets under identical conditions; table, samples and loss curves",
-        description="Train each preset on the same tokenizer, batches, budget, schedule and seed, then "
-        "write DIR/results.json, DIR/report.md and DIR/loss.png. Run it again to resume.",
-    )
-    a = p.add_argument
-    a("--data", default="shakespeare", help="shakespeare | a .txt/.md/.jsonl/.parquet file or folder | prepared shards")
-    a("--presets", required=True, help="comma-separated presets, each optionally with :field=value overrides, "
-      "e.g. tiny,tiny-llama,tiny:causal=false")
-    a("--out", required=True, help="output folder")
-    a("--max-steps", type=int, default=200, help="optimizer steps per run (default 200)")
-    a("--seed", type=int, default=1337, help="seed of the weights and the batch order (default 1337)")
-    a("--batch-size", type=int, default=16, help="sequences per step (default 16)")
-    a("--block-size", type=int, help="tokens per sequence (default: the smallest block_size of the presets)")
-    a("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
-    a("--warmup", type=int, help="warmup steps (default: a tenth of the steps, at most 50)")
-    a("--eval-every", type=int, help="validation every N steps (default: a tenth of the steps)")
-    a("--eval-batches", type=int, default=10, help="validation batches per evaluation (default 10)")
-    a("--tokenizer", help="'gpt2' or a tokenizer folder (default: a BPE trained once on the data)")
-    a("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-      help="override a ModelConfig field in every run (repeatable)")
-    a("--match-params", action="store_true", help="scale MLP widths so every run has the first run's parameter count")
-    a("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
-    a("--device", default="auto")
-    a("--decode-tokens", type=int, default=48, help="tokens generated to time decoding (default 48)")
-    a("--sample-tokens", type=int, default=96, help="tokens in each sample (default 96)")
-    a("--fresh", action="store_true", help="start every run over instead of resuming")
-    a("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    for name in ("max_steps", "batch_size", "decode_tokens", "sample_tokens"):
-        if getattr(args, name) < 1:
-            raise TegakiError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    settings = CompareSettings(
-        data=args.data, entries=parse_entries(args.presets), out=Path(args.out), max_steps=args.max_steps,
-        seed=args.seed, batch_size=args.batch_size, block_size=args.block_size, lr=args.lr, warmup=args.warmup,
-        eval_every=args.eval_every, eval_batches=args.eval_batches, tokenizer=args.tokenizer,
-        overrides=args.overrides, match_params=args.match_params, dtype=args.dtype, device=args.device,
-        decode_tokens=args.decode_tokens, sample_tokens=args.sample_tokens, progress=args.progress, fresh=args.fresh,
-    )
-    summary = compare(settings)
-    print(format_report(summary).split("## Samples")[0].rstrip())
-    print(f"\nwrote {settings.out / 'results.json'}, {settings.out / 'report.md'}, {settings.out / 'loss.png'}")
-    return 0

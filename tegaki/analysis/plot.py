@@ -1,5 +1,5 @@
-"""Pictures: loss curves (`tegaki plot RUN_DIR`), where the parameters go (`tegaki params --plot`)
-and attention heatmaps (`tegaki attention`).
+"""Pictures: loss curves (`tegaki plot RUN_DIR`, and DIR/loss.png after training), where the parameters
+go (`tegaki params --plot`) and attention heatmaps (`tegaki attention`).
 
 matplotlib draws off-screen (the Agg backend), so this works on a server with no display. Token
 labels may be Japanese: a CJK font is used when one is installed (Noto Sans CJK, IPAex, ...); when
@@ -9,13 +9,12 @@ empty boxes.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from tegaki.checkpoint import METRICS_FILE, read_metrics
 from tegaki.errors import TegakiError
 
 # Fonts that draw Japanese (and Chinese/Korean) glyphs, in order of preference.
@@ -149,25 +148,23 @@ def plot_parameters(info: dict[str, Any], path: str | Path, title: str = "") -> 
 # -------------------------------------------------------------------------------------------------
 
 
-def read_metrics(path: str | Path) -> dict[str, list[tuple[float, float]]]:
-    """metrics.jsonl -> {"train": [(step, loss)], "val": [(step, loss)]}.
+def loss_curves(records: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """Records of a metrics.jsonl (`tegaki.checkpoint.read_metrics`) -> {"train": [(step, loss)],
+    "val": [(step, loss)]}.
 
-    A line with `val_loss` is a validation point; a line with `loss` (and no split other than
-    "train") is a training point. Lines that are not JSON (a run killed mid-write) are skipped.
+    A record with `val_loss` is a validation point; a record with `loss` (and no split other than
+    "train") is a training point.
     """
     curves: dict[str, list[tuple[float, float]]] = {"train": [], "val": []}
-    for line in Path(path).read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(rec, dict) or "step" not in rec:
+    for rec in records:
+        if "step" not in rec:
             continue
         split = rec.get("split", "train")
         if rec.get("val_loss") is not None:
             curves["val"].append((rec["step"], float(rec["val_loss"])))
         if rec.get("loss") is not None:
-            curves["val" if split in ("val", "valid", "validation") else "train"].append((rec["step"], float(rec["loss"])))
+            curve = "val" if split in ("val", "valid", "validation") else "train"
+            curves[curve].append((rec["step"], float(rec["loss"])))
     for key in curves:  # a resumed run may repeat steps: keep the last value of each
         curves[key] = sorted(dict(curves[key]).items())
     return curves
@@ -182,7 +179,8 @@ def find_runs(run_dir: str | Path) -> list[tuple[str, Path]]:
         return [(root.name, root / "metrics.jsonl")]
     found = sorted(root.glob("*/metrics.jsonl")) + sorted(root.glob("runs/*/metrics.jsonl"))
     if not found:
-        raise TegakiError(f"{root}: no metrics.jsonl in it or in its sub-folders; is it a `tegaki train` or `tegaki compare` output?")
+        raise TegakiError(f"{root}: no metrics.jsonl in it or in its sub-folders; is it a `tegaki train` or "
+                          "`tegaki compare` output?")
     return [(p.parent.name, p) for p in found]
 
 
@@ -212,6 +210,21 @@ def plot_losses(runs: list[tuple[str, dict[str, list]]], path: str | Path, title
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_run_losses(run_dir: str | Path) -> Path | None:
+    """DIR/loss.png from DIR/metrics.jsonl, drawn when a run ends (`tegaki train` and `tegaki compare`
+    hand it to the training loop): the picture of `tegaki plot DIR`, averaged over ~50 points.
+    None when there is no training loss yet, or no matplotlib (a run is fine without its picture)."""
+    run_dir = Path(run_dir)
+    curves = loss_curves(read_metrics(run_dir / METRICS_FILE))
+    if not curves["train"]:
+        return None
+    smooth = max(1, len(curves["train"]) // 50)
+    try:
+        return plot_losses([(run_dir.name, curves)], run_dir / "loss.png", title=run_dir.name, smooth=smooth)
+    except ImportError:
+        return None
 
 
 def _moving_average(values, width: int) -> list[float]:
@@ -257,35 +270,3 @@ def plot_attention_heads(att, tokens: list[str], path: str | Path, title: str = 
     fig.suptitle(title + "  (row: query, column: key)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
-
-
-# -------------------------------------------------------------------------------------------------
-# CLI: tegaki plot RUN_DIR
-# -------------------------------------------------------------------------------------------------
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "plot",
-        help="loss curves of a run or a comparison, as a PNG",
-        description="Draw the train and validation loss curves of `tegaki train` or `tegaki compare` folders.",
-    )
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run or comparison folder(s)")
-    p.add_argument("--out", help="PNG file (default: RUN_DIR/loss.png)")
-    p.add_argument("--smooth", type=int, default=1, metavar="N", help="moving average over N train points")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    runs = []
-    for d in args.run_dirs:
-        runs += [(label, read_metrics(path)) for label, path in find_runs(d)]
-    out = args.out or str(Path(args.run_dirs[0]) / "loss.png")
-    title = ", ".join(Path(d).name for d in args.run_dirs)
-    path = plot_losses(runs, out, title=title, smooth=args.smooth)
-    print(f"wrote {path}")
-    for label, curves in runs:
-        last_train = f"{curves['train'][-1][1]:.4f}" if curves["train"] else "-"
-        last_val = f"{curves['val'][-1][1]:.4f}" if curves["val"] else "-"
-        print(f"  {label}: last train loss {last_train}, last val loss {last_val}")
-    return 0

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tegaki.data.shards import load_meta, read_shard
 from tegaki.errors import TegakiError
+
+if TYPE_CHECKING:  # torch is imported when a batch is made: `tegaki prepare` runs without it
+    import torch
 
 
 class TokenWindows:

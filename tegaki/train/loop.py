@@ -1,0 +1,516 @@
+"""The training loop: `Run` holds one run (model, optimizer, data, logs) and `train(cfg)` runs it.
+
+One optimizer step, the whole of what training is:
+
+    for each of grad_accum micro-batches:           # accumulate gradients of a bigger batch
+        loss = model(inputs, targets)[1]             # forward under bf16 autocast or in fp32
+        (loss / grad_accum).backward()               # DDP/FSDP average gradients across ranks here
+    clip the gradient norm to --grad-clip            # one bad batch cannot throw the weights away
+    lr = warmup, then cosine or warmup-stable-decay  # `lr_at`
+    AdamW step (weight decay on matrices only)       # `build_optimizer`
+
+Around it: validation loss and bits per byte every --eval-every steps, a sample every
+--sample-every steps, a NaN/inf guard, `metrics.jsonl`, and checkpoints that resume bit for bit
+(the run folder: tegaki/checkpoint.py).
+
+Two hooks let other code watch a run without changing it: `on_batch(step, micro, inputs, targets)`
+sees every training batch (`tegaki compare` hashes them), and `plot_losses(run_dir)` draws the
+loss curves at the end (`tegaki train` passes `tegaki.analysis.plot.plot_run_losses`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pickle
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tegaki.checkpoint import (
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    MetricsLog,
+    find_checkpoint,
+    read_model_tensors,
+    read_run_json,
+    save_checkpoint,
+)
+from tegaki.config import ModelConfig
+from tegaki.data import BatchLoader, TokenWindows, validation_batches
+from tegaki.errors import TegakiError
+from tegaki.model import GPT
+from tegaki.tokenizer import load as load_tokenizer
+from tegaki.train.distributed import (
+    broadcast_object,
+    destroy_process_group,
+    init_distributed,
+    init_single_process_group,
+)
+from tegaki.train.schedule import (
+    DEFAULT_WARMUP,
+    build_optimizer,
+    flops_per_token,
+    lr_at,
+    measure_matmul_flops,
+    synchronize,
+    warmup_steps,
+)
+from tegaki.train.settings import RESUME_KEYS, TrainConfig
+from tegaki.train.setup import (
+    build_model_config,
+    flushed_subnormals,
+    is_named_tokenizer,
+    pick_device,
+    pick_dtype,
+    setup_data,
+    setup_tokenizer,
+    token_byte_lengths,
+)
+
+# on_batch(step, micro, inputs, targets): every micro-batch this process trains on, before its forward
+BatchHook = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+# plot_losses(run_dir) -> the picture written (None: none drawn)
+PlotHook = Callable[[Path], "Path | None"]
+
+
+class Run:
+    """Everything one `tegaki train` holds: model, optimizer, data, logs. `run.train()` does it."""
+
+    def __init__(self, cfg: TrainConfig, on_batch: BatchHook | None = None, plot_losses: PlotHook | None = None):
+        """`on_batch` and `plot_losses`: the hooks described at the top of this file; None: not used."""
+        self.cfg = cfg
+        self.on_batch = on_batch
+        self.plot_losses = plot_losses
+        self.run_dir = Path(cfg.out)
+        wants_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+        device_kind = "cuda" if wants_cuda else "cpu"
+        self.dist = init_distributed(device_kind)
+        self.device = pick_device(cfg.device, self.dist)
+        self.dtype = pick_dtype(cfg.dtype, self.device)
+        self.say = self._say if self.dist.is_main else (lambda *a, **k: None)
+        self.started = False  # set once setup is done and the steps begin
+
+    def _say(self, message: str) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+
+    # --- setup --------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, d = self.cfg, self.dist
+        if cfg.fresh and d.is_main:
+            self._clear_run_dir()
+        d.barrier()
+        if d.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            preset = ModelConfig.preset(cfg.preset)
+            preset_vocab = (preset.with_overrides(cfg.set) if cfg.set else preset).vocab_size
+            tokenizer, self.tokenizer_ref = setup_tokenizer(cfg, self.run_dir, preset_vocab, self.say)
+            self.data_dir = setup_data(cfg, self.run_dir, tokenizer, self.tokenizer_ref, cfg.progress, self.say)
+        # Other ranks wait for rank 0 to train the tokenizer and write the shards, then read them.
+        self.tokenizer_ref, self.data_dir = broadcast_object(
+            (self.tokenizer_ref, str(self.data_dir)) if d.is_main else None, d)
+        self.data_dir = Path(self.data_dir)
+        if not d.is_main:
+            ref = self.tokenizer_ref
+            tokenizer = load_tokenizer(ref if is_named_tokenizer(ref) else self.run_dir / ref)
+        self.tokenizer = tokenizer
+        self.model_config = build_model_config(cfg, tokenizer)
+        self.block_size = cfg.block_size or self.model_config.block_size
+        if self.block_size > self.model_config.block_size:
+            raise TegakiError(
+                f"--block-size {self.block_size} is larger than the model's context "
+                f"(block_size={self.model_config.block_size}); lower --block-size or raise it with --set block_size=N"
+            )
+        self._check_run_json()
+        self._build_data()
+        self._build_model()
+
+    def _clear_run_dir(self) -> None:
+        for name in ("checkpoints", "metrics.jsonl", "run.json", "loss.png", "tb", "tokenizer", "data"):
+            path = self.run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+    def _check_run_json(self) -> None:
+        path = self.run_dir / "run.json"
+        info = {
+            "model_config": self.model_config.to_dict(),
+            "tokenizer": self.tokenizer_ref,
+            # inside the run folder: relative to it, so the folder can be moved
+            "data": (os.path.relpath(self.data_dir, self.run_dir) if self._inside_run(self.data_dir)
+                     else str(self.data_dir)),
+            "train": self.cfg.to_dict(),
+        }
+        if path.exists():
+            old = read_run_json(self.run_dir)
+            if old.get("model_config") != info["model_config"]:
+                changed = sorted(k for k, v in info["model_config"].items() if old.get("model_config", {}).get(k) != v)
+                raise TegakiError(
+                    f"{self.run_dir} holds a run of another model ({', '.join(changed)} differ); "
+                    "use another --out, or --fresh to start over there"
+                )
+            old_train = old.get("train", {})
+            changed = [k for k in RESUME_KEYS if k in old_train and old_train[k] != info["train"][k]]
+            if changed and (self.run_dir / "checkpoints").exists():
+                raise TegakiError(
+                    f"{self.run_dir} was trained with other {', '.join(changed)}; resuming would not continue "
+                    "the same run. Use the same settings, another --out, or --fresh"
+                )
+        if self.dist.is_main:
+            path.write_text(json.dumps(info, indent=2) + "\n")
+
+    def _inside_run(self, path: Path) -> bool:
+        return Path(path).resolve().is_relative_to(self.run_dir.resolve())
+
+    def _build_data(self) -> None:
+        cfg, d = self.cfg, self.dist
+        train_windows = TokenWindows(self.data_dir, "train", self.block_size)
+        self.val_windows = TokenWindows(self.data_dir, "val", self.block_size)
+        if len(self.val_windows) == 0:
+            raise TegakiError(
+                f"the validation split has {self.val_windows.tokens:,} tokens, fewer than one block of "
+                f"{self.block_size + 1}; lower --block-size or raise --val-fraction"
+            )
+        self.loader = BatchLoader(train_windows, cfg.batch_size, cfg.seed, d.rank, d.world_size)
+        self.token_bytes = token_byte_lengths(self.tokenizer, self.model_config.vocab_size).to(self.device)
+
+    def _build_model(self) -> None:
+        cfg, d = self.cfg, self.dist
+        torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
+        model = GPT(self.model_config).to(self.device)
+        self.raw_model = model
+        if cfg.fsdp:
+            if not d.enabled:
+                self.say("note: --fsdp with one process shards nothing; it still runs, through FSDP2")
+                init_single_process_group(self.device)
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.blocks:
+                fully_shard(block)  # each block's weights live in shards, gathered just for its turn
+            fully_shard(model)
+        elif d.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=device_ids)
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg, self.device)
+        self.forward = torch.compile(model) if cfg.compile else model
+
+    # --- state ----------------------------------------------------------------------------------
+    def _state_dicts(self) -> tuple[dict, dict]:
+        """Full (unsharded) model and optimizer states; a collective call under DDP/FSDP."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(self.model, options=options)
+        optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        return model_state, optim_state
+
+    def save(self, step: int, val_loss: float | None) -> None:
+        model_state, optim_state = self._state_dicts()
+        if self.dist.is_main:
+            # Tensors, ints, floats, strings and lists only: optimizer.pt then loads with
+            # torch.load(weights_only=True), which runs no code from a downloaded run folder.
+            kind, keys, pos, has_gauss, gauss = np.random.get_state()
+            version, py_state, py_gauss = random.getstate()
+            rng = {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+                "python": [version, list(py_state), py_gauss],
+            }
+            extra = {"loader": self.loader.state_dict(), "val_loss": val_loss, "train_config": self.cfg.to_dict(),
+                     "tokenizer": self.tokenizer_ref, "time": time.time()}
+            path = save_checkpoint(self.run_dir, step, model_state, {"optimizer": optim_state, "rng": rng},
+                                   extra, self.model_config, self.cfg.keep)
+            self.say(f"saved checkpoint {path}")
+        self.last_saved = step
+        self.dist.barrier()
+
+    def resume(self) -> int:
+        """Load the newest intact checkpoint, if any; the step to continue from (0: a new run)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        found = find_checkpoint(self.run_dir, say=self.say) if self.dist.is_main else None
+        found = broadcast_object(str(found) if found else None, self.dist)
+        if found is None:
+            return 0
+        folder = Path(found)
+        state = json.loads((folder / STATE_FILE).read_text())
+        tensors = read_model_tensors(folder)
+        if self.model_config.tie_embeddings:
+            tensors["lm_head.weight"] = tensors["wte.weight"]
+        try:
+            saved = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise TegakiError(
+                f"{folder / OPTIMIZER_FILE} holds Python objects that tegaki does not load (a file from an older "
+                "tegaki, or not from tegaki at all); start over with --fresh"
+            ) from None
+        options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+        set_model_state_dict(self.model, tensors, options=options)
+        set_optimizer_state_dict(self.model, self.optimizer, saved["optimizer"], options=options)
+        rng = saved["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        kind, keys, pos, has_gauss, gauss = rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        version, py_state, py_gauss = rng["python"]
+        random.setstate((version, tuple(py_state), py_gauss))
+        if self.dist.rank != 0:  # rank 0's RNG was saved; the others take their own stream
+            torch.manual_seed(self.cfg.seed + 1000 * self.dist.rank + state["step"])
+        self.loader.load_state_dict(state["loader"])
+        self.say(f"resuming from {folder} (step {state['step']}); pass --fresh to start over")
+        return int(state["step"])
+
+    # --- the loop -------------------------------------------------------------------------------
+    def autocast(self):
+        if self.dtype == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _sync_context(self, last_micro: bool):
+        """Under DDP, gradients are averaged across ranks in backward; skip that on every micro
+        step but the last (the sum is the same, and one all-reduce is cheaper than grad_accum)."""
+        if not self.dist.enabled or last_micro:
+            return contextlib.nullcontext()
+        if hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+
+    def train_step(self, step: int) -> tuple[float, float, float]:
+        """One optimizer step. Returns (mean loss across ranks, grad norm, lr)."""
+        cfg = self.cfg
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            last = micro == cfg.grad_accum - 1
+            if last and hasattr(self.model, "set_requires_gradient_sync"):
+                self.model.set_requires_gradient_sync(True)
+            inputs, targets = self.loader.next_batch()  # (B, T) each, on the CPU
+            if self.on_batch is not None:
+                self.on_batch(step, micro, inputs, targets)
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            with self._sync_context(last), self.autocast():
+                _, loss = self.forward(inputs, targets)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        loss_mean = loss_sum / cfg.grad_accum
+        if self.dist.enabled:
+            torch.distributed.all_reduce(loss_mean, op=torch.distributed.ReduceOp.SUM)
+            loss_mean = loss_mean / self.dist.world_size
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+            grad_norm = grad_norm.full_tensor()
+        loss_value, norm_value = float(loss_mean), float(grad_norm)
+        lr = lr_at(step, cfg)
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            return loss_value, norm_value, lr  # the caller stops before the weights are touched
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, norm_value, lr
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """(validation loss in nats per token, bits per byte) over the same batches every time."""
+        self.model.eval()
+        sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # loss sum, tokens, bytes
+        for inputs, targets in validation_batches(self.val_windows, self.cfg.batch_size, self.cfg.eval_batches,
+                                                  self.dist.rank, self.dist.world_size):
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            with self.autocast():
+                logits = self.forward(inputs)  # (B, T, V)
+            losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")  # (B*T,)
+            count = torch.tensor(losses.numel(), device=self.device, dtype=torch.float64)
+            sums += torch.stack([losses.sum().double(), count, self.token_bytes[targets.flatten()].sum().double()])
+        if self.dist.enabled:
+            torch.distributed.all_reduce(sums)
+        loss = float(sums[0] / sums[1])
+        bpb = float(sums[0] / (math.log(2) * sums[2])) if sums[2] > 0 else float("nan")
+        return loss, bpb
+
+    @torch.no_grad()
+    def sample(self, step: int) -> str:
+        """A short continuation of the end-of-text token (a fresh start). The training RNG stream
+        is left untouched."""
+        self.raw_model.eval()
+        eot = self.tokenizer.eot_id
+        start = torch.tensor([[eot if eot is not None else 0]], device=self.device)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.cfg.seed + step)
+            with self.autocast():
+                out = self.raw_model.generate(start, self.cfg.sample_tokens, temperature=0.8, top_k=50)
+        ids = [i for i in out[0, 1:].tolist() if i < self.tokenizer.vocab_size]
+        return self.tokenizer.decode(ids)
+
+    def train(self) -> dict[str, Any]:
+        """Set up, resume, and take the steps up to --max-steps; the last step's numbers."""
+        cfg = self.cfg
+        self.setup()
+        start_step = self.resume()
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", start_step, enabled=self.dist.is_main)
+        tokens_per_step = cfg.batch_size * self.block_size * cfg.grad_accum * self.dist.world_size
+        n_params = self.raw_model.num_parameters()
+        flops_step = flops_per_token(self.model_config, self.block_size) * tokens_per_step
+        matmul_dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float32
+        peak = measure_matmul_flops(self.device, matmul_dtype) * self.dist.world_size
+        if start_step == 0:
+            shape = (f"{cfg.batch_size} x {self.block_size}"
+                     + (f" x {cfg.grad_accum} accum" if cfg.grad_accum > 1 else "")
+                     + (f" x {self.dist.world_size} ranks" if self.dist.enabled else ""))
+            self.say(f"model: {self.cfg.preset}, {n_params / 1e6:.2f}M parameters; {tokens_per_step:,} tokens per step "
+                     f"({shape}); {self.device} {self.dtype}")
+        if cfg.warmup is None and warmup_steps(cfg) < DEFAULT_WARMUP and start_step < cfg.max_steps:
+            self.say(f"note: warmup shortened to {warmup_steps(cfg)} steps (a tenth of --max-steps {cfg.max_steps}); "
+                     "set --warmup to choose")
+        bar = _progress(cfg.max_steps, start_step, enabled=self.dist.is_main and cfg.progress)
+        last_val, result = None, {"step": start_step}
+        if start_step >= cfg.max_steps:
+            self.say(f"{self.run_dir} has already trained {start_step} steps (--max-steps {cfg.max_steps})")
+        tb = _tensorboard(self.run_dir) if self.dist.is_main else None
+        self.started = True  # from here on, the run folder holds work worth keeping
+        self.last_saved = start_step or None
+        step = start_step
+        try:
+            for step in range(start_step, cfg.max_steps):
+                t0 = time.perf_counter()
+                with _explain_out_of_memory(cfg, self.device):
+                    loss, grad_norm, lr = self.train_step(step)
+                synchronize(self.device)
+                dt = time.perf_counter() - t0
+                done = step + 1
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    bar.close()
+                    self._stop_on_nan(done, loss, grad_norm)
+                tok_s = tokens_per_step / dt
+                mfu = flops_step / dt / peak
+                self.metrics.write({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                    "tokens_per_s": round(tok_s, 1), "mfu": round(mfu, 4), "dt": round(dt, 4)})
+                if tb is not None:
+                    tb.add_scalar("train/loss", loss, done)
+                    tb.add_scalar("train/lr", lr, done)
+                bar.set_postfix_str(f"loss {loss:.3f}  {tok_s:,.0f} tok/s  mfu {mfu:.1%}")
+                bar.update(1)
+                if done % cfg.eval_every == 0 or done == cfg.max_steps:
+                    val_loss, bpb = self.evaluate()
+                    last_val = val_loss
+                    self.metrics.write({"step": done, "kind": "val", "val_loss": val_loss, "val_bpb": bpb})
+                    if tb is not None:
+                        tb.add_scalar("val/loss", val_loss, done)
+                        tb.add_scalar("val/bpb", bpb, done)
+                    self.say(f"step {done}: train loss {loss:.4f}, val loss {val_loss:.4f}, {bpb:.3f} bits/byte")
+                # Under FSDP every rank must take part in each forward (the weights are gathered from all).
+                if cfg.sample_every and done % cfg.sample_every == 0 and (self.dist.is_main or cfg.fsdp):
+                    text = self.sample(done)
+                    if self.dist.is_main:
+                        self.metrics.write({"step": done, "kind": "sample", "text": text})
+                        self.say(f"--- sample at step {done} ---\n{text}\n---")
+                if done % cfg.save_every == 0 or done == cfg.max_steps:
+                    self.save(done, last_val)
+                result = {"step": done, "loss": loss, "val_loss": last_val}
+        except KeyboardInterrupt:
+            bar.close()
+            if self.dist.is_main:
+                kept = (f"the last checkpoint is step {self.last_saved}" if self.last_saved
+                        else f"no checkpoint was saved yet (every --save-every {cfg.save_every} steps)")
+                self.say(f"stopped during step {step + 1}; {kept}. Run the same command again to "
+                         + ("resume from it" if self.last_saved else "start over"))
+            raise
+        bar.close()
+        self.metrics.close()
+        if tb is not None:
+            tb.close()
+        if self.dist.is_main and self.plot_losses is not None:
+            plot = self.plot_losses(self.run_dir)
+            if plot is not None:
+                self.say(f"loss curve: {plot}")
+        return result
+
+    def _stop_on_nan(self, step: int, loss: float, grad_norm: float) -> None:
+        try:
+            good = find_checkpoint(self.run_dir, say=lambda m: None)
+        except TegakiError:
+            good = None
+        where = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
+        raise TegakiError(
+            f"training stopped at step {step}: the loss is {loss} and the gradient norm {grad_norm} "
+            "(not finite). "
+            f"The weights were not updated with it; {where}. Lower --lr, raise --warmup, or use --dtype fp32"
+        )
+
+
+@contextlib.contextmanager
+def _explain_out_of_memory(cfg: TrainConfig, device: torch.device):
+    """A batch that does not fit in memory is a setting to change, not a crash to debug."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        raise TegakiError(
+            f"a batch of {cfg.batch_size} x {cfg.block_size or 'block_size'} tokens does not fit in {device} "
+            "memory; "
+            f"lower --batch-size (and raise --grad-accum to keep the tokens per step) or --block-size"
+        ) from None
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", desc="train", disable=not enabled,
+                dynamic_ncols=True)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed: metrics.jsonl and loss.png are enough
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def train(cfg: TrainConfig, on_batch: BatchHook | None = None, plot_losses: PlotHook | None = None
+          ) -> dict[str, Any]:
+    """Train (or resume) the run described by `cfg`; returns the last step's numbers.
+    `on_batch`, `plot_losses`: the hooks of `Run` (described at the top of this file)."""
+    out = Path(cfg.out)
+    created = not out.exists()
+    run = Run(cfg, on_batch=on_batch, plot_losses=plot_losses)
+    try:
+        with flushed_subnormals(cfg.device):
+            return run.train()
+    except TegakiError:
+        # Refused before any step (bad preset, data, --set, ...): leave no half-made --out behind.
+        if created and not run.started and run.dist.is_main:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        if run.dist.enabled or cfg.fsdp:
+            destroy_process_group()

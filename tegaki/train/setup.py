@@ -1,0 +1,205 @@
+"""Setting a run up: device and dtype, the run's tokenizer, its token shards, its model config.
+
+Each is decided once, before the first step, and recorded in the run folder (run.json, DIR/tokenizer,
+DIR/data), so running the same command again resumes with the same choices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tegaki.config import ModelConfig
+from tegaki.data import is_prepared, iter_documents, load_meta, prepare
+from tegaki.errors import TegakiError
+from tegaki.tokenizer import load as load_tokenizer
+from tegaki.tokenizer import train_bpe
+from tegaki.train.distributed import Dist
+from tegaki.train.settings import TrainConfig
+
+
+def pick_device(name: str, dist_info: Dist | None = None) -> torch.device:
+    """--device as a torch.device; under torchrun "cuda" means this process's own GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TegakiError("--device cuda, but PyTorch sees no CUDA GPU; use --device cpu")
+        if name == "cuda" and dist_info is not None and dist_info.enabled:
+            name = f"cuda:{dist_info.local_rank}"
+    elif name != "cpu":
+        raise TegakiError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> str:
+    """'auto' is bf16 on a GPU that has it, fp32 elsewhere (bf16 on a CPU pays off for large
+    matmuls on AMX; ask for it with --dtype bf16)."""
+    if name != "auto":
+        return name
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def is_named_tokenizer(ref: str) -> bool:
+    """A tokenizer known by name ("gpt2"), not a folder."""
+    return ref == "gpt2"
+
+
+def setup_tokenizer(cfg: TrainConfig, run_dir: Path, model_vocab: int, say) -> tuple[Any, str]:
+    """The run's tokenizer and how run.json refers to it ("gpt2" or "tokenizer").
+
+    Order: the run folder's own (a resumed run) > --tokenizer > a byte-level BPE trained now on the
+    corpus with the preset's vocab_size (a preset with GPT-2's vocabulary or more uses "gpt2")."""
+    own = run_dir / "tokenizer"
+    if cfg.tokenizer is None and own.is_dir():
+        return load_tokenizer(own), "tokenizer"
+    if cfg.tokenizer is not None:
+        if is_named_tokenizer(cfg.tokenizer):
+            return load_tokenizer(cfg.tokenizer), cfg.tokenizer
+        tok = load_tokenizer(cfg.tokenizer)
+        if Path(cfg.tokenizer).resolve() != own.resolve():
+            shutil.rmtree(own, ignore_errors=True)
+            tok.save(own)
+        return tok, "tokenizer"
+    if is_prepared(cfg.data):  # shards made with a tokenizer already: use that one
+        ref = load_meta(cfg.data)["tokenizer"]
+        if not is_named_tokenizer(ref):  # a relative path is relative to the shard folder
+            ref = str(Path(cfg.data) / ref)
+        return setup_tokenizer(dataclasses.replace(cfg, tokenizer=ref), run_dir, model_vocab, say)
+    if model_vocab >= 50257:
+        return load_tokenizer("gpt2"), "gpt2"
+    return train_run_tokenizer(cfg, own, model_vocab, say), "tokenizer"
+
+
+TOKENIZER_SAMPLE_CHARS = 8_000_000  # BPE statistics settle long before; train on at most this much
+
+
+def train_run_tokenizer(cfg: TrainConfig, folder: Path, vocab_size: int, say):
+    """A byte-level BPE trained on (the first 8 MB of) the corpus, saved into `folder` in one rename."""
+    texts, size = [], 0
+    for _, text in iter_documents(cfg.data, cfg.text_column):
+        texts.append(text[: TOKENIZER_SAMPLE_CHARS - size])
+        size += len(texts[-1])
+        if size >= TOKENIZER_SAMPLE_CHARS:
+            break
+    if size == 0:
+        raise TegakiError(f"the corpus {cfg.data!r} holds no text")
+    amount = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
+    say(f"training a byte-level BPE tokenizer (vocab {vocab_size:,}) on {amount} of {cfg.data} ...")
+    start = time.perf_counter()
+    tok = train_bpe(texts, vocab_size, name=f"bpe-{vocab_size}")
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    say(f"tokenizer saved to {folder} ({time.perf_counter() - start:.1f}s)")
+    return load_tokenizer(folder)
+
+
+def setup_data(cfg: TrainConfig, run_dir: Path, tokenizer, tokenizer_ref: str, progress: bool, say) -> Path:
+    """Token shards: --data itself when already prepared, else prepared now into DIR/data."""
+    if is_prepared(cfg.data):
+        meta = load_meta(cfg.data)
+        if meta["vocab_size"] != tokenizer.vocab_size:
+            raise TegakiError(
+                f"{cfg.data} was prepared with a {meta['vocab_size']:,}-token vocabulary ({meta['tokenizer']}), "
+                f"but the run's tokenizer has {tokenizer.vocab_size:,}; prepare again with this tokenizer"
+            )
+        return Path(cfg.data)
+    folder = run_dir / "data"
+    if not (folder / "meta.json").exists():
+        say(f"preparing token shards from {cfg.data} into {folder} ...")
+    # Stored relative to the shard folder ("../tokenizer"), so a copied or moved run folder still resumes.
+    ref = tokenizer_ref if is_named_tokenizer(tokenizer_ref) else os.path.relpath(run_dir / tokenizer_ref, folder)
+    if not is_named_tokenizer(tokenizer_ref):
+        _relative_tokenizer_ref(folder, run_dir / tokenizer_ref, ref)
+    result = prepare(cfg.data, tokenizer, folder, tokenizer_ref=ref, val_fraction=cfg.val_fraction,
+                     text_column=cfg.text_column, progress=progress)
+    if result.seconds:
+        say(f"  {result.meta['train_tokens']:,} train + {result.meta['val_tokens']:,} validation tokens "
+            f"({result.mb_per_s:.1f} MB/s)")
+    return folder
+
+
+def _relative_tokenizer_ref(folder: Path, tokenizer_dir: Path, ref: str) -> None:
+    """Older runs wrote the run's own tokenizer into DIR/data/prepare.json (and meta.json) as an
+    absolute path, "/old/place/tokenizer". Those shards were made with DIR/tokenizer, wherever DIR
+    is now: rewrite the reference in the relative form, so the settings compare equal."""
+    for name in ("prepare.json", "meta.json"):
+        path = folder / name
+        if not path.exists():
+            continue
+        try:
+            settings = json.loads(path.read_text())
+        except ValueError:
+            continue  # prepare() reports a damaged file
+        old = settings.get("tokenizer") if isinstance(settings, dict) else None
+        if isinstance(old, str) and os.path.isabs(old) and Path(old).name == tokenizer_dir.name and old != ref:
+            settings["tokenizer"] = ref
+            path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def padded_vocab(n: int, multiple: int = 64) -> int:
+    """Round the vocabulary up to a multiple of 64: the LM head matmul runs faster on such shapes
+    (GPT-2's 50,257 -> 50,304); the extra rows are never a target and learn to be unlikely."""
+    return (n + multiple - 1) // multiple * multiple
+
+
+def build_model_config(cfg: TrainConfig, tokenizer) -> ModelConfig:
+    """The preset, with --set overrides and a vocabulary that fits the tokenizer (padded to 64)."""
+    base = ModelConfig.preset(cfg.preset)
+    config = base.with_overrides(cfg.set) if cfg.set else base
+    set_fields = {item.partition("=")[0].strip().replace("-", "_") for item in cfg.set}
+    if "vocab_size" not in set_fields:
+        config = config.replace(vocab_size=padded_vocab(tokenizer.vocab_size))
+    if config.vocab_size < tokenizer.vocab_size:
+        raise TegakiError(f"vocab_size={config.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size:,} tokens")
+    return config
+
+
+def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
+    """Each token's length in UTF-8 bytes (special tokens and padding rows: 0), for bits per byte:
+    the validation loss summed over targets, divided by the bytes of text they stand for."""
+    lengths = np.zeros(vocab_size, dtype=np.int64)
+    specials = set(tokenizer.special_tokens.values())
+    for i in range(tokenizer.vocab_size):
+        if i not in specials:
+            try:
+                lengths[i] = len(tokenizer.token_bytes(i))
+            except Exception:
+                lengths[i] = 0
+    return torch.from_numpy(lengths)
+
+
+@contextlib.contextmanager
+def flushed_subnormals(device: str):
+    """Flush subnormal floats (|x| < 1.2e-38) to zero while training on a CPU.
+
+    x86 CPUs take a microcode slow path for them; a GPT-OSS-style run on Japanese text slowed from
+    ~2 s to 15-30 s per step once tiny gradients and Adam moments went subnormal. Zeroing them
+    changes nothing a float32 loss can see. PyTorch's default (off) is restored afterwards.
+    """
+    on_cpu = device in ("auto", "cpu") and not torch.cuda.is_available()
+    if on_cpu:
+        torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if on_cpu:
+            torch.set_flush_denormal(False)
