@@ -106,7 +106,7 @@ def upgrade_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
             if isinstance(first, torch.Tensor) and first.dim() >= 1:
                 joined[name] = torch.cat(values, dim=0)  # a moment per weight: stacked like the weights
             elif all(_equal(first, v) for v in values[1:]):
-                joined[name] = first  # the step count: one for all three
+                joined[name] = first.clone() if isinstance(first, torch.Tensor) else first  # the step count
             else:
                 raise TegakiError(f"the optimizer state of {new_key}'s q/k/v parts differs in {name!r}; "
                                   "it cannot be joined")

@@ -42,7 +42,8 @@ def test_outputs_are_complete(compared):
                     "decode_tokens_per_s_kv_cache", "decode_tokens_per_s_no_cache"):
             assert r[key] is not None and r[key] > 0, key
         assert isinstance(r["sample"], str)
-        config = ModelConfig.from_dict(json.loads((out / "runs" / r["label"].replace(":", "+") / "run.json").read_text())["model_config"])
+        run_json = out / "runs" / r["label"].replace(":", "+") / "run.json"
+        config = ModelConfig.from_dict(json.loads(run_json.read_text())["model_config"])
         assert r["parameters"] == count_parameters(config)["total"]
     report = (out / "report.md").read_text()
     for r in runs:
@@ -83,11 +84,13 @@ def test_causal_false_is_scored_with_the_causal_mask_too(compared):
 
 def test_running_again_resumes_instead_of_retraining(compared, capsys):
     out, argv, before = compared
-    stamp = {r["label"]: (out / "runs" / r["label"].replace(":", "+") / "metrics.jsonl").read_text() for r in before["runs"]}
+    stamp = {r["label"]: (out / "runs" / r["label"].replace(":", "+") / "metrics.jsonl").read_text()
+             for r in before["runs"]}
     assert main(argv) == 0
     after = json.loads((out / "results.json").read_text())
     for b, a in zip(before["runs"], after["runs"]):
-        assert (a["final_train_loss"], a["final_val_loss"], a["batch_hash"]) == (b["final_train_loss"], b["final_val_loss"], b["batch_hash"])
+        keys = ("final_train_loss", "final_val_loss", "batch_hash")
+        assert [a[k] for k in keys] == [b[k] for k in keys]
         assert (out / "runs" / a["label"].replace(":", "+") / "metrics.jsonl").read_text() == stamp[a["label"]]
 
 

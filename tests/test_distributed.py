@@ -58,7 +58,8 @@ def _train(shards: Path, out: Path, *, nproc: int, batch: int, steps: int, extra
         return result.stderr
     port = str(_free_port())
     procs = [
-        subprocess.Popen([sys.executable, "-m", "tegaki", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        subprocess.Popen([sys.executable, "-m", "tegaki", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True,
                          env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc),
                               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
         for r in range(nproc)
@@ -94,7 +95,8 @@ def test_ddp_two_processes_match_one(shards, single, tmp_path):
     assert train == pytest.approx(single[0], abs=1e-5)
     assert val == pytest.approx(single[1], abs=1e-5)
     # only rank 0 writes: one line per step, not two
-    assert [r["step"] for r in read_metrics(tmp_path / "ddp" / "metrics.jsonl") if r.get("kind") is None] == [1, 2, 3, 4]
+    steps = [r["step"] for r in read_metrics(tmp_path / "ddp" / "metrics.jsonl") if r.get("kind") is None]
+    assert steps == [1, 2, 3, 4]
 
 
 def test_fsdp2_matches_one_process_and_resumes(shards, single, tmp_path):

@@ -42,7 +42,8 @@ def shards(corpus, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("prepared")
     tok = train_bpe(corpus.read_text(), 320, name="bpe-320")
     tok.save(folder / "tok")
-    data.prepare(str(corpus), tok, folder / "shards", tokenizer_ref=str(folder / "tok"), piece_chars=20_000, progress=False)
+    data.prepare(str(corpus), tok, folder / "shards", tokenizer_ref=str(folder / "tok"), piece_chars=20_000,
+                 progress=False)
     return folder / "shards"
 
 
@@ -98,7 +99,8 @@ def test_tiny_preset_loss_falls_and_run_folder_contract(corpus, tmp_path, capsys
     out = tmp_path / "run"
     rc, log = run_cli(["--data", str(corpus), "--preset", "tiny", "--out", str(out), "--max-steps", "15",
                        "--batch-size", "4", "--block-size", "64", "--warmup", "3", "--eval-every", "15",
-                       "--save-every", "15", "--sample-every", "15", "--sample-tokens", "8", "--eval-batches", "2"], capsys)
+                       "--save-every", "15", "--sample-every", "15", "--sample-tokens", "8", "--eval-batches", "2"],
+                      capsys)
     assert rc == 0, log
     curve = losses(out)
     assert len(curve) == 15
@@ -126,6 +128,26 @@ def test_grad_accumulation_equals_the_bigger_batch(shards, tmp_path, capsys):
     assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), abs=1e-5)
 
 
+def test_hooks_see_every_batch_and_draw_the_losses(shards, tmp_path):
+    """`on_batch` is handed each micro-batch the run trains on (what `tegaki compare` hashes), in
+    the loader's order; `plot_losses` is called once at the end with the run folder."""
+    from tegaki.data import BatchLoader, TokenWindows
+    from tegaki.train import train
+
+    seen, plotted = [], []
+    cfg = TrainConfig(data=str(shards), out=str(tmp_path / "run"), max_steps=2, batch_size=2, grad_accum=2,
+                      block_size=16, dtype="fp32", eval_batches=2, sample_every=0, progress=False,
+                      set=["n_layer=1", "n_embd=32", "n_head=2", "block_size=32"])
+    result = train(cfg, on_batch=lambda step, micro, x, y: seen.append((step, micro, x.clone(), y.clone())),
+                   plot_losses=lambda run_dir: plotted.append(run_dir))
+    assert result["step"] == 2 and [(s, m) for s, m, _, _ in seen] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    loader = BatchLoader(TokenWindows(shards, "train", 16), 2, cfg.seed)
+    for _, _, x, y in seen:
+        want_x, want_y = loader.next_batch()
+        assert torch.equal(x, want_x) and torch.equal(y, want_y) and x.shape == (2, 16)
+    assert plotted == [tmp_path / "run"] and not (tmp_path / "run" / "loss.png").exists()
+
+
 def test_bf16_autocast_and_wsd(shards, tmp_path, capsys):
     out = tmp_path / "bf16"
     rc, log = run_cli(["--data", str(shards), "--out", str(out), "--max-steps", "6", "--dtype", "bf16",
@@ -141,7 +163,8 @@ def test_bf16_autocast_and_wsd(shards, tmp_path, capsys):
 
 
 def _train_cmd(shards: Path, out: Path, steps: int) -> list[str]:
-    return [sys.executable, "-m", "tegaki", "train", "--data", str(shards), "--out", str(out), "--max-steps", str(steps),
+    return [sys.executable, "-m", "tegaki", "train", "--data", str(shards), "--out", str(out),
+            "--max-steps", str(steps),
             "--save-every", "5", "--eval-every", "10", "--eval-batches", "2", "--batch-size", "4", "--dtype", "fp32",
             "--no-progress", "--sample-every", "0",
             "--keep", "2", "--set", "n_layer=2", "--set", "n_embd=64", "--set", "n_head=2", "--set", "block_size=32"]
@@ -151,7 +174,8 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(shards, tmp_path):
     steps = 20
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(shards, killed, steps), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_train_cmd(shards, killed, steps), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "step_000005").exists():
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
@@ -170,7 +194,8 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(shards, tmp_path):
 
 def test_truncated_checkpoint_falls_back_then_stops_cleanly(shards, tmp_path, capsys):
     out = tmp_path / "run"
-    base = ["--data", str(shards), "--out", str(out), "--save-every", "2", "--dtype", "fp32", "--batch-size", "4", *MICRO]
+    base = ["--data", str(shards), "--out", str(out), "--save-every", "2", "--dtype", "fp32", "--batch-size", "4",
+            *MICRO]
     assert run_cli([*base, "--max-steps", "4"], capsys)[0] == 0
     newest = out / "checkpoints" / "step_000004" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])  # truncated on disk
@@ -243,7 +268,8 @@ def test_empty_and_non_utf8_corpora_via_train(tmp_path, capsys):
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe broken")
     rc, log = run_cli(["--data", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "r2"), *MICRO], capsys)
     assert rc == 2 and "bad.txt is not UTF-8" in log
-    rc, log = run_cli(["--data", str(tmp_path / "empty.txt"), "--preset", "nope", "--out", str(tmp_path / "r3")], capsys)
+    rc, log = run_cli(["--data", str(tmp_path / "empty.txt"), "--preset", "nope", "--out", str(tmp_path / "r3")],
+                      capsys)
     assert rc == 2 and "nope" in log
     # a refused run leaves no --out folder behind; one that existed before is kept
     assert not any((tmp_path / name).exists() for name in ("r1", "r2", "r3"))
@@ -256,7 +282,8 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(shards, tmp_path, capsys, 
     from tegaki.train import Run
 
     out = tmp_path / "run"
-    args = ["--data", str(shards), "--out", str(out), "--max-steps", "8", "--save-every", "2", "--dtype", "fp32", *MICRO]
+    args = ["--data", str(shards), "--out", str(out), "--max-steps", "8", "--save-every", "2", "--dtype", "fp32",
+            *MICRO]
     real_step = Run.train_step
 
     def interrupted_at_5(self, step):
@@ -301,7 +328,8 @@ def test_a_copied_run_folder_resumes(corpus, shards, tmp_path, capsys, old_forma
     copy = tmp_path / "copy"
     shutil.copytree(first, copy)
     shutil.rmtree(first)  # moved, not copied: nothing may point back at the old place
-    rc, log = run_cli(["--data", str(corpus), "--dtype", "fp32", *MICRO, "--out", str(copy), "--max-steps", "3"], capsys)
+    rc, log = run_cli(["--data", str(corpus), "--dtype", "fp32", *MICRO, "--out", str(copy), "--max-steps", "3"],
+                      capsys)
     assert rc == 0 and "resuming from" in log and "(step 2)" in log, log
     assert len(losses(copy)) == 3
     assert json.loads((copy / "data" / "prepare.json").read_text())["tokenizer"] == os.path.join("..", "tokenizer")
@@ -325,7 +353,8 @@ def test_checkpoint_files_are_readable_safe_to_load_and_resaved_atomically(shard
     import tegaki.checkpoint as checkpoint_module
 
     out = tmp_path / "run"
-    args = ["--data", str(shards), "--out", str(out), "--max-steps", "2", "--save-every", "2", "--dtype", "fp32", *MICRO]
+    args = ["--data", str(shards), "--out", str(out), "--max-steps", "2", "--save-every", "2", "--dtype", "fp32",
+            *MICRO]
     assert run_cli(args, capsys)[0] == 0
     folder = out / "checkpoints" / "step_000002"
     umask = os.umask(0)
@@ -346,7 +375,8 @@ def test_checkpoint_files_are_readable_safe_to_load_and_resaved_atomically(shard
 
     monkeypatch.setattr(checkpoint_module.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint_module.save_checkpoint(out, 2, model.state_dict(), saved, {"loader": state["loader"]}, model.config, keep=3)
+        checkpoint_module.save_checkpoint(out, 2, model.state_dict(), saved, {"loader": state["loader"]}, model.config,
+                                          keep=3)
     monkeypatch.setattr(checkpoint_module.os, "replace", real_replace)
     assert find_checkpoint(out) is not None
     args[args.index("--max-steps") + 1] = "3"
