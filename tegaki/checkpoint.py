@@ -293,7 +293,7 @@ def read_model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's model tensors, named as today's model names them (`upgrade_state_dict`)."""
     from safetensors.torch import load_file
 
-    return load_file(str(Path(checkpoint) / MODEL_FILE))
+    return upgrade_state_dict(load_file(str(Path(checkpoint) / MODEL_FILE)))
 
 
 def load_run_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

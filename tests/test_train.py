@@ -336,6 +336,72 @@ def test_a_copied_run_folder_resumes(corpus, shards, tmp_path, capsys, old_forma
     assert json.loads((copy / "run.json").read_text())["data"] == "data"
 
 
+def split_qkv(name: str, value, sizes):
+    """A tensor of today's qkv, as the three tensors a run folder written before held."""
+    layer, _, kind = name.rpartition(".qkv.")
+    parts = value.split(list(sizes), dim=0) if value.dim() >= 1 else [value.clone() for _ in sizes]
+    return {f"{layer}.{proj}.{kind}": part.clone() for proj, part in zip(("q_proj", "k_proj", "v_proj"), parts)}
+
+
+def write_in_the_old_format(folder: Path, sizes) -> None:
+    """Rewrite a checkpoint as tegaki wrote it before attention had one qkv projection: q_proj/k_proj/v_proj
+    weights and biases, their AdamW state split the same way, state.json's sizes and hashes to match."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    old = {}
+    for name, value in load_file(str(folder / "model.safetensors")).items():
+        old.update(split_qkv(name, value, sizes) if ".qkv." in name else {name: value})
+    save_file(old, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    saved = torch.load(folder / "optimizer.pt", weights_only=True)
+    optim = saved["optimizer"]
+    state = {}
+    for name, entry in optim["state"].items():
+        if ".qkv." not in name:
+            state[name] = entry
+            continue
+        per_part = {key: split_qkv(name, value, sizes) for key, value in entry.items()}
+        for old_name in split_qkv(name, torch.zeros(sum(sizes)), sizes):
+            state[old_name] = {key: parts[old_name] for key, parts in per_part.items()}
+    for group in optim["param_groups"]:
+        group["params"] = [old_name for n in group["params"]
+                           for old_name in (split_qkv(n, torch.zeros(sum(sizes)), sizes) if ".qkv." in n else [n])]
+    optim["state"] = state
+    torch.save(saved, folder / "optimizer.pt")
+    info = json.loads((folder / "state.json").read_text())
+    for name in info["files"]:
+        info["files"][name] = {"bytes": (folder / name).stat().st_size,
+                               "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest()}
+    (folder / "state.json").write_text(json.dumps(info))
+
+
+def test_a_run_folder_of_the_three_projection_format_loads_and_resumes(shards, tmp_path, capsys):
+    """Run folders written before attention had one qkv projection: the weights load (generate,
+    export) and the run resumes with the very steps it would have taken."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    args = ["--data", str(shards), "--out", str(out), "--save-every", "2", "--dtype", "fp32", "--preset",
+            "tiny-llama", "--set", "n_kv_head=1", "--set", "qkv_bias=true", *MICRO]
+    assert run_cli([*args, "--max-steps", "2"], capsys)[0] == 0
+    new = load_run_model(out)
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    write_in_the_old_format(old / "checkpoints" / "step_000002", new.config.qkv_sizes)
+    assert "blocks.0.attn.k_proj.bias" in load_file(str(old / "checkpoints" / "step_000002" / "model.safetensors"))
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.equal(load_run_model(old)(ids), new(ids))
+    for folder in (out, old):
+        rc, log = run_cli([*args[:3], str(folder), *args[4:], "--max-steps", "4"], capsys)
+        assert rc == 0 and "(step 2)" in log, log
+    assert len(losses(old)) == 4 and losses(old) == losses(out)  # bit for bit
+    assert "blocks.0.attn.qkv.weight" in load_file(str(old / "checkpoints" / "step_000004" / "model.safetensors"))
+
+
 def test_default_warmup_fits_a_short_run(shards, tmp_path, capsys):
     short = TrainConfig(lr=1.0, max_steps=30, min_lr_ratio=0.1)  # --warmup not given
     assert lr_at(2, short) == pytest.approx(1.0)  # peak after a tenth of the run

@@ -44,6 +44,7 @@ from tegaki.checkpoint import (
     read_model_tensors,
     read_run_json,
     save_checkpoint,
+    upgrade_optimizer_state,
 )
 from tegaki.config import ModelConfig
 from tegaki.data import BatchLoader, TokenWindows, validation_batches
@@ -271,7 +272,9 @@ class Run:
             ) from None
         options = StateDictOptions(full_state_dict=True, cpu_offload=False)
         set_model_state_dict(self.model, tensors, options=options)
-        set_optimizer_state_dict(self.model, self.optimizer, saved["optimizer"], options=options)
+        # a run saved before attention had one qkv projection: its AdamW moments are joined like its weights
+        set_optimizer_state_dict(self.model, self.optimizer, upgrade_optimizer_state(saved["optimizer"]),
+                                 options=options)
         rng = saved["rng"]
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
