@@ -33,7 +33,8 @@ def test_old_q_k_v_tensors_become_one_qkv_stacked_q_then_k_then_v():
            "ln_f.weight": torch.randn(C)}
     new = upgrade_state_dict(old)
     assert list(new) == ["wte.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias",
-                         "blocks.0.attn.o_proj.weight", "blocks.1.attn.qkv.weight", "blocks.1.attn.o_proj.weight", "ln_f.weight"]
+                         "blocks.0.attn.o_proj.weight", "blocks.1.attn.qkv.weight", "blocks.1.attn.o_proj.weight",
+                         "ln_f.weight"]
     for layer in (0, 1):
         p = f"blocks.{layer}.attn"
         assert new[f"{p}.qkv.weight"].shape == ((H + 2 * K) * D, C)

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from tegaki import data
+from tegaki.checkpoint import find_checkpoint, load_run_model, load_run_tokenizer, read_metrics
 from tegaki.cli import main
 from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
-from tegaki.checkpoint import find_checkpoint, load_run_model, load_run_tokenizer, read_metrics
 from tegaki.train import TrainConfig, build_optimizer, flops_per_token, lr_at
 
 REPO = Path(__file__).resolve().parents[1]

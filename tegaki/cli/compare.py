@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from tegaki.analysis.compare import CompareSettings, compare, format_report, parse_entries
-from tegaki.train import DTYPES
+from tegaki.train import DTYPE_CHOICES
 
 D = CompareSettings  # the defaults, written once there
 
@@ -40,7 +40,7 @@ def register(subparsers) -> None:
       help="override a ModelConfig field in every run (repeatable)")
     a("--match-params", action="store_true", default=D.match_params,
       help="scale MLP widths so every run has the first run's parameter count")
-    a("--dtype", default=D.dtype, choices=DTYPES)
+    a("--dtype", default=D.dtype, choices=DTYPE_CHOICES)
     a("--device", default=D.device)
     a("--decode-tokens", type=int, default=D.decode_tokens,
       help=f"tokens generated to time decoding (default {D.decode_tokens})")

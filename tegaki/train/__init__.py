@@ -1,8 +1,8 @@
 """Training: `train(cfg)` trains (or resumes) the run a `TrainConfig` describes.
 
     settings.py     TrainConfig (every `tegaki train` flag and its default), TOML config files, checks
-    schedule.py     learning rate (warmup, cosine, warmup-stable-decay), AdamW, FLOPs and the MFU ceiling
-    setup.py        device and dtype, the run's tokenizer, its token shards, its model config
+    schedule.py     learning rate (warmup, cosine, warmup-stable-decay), AdamW, FLOPs per token
+    setup.py        the run's tokenizer, its token shards, its model config (device and dtype: tegaki.device)
     distributed.py  the process group under torchrun (DDP, FSDP2)
     loop.py         `Run`: the steps, validation, samples, checkpoints, resume; `train(cfg)`
 
@@ -27,11 +27,10 @@ from tegaki.train.schedule import (
     build_optimizer,
     flops_per_token,
     lr_at,
-    measure_matmul_flops,
     warmup_steps,
 )
 from tegaki.train.settings import (
-    DTYPES,
+    DTYPE_CHOICES,
     RESUME_KEYS,
     SCHEDULES,
     TrainConfig,
@@ -43,18 +42,16 @@ from tegaki.train.setup import (
     build_model_config,
     flushed_subnormals,
     padded_vocab,
-    pick_device,
-    pick_dtype,
     setup_data,
     setup_tokenizer,
     token_byte_lengths,
 )
 
 __all__ = [
-    "BatchHook", "DEFAULT_WARMUP", "DTYPES", "Dist", "MetricsLog", "PlotHook", "RESUME_KEYS", "Run", "SCHEDULES",
-    "TrainConfig", "broadcast_object", "build_model_config", "build_optimizer", "check_checkpoint",
-    "check_settings", "find_checkpoint", "flops_per_token", "flushed_subnormals", "init_distributed",
-    "load_config_file", "load_run_model", "load_run_tokenizer", "lr_at", "measure_matmul_flops", "padded_vocab",
-    "pick_device", "pick_dtype", "read_metrics", "read_run_json", "resolve_config", "save_checkpoint",
-    "setup_data", "setup_tokenizer", "token_byte_lengths", "train", "warmup_steps",
+    "BatchHook", "broadcast_object", "build_model_config", "build_optimizer", "check_checkpoint", "check_settings",
+    "DEFAULT_WARMUP", "Dist", "DTYPE_CHOICES", "find_checkpoint", "flops_per_token", "flushed_subnormals",
+    "init_distributed", "load_config_file", "load_run_model", "load_run_tokenizer", "lr_at", "MetricsLog",
+    "padded_vocab", "PlotHook", "read_metrics", "read_run_json", "resolve_config", "RESUME_KEYS", "Run",
+    "save_checkpoint", "SCHEDULES", "setup_data", "setup_tokenizer", "token_byte_lengths", "train", "TrainConfig",
+    "warmup_steps",
 ]

@@ -48,6 +48,7 @@ from tegaki.checkpoint import (
 )
 from tegaki.config import ModelConfig
 from tegaki.data import BatchLoader, TokenWindows, validation_batches
+from tegaki.device import mfu, peak_flops, pick_device, pick_dtype, synchronize
 from tegaki.errors import TegakiError
 from tegaki.model import GPT
 from tegaki.tokenizer import load as load_tokenizer
@@ -62,8 +63,6 @@ from tegaki.train.schedule import (
     build_optimizer,
     flops_per_token,
     lr_at,
-    measure_matmul_flops,
-    synchronize,
     warmup_steps,
 )
 from tegaki.train.settings import RESUME_KEYS, TrainConfig
@@ -71,8 +70,6 @@ from tegaki.train.setup import (
     build_model_config,
     flushed_subnormals,
     is_named_tokenizer,
-    pick_device,
-    pick_dtype,
     setup_data,
     setup_tokenizer,
     token_byte_lengths,
@@ -96,7 +93,7 @@ class Run:
         wants_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
         device_kind = "cuda" if wants_cuda else "cpu"
         self.dist = init_distributed(device_kind)
-        self.device = pick_device(cfg.device, self.dist)
+        self.device = pick_device(cfg.device, self.dist.local_rank if self.dist.enabled else None)
         self.dtype = pick_dtype(cfg.dtype, self.device)
         self.say = self._say if self.dist.is_main else (lambda *a, **k: None)
         self.started = False  # set once setup is done and the steps begin
@@ -381,9 +378,8 @@ class Run:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", start_step, enabled=self.dist.is_main)
         tokens_per_step = cfg.batch_size * self.block_size * cfg.grad_accum * self.dist.world_size
         n_params = self.raw_model.num_parameters()
-        flops_step = flops_per_token(self.model_config, self.block_size) * tokens_per_step
-        matmul_dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float32
-        peak = measure_matmul_flops(self.device, matmul_dtype) * self.dist.world_size
+        flops_token = flops_per_token(self.model_config, self.block_size)
+        peak = peak_flops(self.device, self.dtype)[0] * self.dist.world_size
         if start_step == 0:
             shape = (f"{cfg.batch_size} x {self.block_size}"
                      + (f" x {cfg.grad_accum} accum" if cfg.grad_accum > 1 else "")
@@ -413,13 +409,13 @@ class Run:
                     bar.close()
                     self._stop_on_nan(done, loss, grad_norm)
                 tok_s = tokens_per_step / dt
-                mfu = flops_step / dt / peak
+                utilisation = mfu(tok_s, flops_token, peak)
                 self.metrics.write({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                    "tokens_per_s": round(tok_s, 1), "mfu": round(mfu, 4), "dt": round(dt, 4)})
+                                    "tokens_per_s": round(tok_s, 1), "mfu": round(utilisation, 4), "dt": round(dt, 4)})
                 if tb is not None:
                     tb.add_scalar("train/loss", loss, done)
                     tb.add_scalar("train/lr", lr, done)
-                bar.set_postfix_str(f"loss {loss:.3f}  {tok_s:,.0f} tok/s  mfu {mfu:.1%}")
+                bar.set_postfix_str(f"loss {loss:.3f}  {tok_s:,.0f} tok/s  mfu {utilisation:.1%}")
                 bar.update(1)
                 if done % cfg.eval_every == 0 or done == cfg.max_steps:
                     val_loss, bpb = self.evaluate()

@@ -1,11 +1,10 @@
 """The schedule of a run: learning rate (warmup, then cosine or warmup-stable-decay), the AdamW
-optimizer, and the FLOPs count and matmul ceiling behind the MFU figure.
+optimizer, and the FLOPs a token costs (the MFU figure divides them by tegaki.device.peak_flops).
 """
 
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 
@@ -91,37 +90,3 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     matmul_params = c.n_layer * (attn + mlp) + head
     attention = 12 * c.n_layer * c.n_head * c.head_dim * seq_len / 2
     return 6 * matmul_params + attention
-
-
-_PEAK_FLOPS: dict[tuple[str, str], float] = {}
-
-
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.3) -> float:
-    """The matmul ceiling of this machine for `dtype`, measured: FLOP/s of an n x n x n matmul.
-
-    Each matmul is timed on its own and the fastest counts: on a machine shared with other
-    programs, the quietest moment is the closest to what the hardware can do (an average would
-    put the ceiling too low and the MFU above 100%)."""
-    key = (str(device), str(dtype))
-    if key in _PEAK_FLOPS:
-        return _PEAK_FLOPS[key]
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm up: the library picks its kernel on the first call
-    synchronize(device)
-    fastest, wall = float("inf"), time.perf_counter()
-    tries = 0
-    while time.perf_counter() - wall < seconds or tries < 3:
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        fastest = min(fastest, time.perf_counter() - start)
-        tries += 1
-    _PEAK_FLOPS[key] = 2 * n**3 / max(fastest, 1e-9)
-    return _PEAK_FLOPS[key]
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the GPU to finish its queued work (a timing is only true after it)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -60,7 +60,7 @@ class TrainConfig:
 
 
 SCHEDULES = ("cosine", "wsd")  # --schedule
-DTYPES = ("auto", "fp32", "bf16")  # --dtype
+DTYPE_CHOICES = ("auto", "fp32", "bf16")  # --dtype
 
 # Keys that change what the run computes: resuming with a different value would not be a resume.
 RESUME_KEYS = ("batch_size", "block_size", "grad_accum", "seed", "dtype")
@@ -126,6 +126,6 @@ def check_settings(cfg: TrainConfig) -> None:
     need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
     need(cfg.warmup is None or cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}")
     need(cfg.schedule in SCHEDULES, f"--schedule must be cosine or wsd, got {cfg.schedule!r}")
-    need(cfg.dtype in DTYPES, f"--dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")
+    need(cfg.dtype in DTYPE_CHOICES, f"--dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")
     need(0.0 < cfg.val_fraction < 1.0, f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}")
     need(0.0 <= cfg.decay_fraction <= 1.0, f"decay_fraction must be in [0, 1], got {cfg.decay_fraction}")

@@ -1,4 +1,4 @@
-"""Setting a run up: device and dtype, the run's tokenizer, its token shards, its model config.
+"""Setting a run up: the run's tokenizer, its token shards, its model config, the CPU's float mode.
 
 Each is decided once, before the first step, and recorded in the run folder (run.json, DIR/tokenizer,
 DIR/data), so running the same command again resumes with the same choices.
@@ -23,35 +23,7 @@ from tegaki.data import is_prepared, iter_documents, load_meta, prepare
 from tegaki.errors import TegakiError
 from tegaki.tokenizer import load as load_tokenizer
 from tegaki.tokenizer import train_bpe
-from tegaki.train.distributed import Dist
 from tegaki.train.settings import TrainConfig
-
-
-def pick_device(name: str, dist_info: Dist | None = None) -> torch.device:
-    """--device as a torch.device; under torchrun "cuda" means this process's own GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise TegakiError("--device cuda, but PyTorch sees no CUDA GPU; use --device cpu")
-        if name == "cuda" and dist_info is not None and dist_info.enabled:
-            name = f"cuda:{dist_info.local_rank}"
-    elif name != "cpu":
-        raise TegakiError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    device = torch.device(name)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
-
-
-def pick_dtype(name: str, device: torch.device) -> str:
-    """'auto' is bf16 on a GPU that has it, fp32 elsewhere (bf16 on a CPU pays off for large
-    matmuls on AMX; ask for it with --dtype bf16)."""
-    if name != "auto":
-        return name
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
 
 
 def is_named_tokenizer(ref: str) -> bool:
