@@ -18,13 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tegaki.tokenizer as tokenizers
+from tegaki.checkpoint import load_run_model, load_run_tokenizer
 from tegaki.errors import TegakiError
 from tegaki.files import atomic_write, atomic_write_json
 from tegaki.hf import config_from_hf, config_to_hf, dequantize_experts, family_of, state_dict_from_hf, state_dict_to_hf
 from tegaki.model import GPT
 from tegaki.rope import rope_frequencies
 from tegaki.tokenizer import export_hf_tokenizer
-from tegaki.train import load_run_model, load_run_tokenizer  # moves to tegaki.checkpoint
 
 
 
