@@ -19,12 +19,12 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tegaki.errors import TegakiError
 from tegaki.sampling import SamplingSettings
 from tegaki.serve.engine import GenerationRequest, TokenEvent, token_piece
-from tegaki.serve.templates import ChatTemplate
+from tegaki.serve.served import Served
 
 MAX_N = 16  # choices per request
 MAX_LOGPROBS = 20  # alternatives per token
@@ -41,28 +41,6 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-@dataclass
-class Served:
-    """The model behind the API, and what the API needs to know about it."""
-
-    name: str  # the id clients pass as "model"
-    model: object
-    tokenizer: object
-    template: ChatTemplate | None = None
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    @property
-    def context(self) -> int:
-        return self.model.config.block_size
-
-    def end_ids(self) -> frozenset[int]:
-        """Tokens that end any reply: the tokenizer's end of text (and the template's end of turn)."""
-        ids = set(self.template.stop_ids(self.tokenizer)) if self.template else set()
-        if getattr(self.tokenizer, "eot_id", None) is not None:
-            ids.add(self.tokenizer.eot_id)
-        return frozenset(ids)
 
 
 @dataclass

@@ -122,11 +122,14 @@ class Job:
 # -------------------------------------------------------------------------------------------------
 
 
+MAX_ACTIVE = 8  # requests decoding at once; more wait in order
+
+
 class Engine:
     """Owns the model on one thread. `submit` a request with a sink; `stream` to read one in order;
     `call` to run any function of the model between steps (the page's analysis uses it)."""
 
-    def __init__(self, model, tokenizer, max_active: int = 8):
+    def __init__(self, model, tokenizer, max_active: int = MAX_ACTIVE):
         if max_active < 1:
             raise TegakiError(f"max_active must be >= 1, got {max_active}")
         self.model, self.tokenizer, self.max_active = model.eval(), tokenizer, max_active

@@ -180,3 +180,24 @@ def _pick_named(value) -> str | None:
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
         return named.get("default")
     return value if isinstance(value, str) else None
+
+
+# -------------------------------------------------------------------------------------------------
+# Keeping a conversation within the context
+# -------------------------------------------------------------------------------------------------
+
+
+def fit_to_context(template: ChatTemplate, tokenizer, messages: list[dict], limit: int) -> tuple[list[int], list[dict]]:
+    """(prompt ids of at most `limit` tokens, the messages they hold). The oldest turns go first;
+    system messages stay. A last message that alone is too long is a TegakiError."""
+    messages = list(messages)
+    while True:
+        ids = tokenizer.encode(template.render(messages, add_generation_prompt=True))
+        if len(ids) <= limit:
+            return ids, messages
+        oldest = next((i for i, m in enumerate(messages[:-1]) if m.get("role") != "system"), None)
+        if oldest is None:
+            raise TegakiError(
+                f"the message is {len(ids)} tokens with the template; with room kept for the reply, at most {limit} fit"
+            )
+        del messages[oldest]
