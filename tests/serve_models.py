@@ -9,7 +9,15 @@ chat template applies.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -33,6 +41,8 @@ def build_model(block_size: int = 128, train_steps: int = 60, seed: int = 0):
     )
     torch.manual_seed(seed)
     model = GPT(config)
+    if train_steps == 0:  # random weights: for tests that need a long context, not known text
+        return model.eval(), tok
     # Two rows: the passage, and a ChatML exchange, each from position 0 as a prompt will be.
     rows = [tok.encode(PASSAGE * 8)[: block_size + 1], tok.encode(CHATML_EXAMPLE * 8)[: block_size + 1]]
     ids = torch.tensor(rows)  # (2, block_size + 1)
@@ -59,3 +69,54 @@ def write_model_folder(folder: Path, chat_template: str | None = None, chatml: b
         spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] == "<|endoftext|>"]
         (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
     return folder
+
+
+# -------------------------------------------------------------------------------------------------
+# A real server process on 127.0.0.1
+# -------------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(model: Path, *args: str, timeout: float = 90.0):
+    """`tegaki serve --model MODEL` on a free port; yields its base URL; stops it afterwards."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}  # one thread: tiny models run faster, and the cores are shared
+    log = tempfile.TemporaryFile()
+    command = [sys.executable, "-m", "tegaki", "serve", "--model", str(model), "--port", str(port), *args]
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"the server exited with {proc.returncode}:\n{log.read().decode()}")
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the server did not answer /health within {timeout} s") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def health(url: str) -> dict:
+    return json.loads(urllib.request.urlopen(url + "/health", timeout=5).read())
