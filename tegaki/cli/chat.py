@@ -1,7 +1,8 @@
 """`tegaki chat --model M`: talk to a model in the terminal, through its chat template.
 
 The history is kept and sent again each turn; when it no longer fits the context (with room for the
-reply), the oldest turns are dropped, and the chat says so. /reset forgets everything, /exit leaves
+reply: --max-tokens, or half the context if that is less), the oldest turns are dropped, and the chat
+says so. /reset forgets everything, /exit leaves
 (as does Ctrl-D). Ctrl-C during a reply stops the reply and keeps the chat.
 """
 
@@ -62,7 +63,7 @@ class Chat:
 
     def __init__(self, served: Served, engine: Engine, settings: SamplingSettings, args):
         self.served, self.engine, self.settings = served, engine, settings
-        self.max_tokens = min(args.max_tokens, served.context - 1)
+        self.max_tokens = args.max_tokens
         self.seed = args.seed
         self.start = [{"role": "system", "content": args.system}] if args.system else []
         self.history = list(self.start)
@@ -87,7 +88,8 @@ class Chat:
 
     def answer(self, text: str) -> None:
         messages = self.history + [{"role": "user", "content": text}]
-        limit = self.served.context - self.max_tokens  # leave room for the whole reply
+        # Keep room for the reply: --max-tokens, or half the context when that is less.
+        limit = self.served.context - min(self.max_tokens, self.served.context // 2)
         try:
             ids, kept = fit_to_context(self.served.template, self.served.tokenizer, messages, limit)
         except TegakiError as e:
@@ -97,11 +99,11 @@ class Chat:
             print(f"(the {len(messages) - len(kept)} oldest message(s) no longer fit the context and were dropped)",
                   flush=True)
         messages = kept
-        reply = self.stream_reply(ids)
+        reply = self.stream_reply(ids, min(self.max_tokens, self.served.context - len(ids)))
         self.history = messages + [{"role": "assistant", "content": reply}]
 
-    def stream_reply(self, ids: list[int]) -> str:
-        request = GenerationRequest(ids, self.max_tokens, self.settings, self.seed, self.served.end_ids())
+    def stream_reply(self, ids: list[int], max_tokens: int) -> str:
+        request = GenerationRequest(ids, max_tokens, self.settings, self.seed, self.served.end_ids())
         if self.seed is not None:
             self.seed += 1  # the next reply differs, and the whole chat is reproducible
         out = sys.stdout
