@@ -253,6 +253,7 @@ function bindControls() {
   }
   $("top-k").addEventListener("input", refreshBarsSoon);
   $("prompt").addEventListener("input", debounce(() => {
+    if ($("prompt").value === $("output-prompt").textContent) return;  // already shown (Generate was quicker)
     state.generated = "";
     $("generated").replaceChildren();
     $("output-prompt").textContent = $("prompt").value;
