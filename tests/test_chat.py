@@ -100,6 +100,16 @@ def test_where_a_template_is_found(tmp_path, folder):
         find_chat_template([own], tok, tmp_path / "missing.jinja")
 
 
+def test_a_tegaki_run_without_chat_tokens_gets_the_plain_template(tmp_path):
+    plain = write_model_folder(tmp_path / "plain", chatml=False, train_steps=0)
+    tok = load(plain)
+    assert find_chat_template([plain], tok) is None  # a transformers folder: no template, no guess
+    template = find_chat_template([plain], tok, tegaki_run=True)
+    text = template.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert text == "SYSTEM:\nBe brief.\n\nUSER:\nHi\n\nASSISTANT:\n"
+    assert template.stop_strings == ["\n\n"] and template.stop_ids(tok) == {tok.eot_id}
+
+
 def test_the_default_template_stops_at_im_end(folder):
     tok = load(folder)
     template = find_chat_template([folder], tok)

@@ -14,6 +14,7 @@ from tegaki.cli.generate import CLI_TEMPERATURE, DTYPES
 from tegaki.cli.serve import add_model_arguments
 from tegaki.errors import TegakiError
 from tegaki.sampling import SamplingSettings
+from tegaki.serve.api import ChoiceText
 from tegaki.serve.engine import DoneEvent, Engine, GenerationRequest
 from tegaki.serve.served import Served, load_served
 from tegaki.serve.templates import fit_to_context
@@ -106,18 +107,22 @@ class Chat:
         request = GenerationRequest(ids, max_tokens, self.settings, self.seed, self.served.end_ids())
         if self.seed is not None:
             self.seed += 1  # the next reply differs, and the whole chat is reproducible
+        reply = ChoiceText(self.served.template.stop_strings)  # cuts at the template's end of a reply
         out = sys.stdout
         out.write("model> ")
-        reply = ""
+        events = self.engine.stream(request)
         try:
-            for event in self.engine.stream(request):
-                out.write(event.text)
+            for event in events:
+                out.write(reply.add(event.text, final=isinstance(event, DoneEvent)))
                 out.flush()
-                reply += event.text
                 if isinstance(event, DoneEvent) and event.reason == "error":
                     out.write(f"\n(the reply failed: {event.message})")
-        except KeyboardInterrupt:  # leaving the loop cancels the request
-            out.write(" (stopped)")
+                if reply.stopped:
+                    break
+        except KeyboardInterrupt:
+            out.write(reply.add("", final=True) + " (stopped)")
+        finally:
+            events.close()  # cancels the request if it is still going
         out.write("\n")
         out.flush()
-        return reply
+        return reply.text

@@ -289,7 +289,8 @@ def chat_params(body: dict, served: Served) -> Params:
     prompt = chat_prompt(body, served)
     max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"), None)
     requests = _choices(served, [prompt], body, max_tokens, "messages", top or 0)
-    return Params(requests, len(prompt), stream, _stream_options(body, stream), _stops(body),
+    stops = _stops(body) + served.template.stop_strings  # the template's own end of a reply, if any
+    return Params(requests, len(prompt), stream, _stream_options(body, stream), stops,
                   (top or 0) if want_logprobs else None)
 
 

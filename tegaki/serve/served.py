@@ -54,7 +54,8 @@ def load_served(model: str, *, name: str | None = None, device: str = "cpu", dty
     if quantize:
         quantize_model(net, quantize)
     tokenizer = tokenizer_for(model)
-    template = find_chat_template(_template_folders(model), tokenizer, chat_template)
+    is_run = Path(model).expanduser().joinpath("run.json").is_file()
+    template = find_chat_template(_template_folders(model), tokenizer, chat_template, tegaki_run=is_run)
     return Served(name or _default_name(model), net, tokenizer, template)
 
 

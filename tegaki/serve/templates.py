@@ -5,12 +5,15 @@ Where a model's template comes from, first found wins:
   1. a file given with --chat-template (a jinja2 template, as transformers writes them)
   2. the checkpoint's own: chat_template.jinja (transformers >= 4.43 writes this file), or
      "chat_template" in tokenizer_config.json (a string, or a list of named ones: "default" is used)
-  3. tegaki's default, `DEFAULT_TEMPLATE` below, for a tokenizer that has ChatML's two special tokens
-     <|im_start|> and <|im_end|> (train one with
+  3. tegaki's default, `DEFAULT_TEMPLATE` below (ChatML), for a tokenizer that has its two special
+     tokens <|im_start|> and <|im_end|> (train one with
      `tegaki tokenizer train ... --special-tokens "<|endoftext|>" "<|im_start|>" "<|im_end|>"`)
+  4. for a tegaki run folder without those tokens (runs/demo, trained on Shakespeare), `PLAIN_TEMPLATE`:
+     the conversation written as a play, "USER:\n...\n\nASSISTANT:\n", the reply ending at a blank
+     line (where a speech ends) or at the end-of-text token
 
-A model with none of these has no chat format: `find_chat_template` returns None and the server
-answers chat requests with a 400 that says so (plain completions still work).
+Any other model with none of these has no chat format: `find_chat_template` returns None and the
+server answers chat requests with a 400 that says so (plain completions still work).
 
 The template is rendered as transformers' `apply_chat_template` renders it (tests compare the two on
 the same templates): a sandboxed jinja2 environment with trim_blocks and lstrip_blocks, the loop
@@ -38,6 +41,14 @@ DEFAULT_TEMPLATE = (
 )
 DEFAULT_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
 
+# A model trained on plain text knows no chat tokens; a play's layout is the nearest thing it has seen.
+PLAIN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | upper + ':\n' + message['content'] + '\n\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:\n' }}{% endif %}"
+)
+
 # The special-token variables transformers hands a template.
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -50,6 +61,7 @@ class ChatTemplate:
     origin: str  # where it came from, for messages and the page
     special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token -> "<s>", ...
     stop_texts: list[str] = field(default_factory=list)  # special tokens that end a reply
+    stop_strings: list[str] = field(default_factory=list)  # text that ends a reply (cut before it)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for these messages. A template's own complaint (e.g. "roles must
@@ -124,9 +136,11 @@ def _environment():
 # -------------------------------------------------------------------------------------------------
 
 
-def find_chat_template(folders: list[Path], tokenizer, override: str | Path | None = None) -> ChatTemplate | None:
+def find_chat_template(folders: list[Path], tokenizer, override: str | Path | None = None,
+                       tegaki_run: bool = False) -> ChatTemplate | None:
     """The template for a model whose files are in `folders` (a run folder and its tokenizer/, a
-    transformers folder), or None when it has none. See this file's docstring for the order."""
+    transformers folder), or None when it has none. See this file's docstring for the order;
+    tegaki_run: the model is a tegaki run folder, which gets a default in any case."""
     config = _tokenizer_config(folders)
     specials = {name: _token_text(config.get(name)) for name in SPECIAL_TOKEN_NAMES if _token_text(config.get(name))}
     if override is not None:
@@ -143,6 +157,9 @@ def find_chat_template(folders: list[Path], tokenizer, override: str | Path | No
         return _with_stops(ChatTemplate(source, "tokenizer_config.json", specials))
     if all(t in getattr(tokenizer, "special_tokens", {}) for t in DEFAULT_SPECIAL_TOKENS):
         return ChatTemplate(DEFAULT_TEMPLATE, "tegaki's default (ChatML)", specials, ["<|im_end|>"])
+    if tegaki_run:
+        return ChatTemplate(PLAIN_TEMPLATE, "tegaki's default for plain text (a play)", specials,
+                            ["<|endoftext|>"], ["\n\n"])
     return None
 
 
