@@ -8,7 +8,8 @@ A real `tegaki serve` process on 127.0.0.1 (started and stopped here), streamed 
 the library's own decoding speed (`generate_tokens`, what `tegaki generate` runs) in this process
 on the same model and thread count, as the single-request reference.
 
-Figures per round: single = one request at a time (TTFT, tokens/s from the first to the last token);
+The in-process reference and the single served request are measured in turn, round by round, so
+that other work on the machine weighs on both alike. Figures per round: single = one request at a time (TTFT, tokens/s from the first to the last token);
 load = 32 requests, 8 in flight: TTFT of each request (median and 90th percentile), tokens/s of each
 request, and the server's total tokens/s over the round. Several rounds give the spread.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -33,9 +35,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tegaki.generate import generate_tokens  # noqa: E402
-from tegaki.load import from_pretrained, tokenizer_for  # noqa: E402
-from tegaki.sampling import SamplingSettings  # noqa: E402
+from tegaki.generate import generate_tokens
+from tegaki.load import from_pretrained, tokenizer_for
+from tegaki.sampling import SamplingSettings
 
 PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
 
@@ -85,22 +87,25 @@ def load_round(client, url: str, requests: int, concurrency: int, new_tokens: in
             "tps_total": sum(r["tokens"] for r in results) / wall, "lost": requests - len(results)}
 
 
-def library_speed(model_path: str, new_tokens: int, threads: int, rounds: int) -> list[float]:
-    """Tokens/s of `generate_tokens` alone (what `tegaki generate` runs), same prompt and settings."""
-    torch.set_num_threads(threads)
-    model, tok = from_pretrained(model_path).eval(), tokenizer_for(model_path)
-    ids = torch.tensor([tok.encode(PROMPT)])
-    speeds = []
-    for r in range(rounds + 1):
+class LibrarySpeed:
+    """Tokens/s of `generate_tokens` alone (what `tegaki generate` runs), same prompt and settings,
+    in this process on the server's thread count."""
+
+    def __init__(self, model_path: str, new_tokens: int, threads: int):
+        torch.set_num_threads(threads)
+        self.model, tok = from_pretrained(model_path).eval(), tokenizer_for(model_path)
+        self.ids, self.new_tokens = torch.tensor([tok.encode(PROMPT)]), new_tokens
+        self.measure(0)  # warm-up
+
+    def measure(self, seed: int) -> float:
         start = time.perf_counter()
-        n = sum(1 for _ in generate_tokens(model, ids, new_tokens, SamplingSettings(temperature=0.8), seed=r))
-        if r:  # the first round warms up
-            speeds.append(n / (time.perf_counter() - start))
-    return speeds
+        settings = SamplingSettings(temperature=0.8)
+        n = sum(1 for _ in generate_tokens(self.model, self.ids, self.new_tokens, settings, seed=seed))
+        return n / (time.perf_counter() - start)
 
 
 def spread(values: list[float], unit: str, digits: int = 1) -> str:
-    values = [v for v in values if v == v]
+    values = [v for v in values if not math.isnan(v)]
     if len(values) == 1:
         return f"{values[0]:.{digits}f} {unit}"
     return f"{statistics.median(values):.{digits}f} {unit} (min {min(values):.{digits}f}, max {max(values):.{digits}f})"
@@ -125,13 +130,16 @@ def main() -> None:
           f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s)")
     print(f"# command: python benchmarks/bench_serve.py {' '.join(sys.argv[1:])}")
     print(f"# load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} (other work on the machine)")
-    library = library_speed(args.model, args.new_tokens, args.threads, rounds)
+    library_speed = LibrarySpeed(args.model, args.new_tokens, args.threads)
     url = f"http://127.0.0.1:{args.port}"
     proc = start_server(args.model, args.port, args.threads)
     try:
         with httpx.Client() as client:
             one_request(client, url, 0, 8)  # warm-up
-            single = [one_request(client, url, r, args.new_tokens) for r in range(rounds)]
+            library, single = [], []
+            for r in range(rounds):  # interleaved, so that both see the same load from elsewhere
+                library.append(library_speed.measure(r))
+                single.append(one_request(client, url, r, args.new_tokens))
             loads = [load_round(client, url, args.requests, args.concurrency, args.new_tokens, 1000 * (r + 1))
                      for r in range(rounds)]
     finally:
@@ -143,9 +151,10 @@ def main() -> None:
     print(f"| `generate_tokens` in process (tegaki generate) | - | {spread(library, 'tok/s')} | - |")
     print(f"| served, 1 request at a time | {spread([s['ttft'] * 1e3 for s in single], 'ms')} | "
           f"{spread([s['tps'] for s in single], 'tok/s')} | - |")
-    print(f"| served, {args.requests} requests, {args.concurrency} at a time | median "
-          f"{spread([r['ttft_median'] * 1e3 for r in loads], 'ms')}; p90 {spread([r['ttft_p90'] * 1e3 for r in loads], 'ms')}"
-          f" | {spread([r['tps_each'] for r in loads], 'tok/s')} | {spread([r['tps_total'] for r in loads], 'tok/s')} |")
+    ttft = (f"median {spread([r['ttft_median'] * 1e3 for r in loads], 'ms')}; "
+            f"p90 {spread([r['ttft_p90'] * 1e3 for r in loads], 'ms')}")
+    print(f"| served, {args.requests} requests, {args.concurrency} at a time | {ttft} | "
+          f"{spread([r['tps_each'] for r in loads], 'tok/s')} | {spread([r['tps_total'] for r in loads], 'tok/s')} |")
     print(f"\n{rounds} round(s); requests lost: {sum(r['lost'] for r in loads)}")
 
 

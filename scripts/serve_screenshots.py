@@ -68,8 +68,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "tegaki", "serve", "--model", args.model, "--port", str(args.port)],
-                              env=env)
+    command = [sys.executable, "-m", "tegaki", "serve", "--model", args.model, "--port", str(args.port)]
+    server = subprocess.Popen(command, env=env)
     profile = tempfile.mkdtemp(prefix="tegaki-shots-")
     driver = None
     try:

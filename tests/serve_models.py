@@ -33,7 +33,8 @@ CHATML_EXAMPLE = "<|im_start|>user\nこんにちは<|im_end|>\n<|im_start|>assis
 
 
 def build_model(block_size: int = 128, train_steps: int = 60, seed: int = 0):
-    """(model, tokenizer): a 2-layer GPT that continues PASSAGE, and a tokenizer with ChatML tokens."""
+    """(model, tokenizer): a 2-layer GPT that continues PASSAGE, and a tokenizer with ChatML tokens.
+    train_steps=0: random weights."""
     # A small vocabulary learned from the passage itself: most Japanese characters stay split in bytes.
     tok = train_bpe([PASSAGE * 4], 300 + len(SPECIALS), special_tokens=SPECIALS, name="tiny-ja")
     config = ModelConfig.preset("tiny").replace(
@@ -88,34 +89,36 @@ def free_port() -> int:
 def running_server(model: Path, *args: str, timeout: float = 90.0):
     """`tegaki serve --model MODEL` on a free port; yields its base URL; stops it afterwards."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}  # one thread: tiny models run faster, and the cores are shared
-    log = tempfile.TemporaryFile()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env["OMP_NUM_THREADS"] = "1"  # one thread: tiny models run faster, and the cores are shared
     command = [sys.executable, "-m", "tegaki", "serve", "--model", str(model), "--port", str(port), *args]
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"the server exited with {proc.returncode}:\n{log.read().decode()}")
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the server did not answer /health within {timeout} s") from None
-                time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+            yield _wait_until_up(proc, log, f"http://127.0.0.1:{port}", timeout)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_until_up(proc, log, url: str, timeout: float) -> str:
+    """Poll /health (bounded); the server's output in the error if it exits or never answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"the server exited with {proc.returncode}:\n{log.read().decode()}")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2).read()
+            return url
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server did not answer /health within {timeout} s") from None
+            time.sleep(0.2)
 
 
 def health(url: str) -> dict:

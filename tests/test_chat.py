@@ -9,12 +9,17 @@ import pytest
 
 pytest.importorskip("jinja2", reason="the serve extra is not installed: pip install 'tegaki[serve]'")
 
-from serve_models import write_model_folder  # noqa: E402
+from serve_models import write_model_folder
 
-from tegaki.cli import main  # noqa: E402
-from tegaki.errors import TegakiError  # noqa: E402
-from tegaki.serve.templates import DEFAULT_TEMPLATE, ChatTemplate, find_chat_template, fit_to_context  # noqa: E402
-from tegaki.tokenizer import load  # noqa: E402
+from tegaki.cli import main
+from tegaki.errors import TegakiError
+from tegaki.serve.templates import (
+    DEFAULT_TEMPLATE,
+    ChatTemplate,
+    find_chat_template,
+    fit_to_context,
+)
+from tegaki.tokenizer import load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,7 +11,6 @@ import tempfile
 import time
 
 import pytest
-
 from serve_models import running_server, write_model_folder
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")

@@ -16,17 +16,17 @@ import torch
 pytest.importorskip("starlette", reason="the serve extra is not installed: pip install 'tegaki[serve]'")
 pytest.importorskip("jinja2", reason="the serve extra is not installed: pip install 'tegaki[serve]'")
 
-from serve_models import PASSAGE, health, running_server, write_model_folder  # noqa: E402
-from starlette.testclient import TestClient  # noqa: E402
+from serve_models import PASSAGE, health, running_server, write_model_folder
+from starlette.testclient import TestClient
 
-from tegaki.analysis.attention import attention_maps  # noqa: E402
-from tegaki.analysis.params import count_parameters  # noqa: E402
-from tegaki.generate import generate_tokens  # noqa: E402
-from tegaki.sampling import SamplingSettings, sample_next  # noqa: E402
-from tegaki.serve.app import create_app  # noqa: E402
-from tegaki.serve.engine import DoneEvent, Engine, GenerationRequest, TokenEvent  # noqa: E402
-from tegaki.serve.insides import sampling_distribution  # noqa: E402
-from tegaki.serve.served import load_served  # noqa: E402
+from tegaki.analysis.attention import attention_maps
+from tegaki.analysis.params import count_parameters
+from tegaki.generate import generate_tokens
+from tegaki.sampling import SamplingSettings, sample_next
+from tegaki.serve.app import create_app
+from tegaki.serve.engine import DoneEvent, Engine, GenerationRequest, TokenEvent
+from tegaki.serve.insides import sampling_distribution
+from tegaki.serve.served import load_served
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -401,7 +401,7 @@ def test_the_openai_client_end_to_end(openai_client):
 @pytest.mark.slow
 def test_concurrent_requests_match_a_sequential_run(openai_client):
     """12 requests at once (sampled, seeded, Japanese and English) answer as they do one by one."""
-    jobs = [dict(prompt=p, max_tokens=10 + i, temperature=0.9, seed=100 + i)
+    jobs = [{"prompt": p, "max_tokens": 10 + i, "temperature": 0.9, "seed": 100 + i}
             for i, p in enumerate([PROMPT, "名前", "The cat", "どこで生れた", "mat", "吾輩"] * 2)]
 
     def ask(job):
@@ -416,7 +416,7 @@ def test_concurrent_requests_match_a_sequential_run(openai_client):
 @pytest.mark.slow
 def test_a_load_of_32_requests_loses_and_mixes_nothing(openai_client):
     """32 streamed requests, 8 at a time: every one finishes, each with its own text."""
-    jobs = [dict(prompt=f"{i} {PROMPT}", max_tokens=8, temperature=0.7, seed=i) for i in range(32)]
+    jobs = [{"prompt": f"{i} {PROMPT}", "max_tokens": 8, "temperature": 0.7, "seed": i} for i in range(32)]
 
     def ask(job):
         stream = openai_client.completions.create(model="tiny-ja", stream=True, **job)

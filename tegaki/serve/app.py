@@ -124,14 +124,18 @@ class Run:
         self.jobs = []
         try:
             for i, request in enumerate(params.requests):
-                # The sink runs on the engine thread: hop over to the event loop.
-                sink = lambda event, i=i: loop.call_soon_threadsafe(self.events.put_nowait, (i, event))  # noqa: E731
-                self.jobs.append(engine.submit(request, sink))
+                self.jobs.append(engine.submit(request, self._sink(loop, i)))
         except TegakiError as e:
             self.cancel()
             raise ApiError(400, str(e)) from None
         self.choices = [ChoiceText(params.stop) for _ in params.requests]
         self.open = len(self.jobs)
+
+    def _sink(self, loop, index: int):
+        def sink(event):  # called on the engine thread: hop over to the event loop
+            loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
+
+        return sink
 
     async def next(self) -> tuple[int, TokenEvent | DoneEvent]:
         """The next event of any choice; a text that reaches a stop string cancels its choice."""

@@ -50,7 +50,7 @@ class GenerationRequest:
 
     prompt_ids: list[int]
     max_tokens: int
-    sampling: SamplingSettings = SamplingSettings()
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
     seed: int | None = None  # None: a fresh random seed
     stop_ids: frozenset[int] = frozenset()  # tokens that end the reply (not part of its text)
     top_logprobs: int = 0  # how many alternatives to report with each token
@@ -194,7 +194,7 @@ class Engine:
             for job in list(self.active):
                 self._turn(job)
         for job in self.active + list(self.waiting):  # shutting down: tell every reader
-            job.sink(DoneEvent("cancelled", completion_tokens=job.generated, message="the server is shutting down"))
+            self._emit(job, DoneEvent("cancelled", completion_tokens=job.generated, message="shutting down"))
 
     def _take_new_work(self, block: bool) -> None:
         """Move everything in the inbox: jobs to the waiting line, calls run now. Then fill the
@@ -239,7 +239,7 @@ class Engine:
             job.seen[0, token_id] = True
         if token_id in job.request.stop_ids:  # the end of the reply: no text of its own
             return self._finish(job, "stop")
-        job.sink(self._token_event(job, logits, token_id))
+        self._emit(job, self._token_event(job, logits, token_id))
         if job.generated >= job.request.max_tokens:
             self._finish(job, "length")
 
@@ -270,4 +270,13 @@ class Engine:
         job.cache = None  # free its memory now, not when the reader lets go
         if reason in ("stop", "length"):
             self.stats["requests"] += 1
-        job.sink(DoneEvent(reason, job.decoder.flush(), job.generated, message))
+        self._emit(job, DoneEvent(reason, job.decoder.flush(), job.generated, message))
+
+    @staticmethod
+    def _emit(job: Job, event: Event) -> None:
+        """Hand an event to the job's reader. A reader that can no longer take it (its event loop
+        closed) cancels the job; it must never stop the engine's thread."""
+        try:
+            job.sink(event)
+        except Exception:  # noqa: BLE001 - whatever the reader's failure, the other requests go on
+            job.cancel()

@@ -104,7 +104,7 @@ def _environment():
         """`{% generation %}...{% endgeneration %}` marks the assistant's part for transformers'
         training masks; in a prompt it renders its body unchanged."""
 
-        tags = {"generation"}
+        tags = frozenset({"generation"})
 
         def parse(self, parser):
             lineno = next(parser.stream).lineno

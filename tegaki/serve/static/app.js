@@ -135,7 +135,8 @@ async function generate() {
     }
     showStatus(t("done", count, ((performance.now() - started) / 1000).toFixed(2)));
   } catch (error) {
-    showStatus(error.name === "AbortError" ? t("stopped") : `${t("error")}: ${error.message}`, error.name !== "AbortError");
+    const stopped = error.name === "AbortError";
+    showStatus(stopped ? t("stopped") : `${t("error")}: ${error.message}`, !stopped);
   } finally {
     state.abort = null;
     $("generate-button").disabled = false;
@@ -165,7 +166,8 @@ function tokenDetails(tokens) {
   const box = el("div", "details");
   for (const tok of tokens) {
     const p = Math.exp(tok.logprob);
-    box.append(el("div", "details-head", `${t("chosen")}: ${tokenLabel(tok.token)}   ${t("probability")} ${percent(p)}`));
+    const head = `${t("chosen")}: ${tokenLabel(tok.token)}   ${t("probability")} ${percent(p)}`;
+    box.append(el("div", "details-head", head));
     box.append(el("div", "muted", t("alternatives")));
     const alternatives = Object.entries(tok.top || {}).sort((a, b) => b[1] - a[1]);
     for (const [token, logprob] of alternatives) {
@@ -262,7 +264,9 @@ function bindControls() {
   $("generate-button").addEventListener("click", generate);
   $("stop-button").addEventListener("click", () => state.abort && state.abort.abort());
   for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => openView(tab.dataset.view));
-  for (const b of document.querySelectorAll("[data-lang]")) b.addEventListener("click", () => setLanguage(b.dataset.lang));
+  for (const b of document.querySelectorAll("[data-lang]")) {
+    b.addEventListener("click", () => setLanguage(b.dataset.lang));
+  }
   document.addEventListener("languagechange", () => { if (state.model) refreshAll(); });
 }
 

@@ -10,7 +10,8 @@ const STRINGS = {
     seed: "Seed",
     generate: "Generate",
     stop: "Stop",
-    hover_hint: "Hover over a generated token to see its probability and the alternatives; click it to keep them below.",
+    hover_hint: "Hover over a generated token to see its probability and the alternatives; " +
+      "click it to keep them below.",
     next_token: "Next token",
     bars_hint: "The most likely next tokens after the text above. The bar is the probability the current " +
       "temperature, top-k and top-p sample with; the thin mark is the model's own.",

@@ -74,6 +74,12 @@ const Views = (() => {
     $("head-grid").replaceChildren(...boxes);
   }
 
+  function cell(tag, text) {
+    const node = document.createElement(tag);
+    node.textContent = text;  // never innerHTML: token text is not markup
+    return node;
+  }
+
   function options(select, count, label) {
     const current = select.value;
     select.replaceChildren(...Array.from({length: count}, (_, i) => {
@@ -104,18 +110,18 @@ const Views = (() => {
       const data = await postJSON("/api/lens", {prompt: text, top: 3});
       const header = document.createElement("tr");
       header.append(document.createElement("th"));
-      for (const token of data.tokens) header.append(Object.assign(document.createElement("th"), {textContent: visible(token)}));
+      for (const token of data.tokens) header.append(cell("th", visible(token)));
       const rows = [header];
       for (let layer = data.layers.length - 1; layer >= 0; layer--) {  // the real prediction on top
         const row = document.createElement("tr");
-        row.append(Object.assign(document.createElement("th"), {textContent: t("after_layer", layer)}));
+        row.append(cell("th", t("after_layer", layer)));
         for (const guesses of data.layers[layer]) {
           const best = guesses[0];
-          const cell = document.createElement("td");
-          cell.textContent = visible(best.text);
-          cell.style.background = `rgba(40, 110, 220, ${(0.08 + 0.8 * best.prob).toFixed(3)})`;
-          cell.title = guesses.map((g) => `${visible(g.text)}  ${percent(g.prob)}`).join("\n");
-          row.append(cell);
+          const td = document.createElement("td");
+          td.textContent = visible(best.text);
+          td.style.background = `rgba(40, 110, 220, ${(0.08 + 0.8 * best.prob).toFixed(3)})`;
+          td.title = guesses.map((g) => `${visible(g.text)}  ${percent(g.prob)}`).join("\n");
+          row.append(td);
         }
         rows.push(row);
       }
@@ -128,13 +134,13 @@ const Views = (() => {
   function showParams(model) {
     const info = model.parameters;
     const header = document.createElement("tr");
-    for (const key of ["part", "shape", "count", "share"]) header.append(Object.assign(document.createElement("th"), {textContent: t(key)}));
+    for (const key of ["part", "shape", "count", "share"]) header.append(cell("th", t(key)));
     const rows = [header];
     for (const part of info.parts) {
       const row = document.createElement("tr");
       const shapes = part.shapes.map((s) => s.join("×")).join(" + ");
       for (const value of [part.label, shapes, part.count.toLocaleString(), (100 * part.share).toFixed(1) + "%"]) {
-        row.append(Object.assign(document.createElement("td"), {textContent: value}));
+        row.append(cell("td", value));
       }
       rows.push(row);
     }
@@ -146,7 +152,10 @@ const Views = (() => {
     options($("attention-layer"), model.config.n_layer, (i) => String(i));
     options($("attention-head"), model.config.n_head, (i) => String(i));
     $("attention-layer").addEventListener("change", () => showAttention(currentText()));
-    $("attention-head").addEventListener("change", () => { head = parseInt($("attention-head").value, 10); drawAttention(); });
+    $("attention-head").addEventListener("change", () => {
+      head = parseInt($("attention-head").value, 10);
+      drawAttention();
+    });
   }
 
   return {setup, attention: showAttention, lens: showLens, params: showParams};
