@@ -29,6 +29,8 @@ COMMAND_MODULES = [
     ("tegaki.cli.attention", "tegaki.analysis.attention"),
     ("tegaki.cli.plot", "tegaki.analysis.plot"),
     ("tegaki.cli.export", "tegaki.hf"),
+    ("tegaki.cli.serve",),
+    ("tegaki.cli.chat",),
 ]
 
 

@@ -1,0 +1,423 @@
+"""The OpenAI API's shapes: checking a request body, and writing responses and stream chunks.
+
+Plain dicts in, plain dicts out; no web framework here (app.py does the HTTP). Every mistake in a
+request raises `ApiError`, which app.py turns into the JSON error body OpenAI's clients expect:
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
+
+What is honoured: model, prompt (completions) / messages (chat), max_tokens (chat also
+max_completion_tokens), temperature, top_p, n, stop, seed, stream, stream_options.include_usage,
+presence_penalty, logprobs (completions: an int; chat: a bool with top_logprobs), and, as vLLM
+does, top_k, min_p and repetition_penalty. What tegaki does not do (echo, best_of > n, logit_bias,
+frequency_penalty, tools) is refused with a 400 that names it, rather than silently ignored.
+
+A seeded request with n > 1 seeds its choice i with seed + i, so each choice is reproducible alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from dataclasses import dataclass
+
+from tegaki.errors import TegakiError
+from tegaki.sampling import SamplingSettings
+from tegaki.serve.engine import GenerationRequest, TokenEvent, token_piece
+from tegaki.serve.served import Served
+
+MAX_N = 16  # choices per request
+MAX_LOGPROBS = 20  # alternatives per token
+COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+
+
+class ApiError(Exception):
+    """A request the server will not serve, with the HTTP status and OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Params:
+    """A checked request: one GenerationRequest per choice, and how to answer."""
+
+    requests: list[GenerationRequest]
+    prompt_tokens: int
+    stream: bool
+    include_usage: bool
+    stop: list[str]
+    logprobs: int | None  # None: no logprobs; else how many alternatives per token
+
+
+# -------------------------------------------------------------------------------------------------
+# Reading a request
+# -------------------------------------------------------------------------------------------------
+
+
+def _number(body: dict, name: str, default, low=None, high=None, integer=False):
+    """body[name] as a number within [low, high], or default when absent or null."""
+    value = body.get(name)
+    if value is None:
+        return default
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ApiError(400, f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}", name)
+    if (low is not None and value < low) or (high is not None and value > high):
+        allowed = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ApiError(400, f"{name} must be {allowed}, got {value}", name)
+    return value
+
+
+def integer(body: dict, name: str, default: int, low: int, high: int) -> int:
+    """body[name] as an integer within [low, high] (the page's parameters)."""
+    return _number(body, name, default, low, high, integer=True)
+
+
+def _flag(body: dict, name: str, default: bool = False) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ApiError(400, f"{name} must be true or false, got {value!r}", name)
+    return value
+
+
+def _refuse_unsupported(body: dict) -> None:
+    """Options that would change the answer but tegaki does not implement: say so, don't ignore them."""
+    if body.get("echo"):
+        raise ApiError(400, "echo is not supported by tegaki serve", "echo")
+    if body.get("logit_bias"):
+        raise ApiError(400, "logit_bias is not supported by tegaki serve", "logit_bias")
+    if body.get("frequency_penalty") not in (None, 0, 0.0):
+        raise ApiError(400, "frequency_penalty is not supported; use presence_penalty or repetition_penalty",
+                       "frequency_penalty")
+    if body.get("best_of") not in (None, 1, body.get("n", 1)):
+        raise ApiError(400, "best_of is not supported (leave it out, or equal to n)", "best_of")
+    if body.get("tools") or body.get("functions"):
+        raise ApiError(400, "tool calling is not supported by tegaki serve", "tools")
+    if body.get("suffix"):
+        raise ApiError(400, "suffix (insertion) is not supported by tegaki serve", "suffix")
+
+
+def check_model(body: dict, served: Served) -> None:
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
+        raise ApiError(400, "you must provide a model parameter (see GET /v1/models)", "model")
+    if name != served.name:
+        raise ApiError(404, f"The model '{name}' does not exist; this server serves '{served.name}'", "model",
+                       "model_not_found")
+
+
+def sampling_settings(body: dict) -> SamplingSettings:
+    """temperature, top_p, top_k, min_p and the penalties, checked."""
+    settings = SamplingSettings(
+        temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
+        top_p=_number(body, "top_p", None, 0.0, 1.0),
+        top_k=_number(body, "top_k", None, -1, None, integer=True),
+        min_p=_number(body, "min_p", None, 0.0, 1.0),
+        repetition_penalty=float(_number(body, "repetition_penalty", 1.0, 0.0, None)),
+        presence_penalty=float(_number(body, "presence_penalty", 0.0, -2.0, 2.0)),
+    )
+    if settings.top_k in (-1, 0):  # vLLM's spelling of "no limit"
+        settings = dataclasses.replace(settings, top_k=None)
+    if settings.top_p == 0.0:
+        raise ApiError(400, "top_p must be greater than 0", "top_p")
+    try:
+        settings.check()
+    except TegakiError as e:
+        raise ApiError(400, str(e)) from None
+    return settings
+
+
+def _stops(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > 4:
+        raise ApiError(400, "stop must be a string or a list of at most 4 strings", "stop")
+    return [s for s in stops if s]
+
+
+def _stream_options(body: dict, stream: bool) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
+    if not isinstance(options, dict):
+        raise ApiError(400, "stream_options must be an object", "stream_options")
+    return bool(options.get("include_usage"))
+
+
+def _max_tokens(body: dict, names: tuple[str, ...], default: int | None) -> int | None:
+    for name in names:
+        if body.get(name) is not None:
+            return _number(body, name, None, 1, None, integer=True)
+    return default
+
+
+def _fit_context(served: Served, prompt: list[int], max_tokens: int | None, param: str) -> int:
+    """The number of new tokens to ask for, or a 400 when the prompt and the reply do not fit."""
+    if not prompt:
+        raise ApiError(400, "the prompt is empty: give at least one token", param)
+    if max_tokens is None:
+        max_tokens = served.context - len(prompt)
+    if len(prompt) + max_tokens > served.context:
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {served.context} tokens. However, you requested "
+            f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max(max_tokens, 0)} for the "
+            "completion). Please reduce the prompt or max_tokens.",
+            param, "context_length_exceeded",
+        )
+    return max_tokens
+
+
+def _choices(served: Served, prompts: list[list[int]], body: dict, max_tokens: int | None, param: str,
+             top_logprobs: int, extra_stops: frozenset[int] = frozenset()) -> list[GenerationRequest]:
+    n = _number(body, "n", 1, 1, MAX_N, integer=True)
+    seed = _number(body, "seed", None, 0, 2**63 - 1 - MAX_N, integer=True)
+    sampling = sampling_settings(body)
+    requests = []
+    for prompt in prompts:
+        if any(not 0 <= t < served.model.config.vocab_size for t in prompt):
+            raise ApiError(400, f"token ids must be in [0, {served.model.config.vocab_size})", param)
+        new = _fit_context(served, prompt, max_tokens, param)
+        for i in range(n):
+            requests.append(GenerationRequest(
+                prompt, new, sampling, None if seed is None else seed + i, served.end_ids() | extra_stops,
+                top_logprobs,
+            ))
+    return requests
+
+
+def _prompts(body: dict, served: Served) -> list[list[int]]:
+    """A completion's prompt: a string, a list of strings, a list of token ids, or a list of those."""
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise ApiError(400, "you must provide a prompt", "prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt or len(prompt) > MAX_N:
+        raise ApiError(400, f"prompt must be a string, token ids, or a list of 1 to {MAX_N} of those", "prompt")
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            out.append(encode_prompt(served.tokenizer, p))
+        elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            out.append(list(p))
+        else:
+            raise ApiError(400, "each prompt must be a string or a list of token ids", "prompt")
+    return out
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Text -> ids; an empty text starts from the end-of-text token, as GPT models begin a document."""
+    ids = tokenizer.encode(text)
+    if not ids and getattr(tokenizer, "eot_id", None) is not None:
+        ids = [tokenizer.eot_id]
+    return ids
+
+
+def completion_params(body: dict, served: Served) -> Params:
+    check_model(body, served)
+    _refuse_unsupported(body)
+    stream = _flag(body, "stream")
+    logprobs = _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
+    prompts = _prompts(body, served)
+    max_tokens = _max_tokens(body, ("max_tokens",), COMPLETIONS_MAX_TOKENS)
+    requests = _choices(served, prompts, body, max_tokens, "prompt", logprobs or 0)
+    return Params(requests, sum(len(p) for p in prompts), stream, _stream_options(body, stream), _stops(body),
+                  logprobs)
+
+
+def chat_messages(body: dict) -> list[dict]:
+    """The messages, checked, with text parts joined into one string as templates expect."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ApiError(400, f"messages[{i}] must be an object with a role", f"messages[{i}]")
+        content = m.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            if not all(isinstance(part, dict) and part.get("type") == "text" for part in content):
+                raise ApiError(400, f"messages[{i}]: only text content is supported", f"messages[{i}].content")
+            content = "".join(str(part.get("text", "")) for part in content)
+        if content is not None and not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
+        out.append({**m, "content": content or ""})
+    return out
+
+
+def chat_prompt(body: dict, served: Served) -> list[int]:
+    """The chat's prompt ids: the messages through the model's template."""
+    if served.template is None:
+        raise ApiError(
+            400,
+            f"the model '{served.name}' has no chat template (no chat_template in tokenizer_config.json or "
+            "chat_template.jinja, and its tokenizer lacks <|im_start|>/<|im_end|> for tegaki's default). "
+            "Use /v1/completions, or start the server with --chat-template FILE.",
+            "messages", "no_chat_template",
+        )
+    try:
+        text = served.template.render(chat_messages(body), add_generation_prompt=True)
+    except TegakiError as e:
+        raise ApiError(400, str(e), "messages") from None
+    return served.tokenizer.encode(text)
+
+
+def chat_params(body: dict, served: Served) -> Params:
+    check_model(body, served)
+    _refuse_unsupported(body)
+    stream = _flag(body, "stream")
+    want_logprobs = _flag(body, "logprobs")
+    top = _number(body, "top_logprobs", None, 0, MAX_LOGPROBS, integer=True)
+    if top is not None and not want_logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise ApiError(400, "response_format: only {\"type\": \"text\"} is supported", "response_format")
+    prompt = chat_prompt(body, served)
+    max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"), None)
+    requests = _choices(served, [prompt], body, max_tokens, "messages", top or 0)
+    stops = _stops(body) + served.template.stop_strings  # the template's own end of a reply, if any
+    return Params(requests, len(prompt), stream, _stream_options(body, stream), stops,
+                  (top or 0) if want_logprobs else None)
+
+
+# -------------------------------------------------------------------------------------------------
+# One choice's text as its tokens arrive
+# -------------------------------------------------------------------------------------------------
+
+
+class ChoiceText:
+    """Collect one choice: cut its text at the first stop string, and while streaming hold back the
+    last few characters, which might be the start of a stop string not yet complete."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.text = ""  # everything so far (up to a stop string)
+        self.sent = 0  # characters of text already handed out
+        self.stopped = False  # a stop string was found
+        self.finish_reason: str | None = None
+        self.tokens: list[TokenEvent] = []
+        self.completion_tokens = 0
+
+    def add(self, piece: str, final: bool = False) -> str:
+        """Add text; return what may be handed out now (final: the rest)."""
+        if self.stopped:
+            return ""
+        self.text += piece
+        cut = _find_stop(self.text, self.stops)
+        if cut is not None:
+            self.text, self.stopped, final = self.text[:cut], True, True
+        end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
+        ready, self.sent = self.text[self.sent : end], end
+        return ready
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s in text]
+    return min(hits) if hits else None
+
+
+# -------------------------------------------------------------------------------------------------
+# Writing responses
+# -------------------------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_logprobs(tokenizer, events: list[TokenEvent], start_offset: int = 0) -> dict:
+    """The legacy completions format: parallel lists, top_logprobs as {token text: logprob}."""
+    offsets, offset = [], start_offset
+    for e in events:
+        offsets.append(offset)
+        offset += len(e.text)
+    return {
+        "tokens": [token_piece(tokenizer, e.token_id) for e in events],
+        "token_logprobs": [e.logprob for e in events],
+        "top_logprobs": [{token_piece(tokenizer, i): lp for i, lp in e.top} for e in events],
+        "text_offset": offsets,
+    }
+
+
+def _chat_token(tokenizer, token_id: int, logprob: float) -> dict:
+    return {"token": token_piece(tokenizer, token_id), "logprob": logprob,
+            "bytes": list(tokenizer.token_bytes(token_id))}
+
+
+def chat_logprobs(tokenizer, events: list[TokenEvent]) -> dict:
+    """The chat format: one entry per token, its bytes, and its alternatives."""
+    return {"content": [
+        {**_chat_token(tokenizer, e.token_id, e.logprob),
+         "top_logprobs": [_chat_token(tokenizer, i, lp) for i, lp in e.top]}
+        for e in events
+    ]}
+
+
+def completion_response(served: Served, rid: str, choices: list[ChoiceText], params: Params) -> dict:
+    return {
+        "id": rid, "object": "text_completion", "created": int(time.time()), "model": served.name,
+        "choices": [
+            {"index": i, "text": c.text, "finish_reason": c.finish_reason,
+             "logprobs": completion_logprobs(served.tokenizer, c.tokens) if params.logprobs is not None else None}
+            for i, c in enumerate(choices)
+        ],
+        "usage": usage(params.prompt_tokens, sum(c.completion_tokens for c in choices)),
+    }
+
+
+def chat_response(served: Served, rid: str, choices: list[ChoiceText], params: Params) -> dict:
+    return {
+        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": served.name,
+        "choices": [
+            {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
+             "logprobs": chat_logprobs(served.tokenizer, c.tokens) if params.logprobs is not None else None}
+            for i, c in enumerate(choices)
+        ],
+        "usage": usage(params.prompt_tokens, sum(c.completion_tokens for c in choices)),
+    }
+
+
+def completion_chunk(served: Served, rid: str, index: int, text: str, events: list[TokenEvent] | None,
+                     finish_reason: str | None = None, offset: int = 0) -> dict:
+    logprobs = completion_logprobs(served.tokenizer, events, offset) if events is not None else None
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": served.name,
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+
+def chat_chunk(served: Served, rid: str, index: int, delta: dict, events: list[TokenEvent] | None,
+               finish_reason: str | None = None) -> dict:
+    logprobs = chat_logprobs(served.tokenizer, events) if events is not None else None
+    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": served.name,
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+
+def usage_chunk(served: Served, rid: str, kind: str, params: Params, completion_tokens: int) -> dict:
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": served.name, "choices": [],
+            "usage": usage(params.prompt_tokens, completion_tokens)}
+
+
+def models_list(served: Served) -> dict:
+    return {"object": "list", "data": [
+        {"id": served.name, "object": "model", "created": served.created, "owned_by": "tegaki",
+         "max_model_len": served.context},
+    ]}

@@ -1,0 +1,81 @@
+"""The served model: loaded once, with its tokenizer, its chat template and the name clients call it by.
+
+`tegaki serve` and `tegaki chat` both start here. --model takes what `tegaki generate` takes: a run
+folder, a transformers folder or a hub id.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tegaki.errors import TegakiError
+from tegaki.load import from_pretrained, tokenizer_for
+from tegaki.quant import quantize_model
+from tegaki.serve.templates import ChatTemplate, find_chat_template
+
+
+@dataclass
+class Served:
+    """The model behind the API, and what the API needs to know about it."""
+
+    name: str  # the id clients pass as "model"
+    model: object
+    tokenizer: object
+    template: ChatTemplate | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def context(self) -> int:
+        return self.model.config.block_size
+
+    def end_ids(self) -> frozenset[int]:
+        """Tokens that end any reply: the tokenizer's end of text (and the template's end of turn)."""
+        ids = set(self.template.stop_ids(self.tokenizer)) if self.template else set()
+        if getattr(self.tokenizer, "eot_id", None) is not None:
+            ids.add(self.tokenizer.eot_id)
+        return frozenset(ids)
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_served(model: str, *, name: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
+                quantize: str | None = None, chat_template: str | None = None) -> Served:
+    """Load --model with its tokenizer and chat template, ready for the engine."""
+    device = pick_device(device)
+    net = from_pretrained(model, device=device, dtype=dtype).eval()
+    if quantize:
+        quantize_model(net, quantize)
+    tokenizer = tokenizer_for(model)
+    is_run = Path(model).expanduser().joinpath("run.json").is_file()
+    template = find_chat_template(_template_folders(model), tokenizer, chat_template, tegaki_run=is_run)
+    return Served(name or _default_name(model), net, tokenizer, template)
+
+
+def _default_name(model: str) -> str:
+    """runs/demo -> "demo"; a hub id stays itself ("Qwen/Qwen3-0.6B")."""
+    path = Path(model).expanduser()
+    return path.resolve().name if path.is_dir() else model
+
+
+def _template_folders(model: str) -> list[Path]:
+    """Where a chat template may be: the folder, and a run folder's tokenizer/. For a hub id, its
+    tokenizer_config.json and chat_template.jinja (downloaded when huggingface_hub is installed)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return [path, path / "tokenizer"]
+    try:
+        from huggingface_hub import snapshot_download  # optional: the hub extra
+    except ImportError:
+        return []
+    try:
+        return [Path(snapshot_download(model, allow_patterns=["tokenizer_config.json", "chat_template.jinja"]))]
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo: the model loaded, so say what is missing
+        raise TegakiError(f"could not fetch {model}'s chat template from the hub ({type(e).__name__})") from None
