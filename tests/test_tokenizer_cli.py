@@ -5,8 +5,9 @@ import io
 import pytest
 
 from tegaki.cli import main
+from tegaki.cli.tokenizer import cut_range, printable_piece, read_inputs, use_colour
+from tegaki.data import shakespeare_text
 from tegaki.tokenizer import load
-from tegaki.tokenizer.cli import cut_range, printable_piece, read_inputs, shakespeare_text, use_colour
 from tegaki.tokenizer.stats import token_stats
 from tegaki.tokenizer.trainer import train_bpe, train_bpe_tokenizers
 
@@ -56,21 +57,15 @@ def test_train_reads_folders_and_ranges(corpus, tmp_path):
     assert cut_range("abcdefghij", "0.8:1") == "ij"
 
 
-def test_shakespeare_prefers_tegaki_data_when_it_exists(monkeypatch):
-    import sys
-    import types
-
-    fake = types.ModuleType("tegaki.data")
-    fake.shakespeare_text = lambda: "O Romeo, Romeo! wherefore art thou Romeo?"
-    monkeypatch.setitem(sys.modules, "tegaki.data", fake)
-    assert read_inputs(["shakespeare"]) == ["O Romeo, Romeo! wherefore art thou Romeo?"]
-
-
-def test_shakespeare_fallback_strips_the_markdown(monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "tegaki.data", None)  # as if tegaki.data did not exist
+def test_shakespeare_input_is_tegaki_data_s_corpus():
+    """`--input shakespeare` reads the one Shakespeare reader, tegaki.data's, and cuts ranges of it."""
     text = shakespeare_text()
+    assert read_inputs(["shakespeare"]) == [text]
+    assert read_inputs(["shakespeare"], "0:0.01") == [cut_range(text, "0:0.01")]
+
+
+def test_shakespeare_input_has_no_markdown():
+    (text,) = read_inputs(["shakespeare"])
     assert len(text) > 4_000_000 and "ROMEO" in text
     assert "**" not in text and "\n#" not in text and "  \n" not in text
 

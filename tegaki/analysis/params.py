@@ -1,4 +1,4 @@
-"""`tegaki params NAME`: where a model's parameters live, part by part.
+"""Where a model's parameters live, part by part: what `tegaki params NAME` prints.
 
 The model is built on PyTorch's "meta" device: every tensor has a shape and no storage, so even
 `tegaki params gpt-oss-120b` allocates nothing. The breakdown walks the real module tree of
@@ -12,20 +12,22 @@ the parts always sum to `model.num_parameters()`.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tegaki.config import ModelConfig
+from tegaki.config import PRESETS, ModelConfig
 from tegaki.errors import TegakiError
+from tegaki.hf import config_from_hf
+from tegaki.model import GPT
 
 # Per-block parameter names (relative to `blocks.{i}.`, without .weight/.bias) -> (label, group).
 # Anything model.py grows later and this table does not know still gets counted, under its own name.
 BLOCK_PARTS: dict[str, tuple[str, str]] = {
     "ln_1": ("norm before attention (ln_1)", "norm"),
+    "attn.qkv": ("attention q, k, v qkv", "attention"),  # one projection for all three, when fused
     "attn.q_proj": ("attention query  q_proj", "attention"),
     "attn.k_proj": ("attention key    k_proj", "attention"),
     "attn.v_proj": ("attention value  v_proj", "attention"),
@@ -56,8 +58,6 @@ BLOCK_PARTS: dict[str, tuple[str, str]] = {
 
 def build_meta_model(config: ModelConfig):
     """The model with shapes and no storage (a few milliseconds even for 120B parameters)."""
-    from tegaki.model import GPT
-
     with torch.device("meta"):
         return GPT(config)
 
@@ -166,8 +166,6 @@ def resolve_config(name: str) -> ModelConfig:
 
     Only the config is read: no weights are loaded, whatever the model's size.
     """
-    from tegaki.config import PRESETS
-
     if name in PRESETS:
         return ModelConfig.preset(name)
     path = Path(name).expanduser()
@@ -179,8 +177,6 @@ def resolve_config(name: str) -> ModelConfig:
             except (json.JSONDecodeError, KeyError) as e:
                 raise TegakiError(f"{path / 'run.json'}: not a tegaki run description ({e})") from None
         if (path / "config.json").exists():
-            from tegaki.hf import config_from_hf
-
             try:
                 return config_from_hf(json.loads((path / "config.json").read_text()))
             except json.JSONDecodeError as e:
@@ -259,42 +255,3 @@ def format_report(title: str, config: ModelConfig, info: dict) -> str:
         amem = info["active_memory_bytes"]
         lines.append("read per token (active): " + ", ".join(f"{k} {_bytes_text(v)}" for k, v in amem.items()))
     return "\n".join(lines)
-
-
-# -------------------------------------------------------------------------------------------------
-# CLI
-# -------------------------------------------------------------------------------------------------
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "params",
-        help="where a model's parameters are: embeddings, attention, MLP/experts, head; memory",
-        description="Print the parameter breakdown of a preset, a run folder or a transformers folder. "
-        "Nothing is allocated: the model is built on the meta device.",
-    )
-    p.add_argument("name", help="a preset (gpt2, tiny, gpt-oss-20b, ...), a run folder or a transformers folder")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a ModelConfig field, e.g. --set qkv_bias=false (repeatable)")
-    p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
-    p.add_argument("--plot", metavar="FILE.png", help="also draw where the parameters go")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    config = resolve_config(args.name)
-    if args.overrides:
-        config = config.with_overrides(args.overrides)
-    info = count_parameters(config)
-    if args.json:
-        print(json.dumps(dict(name=args.name, overrides=args.overrides, **info), indent=2))
-    else:
-        title = args.name + (" " + " ".join(f"--set {o}" for o in args.overrides) if args.overrides else "")
-        print(format_report(title, config, info))
-    if args.plot:
-        from tegaki.analysis.plot import plot_parameters
-
-        out = plot_parameters(info, args.plot, title=args.name)
-        if not args.json:
-            print(f"\nwrote {out}")
-    return 0

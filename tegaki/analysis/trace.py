@@ -1,4 +1,4 @@
-"""`tegaki trace "Hello, I am"`: one forward pass, step by step, for one prompt.
+"""One forward pass, step by step, for one prompt: what `tegaki trace "Hello, I am"` shows.
 
 The five steps of `tegaki/model.py`, watched from the outside with forward hooks (the model is not
 changed to be watched):
@@ -18,40 +18,23 @@ the same numbers (tests/test_model.py proves it).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
+from tegaki.load import from_pretrained, tokenizer_for
+from tegaki.model import GPT
+from tegaki.tokenizer import load as load_tokenizer
 
 # -------------------------------------------------------------------------------------------------
 # Loading what to trace
 # -------------------------------------------------------------------------------------------------
 
-
-def load_tokenizer(name_or_dir: str):
-    from tegaki.tokenizer import load
-
-    return load(name_or_dir)
-
-
-def tokenizer_for_model(path: str):
-    """The tokenizer that belongs to a run folder or a transformers folder."""
-    import tegaki.load as hf
-
-    if hasattr(hf, "tokenizer_for"):
-        return hf.tokenizer_for(path)
-    folder = Path(path)
-    if (folder / "run.json").exists():
-        from tegaki.train import load_run_tokenizer
-
-        return load_run_tokenizer(folder)
-    return load_tokenizer(str(folder))
+PRESET_TOKENIZER = "gpt2"  # the tokenizer a preset's random weights read, unless another is named
 
 
 def load_model_and_tokenizer(
@@ -66,13 +49,10 @@ def load_model_and_tokenizer(
     A preset gets random weights (seeded): the shapes and the mechanics are real, the words are not.
     Its vocabulary is resized to the tokenizer's when they differ, so every id has a row.
     """
-    from tegaki.config import ModelConfig
-    from tegaki.model import GPT
-
     if (model is None) == (preset is None):
         raise TegakiError("give either --model PATH (a run or transformers folder) or --preset NAME (random weights)")
     if preset is not None:
-        tok = load_tokenizer(tokenizer or "gpt2")
+        tok = load_tokenizer(tokenizer or PRESET_TOKENIZER)
         config = ModelConfig.preset(preset)
         if overrides:
             config = config.with_overrides(overrides)
@@ -83,12 +63,10 @@ def load_model_and_tokenizer(
         torch.manual_seed(seed)
         net = GPT(config).eval()
         return net, tok, f"preset {preset} with random weights (seed {seed}){note}"
-    from tegaki.load import from_pretrained
-
     net = from_pretrained(model).eval()
     if overrides:
         raise TegakiError("--set changes a preset's config; a trained model's shapes are fixed by its weights")
-    tok = load_tokenizer(tokenizer) if tokenizer else tokenizer_for_model(model)
+    tok = load_tokenizer(tokenizer) if tokenizer else tokenizer_for(model)
     return net, tok, f"model {model}"
 
 
@@ -310,44 +288,3 @@ def format_trace(r: dict[str, Any], description: str = "") -> str:
     for t in r["next_tokens"]:
         lines.append(f"          {100 * t['prob']:6.2f}%  id {t['id']:>6}  {t['text']!r}")
     return "\n".join(lines)
-
-
-# -------------------------------------------------------------------------------------------------
-# CLI
-# -------------------------------------------------------------------------------------------------
-
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """--model / --preset / --set / --tokenizer / --seed: shared with `tegaki attention`."""
-    p.add_argument("--model", help="a run folder (tegaki train --out) or a transformers folder")
-    p.add_argument("--preset", help="a preset with random weights instead of a trained model")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a preset's config field (repeatable)")
-    p.add_argument("--tokenizer", help="tokenizer name or folder (default: the model's own, or gpt2 for a preset)")
-    p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "trace",
-        help="follow one prompt through the five steps of a forward pass",
-        description="Show the tokens, embeddings, each block's attention and MLP output, one head's "
-        "attention pattern, the logits and the top next tokens for one prompt.",
-    )
-    p.add_argument("prompt", help='the text to trace, e.g. "Hello, I am"')
-    add_model_arguments(p)
-    p.add_argument("--layer", type=int, default=0, help="layer whose attention pattern to show")
-    p.add_argument("--head", type=int, default=0, help="head whose attention pattern to show")
-    p.add_argument("--top", type=int, default=10, help="how many next tokens to list")
-    p.add_argument("--json", action="store_true", help="print the trace as JSON")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    model, tok, description = load_model_and_tokenizer(args.model, args.preset, args.overrides, args.tokenizer, args.seed)
-    result = trace(model, tok, args.prompt, layer=args.layer, head=args.head, top_k=args.top)
-    if args.json:
-        print(json.dumps(dict(result, model=description), indent=1, ensure_ascii=False))
-    else:
-        print(format_trace(result, description))
-    return 0
