@@ -20,8 +20,9 @@ def attention_maps(model, tokenizer, prompt: str, layer: int = 0) -> tuple[torch
     """(weights (H, T, T) as a float tensor, token texts) for one layer."""
     ids = tokenizer.encode(prompt)
     if ids and max(ids) >= model.config.vocab_size:
-        raise TegakiError(f"token id {max(ids)} is outside the model's vocabulary ({model.config.vocab_size}); "
-                          "wrong tokenizer?")
+        raise TegakiError(
+            f"token id {max(ids)} is outside the model's vocabulary ({model.config.vocab_size}); wrong tokenizer?"
+        )
     cap = capture(model, ids, attention_layers=[layer])
     return cap.attention[layer][0], [token_text(tokenizer, i) for i in ids]
 

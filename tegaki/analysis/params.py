@@ -109,21 +109,49 @@ def count_parameters(config: ModelConfig) -> dict[str, Any]:
     for row in sorted(block_rows.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order)):
         per_block.append(dict(row, count=row["count"] // config.n_layer, all_layers=row["count"]))
 
-    parts = [dict(name="wte.weight", label="token embedding (wte)", group="embedding",
-                  count=top("wte.weight"), shapes=[[config.vocab_size, config.n_embd]])]
+    parts = [
+        dict(
+            name="wte.weight",
+            label="token embedding (wte)",
+            group="embedding",
+            count=top("wte.weight"),
+            shapes=[[config.vocab_size, config.n_embd]],
+        )
+    ]
     if config.pos_embedding == "learned":
-        parts.append(dict(name="wpe.weight", label="position embedding (wpe)", group="embedding",
-                          count=top("wpe.weight"), shapes=[[config.block_size, config.n_embd]]))
+        parts.append(
+            dict(
+                name="wpe.weight",
+                label="position embedding (wpe)",
+                group="embedding",
+                count=top("wpe.weight"),
+                shapes=[[config.block_size, config.n_embd]],
+            )
+        )
     for row in per_block:
-        parts.append(dict(name=f"blocks.*.{row['name']}", label=f"{row['label']}  x {config.n_layer}",
-                          group=row["group"], count=row["all_layers"], shapes=row["shapes"]))
+        parts.append(
+            dict(
+                name=f"blocks.*.{row['name']}",
+                label=f"{row['label']}  x {config.n_layer}",
+                group=row["group"],
+                count=row["all_layers"],
+                shapes=row["shapes"],
+            )
+        )
     final_norm = sum(r["count"] for r in top_rows if r["name"].startswith("ln_f."))
     if config.final_norm:
-        parts.append(dict(name="ln_f", label="final norm (ln_f)", group="norm", count=final_norm,
-                          shapes=[[config.n_embd]]))
-    parts.append(dict(name="lm_head.weight", label="LM head" + (" (tied: shares wte)" if tied else ""),
-                      group="head", count=0 if tied else top("lm_head.weight"),
-                      shapes=[[config.vocab_size, config.n_embd]]))
+        parts.append(
+            dict(name="ln_f", label="final norm (ln_f)", group="norm", count=final_norm, shapes=[[config.n_embd]])
+        )
+    parts.append(
+        dict(
+            name="lm_head.weight",
+            label="LM head" + (" (tied: shares wte)" if tied else ""),
+            group="head",
+            count=0 if tied else top("lm_head.weight"),
+            shapes=[[config.vocab_size, config.n_embd]],
+        )
+    )
     known = {"wte.weight", "wpe.weight", "lm_head.weight"}
     for r in top_rows:  # anything else at the top level (a future module) is still counted
         if r["name"] not in known and not r["name"].startswith("ln_f."):
@@ -246,8 +274,14 @@ def format_report(title: str, config: ModelConfig, info: dict) -> str:
     lines.append("-" * len(header))
     lines.append(row("total", "", info["total"], 1.0))
     if info["active"] is not None:
-        lines.append(row(f"active per token ({c.n_experts_per_tok} of {c.n_experts} experts)", "",
-                         info["active"], info["active"] / info["total"]))
+        lines.append(
+            row(
+                f"active per token ({c.n_experts_per_tok} of {c.n_experts} experts)",
+                "",
+                info["active"],
+                info["active"] / info["total"],
+            )
+        )
     lines.append("")
     mem = info["memory_bytes"]
     lines.append("weight memory: " + ", ".join(f"{k} {_bytes_text(v)}" for k, v in mem.items()))

@@ -35,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {path}: {att.shape[0]} heads x {att.shape[1]} tokens")
     future = future_attention(att)  # (H,)
     if float(future.max()) > 1e-6:
-        print(f"warning: heads attend to future tokens (mean weight per query on the future: "
-              f"{', '.join(f'{float(f):.2f}' for f in future)}) -- is causal=false?")
+        print(
+            f"warning: heads attend to future tokens (mean weight per query on the future: "
+            f"{', '.join(f'{float(f):.2f}' for f in future)}) -- is causal=false?"
+        )
     return 0

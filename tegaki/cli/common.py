@@ -7,7 +7,8 @@ A default is written once, in the library; the command reads it from there with 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def default_of(function: Callable, parameter: str) -> Any:

@@ -17,8 +17,14 @@ def register(subparsers) -> None:
         "Nothing is allocated: the model is built on the meta device.",
     )
     p.add_argument("name", help="a preset (gpt2, tiny, gpt-oss-20b, ...), a run folder or a transformers folder")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a ModelConfig field, e.g. --set qkv_bias=false (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a ModelConfig field, e.g. --set qkv_bias=false (repeatable)",
+    )
     p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="also draw where the parameters go")
     p.set_defaults(func=run)

@@ -1,9 +1,9 @@
 """`tegaki tokenizer train | stats | show`: train, measure and look at tokenizers.
 
-    tegaki tokenizer train --input shakespeare --vocab-size 8000 --out runs/tok-en
-    tegaki tokenizer train --input ja.txt --range 0:0.8 --vocab-size 16000 --out runs/tok-ja
-    tegaki tokenizer stats --tokenizer runs/tok-ja --input ja.txt --range 0.8:1
-    tegaki tokenizer show --tokenizer gpt2 "日本語のテキスト"
+tegaki tokenizer train --input shakespeare --vocab-size 8000 --out runs/tok-en
+tegaki tokenizer train --input ja.txt --range 0:0.8 --vocab-size 16000 --out runs/tok-ja
+tegaki tokenizer stats --tokenizer runs/tok-ja --input ja.txt --range 0.8:1
+tegaki tokenizer show --tokenizer gpt2 "日本語のテキスト"
 """
 
 from __future__ import annotations
@@ -79,14 +79,23 @@ def cmd_train(args) -> int:
     texts = read_inputs(args.input, args.range)
     out = Path(args.out)
     start = time.perf_counter()
-    tok = train_tokenizer(texts, args.vocab_size, args.kind, args.pattern, args.backend,
-                          special_tokens=args.special_tokens, name=args.name or out.name,
-                          verbose=sys.stderr.isatty())
+    tok = train_tokenizer(
+        texts,
+        args.vocab_size,
+        args.kind,
+        args.pattern,
+        args.backend,
+        special_tokens=args.special_tokens,
+        name=args.name or out.name,
+        verbose=sys.stderr.isatty(),
+    )
     seconds = time.perf_counter() - start
     tok.save(out)
     chars = sum(len(t) for t in texts)
-    print(f"trained {tok.kind} tokenizer {tok.name!r} ({args.kind}, vocab {tok.vocab_size:,}) on "
-          f"{chars:,} characters in {seconds:.1f}s → {out}")
+    print(
+        f"trained {tok.kind} tokenizer {tok.name!r} ({args.kind}, vocab {tok.vocab_size:,}) on "
+        f"{chars:,} characters in {seconds:.1f}s → {out}"
+    )
     return 0
 
 
@@ -98,8 +107,10 @@ def cmd_stats(args) -> int:
     text = "\n".join(read_inputs(args.input, args.range, purpose="nothing to measure"))
     stats = token_stats(tok, text)
     where = " ".join(args.input) + (f" [{args.range}]" if args.range else "")
-    title = (f"{tok.name} (vocab {tok.vocab_size:,}) on {where}: {len(text):,} characters, "
-             f"{len(text.encode()):,} bytes, {stats.total.tokens:,} tokens")
+    title = (
+        f"{tok.name} (vocab {tok.vocab_size:,}) on {where}: {len(text):,} characters, "
+        f"{len(text.encode()):,} bytes, {stats.total.tokens:,} tokens"
+    )
     print(format_stats(stats, title))
     return 0
 
@@ -159,25 +170,48 @@ def _positive_int(value: str) -> int:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("tokenizer", help="train, inspect and measure tokenizers",
-                                   description="Train, inspect and measure tokenizers.")
+    parser = subparsers.add_parser(
+        "tokenizer", help="train, inspect and measure tokenizers", description="Train, inspect and measure tokenizers."
+    )
     sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
 
     p = sub.add_parser("train", help="train a tokenizer and save it to a folder")
-    p.add_argument("--input", nargs="+", required=True,
-                   help="text files, folders of .txt/.md files, or 'shakespeare' (bundled)")
-    p.add_argument("--vocab-size", type=_positive_int, required=True,
-                   help="all tokens together: 256 bytes + learned tokens + special tokens")
+    p.add_argument(
+        "--input", nargs="+", required=True, help="text files, folders of .txt/.md files, or 'shakespeare' (bundled)"
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=_positive_int,
+        required=True,
+        help="all tokens together: 256 bytes + learned tokens + special tokens",
+    )
     p.add_argument("--out", required=True, help="folder to write; load it with tegaki.tokenizer.load")
-    p.add_argument("--kind", choices=KINDS, default=default_of(train_tokenizer, "kind"),
-                   help="bpe: byte-level BPE (GPT-2 style); unigram / sp-bpe: SentencePiece with byte fallback")
-    p.add_argument("--pattern", choices=tuple(PATTERNS), default=default_of(train_tokenizer, "pattern"),
-                   help="pre-tokenization regex (bpe)")
-    p.add_argument("--backend", choices=BACKENDS, default=default_of(train_tokenizer, "backend"),
-                   help="bpe only: tegaki's own trainer, or the tokenizers library's (faster)")
+    p.add_argument(
+        "--kind",
+        choices=KINDS,
+        default=default_of(train_tokenizer, "kind"),
+        help="bpe: byte-level BPE (GPT-2 style); unigram / sp-bpe: SentencePiece with byte fallback",
+    )
+    p.add_argument(
+        "--pattern",
+        choices=tuple(PATTERNS),
+        default=default_of(train_tokenizer, "pattern"),
+        help="pre-tokenization regex (bpe)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=default_of(train_tokenizer, "backend"),
+        help="bpe only: tegaki's own trainer, or the tokenizers library's (faster)",
+    )
     specials = list(default_of(train_tokenizer, "special_tokens"))
-    p.add_argument("--special-tokens", nargs="*", default=specials, metavar="TOKEN",
-                   help=f"special tokens, each one id of its own (default: {' '.join(specials)})")
+    p.add_argument(
+        "--special-tokens",
+        nargs="*",
+        default=specials,
+        metavar="TOKEN",
+        help=f"special tokens, each one id of its own (default: {' '.join(specials)})",
+    )
     p.add_argument("--range", help="use only this fraction of each input, e.g. 0:0.8")
     p.add_argument("--name", help="the tokenizer's name (default: the folder name)")
     p.set_defaults(func=cmd_train)

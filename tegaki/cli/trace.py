@@ -13,12 +13,23 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--model / --preset / --set / --tokenizer / --seed: shared with `tegaki attention`."""
     p.add_argument("--model", help="a run folder (tegaki train --out) or a transformers folder")
     p.add_argument("--preset", help="a preset with random weights instead of a trained model")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a preset's config field (repeatable)")
-    p.add_argument("--tokenizer",
-                   help=f"tokenizer name or folder (default: the model's own, or {PRESET_TOKENIZER} for a preset)")
-    p.add_argument("--seed", type=int, default=default_of(load_model_and_tokenizer, "seed"),
-                   help="seed of a preset's random weights")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a preset's config field (repeatable)",
+    )
+    p.add_argument(
+        "--tokenizer", help=f"tokenizer name or folder (default: the model's own, or {PRESET_TOKENIZER} for a preset)"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=default_of(load_model_and_tokenizer, "seed"),
+        help="seed of a preset's random weights",
+    )
 
 
 def load_model(args: argparse.Namespace):
@@ -35,8 +46,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("prompt", help='the text to trace, e.g. "Hello, I am"')
     add_model_arguments(p)
-    p.add_argument("--layer", type=int, default=default_of(trace, "layer"),
-                   help="layer whose attention pattern to show")
+    p.add_argument(
+        "--layer", type=int, default=default_of(trace, "layer"), help="layer whose attention pattern to show"
+    )
     p.add_argument("--head", type=int, default=default_of(trace, "head"), help="head whose attention pattern to show")
     p.add_argument("--top", type=int, default=default_of(trace, "top_k"), help="how many next tokens to list")
     p.add_argument("--json", action="store_true", help="print the trace as JSON")

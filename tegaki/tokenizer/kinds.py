@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from tegaki.errors import TegakiError
 from tegaki.tokenizer.base import Tokenizer
