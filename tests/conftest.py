@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import warnings
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,37 @@ def _tiers_of(path: str, name: str) -> frozenset[str]:
     return frozenset(top_signs | _signs(reached))
 
 
+def _left_out(config, tiers: set[str]) -> bool:
+    """Whether `-m` leaves out a test marked with these tiers (make test-fast does)."""
+    markexpr = config.getoption("markexpr", "")
+    if not markexpr:
+        return False
+    try:  # pytest's own reading of -m; where it moved, nothing is left out early
+        from _pytest.mark.expression import Expression
+
+        return not Expression.compile(markexpr).evaluate(lambda name, **kwargs: name in tiers)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def pytest_ignore_collect(collection_path, config):
+    """A module whose top level already needs a left-out tier (transformers, imported at the top)
+    is not imported at all: its import alone costs seconds."""
+    if collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        top_signs = _module_tree(str(collection_path))[1]
+        if top_signs and _left_out(config, top_signs):
+            return True
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
+    collected = {item.nodeid.split("::")[0] for item in items}
+    for prefix in SLOW:  # a renamed or moved test must not drop out of the slow tier unnoticed
+        file = prefix.split("::")[0]
+        missing = not (config.rootpath / file).exists()
+        if missing or (file in collected and not any(item.nodeid.startswith(prefix) for item in items)):
+            message = f"tests/conftest.py: SLOW names {prefix}, which no longer exists"
+            warnings.warn(pytest.PytestWarning(message), stacklevel=1)
     for item in items:
         if any(item.nodeid.startswith(prefix) for prefix in SLOW):
             item.add_marker(pytest.mark.slow)
