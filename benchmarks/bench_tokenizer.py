@@ -16,9 +16,9 @@ import platform
 import time
 from pathlib import Path
 
+from tegaki.data import shakespeare_text
 from tegaki.tokenizer import gpt2_files_dir, load
 from tegaki.tokenizer.bpe import PATTERNS
-from tegaki.tokenizer.cli import shakespeare_text
 from tegaki.tokenizer.spm import train_sentencepiece
 from tegaki.tokenizer.trainer import train_bpe, train_bpe_tokenizers
 

@@ -60,8 +60,19 @@ def test_prompt_longer_than_the_context(capsys, short_context_model):
 def test_empty_training_data(capsys, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    code, err = run(capsys, "train", "--data", str(empty), "--preset", "tiny", "--out", str(tmp_path / "run"),
-                    "--max-steps", "1", "--no-progress")
+    code, err = run(
+        capsys,
+        "train",
+        "--data",
+        str(empty),
+        "--preset",
+        "tiny",
+        "--out",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "1",
+        "--no-progress",
+    )
     assert code == 2 and "empty" in err.lower() and "Traceback" not in err
 
 

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from tegaki.analysis.params import count_parameters, resolve_config
 from tegaki.cli import main
@@ -42,7 +41,9 @@ def test_gpt_oss_20b_total_and_active(capsys):
     assert (info["total"], info["active"]) == (20_914_757_184, 3_608_307_264)
 
 
-@pytest.mark.parametrize("preset", ["gpt2", "tiny", "tiny-llama", "tiny-qwen3", "tiny-gpt-oss", "tiny-gated", "gpt-oss-20b"])
+@pytest.mark.parametrize(
+    "preset", ["gpt2", "tiny", "tiny-llama", "tiny-qwen3", "tiny-gpt-oss", "tiny-gated", "gpt-oss-20b"]
+)
 def test_parts_sum_to_total_and_match_model(preset):
     config = ModelConfig.preset(preset)
     info = count_parameters(config)
@@ -68,8 +69,16 @@ def test_moe_active_counts_k_of_e_experts():
 
 def test_per_block_shows_each_kind_of_weight():
     names = {r["name"] for r in count_parameters(ModelConfig.preset("tiny-gpt-oss"))["per_block"]}
-    assert {"attn.qkv", "attn.o_proj", "attn.sinks", "mlp.router",
-            "mlp.w_in", "mlp.w_out", "ln_1", "ln_2"} <= names
+    assert {
+        "attn.qkv",
+        "attn.o_proj",
+        "attn.sinks",
+        "mlp.router",
+        "mlp.w_in",
+        "mlp.w_out",
+        "ln_1",
+        "ln_2",
+    } <= names
     names = {r["name"] for r in count_parameters(ModelConfig.preset("tiny-gated"))["per_block"]}
     assert {"attn.gate_proj", "mlp.gate", "mlp.up", "mlp.down"} <= names
 

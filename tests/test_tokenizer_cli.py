@@ -5,13 +5,16 @@ import io
 import pytest
 
 from tegaki.cli import main
+from tegaki.cli.tokenizer import cut_range, printable_piece, read_inputs, use_colour
+from tegaki.data import shakespeare_text
 from tegaki.tokenizer import load
-from tegaki.tokenizer.cli import cut_range, printable_piece, read_inputs, shakespeare_text, use_colour
 from tegaki.tokenizer.stats import token_stats
 from tegaki.tokenizer.trainer import train_bpe, train_bpe_tokenizers
 
-TEXT = ("吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。\n"
-        "The cat has no name yet; it doesn't know where it was born.\n") * 40
+TEXT = (
+    "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。\n"
+    "The cat has no name yet; it doesn't know where it was born.\n"
+) * 40
 
 
 @pytest.fixture
@@ -26,8 +29,10 @@ def test_train_writes_a_folder_that_load_reads(corpus, tmp_path, capsys, kind):
     if kind != "bpe":
         pytest.importorskip("sentencepiece")
     out = tmp_path / f"tok-{kind}"
-    assert main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "400",
-                 "--kind", kind, "--out", str(out)]) == 0
+    assert (
+        main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "400", "--kind", kind, "--out", str(out)])
+        == 0
+    )
     assert str(out) in capsys.readouterr().out
     tok = load(out)
     assert tok.name == out.name and tok.vocab_size <= 400
@@ -40,8 +45,26 @@ def test_train_with_several_special_tokens(corpus, tmp_path, kind):
     if kind != "bpe":
         pytest.importorskip("sentencepiece")
     out = tmp_path / "tok"
-    assert main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "400", "--kind", kind,
-                 "--special-tokens", "<|endoftext|>", "<|pad|>", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--input",
+                str(corpus),
+                "--vocab-size",
+                "400",
+                "--kind",
+                kind,
+                "--special-tokens",
+                "<|endoftext|>",
+                "<|pad|>",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     tok = load(out)
     assert set(tok.special_tokens) == {"<|endoftext|>", "<|pad|>"}
     ids = tok.encode("a<|pad|>b<|endoftext|>")
@@ -56,31 +79,28 @@ def test_train_reads_folders_and_ranges(corpus, tmp_path):
     assert cut_range("abcdefghij", "0.8:1") == "ij"
 
 
-def test_shakespeare_prefers_tegaki_data_when_it_exists(monkeypatch):
-    import sys
-    import types
-
-    fake = types.ModuleType("tegaki.data")
-    fake.shakespeare_text = lambda: "O Romeo, Romeo! wherefore art thou Romeo?"
-    monkeypatch.setitem(sys.modules, "tegaki.data", fake)
-    assert read_inputs(["shakespeare"]) == ["O Romeo, Romeo! wherefore art thou Romeo?"]
-
-
-def test_shakespeare_fallback_strips_the_markdown(monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "tegaki.data", None)  # as if tegaki.data did not exist
+def test_shakespeare_input_is_tegaki_data_s_corpus():
+    """`--input shakespeare` reads the one Shakespeare reader, tegaki.data's, and cuts ranges of it."""
     text = shakespeare_text()
+    assert read_inputs(["shakespeare"]) == [text]
+    assert read_inputs(["shakespeare"], "0:0.01") == [cut_range(text, "0:0.01")]
+
+
+def test_shakespeare_input_has_no_markdown():
+    (text,) = read_inputs(["shakespeare"])
     assert len(text) > 4_000_000 and "ROMEO" in text
     assert "**" not in text and "\n#" not in text and "  \n" not in text
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "is empty"),
-    (b"  \n\n", "is empty"),
-    (b"ELF\x00\x01\x02binary", "binary"),
-    (b"caf\xe9 latin-1", "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "is empty"),
+        (b"  \n\n", "is empty"),
+        (b"ELF\x00\x01\x02binary", "binary"),
+        (b"caf\xe9 latin-1", "not UTF-8"),
+    ],
+)
 def test_bad_input_files_are_named_in_the_error(tmp_path, capsys, content, message):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(content)
@@ -92,12 +112,39 @@ def test_bad_input_files_are_named_in_the_error(tmp_path, capsys, content, messa
 def test_other_mistakes_give_clear_errors(corpus, tmp_path, capsys):
     cases = [
         (["train", "--input", str(corpus), "--vocab-size", "200", "--out", str(tmp_path / "o")], "256 byte tokens"),
-        (["train", "--input", str(tmp_path / "missing.txt"), "--vocab-size", "300", "--out", str(tmp_path / "o")],
-         "does not exist"),
-        (["train", "--input", str(corpus), "--vocab-size", "300", "--range", "0.9:0.1", "--out", str(tmp_path / "o")],
-         "start < end"),
-        (["train", "--input", str(corpus), "--vocab-size", "300", "--special-tokens", "<a>", "<a>",
-          "--out", str(tmp_path / "o")], "distinct"),
+        (
+            ["train", "--input", str(tmp_path / "missing.txt"), "--vocab-size", "300", "--out", str(tmp_path / "o")],
+            "does not exist",
+        ),
+        (
+            [
+                "train",
+                "--input",
+                str(corpus),
+                "--vocab-size",
+                "300",
+                "--range",
+                "0.9:0.1",
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "start < end",
+        ),
+        (
+            [
+                "train",
+                "--input",
+                str(corpus),
+                "--vocab-size",
+                "300",
+                "--special-tokens",
+                "<a>",
+                "<a>",
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "distinct",
+        ),
         (["stats", "--tokenizer", str(tmp_path / "nowhere"), "--input", str(corpus)], "known names: gpt2"),
         (["show", "--tokenizer", str(tmp_path), "text"], "holds no tokenizer"),
     ]
@@ -167,8 +214,20 @@ def test_sentencepiece_vocab_too_small_names_tegaki_s_own_flag(tmp_path, capsys)
     pytest.importorskip("sentencepiece")
     text = tmp_path / "kanji.txt"
     text.write_text("".join(chr(0x4E00 + i) for i in range(600)) * 2, encoding="utf-8")
-    code = main(["tokenizer", "train", "--input", str(text), "--vocab-size", "300", "--kind", "unigram",
-                 "--out", str(tmp_path / "tok")])
+    code = main(
+        [
+            "tokenizer",
+            "train",
+            "--input",
+            str(text),
+            "--vocab-size",
+            "300",
+            "--kind",
+            "unigram",
+            "--out",
+            str(tmp_path / "tok"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--vocab-size 300 is too small" in err and "character_coverage" not in err
 

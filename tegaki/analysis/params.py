@@ -1,4 +1,4 @@
-"""`tegaki params NAME`: where a model's parameters live, part by part.
+"""Where a model's parameters live, part by part: what `tegaki params NAME` prints.
 
 The model is built on PyTorch's "meta" device: every tensor has a shape and no storage, so even
 `tegaki params gpt-oss-120b` allocates nothing. The breakdown walks the real module tree of
@@ -12,15 +12,16 @@ the parts always sum to `model.num_parameters()`.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tegaki.config import ModelConfig
+from tegaki.config import PRESETS, ModelConfig
 from tegaki.errors import TegakiError
+from tegaki.hf import config_from_hf
+from tegaki.model import GPT
 
 # Per-block parameter names (relative to `blocks.{i}.`, without .weight/.bias) -> (label, group).
 # Anything model.py grows later and this table does not know still gets counted, under its own name.
@@ -54,8 +55,6 @@ BLOCK_PARTS: dict[str, tuple[str, str]] = {
 
 def build_meta_model(config: ModelConfig):
     """The model with shapes and no storage (a few milliseconds even for 120B parameters)."""
-    from tegaki.model import GPT
-
     with torch.device("meta"):
         return GPT(config)
 
@@ -107,21 +106,49 @@ def count_parameters(config: ModelConfig) -> dict[str, Any]:
     for row in sorted(block_rows.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order)):
         per_block.append(dict(row, count=row["count"] // config.n_layer, all_layers=row["count"]))
 
-    parts = [dict(name="wte.weight", label="token embedding (wte)", group="embedding",
-                  count=top("wte.weight"), shapes=[[config.vocab_size, config.n_embd]])]
+    parts = [
+        dict(
+            name="wte.weight",
+            label="token embedding (wte)",
+            group="embedding",
+            count=top("wte.weight"),
+            shapes=[[config.vocab_size, config.n_embd]],
+        )
+    ]
     if config.pos_embedding == "learned":
-        parts.append(dict(name="wpe.weight", label="position embedding (wpe)", group="embedding",
-                          count=top("wpe.weight"), shapes=[[config.block_size, config.n_embd]]))
+        parts.append(
+            dict(
+                name="wpe.weight",
+                label="position embedding (wpe)",
+                group="embedding",
+                count=top("wpe.weight"),
+                shapes=[[config.block_size, config.n_embd]],
+            )
+        )
     for row in per_block:
-        parts.append(dict(name=f"blocks.*.{row['name']}", label=f"{row['label']}  x {config.n_layer}",
-                          group=row["group"], count=row["all_layers"], shapes=row["shapes"]))
+        parts.append(
+            dict(
+                name=f"blocks.*.{row['name']}",
+                label=f"{row['label']}  x {config.n_layer}",
+                group=row["group"],
+                count=row["all_layers"],
+                shapes=row["shapes"],
+            )
+        )
     final_norm = sum(r["count"] for r in top_rows if r["name"].startswith("ln_f."))
     if config.final_norm:
-        parts.append(dict(name="ln_f", label="final norm (ln_f)", group="norm", count=final_norm,
-                          shapes=[[config.n_embd]]))
-    parts.append(dict(name="lm_head.weight", label="LM head" + (" (tied: shares wte)" if tied else ""),
-                      group="head", count=0 if tied else top("lm_head.weight"),
-                      shapes=[[config.vocab_size, config.n_embd]]))
+        parts.append(
+            dict(name="ln_f", label="final norm (ln_f)", group="norm", count=final_norm, shapes=[[config.n_embd]])
+        )
+    parts.append(
+        dict(
+            name="lm_head.weight",
+            label="LM head" + (" (tied: shares wte)" if tied else ""),
+            group="head",
+            count=0 if tied else top("lm_head.weight"),
+            shapes=[[config.vocab_size, config.n_embd]],
+        )
+    )
     known = {"wte.weight", "wpe.weight", "lm_head.weight"}
     for r in top_rows:  # anything else at the top level (a future module) is still counted
         if r["name"] not in known and not r["name"].startswith("ln_f."):
@@ -164,8 +191,6 @@ def resolve_config(name: str) -> ModelConfig:
 
     Only the config is read: no weights are loaded, whatever the model's size.
     """
-    from tegaki.config import PRESETS
-
     if name in PRESETS:
         return ModelConfig.preset(name)
     path = Path(name).expanduser()
@@ -177,8 +202,6 @@ def resolve_config(name: str) -> ModelConfig:
             except (json.JSONDecodeError, KeyError) as e:
                 raise TegakiError(f"{path / 'run.json'}: not a tegaki run description ({e})") from None
         if (path / "config.json").exists():
-            from tegaki.hf import config_from_hf
-
             try:
                 return config_from_hf(json.loads((path / "config.json").read_text()))
             except json.JSONDecodeError as e:
@@ -248,8 +271,14 @@ def format_report(title: str, config: ModelConfig, info: dict) -> str:
     lines.append("-" * len(header))
     lines.append(row("total", "", info["total"], 1.0))
     if info["active"] is not None:
-        lines.append(row(f"active per token ({c.n_experts_per_tok} of {c.n_experts} experts)", "",
-                         info["active"], info["active"] / info["total"]))
+        lines.append(
+            row(
+                f"active per token ({c.n_experts_per_tok} of {c.n_experts} experts)",
+                "",
+                info["active"],
+                info["active"] / info["total"],
+            )
+        )
     lines.append("")
     mem = info["memory_bytes"]
     lines.append("weight memory: " + ", ".join(f"{k} {_bytes_text(v)}" for k, v in mem.items()))
@@ -257,42 +286,3 @@ def format_report(title: str, config: ModelConfig, info: dict) -> str:
         amem = info["active_memory_bytes"]
         lines.append("read per token (active): " + ", ".join(f"{k} {_bytes_text(v)}" for k, v in amem.items()))
     return "\n".join(lines)
-
-
-# -------------------------------------------------------------------------------------------------
-# CLI
-# -------------------------------------------------------------------------------------------------
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "params",
-        help="where a model's parameters are: embeddings, attention, MLP/experts, head; memory",
-        description="Print the parameter breakdown of a preset, a run folder or a transformers folder. "
-        "Nothing is allocated: the model is built on the meta device.",
-    )
-    p.add_argument("name", help="a preset (gpt2, tiny, gpt-oss-20b, ...), a run folder or a transformers folder")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a ModelConfig field, e.g. --set qkv_bias=false (repeatable)")
-    p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
-    p.add_argument("--plot", metavar="FILE.png", help="also draw where the parameters go")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    config = resolve_config(args.name)
-    if args.overrides:
-        config = config.with_overrides(args.overrides)
-    info = count_parameters(config)
-    if args.json:
-        print(json.dumps(dict(name=args.name, overrides=args.overrides, **info), indent=2))
-    else:
-        title = args.name + (" " + " ".join(f"--set {o}" for o in args.overrides) if args.overrides else "")
-        print(format_report(title, config, info))
-    if args.plot:
-        from tegaki.analysis.plot import plot_parameters
-
-        out = plot_parameters(info, args.plot, title=args.name)
-        if not args.json:
-            print(f"\nwrote {out}")
-    return 0

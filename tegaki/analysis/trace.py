@@ -1,4 +1,4 @@
-"""`tegaki trace "Hello, I am"`: one forward pass, step by step, for one prompt.
+"""One forward pass, step by step, for one prompt: what `tegaki trace "Hello, I am"` shows.
 
 The five steps of `tegaki/model.py`, watched from the outside with forward hooks (the model is not
 changed to be watched):
@@ -18,40 +18,23 @@ the same numbers (tests/test_model.py proves it).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
+from tegaki.load import from_pretrained, tokenizer_for
+from tegaki.model import GPT
+from tegaki.tokenizer import load as load_tokenizer
 
 # -------------------------------------------------------------------------------------------------
 # Loading what to trace
 # -------------------------------------------------------------------------------------------------
 
-
-def load_tokenizer(name_or_dir: str):
-    from tegaki.tokenizer import load
-
-    return load(name_or_dir)
-
-
-def tokenizer_for_model(path: str):
-    """The tokenizer that belongs to a run folder or a transformers folder."""
-    import tegaki.load as hf
-
-    if hasattr(hf, "tokenizer_for"):
-        return hf.tokenizer_for(path)
-    folder = Path(path)
-    if (folder / "run.json").exists():
-        from tegaki.train import load_run_tokenizer
-
-        return load_run_tokenizer(folder)
-    return load_tokenizer(str(folder))
+PRESET_TOKENIZER = "gpt2"  # the tokenizer a preset's random weights read, unless another is named
 
 
 def load_model_and_tokenizer(
@@ -66,13 +49,10 @@ def load_model_and_tokenizer(
     A preset gets random weights (seeded): the shapes and the mechanics are real, the words are not.
     Its vocabulary is resized to the tokenizer's when they differ, so every id has a row.
     """
-    from tegaki.config import ModelConfig
-    from tegaki.model import GPT
-
     if (model is None) == (preset is None):
         raise TegakiError("give either --model PATH (a run or transformers folder) or --preset NAME (random weights)")
     if preset is not None:
-        tok = load_tokenizer(tokenizer or "gpt2")
+        tok = load_tokenizer(tokenizer or PRESET_TOKENIZER)
         config = ModelConfig.preset(preset)
         if overrides:
             config = config.with_overrides(overrides)
@@ -83,12 +63,10 @@ def load_model_and_tokenizer(
         torch.manual_seed(seed)
         net = GPT(config).eval()
         return net, tok, f"preset {preset} with random weights (seed {seed}){note}"
-    from tegaki.load import from_pretrained
-
     net = from_pretrained(model).eval()
     if overrides:
         raise TegakiError("--set changes a preset's config; a trained model's shapes are fixed by its weights")
-    tok = load_tokenizer(tokenizer) if tokenizer else tokenizer_for_model(model)
+    tok = load_tokenizer(tokenizer) if tokenizer else tokenizer_for(model)
     return net, tok, f"model {model}"
 
 
@@ -147,6 +125,12 @@ def capture(model, ids: list[int] | torch.Tensor, attention_layers: list[int] = 
 
         return hook
 
+    def keep_input(store):
+        def hook(module, args):
+            store.append(args[0].detach().float().clone())
+
+        return hook
+
     def setter(name):
         def hook(module, inputs, output):
             setattr(cap, name, output.detach().float().clone())
@@ -157,7 +141,7 @@ def capture(model, ids: list[int] | torch.Tensor, attention_layers: list[int] = 
     if hasattr(model, "wpe"):
         handles.append(model.wpe.register_forward_hook(setter("position_embedding")))
     for block in model.blocks:
-        handles.append(block.register_forward_pre_hook(lambda m, args: cap.block_inputs.append(args[0].detach().float().clone())))
+        handles.append(block.register_forward_pre_hook(keep_input(cap.block_inputs)))
         handles.append(block.attn.register_forward_hook(keep(cap.attn_outputs)))
         handles.append(block.mlp.register_forward_hook(keep(cap.mlp_outputs)))
         handles.append(block.register_forward_hook(keep(cap.block_outputs)))
@@ -207,8 +191,13 @@ def trace(model, tokenizer, prompt: str, layer: int = 0, head: int = 0, top_k: i
     T = len(ids)
     tokens = [token_text(tokenizer, i) for i in ids]
 
-    result: dict[str, Any] = {"prompt": prompt, "config": {k: getattr(cfg, k) for k in (
-        "n_layer", "n_head", "n_embd", "vocab_size", "pos_embedding", "norm", "mlp", "attn_impl")}}
+    result: dict[str, Any] = {
+        "prompt": prompt,
+        "config": {
+            k: getattr(cfg, k)
+            for k in ("n_layer", "n_head", "n_embd", "vocab_size", "pos_embedding", "norm", "mlp", "attn_impl")
+        },
+    }
     # Step 1: tokens.
     result["tokens"] = [{"id": i, "text": t} for i, t in zip(ids, tokens)]
     # Step 2: embeddings.
@@ -227,17 +216,19 @@ def trace(model, tokenizer, prompt: str, layer: int = 0, head: int = 0, top_k: i
     for i in range(cfg.n_layer):
         a, m, x_in, x_out = cap.attn_outputs[i], cap.mlp_outputs[i], cap.block_inputs[i], cap.block_outputs[i]
         a_norm, m_norm = _norm(a), _norm(m)
-        blocks.append({
-            "layer": i,
-            "kind": "sliding" if cfg.window(i) else "full",
-            "attention": {"shape": list(a.shape), "mean_norm": a_norm},
-            "mlp": {"shape": list(m.shape), "mean_norm": m_norm},
-            # How much of the block's update came from attention vs the MLP (by vector length)...
-            "attention_share": a_norm / (a_norm + m_norm) if a_norm + m_norm > 0 else 0.0,
-            # ...and how large the update is next to the residual stream it is added to.
-            "update_over_residual": _norm(x_out - x_in) / max(_norm(x_in), 1e-12),
-            "residual_after": {"shape": list(x_out.shape), "mean_norm": _norm(x_out)},
-        })
+        blocks.append(
+            {
+                "layer": i,
+                "kind": "sliding" if cfg.window(i) else "full",
+                "attention": {"shape": list(a.shape), "mean_norm": a_norm},
+                "mlp": {"shape": list(m.shape), "mean_norm": m_norm},
+                # How much of the block's update came from attention vs the MLP (by vector length)...
+                "attention_share": a_norm / (a_norm + m_norm) if a_norm + m_norm > 0 else 0.0,
+                # ...and how large the update is next to the residual stream it is added to.
+                "update_over_residual": _norm(x_out - x_in) / max(_norm(x_in), 1e-12),
+                "residual_after": {"shape": list(x_out.shape), "mean_norm": _norm(x_out)},
+            }
+        )
     result["blocks"] = blocks
     att = cap.attention[layer][0]  # (H, T, T)
     result["attention_pattern"] = {
@@ -248,7 +239,9 @@ def trace(model, tokenizer, prompt: str, layer: int = 0, head: int = 0, top_k: i
         "sink_mass": [round(1.0 - float(s), 6) for s in att[head].sum(dim=-1)] if cfg.attn_sinks else None,
     }
     # Step 5: logits and the next token.
-    result["final_norm"] = {"shape": list(cap.final_norm.shape), "mean_norm": _norm(cap.final_norm)} if cfg.final_norm else None
+    result["final_norm"] = None
+    if cfg.final_norm:
+        result["final_norm"] = {"shape": list(cap.final_norm.shape), "mean_norm": _norm(cap.final_norm)}
     result["logits"] = {"shape": list(cap.logits.shape)}
     probs = torch.softmax(cap.logits[0, -1], dim=-1)  # (V,): the guess for the token after the prompt
     top = probs.topk(min(top_k, probs.numel()))
@@ -263,8 +256,16 @@ def trace(model, tokenizer, prompt: str, layer: int = 0, head: int = 0, top_k: i
 # -------------------------------------------------------------------------------------------------
 
 
+INDENT = " " * 10  # the report's lines under each "step N" heading
+
+
 def _shape(s: list[int]) -> str:
     return "(" + ", ".join(str(d) for d in s) + ")"
+
+
+def _vector_line(label: str, vector: dict[str, Any], width: int = 40) -> str:
+    """A named vector's shape and mean length, in the columns of steps 2 and 4."""
+    return f"{label:<{width}}{_shape(vector['shape']):<16} mean |v| {vector['mean_norm']:.4f}"
 
 
 def format_trace(r: dict[str, Any], description: str = "") -> str:
@@ -276,26 +277,34 @@ def format_trace(r: dict[str, Any], description: str = "") -> str:
     e = r["embedding"]
     lines.append("")
     lines.append("step 2  token ids -> vectors")
-    lines.append(f"          token embedding wte[ids]      {_shape(e['token_embedding']['shape']):<16} mean |v| {e['token_embedding']['mean_norm']:.4f}")
+    lines.append(_vector_line(INDENT + "token embedding wte[ids]", e["token_embedding"]))
     if "position_embedding" in e:
-        lines.append(f"          position embedding wpe[pos]   {_shape(e['position_embedding']['shape']):<16} mean |v| {e['position_embedding']['mean_norm']:.4f}")
-        lines.append(f"          sum = residual stream x       {_shape(e['sum']['shape']):<16} mean |v| {e['sum']['mean_norm']:.4f}")
+        lines.append(_vector_line(INDENT + "position embedding wpe[pos]", e["position_embedding"]))
+        lines.append(_vector_line(INDENT + "sum = residual stream x", e["sum"]))
     elif e["positions"] == "rope":
         lines.append("          positions: rotary (RoPE), applied to q and k inside attention; nothing is added here")
     else:
         lines.append("          positions: none (the causal mask alone tells tokens apart by what they can see)")
     lines.append("")
     lines.append(f"step 3  {cfg['n_layer']} blocks, each x = x + attn(norm(x)); x = x + mlp(norm(x))")
-    lines.append(f"          {'layer':>5} {'kind':<8}{'attn out |v|':>14}{'mlp out |v|':>13}{'attn share':>12}{'|update|/|x|':>14}{'|x| after':>11}")
+    lines.append(
+        f"{INDENT}{'layer':>5} {'kind':<8}{'attn out |v|':>14}{'mlp out |v|':>13}{'attn share':>12}"
+        f"{'|update|/|x|':>14}{'|x| after':>11}"
+    )
     for b in r["blocks"]:
         lines.append(
-            f"          {b['layer']:>5} {b['kind']:<8}{b['attention']['mean_norm']:>14.4f}{b['mlp']['mean_norm']:>13.4f}"
-            f"{100 * b['attention_share']:>11.1f}%{b['update_over_residual']:>14.3f}{b['residual_after']['mean_norm']:>11.4f}"
+            f"{INDENT}{b['layer']:>5} {b['kind']:<8}{b['attention']['mean_norm']:>14.4f}{b['mlp']['mean_norm']:>13.4f}"
+            f"{100 * b['attention_share']:>11.1f}%{b['update_over_residual']:>14.3f}"
+            f"{b['residual_after']['mean_norm']:>11.4f}"
         )
-    lines.append(f"          every output has shape {_shape(r['blocks'][0]['attention']['shape'])}: (batch, tokens, n_embd)")
+    block_shape = _shape(r["blocks"][0]["attention"]["shape"])
+    lines.append(f"{INDENT}every output has shape {block_shape}: (batch, tokens, n_embd)")
     ap = r["attention_pattern"]
     lines.append("")
-    lines.append(f"          attention of layer {ap['layer']}, head {ap['head']} (weights {_shape(ap['shape'])}; row = query, column = key):")
+    lines.append(
+        f"{INDENT}attention of layer {ap['layer']}, head {ap['head']} "
+        f"(weights {_shape(ap['shape'])}; row = query, column = key):"
+    )
     labels = [t["text"] for t in r["tokens"]]
     width = min(max(len(repr(s)) for s in labels), 14)
     for q, row in enumerate(ap["weights"]):
@@ -303,51 +312,15 @@ def format_trace(r: dict[str, Any], description: str = "") -> str:
         extra = f"  sink {ap['sink_mass'][q]:.2f}" if ap["sink_mass"] else ""
         lines.append(f"          {repr(labels[q])[:width]:>{width}} {cells}{extra}")
     lines.append("")
-    lines.append("step 4  final norm ln_f" + (f"                {_shape(r['final_norm']['shape']):<16} mean |v| {r['final_norm']['mean_norm']:.4f}" if r["final_norm"] else ": none"))
+    if r["final_norm"]:
+        lines.append(_vector_line("step 4  final norm ln_f", r["final_norm"], width=39))
+    else:
+        lines.append("step 4  final norm ln_f: none")
     lines.append("")
-    lines.append(f"step 5  lm_head -> logits {_shape(r['logits']['shape'])}: one score per vocabulary entry, per position;")
-    lines.append(f"          the last position's softmax is the next-token distribution. Top {len(r['next_tokens'])}:")
+    lines.append(
+        f"step 5  lm_head -> logits {_shape(r['logits']['shape'])}: one score per vocabulary entry, per position;"
+    )
+    lines.append(f"{INDENT}the last position's softmax is the next-token distribution. Top {len(r['next_tokens'])}:")
     for t in r["next_tokens"]:
         lines.append(f"          {100 * t['prob']:6.2f}%  id {t['id']:>6}  {t['text']!r}")
     return "\n".join(lines)
-
-
-# -------------------------------------------------------------------------------------------------
-# CLI
-# -------------------------------------------------------------------------------------------------
-
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """--model / --preset / --set / --tokenizer / --seed: shared with `tegaki attention`."""
-    p.add_argument("--model", help="a run folder (tegaki train --out) or a transformers folder")
-    p.add_argument("--preset", help="a preset with random weights instead of a trained model")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a preset's config field (repeatable)")
-    p.add_argument("--tokenizer", help="tokenizer name or folder (default: the model's own, or gpt2 for a preset)")
-    p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "trace",
-        help="follow one prompt through the five steps of a forward pass",
-        description="Show the tokens, embeddings, each block's attention and MLP output, one head's "
-        "attention pattern, the logits and the top next tokens for one prompt.",
-    )
-    p.add_argument("prompt", help='the text to trace, e.g. "Hello, I am"')
-    add_model_arguments(p)
-    p.add_argument("--layer", type=int, default=0, help="layer whose attention pattern to show")
-    p.add_argument("--head", type=int, default=0, help="head whose attention pattern to show")
-    p.add_argument("--top", type=int, default=10, help="how many next tokens to list")
-    p.add_argument("--json", action="store_true", help="print the trace as JSON")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    model, tok, description = load_model_and_tokenizer(args.model, args.preset, args.overrides, args.tokenizer, args.seed)
-    result = trace(model, tok, args.prompt, layer=args.layer, head=args.head, top_k=args.top)
-    if args.json:
-        print(json.dumps(dict(result, model=description), indent=1, ensure_ascii=False))
-    else:
-        print(format_trace(result, description))
-    return 0

