@@ -15,7 +15,7 @@ install:
 
 install-dev:
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,serve]"
 
 # Main job: train the tiny model on the bundled Shakespeare, then sample from it.
 demo: install
