@@ -91,3 +91,27 @@ def test_generate_command_runs_on_cuda(tmp_path, capsys):
     on_gpu = capsys.readouterr().out
     assert main(args[:4] + ["cpu", "--dtype", "fp32"] + args[5:]) == 0
     assert capsys.readouterr().out == on_gpu and on_gpu.startswith("Hello")
+
+
+def test_training_on_the_gpu_checkpoints_and_resumes_exactly(tmp_path, capsys):
+    """A few steps on cuda (auto device, bf16 auto dtype), stopped, then resumed to the end: the
+    resumed run's losses equal an uninterrupted one's, and the run folder loads back on the CPU."""
+    from tegaki.checkpoint import load_run_model, read_metrics
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("To be, or not to be, that is the question.\n" * 400)
+    common = ["train", "--data", str(corpus), "--preset", "tiny", "--device", "cuda", "--batch-size", "4",
+              "--block-size", "64", "--eval-every", "4", "--eval-batches", "2", "--sample-every", "0",
+              "--save-every", "4", "--no-progress", "--set", "n_layer=2"]
+
+    def losses(out):
+        return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r.get("kind") is None]
+
+    assert main(common + ["--out", str(tmp_path / "whole"), "--max-steps", "8"]) == 0
+    assert main(common + ["--out", str(tmp_path / "split"), "--max-steps", "4"]) == 0
+    assert main(common + ["--out", str(tmp_path / "split"), "--max-steps", "8"]) == 0
+    assert len(losses(tmp_path / "whole")) == 8
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    model = load_run_model(tmp_path / "split")
+    assert model.device.type == "cpu"
+    capsys.readouterr()

@@ -7,6 +7,8 @@ import json
 
 from tegaki.analysis.trace import PRESET_TOKENIZER, format_trace, load_model_and_tokenizer, trace
 from tegaki.cli.common import default_of
+from tegaki.cli.options import add_device_arguments
+from tegaki.device import DTYPES, pick_device, pick_dtype
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,11 +32,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         default=default_of(load_model_and_tokenizer, "seed"),
         help="seed of a preset's random weights",
     )
+    add_device_arguments(p, dtype_default="fp32")  # fp32 by default: these are measurements
 
 
 def load_model(args: argparse.Namespace):
-    """(model, tokenizer, description) from the flags of `add_model_arguments`."""
-    return load_model_and_tokenizer(args.model, args.preset, args.overrides, args.tokenizer, args.seed)
+    """(model, tokenizer, description) from the flags of `add_model_arguments`, on --device in --dtype."""
+    device = pick_device(args.device)
+    model, tok, description = load_model_and_tokenizer(args.model, args.preset, args.overrides, args.tokenizer, args.seed)
+    return model.to(device=device, dtype=DTYPES[pick_dtype(args.dtype, device)]), tok, description
 
 
 def register(subparsers) -> None:
