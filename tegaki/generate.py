@@ -264,6 +264,7 @@ class CudaGraphStep:
         self.token: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
+        self.step_eagerly = False
 
     def __call__(self, token: torch.Tensor, *, positions: torch.Tensor, kv_cache) -> torch.Tensor:
         if kv_cache is not self.cache:
@@ -278,9 +279,16 @@ class CudaGraphStep:
             return out
         if self.graph is None:
             self.token, self.positions = token.clone(), positions.clone()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # records, computes nothing yet
-                self.logits = self.step(self.token, positions=self.positions, kv_cache=kv_cache)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):  # records, computes nothing yet
+                    self.logits = self.step(self.token, positions=self.positions, kv_cache=kv_cache)
+            except RuntimeError as e:  # something in the step cannot be recorded: run it as it is
+                warnings.warn(f"decoding without a CUDA graph: the step could not be recorded ({e})", stacklevel=2)
+                self.step_eagerly = True
+            self.graph = graph
+        if self.step_eagerly:
+            return self.step(token, positions=positions, kv_cache=kv_cache)
         self.token.copy_(token)
         self.positions.copy_(positions)
         self.graph.replay()
