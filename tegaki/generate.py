@@ -286,6 +286,7 @@ class CudaGraphStep:
             except RuntimeError as e:  # something in the step cannot be recorded: run it as it is
                 warnings.warn(f"decoding without a CUDA graph: the step could not be recorded ({e})", stacklevel=2)
                 self.step_eagerly = True
+                kv_cache.abandon_step()
             self.graph = graph
         if self.step_eagerly:
             return self.step(token, positions=positions, kv_cache=kv_cache)

@@ -111,6 +111,12 @@ class KVCache:
         self._steps.clear()
         self._new_valid = None
 
+    def abandon_step(self) -> None:
+        """Forget the plan of a forward that did not finish (its tensors may never have been
+        computed, as when recording a CUDA graph fails); the cached keys and values stay."""
+        self._steps.clear()
+        self._new_valid = None
+
     # --- planning a forward pass, once per layer kind --------------------------------------------
     def _plan(self, window: int | None, positions: torch.Tensor) -> "_Step":
         B, T = positions.shape
