@@ -69,8 +69,7 @@ def linear_weights(model: GPT) -> list[torch.Tensor]:
     ws = []
     for block in model.blocks:
         a = block.attn
-        ws += [a.qkv.weight, a.o_proj.weight,
-               block.mlp.fc.weight, block.mlp.proj.weight]
+        ws += [a.qkv.weight, a.o_proj.weight, block.mlp.fc.weight, block.mlp.proj.weight]
     return ws + [model.lm_head.weight]
 
 
@@ -183,7 +182,7 @@ def perplexities(steps: int) -> tuple[dict[str, float], str]:
     model = GPT(config)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     B, T = 16, 128
-    for step in range(steps):
+    for _ in range(steps):
         i = torch.randint(0, len(train) - T - 1, (B,))
         x = torch.stack([train[j : j + T] for j in i])
         y = torch.stack([train[j + 1 : j + T + 1] for j in i])
@@ -201,7 +200,10 @@ def perplexities(steps: int) -> tuple[dict[str, float], str]:
             variant = tegaki_variant(model, mode) if mode != "fp32" else model
             logits = variant(x).float()
             out[mode] = torch.exp(F.cross_entropy(logits.view(-1, 256), y.reshape(-1))).item()
-    label = f"byte-level {config.n_layer}x{config.n_embd} model, {steps} AdamW steps of 16x128 bytes, {n * T} held-out bytes"
+    label = (
+        f"byte-level {config.n_layer}x{config.n_embd} model, {steps} AdamW steps of 16x128 bytes, "
+        f"{n * T} held-out bytes"
+    )
     return out, label
 
 
@@ -251,11 +253,13 @@ def main() -> None:
                 outputs[f"hf {mode}"] = hf[mode].generate(
                     prompt, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0
                 )
+
         return run
 
     def tegaki_run(mode, compile=False):
         def run():
             outputs[f"tegaki {mode}"] = generate(ours[mode], prompt, NEW, temperature=0, compile=compile)
+
         return run
 
     timed = {"copy 256 MiB": copy_run()}
@@ -302,8 +306,10 @@ def main() -> None:
         mv = best[f"matvec {mode}"]
         bw_tps = bandwidth / weight_bytes(weights, mode)
         ceilings[mode] = (mv, bw_tps)
-        print(f"ceiling {mode}: linear layers as plain matvecs {mv * 1e3:.1f} ms/token = {1 / mv:.1f} tok/s; "
-              f"bandwidth {weight_bytes(weights, mode) / 1e6:.0f} MB/token -> {bw_tps:.1f} tok/s")
+        print(
+            f"ceiling {mode}: linear layers as plain matvecs {mv * 1e3:.1f} ms/token = {1 / mv:.1f} tok/s; "
+            f"bandwidth {weight_bytes(weights, mode) / 1e6:.0f} MB/token -> {bw_tps:.1f} tok/s"
+        )
     print()
     same = torch.equal(outputs["tegaki fp32"], outputs["hf fp32"])
     print(f"greedy tokens, tegaki fp32 == transformers fp32: {same}")
@@ -313,8 +319,10 @@ def main() -> None:
             print(f"greedy tokens, tegaki {compiled} == tegaki {eager}: {same}")
 
     print()
-    print("| run | tokens/s | ms/token | vs transformers fp32 | vs transformers, same dtype | of matvec ceiling "
-          "| of bandwidth ceiling |")
+    print(
+        "| run | tokens/s | ms/token | vs transformers fp32 | vs transformers, same dtype | of matvec ceiling "
+        "| of bandwidth ceiling |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     hf_tps = {mode: NEW / best[f"transformers generate {mode}"] for mode in ("fp32", "bf16")}
     names = ["transformers generate fp32", "transformers generate bf16"] + [n for n in timed if n.startswith("tegaki")]
@@ -323,8 +331,10 @@ def main() -> None:
         mode = next(m for m in ("int8", "int4", "bf16", "fp32") if m in name)
         mv, bw = ceilings["int8" if mode == "int4" else mode]
         same_dtype = f"{tps / hf_tps[mode]:.2f}x" if mode in hf_tps else "-"
-        print(f"| {name} | {tps:.1f} | {1e3 / tps:.1f} | {tps / hf_tps['fp32']:.2f}x | {same_dtype} | "
-              f"{tps * mv:.0%} | {tps / bw:.0%} |")
+        print(
+            f"| {name} | {tps:.1f} | {1e3 / tps:.1f} | {tps / hf_tps['fp32']:.2f}x | {same_dtype} | "
+            f"{tps * mv:.0%} | {tps / bw:.0%} |"
+        )
     print("(int4 is compared with the int8 ceilings: its own would be about half their bytes)")
 
     if not args.quick:
@@ -339,8 +349,10 @@ def main() -> None:
         print(f"context {1024 - 16} / context 64: {times[1024 - 16] / times[64]:.2f}x")
         no_cache = per_token_without_cache(fp32, 512)
         with_cache = per_token_at_context(fp32, 512)
-        print(f"at 512 tokens: without cache {no_cache * 1e3:.0f} ms/token, with {with_cache * 1e3:.1f} "
-              f"ms/token: {no_cache / with_cache:.0f}x")
+        print(
+            f"at 512 tokens: without cache {no_cache * 1e3:.0f} ms/token, with {with_cache * 1e3:.1f} "
+            f"ms/token: {no_cache / with_cache:.0f}x"
+        )
 
     print()
     ids = torch.randint(0, 50257, (4, 128), generator=torch.Generator().manual_seed(2))

@@ -84,14 +84,26 @@ def parity(report: Report, device: torch.device, tmp: Path) -> None:
     import transformers
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    small = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=96, max_position_embeddings=128)
+    small = dict(
+        vocab_size=97,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        max_position_embeddings=128,
+    )
     cases = {
         "GPT-2": transformers.GPT2Config(vocab_size=97, n_positions=128, n_layer=2, n_head=4, n_embd=64),
         "Llama": transformers.LlamaConfig(**small),
         "Qwen3": transformers.Qwen3Config(**small, head_dim=16),
-        "GPT-OSS": transformers.GptOssConfig(**small | dict(intermediate_size=32), head_dim=16, num_local_experts=4,
-                                             num_experts_per_tok=2, sliding_window=8),
+        "GPT-OSS": transformers.GptOssConfig(
+            **small | dict(intermediate_size=32),
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=8,
+        ),
     }
     report("| family | max abs logit difference vs transformers (fp32, TF32 off) | greedy tokens equal |")
     report("| --- | ---: | --- |")
@@ -146,8 +158,12 @@ def train_rows(report: Report, device: torch.device, smoke: bool) -> dict[str, f
 
         return step
 
-    names = [("nanoGPT-style baseline", "baseline", False), ("tegaki", "tegaki", False),
-             ("nanoGPT-style baseline, compiled", "baseline", True), ("tegaki, compiled", "tegaki", True)]
+    names = [
+        ("nanoGPT-style baseline", "baseline", False),
+        ("tegaki", "tegaki", False),
+        ("nanoGPT-style baseline, compiled", "baseline", True),
+        ("tegaki, compiled", "tegaki", True),
+    ]
     steps_of = {name: contender(kind, compiled) for name, kind, compiled in names}
     for step in steps_of.values():  # warm-up: kernel choice, the allocator, compiling
         for _ in range(warmup):
@@ -156,16 +172,20 @@ def train_rows(report: Report, device: torch.device, smoke: bool) -> dict[str, f
     for _ in range(steps):  # interleaved
         for name, step in steps_of.items():
             times[name] += timed(step, device, 1)
-    report(f"{config.n_layer} layers x {config.n_embd}, batch {batch} x {block}, {dtype} autocast, fused AdamW; "
-           f"peak {peak / 1e12:,.1f} TFLOP/s ({source})")
+    report(
+        f"{config.n_layer} layers x {config.n_embd}, batch {batch} x {block}, {dtype} autocast, fused AdamW; "
+        f"peak {peak / 1e12:,.1f} TFLOP/s ({source})"
+    )
     report("| contender | tokens/s, median (range) | MFU | vs baseline, same mode |")
     report("| --- | ---: | ---: | ---: |")
     tps = {name: [batch * block / t for t in ts] for name, ts in times.items()}
     for name in steps_of:
         base = "nanoGPT-style baseline" + (", compiled" if "compiled" in name else "")
         ratio = statistics.median(tps[name]) / statistics.median(tps[base])
-        report(f"| {name} | {spread(tps[name])} | {mfu(statistics.median(tps[name]), flops_tok, peak):.1%} | "
-               f"{ratio:.2f}x |")
+        report(
+            f"| {name} | {spread(tps[name])} | {mfu(statistics.median(tps[name]), flops_tok, peak):.1%} | "
+            f"{ratio:.2f}x |"
+        )
     return {name: statistics.median(v) for name, v in tps.items()}
 
 
@@ -174,10 +194,22 @@ def train_loop_row(report: Report, device: torch.device, tmp: Path, bare: float 
     from tegaki.checkpoint import read_metrics
     from tegaki.train import TrainConfig, train
 
-    cfg = TrainConfig(data="shakespeare", preset="tiny" if smoke else "gpt2", tokenizer="gpt2",
-                      out=str(tmp / "run"), max_steps=4 if smoke else 40, batch_size=2 if smoke else 16,
-                      block_size=64 if smoke else 1024, device=str(device), dtype="fp32" if smoke else "bf16",
-                      compile=not smoke, eval_every=1000, sample_every=0, save_every=1000, progress=False)
+    cfg = TrainConfig(
+        data="shakespeare",
+        preset="tiny" if smoke else "gpt2",
+        tokenizer="gpt2",
+        out=str(tmp / "run"),
+        max_steps=4 if smoke else 40,
+        batch_size=2 if smoke else 16,
+        block_size=64 if smoke else 1024,
+        device=str(device),
+        dtype="fp32" if smoke else "bf16",
+        compile=not smoke,
+        eval_every=1000,
+        sample_every=0,
+        save_every=1000,
+        progress=False,
+    )
     train(cfg)
     records = [r for r in read_metrics(Path(cfg.out) / "metrics.jsonl") if "tokens_per_s" in r]
     steady = [r["tokens_per_s"] for r in records[len(records) // 2 :]]  # after compiling and warm-up
@@ -190,6 +222,23 @@ def train_loop_row(report: Report, device: torch.device, tmp: Path, bare: float 
 # --- decoding ------------------------------------------------------------------------------------
 
 
+def decode_runs(hf, ours, prompt, new: int, outs: dict, compiled: bool) -> dict:
+    """name -> a function generating once and keeping its tokens in outs[name]. (The smoke run on a
+    CPU leaves compiling out: it is the GPU's CUDA graph that is measured.)"""
+
+    def hf_run():
+        with torch.no_grad():
+            outs["hf"] = hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+    def ours_run(label: str, compile: bool):
+        def run():
+            outs[label] = generate(ours, prompt, new, temperature=0, compile=compile)
+
+        return run
+
+    return {"hf": hf_run, "default": ours_run("default", False), "compiled": ours_run("compiled", compiled)}
+
+
 def decode_rows(report: Report, device: torch.device, tmp: Path, smoke: bool) -> None:
     from transformers import GPT2LMHeadModel
 
@@ -200,8 +249,10 @@ def decode_rows(report: Report, device: torch.device, tmp: Path, smoke: bool) ->
     base = GPT(config).eval()
     export_hf(base, tmp / "gpt2")
     report(f"decoding: {config.n_layer} layers x {config.n_embd}, prompt 32 + {new} new tokens, greedy")
-    report("| batch | dtype | transformers generate | tegaki default | tegaki compile=True (CUDA graph) | "
-           "default / transformers | compiled / transformers |")
+    report(
+        "| batch | dtype | transformers generate | tegaki default | tegaki compile=True (CUDA graph) | "
+        "default / transformers | compiled / transformers |"
+    )
     report("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for dtype in (torch.float32, torch.bfloat16):
         hf = GPT2LMHeadModel.from_pretrained(tmp / "gpt2", torch_dtype=dtype).to(device).eval()
@@ -211,30 +262,22 @@ def decode_rows(report: Report, device: torch.device, tmp: Path, smoke: bool) ->
             prompt = torch.randint(0, config.vocab_size, (batch, 32), generator=torch.Generator().manual_seed(1))
             prompt = prompt.to(device)
             outs = {}
-
-            def hf_run():
-                with torch.no_grad():
-                    outs["hf"] = hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                             pad_token_id=0)
-
-            def ours_run(label: str, compile: bool):
-                def run():
-                    outs[label] = generate(ours, prompt, new, temperature=0, compile=compile)
-                return run
-
-            # (The smoke run on a CPU leaves compiling out: it is the GPU's CUDA graph that is measured.)
-            runs = {"hf": hf_run, "default": ours_run("default", False), "compiled": ours_run("compiled", not smoke)}
+            runs = decode_runs(hf, ours, prompt, new, outs, compiled=not smoke)
             for fn in runs.values():
                 fn()  # warm-up (compiles)
             tps = {name: [batch * new / t for t in timed(fn, device, repeats)] for name, fn in runs.items()}
             med = {name: statistics.median(v) for name, v in tps.items()}
             label = str(dtype).replace("torch.", "")
-            report(f"| {batch} | {label} | {spread(tps['hf'])} | {spread(tps['default'])} | "
-                   f"{spread(tps['compiled'])} | {med['default'] / med['hf']:.2f}x | {med['compiled'] / med['hf']:.2f}x |")
+            report(
+                f"| {batch} | {label} | {spread(tps['hf'])} | {spread(tps['default'])} | "
+                f"{spread(tps['compiled'])} | {med['default'] / med['hf']:.2f}x | {med['compiled'] / med['hf']:.2f}x |"
+            )
             if dtype == torch.float32:
-                report(f"(batch {batch}, fp32: greedy tokens equal to transformers: "
-                       f"{torch.equal(outs['default'], outs['hf'])}; compiled equal to default: "
-                       f"{torch.equal(outs['compiled'], outs['default'])})")
+                report(
+                    f"(batch {batch}, fp32: greedy tokens equal to transformers: "
+                    f"{torch.equal(outs['default'], outs['hf'])}; compiled equal to default: "
+                    f"{torch.equal(outs['compiled'], outs['default'])})"
+                )
         del hf, ours
 
 
@@ -242,8 +285,12 @@ def decode_rows(report: Report, device: torch.device, tmp: Path, smoke: bool) ->
 
 
 def cuda_tests(report: Report) -> None:
-    done = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-o", "addopts=", "-rA", "-q",
-                           "tests/test_cuda.py"], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-m", "cuda", "-o", "addopts=", "-rA", "-q", "tests/test_cuda.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     summary = [line for line in done.stdout.splitlines() if line.startswith(("PASSED", "FAILED", "ERROR", "SKIPPED"))]
     print("\n".join(summary))
     last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "(no output)"
@@ -271,8 +318,10 @@ def main() -> None:
     report(f"### GPU run, {datetime.date.today()}: {name}")
     report()
     report(f"`python benchmarks/bench_gpu.py {shlex.join(sys.argv[1:])}`".replace(" `", "`"))
-    report(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {hf_version}, Python "
-           f"{platform.python_version()}")
+    report(
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {hf_version}, Python "
+        f"{platform.python_version()}"
+    )
     report()
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)

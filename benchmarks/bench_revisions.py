@@ -89,8 +89,9 @@ print(json.dumps(out))
 
 def unpack(rev: str, folder: Path) -> str:
     """Write the tree of `rev` into folder; return its short commit id."""
-    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True, capture_output=True,
-                         text=True).stdout.strip()
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short", rev], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.strip()
     archive = subprocess.run(["git", "archive", sha], cwd=ROOT, check=True, capture_output=True).stdout
     with tarfile.open(fileobj=BytesIO(archive)) as tar:
         tar.extractall(folder, filter="data")
@@ -99,14 +100,16 @@ def unpack(rev: str, folder: Path) -> str:
 
 def measure(folder: Path, threads: int) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(folder))
-    done = subprocess.run([sys.executable, "-c", CHILD, str(threads)], cwd=folder, env=env, check=True,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(threads)], cwd=folder, env=env, check=True, capture_output=True, text=True
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def cpu_flags() -> str:
     try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
     except (OSError, StopIteration):
         return platform.processor() or "unknown"
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")

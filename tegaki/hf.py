@@ -10,12 +10,9 @@ and writing folders is `load.py`'s job. transformers itself is never imported he
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,15 +76,16 @@ LLAMA_WEIGHTS = [
     _r("model.layers.{i}.self_attn.q_norm.weight", "blocks.{i}.attn.q_norm.weight"),
     _r("model.layers.{i}.self_attn.k_norm.weight", "blocks.{i}.attn.k_norm.weight"),
     _r("model.layers.{i}.post_attention_layernorm.weight", "blocks.{i}.ln_2.weight"),
-    *[_r(f"model.layers.{{i}}.mlp.{hf}_proj.{w}", f"blocks.{{i}}.mlp.{ours}.{w}")
-      for hf, ours in (("gate", "gate"), ("up", "up"), ("down", "down")) for w in ("weight", "bias")],
+    *[
+        _r(f"model.layers.{{i}}.mlp.{hf}_proj.{w}", f"blocks.{{i}}.mlp.{ours}.{w}")
+        for hf, ours in (("gate", "gate"), ("up", "up"), ("down", "down"))
+        for w in ("weight", "bias")
+    ],
     _r("model.norm.weight", "ln_f.weight"),
     _r("lm_head.weight", "lm_head.weight"),
 ]
 
-GPT_OSS_WEIGHTS = [
-    r for r in LLAMA_WEIGHTS if ".mlp." not in r.ours
-] + [
+GPT_OSS_WEIGHTS = [r for r in LLAMA_WEIGHTS if ".mlp." not in r.ours] + [
     _r("model.layers.{i}.self_attn.sinks", "blocks.{i}.attn.sinks"),
     _r("model.layers.{i}.mlp.router.weight", "blocks.{i}.mlp.router.weight"),
     _r("model.layers.{i}.mlp.router.bias", "blocks.{i}.mlp.router.bias"),
@@ -106,31 +104,54 @@ IGNORED = [r"\.attn\.bias$", r"\.attn\.masked_bias$", r"rotary_emb\.inv_freq$"]
 # -------------------------------------------------------------------------------------------------
 
 GPT2_CONFIG = [
-    ("vocab_size", "vocab_size"), ("n_layer", "n_layer"), ("n_head", "n_head"), ("n_embd", "n_embd"),
-    ("n_positions", "block_size"), ("layer_norm_epsilon", "norm_eps"), ("n_inner", "intermediate_size"),
+    ("vocab_size", "vocab_size"),
+    ("n_layer", "n_layer"),
+    ("n_head", "n_head"),
+    ("n_embd", "n_embd"),
+    ("n_positions", "block_size"),
+    ("layer_norm_epsilon", "norm_eps"),
+    ("n_inner", "intermediate_size"),
     ("tie_word_embeddings", "tie_embeddings"),
 ]
 
 LLAMA_CONFIG = [
-    ("vocab_size", "vocab_size"), ("num_hidden_layers", "n_layer"), ("num_attention_heads", "n_head"),
-    ("num_key_value_heads", "n_kv_head"), ("hidden_size", "n_embd"), ("head_dim", "head_dim"),
-    ("intermediate_size", "intermediate_size"), ("max_position_embeddings", "block_size"),
-    ("rms_norm_eps", "norm_eps"), ("tie_word_embeddings", "tie_embeddings"),
-    ("attention_bias", "qkv_bias"), ("attention_bias", "attn_out_bias"), ("mlp_bias", "mlp_bias"),
+    ("vocab_size", "vocab_size"),
+    ("num_hidden_layers", "n_layer"),
+    ("num_attention_heads", "n_head"),
+    ("num_key_value_heads", "n_kv_head"),
+    ("hidden_size", "n_embd"),
+    ("head_dim", "head_dim"),
+    ("intermediate_size", "intermediate_size"),
+    ("max_position_embeddings", "block_size"),
+    ("rms_norm_eps", "norm_eps"),
+    ("tie_word_embeddings", "tie_embeddings"),
+    ("attention_bias", "qkv_bias"),
+    ("attention_bias", "attn_out_bias"),
+    ("mlp_bias", "mlp_bias"),
 ]
 
 GPT_OSS_CONFIG = [c for c in LLAMA_CONFIG if c[0] != "mlp_bias"] + [
-    ("num_local_experts", "n_experts"), ("num_experts_per_tok", "n_experts_per_tok"),
-    ("router_aux_loss_coef", "moe_aux_loss_coef"), ("swiglu_limit", "moe_swiglu_limit"),
-    ("swiglu_alpha", "moe_swiglu_alpha"), ("sliding_window", "sliding_window"),
+    ("num_local_experts", "n_experts"),
+    ("num_experts_per_tok", "n_experts_per_tok"),
+    ("router_aux_loss_coef", "moe_aux_loss_coef"),
+    ("swiglu_limit", "moe_swiglu_limit"),
+    ("swiglu_alpha", "moe_swiglu_alpha"),
+    ("sliding_window", "sliding_window"),
 ]
 
 # What each family fixes regardless of config.json.
 _GPT2_FIXED = dict(pos_embedding="learned", norm="layernorm", mlp="gelu", bias=True)
 _LLAMA_FIXED = dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False)
 _GPT_OSS_FIXED = dict(
-    pos_embedding="rope", norm="rmsnorm", mlp="moe", moe_expert="gpt-oss", bias=False, attn_sinks=True,
-    moe_router_bias=True, mlp_bias=True, moe_softmax_after_topk=True,
+    pos_embedding="rope",
+    norm="rmsnorm",
+    mlp="moe",
+    moe_expert="gpt-oss",
+    bias=False,
+    attn_sinks=True,
+    moe_router_bias=True,
+    mlp_bias=True,
+    moe_softmax_after_topk=True,
 )
 
 
@@ -146,20 +167,65 @@ class Family:
 
 
 FAMILIES = {
-    "gpt2": Family("gpt2", "GPT2LMHeadModel", "gpt2", GPT2_CONFIG, GPT2_WEIGHTS, _GPT2_FIXED,
-                   dict(vocab_size=50257, n_layer=12, n_head=12, n_embd=768, n_positions=1024,
-                        layer_norm_epsilon=1e-5, tie_word_embeddings=True)),
-    "llama": Family("llama", "LlamaForCausalLM", "llama", LLAMA_CONFIG, LLAMA_WEIGHTS, _LLAMA_FIXED,
-                    dict(rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-                         max_position_embeddings=2048)),
-    "qwen3": Family("qwen3", "Qwen3ForCausalLM", "qwen3", [c for c in LLAMA_CONFIG if c[0] != "mlp_bias"],
-                    LLAMA_WEIGHTS, dict(_LLAMA_FIXED, qk_norm=True),
-                    dict(rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False,
-                         max_position_embeddings=32768)),
-    "gpt_oss": Family("gpt_oss", "GptOssForCausalLM", "gpt_oss", GPT_OSS_CONFIG, GPT_OSS_WEIGHTS, _GPT_OSS_FIXED,
-                      dict(rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=True,
-                           router_aux_loss_coef=0.9, swiglu_limit=7.0, swiglu_alpha=1.702,
-                           max_position_embeddings=131072, sliding_window=128)),
+    "gpt2": Family(
+        "gpt2",
+        "GPT2LMHeadModel",
+        "gpt2",
+        GPT2_CONFIG,
+        GPT2_WEIGHTS,
+        _GPT2_FIXED,
+        dict(
+            vocab_size=50257,
+            n_layer=12,
+            n_head=12,
+            n_embd=768,
+            n_positions=1024,
+            layer_norm_epsilon=1e-5,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "llama": Family(
+        "llama",
+        "LlamaForCausalLM",
+        "llama",
+        LLAMA_CONFIG,
+        LLAMA_WEIGHTS,
+        _LLAMA_FIXED,
+        dict(
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+            attention_bias=False,
+            mlp_bias=False,
+            max_position_embeddings=2048,
+        ),
+    ),
+    "qwen3": Family(
+        "qwen3",
+        "Qwen3ForCausalLM",
+        "qwen3",
+        [c for c in LLAMA_CONFIG if c[0] != "mlp_bias"],
+        LLAMA_WEIGHTS,
+        dict(_LLAMA_FIXED, qk_norm=True),
+        dict(rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False, max_position_embeddings=32768),
+    ),
+    "gpt_oss": Family(
+        "gpt_oss",
+        "GptOssForCausalLM",
+        "gpt_oss",
+        GPT_OSS_CONFIG,
+        GPT_OSS_WEIGHTS,
+        _GPT_OSS_FIXED,
+        dict(
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            attention_bias=True,
+            router_aux_loss_coef=0.9,
+            swiglu_limit=7.0,
+            swiglu_alpha=1.702,
+            max_position_embeddings=131072,
+            sliding_window=128,
+        ),
+    ),
 }
 
 
@@ -173,8 +239,10 @@ def family_of(hf_config: dict) -> Family:
     for fam in FAMILIES.values():
         if model_type == fam.model_type or fam.architecture in archs:
             if model_type is not None and model_type != fam.model_type:
-                raise TegakiError(f"config.json disagrees with itself: model_type {model_type!r} but "
-                                  f"architectures {archs}; fix one of them")
+                raise TegakiError(
+                    f"config.json disagrees with itself: model_type {model_type!r} but "
+                    f"architectures {archs}; fix one of them"
+                )
             return fam
     what = model_type or (archs[0] if archs else "unknown")
     raise TegakiError(f"unsupported architecture {what!r}; tegaki loads {supported_architectures()}")
@@ -221,9 +289,8 @@ def _refuse_unsupported_options(fam: Family, hf: dict) -> None:
             problems.append("scale_attn_by_inverse_layer_idx=true")
         if hf.get("scale_attn_weights") is False:
             problems.append("scale_attn_weights=false")
-    elif fam.name in ("llama", "qwen3"):
-        if hf.get("hidden_act", "silu") != "silu":
-            problems.append(f"hidden_act={hf['hidden_act']!r} (tegaki's SwiGLU uses silu)")
+    elif fam.name in ("llama", "qwen3") and hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={hf['hidden_act']!r} (tegaki's SwiGLU uses silu)")
     if fam.name != "gpt2":
         rope = {**(hf.get("rope_parameters") or {}), **(hf.get("rope_scaling") or {})}
         partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
@@ -266,6 +333,7 @@ def _rope_from_hf(hf: dict) -> dict[str, Any]:
         attention_factor = params.get("attention_factor")
         mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
         if attention_factor is None and mscale and mscale_all_dim:  # DeepSeek's variant of the factor
+
             def m(scale: float, k: float) -> float:
                 return 1.0 if scale <= 1 else 0.1 * k * math.log(scale) + 1.0
 
@@ -312,8 +380,10 @@ def family_for_config(config: ModelConfig) -> Family:
         refuse("qkv_bias != attn_out_bias", "transformers has one attention_bias switch")
     if config.mlp == "moe":
         if config.moe_expert != "gpt-oss" or not config.attn_sinks or not config.moe_softmax_after_topk:
-            refuse("mlp='moe' without GPT-OSS experts, sinks and softmax after top-k",
-                   "only GPT-OSS is supported among MoE models")
+            refuse(
+                "mlp='moe' without GPT-OSS experts, sinks and softmax after top-k",
+                "only GPT-OSS is supported among MoE models",
+            )
         if not (config.moe_router_bias and config.mlp_bias):
             refuse("moe_router_bias/mlp_bias False", "GPT-OSS experts and router have biases")
         if config.qk_norm:
@@ -338,17 +408,21 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     for hf_key, field in fam.config_table:
         hf[hf_key] = getattr(config, field)  # derived fields are filled: never null in config.json
     if fam.name == "gpt2":
-        hf.update(activation_function="gelu_new", n_ctx=config.block_size, resid_pdrop=0.0, embd_pdrop=0.0,
-                  attn_pdrop=0.0, scale_attn_weights=True)
+        hf.update(
+            activation_function="gelu_new",
+            n_ctx=config.block_size,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            scale_attn_weights=True,
+        )
         return hf
     hf["hidden_act"] = "silu"
     hf["rope_parameters"] = _rope_to_hf(config)
     hf["rope_theta"] = config.rope_theta
     if config.rope_scaling != "none":
         hf["rope_scaling"] = dict(hf["rope_parameters"])
-    layer_types = [
-        "sliding_attention" if config.window(i) else "full_attention" for i in range(config.n_layer)
-    ]
+    layer_types = ["sliding_attention" if config.window(i) else "full_attention" for i in range(config.n_layer)]
     if fam.name == "gpt_oss":
         hf["layer_types"] = layer_types
         hf["sliding_window"] = config.sliding_window or config.block_size
@@ -362,7 +436,9 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
 
 
 def _rope_to_hf(config: ModelConfig) -> dict[str, Any]:
-    kind = {"none": "default", "linear": "linear", "ntk": "dynamic", "yarn": "yarn", "llama3": "llama3"}[config.rope_scaling]
+    kind = {"none": "default", "linear": "linear", "ntk": "dynamic", "yarn": "yarn", "llama3": "llama3"}[
+        config.rope_scaling
+    ]
     if kind == "dynamic":
         raise TegakiError("cannot export: rope_scaling='ntk' (static NTK) differs from transformers' dynamic NTK")
     out: dict[str, Any] = {"rope_type": kind, "rope_theta": config.rope_theta}
@@ -445,8 +521,11 @@ def state_dict_from_hf(model, hf_state: dict[str, torch.Tensor], fam: Family) ->
             continue
         used.update(rule.hf)
         expected = _to_hf(rule.kind, ours_expected[rule.ours], model.config)  # the file's shapes
-        wrong = [f"{h}: got {tuple(hf_state[h].shape)}, expected {tuple(e.shape)}"
-                 for h, e in zip(rule.hf, expected) if hf_state[h].shape != e.shape]
+        wrong = [
+            f"{h}: got {tuple(hf_state[h].shape)}, expected {tuple(e.shape)}"
+            for h, e in zip(rule.hf, expected)
+            if hf_state[h].shape != e.shape
+        ]
         if wrong:
             mis_shaped += wrong
             continue

@@ -48,9 +48,7 @@ class KVCache:
         self.static = static
         self._length = 0
         self.cursor = torch.zeros(1, dtype=torch.long, device=device)  # static mode's count
-        self.windows = [
-            config.window(i) for i in range(config.n_layer)
-        ]
+        self.windows = [config.window(i) for i in range(config.n_layer)]
         K, D, B = config.n_kv_head, config.head_dim, batch_size
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
@@ -118,7 +116,7 @@ class KVCache:
         self._new_valid = None
 
     # --- planning a forward pass, once per layer kind --------------------------------------------
-    def _plan(self, window: int | None, positions: torch.Tensor) -> "_Step":
+    def _plan(self, window: int | None, positions: torch.Tensor) -> _Step:
         B, T = positions.shape
         if self.static and T == 1:
             return self._plan_static_step(window, positions)
@@ -161,7 +159,7 @@ class KVCache:
         valid[:, slots] = new_valid[:, take]
         return _Step(slots=slots, visible=None, mask=mask, keep_old=keep_old, take=take)
 
-    def _plan_static_step(self, window: int | None, positions: torch.Tensor) -> "_Step":
+    def _plan_static_step(self, window: int | None, positions: torch.Tensor) -> _Step:
         """One token, no Python number that changes from step to step (see `static`)."""
         pos, valid = self.slot_pos[window], self.slot_valid[window]
         slot = self.cursor % pos.shape[1]  # (1,): full layers never wrap, rings do

@@ -232,9 +232,7 @@ class Attention(nn.Module):
             bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
             sink = self.sinks.to(q.dtype).view(1, -1, 1, 1).expand(B, -1, T, 1)  # (B, H, T, 1)
             mask = torch.cat([bias.expand(B, self.n_head, T, S), sink], dim=-1)  # (B, H, T, S+1)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
-        )
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -523,7 +521,9 @@ class GPT(nn.Module):
         """{window: mask} for each window size in use (None = full attention), built once per
         forward rather than once per layer."""
         windows = {self.config.window(i) for i in range(self.config.n_layer)}
-        return {w: sequence_mask(positions, causal=self.config.causal, window=w, padding_mask=padding_mask) for w in windows}
+        return {
+            w: sequence_mask(positions, causal=self.config.causal, window=w, padding_mask=padding_mask) for w in windows
+        }
 
     def moe_aux_loss(self) -> torch.Tensor:
         """The load-balancing loss of the last forward pass, pooled over the MoE layers."""

@@ -53,8 +53,9 @@ def test_gpu_logits_equal_cpu_logits(name):
 def test_cache_equals_no_cache_on_the_gpu(name):
     model = random_model(name).cuda()
     prompt = torch.randint(0, model.config.vocab_size, (1, 7), device="cuda")
-    assert torch.equal(generate(model, prompt, 24, temperature=0), generate(model, prompt, 24, temperature=0,
-                                                                             use_cache=False))
+    assert torch.equal(
+        generate(model, prompt, 24, temperature=0), generate(model, prompt, 24, temperature=0, use_cache=False)
+    )
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-llama", "tiny-gpt-oss"])
@@ -85,8 +86,18 @@ def test_generate_command_runs_on_cuda(tmp_path, capsys):
 
     model = random_model("tiny", vocab_size=50257)
     export_hf(model, tmp_path / "m", tokenizer=load("gpt2"))
-    args = ["generate", "--model", str(tmp_path / "m"), "--device", "cuda", "--max-new-tokens", "12",
-            "--temperature", "0", "Hello"]
+    args = [
+        "generate",
+        "--model",
+        str(tmp_path / "m"),
+        "--device",
+        "cuda",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "Hello",
+    ]
     assert main(args) == 0
     on_gpu = capsys.readouterr().out
     assert main(args[:4] + ["cpu", "--dtype", "fp32"] + args[5:]) == 0
@@ -100,9 +111,30 @@ def test_training_on_the_gpu_checkpoints_and_resumes_exactly(tmp_path, capsys):
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("To be, or not to be, that is the question.\n" * 400)
-    common = ["train", "--data", str(corpus), "--preset", "tiny", "--device", "cuda", "--batch-size", "4",
-              "--block-size", "64", "--eval-every", "4", "--eval-batches", "2", "--sample-every", "0",
-              "--save-every", "4", "--no-progress", "--set", "n_layer=2"]
+    common = [
+        "train",
+        "--data",
+        str(corpus),
+        "--preset",
+        "tiny",
+        "--device",
+        "cuda",
+        "--batch-size",
+        "4",
+        "--block-size",
+        "64",
+        "--eval-every",
+        "4",
+        "--eval-batches",
+        "2",
+        "--sample-every",
+        "0",
+        "--save-every",
+        "4",
+        "--no-progress",
+        "--set",
+        "n_layer=2",
+    ]
 
     def losses(out):
         return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r.get("kind") is None]

@@ -56,9 +56,14 @@ def test_auto_is_the_cpu_without_a_gpu(fake_cuda):
         pick_device("cuda")
 
 
-@pytest.mark.parametrize("name, message", [
-    ("cuda:2", "has 2 CUDA GPU"), ("gpu", "must be auto, cpu, cuda or cuda:N"), ("cuda:x", "cuda:N"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("cuda:2", "has 2 CUDA GPU"),
+        ("gpu", "must be auto, cpu, cuda or cuda:N"),
+        ("cuda:x", "cuda:N"),
+    ],
+)
 def test_bad_devices_are_refused_clearly(fake_cuda, name, message):
     fake_cuda(count=2)
     with pytest.raises(TegakiError, match=message):

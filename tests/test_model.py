@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tegaki.config import ModelConfig
+from tegaki.mask import build_attention_mask
 from tegaki.model import (
     GPT,
     Attention,
@@ -18,7 +19,6 @@ from tegaki.model import (
     rms_norm_reference,
     softmax_reference,
 )
-from tegaki.mask import build_attention_mask
 from tegaki.rope import rope_cos_sin, rope_frequencies
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,10 +65,27 @@ def test_rms_norm_reference_equals_fused(eps):
 
 _BASE = dict(vocab_size=61, n_layer=2, n_head=4, n_embd=32, block_size=32)
 _MODERN = dict(_BASE, pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False, intermediate_size=48)
-_GPT_OSS = dict(_MODERN, mlp="moe", n_kv_head=2, head_dim=16, moe_expert="gpt-oss", n_experts=4, n_experts_per_tok=2,
-                moe_router_bias=True, qkv_bias=True, attn_out_bias=True, mlp_bias=True, attn_sinks=True,
-                sliding_window=4, layer_types=["sliding", "full"], rope_scaling="yarn", rope_factor=4.0,
-                rope_original_max_len=8, rope_truncate=False, moe_aux_loss_coef=0.01)
+_GPT_OSS = dict(
+    _MODERN,
+    mlp="moe",
+    n_kv_head=2,
+    head_dim=16,
+    moe_expert="gpt-oss",
+    n_experts=4,
+    n_experts_per_tok=2,
+    moe_router_bias=True,
+    qkv_bias=True,
+    attn_out_bias=True,
+    mlp_bias=True,
+    attn_sinks=True,
+    sliding_window=4,
+    layer_types=["sliding", "full"],
+    rope_scaling="yarn",
+    rope_factor=4.0,
+    rope_original_max_len=8,
+    rope_truncate=False,
+    moe_aux_loss_coef=0.01,
+)
 
 VARIANTS = {
     "gpt2": dict(_BASE),
@@ -88,8 +105,9 @@ VARIANTS = {
     "scale-learnable": dict(_MODERN, attn_scale_learnable=True),
     "layernorm-rope-biases": dict(_MODERN, norm="layernorm", bias=True, mlp_bias=False),
     "gpt-oss": _GPT_OSS,
-    "moe-softmax-first": dict(_MODERN, mlp="moe", n_experts=3, n_experts_per_tok=2, moe_softmax_after_topk=False,
-                              moe_norm_topk_prob=False),
+    "moe-softmax-first": dict(
+        _MODERN, mlp="moe", n_experts=3, n_experts_per_tok=2, moe_softmax_after_topk=False, moe_norm_topk_prob=False
+    ),
     "everything": dict(_GPT_OSS, qk_norm=True, attn_gate="headwise", attn_scale_learnable=True, n_kv_head=1),
 }
 
@@ -123,14 +141,14 @@ def test_no_leak_from_the_future(name, perturb):
     ids = torch.randint(0, 61, (2, 16))
     k = 9
     changed = ids.clone()
-    changed[:, k + 1:] = (ids[:, k + 1:] + 1 + torch.randint(0, 59, (2, 6))) % 61
+    changed[:, k + 1 :] = (ids[:, k + 1 :] + 1 + torch.randint(0, 59, (2, 6))) % 61
     before, after = logits_both_paths(model, ids), logits_both_paths(model, changed)
     for impl in ("manual", "sdpa"):
         leak = (before[impl][:, : k + 1] - after[impl][:, : k + 1]).abs().max().item()
         # Not bit-exact: the MoE loop groups a different set of tokens per expert, so sums round
         # differently (~1e-6). A real leak moves logits by orders of magnitude more.
         assert leak < 1e-5, f"{impl}: the future moved the past by {leak}"
-        assert (before[impl][:, k + 1:] - after[impl][:, k + 1:]).abs().max() > 1e-3  # the change is seen
+        assert (before[impl][:, k + 1 :] - after[impl][:, k + 1 :]).abs().max() > 1e-3  # the change is seen
 
 
 def test_the_leak_check_catches_a_leak(perturb):
@@ -176,7 +194,7 @@ def test_sliding_window_binds(impl, perturb):
     changed[0, 2] = (ids[0, 2] + 1) % 61
     with torch.no_grad():
         diff = (model(ids) - model(changed)).abs().amax(dim=-1)[0]  # (T,)
-    assert (diff[2: 2 + w] > 1e-4).all() and (diff[2 + w:] == 0).all() and (diff[:2] == 0).all()
+    assert (diff[2 : 2 + w] > 1e-4).all() and (diff[2 + w :] == 0).all() and (diff[:2] == 0).all()
 
 
 def test_layer_types_choose_each_layers_window():
@@ -267,7 +285,9 @@ def test_learnable_scale_gets_a_gradient_on_both_paths(perturb):
 def test_biases_per_projection():
     def bias_names(**flags):
         model = GPT(ModelConfig(**dict(_MODERN, **flags)))
-        return {n.split(".", 2)[2] for n, _ in model.named_parameters() if n.startswith("blocks.0.") and n.endswith("bias")}
+        return {
+            n.split(".", 2)[2] for n, _ in model.named_parameters() if n.startswith("blocks.0.") and n.endswith("bias")
+        }
 
     assert bias_names() == set()
     assert bias_names(qkv_bias=True) == {"attn.qkv.bias"}
@@ -291,6 +311,7 @@ def test_tied_and_untied_head():
 def moe_layer(config: ModelConfig) -> MoE:
     """A lone MoE layer (its experts start at N(0, init_std), as inside GPT)."""
     return MoE(config)
+
 
 MOE_FLAGS = {
     "gpt-oss": dict(moe_expert="gpt-oss", moe_router_bias=True, mlp_bias=True, moe_swiglu_limit=0.3),
@@ -333,14 +354,26 @@ def test_softmax_before_topk_equals_qwen3_moe_block(norm_topk_prob, perturb):
     transformers = pytest.importorskip("transformers")
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-    hf_config = transformers.Qwen3MoeConfig(hidden_size=32, moe_intermediate_size=24, num_experts=5,
-                                            num_experts_per_tok=2, norm_topk_prob=norm_topk_prob)
+    hf_config = transformers.Qwen3MoeConfig(
+        hidden_size=32, moe_intermediate_size=24, num_experts=5, num_experts_per_tok=2, norm_topk_prob=norm_topk_prob
+    )
     theirs = Qwen3MoeSparseMoeBlock(hf_config)
     for p in theirs.parameters():  # the block leaves its expert tensors uninitialised (empty)
         torch.nn.init.normal_(p, std=0.02)
     theirs = perturb(theirs, scale=0.5)
-    ours = moe_layer(ModelConfig(**dict(_MODERN, mlp="moe", n_experts=5, n_experts_per_tok=2, intermediate_size=24,
-                                  moe_softmax_after_topk=False, moe_norm_topk_prob=norm_topk_prob)))
+    ours = moe_layer(
+        ModelConfig(
+            **dict(
+                _MODERN,
+                mlp="moe",
+                n_experts=5,
+                n_experts_per_tok=2,
+                intermediate_size=24,
+                moe_softmax_after_topk=False,
+                moe_norm_topk_prob=norm_topk_prob,
+            )
+        )
+    )
     gate, up = theirs.experts.gate_up_proj.chunk(2, dim=1)  # (E, I, C) each
     ours.router.weight.copy_(theirs.gate.weight)
     ours.w_in[:, :, 0::2] = gate.transpose(1, 2)
@@ -368,7 +401,7 @@ def test_aux_loss_is_added_in_training_only(perturb):
 
 def test_aux_loss_equals_transformers_formula_per_layer(perturb):
     """Switch-Transformer balance loss E * sum_e f_e P_e, for one layer, against transformers'."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
     config = ModelConfig(**dict(_MODERN, mlp="moe", n_experts=6, n_experts_per_tok=2))
@@ -411,15 +444,18 @@ def meta_model(preset: str, **changes) -> GPT:
         return GPT(ModelConfig.preset(preset).replace(**changes))
 
 
-@pytest.mark.parametrize("preset, changes, total", [
-    ("gpt2", {}, 124_439_808),
-    ("gpt2", dict(qkv_bias=False), 124_412_160),  # the variant without q/k/v biases
-    ("gpt2", dict(tie_embeddings=False), 163_037_184),
-    ("gpt2-medium", {}, 354_823_168),
-    ("llama-3.2-1b", {}, 1_235_814_400),  # Meta's model card: 1.23B
-    ("qwen3-0.6b", {}, 596_049_920),  # Qwen's card: 0.6B, 0.44B without embeddings (checked below)
-    ("gpt-oss-20b", {}, 20_914_757_184),  # OpenAI's card: 20.91B
-])
+@pytest.mark.parametrize(
+    "preset, changes, total",
+    [
+        ("gpt2", {}, 124_439_808),
+        ("gpt2", dict(qkv_bias=False), 124_412_160),  # the variant without q/k/v biases
+        ("gpt2", dict(tie_embeddings=False), 163_037_184),
+        ("gpt2-medium", {}, 354_823_168),
+        ("llama-3.2-1b", {}, 1_235_814_400),  # Meta's model card: 1.23B
+        ("qwen3-0.6b", {}, 596_049_920),  # Qwen's card: 0.6B, 0.44B without embeddings (checked below)
+        ("gpt-oss-20b", {}, 20_914_757_184),  # OpenAI's card: 20.91B
+    ],
+)
 def test_parameter_counts(preset, changes, total):
     assert meta_model(preset, **changes).num_parameters() == total
 
@@ -470,8 +506,11 @@ def test_architecture_doc_quotes_code_that_exists(doc):
         found = [i + 1 for i, line in enumerate(source) if code in line]
         assert found, f"{doc}: model.py no longer has `{code}`"
         if int(anchor) not in found:
-            warnings.warn(f"docs/{doc}: `{code}` is now at model.py line(s) {found}, not {anchor}; "
-                          "run python scripts/refresh_doc_links.py", stacklevel=1)
+            warnings.warn(
+                f"docs/{doc}: `{code}` is now at model.py line(s) {found}, not {anchor}; "
+                "run python scripts/refresh_doc_links.py",
+                stacklevel=1,
+            )
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-gpt-oss"])

@@ -10,9 +10,15 @@ from tegaki.errors import TegakiError
 from tegaki.generate import generate
 from tegaki.model import GPT
 from tegaki.quant import (
-    Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, quantize_model, set_fast,
+    Int4Linear,
+    Int8Linear,
+    dequantize_int4,
+    dequantize_int8,
+    quantize_int4,
+    quantize_int8,
+    quantize_model,
+    set_fast,
 )
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -68,7 +74,9 @@ def test_a_quantized_model_decodes_the_same_with_and_without_the_cache():
     torch.manual_seed(0)
     model = quantize_model(GPT(ModelConfig.preset("tiny").replace(n_layer=2)).eval(), "int8")
     prompt = torch.tensor([[1, 2, 3, 4]])
-    assert torch.equal(generate(model, prompt, 10, temperature=0), generate(model, prompt, 10, temperature=0, use_cache=False))
+    assert torch.equal(
+        generate(model, prompt, 10, temperature=0), generate(model, prompt, 10, temperature=0, use_cache=False)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -15,12 +15,21 @@ from tegaki.rope import apply_rope, rope_cos_sin, rope_frequencies  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def configs(head_dim: int, theta: float, max_pos: int, scaling: str, factor: float = 1.0,
-            original: int | None = None, **extra) -> tuple[ModelConfig, transformers.LlamaConfig]:
+def configs(
+    head_dim: int, theta: float, max_pos: int, scaling: str, factor: float = 1.0, original: int | None = None, **extra
+) -> tuple[ModelConfig, transformers.LlamaConfig]:
     """The same rotary setup as a tegaki ModelConfig and as a transformers LlamaConfig."""
     ours = ModelConfig(
-        n_embd=4 * head_dim, n_head=4, n_layer=1, block_size=max_pos, vocab_size=8, pos_embedding="rope",
-        rope_theta=theta, rope_scaling=scaling, rope_factor=factor, rope_original_max_len=original,
+        n_embd=4 * head_dim,
+        n_head=4,
+        n_layer=1,
+        block_size=max_pos,
+        vocab_size=8,
+        pos_embedding="rope",
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rope_factor=factor,
+        rope_original_max_len=original,
         **{f"rope_{k}": v for k, v in extra.items()},
     )
     hf_type = {"none": "default", "ntk": "dynamic"}.get(scaling, scaling)
@@ -29,12 +38,23 @@ def configs(head_dim: int, theta: float, max_pos: int, scaling: str, factor: flo
         params["factor"] = factor
     if original is not None:
         params["original_max_position_embeddings"] = original
-    hf_names = {"low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor",
-                "beta_fast": "beta_fast", "beta_slow": "beta_slow", "truncate": "truncate",
-                "attention_factor": "attention_factor"}
+    hf_names = {
+        "low_freq_factor": "low_freq_factor",
+        "high_freq_factor": "high_freq_factor",
+        "beta_fast": "beta_fast",
+        "beta_slow": "beta_slow",
+        "truncate": "truncate",
+        "attention_factor": "attention_factor",
+    }
     params.update({hf_names[k]: v for k, v in extra.items()})
-    theirs = transformers.LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, num_hidden_layers=1,
-                                      max_position_embeddings=max_pos, vocab_size=8, rope_parameters=params)
+    theirs = transformers.LlamaConfig(
+        hidden_size=4 * head_dim,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+        max_position_embeddings=max_pos,
+        vocab_size=8,
+        rope_parameters=params,
+    )
     return ours, theirs
 
 
@@ -42,15 +62,51 @@ CASES = {
     "none-64": ("none", dict(head_dim=64, theta=10000.0, max_pos=2048)),
     "none-qwen3": ("none", dict(head_dim=128, theta=1_000_000.0, max_pos=40960)),
     "linear": ("linear", dict(head_dim=64, theta=10000.0, max_pos=4096, factor=4.0)),
-    "llama3-1b": ("llama3", dict(head_dim=64, theta=500_000.0, max_pos=131072, factor=32.0, original=8192,
-                                 low_freq_factor=1.0, high_freq_factor=4.0)),
-    "llama3-odd": ("llama3", dict(head_dim=32, theta=10000.0, max_pos=512, factor=8.0, original=64,
-                                  low_freq_factor=2.0, high_freq_factor=8.0)),
+    "llama3-1b": (
+        "llama3",
+        dict(
+            head_dim=64,
+            theta=500_000.0,
+            max_pos=131072,
+            factor=32.0,
+            original=8192,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+        ),
+    ),
+    "llama3-odd": (
+        "llama3",
+        dict(
+            head_dim=32, theta=10000.0, max_pos=512, factor=8.0, original=64, low_freq_factor=2.0, high_freq_factor=8.0
+        ),
+    ),
     "yarn-truncate": ("yarn", dict(head_dim=64, theta=10000.0, max_pos=8192, factor=4.0, original=2048)),
-    "yarn-gpt-oss-20b": ("yarn", dict(head_dim=64, theta=150_000.0, max_pos=131072, factor=32.0, original=4096,
-                                      beta_fast=32.0, beta_slow=1.0, truncate=False)),
-    "yarn-betas-attention-factor": ("yarn", dict(head_dim=32, theta=10000.0, max_pos=256, factor=2.5, original=64,
-                                                 beta_fast=16.0, beta_slow=2.0, attention_factor=1.3)),
+    "yarn-gpt-oss-20b": (
+        "yarn",
+        dict(
+            head_dim=64,
+            theta=150_000.0,
+            max_pos=131072,
+            factor=32.0,
+            original=4096,
+            beta_fast=32.0,
+            beta_slow=1.0,
+            truncate=False,
+        ),
+    ),
+    "yarn-betas-attention-factor": (
+        "yarn",
+        dict(
+            head_dim=32,
+            theta=10000.0,
+            max_pos=256,
+            factor=2.5,
+            original=64,
+            beta_fast=16.0,
+            beta_slow=2.0,
+            attention_factor=1.3,
+        ),
+    ),
 }
 
 
