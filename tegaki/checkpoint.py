@@ -27,6 +27,7 @@ import torch
 
 from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
+from tegaki.lora import LoRASettings, add_lora, merge_lora
 from tegaki.model import GPT
 
 MODEL_FILE = "model.safetensors"
@@ -297,7 +298,8 @@ def read_model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def load_run_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """The model of a run folder from its newest intact checkpoint, in eval mode."""
+    """The model of a run folder from its newest intact checkpoint, in eval mode. A LoRA fine-tune
+    (run.json "lora") holds its adapters beside the frozen weights; they are merged in here."""
     info = read_run_json(path)
     checkpoint = find_checkpoint(Path(path), say=lambda m: print(m, file=sys.stderr), need=(MODEL_FILE,),
                                  fix=f"retrain with `tegaki train --out {path} --fresh`")
@@ -305,7 +307,11 @@ def load_run_model(path: str | os.PathLike, device: str | torch.device = "cpu", 
         raise TegakiError(f"{path} has no checkpoint yet; train longer or lower --save-every")
     config = ModelConfig.from_dict(info["model_config"])
     model = GPT(config)
+    if info.get("lora"):
+        add_lora(model, LoRASettings.from_dict(info["lora"]))
     load_model_tensors(model, read_model_tensors(checkpoint))
+    if info.get("lora"):
+        merge_lora(model)
     model.to(device=device, dtype=dtype)
     return model.eval()
 

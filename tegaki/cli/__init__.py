@@ -31,6 +31,8 @@ COMMAND_MODULES = [
     ("tegaki.cli.export", "tegaki.hf"),
     ("tegaki.cli.serve",),
     ("tegaki.cli.chat",),
+    ("tegaki.cli.finetune",),
+    ("tegaki.cli.eval",),
 ]
 
 

@@ -16,6 +16,11 @@ Around it: validation loss and bits per byte every --eval-every steps, a sample 
 Two hooks let other code watch a run without changing it: `on_batch(step, micro, inputs, targets)`
 sees every training batch (`tegaki compare` hashes them), and `plot_losses(run_dir)` draws the
 loss curves at the end (`tegaki train` passes `tegaki.analysis.plot.plot_run_losses`).
+
+A third, `setup(run)`, builds the run's parts in place of `Run.setup`: tokenizer, tokenizer_ref,
+model_config, block_size, data_dir, loader (a BatchLoader), val_windows, token_bytes, raw_model, model,
+optimizer, forward. `tegaki finetune` (tegaki/finetune/loop.py) loads a pretrained model and packed
+instruction records this way; the steps, validation, checkpoints and resume are this file's.
 """
 
 from __future__ import annotations
@@ -79,16 +84,20 @@ from tegaki.train.setup import (
 BatchHook = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 # plot_losses(run_dir) -> the picture written (None: none drawn)
 PlotHook = Callable[[Path], "Path | None"]
+# setup(run): builds the run's model and data instead of Run.setup (described at the top of this file)
+SetupHook = Callable[["Run"], None]
 
 
 class Run:
     """Everything one `tegaki train` holds: model, optimizer, data, logs. `run.train()` does it."""
 
-    def __init__(self, cfg: TrainConfig, on_batch: BatchHook | None = None, plot_losses: PlotHook | None = None):
-        """`on_batch` and `plot_losses`: the hooks described at the top of this file; None: not used."""
+    def __init__(self, cfg: TrainConfig, on_batch: BatchHook | None = None, plot_losses: PlotHook | None = None,
+                 setup: SetupHook | None = None):
+        """`on_batch`, `plot_losses`, `setup`: the hooks described at the top of this file; None: not used."""
         self.cfg = cfg
         self.on_batch = on_batch
         self.plot_losses = plot_losses
+        self.setup_hook = setup
         self.run_dir = Path(cfg.out)
         wants_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
         device_kind = "cuda" if wants_cuda else "cpu"
@@ -348,8 +357,10 @@ class Run:
             with self.autocast():
                 logits = self.forward(inputs)  # (B, T, V)
             losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")  # (B*T,)
-            count = torch.tensor(losses.numel(), device=self.device, dtype=torch.float64)
-            sums += torch.stack([losses.sum().double(), count, self.token_bytes[targets.flatten()].sum().double()])
+            learned = targets.flatten() != -100  # targets of -100 (fine-tuning's prompts) count for nothing
+            count = learned.sum().double()
+            byte_count = (self.token_bytes[targets.flatten().clamp(min=0)] * learned).sum().double()
+            sums += torch.stack([losses.sum().double(), count, byte_count])
         if self.dist.enabled:
             torch.distributed.all_reduce(sums)
         loss = float(sums[0] / sums[1])
@@ -373,7 +384,10 @@ class Run:
     def train(self) -> dict[str, Any]:
         """Set up, resume, and take the steps up to --max-steps; the last step's numbers."""
         cfg = self.cfg
-        self.setup()
+        if self.setup_hook is not None:
+            self.setup_hook(self)
+        else:
+            self.setup()
         start_step = self.resume()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", start_step, enabled=self.dist.is_main)
         tokens_per_step = cfg.batch_size * self.block_size * cfg.grad_accum * self.dist.world_size
@@ -495,13 +509,13 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tb"))
 
 
-def train(cfg: TrainConfig, on_batch: BatchHook | None = None, plot_losses: PlotHook | None = None
-          ) -> dict[str, Any]:
+def train(cfg: TrainConfig, on_batch: BatchHook | None = None, plot_losses: PlotHook | None = None,
+          setup: SetupHook | None = None) -> dict[str, Any]:
     """Train (or resume) the run described by `cfg`; returns the last step's numbers.
-    `on_batch`, `plot_losses`: the hooks of `Run` (described at the top of this file)."""
+    `on_batch`, `plot_losses`, `setup`: the hooks of `Run` (described at the top of this file)."""
     out = Path(cfg.out)
     created = not out.exists()
-    run = Run(cfg, on_batch=on_batch, plot_losses=plot_losses)
+    run = Run(cfg, on_batch=on_batch, plot_losses=plot_losses, setup=setup)
     try:
         with flushed_subnormals(cfg.device):
             return run.train()

@@ -1,0 +1,180 @@
+"""Fine-tuning a pretrained model on instruction records: `finetune(ft, train_cfg)`.
+
+The steps are the training loop's own (tegaki.train.loop.Run: AdamW, schedule, validation,
+checkpoints, exact resume, torchrun, metrics, the loss plot). What differs is set up here, through
+Run's `setup` hook, before the first step:
+
+    the model     loaded with tegaki.load.from_pretrained (a run folder, a transformers folder, a hub id)
+                  and, with --method lora, frozen with adapters added (tegaki.lora)
+    the data      records -> chat template -> (ids, labels) with the prompts masked -> packed rows
+                  (tegaki.finetune.data); a seeded share of the records is the validation split,
+                  so the logged val_loss is the loss on held-out responses
+    the folder    run.json records the base model, the method and the LoRA settings, so every command
+                  that loads a run (generate, serve, trace, export) merges the adapters on loading
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tegaki.data import BatchLoader
+from tegaki.errors import TegakiError
+from tegaki.finetune.data import PackedRows, describe_too_long, encode_records, read_records, split_records
+from tegaki.load import from_pretrained, tokenizer_for
+from tegaki.lora import LoRASettings, add_lora, parse_targets
+from tegaki.serve.templates import DEFAULT_TEMPLATE, PLAIN_TEMPLATE, find_chat_template
+from tegaki.train.loop import Run, PlotHook, train
+from tegaki.train.schedule import build_optimizer
+from tegaki.train.settings import TrainConfig, check_settings
+from tegaki.train.setup import token_byte_lengths
+
+METHODS = ("lora", "full")
+# The training settings a fine-tune starts from (any of them can be given on the command line).
+TRAIN_DEFAULTS = dict(max_steps=200, batch_size=8, eval_every=50, eval_batches=20, save_every=50, warmup=10,
+                      weight_decay=0.0, sample_every=0, val_fraction=0.1)
+LR = {"lora": 1e-3, "full": 1e-4}  # adapters start at zero and need bigger steps than whole weights
+
+
+@dataclass
+class FineTuneConfig:
+    """What `tegaki finetune` adds to the training settings."""
+
+    model: str  # the base: a tegaki run folder, a transformers folder or a hub id
+    data: str  # the .jsonl records
+    method: str = "lora"
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "q,v"
+    max_seq_len: int = 256
+    chat_template: str | None = None  # a jinja2 file; None: the model's own, or tegaki's default
+
+    def lora(self) -> LoRASettings:
+        return LoRASettings(self.lora_r, self.lora_alpha, self.lora_dropout, parse_targets(self.lora_targets))
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise TegakiError(f"--method must be lora or full, got {self.method!r}")
+        if self.max_seq_len < 2:
+            raise TegakiError(f"--max-seq-len must be at least 2, got {self.max_seq_len}")
+        if self.method == "lora":
+            self.lora()  # refuses bad targets before anything is loaded
+            if self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+                raise TegakiError("--lora-r must be >= 1, --lora-alpha > 0 and --lora-dropout in [0, 1)")
+
+
+def train_settings(ft: FineTuneConfig, values: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig for a fine-tune: TRAIN_DEFAULTS and the method's lr, then the given values."""
+    merged = {**TRAIN_DEFAULTS, "lr": LR.get(ft.method, LR["lora"]),
+              **{k: v for k, v in values.items() if v is not None},
+              "data": ft.data, "preset": ft.model, "block_size": ft.max_seq_len}
+    cfg = TrainConfig(**merged)
+    check_settings(cfg)
+    return cfg
+
+
+def chat_template_for(model_ref: str, tokenizer, override: str | None):
+    """The template that writes records out: the one `tegaki serve` would use for this model."""
+    folder = Path(model_ref)
+    folders = [folder, folder / "tokenizer"] if folder.is_dir() else []
+    template = find_chat_template(folders, tokenizer, override, tegaki_run=(folder / "run.json").exists())
+    if template is None:  # a transformers model without a chat template: the plain layout
+        template = find_chat_template([], tokenizer, None, tegaki_run=True)
+    return template
+
+
+def clear_run_folder(folder: Path) -> None:
+    """--fresh: remove what a fine-tune writes, and nothing else a user may have put there."""
+    for name in ("checkpoints", "metrics.jsonl", "run.json", "loss.png", "tb", "tokenizer", "chat_template.jinja"):
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+class FineTuneSetup:
+    """Run's `setup` hook for a fine-tune (see this file's docstring)."""
+
+    def __init__(self, ft: FineTuneConfig):
+        ft.check()
+        self.ft = ft
+
+    def __call__(self, run: Run) -> None:
+        ft, cfg = self.ft, run.cfg
+        if cfg.fresh and run.dist.is_main:
+            clear_run_folder(run.run_dir)
+        run.dist.barrier()
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        model = from_pretrained(ft.model)
+        tokenizer = tokenizer_for(ft.model)
+        template = chat_template_for(ft.model, tokenizer, ft.chat_template)
+        run.tokenizer, run.model_config, run.block_size = tokenizer, model.config, ft.max_seq_len
+        run.tokenizer_ref = "tokenizer"  # saved into the run folder by write_run_folder
+        model.config.check_positions(ft.max_seq_len, "--max-seq-len")
+        run.data_dir = Path(ft.data)
+        self.build_data(run, template)
+        if ft.method == "lora":
+            add_lora(model, ft.lora())
+        run.raw_model = model.float().to(run.device)
+        run.model = run.raw_model
+        if run.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [run.device.index] if run.device.type == "cuda" else None
+            run.model = DistributedDataParallel(run.raw_model, device_ids=ids)
+        run.optimizer = build_optimizer(run.model, cfg, run.device)
+        run.forward = torch.compile(run.model) if cfg.compile else run.model
+        if run.dist.is_main:
+            self.write_run_folder(run, tokenizer, template)
+        run.dist.barrier()
+
+    def build_data(self, run: Run, template) -> None:
+        ft, cfg = self.ft, run.cfg
+        train_records, val_records = split_records(read_records(ft.data), cfg.val_fraction, cfg.seed)
+        pad = run.tokenizer.eot_id if run.tokenizer.eot_id is not None else 0
+        rows = {}
+        for split, records in (("train", train_records), ("validation", val_records)):
+            encoded = encode_records(records, template, run.tokenizer, ft.max_seq_len)
+            note = describe_too_long(encoded, ft.max_seq_len)
+            if note:
+                run.say(f"{split}: {note}")
+            if not encoded.pairs:
+                raise TegakiError(f"{ft.data}: no {split} record fits in --max-seq-len {ft.max_seq_len}")
+            rows[split] = PackedRows(encoded.pairs, ft.max_seq_len, pad)
+        run.say(f"{ft.data}: {len(train_records)} train records in {len(rows['train'])} rows "
+                f"({rows['train'].response_tokens:,} response tokens learned), {len(val_records)} held out; "
+                f"template: {template.origin}")
+        run.loader = BatchLoader(rows["train"], cfg.batch_size, cfg.seed, run.dist.rank, run.dist.world_size)
+        run.val_windows = rows["validation"]
+        run.token_bytes = token_byte_lengths(run.tokenizer, run.model_config.vocab_size).to(run.device)
+
+    def write_run_folder(self, run: Run, tokenizer, template) -> None:
+        """run.json (refusing a folder that holds another fine-tune), the tokenizer, the template."""
+        ft = self.ft
+        info = {"model_config": run.model_config.to_dict(), "tokenizer": "tokenizer", "data": str(ft.data),
+                "train": run.cfg.to_dict(), "finetune": asdict(ft),
+                "lora": ft.lora().to_dict() if ft.method == "lora" else None}
+        path = run.run_dir / "run.json"
+        if path.exists() and (run.run_dir / "checkpoints").exists():
+            old = json.loads(path.read_text())
+            for key in ("model_config", "lora"):
+                if old.get(key) != info[key]:
+                    raise TegakiError(f"{run.run_dir} holds a fine-tune of another model or with other LoRA "
+                                      f"settings ({key} differs); use another --out, or --fresh to start over")
+        if not (run.run_dir / "tokenizer").is_dir():
+            tokenizer.save(run.run_dir / "tokenizer")
+        if template.source not in (DEFAULT_TEMPLATE, PLAIN_TEMPLATE):  # serve finds it here afterwards
+            (run.run_dir / "chat_template.jinja").write_text(template.source, encoding="utf-8")
+        path.write_text(json.dumps(info, indent=2) + "\n")
+
+
+def finetune(ft: FineTuneConfig, cfg: TrainConfig, plot_losses: PlotHook | None = None) -> dict[str, Any]:
+    """Fine-tune (or resume fine-tuning) `ft.model` on `ft.data` into `cfg.out`; the last step's numbers."""
+    return train(cfg, plot_losses=plot_losses, setup=FineTuneSetup(ft))

@@ -1,0 +1,187 @@
+"""LoRA, written by hand: a frozen linear layer plus a trainable low-rank correction, and merging it back.
+
+    y = W x + b + (alpha / r) * B A x        A: (r, in), B: (out, r), B starts at zero
+
+Only A and B learn; W stays as it was. With B = 0 the layer computes exactly what it did before, so a
+fresh adapter changes nothing, and training starts from the base model's behaviour. Afterwards
+`merge_lora` folds the correction into W (W' = W + (alpha/r) B A) and the model is a plain GPT again.
+
+Targets (`--lora-targets`): "q", "k", "v" (rows of the joint qkv projection), "o" (o_proj), and the MLP
+projections "fc", "proj" (GPT-2's GELU MLP) and "gate", "up", "down" (SwiGLU); "mlp" is whichever of
+those the model has; "all" is q, k, v, o and mlp. (Mixture-of-experts MLPs are not adapted.)
+
+The qkv projection is one Linear whose output rows are q's, k's and v's (config.qkv_sizes). A target
+"q" is an adapter of its own on q's rows only -- its own A (r, C) and B (H*D, r) -- just as LoRA on a
+model with a separate q_proj would be, so an adapter on "q" and "v" is two adapters, the standard
+recipe, and exports to PEFT as q_proj and v_proj adapters of the transformers model (tegaki.finetune.peft).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tegaki.errors import TegakiError
+
+QKV_PARTS = ("q", "k", "v")
+MLP_TARGETS = ("fc", "proj", "gate", "up", "down")
+TARGETS = (*QKV_PARTS, "o", *MLP_TARGETS, "mlp")  # "mlp": whichever of fc/proj/gate/up/down the model has
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    """What `add_lora` adds: rank, scale numerator, dropout on the adapter's input, where."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q", "v")  # the LoRA paper's choice
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    def to_dict(self) -> dict:
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LoRASettings:
+        return cls(int(d["r"]), float(d["alpha"]), float(d.get("dropout", 0.0)), tuple(d["targets"]))
+
+
+def parse_targets(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """"q,v" or ["q", "v"] -> ("q", "v"); "all" stands for q, k, v, o and mlp."""
+    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    out: list[str] = []
+    for name in names:
+        expanded = {"all": (*QKV_PARTS, "o", "mlp"), "qkv": QKV_PARTS, "o_proj": ("o",)}.get(name, (name,))
+        for t in expanded:
+            if t not in TARGETS:
+                raise TegakiError(f"unknown LoRA target {t!r}; choose among {', '.join(TARGETS)} (or mlp, all)")
+            if t not in out:
+                out.append(t)
+    if not out:
+        raise TegakiError("--lora-targets names no target; e.g. q,v or q,k,v,o,mlp")
+    return tuple(out)
+
+
+class LoRALinear(nn.Linear):
+    """A linear layer with low-rank adapters on some spans of its output rows.
+
+    `parts`: {name: (first row, row count)}, e.g. {"q": (0, H*D), "v": (H*D + K*D, K*D)} on qkv, or
+    {"all": (0, out_features)} on any other projection. The state dict keeps `weight` and `bias` under
+    their usual names, beside `lora_A.<part>` and `lora_B.<part>`.
+    """
+
+    def __init__(self, base: nn.Linear, parts: dict[str, tuple[int, int]], settings: LoRASettings):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None,
+                         device="meta")  # the base's own tensors are taken over below, not copied
+        self.weight = base.weight
+        self.bias = base.bias
+        self.parts = dict(parts)
+        self.scale = settings.scale
+        self.dropout = nn.Dropout(settings.dropout)
+        dev, dtype = base.weight.device, base.weight.dtype
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for name, (_, rows) in self.parts.items():
+            a = torch.empty(settings.r, self.in_features, device=dev, dtype=dtype)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear (and PEFT) initialise A
+            self.lora_A[name] = nn.Parameter(a)
+            self.lora_B[name] = nn.Parameter(torch.zeros(rows, settings.r, device=dev, dtype=dtype))
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """(alpha/r) B A x for every part, zeros for the rows no adapter covers: (..., out)."""
+        x = self.dropout(x)
+        pieces, row = [], 0
+        for name, (first, rows) in sorted(self.parts.items(), key=lambda item: item[1][0]):
+            if first > row:  # rows between adapters (k's, when only q and v are adapted)
+                pieces.append(x.new_zeros(*x.shape[:-1], first - row))
+            a, b = self.lora_A[name], self.lora_B[name]
+            pieces.append(F.linear(F.linear(x, a), b) * self.scale)  # (..., r) -> (..., rows)
+            row = first + rows
+        if row < self.out_features:
+            pieces.append(x.new_zeros(*x.shape[:-1], self.out_features - row))
+        return torch.cat(pieces, dim=-1)  # (..., out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + self.delta(x)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + (alpha/r) B A on each part's rows: the plain weight that computes the same."""
+        w = self.weight.detach().clone()
+        for name, (first, rows) in self.parts.items():
+            update = self.lora_B[name].float() @ self.lora_A[name].float()  # (rows, in)
+            w[first:first + rows] += (self.scale * update).to(w.dtype)
+        return w
+
+
+def lora_sites(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[nn.Module, str, dict]]:
+    """(parent module, attribute name, parts) for every projection the targets reach."""
+    sites = []
+    for block in model.blocks:
+        attn = block.attn
+        wanted = [p for p in QKV_PARTS if p in targets]
+        if wanted:
+            starts = [0, attn.qkv_sizes[0], attn.qkv_sizes[0] + attn.qkv_sizes[1]]
+            parts = {p: (starts[QKV_PARTS.index(p)], attn.qkv_sizes[QKV_PARTS.index(p)]) for p in wanted}
+            sites.append((attn, "qkv", parts))
+        if "o" in targets:
+            sites.append((attn, "o_proj", {"all": (0, attn.o_proj.out_features)}))
+        for name in MLP_TARGETS:
+            layer = getattr(block.mlp, name, None)
+            if (name in targets or "mlp" in targets) and isinstance(layer, nn.Linear):
+                sites.append((block.mlp, name, {"all": (0, layer.out_features)}))
+    return sites
+
+
+def add_lora(model: nn.Module, settings: LoRASettings) -> int:
+    """Freeze every parameter of `model` and put adapters on the target projections, in place.
+    Returns the number of adapted layers. A target the model does not have is refused."""
+    if settings.r < 1:
+        raise TegakiError(f"--lora-r must be at least 1, got {settings.r}")
+    sites = lora_sites(model, settings.targets)
+    reached = {p for _, _, parts in sites for p in parts} | {name for _, name, _ in sites}
+    reached |= {"o"} if "o_proj" in reached else set()
+    reached |= {"mlp"} if reached & set(MLP_TARGETS) else set()
+    missing = [t for t in settings.targets if t not in reached]
+    if missing:
+        raise TegakiError(f"this model has no {', '.join(missing)} projection for LoRA "
+                          f"(its MLP is {model.config.mlp!r}); choose other --lora-targets")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for parent, name, parts in sites:
+        base = getattr(parent, name)
+        if isinstance(base, LoRALinear):
+            raise TegakiError("this model has LoRA adapters already; merge them first")
+        setattr(parent, name, LoRALinear(base, parts, settings))
+    return len(sites)
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """(module name, layer) for every adapted layer, in model order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its weight and put a plain nn.Linear back, in place: the model computes
+    the same and has no trace of LoRA. Parameters become trainable again, as in any loaded model."""
+    for name, layer in lora_layers(model):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        plain.weight = nn.Parameter(layer.merged_weight())
+        if layer.bias is not None:
+            plain.bias = nn.Parameter(layer.bias.detach().clone())
+        setattr(parent, attr, plain)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
