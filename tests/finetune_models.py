@@ -30,8 +30,8 @@ def tiny_tokenizer():
 def make_run(folder: Path, preset: str = "tiny", seed: int = 0, **overrides) -> Path:
     """A tegaki run folder holding a random 2-layer model of `preset` at step 1."""
     tokenizer = tiny_tokenizer()
-    config = ModelConfig.preset(preset).replace(n_layer=2, n_embd=32, n_head=2, vocab_size=320,
-                                                block_size=64, **overrides)
+    shape = {"n_layer": 2, "n_embd": 32, "n_head": 2, "vocab_size": 320, "block_size": 64, **overrides}
+    config = ModelConfig.preset(preset).replace(**shape)
     torch.manual_seed(seed)
     model = GPT(config)
     folder.mkdir(parents=True, exist_ok=True)

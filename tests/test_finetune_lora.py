@@ -1,0 +1,89 @@
+"""LoRA (tegaki/lora.py): a fresh adapter changes nothing, merging changes nothing, only adapters learn."""
+
+import pytest
+import torch
+
+from tegaki.config import ModelConfig
+from tegaki.errors import TegakiError
+from tegaki.lora import LoRALinear, LoRASettings, add_lora, has_lora, lora_layers, merge_lora, parse_targets
+from tegaki.model import GPT
+
+PRESETS = ["tiny", "tiny-llama"]
+
+
+def small(preset: str) -> GPT:
+    torch.manual_seed(0)
+    return GPT(ModelConfig.preset(preset).replace(n_layer=2, n_embd=32, n_head=2, vocab_size=64)).eval()
+
+
+def randomise_adapters(model: GPT) -> None:
+    for _, layer in lora_layers(model):
+        for b in layer.lora_B.values():
+            torch.nn.init.normal_(b, std=0.5)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("targets", ["q,v", "k", "all"])
+def test_a_fresh_adapter_changes_nothing(preset, targets):
+    model = small(preset)
+    x = torch.randint(0, 64, (2, 10))
+    before = model(x)
+    add_lora(model, LoRASettings(r=4, alpha=8, targets=parse_targets(targets)))
+    assert has_lora(model)
+    assert torch.equal(model(x), before)  # B = 0: exactly the base model
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_merged_equals_unmerged(preset):
+    model = small(preset)
+    x = torch.randint(0, 64, (2, 10))
+    base = model(x)
+    add_lora(model, LoRASettings(r=4, alpha=8, targets=parse_targets("all")))
+    randomise_adapters(model)
+    unmerged = model(x)
+    assert (unmerged - base).abs().max() > 1e-2  # the adapters do something
+    merge_lora(model)
+    assert not has_lora(model) and not any(isinstance(m, LoRALinear) for m in model.modules())
+    torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_an_adapter_on_q_touches_only_q_rows():
+    model = small("tiny-llama")
+    add_lora(model, LoRASettings(r=2, alpha=2, targets=("q",)))
+    randomise_adapters(model)
+    layer = model.blocks[0].attn.qkv
+    q_rows = model.config.qkv_sizes[0]
+    delta = layer.delta(torch.randn(3, layer.in_features))
+    assert delta[:, :q_rows].abs().sum() > 0 and torch.equal(delta[:, q_rows:], torch.zeros_like(delta[:, q_rows:]))
+    merged = layer.merged_weight()
+    assert torch.equal(merged[q_rows:], layer.weight[q_rows:])
+
+
+def test_the_formula_is_w_x_plus_scaled_b_a_x():
+    layer = torch.nn.Linear(6, 5)
+    lora = LoRALinear(layer, {"all": (0, 5)}, LoRASettings(r=3, alpha=6))
+    torch.nn.init.normal_(lora.lora_B["all"])
+    x = torch.randn(4, 6)
+    a, b = lora.lora_A["all"], lora.lora_B["all"]
+    torch.testing.assert_close(lora(x), x @ layer.weight.T + layer.bias + (6 / 3) * x @ a.T @ b.T)
+
+
+def test_only_the_adapters_learn():
+    model = small("tiny-llama")
+    add_lora(model, LoRASettings(r=4, alpha=8, targets=("q", "v")))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    x = torch.randint(0, 64, (2, 10))
+    _, loss = model(x, x)
+    loss.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+    assert all(p.grad is not None for n, p in model.named_parameters() if ".lora_A." in n)
+
+
+def test_targets_are_checked():
+    with pytest.raises(TegakiError, match="unknown LoRA target 'x'"):
+        parse_targets("q,x")
+    assert parse_targets("all") == ("q", "k", "v", "o", "mlp")
+    with pytest.raises(TegakiError, match="no gate"):
+        add_lora(small("tiny"), LoRASettings(targets=("gate",)))  # GPT-2's MLP has fc and proj
+    assert add_lora(small("tiny"), LoRASettings(targets=("mlp",))) == 4  # fc and proj in 2 layers
