@@ -27,15 +27,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tegaki.config import ModelConfig  # noqa: E402
-from tegaki.eval.text import score_records  # noqa: E402
-from tegaki.finetune.loop import chat_template_for  # noqa: E402
-from tegaki.load import from_pretrained, tokenizer_for  # noqa: E402
-from tegaki.lora import LoRASettings, add_lora  # noqa: E402
-from tegaki.model import GPT  # noqa: E402
-from tegaki.train import TrainConfig, build_optimizer  # noqa: E402
+from tegaki.config import ModelConfig
+from tegaki.eval.text import score_records
+from tegaki.finetune.loop import chat_template_for
+from tegaki.load import from_pretrained, tokenizer_for
+from tegaki.lora import LoRASettings, add_lora
+from tegaki.model import GPT
+from tegaki.train import TrainConfig, build_optimizer
 
-SHAPE = dict(vocab_size=8192, n_layer=6, n_head=6, n_embd=384, block_size=256)
+SHAPE = {"vocab_size": 8192, "n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256}
 
 
 def cpu_flags() -> str:

@@ -7,12 +7,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-
 from finetune_models import make_run
+
 from tegaki.cli import main
 from tegaki.errors import TegakiError
 from tegaki.eval.harness import TegakiLM
-from tegaki.eval.tasks import TaskScore, choose, ending_logprobs, read_tasks, score_tasks
+from tegaki.eval.tasks import (
+    TaskScore,
+    choose,
+    ending_logprobs,
+    read_tasks,
+    score_tasks,
+)
 from tegaki.eval.text import score_text, token_logprobs
 from tegaki.load import from_pretrained, tokenizer_for
 
@@ -126,7 +132,8 @@ def test_the_adapter_answers_the_three_requests(run):
     ids = [tok.eot_id] + tok.encode_ordinary("To be")
     ranked = model(torch.tensor(ids)[None])[0, -1].argsort(descending=True).tolist()
     best, worse = (next(i for i in ranked[k:] if i < 300 and i != tok.eot_id) for k in (0, 5))
-    assert lm.loglikelihood(requests(("To be", tok.decode([best]))))[0][1] == (tok.encode_ordinary(tok.decode([best])) == [best])
+    round_trips = tok.encode_ordinary(tok.decode([best])) == [best]
+    assert lm.loglikelihood(requests(("To be", tok.decode([best]))))[0][1] == round_trips
     assert not lm.loglikelihood(requests(("To be", tok.decode([worse]))))[0][1] or worse == best
 
 

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from finetune_models import RECORDS, tiny_tokenizer, write_records
+
 from tegaki.errors import TegakiError
 from tegaki.finetune.data import (
     BUNDLED,

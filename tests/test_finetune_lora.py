@@ -5,7 +5,15 @@ import torch
 
 from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
-from tegaki.lora import LoRALinear, LoRASettings, add_lora, has_lora, lora_layers, merge_lora, parse_targets
+from tegaki.lora import (
+    LoRALinear,
+    LoRASettings,
+    add_lora,
+    has_lora,
+    lora_layers,
+    merge_lora,
+    parse_targets,
+)
 from tegaki.model import GPT
 
 PRESETS = ["tiny", "tiny-llama"]

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from finetune_models import make_run, write_records
+
 from tegaki.checkpoint import read_metrics
 from tegaki.cli import main
 from tegaki.errors import TegakiError

@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 
 from tegaki.analysis.plot import plot_run_losses
-from tegaki.finetune.loop import LR, METHODS, TRAIN_DEFAULTS, FineTuneConfig, finetune, train_settings
+from tegaki.finetune.loop import (
+    LR,
+    METHODS,
+    TRAIN_DEFAULTS,
+    FineTuneConfig,
+    finetune,
+    train_settings,
+)
 from tegaki.lora import TARGETS
 from tegaki.train.settings import DTYPE_CHOICES, SCHEDULES
 

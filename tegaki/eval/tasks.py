@@ -48,7 +48,8 @@ def read_tasks(path: str | Path) -> list[Choice]:
         endings = obj.get("endings") if isinstance(obj, dict) else None
         if not (isinstance(obj, dict) and isinstance(obj.get("context"), str) and isinstance(endings, list)
                 and len(endings) >= 2 and all(isinstance(e, str) and e for e in endings)):
-            raise TegakiError(f"{where}: expected {{\"context\": text, \"endings\": [two or more texts], \"label\": n}}")
+            raise TegakiError(f"{where}: expected {{\"context\": text, \"endings\": [two or more texts], "
+                              "\"label\": n}")
         label = obj.get("label")
         if not (isinstance(label, int) and 0 <= label < len(endings)):
             raise TegakiError(f"{where}: label must be an index into endings (0..{len(endings) - 1}), got {label!r}")

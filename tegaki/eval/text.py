@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from tegaki.errors import TegakiError
-from tegaki.finetune.data import IGNORE, PackedRows, describe_too_long, encode_records, read_records
+from tegaki.finetune.data import (
+    IGNORE,
+    PackedRows,
+    describe_too_long,
+    encode_records,
+    read_records,
+)
 
 
 @dataclass

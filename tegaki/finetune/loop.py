@@ -25,19 +25,25 @@ import torch
 
 from tegaki.data import BatchLoader
 from tegaki.errors import TegakiError
-from tegaki.finetune.data import PackedRows, describe_too_long, encode_records, read_records, split_records
+from tegaki.finetune.data import (
+    PackedRows,
+    describe_too_long,
+    encode_records,
+    read_records,
+    split_records,
+)
 from tegaki.load import from_pretrained, tokenizer_for
 from tegaki.lora import LoRASettings, add_lora, parse_targets
 from tegaki.serve.templates import DEFAULT_TEMPLATE, PLAIN_TEMPLATE, find_chat_template
-from tegaki.train.loop import Run, PlotHook, train
+from tegaki.train.loop import PlotHook, Run, train
 from tegaki.train.schedule import build_optimizer
 from tegaki.train.settings import TrainConfig, check_settings
 from tegaki.train.setup import token_byte_lengths
 
 METHODS = ("lora", "full")
 # The training settings a fine-tune starts from (any of them can be given on the command line).
-TRAIN_DEFAULTS = dict(max_steps=200, batch_size=8, eval_every=50, eval_batches=20, save_every=50, warmup=10,
-                      weight_decay=0.0, sample_every=0, val_fraction=0.1)
+TRAIN_DEFAULTS = {"max_steps": 200, "batch_size": 8, "eval_every": 50, "eval_batches": 20, "save_every": 50,
+                  "warmup": 10, "weight_decay": 0.0, "sample_every": 0, "val_fraction": 0.1}
 LR = {"lora": 1e-3, "full": 1e-4}  # adapters start at zero and need bigger steps than whole weights
 
 

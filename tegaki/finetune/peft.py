@@ -21,7 +21,13 @@ from pathlib import Path
 
 import torch
 
-from tegaki.checkpoint import MODEL_FILE, find_checkpoint, load_model_tensors, read_model_tensors, read_run_json
+from tegaki.checkpoint import (
+    MODEL_FILE,
+    find_checkpoint,
+    load_model_tensors,
+    read_model_tensors,
+    read_run_json,
+)
 from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
 from tegaki.files import atomic_write, atomic_write_json
