@@ -13,7 +13,7 @@ from serve_models import write_model_folder
 
 from tegaki.cli import main
 from tegaki.errors import TegakiError
-from tegaki.serve.templates import (
+from tegaki.chat_template import (
     DEFAULT_TEMPLATE,
     ChatTemplate,
     find_chat_template,

@@ -16,7 +16,7 @@ from tegaki.finetune.data import (
     pack,
     read_records,
 )
-from tegaki.serve.templates import DEFAULT_TEMPLATE, PLAIN_TEMPLATE, ChatTemplate
+from tegaki.chat_template import DEFAULT_TEMPLATE, PLAIN_TEMPLATE, ChatTemplate
 
 
 @pytest.fixture(scope="module")

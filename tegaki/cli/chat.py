@@ -17,7 +17,7 @@ from tegaki.sampling import SamplingSettings
 from tegaki.serve.api import ChoiceText
 from tegaki.serve.engine import DoneEvent, Engine, GenerationRequest
 from tegaki.serve.served import Served, load_served
-from tegaki.serve.templates import fit_to_context
+from tegaki.chat_template import fit_to_context
 
 MAX_TOKENS = 256
 

@@ -6,7 +6,7 @@ A record is one line of a .jsonl file, in either of two shapes:
     chat    {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
 
 An Alpaca record is the chat [user: instruction (+ blank line + input), assistant: output]. The model's
-chat template (tegaki.serve.templates: the checkpoint's own, ChatML, or the plain "USER:/ASSISTANT:"
+chat template (tegaki.chat_template: the checkpoint's own, ChatML, or the plain "USER:/ASSISTANT:"
 layout for a tegaki run) writes the conversation out. Each assistant turn is cut where the template
 hands over to the assistant: the text before is the prompt, the text after is the response, and they
 are tokenized apart -- exactly as the prompt will be tokenized when the model is asked later.

@@ -34,7 +34,7 @@ from tegaki.finetune.data import (
 )
 from tegaki.load import from_pretrained, tokenizer_for
 from tegaki.lora import LoRASettings, add_lora, parse_targets
-from tegaki.serve.templates import DEFAULT_TEMPLATE, PLAIN_TEMPLATE, find_chat_template
+from tegaki.chat_template import DEFAULT_TEMPLATE, PLAIN_TEMPLATE, find_chat_template
 from tegaki.train.loop import PlotHook, Run, train
 from tegaki.train.schedule import build_optimizer
 from tegaki.train.settings import TrainConfig, check_settings

@@ -15,7 +15,7 @@ import torch
 from tegaki.errors import TegakiError
 from tegaki.load import from_pretrained, tokenizer_for
 from tegaki.quant import quantize_model
-from tegaki.serve.templates import ChatTemplate, find_chat_template
+from tegaki.chat_template import ChatTemplate, find_chat_template
 
 
 @dataclass
