@@ -124,7 +124,7 @@ def test_fast_encoder_equals_readable_encoder(bpe, play_text):
     sample = play_text[:40_000] + " 日本語のテキスト  \n\n  tabs\there 123456 "
     encoder = data.Encoder(bpe)
     assert encoder.fast is not None
-    assert encoder.encode(sample) == bpe.encode_ordinary(sample)
+    assert encoder.encode(sample) == bpe.encode_readable(sample)
 
 
 def test_cutting_into_pieces_does_not_change_tokens(bpe, play_text):

@@ -1,10 +1,14 @@
-"""GPT-2's tokenizer, checked byte for byte against tiktoken built from the same two files."""
+"""GPT-2's tokenizer, checked byte for byte against tiktoken built from the same two files.
+
+`encode` may itself run through tiktoken (tegaki.tokenizer.compiled), so the readable loop,
+`encode_readable`, is checked against the reference on its own as well."""
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from tegaki.errors import TegakiError
 from tegaki.tokenizer import gpt2_files_dir, load
+from tegaki.tokenizer.base import valid_unicode
 from tegaki.tokenizer.bpe import PATTERNS, bytes_to_unicode
 
 tiktoken = pytest.importorskip("tiktoken")
@@ -54,6 +58,7 @@ def test_hello_gives_the_well_known_ids(gpt2):
 @pytest.mark.parametrize("text", FIXED)
 def test_fixed_cases_match_tiktoken(gpt2, reference, text):
     assert gpt2.encode(text) == reference.encode(text, allowed_special="all")
+    assert gpt2.encode_readable(text) == reference.encode_ordinary(text)
     assert gpt2.encode_ordinary(text) == reference.encode_ordinary(text)
     assert gpt2.decode(gpt2.encode(text)) == text
 
@@ -64,6 +69,7 @@ def test_any_text_matches_tiktoken(gpt2, reference, text):
     ids = gpt2.encode(text)
     assert ids == reference.encode(text, allowed_special="all")
     assert gpt2.decode(ids) == text
+    assert gpt2.encode_readable(text) == reference.encode_ordinary(text)
 
 
 @settings(max_examples=200, deadline=None)
@@ -71,6 +77,7 @@ def test_any_text_matches_tiktoken(gpt2, reference, text):
 def test_tricky_alphabet_matches_tiktoken(gpt2, reference, text):
     """A small alphabet of the characters the regex treats specially finds edge cases fast."""
     assert gpt2.encode(text) == reference.encode(text, allowed_special="all")
+    assert gpt2.encode_readable(text) == reference.encode_ordinary(text)
 
 
 @settings(max_examples=200, deadline=None)
@@ -84,12 +91,13 @@ def test_heap_merge_on_a_long_japanese_chunk(gpt2, reference):
     text = "日本語のテキストをバイト単位で分割します" * 20  # one \p{L}+ chunk of 1,200 bytes
     chunk = text.encode()
     assert gpt2.encode_chunk_fast(chunk) == gpt2.encode_chunk(chunk)
-    assert gpt2.encode(text) == reference.encode(text)
+    assert gpt2.encode(text) == gpt2.encode_readable(text) == reference.encode(text)
 
 
 @pytest.mark.parametrize("text", ["a\ud800b", "x\udc80\ud83d", "\ud83d\ude00 joined pair"])
 def test_lone_surrogates_become_replacement_characters_as_in_tiktoken(gpt2, reference, text):
     assert gpt2.encode(text) == reference.encode(text)
+    assert gpt2.encode_readable(valid_unicode(text)) == reference.encode(text)
     assert gpt2.encode_ordinary(text) == reference.encode_ordinary(text)
     assert gpt2.decode(gpt2.encode(text)) == text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from tegaki.data.corpora import iter_documents, source_size
 from tegaki.errors import TegakiError
+from tegaki.tokenizer.base import valid_unicode
 
 SHARD_MAGIC = b"TGKTOKS\0"
 SHARD_VERSION = 1
@@ -93,7 +94,8 @@ class Encoder:
 
     The readable path is the tokenizer's own `encode_ordinary` (pure Python, ~2 MB/s). For a
     byte-level BPE the same vocabulary is handed to tiktoken, whose Rust core gives the same ids
-    (tests/test_data.py checks it) many times faster and lets threads run in parallel.
+    (checked per vocabulary, and by tests/test_data.py) many times faster and lets threads run in
+    parallel; `fast=False` keeps to the readable loop.
     """
 
     def __init__(self, tokenizer, fast: bool = True):
@@ -105,7 +107,8 @@ class Encoder:
     def encode(self, text: str) -> list[int]:
         if self.fast is not None:
             return self.fast.encode_ordinary(text)
-        return self.tokenizer.encode_ordinary(text)
+        readable = getattr(self.tokenizer, "encode_readable", None)  # a BPE's own loop, not tiktoken
+        return readable(valid_unicode(text)) if readable else self.tokenizer.encode_ordinary(text)
 
     def encode_piece(self, piece: list[tuple[str, bool]]) -> list[int]:
         ids: list[int] = []
@@ -131,33 +134,10 @@ class Encoder:
 
 
 def _tiktoken_encoding(tokenizer):
-    """tiktoken's Encoding for a byte-level BPE, or None when that is not possible.
-
-    tiktoken merges by the rank of the merged bytes; BPE merges by the rank of the pair. The two
-    agree when each token's bytes are made by one merge only, which holds for GPT-2 and for
-    tegaki's trainer -- checked here, not assumed."""
-    vocab = getattr(tokenizer, "vocab", None)
-    merges = getattr(tokenizer, "merges", None)
-    pattern = getattr(tokenizer, "pattern", None)
-    if vocab is None or merges is None or pattern is None:
-        return None
-    try:
-        import tiktoken
-    except ImportError:
-        return None
-    specials = dict(tokenizer.special_tokens)
-    special_ids = set(specials.values())
-    ranks = {token: i for i, token in vocab.items() if i not in special_ids}
-    if len(ranks) != len(vocab) - len(special_ids):
-        return None  # two ids with the same bytes: tiktoken could not tell them apart
-    merged_ids = set(merges.values())
-    if any(len(token) > 1 and i not in merged_ids for token, i in ranks.items()):
-        return None
-    try:
-        return tiktoken.Encoding(f"tegaki-{tokenizer.name}", pat_str=pattern, mergeable_ranks=ranks,
-                                 special_tokens=specials)
-    except Exception:
-        return None
+    """tiktoken's Encoding of a byte-level BPE, or None. The tokenizer builds it and checks that it
+    gives the same ids as its readable loop (tegaki.tokenizer.compiled); other kinds have none."""
+    compiled_encoder = getattr(tokenizer, "compiled_encoder", None)
+    return compiled_encoder() if compiled_encoder is not None else None
 
 
 # =================================================================================================

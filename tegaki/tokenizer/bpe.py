@@ -12,6 +12,10 @@ Encoding happens in three steps:
 
 The only GPT-2 oddity is the file format: `encoder.json` and `vocab.bpe` store tokens as printable
 strings, one character per byte (see `bytes_to_unicode`), so the files stay readable text.
+
+`encode` runs through tiktoken (`compiled.py`) when it is installed and gives the same ids, which
+it checks per vocabulary; `encode_readable` is the loop below, always available, and the twin the
+tests hold the compiled path to.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import regex
 
 from tegaki.errors import TegakiError
 from tegaki.tokenizer.base import Tokenizer, write_meta
+from tegaki.tokenizer.compiled import tiktoken_encoding
 
 # Pre-tokenization patterns, by name. GPT-2's keeps letters, digits and other symbols apart and
 # glues one leading space to a word. GPT-4's (cl100k) also splits numbers into groups of at most
@@ -87,6 +92,7 @@ class BytePairTokenizer(Tokenizer):
     kind = "bpe"
     CACHE_SIZE = 100_000  # chunks remembered; a chunk seen before costs one dict lookup
     SHORT_CHUNK = 12  # bytes; longer chunks (a Japanese sentence is one \p{L}+ run) use the heap
+    use_compiled = True  # set False to encode with the readable loop only
 
     def __init__(
         self,
@@ -108,6 +114,12 @@ class BytePairTokenizer(Tokenizer):
         self.vocab_size = max(self.vocab) + 1
         self.byte_ids = self._single_byte_ids()
         self.cache: dict[str, list[int]] = {}
+        self.compiled = None  # tiktoken's Encoding of this vocabulary, built on first use
+        self.compiled_checked = False
+
+    def __getstate__(self):
+        # Processes that receive a tokenizer build their own compiled encoder; it does not pickle.
+        return {**self.__dict__, "compiled": None, "compiled_checked": False}
 
     def _single_byte_ids(self) -> list[int]:
         """byte_ids[b] is the id of the one-byte token b (GPT-2 does not number them 0..255)."""
@@ -119,7 +131,22 @@ class BytePairTokenizer(Tokenizer):
 
     # --- encoding -----------------------------------------------------------------------------
 
+    def compiled_encoder(self):
+        """tiktoken's Encoding of this vocabulary, or None (not installed, not exact, or switched off)."""
+        if not self.use_compiled:
+            return None
+        if not self.compiled_checked:
+            self.compiled, self.compiled_checked = tiktoken_encoding(self), True
+        return self.compiled
+
     def _encode_ordinary(self, text: str) -> list[int]:
+        compiled = self.compiled_encoder()
+        if compiled is not None:
+            return compiled.encode_ordinary(text)
+        return self.encode_readable(text)
+
+    def encode_readable(self, text: str) -> list[int]:
+        """Encode valid Unicode text (no special tokens) with the readable loop: pre-tokenize, then BPE."""
         ids: list[int] = []
         for chunk in self.compiled_pattern.findall(text):
             cached = self.cache.get(chunk)
