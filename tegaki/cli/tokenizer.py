@@ -1,8 +1,8 @@
 """`tegaki tokenizer train | stats | show`: train, measure and look at tokenizers.
 
 tegaki tokenizer train --input shakespeare --vocab-size 8000 --out runs/tok-en
-tegaki tokenizer train --input ja.txt --range 0:0.8 --vocab-size 16000 --out runs/tok-ja
-tegaki tokenizer stats --tokenizer runs/tok-ja --input ja.txt --range 0.8:1
+tegaki tokenizer train --input ja.txt --doc-start manpage --held-out 0.2 --vocab-size 16000 --out runs/tok-ja
+tegaki tokenizer stats --tokenizer runs/tok-ja --input ja.txt --doc-start manpage --held-out 0.2
 tegaki tokenizer show --tokenizer gpt2 "日本語のテキスト"
 """
 
@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 from tegaki.cli.common import default_of
-from tegaki.data import TEXT_SUFFIXES, read_text_file, shakespeare_text
+from tegaki.data import TEXT_SUFFIXES, read_text_file, shakespeare_documents, shakespeare_text
 from tegaki.errors import TegakiError
 from tegaki.tokenizer import load
 from tegaki.tokenizer.bpe import PATTERNS
+from tegaki.tokenizer.choose import AUTO, choose_pattern
 from tegaki.tokenizer.kinds import BACKENDS, KINDS, train_tokenizer
-from tegaki.tokenizer.stats import format_stats, token_stats
+from tegaki.tokenizer.stats import documents_stats, format_stats
 
 # --- reading inputs ---------------------------------------------------------------------------
 
@@ -58,6 +60,51 @@ def read_inputs(inputs: list[str], text_range: str | None = None, purpose: str =
     return [cut_range(t, text_range) for t in texts] if text_range else texts
 
 
+# A line that starts a new document inside one text file, by name or as a regex of your own.
+# "manpage": a manual page's header line, which names the page at both ends: "LS(1) User Commands LS(1)".
+DOC_STARTS = {"manpage": r"^(\S+)\((\w+)\) .*\1\(\2\)$"}
+
+
+def split_documents(text: str, doc_start: str | None) -> list[str]:
+    """One text → its documents: cut before every line matching `doc_start` (the whole text when None)."""
+    if not doc_start:
+        return [text]
+    try:
+        start = re.compile(DOC_STARTS.get(doc_start, doc_start), re.M)
+    except re.error as e:
+        raise TegakiError(f"--doc-start {doc_start!r} is not a regular expression: {e}") from None
+    cuts = sorted({0, *(m.start() for m in start.finditer(text))})
+    return [text[a:b] for a, b in zip(cuts, [*cuts[1:], len(text)]) if text[a:b].strip()]
+
+
+def read_documents(inputs: list[str], doc_start: str | None, purpose: str) -> list[str]:
+    """Like `read_inputs`, but one text per document: each file, each Shakespeare play, each
+    `doc_start` section of a file."""
+    docs = []
+    for item in inputs:
+        if item == "shakespeare" and not Path(item).exists():
+            docs.extend(text for _, text in shakespeare_documents())
+        else:
+            for text in read_inputs([item], purpose=purpose):
+                docs.extend(split_documents(text, doc_start))
+    return docs
+
+
+def split_held_out(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """(training documents, held-out documents): every k-th document is held out, k = 1/fraction,
+    so both sides spread over the whole corpus and a rerun picks the same ones."""
+    if not 0 < fraction < 1:
+        raise TegakiError(f"--held-out {fraction}: expected a fraction between 0 and 1, e.g. 0.2")
+    every = max(2, round(1 / fraction))
+    if len(docs) < every:
+        raise TegakiError(
+            f"--held-out {fraction} needs at least {every} documents, found {len(docs)}; "
+            "give several files or use --doc-start to say where each document starts"
+        )
+    held = [d for i, d in enumerate(docs) if i % every == every - 1]
+    return [d for i, d in enumerate(docs) if i % every != every - 1], held
+
+
 def cut_range(text: str, text_range: str) -> str:
     """'0:0.8' → the first 80% of the characters; '0.8:1' → the rest."""
     try:
@@ -76,14 +123,19 @@ def cmd_train(args) -> int:
     specials = args.special_tokens
     if len(set(specials)) != len(specials) or not all(specials):
         raise TegakiError(f"--special-tokens must be distinct and non-empty, got {specials}")
-    texts = read_inputs(args.input, args.range)
+    texts, held = training_texts(args)
     out = Path(args.out)
+    pattern = args.pattern
+    if args.kind == "bpe" and pattern == AUTO:
+        choice = choose_pattern(texts)
+        pattern = choice.pattern
+        print(f"pattern {pattern}: {choice.reason} (--pattern overrides)")
     start = time.perf_counter()
     tok = train_tokenizer(
         texts,
         args.vocab_size,
         args.kind,
-        args.pattern,
+        pattern,
         args.backend,
         special_tokens=args.special_tokens,
         name=args.name or out.name,
@@ -92,11 +144,25 @@ def cmd_train(args) -> int:
     seconds = time.perf_counter() - start
     tok.save(out)
     chars = sum(len(t) for t in texts)
+    config = f"{args.kind}, pattern {pattern}" if args.kind == "bpe" else args.kind
     print(
-        f"trained {tok.kind} tokenizer {tok.name!r} ({args.kind}, vocab {tok.vocab_size:,}) on "
+        f"trained {tok.kind} tokenizer {tok.name!r} ({config}, vocab {tok.vocab_size:,}) on "
         f"{chars:,} characters in {seconds:.1f}s → {out}"
     )
+    if held:
+        total = documents_stats(tok, held).total
+        print(f"held out {len(held)} of {len(held) + len(texts)} documents ({total.chars:,} characters): "
+              f"{total.chars_per_token:.3f} characters/token")
     return 0
+
+
+def training_texts(args) -> tuple[list[str], list[str]]:
+    """(texts to train on, held-out documents to measure on afterwards: none without --held-out)."""
+    if args.held_out is None:
+        return read_inputs(args.input, args.range), []
+    if args.range:
+        raise TegakiError("give --range or --held-out, not both: --held-out already says what to train on")
+    return split_held_out(read_documents(args.input, args.doc_start, "nothing to learn from"), args.held_out)
 
 
 # --- stats ------------------------------------------------------------------------------------
@@ -104,12 +170,21 @@ def cmd_train(args) -> int:
 
 def cmd_stats(args) -> int:
     tok = load(args.tokenizer)
-    text = "\n".join(read_inputs(args.input, args.range, purpose="nothing to measure"))
-    stats = token_stats(tok, text)
-    where = " ".join(args.input) + (f" [{args.range}]" if args.range else "")
+    where = " ".join(args.input)
+    if args.held_out is not None:
+        if args.range:
+            raise TegakiError("give --range or --held-out, not both")
+        docs = read_documents(args.input, args.doc_start, "nothing to measure")
+        train, docs = split_held_out(docs, args.held_out)
+        where += f" [the {len(docs)} held-out documents of {len(docs) + len(train)}]"
+    else:
+        docs = ["\n".join(read_inputs(args.input, args.range, purpose="nothing to measure"))]
+        where += f" [{args.range}]" if args.range else ""
+    stats = documents_stats(tok, docs)
+    n_bytes = sum(len(d.encode()) for d in docs)
     title = (
-        f"{tok.name} (vocab {tok.vocab_size:,}) on {where}: {len(text):,} characters, "
-        f"{len(text.encode()):,} bytes, {stats.total.tokens:,} tokens"
+        f"{tok.name} (vocab {tok.vocab_size:,}) on {where}: {stats.total.chars:,} characters, "
+        f"{n_bytes:,} bytes, {stats.total.tokens:,} tokens"
     )
     print(format_stats(stats, title))
     return 0
@@ -169,6 +244,14 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def add_held_out_arguments(p, what: str) -> None:
+    p.add_argument("--held-out", type=float, metavar="FRACTION",
+                   help=f"hold out every k-th document (k = 1/FRACTION, e.g. 0.2 → every 5th): {what}")
+    p.add_argument("--doc-start", metavar="RULE",
+                   help="where documents start inside a file: a regex matching a document's first line, or "
+                        f"{', '.join(DOC_STARTS)}; default: each file (and each Shakespeare play) is a document")
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "tokenizer", help="train, inspect and measure tokenizers", description="Train, inspect and measure tokenizers."
@@ -194,9 +277,9 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--pattern",
-        choices=tuple(PATTERNS),
+        choices=(AUTO, *PATTERNS),
         default=default_of(train_tokenizer, "pattern"),
-        help="pre-tokenization regex (bpe)",
+        help="pre-tokenization regex (bpe); auto: gpt4 for a Japanese/CJK or mixed corpus, else gpt2",
     )
     p.add_argument(
         "--backend",
@@ -213,6 +296,7 @@ def register(subparsers) -> None:
         help=f"special tokens, each one id of its own (default: {' '.join(specials)})",
     )
     p.add_argument("--range", help="use only this fraction of each input, e.g. 0:0.8")
+    add_held_out_arguments(p, "train on the other documents and report chars/token on these")
     p.add_argument("--name", help="the tokenizer's name (default: the folder name)")
     p.set_defaults(func=cmd_train)
 
@@ -220,6 +304,7 @@ def register(subparsers) -> None:
     p.add_argument("--tokenizer", required=True, help="'gpt2' or a saved folder")
     p.add_argument("--input", nargs="+", required=True)
     p.add_argument("--range", help="measure only this fraction of each input, e.g. 0.8:1")
+    add_held_out_arguments(p, "measure only these (the ones `train --held-out` left out)")
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("show", help="show token boundaries in a text")

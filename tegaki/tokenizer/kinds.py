@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from tegaki.errors import TegakiError
 from tegaki.tokenizer.base import Tokenizer
 from tegaki.tokenizer.bpe import ENDOFTEXT
+from tegaki.tokenizer.choose import AUTO, resolve_pattern
 from tegaki.tokenizer.spm import train_sentencepiece
 from tegaki.tokenizer.trainer import train_bpe, train_bpe_tokenizers
 
@@ -20,16 +21,18 @@ def train_tokenizer(
     texts: list[str],
     vocab_size: int,
     kind: str = "bpe",
-    pattern: str = "gpt2",
+    pattern: str = AUTO,
     backend: str = "readable",
     special_tokens: Iterable[str] = (ENDOFTEXT,),
     name: str = "bpe",
     verbose: bool = False,
 ) -> Tokenizer:
-    """A tokenizer of `kind` trained on `texts`; `pattern` and `backend` are for bpe only."""
+    """A tokenizer of `kind` trained on `texts`; `pattern` and `backend` are for bpe only.
+    pattern "auto": chosen from the corpus's scripts (tegaki.tokenizer.choose)."""
     if kind not in KINDS:
         raise TegakiError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(KINDS)}")
     if kind == "bpe":
+        pattern = resolve_pattern(pattern, texts)
         if backend == "tokenizers":
             return train_bpe_tokenizers(texts, vocab_size, pattern, special_tokens, name)
         return train_bpe(texts, vocab_size, pattern, special_tokens, name, verbose=verbose)

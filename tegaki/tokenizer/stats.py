@@ -45,10 +45,28 @@ class Row:
         return self.partial / self.tokens if self.tokens else 0.0
 
 
+    def add(self, other: "Row") -> None:
+        self.tokens += other.tokens
+        self.chars += other.chars
+        self.bytes += other.bytes
+        self.partial += other.partial
+
+
 @dataclass
 class Stats:
     total: Row = field(default_factory=Row)
     by_script: dict[str, Row] = field(default_factory=lambda: {s: Row() for s in SCRIPTS})
+
+
+def documents_stats(tok, documents: list[str]) -> Stats:
+    """`token_stats` summed over documents, each encoded on its own (as `prepare` encodes them)."""
+    stats = Stats()
+    for doc in documents:
+        one = token_stats(tok, doc)
+        stats.total.add(one.total)
+        for script in SCRIPTS:
+            stats.by_script[script].add(one.by_script[script])
+    return stats
 
 
 def token_stats(tok, text: str) -> Stats:
