@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 import regex
 
 from tegaki.errors import TegakiError
+from tegaki.files import atomic_write_text
 from tegaki.tokenizer.stream import StreamDecoder, stream_decode
 
 META_FILE = "tegaki_tokenizer.json"  # says which kind a saved folder holds; read by `load`
@@ -132,5 +133,5 @@ def valid_unicode(text: str) -> str:
 
 
 def write_meta(folder: Path, meta: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    # Written last and atomically: a folder with this file holds a whole tokenizer.
+    atomic_write_text(folder / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")

@@ -28,6 +28,7 @@ from pathlib import Path
 import regex
 
 from tegaki.errors import TegakiError
+from tegaki.files import atomic_write_text
 from tegaki.tokenizer.base import Tokenizer, write_meta
 from tegaki.tokenizer.compiled import tiktoken_encoding
 
@@ -225,11 +226,11 @@ class BytePairTokenizer(Tokenizer):
         encoder = {token_to_str(token): i for i, token in sorted(self.vocab.items())
                    if i not in self.special_tokens.values()}
         encoder.update(self.special_tokens)
-        (folder / "encoder.json").write_text(json.dumps(encoder, ensure_ascii=False))
+        atomic_write_text(folder / "encoder.json", json.dumps(encoder, ensure_ascii=False))
         lines = ["#version: 0.2"]
         for (left, right), _ in sorted(self.merges.items(), key=lambda item: item[1]):
             lines.append(f"{token_to_str(self.vocab[left])} {token_to_str(self.vocab[right])}")
-        (folder / "vocab.bpe").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        atomic_write_text(folder / "vocab.bpe", "\n".join(lines) + "\n")
         write_meta(folder, {
             "kind": self.kind,
             "name": self.name,

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from tegaki.errors import TegakiError
+from tegaki.files import atomic_write_text
 from tegaki.tokenizer.base import Tokenizer
 from tegaki.tokenizer.bpe import BytePairTokenizer, token_to_str
 
@@ -59,7 +60,7 @@ def export_hf_tokenizer(tok: Tokenizer, out_dir: str | Path) -> Path:
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.json").write_text(json.dumps(tokenizer_json(tok), ensure_ascii=False), encoding="utf-8")
+    atomic_write_text(out / "tokenizer.json", json.dumps(tokenizer_json(tok), ensure_ascii=False))
     eot = next((s for s, i in tok.special_tokens.items() if i == tok.eot_id), None)
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -71,7 +72,7 @@ def export_hf_tokenizer(tok: Tokenizer, out_dir: str | Path) -> Path:
     }
     if tok.name == "gpt2":
         config["model_max_length"] = 1024  # GPT-2's context; a trained vocabulary has none of its own
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return out
 
 

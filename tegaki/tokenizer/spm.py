@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterable
 
 from tegaki.errors import TegakiError
+from tegaki.files import atomic_write_bytes
 from tegaki.tokenizer.base import Tokenizer, write_meta
 from tegaki.tokenizer.bpe import ENDOFTEXT
 
@@ -78,7 +79,7 @@ class SentencePieceTokenizer(Tokenizer):
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / MODEL_FILE).write_bytes(self.model_proto)
+        atomic_write_bytes(folder / MODEL_FILE, self.model_proto)
         write_meta(folder, {
             "kind": self.kind,
             "name": self.name,

@@ -23,6 +23,7 @@ from tegaki.data import is_prepared, iter_documents, load_meta, prepare
 from tegaki.errors import TegakiError
 from tegaki.tokenizer import load as load_tokenizer
 from tegaki.tokenizer import train_bpe
+from tegaki.tokenizer.choose import choose_pattern
 from tegaki.train.settings import TrainConfig
 
 
@@ -71,9 +72,11 @@ def train_run_tokenizer(cfg: TrainConfig, folder: Path, vocab_size: int, say):
     if size == 0:
         raise TegakiError(f"the corpus {cfg.data!r} holds no text")
     amount = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
-    say(f"training a byte-level BPE tokenizer (vocab {vocab_size:,}) on {amount} of {cfg.data} ...")
+    choice = choose_pattern(texts)  # gpt4's pre-tokenization for Japanese/CJK text, else gpt2's
+    say(f"training a byte-level BPE tokenizer (vocab {vocab_size:,}, pattern {choice.pattern}) on {amount} "
+        f"of {cfg.data} ...\n  {choice.reason}")
     start = time.perf_counter()
-    tok = train_bpe(texts, vocab_size, name=f"bpe-{vocab_size}")
+    tok = train_bpe(texts, vocab_size, choice.pattern, name=f"bpe-{vocab_size}")
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tok.save(tmp)
