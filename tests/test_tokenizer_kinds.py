@@ -91,3 +91,22 @@ def test_every_byte_has_a_token(tok):
     """What makes "no unknown token" true: each of the 256 bytes can be spelled on its own."""
     spelled = {tok.token_bytes(i) for i in range(tok.vocab_size)}
     assert all(bytes([b]) in spelled for b in range(256))
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(alphabet=st.characters(codec=None, blacklist_characters="\ufffd"), max_size=40))
+def test_streaming_any_text_gives_whole_characters_only(tok, text):
+    """Token by token, for any text (NUL bytes, emoji, lone surrogates): no U+FFFD is ever printed
+    mid-stream (a lone surrogate can only come back as U+FFFD, in the piece that holds it), and the
+    pieces join to exactly what one-shot decoding gives."""
+    expected = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    pieces = list(tok.stream_decode(iter(tok.encode(text))))
+    assert "".join(pieces) == expected == tok.decode(tok.encode(text))
+    assert sum(piece.count("\ufffd") for piece in pieces) == expected.count("\ufffd")
+
+
+@pytest.mark.parametrize("text", ["\x00", "a\x00b\x00\x00", "\x00日本\x00語", "\ud800", "x\udfff\x00y"])
+def test_nul_bytes_and_surrogates_stream_and_round_trip(tok, text):
+    expected = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    ids = tok.encode(text)
+    assert tok.decode(ids) == expected == "".join(tok.stream_decode(ids))
