@@ -1,11 +1,15 @@
-"""Tokenizers side by side: training time, held-out compression, encode throughput.
+"""Tokenizers side by side: training time, compression on unseen documents, encode throughput.
 
     python benchmarks/bench_tokenizer.py                 # Japanese man pages + Shakespeare, vocab 16,000
-    python benchmarks/bench_tokenizer.py --vocab-size 8000 --ja path/to/ja.txt
+    python benchmarks/bench_tokenizer.py --vocab-size 8000 --ja path/to/ja.txt --rounds 3
 
-Each corpus is cut into the first 80% (training) and the rest (held out). Compression is measured
-on the held-out part; encode throughput too (CPU time, one thread, tegaki starting from an empty
-chunk cache). Training time is wall-clock. The tables are Markdown, ready for benchmarks/RESULTS.md.
+Each corpus is split by *document* (a manual page, a play): every 5th document is held out, the
+others are trained on, so compression is measured on text the tokenizer never saw, not on the end
+of a file it learned from. Throughput is wall-clock over the held-out text, tegaki's readable
+encoder starting from an empty chunk cache; each figure is the median of --rounds runs with the
+range [min-max] (the machine may be shared). "2 threads" splits the text into documents and runs
+tiktoken's batch encoder, as `prepare` does with its thread pool. The fast rows must give exactly the
+readable encoder's ids; the script stops if they do not. The tables are Markdown for RESULTS.md.
 """
 
 from __future__ import annotations
@@ -13,16 +17,21 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
+import sys
 import time
 from pathlib import Path
 
-from tegaki.data import shakespeare_text
+from tegaki.cli.tokenizer import split_documents, split_held_out
+from tegaki.data import shakespeare_documents
 from tegaki.tokenizer import gpt2_files_dir, load
 from tegaki.tokenizer.bpe import PATTERNS
+from tegaki.tokenizer.choose import choose_pattern
 from tegaki.tokenizer.spm import train_sentencepiece
 from tegaki.tokenizer.trainer import train_bpe, train_bpe_tokenizers
 
 DEFAULT_JA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ja_manpages_sec1.txt"
+HELD_OUT = 0.2  # every 5th document
 
 
 def timed(fn, *args, **kwargs):
@@ -31,15 +40,14 @@ def timed(fn, *args, **kwargs):
     return result, time.perf_counter() - start
 
 
-def best_cpu_time(n, fn, *args):
-    """CPU seconds of the fastest of n runs: steadier than wall time on a shared machine, and
-    the same thing for single-threaded encoders."""
-    times = []
-    for _ in range(n):
-        start = time.process_time()
+def speeds(rounds: int, megabytes: float, fn, *args) -> list[float]:
+    """MB/s of each of `rounds` runs."""
+    out = []
+    for _ in range(rounds):
+        start = time.perf_counter()
         fn(*args)
-        times.append(time.process_time() - start)
-    return min(times)
+        out.append(megabytes / (time.perf_counter() - start))
+    return out
 
 
 def tiktoken_gpt2():
@@ -65,67 +73,124 @@ def hf_from_ours(tok):
         return Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
 
 
-def tegaki_encoder(tok):
-    def encode(text):
+def readable(tok):
+    def encode(docs):
         tok.cache.clear()  # start cold: no chunk seen before
-        return tok.encode_ordinary(text)
+        return [tok.encode_readable(d) for d in docs]
     return encode
 
 
-def corpus_rows(label, text, vocab_size, pattern):
-    cut = int(0.8 * len(text))
-    train_text, held = text[:cut], text[cut:]
-    held_mb = len(held.encode()) / 1e6
-    rows = []
+def compiled(tok, threads: int = 1):
+    enc = tok.compiled_encoder()
+    if enc is None:
+        return None
+    if threads == 1:
+        return lambda docs: [enc.encode_ordinary(d) for d in docs]
+    return lambda docs: enc.encode_ordinary_batch(docs, num_threads=threads)
 
-    def add(name, train_seconds, encode, threads="1"):
-        ids = encode(held)
-        seconds = best_cpu_time(2, encode, held)
-        rows.append((name, train_seconds, len(held) / len(ids), held_mb / seconds, threads))
 
+class Table:
+    def __init__(self, held: list[str], rounds: int):
+        self.held, self.rounds = held, rounds
+        self.chars = sum(len(d) for d in held)
+        self.megabytes = sum(len(d.encode()) for d in held) / 1e6
+        self.rows = []
+
+    def add(self, name, train_seconds, encode, threads="1", twin=None):
+        """Encode the held-out documents; `twin` (another encode) must give the very same ids."""
+        if encode is None:
+            return
+        ids = encode(self.held)
+        if twin is not None and ids != twin(self.held):
+            sys.exit(f"{name}: the fast encoder's ids differ from the readable encoder's")
+        n_tokens = sum(len(x) for x in ids)
+        mbps = speeds(self.rounds, self.megabytes, encode, self.held)
+        self.rows.append((name, train_seconds, self.chars / n_tokens, mbps, threads, twin is not None))
+
+    def print(self):
+        print("| tokenizer | train time (s) | held-out chars/token | encode MB/s, median [min-max] | threads |")
+        print("| --- | ---: | ---: | ---: | --- |")
+        for name, train_seconds, cpt, mbps, threads, exact in self.rows:
+            t = f"{train_seconds:.1f}" if train_seconds is not None else "–"
+            speed = f"{statistics.median(mbps):.2f} [{min(mbps):.2f}-{max(mbps):.2f}]"
+            print(f"| {name}{' (ids = readable)' if exact else ''} | {t} | {cpt:.3f} | {speed} | {threads} |")
+
+
+def gpt2_rows(table: Table) -> None:
     gpt2 = load("gpt2")
-    add("gpt2 (tegaki)", None, tegaki_encoder(gpt2))
+    table.add("gpt2, tegaki readable", None, readable(gpt2))
+    table.add("gpt2, tegaki fast", None, compiled(gpt2), twin=readable(gpt2))
     try:
         enc = tiktoken_gpt2()
-        add("gpt2 (tiktoken)", None, enc.encode_ordinary)
+        table.add("gpt2, tiktoken", None, lambda docs: [enc.encode_ordinary(d) for d in docs])
     except ImportError:
         pass
 
-    ours, t_ours = timed(train_bpe, train_text, vocab_size, pattern)
-    add(f"tegaki bpe {pattern} (readable trainer)", t_ours, tegaki_encoder(ours))
+
+def tegaki_bpe_rows(table: Table, train, vocab_size: int, pattern: str, label: str):
+    tok, seconds = timed(train_bpe, train, vocab_size, pattern)
+    table.add(f"tegaki bpe {pattern}{label}, readable", seconds, readable(tok))
+    table.add(f"tegaki bpe {pattern}{label}, fast", seconds, compiled(tok), twin=readable(tok))
+    table.add(f"tegaki bpe {pattern}{label}, fast", seconds, compiled(tok, 2), "2", twin=readable(tok))
+    return tok
+
+
+def library_rows(table: Table, train, vocab_size: int, patterns) -> None:
     try:
-        hf_run = hf_from_ours(ours)
-        add("  same vocab, encoded by tokenizers", None, lambda t: hf_run.encode(t).ids)
-        theirs, t_theirs = timed(train_bpe_tokenizers, train_text, vocab_size, pattern)
-        hf_theirs = hf_from_ours(theirs)
-        add(f"tokenizers bpe {pattern}", t_theirs, lambda t: hf_theirs.encode(t).ids, "train: 2")
+        for pattern in patterns:
+            theirs, seconds = timed(train_bpe_tokenizers, train, vocab_size, pattern)
+            hf = hf_from_ours(theirs)
+            table.add(f"tokenizers bpe {pattern}", seconds, lambda docs: [e.ids for e in hf.encode_batch(docs)],
+                      "train 2, encode 2")
     except ImportError:
         pass
     for model_type in ("unigram", "bpe"):
-        sp, t_sp = timed(train_sentencepiece, train_text, vocab_size, model_type)
-        add(f"sentencepiece {model_type} (byte fallback)", t_sp, sp.encode_ordinary, "train: 2")
-    print(f"\n### {label}: train {len(train_text):,} chars, held out {len(held):,} chars, vocab {vocab_size:,}\n")
-    print("| tokenizer | train time (s) | held-out chars/token | encode MB/s | threads |")
-    print("| --- | ---: | ---: | ---: | --- |")
-    for name, train_seconds, cpt, mbps, threads in rows:
-        t = f"{train_seconds:.1f}" if train_seconds is not None else "–"
-        print(f"| {name} | {t} | {cpt:.3f} | {mbps:.2f} | {threads} |")
+        sp, seconds = timed(train_sentencepiece, train, vocab_size, model_type)
+        table.add(f"sentencepiece {model_type} (byte fallback)", seconds,
+                  lambda docs, sp=sp: [sp.encode_ordinary(d) for d in docs], "train 2")
+
+
+def corpus_rows(label: str, docs: list[str], vocab_size: int, rounds: int) -> None:
+    train, held = split_held_out(docs, HELD_OUT)
+    table = Table(held, rounds)
+    choice = choose_pattern(train)
+    gpt2_rows(table)
+    tegaki_bpe_rows(table, train, vocab_size, choice.pattern, " (the default)")
+    if choice.pattern != "gpt2":
+        tegaki_bpe_rows(table, train, vocab_size, "gpt2", " (the old default)")
+    library_rows(table, train, vocab_size, sorted({"gpt2", choice.pattern}))
+    print(f"\n### {label}: {len(train)} documents trained on ({sum(len(d) for d in train):,} chars), "
+          f"{len(held)} other documents held out ({table.chars:,} chars, {table.megabytes:.2f} MB), "
+          f"vocab {vocab_size:,}\n\ndefault pattern: {choice.pattern} ({choice.reason})\n")
+    table.print()
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+        model = next(line for line in open("/proc/cpuinfo") if line.startswith("model name")).split(":")[1]
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+    wanted = ("sse4_2", "avx", "avx2", "bmi2", "avx512f", "avx512bw")
+    return f"{model.strip()}, flags: {' '.join(f for f in wanted if f in flags)}"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ja", default=str(DEFAULT_JA), help="a Japanese text file")
+    parser.add_argument("--ja", default=str(DEFAULT_JA), help="a file of Japanese manual pages")
     parser.add_argument("--vocab-size", type=int, default=16000)
-    parser.add_argument("--pattern", default="gpt2", choices=["gpt2", "gpt4"])
+    parser.add_argument("--rounds", type=int, default=5, help="timed runs per encoder")
     args = parser.parse_args()
-    print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"{time.strftime('%Y-%m-%d')}, load average {os.getloadavg()[0]:.1f}")
+    print(f"command: python {' '.join(sys.argv)}")
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M')}; machine: {platform.machine()}, {os.cpu_count()} CPUs "
+          f"({cpu_flags()}); Python {platform.python_version()}; load average {os.getloadavg()[0]:.1f}")
     if Path(args.ja).exists():
-        corpus_rows(f"Japanese ({Path(args.ja).name})", Path(args.ja).read_text(encoding="utf-8"),
-                    args.vocab_size, args.pattern)
+        pages = split_documents(Path(args.ja).read_text(encoding="utf-8"), "manpage")
+        corpus_rows(f"Japanese manual pages ({Path(args.ja).name})", pages, args.vocab_size, args.rounds)
     else:
         print(f"(skipping Japanese: {args.ja} not found)")
-    corpus_rows("English (Shakespeare)", shakespeare_text(), args.vocab_size, args.pattern)
+    plays = [text for _, text in shakespeare_documents()]
+    corpus_rows("English (Shakespeare, by play)", plays, args.vocab_size, args.rounds)
 
 
 if __name__ == "__main__":
