@@ -140,8 +140,8 @@ def library_rows(table: Table, train, vocab_size: int, patterns) -> None:
         for pattern in patterns:
             theirs, seconds = timed(train_bpe_tokenizers, train, vocab_size, pattern)
             hf = hf_from_ours(theirs)
-            table.add(f"tokenizers bpe {pattern}", seconds, lambda docs: [e.ids for e in hf.encode_batch(docs)],
-                      "train 2, encode 2")
+            table.add(f"tokenizers bpe {pattern}", seconds,
+                      lambda docs, hf=hf: [e.ids for e in hf.encode_batch(docs)], "train 2, encode 2")
     except ImportError:
         pass
     for model_type in ("unigram", "bpe"):
@@ -167,8 +167,9 @@ def corpus_rows(label: str, docs: list[str], vocab_size: int, rounds: int) -> No
 
 def cpu_flags() -> str:
     try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-        model = next(line for line in open("/proc/cpuinfo") if line.startswith("model name")).split(":")[1]
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = next(line for line in lines if line.startswith("flags")).split()
+        model = next(line for line in lines if line.startswith("model name")).split(":")[1]
     except (OSError, StopIteration):
         return platform.processor() or "unknown CPU"
     wanted = ("sse4_2", "avx", "avx2", "bmi2", "avx512f", "avx512bw")

@@ -65,7 +65,7 @@ def test_cli_train_says_which_pattern_and_why_and_measures_held_out_documents(tm
                  "--doc-start", "manpage", "--held-out", "0.2"]) == 0
     said = capsys.readouterr().out
     assert "the 2 held-out documents of 10" in said
-    held_chars = 2 * len(f"PAGE9(1) ユーザーコマンド PAGE9(1)\n\n" + JAPANESE.replace("ls", "cmd9"))
+    held_chars = 2 * len("PAGE9(1) ユーザーコマンド PAGE9(1)\n\n" + JAPANESE.replace("ls", "cmd9"))
     assert f"{held_chars:,} characters" in said
 
 

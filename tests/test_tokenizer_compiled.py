@@ -1,7 +1,8 @@
 """The compiled encoder (tiktoken running a tegaki vocabulary) and the readable loop: the same ids."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tegaki.tokenizer.bpe import BytePairTokenizer
 from tegaki.tokenizer.compiled import tiktoken_agrees, tiktoken_encoding
@@ -57,7 +58,8 @@ def test_a_token_that_is_not_its_own_encoding_keeps_the_readable_path():
     import tiktoken
 
     ranks = {token: i for i, token in vocab.items()}
-    assert tiktoken.Encoding("odd", pat_str=tok.pattern, mergeable_ranks=ranks, special_tokens={}).encode("abc") == [258]
+    reference = tiktoken.Encoding("odd", pat_str=tok.pattern, mergeable_ranks=ranks, special_tokens={})
+    assert reference.encode("abc") == [258]
     assert not tiktoken_agrees(tok) and tiktoken_encoding(tok) is None
     assert tok.compiled_encoder() is None and tok.encode("abc") == [256, c]
 
