@@ -7,6 +7,10 @@ What `tegaki train --out DIR` writes, and every other command reads:
     DIR/checkpoints/step_NNNNNN/ model.safetensors, optimizer.pt, state.json (sizes + sha256)
     DIR/metrics.jsonl            one JSON line per optimizer step, plus validation and sample lines
     DIR/loss.png                 the loss curves, drawn at the end
+    DIR/.lock                    the PID of the process training in DIR, while it does
+
+Every file is written atomically (tegaki/files.py, or a folder renamed into place), so a kill at any
+moment leaves the old file or the new one; paths recorded inside the folder stay inside it.
 
 Run folders written before attention had one `qkv` projection hold q_proj/k_proj/v_proj tensors;
 `upgrade_state_dict` (and `upgrade_optimizer_state` for a resume) join them wherever a run is read.
@@ -27,13 +31,17 @@ import torch
 
 from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
+from tegaki.device import check_fits
+from tegaki.files import atomic_write_json, atomic_write_text, explain_os_error, explain_write_error
 from tegaki.lora import LoRASettings, add_lora, merge_lora
-from tegaki.model import GPT
+from tegaki.model import GPT, parameter_count
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
+RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
 
 
 # =================================================================================================
@@ -154,24 +162,20 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, optimizer_state
     A kill at any moment leaves either the whole new checkpoint or none of it (a stray .tmp folder,
     ignored and removed later). state.json records each file's size and sha256, so a file that
     was damaged afterwards is caught before it is used."""
-    from safetensors.torch import save_file
-
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(model_tensors(model_state, config), str(tmp / MODEL_FILE), metadata={"format": "pt"})
-    os.chmod(tmp / MODEL_FILE, 0o666 & ~_umask())  # safetensors writes 0600; every other file follows the umask
-    torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-             for name in (MODEL_FILE, OPTIMIZER_FILE)}
-    state = {"step": step, "model_config": config.to_dict(), "files": files, **extra}
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-    for name in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE):
-        with open(tmp / name, "rb") as f:
-            os.fsync(f.fileno())
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _write_checkpoint_files(tmp, step, model_state, optimizer_state, extra, config)
+    except Exception as e:  # a full disk: the half-written folder goes; the older checkpoints stay
+        shutil.rmtree(tmp, ignore_errors=True)
+        explained = explain_write_error(tmp, e)
+        if explained is None:
+            raise
+        raise TegakiError(f"{explained}; the checkpoints saved before are intact") from None
     # Saving a step again (a resumed run that stopped right after a save): never delete the only
     # good copy first. The old folder steps aside as step_N.old (still found by find_checkpoint),
     # the new one takes its name, and only then is the old one removed.
@@ -183,6 +187,23 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, optimizer_state
     shutil.rmtree(old, ignore_errors=True)
     prune_checkpoints(root, keep)
     return final
+
+
+def _write_checkpoint_files(tmp: Path, step: int, model_state: dict, optimizer_state: dict,
+                            extra: dict[str, Any], config: ModelConfig) -> None:
+    """model.safetensors, optimizer.pt and state.json (sizes + sha256 of the other two), on the disk."""
+    from safetensors.torch import save_file
+
+    save_file(model_tensors(model_state, config), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    os.chmod(tmp / MODEL_FILE, 0o666 & ~_umask())  # safetensors writes 0600; every other file follows the umask
+    torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+             for name in (MODEL_FILE, OPTIMIZER_FILE)}
+    state = {"step": step, "model_config": config.to_dict(), "files": files, **extra}
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    for name in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE):
+        with open(tmp / name, "rb") as f:
+            os.fsync(f.fileno())
 
 
 def _umask() -> int:
@@ -206,6 +227,57 @@ def prune_checkpoints(root: Path, keep: int) -> None:
 
 
 # =================================================================================================
+# Starting over (--fresh): deleting only what tegaki wrote
+# =================================================================================================
+
+# What `tegaki train` writes in a run folder, and, for the folders among them, what they may hold.
+RUN_ENTRIES = {RUN_FILE: None, METRICS_FILE: None, "loss.png": None, "tb": r"events\.out\.tfevents\..*",
+               "tokenizer": r".*", "checkpoints": r"step_\d{6}(\.tmp|\.old)?",
+               "data": r"(train|val)_\d{6}\.bin(\.tmp)?|meta\.json|prepare\.json|\..*\.tmp"}
+_LEFTOVER = re.compile(r"\..*\.(tmp|old)|\.lock")  # an atomic write's temporary file, a set-aside copy, the lock
+
+
+def clear_run_folder(run_dir: Path, sources: dict[str, str | None]) -> None:
+    """Delete a run folder's own files so that training starts over (--fresh).
+
+    Refused, with nothing deleted, unless the folder is a tegaki run (it has run.json) holding only
+    what tegaki writes there, and unless `sources` (--data, --tokenizer: flag -> path) lie outside
+    what would go: starting over must never delete the data or the tokenizer it starts from."""
+    run_dir = Path(run_dir)
+    entries = [e for e in run_dir.iterdir() if not _LEFTOVER.fullmatch(e.name)] if run_dir.is_dir() else []
+    if not entries:
+        return
+    if not (run_dir / RUN_FILE).is_file():
+        raise TegakiError(f"--fresh deletes only a tegaki run folder, and {run_dir} has no run.json; nothing was "
+                          "deleted. Choose another --out, or empty the folder yourself")
+    strangers = [str(p.relative_to(run_dir)) for p in _foreign_files(run_dir, entries)]
+    if strangers:
+        raise TegakiError(f"--fresh refused: {run_dir} holds files tegaki did not write ({', '.join(strangers[:5])}"
+                          f"{' ...' if len(strangers) > 5 else ''}); nothing was deleted. Move them out of the run "
+                          "folder, or choose another --out")
+    for flag, source in sources.items():
+        if source and Path(source).exists() and Path(source).resolve().is_relative_to(run_dir.resolve()):
+            raise TegakiError(f"--fresh refused: {flag} {source} lies inside {run_dir}, whose files --fresh deletes; "
+                              "nothing was deleted. Move it out of the run folder, or choose another --out")
+    for path in entries + [e for e in run_dir.iterdir() if e.name.endswith((".tmp", ".old"))]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _foreign_files(run_dir: Path, entries: list[Path]) -> list[Path]:
+    """The entries of a run folder (one level into its folders) that tegaki does not write there."""
+    foreign = []
+    for entry in entries:
+        if entry.name not in RUN_ENTRIES or entry.is_dir() != (RUN_ENTRIES[entry.name] is not None):
+            foreign.append(entry)
+        elif entry.is_dir():
+            inside = re.compile(RUN_ENTRIES[entry.name])
+            foreign += [p for p in entry.iterdir() if not inside.fullmatch(p.name)]
+    if (run_dir / "tokenizer").is_dir() and not (run_dir / "tokenizer" / "tegaki_tokenizer.json").exists():
+        foreign.append(run_dir / "tokenizer")  # not a tokenizer tegaki saved
+    return foreign
+
+
+# =================================================================================================
 # Checking and finding checkpoints
 # =================================================================================================
 
@@ -219,16 +291,20 @@ def check_checkpoint(folder: Path, need: tuple[str, ...] | None = None) -> str |
         files = state["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"{STATE_FILE} is missing or unreadable"
+    if not isinstance(files, dict) or not all(isinstance(e, dict) for e in files.values()):
+        return f"{STATE_FILE} is damaged (no list of files)"
     for name, expected in files.items():
         if need is not None and name not in need:
             continue
+        if name != Path(name).name or name in ("", ".", ".."):
+            return f"{STATE_FILE} names {name!r}, a path outside the checkpoint folder (refused)"
         path = folder / name
         if not path.exists():
             return f"{name} is missing"
         size = path.stat().st_size
-        if size != expected["bytes"]:
-            return f"{name} is {size:,} bytes, expected {expected['bytes']:,} (truncated?)"
-        if _sha256(path) != expected["sha256"]:
+        if size != expected.get("bytes"):
+            return f"{name} is {size:,} bytes, expected {expected.get('bytes')} (truncated?)"
+        if _sha256(path) != expected.get("sha256"):
             return f"{name} does not match its recorded sha256 (damaged)"
     return None
 
@@ -262,21 +338,66 @@ def find_checkpoint(run_dir: Path, say=print, need: tuple[str, ...] | None = Non
 # =================================================================================================
 
 
-def read_run_json(path: str | os.PathLike) -> dict[str, Any]:
-    """DIR/run.json, checked: a readable JSON object with a model_config."""
-    run_file = Path(path) / "run.json"
+def read_run_json(path: str | os.PathLike, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """DIR/run.json, checked: a readable JSON object with a model_config.
+
+    A damaged run.json (a torn write by an older tegaki, a slip of an editor) is rebuilt from the
+    newest intact checkpoint, which records the same settings, and written back; `say` tells."""
+    run_file = Path(path) / RUN_FILE
     if not run_file.exists():
         raise TegakiError(f"{path} is not a tegaki run folder (no run.json); "
                           f"train one with `tegaki train --out {path}`")
     try:
         info = json.loads(run_file.read_text(encoding="utf-8"))
+        problem = None if isinstance(info, dict) and isinstance(info.get("model_config"), dict) else "no model_config"
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise TegakiError(f"{run_file} is damaged ({e}); restore it from a copy, or retrain with "
-                          f"`tegaki train --out {path} --fresh`") from None
-    if not isinstance(info, dict) or not isinstance(info.get("model_config"), dict):
-        raise TegakiError(f"{run_file} is damaged (no model_config); restore it from a copy, or retrain with "
-                          f"`tegaki train --out {path} --fresh`")
-    return info
+        problem = str(e)
+    if problem is None:
+        check_inside(path, info.get("tokenizer", "gpt2"), "run.json's tokenizer", named=("gpt2",))
+        return info
+    rebuilt = rebuild_run_json(Path(path))
+    if rebuilt is None:
+        raise TegakiError(f"{run_file} is damaged ({problem}) and no intact checkpoint records its settings; "
+                          f"restore it from a copy, or retrain with `tegaki train --out {path} --fresh`")
+    (say or (lambda m: print(m, file=sys.stderr)))(
+        f"warning: {run_file} is damaged ({problem}); rebuilt it from checkpoint {rebuilt.pop('_from')}")
+    try:
+        atomic_write_json(run_file, rebuilt)
+    except TegakiError:
+        pass  # a read-only folder: the rebuilt settings still serve this reader
+    return rebuilt
+
+
+def rebuild_run_json(run_dir: Path) -> dict[str, Any] | None:
+    """run.json's content from the newest intact checkpoint's state.json (None: no such checkpoint)."""
+    try:
+        folder = find_checkpoint(run_dir, say=lambda m: None, need=(MODEL_FILE,))
+    except TegakiError:
+        return None
+    if folder is None:
+        return None
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    train = state.get("train_config") or {}
+    data = "data" if (run_dir / "data" / "meta.json").exists() else train.get("data")
+    return {"model_config": state["model_config"], "tokenizer": state.get("tokenizer", "gpt2"), "data": data,
+            "train": train, "_from": folder.name}
+
+
+def check_inside(folder: str | os.PathLike, ref: str, what: str, named: tuple[str, ...] = ()) -> Path | None:
+    """A path recorded in `folder` (relative to it), refused when it leads outside: a run folder
+    from someone else must not make tegaki read (or delete) files elsewhere. None for a name in `named`."""
+    if ref in named:
+        return None
+    if not isinstance(ref, str):
+        raise TegakiError(f"{folder}: {what} is {ref!r}, not a path; the run folder is damaged")
+    target = (Path(folder) / ref).resolve()
+    if not target.is_relative_to(Path(folder).resolve()):
+        raise TegakiError(f"{folder}: {what} {ref!r} points outside the folder; refused (a run folder refers "
+                          "only to files inside it)")
+    return target
 
 
 def load_run_tokenizer(path: str | os.PathLike):
@@ -287,7 +408,7 @@ def load_run_tokenizer(path: str | os.PathLike):
     ref = info.get("tokenizer", "gpt2")
     if ref == "gpt2":
         return load("gpt2")
-    return load(Path(path) / ref)
+    return load(check_inside(path, ref, "run.json's tokenizer"))
 
 
 def read_model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -306,6 +427,7 @@ def load_run_model(path: str | os.PathLike, device: str | torch.device = "cpu", 
     if checkpoint is None:
         raise TegakiError(f"{path} has no checkpoint yet; train longer or lower --save-every")
     config = ModelConfig.from_dict(info["model_config"])
+    check_fits(parameter_count(config), 4, "cpu", f"loading the model of {path}")  # built in float32 first
     model = GPT(config)
     if info.get("lora"):
         add_lora(model, LoRASettings.from_dict(info["lora"]))
@@ -318,10 +440,21 @@ def load_run_model(path: str | os.PathLike, device: str | torch.device = "cpu", 
 
 def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy `tensors` into `model`; a tied LM head may be absent (it is the embedding)."""
+    check_shapes(model.state_dict(), tensors)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]
     if missing or unexpected:
         raise TegakiError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def check_shapes(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str = "checkpoint"
+                 ) -> None:
+    """Refuse tensors whose shapes differ from the model's, naming the first few."""
+    wrong = [f"{k} is {tuple(v.shape)}, the model's {tuple(expected[k].shape)}"
+             for k, v in tensors.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise TegakiError(f"the {where} does not fit the model of run.json: {'; '.join(wrong[:3])}"
+                          f"{' ...' if len(wrong) > 3 else ''}. Was the checkpoint copied from another run?")
 
 
 # =================================================================================================
@@ -330,24 +463,21 @@ def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor])
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line. A resumed run first drops the lines written after
-    its checkpoint (they belonged to the interrupted attempt), so every step appears once."""
+    """metrics.jsonl: one JSON object per line, appended as the run goes. A resumed run first drops
+    the lines written after its checkpoint (they belonged to the interrupted attempt), so every step
+    appears once and in order; that rewrite is atomic, so a kill during it loses no history."""
 
     def __init__(self, path: Path, start_step: int, enabled: bool = True):
         self.path = path
         self.enabled = enabled
         if not enabled:
             return
-        kept = []
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= start_step and start_step > 0:
-                        kept.append(line)
-                except ValueError:
-                    continue  # a half-written last line from a kill
-        path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(path, "a", buffering=1)
+        kept = [line for line, record in _metric_lines(path) if start_step > 0 and record.get("step", 0) <= start_step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        try:
+            self.file = open(path, "a", buffering=1, encoding="utf-8")
+        except OSError as e:
+            raise explain_os_error(path, e) from None
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -358,18 +488,32 @@ class MetricsLog:
             self.file.close()
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every record of a metrics.jsonl, in file order. A line that is not a JSON object (the
-    half-written last line of a killed run) is skipped.
-
-    Records: {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "dt"} per optimizer step;
-    {"step", "kind": "val", "val_loss", "val_bpb"} per validation; {"step", "kind": "sample", "text"}."""
-    records = []
-    for line in Path(path).read_text().splitlines():
+def _metric_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) for every line of a metrics.jsonl that is a JSON object with an integer step.
+    Anything else (the half-written last line of a killed run, garbage) is skipped."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise explain_os_error(path, e, doing="read") from None
+    lines = []
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+        if isinstance(record, dict) and type(record.get("step", 0)) is int:
+            lines.append((line, record))
+    return lines
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every record of a metrics.jsonl, in file order. A line that is not a JSON object with an
+    integer step (the half-written last line of a killed run) is skipped.
+
+    Records: {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "dt"} per optimizer step;
+    {"step", "kind": "val", "val_loss", "val_bpb"} per validation; {"step", "kind": "sample", "text"}."""
+    if not Path(path).exists():
+        raise TegakiError(f"{path} does not exist; is it a run folder that has trained a step?")
+    return [record for _, record in _metric_lines(Path(path))]

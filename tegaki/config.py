@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -139,6 +140,9 @@ class ModelConfig:
             if not ok:
                 raise TegakiError(f"invalid ModelConfig: {message}")
 
+        for f in fields(self):  # a config.json or run.json may hold anything: "n_layer": 1e9, "causal": "no"
+            problem = type_problem(str(f.type), getattr(self, f.name))
+            need(problem is None, f"{f.name} {problem}")
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         need(
@@ -162,6 +166,7 @@ class ModelConfig:
         for name, allowed in choices.items():
             need(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r}, expected one of {allowed}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.init_std >= 0, f"init_std must be >= 0, got {self.init_std}")
         if self.pos_embedding == "rope":
             need(self.head_dim % 2 == 0, f"rotary embeddings need an even head_dim, got {self.head_dim}")
         if self.rope_scaling != "none":
@@ -233,6 +238,30 @@ class ModelConfig:
         if name not in PRESETS:
             raise TegakiError(f"unknown preset {name!r}. Known presets: {', '.join(PRESETS)}")
         return ModelConfig(**PRESETS[name])
+
+
+# A value of each annotated kind; an int is a float too, a bool is never an int (nor a number of layers).
+KIND_CHECKS = {
+    "bool": lambda v: type(v) is bool,
+    "int": lambda v: type(v) is int,
+    "float": lambda v: type(v) in (int, float) and math.isfinite(v),
+    "str": lambda v: isinstance(v, str),
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+}
+KIND_WORDS = {"bool": "true or false", "int": "a whole number", "float": "a finite number", "str": "text",
+              "list[str]": "a list of texts"}
+
+
+def type_problem(annotation: str, value: Any) -> str | None:
+    """What is wrong with `value` for a field annotated `annotation` ("int | None"), in words; None:
+    nothing. The one type check of settings, wherever they come from (flags, TOML, JSON, --set)."""
+    kind, _, optional = annotation.partition(" | ")
+    if value is None and optional == "None":
+        return None
+    check = KIND_CHECKS.get(kind)
+    if check is None or check(value):
+        return None
+    return f"must be {KIND_WORDS[kind]}{' (or left out)' if optional else ''}, got {value!r}"
 
 
 def _parse_value(name: str, type_name: Any, raw: str) -> Any:

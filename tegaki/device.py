@@ -4,6 +4,7 @@
 process's own GPU (cuda:LOCAL_RANK under torchrun, cuda:0 otherwise). `pick_dtype("auto")` is
 bfloat16 on a GPU that has it, float32 elsewhere. `peak_flops` is the dense matmul peak that MFU
 divides by: the datasheet figure for known accelerators, a measured matmul for the rest.
+`check_fits` refuses, with the figures, a model too big for the device's memory, before allocating.
 """
 
 from __future__ import annotations
@@ -53,6 +54,46 @@ def pick_dtype(name: str, device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
     return "fp32"
+
+
+def memory_bytes(device: torch.device | str) -> int | None:
+    """The device's memory in bytes: a GPU's own, the machine's RAM for the CPU (None: unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type != "cpu":
+        return None  # meta: nothing is stored
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def size_text(n: float) -> str:
+    """Bytes for a person: 1.5 GB, 3.2 PB."""
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:,.1f} PB"
+
+
+# A model's modules take memory as Python objects even on the meta device (~36 kB a block of
+# gpt-oss-20b, measured with tracemalloc): a billion layers cannot even be described.
+LAYER_OBJECT_BYTES = 40_000
+
+
+def check_fits(count: int, bytes_each: int, device: torch.device | str, what: str, items: str = "parameters") -> None:
+    """Refuse `what` when count x bytes_each exceeds the device's memory: a mistyped size
+    (n_layer=1000000000) is then one message with the figures, not minutes of swapping and a crash."""
+    have = memory_bytes(device)
+    need = count * bytes_each
+    if have is not None and need > have:
+        raise TegakiError(
+            f"{what} needs about {size_text(need)} ({count:,} {items} x {bytes_each} bytes), more than "
+            f"the {size_text(have)} of memory on {device}; ask for less (a smaller model: n_layer, n_embd, "
+            "vocab_size; fewer tokens)"
+        )
 
 
 def synchronize(device: torch.device) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from tegaki.checkpoint import load_run_model, load_run_tokenizer
 from tegaki.errors import TegakiError
 from tegaki.files import atomic_write, atomic_write_json
 from tegaki.hf import config_from_hf, config_to_hf, dequantize_experts, family_of, state_dict_from_hf, state_dict_to_hf
-from tegaki.model import GPT
+from tegaki.device import LAYER_OBJECT_BYTES, check_fits
+from tegaki.model import GPT, parameter_count
 from tegaki.rope import rope_frequencies
 from tegaki.tokenizer import export_hf_tokenizer
 
@@ -35,10 +37,24 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
         raise TegakiError(f"{file}: could not read weights ({e}); the file may be truncated or damaged") from None
 
 
+def _index_shards(index: Path) -> list[str]:
+    """The shard files a *.index.json names, each checked to be a file beside it (an index from the
+    internet must not make tegaki read files elsewhere)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise TegakiError(f"{index} is damaged ({type(e).__name__}: {e}); download it again") from None
+    for name in names:
+        if not isinstance(name, str) or name != Path(name).name or name in (".", ".."):
+            raise TegakiError(f"{index} names the shard {name!r}, outside its folder; refused")
+    return names
+
+
 def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = _index_shards(index)
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
             if not (folder / shard).exists():
@@ -48,7 +64,7 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / "model.safetensors").exists():
         return _load_safetensors(folder / "model.safetensors")
     bin_index = folder / "pytorch_model.bin.index.json"
-    bins = sorted(set(json.loads(bin_index.read_text())["weight_map"].values())) if bin_index.exists() else []
+    bins = _index_shards(bin_index) if bin_index.exists() else []
     if not bins and (folder / "pytorch_model.bin").exists():
         bins = ["pytorch_model.bin"]
     if bins:
@@ -56,8 +72,15 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
         for b in bins:
             try:  # weights_only: a pickle cannot run code on load
                 state.update(torch.load(folder / b, map_location="cpu", weights_only=True))
-            except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
-                raise TegakiError(f"{folder / b}: could not read weights ({e})") from None
+            except pickle.UnpicklingError:
+                raise TegakiError(
+                    f"{folder / b} was refused for safety: it holds Python objects beyond plain tensors, and "
+                    "loading them could run code. Use the model's model.safetensors, or convert this file "
+                    "with a tool you trust"
+                ) from None
+            except Exception as e:  # noqa: BLE001 - any other failure is the file's fault
+                raise TegakiError(f"{folder / b}: could not read weights ({type(e).__name__}); the file may be "
+                                  "truncated or damaged") from None
         return state
     raise TegakiError(
         f"{folder}: no weights found (expected model.safetensors, a sharded index, or pytorch_model.bin)"
@@ -67,13 +90,19 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
 def load_hf_folder(folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     try:
         hf_config = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TegakiError(f"{folder / 'config.json'} is not valid JSON: {e}") from None
-    config = config_from_hf(hf_config)
+    try:
+        config = config_from_hf(hf_config)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # "num_hidden_layers": "twelve", [] ...
+        raise TegakiError(f"{folder / 'config.json'} has a field of the wrong type or a missing one "
+                          f"({type(e).__name__}: {e})") from None
     fam = family_of(hf_config)
     if str(device) == "meta":  # shapes only (parameter counts): no need to read the weights
+        check_fits(config.n_layer, LAYER_OBJECT_BYTES, "cpu", f"describing the model of {folder}", items="layers")
         with torch.device("meta"):
             return GPT(config).eval()
+    check_fits(parameter_count(config), (dtype or torch.float32).itemsize, device, f"loading {folder}")
     hf_state = read_hf_weights(folder)
     if (hf_config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
         # The experts come out in the dtype of the checkpoint's other tensors (bfloat16 on the hub).
@@ -109,8 +138,9 @@ def _download(repo_id: str, patterns: list[str]) -> Path:
         path = snapshot_download(repo_id, allow_patterns=patterns)
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth: all become one message
         raise TegakiError(
-            f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}). "
-            "Are you offline? Pass a local folder with config.json and model.safetensors instead."
+            f"{repo_id}: no such local folder, and could not download {repo_id!r} from the Hugging Face hub "
+            f"({type(e).__name__}). Are you offline, or is there no such model? Check the path, or pass a local "
+            "folder with config.json and model.safetensors"
         ) from None
     return Path(path)
 

@@ -549,3 +549,14 @@ class GPT(nn.Module):
         """Autoregressive sampling with a KV cache; `tegaki.generate.generate` lists the options
         (temperature, top_k, top_p, ..., stop_tokens, attention_mask, seed, compile)."""
         return generate(self, input_ids, max_new_tokens, **kwargs)
+
+
+def parameter_count(config: ModelConfig) -> int:
+    """How many parameters GPT(config) has, without building it: a one-block model is built on the
+    meta device (shapes, no storage) and its block counted n_layer times, since every block has the
+    same shapes. A billion layers are counted at once, so a size can be refused before allocating."""
+    with torch.device("meta"):
+        one = GPT(config.replace(n_layer=1, layer_types=None))
+    per_block = sum(p.numel() for p in one.blocks[0].parameters())
+    return sum(p.numel() for p in one.parameters()) + (config.n_layer - 1) * per_block
+

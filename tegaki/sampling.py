@@ -7,6 +7,7 @@ top-p -> min-p -> draw. `temperature=0` means greedy (argmax). The knobs travel 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -91,6 +92,10 @@ class SamplingSettings:
 
     def check(self) -> None:
         """Bad settings are a person's mistake: say which and what is allowed."""
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):  # NaN passes every comparison below
+                raise TegakiError(f"{name} must be a finite number, got {value}")
         if self.temperature < 0:
             raise TegakiError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:

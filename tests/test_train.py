@@ -300,16 +300,30 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(shards, tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("text", ["{", "[]", "\xff"])
-def test_damaged_run_json_names_the_file(shards, tmp_path, capsys, text):
+def test_damaged_run_json_names_the_file_and_is_rebuilt_from_a_checkpoint(shards, tmp_path, capsys, text):
     out = tmp_path / "run"
     base = ["--data", str(shards), "--out", str(out), "--max-steps", "2", *MICRO]
     assert run_cli(base, capsys)[0] == 0
+    intact = json.loads((out / "run.json").read_text())
     (out / "run.json").write_text(text, encoding="latin-1")
+    for load in (load_run_model, load_run_tokenizer):  # rebuilt from checkpoint step 2, and said so
+        assert load(out) is not None
+        assert "run.json is damaged" in capsys.readouterr().err
+        (out / "run.json").write_text(text, encoding="latin-1")
+    rc, log = run_cli([*base[:-len(MICRO)], "--max-steps", "3", *MICRO], capsys)
+    assert rc == 0 and "run.json is damaged" in log and "rebuilt it from checkpoint step_000002" in log, log
+    assert "(step 2)" in log and len(losses(out)) == 3 and "Traceback" not in log
+    assert json.loads((out / "run.json").read_text())["model_config"] == intact["model_config"]
+    # with no intact checkpoint to rebuild it from, the file is named and nothing is deleted
+    (out / "run.json").write_text(text, encoding="latin-1")
+    for ckpt in (out / "checkpoints").iterdir():
+        (ckpt / "model.safetensors").write_bytes(b"garbage")
     for load in (load_run_model, load_run_tokenizer):
         with pytest.raises(TegakiError, match="run.json is damaged"):
             load(out)
     rc, log = run_cli([*base[:-len(MICRO)], "--max-steps", "3", *MICRO], capsys)
     assert rc == 2 and "run.json is damaged" in log and "Traceback" not in log, log
+    assert len(list((out / "checkpoints").iterdir())) == 2
 
 
 @pytest.mark.parametrize("old_format", [False, True])

@@ -9,12 +9,13 @@ import time
 import torch
 
 from tegaki.cli.options import add_device_arguments
-from tegaki.device import DTYPES, pick_device, pick_dtype
+from tegaki.device import DTYPES, check_fits, pick_device, pick_dtype
 from tegaki.errors import TegakiError
 from tegaki.generate import compiled_decode_step, find_stop, generate_tokens
 from tegaki.load import from_pretrained, tokenizer_for
 from tegaki.quant import quantize_model
 from tegaki.sampling import SamplingSettings
+from tegaki.train.settings import check_seed
 
 CLI_TEMPERATURE = 0.8
 ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
@@ -83,6 +84,8 @@ def run_generate(args) -> int:
     )
     if not args.prompt:
         raise TegakiError("the prompt is empty: give some text to continue")
+    if args.seed is not None:
+        check_seed(args.seed)
     torch.manual_seed(args.seed if args.seed is not None else int(time.time()))
     device = pick_device(args.device)
     model, tok = load_for_generation(args.model, DTYPES[pick_dtype(args.dtype, device)], device)
@@ -103,6 +106,11 @@ def run_generate(args) -> int:
               file=sys.stderr)
     if max_new < 1:
         raise TegakiError(f"the prompt fills the model's whole context ({cfg.block_size} tokens); shorten it")
+    total = len(prompt_ids) + max_new
+    if total > cfg.block_size:  # rotary positions go on, but the model never saw text this long
+        print(f"(note: {total:,} tokens run past the model's context of {cfg.block_size}; the text may degrade)",
+              file=sys.stderr)
+    check_cache_fits(cfg, total, DTYPES[pick_dtype(args.dtype, device)], device)
     stop_tokens = [tok.eot_id] if getattr(tok, "eot_id", None) is not None else []
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     input_ids = torch.tensor([prompt_ids], device=device)
@@ -112,6 +120,14 @@ def run_generate(args) -> int:
             print(f"--- sample {n + 1} ---")
         _print_one(model, tok, input_ids, max_new, settings, stop_tokens, args, generator, step)
     return 0
+
+
+def check_cache_fits(cfg, total: int, dtype: torch.dtype, device: torch.device) -> None:
+    """The KV cache holds a key and a value vector per layer, key/value head and position (a
+    sliding layer only its window): refuse, with the figure, a length it could not hold."""
+    slots = sum(min(total, cfg.window(layer) or total) for layer in range(cfg.n_layer))
+    check_fits(2 * cfg.n_kv_head * cfg.head_dim * slots, dtype.itemsize, device,
+               f"a KV cache for {total:,} tokens", items="numbers")
 
 
 def _print_one(model, tok, input_ids, max_new, settings, stop_tokens, args, generator, step) -> None:

@@ -43,8 +43,11 @@ import torch.nn.functional as F
 
 from tegaki.checkpoint import (
     OPTIMIZER_FILE,
+    RUN_FILE,
     STATE_FILE,
     MetricsLog,
+    check_shapes,
+    clear_run_folder,
     find_checkpoint,
     read_model_tensors,
     read_run_json,
@@ -53,9 +56,10 @@ from tegaki.checkpoint import (
 )
 from tegaki.config import ModelConfig
 from tegaki.data import BatchLoader, TokenWindows, validation_batches
-from tegaki.device import mfu, peak_flops, pick_device, pick_dtype, synchronize
+from tegaki.device import check_fits, mfu, peak_flops, pick_device, pick_dtype, synchronize
 from tegaki.errors import TegakiError
-from tegaki.model import GPT
+from tegaki.files import FolderLock, atomic_write_json
+from tegaki.model import GPT, parameter_count
 from tegaki.tokenizer import load as load_tokenizer
 from tegaki.train.distributed import (
     broadcast_object,
@@ -70,7 +74,7 @@ from tegaki.train.schedule import (
     lr_at,
     warmup_steps,
 )
-from tegaki.train.settings import RESUME_KEYS, TrainConfig
+from tegaki.train.settings import RESUME_KEYS, TrainConfig, check_settings
 from tegaki.train.setup import (
     build_model_config,
     flushed_subnormals,
@@ -94,6 +98,7 @@ class Run:
     def __init__(self, cfg: TrainConfig, on_batch: BatchHook | None = None, plot_losses: PlotHook | None = None,
                  setup: SetupHook | None = None):
         """`on_batch`, `plot_losses`, `setup`: the hooks described at the top of this file; None: not used."""
+        check_settings(cfg)
         self.cfg = cfg
         self.on_batch = on_batch
         self.plot_losses = plot_losses
@@ -106,6 +111,7 @@ class Run:
         self.dtype = pick_dtype(cfg.dtype, self.device)
         self.say = self._say if self.dist.is_main else (lambda *a, **k: None)
         self.started = False  # set once setup is done and the steps begin
+        self.lock = FolderLock(self.run_dir, "run folder")  # taken by the main process in setup()
 
     def _say(self, message: str) -> None:
         from tqdm.auto import tqdm
@@ -115,11 +121,14 @@ class Run:
     # --- setup --------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, d = self.cfg, self.dist
-        if cfg.fresh and d.is_main:
-            self._clear_run_dir()
+        if d.is_main:
+            self.lock.acquire()  # before anything is read or written: one process per run folder
+            if self.lock.took_over:
+                self.say(f"note: took over the lock of process {self.lock.took_over}, which is no longer running")
+            if cfg.fresh:
+                clear_run_folder(self.run_dir, {"--data": cfg.data, "--tokenizer": cfg.tokenizer})
         d.barrier()
         if d.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             preset = ModelConfig.preset(cfg.preset)
             preset_vocab = (preset.with_overrides(cfg.set) if cfg.set else preset).vocab_size
             tokenizer, self.tokenizer_ref = setup_tokenizer(cfg, self.run_dir, preset_vocab, self.say)
@@ -143,16 +152,8 @@ class Run:
         self._build_data()
         self._build_model()
 
-    def _clear_run_dir(self) -> None:
-        for name in ("checkpoints", "metrics.jsonl", "run.json", "loss.png", "tb", "tokenizer", "data"):
-            path = self.run_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-
     def _check_run_json(self) -> None:
-        path = self.run_dir / "run.json"
+        path = self.run_dir / RUN_FILE
         info = {
             "model_config": self.model_config.to_dict(),
             "tokenizer": self.tokenizer_ref,
@@ -162,7 +163,7 @@ class Run:
             "train": self.cfg.to_dict(),
         }
         if path.exists():
-            old = read_run_json(self.run_dir)
+            old = read_run_json(self.run_dir, say=self.say)
             if old.get("model_config") != info["model_config"]:
                 changed = sorted(k for k, v in info["model_config"].items() if old.get("model_config", {}).get(k) != v)
                 raise TegakiError(
@@ -177,7 +178,7 @@ class Run:
                     "the same run. Use the same settings, another --out, or --fresh"
                 )
         if self.dist.is_main:
-            path.write_text(json.dumps(info, indent=2) + "\n")
+            atomic_write_json(path, info)
 
     def _inside_run(self, path: Path) -> bool:
         return Path(path).resolve().is_relative_to(self.run_dir.resolve())
@@ -196,6 +197,9 @@ class Run:
 
     def _build_model(self) -> None:
         cfg, d = self.cfg, self.dist
+        # Refused with the figure before a byte is allocated: weights, gradients and AdamW's two
+        # moments are four float32 numbers a parameter.
+        check_fits(parameter_count(self.model_config), 16, self.device, f"training this {cfg.preset} model")
         torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
         model = GPT(self.model_config).to(self.device)
         self.raw_model = model
@@ -267,6 +271,7 @@ class Run:
         folder = Path(found)
         state = json.loads((folder / STATE_FILE).read_text())
         tensors = read_model_tensors(folder)
+        check_shapes(self.raw_model.state_dict(), tensors, where=f"checkpoint {folder}")
         if self.model_config.tie_embeddings:
             tensors["lm_head.weight"] = tensors["wte.weight"]
         try:
@@ -322,6 +327,7 @@ class Run:
             if last and hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(True)
             inputs, targets = self.loader.next_batch()  # (B, T) each, on the CPU
+            self._check_ids(inputs, targets)
             if self.on_batch is not None:
                 self.on_batch(step, micro, inputs, targets)
             inputs, targets = inputs.to(self.device), targets.to(self.device)
@@ -333,7 +339,8 @@ class Run:
         if self.dist.enabled:
             torch.distributed.all_reduce(loss_mean, op=torch.distributed.ReduceOp.SUM)
             loss_mean = loss_mean / self.dist.world_size
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        # --grad-clip 0: no clipping (the norm is still measured, for the NaN guard and the log)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
             grad_norm = grad_norm.full_tensor()
         loss_value, norm_value = float(loss_mean), float(grad_norm)
@@ -346,6 +353,17 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value, norm_value, lr
 
+    def _check_ids(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Token ids past the vocabulary come from damaged shards (or another tokenizer's): say so,
+        instead of an index error deep in the embedding."""
+        largest = max(int(inputs.max()), int(targets.max())) if targets.numel() else 0
+        if largest >= self.model_config.vocab_size:
+            raise TegakiError(
+                f"the token shards in {self.data_dir} hold id {largest}, outside the vocabulary of "
+                f"{self.model_config.vocab_size}: they are damaged or were prepared with another tokenizer. "
+                "Prepare them again (`tegaki prepare`, or delete the run's data/ folder)"
+            )
+
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
         """(validation loss in nats per token, bits per byte) over the same batches every time."""
@@ -353,6 +371,7 @@ class Run:
         sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # loss sum, tokens, bytes
         for inputs, targets in validation_batches(self.val_windows, self.cfg.batch_size, self.cfg.eval_batches,
                                                   self.dist.rank, self.dist.world_size):
+            self._check_ids(inputs, targets)
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             with self.autocast():
                 logits = self.forward(inputs)  # (B, T, V)
@@ -369,15 +388,16 @@ class Run:
 
     @torch.no_grad()
     def sample(self, step: int) -> str:
-        """A short continuation of the end-of-text token (a fresh start). The training RNG stream
-        is left untouched."""
+        """A short continuation of the end-of-text token (a fresh start), at most the model's context
+        long (a learned position table has no row past it). The training RNG stream is left untouched."""
         self.raw_model.eval()
         eot = self.tokenizer.eot_id
         start = torch.tensor([[eot if eot is not None else 0]], device=self.device)
+        length = min(self.cfg.sample_tokens, self.model_config.block_size - 1)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.cfg.seed + step)
             with self.autocast():
-                out = self.raw_model.generate(start, self.cfg.sample_tokens, temperature=0.8, top_k=50)
+                out = self.raw_model.generate(start, length, temperature=0.8, top_k=50)
         ids = [i for i in out[0, 1:].tolist() if i < self.tokenizer.vocab_size]
         return self.tokenizer.decode(ids)
 
@@ -439,14 +459,12 @@ class Run:
                         tb.add_scalar("val/loss", val_loss, done)
                         tb.add_scalar("val/bpb", bpb, done)
                     self.say(f"step {done}: train loss {loss:.4f}, val loss {val_loss:.4f}, {bpb:.3f} bits/byte")
-                # Under FSDP every rank must take part in each forward (the weights are gathered from all).
-                if cfg.sample_every and done % cfg.sample_every == 0 and (self.dist.is_main or cfg.fsdp):
-                    text = self.sample(done)
-                    if self.dist.is_main:
-                        self.metrics.write({"step": done, "kind": "sample", "text": text})
-                        self.say(f"--- sample at step {done} ---\n{text}\n---")
+                # The checkpoint first: what follows is optional and must never cost the step.
                 if done % cfg.save_every == 0 or done == cfg.max_steps:
                     self.save(done, last_val)
+                # Under FSDP every rank must take part in each forward (the weights are gathered from all).
+                if cfg.sample_every and done % cfg.sample_every == 0 and (self.dist.is_main or cfg.fsdp):
+                    self._write_sample(done)
                 result = {"step": done, "loss": loss, "val_loss": last_val}
         except KeyboardInterrupt:
             bar.close()
@@ -461,10 +479,30 @@ class Run:
         if tb is not None:
             tb.close()
         if self.dist.is_main and self.plot_losses is not None:
-            plot = self.plot_losses(self.run_dir)
-            if plot is not None:
-                self.say(f"loss curve: {plot}")
+            self._draw_losses()
         return result
+
+    def _write_sample(self, step: int) -> None:
+        """A sample into the log; one that fails is reported, and training goes on."""
+        try:
+            text = self.sample(step)
+        except Exception as e:  # noqa: BLE001 - a sample is for a person to look at, never worth a run
+            self.say(f"warning: the sample at step {step} failed ({type(e).__name__}: {e}); training goes on")
+            return
+        if self.dist.is_main:
+            self.metrics.write({"step": step, "kind": "sample", "text": text})
+            self.say(f"--- sample at step {step} ---\n{text}\n---")
+
+    def _draw_losses(self) -> None:
+        """The loss curves at the end; a failure (no display back end, a full disk) is only reported."""
+        try:
+            plot = self.plot_losses(self.run_dir)
+        except Exception as e:  # noqa: BLE001 - the run is done and saved; a picture is optional
+            self.say(f"warning: could not draw the loss curves ({type(e).__name__}: {e}); "
+                     f"`tegaki plot {self.run_dir}` draws them later")
+            return
+        if plot is not None:
+            self.say(f"loss curve: {plot}")
 
     def _stop_on_nan(self, step: int, loss: float, grad_norm: float) -> None:
         try:
@@ -521,9 +559,11 @@ def train(cfg: TrainConfig, on_batch: BatchHook | None = None, plot_losses: Plot
             return run.train()
     except TegakiError:
         # Refused before any step (bad preset, data, --set, ...): leave no half-made --out behind.
+        run.lock.release()
         if created and not run.started and run.dist.is_main:
             shutil.rmtree(out, ignore_errors=True)
         raise
     finally:
+        run.lock.release()
         if run.dist.enabled or cfg.fsdp:
             destroy_process_group()

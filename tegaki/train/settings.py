@@ -2,17 +2,22 @@
 
 A setting comes from, in this order of precedence: the command line, a --config TOML file (the same
 keys, dashes or underscores; a [model] table sets ModelConfig fields), then TrainConfig's default.
+Wherever it comes from, `check_settings` checks it, in one place: its type (a bool is true or false,
+never the text "no"), then its range.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tegaki.config import ModelConfig
+from tegaki.config import type_problem as field_type_problem
 from tegaki.data import VAL_FRACTION
 from tegaki.errors import TegakiError
 
@@ -62,6 +67,8 @@ class TrainConfig:
 SCHEDULES = ("cosine", "wsd")  # --schedule
 DTYPE_CHOICES = ("auto", "fp32", "bf16")  # --dtype
 
+SEED_MAX = 2**63 - 1  # seeds are 0 .. SEED_MAX: torch, numpy and Python all take those
+
 # Keys that change what the run computes: resuming with a different value would not be a resume.
 RESUME_KEYS = ("batch_size", "block_size", "grad_accum", "seed", "dtype")
 
@@ -83,15 +90,33 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
             if not isinstance(value, dict):
                 raise TegakiError(f"{path}: [model] must be a table of ModelConfig fields")
             values.setdefault("set", [])
-            values["set"] += [f"{k}={json.dumps(v) if isinstance(v, list) else v}"
-                              for k, v in value.items()]
+            values["set"] += [model_assignment(path, k, v) for k, v in value.items()]
             continue
         name = key.replace("-", "_")
         if name not in known:
             raise TegakiError(f"{path}: unknown key {key!r}; known keys: {', '.join(sorted(known))}, "
                               "[model]")
+        problem = type_problem(name, value)
+        if problem:
+            raise TegakiError(f"{path}: {key} {problem}")
         values[name] = value
     return values
+
+
+def model_assignment(path: str | os.PathLike, key: str, value: Any) -> str:
+    """A [model] entry of a TOML file as the "field=value" text --set takes, once its TOML type is
+    the field's: `causal = "no"` is refused, not read as a word that might mean false."""
+    annotations = {f.name: str(f.type) for f in dataclasses.fields(ModelConfig)}
+    problem = field_type_problem(annotations.get(key.replace("-", "_"), "str"), value)
+    if problem:
+        raise TegakiError(f"{path}: [model] {key} {problem}")
+    text = json.dumps(value) if isinstance(value, list) else str(value).lower() if type(value) is bool else value
+    return f"{key}={text}"
+
+
+def type_problem(name: str, value: Any) -> str | None:
+    """What is wrong with the type of TrainConfig field `name`'s value, in words; None: nothing."""
+    return field_type_problem(str(TrainConfig.__dataclass_fields__[name].type), value)
 
 
 def resolve_config(cli: dict[str, Any]) -> TrainConfig:
@@ -119,13 +144,30 @@ def check_settings(cfg: TrainConfig) -> None:
         if not ok:
             raise TegakiError(message)
 
+    for f in dataclasses.fields(cfg):
+        problem = type_problem(f.name, getattr(cfg, f.name))
+        need(problem is None, f"--{f.name.replace('_', '-')} {problem}")
     for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every", "keep"):
         value = getattr(cfg, name)
         need(value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}")
     need(cfg.block_size is None or cfg.block_size >= 1, f"--block-size must be positive, got {cfg.block_size}")
     need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+    need(cfg.grad_clip >= 0, f"--grad-clip must be >= 0 (0: no clipping), got {cfg.grad_clip}")
+    need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    need(0.0 <= cfg.min_lr_ratio <= 1.0, f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    need(0.0 <= cfg.beta1 < 1.0 and 0.0 <= cfg.beta2 < 1.0, f"beta1 and beta2 must be in [0, 1), got "
+         f"{cfg.beta1} and {cfg.beta2}")
+    need(cfg.sample_every >= 0, f"--sample-every must be >= 0 (0: never), got {cfg.sample_every}")
+    need(cfg.sample_tokens >= 1, f"--sample-tokens must be at least 1, got {cfg.sample_tokens}")
+    check_seed(cfg.seed)
     need(cfg.warmup is None or cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}")
     need(cfg.schedule in SCHEDULES, f"--schedule must be cosine or wsd, got {cfg.schedule!r}")
     need(cfg.dtype in DTYPE_CHOICES, f"--dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")
     need(0.0 < cfg.val_fraction < 1.0, f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}")
     need(0.0 <= cfg.decay_fraction <= 1.0, f"decay_fraction must be in [0, 1], got {cfg.decay_fraction}")
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """A seed every random generator takes: a whole number from 0 to 2**63 - 1."""
+    if type(seed) is not int or not 0 <= seed <= SEED_MAX:
+        raise TegakiError(f"{flag} must be a whole number from 0 to {SEED_MAX} (2**63 - 1), got {seed}")
