@@ -8,6 +8,7 @@ library. This file collects them and turns a `TegakiError` into a clear message 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -15,6 +16,10 @@ import sys
 import tegaki
 
 from tegaki.errors import TegakiError
+from tegaki.files import explain_os_error
+
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+               errno.EEXIST, errno.ENOENT}
 
 # Each command: its module here, then (while the layout moves) where it lived before. In the order
 # `tegaki --help` lists them.
@@ -72,14 +77,22 @@ def main(argv: list[str] | None = None) -> int:
     except TegakiError as e:
         print(f"tegaki {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\ntegaki {args.command}: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         # The reader went away (`tegaki params gpt2 | head -3`): nothing more to say, and Python's
         # own flush at exit must not complain either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:
+        # The ones a person fixes (a full disk, a read-only or missing folder, a path that is a file),
+        # from code that did not explain them itself; any other OSError is a bug and keeps its traceback.
+        if e.errno not in USER_ERRNOS:
+            raise
+        print(f"tegaki {args.command}: error: {explain_os_error(e.filename or '(a file)', e, doing='use')}",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ntegaki {args.command}: interrupted", file=sys.stderr)
+        return 130
     return int(result or 0)
 
 

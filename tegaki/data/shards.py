@@ -33,6 +33,7 @@ import numpy as np
 
 from tegaki.data.corpora import iter_documents, source_size
 from tegaki.errors import TegakiError
+from tegaki.files import atomic_write, atomic_write_json, explain_os_error
 from tegaki.tokenizer.base import valid_unicode
 
 SHARD_MAGIC = b"TGKTOKS\0"
@@ -155,11 +156,13 @@ def write_shard(path: Path, tokens: np.ndarray) -> None:
     tokens = np.ascontiguousarray(tokens)
     if tokens.dtype not in (np.uint16, np.uint32):
         raise ValueError(f"shard tokens must be uint16 or uint32, got {tokens.dtype}")
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(HEADER.pack(SHARD_MAGIC, SHARD_VERSION, tokens.dtype.itemsize, tokens.size))
-        f.write(tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tobytes())
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(HEADER.pack(SHARD_MAGIC, SHARD_VERSION, tokens.dtype.itemsize, tokens.size))
+            f.write(tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tobytes())
+
+    atomic_write(path, write)
 
 
 def read_shard(path: Path) -> np.ndarray:
@@ -243,8 +246,15 @@ def prepare(
     """
     if not 0.0 <= val_fraction < 1.0:
         raise TegakiError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if workers is not None and (type(workers) is not int or workers < 1):
+        raise TegakiError(f"--workers must be at least 1 (or left out: every core), got {workers}")
+    if type(piece_chars) is not int or piece_chars < 1:
+        raise TegakiError(f"--piece-chars must be at least 1, got {piece_chars}")
     folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise explain_os_error(folder, e, doing="create") from None
     dtype = token_dtype(tokenizer.vocab_size)
     settings = {
         "data": str(data), "tokenizer": tokenizer_ref or tokenizer.name, "vocab_size": tokenizer.vocab_size,
@@ -252,7 +262,7 @@ def prepare(
     }
     settings_path = folder / "prepare.json"
     if settings_path.exists():
-        previous = json.loads(settings_path.read_text())
+        previous = read_json(settings_path, "run `tegaki prepare` again into an empty folder")
         if previous != settings:
             changed = sorted(k for k in settings if previous.get(k) != settings[k])
             raise TegakiError(
@@ -260,10 +270,10 @@ def prepare(
                 "use another --out folder or delete this one"
             )
     else:
-        settings_path.write_text(json.dumps(settings, indent=2) + "\n")
+        atomic_write_json(settings_path, settings)
     meta_path = folder / "meta.json"
     if meta_path.exists():
-        return PrepareResult(folder, json.loads(meta_path.read_text()), 0.0, 0)
+        return PrepareResult(folder, load_meta(folder), 0.0, 0)
 
     encoder = Encoder(tokenizer, fast=fast)
     workers = workers or min(os.cpu_count() or 1, 8)
@@ -299,7 +309,7 @@ def prepare(
     meta = _summarise(folder, n_pieces, settings, tokenizer, dtype)
     if meta["train_tokens"] == 0:
         raise TegakiError(f"the corpus {data!r} holds no text")
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_json(meta_path, meta)
     return PrepareResult(folder, meta, seconds, text_bytes)
 
 
@@ -343,7 +353,26 @@ def load_meta(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / "meta.json"
     if not path.exists():
         raise TegakiError(f"{folder} is not a prepared shard folder (no meta.json); run `tegaki prepare`")
-    return json.loads(path.read_text())
+    meta = read_json(path, "delete it and run `tegaki prepare` again (the shards are kept)")
+    wanted = {"tokenizer": str, "vocab_size": int}
+    wrong = [k for k, kind in wanted.items() if not isinstance(meta.get(k), kind)]
+    if wrong:
+        raise TegakiError(f"{path} is damaged (no {', '.join(wrong)}); delete it and run `tegaki prepare` again "
+                          "(the shards are kept)")
+    return meta
+
+
+def read_json(path: Path, fix: str) -> dict[str, Any]:
+    """A JSON object from a file tegaki wrote; damage is one message naming the file and `fix`."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise explain_os_error(path, e, doing="read") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise TegakiError(f"{path} is damaged ({e}); {fix}") from None
+    if not isinstance(value, dict):
+        raise TegakiError(f"{path} is damaged (not a JSON object); {fix}")
+    return value
 
 
 def is_prepared(folder: str | os.PathLike) -> bool:

@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import torch
 from tegaki.config import ModelConfig
 from tegaki.data import is_prepared, iter_documents, load_meta, prepare
 from tegaki.errors import TegakiError
+from tegaki.files import atomic_write_folder, atomic_write_json
 from tegaki.tokenizer import load as load_tokenizer
 from tegaki.tokenizer import train_bpe
 from tegaki.tokenizer.choose import choose_pattern
@@ -45,8 +46,7 @@ def setup_tokenizer(cfg: TrainConfig, run_dir: Path, model_vocab: int, say) -> t
             return load_tokenizer(cfg.tokenizer), cfg.tokenizer
         tok = load_tokenizer(cfg.tokenizer)
         if Path(cfg.tokenizer).resolve() != own.resolve():
-            shutil.rmtree(own, ignore_errors=True)
-            tok.save(own)
+            copy_run_tokenizer(tok, own, cfg.tokenizer)
         return tok, "tokenizer"
     if is_prepared(cfg.data):  # shards made with a tokenizer already: use that one
         ref = load_meta(cfg.data)["tokenizer"]
@@ -56,6 +56,38 @@ def setup_tokenizer(cfg: TrainConfig, run_dir: Path, model_vocab: int, say) -> t
     if model_vocab >= 50257:
         return load_tokenizer("gpt2"), "gpt2"
     return train_run_tokenizer(cfg, own, model_vocab, say), "tokenizer"
+
+
+def copy_run_tokenizer(tok, own: Path, source: str) -> None:
+    """Save --tokenizer into the run folder as DIR/tokenizer. A folder already there is replaced
+    only when it is the run's own (run.json refers to it) and no checkpoint was trained with it;
+    the same tokenizer again (a resumed run) changes nothing."""
+    with tempfile.TemporaryDirectory(dir=own.parent, prefix=".tokenizer-check-", suffix=".tmp") as tmp:
+        tok.save(tmp)
+        if own.is_dir() and _same_files(Path(tmp), own):
+            return
+    if own.exists():
+        run_json = own.parent / "run.json"
+        ours = run_json.exists() and _run_tokenizer_ref(run_json) == "tokenizer"
+        if not ours or (own.parent / "checkpoints").exists():
+            why = ("the run's checkpoints were trained with it" if ours
+                   else "it is not a tokenizer this run folder made (no run.json refers to it)")
+            raise TegakiError(f"{own} holds another tokenizer than --tokenizer {source}, and {why}; nothing was "
+                              "replaced. Choose another --out, or leave out --tokenizer to use the one there")
+    atomic_write_folder(own, tok.save)
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    names = sorted(p.name for p in a.iterdir())
+    return names == sorted(p.name for p in b.iterdir()) and all(
+        (a / n).read_bytes() == (b / n).read_bytes() for n in names if (a / n).is_file())
+
+
+def _run_tokenizer_ref(run_json: Path):
+    try:
+        return json.loads(run_json.read_text()).get("tokenizer")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 TOKENIZER_SAMPLE_CHARS = 8_000_000  # BPE statistics settle long before; train on at most this much
@@ -77,11 +109,7 @@ def train_run_tokenizer(cfg: TrainConfig, folder: Path, vocab_size: int, say):
         f"of {cfg.data} ...\n  {choice.reason}")
     start = time.perf_counter()
     tok = train_bpe(texts, vocab_size, choice.pattern, name=f"bpe-{vocab_size}")
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    atomic_write_folder(folder, tok.save)
     say(f"tokenizer saved to {folder} ({time.perf_counter() - start:.1f}s)")
     return load_tokenizer(folder)
 
@@ -126,7 +154,7 @@ def _relative_tokenizer_ref(folder: Path, tokenizer_dir: Path, ref: str) -> None
         old = settings.get("tokenizer") if isinstance(settings, dict) else None
         if isinstance(old, str) and os.path.isabs(old) and Path(old).name == tokenizer_dir.name and old != ref:
             settings["tokenizer"] = ref
-            path.write_text(json.dumps(settings, indent=2) + "\n")
+            atomic_write_json(path, settings)
 
 
 def padded_vocab(n: int, multiple: int = 64) -> int:
