@@ -170,23 +170,27 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, optimizer_state
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         _write_checkpoint_files(tmp, step, model_state, optimizer_state, extra, config)
+        _put_in_place(tmp, final)
     except Exception as e:  # a full disk: the half-written folder goes; the older checkpoints stay
         shutil.rmtree(tmp, ignore_errors=True)
-        explained = explain_write_error(tmp, e)
+        explained = explain_write_error(final, e)
         if explained is None:
             raise
         raise TegakiError(f"{explained}; the checkpoints saved before are intact") from None
-    # Saving a step again (a resumed run that stopped right after a save): never delete the only
-    # good copy first. The old folder steps aside as step_N.old (still found by find_checkpoint),
-    # the new one takes its name, and only then is the old one removed.
-    old = root / f"step_{step:06d}.old"
+    prune_checkpoints(root, keep)
+    return final
+
+
+def _put_in_place(tmp: Path, final: Path) -> None:
+    """Rename the finished folder to step_N. Saving a step again (a resumed run that stopped right
+    after a save): never delete the only good copy first. The old folder steps aside as step_N.old
+    (still found by find_checkpoint), the new one takes its name, and only then is the old one removed."""
+    old = final.with_name(final.name + ".old")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
-    prune_checkpoints(root, keep)
-    return final
 
 
 def _write_checkpoint_files(tmp: Path, step: int, model_state: dict, optimizer_state: dict,
