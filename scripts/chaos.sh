@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Chaos test of the run folder: kill -9 a real `tegaki train` N times at random moments, then let it
+# finish, and check that it ended exactly as an uninterrupted run of the same command:
+#   - metrics.jsonl holds every step once, in order (1..STEPS), and its losses and validation
+#     losses equal the uninterrupted run's bit for bit;
+#   - the final checkpoint's weights are byte-identical;
+#   - no temporary file, set-aside folder or lock is left behind.
+#
+# Usage:  scripts/chaos.sh [KILLS]        KILLS defaults to 10 (a few minutes on 2 CPU cores);
+#         scripts/chaos.sh 50             the acceptance run of issue 12 ("50 random kills")
+# Environment: STEPS (default 25 x KILLS + 50), MAX_DELAY (seconds a run lives at most before its
+# kill, default 4), KEEP=1 keeps the work folder, PYTHON (default python3).
+# Exit code 0 when every check holds; 1 (with the differences) when one does not.
+set -euo pipefail
+
+KILLS=${1:-10}
+STEPS=${STEPS:-$((25 * KILLS + 50))}
+MAX_DELAY=${MAX_DELAY:-4}
+PYTHON=${PYTHON:-python3}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/tegaki-chaos.XXXXXX")
+[[ "${KEEP:-0}" == 1 ]] || trap 'rm -rf "$WORK"' EXIT
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1  # one thread: the same sums every run
+
+"$PYTHON" -c "from tegaki import data; open('$WORK/corpus.txt', 'w').write(data.shakespeare_text()[:60_000])"
+# A model small enough that a step takes milliseconds; a checkpoint every 3 steps (so a kill often
+# lands between checkpoints and steps are redone), evaluations and samples on other steps.
+train() {
+  "$PYTHON" -m tegaki train --data "$WORK/corpus.txt" --out "$1" --max-steps "$STEPS" --set n_layer=1 \
+    --set n_embd=32 --set n_head=2 --set block_size=32 --set vocab_size=320 --batch-size 2 --save-every 3 \
+    --eval-every 5 --eval-batches 1 --sample-every 7 --sample-tokens 8 --keep 2 --dtype fp32 --device cpu \
+    --no-progress
+}
+
+echo "chaos: $KILLS kills of a $STEPS-step run in $WORK"
+train "$WORK/reference" >"$WORK/reference.log" 2>&1 || { cat "$WORK/reference.log"; exit 1; }
+
+kills=0 mid_write=0 finished_early=0
+while ((kills < KILLS)); do
+  train "$WORK/chaos" >>"$WORK/chaos.log" 2>&1 &
+  pid=$!
+  sleep "$(awk -v seed="$RANDOM" -v max="$MAX_DELAY" 'BEGIN { srand(seed); printf "%.3f", 0.2 + rand() * max }')"
+  if ! kill -0 "$pid" 2>/dev/null; then  # it finished (or failed) before its kill: more steps are needed
+    wait "$pid" || { echo "chaos: a run failed on its own:"; tail -20 "$WORK/chaos.log"; exit 1; }
+    finished_early=1
+    break
+  fi
+  kill -9 "$pid"
+  wait "$pid" 2>/dev/null || true
+  kills=$((kills + 1))
+  # a temporary file or folder left by the kill: it struck in the middle of a write
+  if compgen -G "$WORK/chaos/checkpoints/*.tmp" >/dev/null || compgen -G "$WORK/chaos/.*.tmp" >/dev/null \
+    || compgen -G "$WORK/chaos/data/*.tmp" >/dev/null || compgen -G "$WORK/chaos/data/.*.tmp" >/dev/null; then
+    mid_write=$((mid_write + 1))
+  fi
+done
+train "$WORK/chaos" >>"$WORK/chaos.log" 2>&1 || { echo "chaos: the last resume failed:"; tail -20 "$WORK/chaos.log"; exit 1; }
+resumes=$(grep -c "resuming from" "$WORK/chaos.log" || true)
+
+"$PYTHON" - "$WORK" "$STEPS" "$kills" "$mid_write" "$resumes" "$finished_early" <<'EOF'
+import hashlib, json, sys
+from pathlib import Path
+
+work, steps, kills, mid_write, resumes, early = Path(sys.argv[1]), int(sys.argv[2]), *map(int, sys.argv[3:])
+
+
+def records(run):
+    return [json.loads(line) for line in (work / run / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run):
+    return hashlib.sha256((work / run / "checkpoints" / f"step_{steps:06d}" / "model.safetensors").read_bytes()).hexdigest()
+
+
+problems = []
+ref, got = records("reference"), records("chaos")
+train_steps = [r["step"] for r in got if "kind" not in r]
+if train_steps != list(range(1, steps + 1)):
+    problems.append(f"train steps are not 1..{steps} once each, in order: {train_steps[:20]} ...")
+for kind, key in ((None, "loss"), ("val", "val_loss")):
+    a = [(r["step"], r[key]) for r in ref if r.get("kind") == kind]
+    b = [(r["step"], r[key]) for r in got if r.get("kind") == kind]
+    if a != b:
+        first = next((x, y) for x, y in zip(a + [None] * len(b), b + [None] * len(a)) if x != y)
+        problems.append(f"{key} differs from the uninterrupted run (first difference: {first})")
+if final_weights("reference") != final_weights("chaos"):
+    problems.append("the final weights differ from the uninterrupted run's")
+left = [p.name for p in (work / "chaos").rglob("*") if p.name.endswith((".tmp", ".old")) or p.name == ".lock"]
+if left:
+    problems.append(f"left behind: {left}")
+print(f"chaos: {kills} kills ({mid_write} in the middle of a write), {resumes} resumptions; "
+      f"{len(train_steps)} train steps logged, {sum(r.get('kind') == 'val' for r in got)} validations")
+if early:
+    print(f"chaos: note: the run finished after {kills} kills; raise STEPS for more")
+if problems:
+    print("chaos: FAILED\n  " + "\n  ".join(problems))
+    sys.exit(1)
+print("chaos: OK: every step once and in order, losses and final weights identical to the uninterrupted run")
+EOF
