@@ -8,14 +8,15 @@
 #
 # Usage:  scripts/chaos.sh [KILLS]        KILLS defaults to 10 (a few minutes on 2 CPU cores);
 #         scripts/chaos.sh 50             the acceptance run of issue 12 ("50 random kills")
-# Environment: STEPS (default 25 x KILLS + 50), MAX_DELAY (seconds a run lives at most before its
-# kill, default 4), KEEP=1 keeps the work folder, PYTHON (default python3).
+# Environment: STEPS (default 80 x KILLS + 50), MAX_DELAY (a kill strikes at a random moment up to
+# this many seconds after the run starts training; default 2), KEEP=1 keeps the work folder,
+# PYTHON (default python3).
 # Exit code 0 when every check holds; 1 (with the differences) when one does not.
 set -euo pipefail
 
 KILLS=${1:-10}
-STEPS=${STEPS:-$((25 * KILLS + 50))}
-MAX_DELAY=${MAX_DELAY:-4}
+STEPS=${STEPS:-$((80 * KILLS + 50))}
+MAX_DELAY=${MAX_DELAY:-2}
 PYTHON=${PYTHON:-python3}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tegaki-chaos.XXXXXX")
@@ -35,18 +36,30 @@ train() {
 echo "chaos: $KILLS kills of a $STEPS-step run in $WORK"
 train "$WORK/reference" >"$WORK/reference.log" 2>&1 || { cat "$WORK/reference.log"; exit 1; }
 
+# A random moment: one kill in five strikes during start-up (imports, tokenizer, shards, resume), the
+# others once the run has said it is training -- waited for, not guessed, so a loaded machine's slow
+# start-up does not turn every kill into one of start-up.
+random_delay() { awk -v seed="$RANDOM$RANDOM" -v max="$1" 'BEGIN { srand(seed); printf "%.3f", rand() * max }'; }
+wait_started() {  # until the attempt's log shows training (or the process is gone)
+  until grep -q -e "resuming from" -e "^model: " "$1" 2>/dev/null || ! kill -0 "$2" 2>/dev/null; do sleep 0.05; done
+}
+
 kills=0 mid_write=0 finished_early=0
 while ((kills < KILLS)); do
-  train "$WORK/chaos" >>"$WORK/chaos.log" 2>&1 &
+  attempt_log="$WORK/attempt.log"
+  train "$WORK/chaos" >"$attempt_log" 2>&1 &
   pid=$!
-  sleep "$(awk -v seed="$RANDOM" -v max="$MAX_DELAY" 'BEGIN { srand(seed); printf "%.3f", 0.2 + rand() * max }')"
+  ((RANDOM % 5 == 0)) || wait_started "$attempt_log" "$pid"
+  sleep "$(random_delay "$MAX_DELAY")"
   if ! kill -0 "$pid" 2>/dev/null; then  # it finished (or failed) before its kill: more steps are needed
+    cat "$attempt_log" >>"$WORK/chaos.log"
     wait "$pid" || { echo "chaos: a run failed on its own:"; tail -20 "$WORK/chaos.log"; exit 1; }
     finished_early=1
     break
   fi
   kill -9 "$pid"
   wait "$pid" 2>/dev/null || true
+  cat "$attempt_log" >>"$WORK/chaos.log"
   kills=$((kills + 1))
   # a temporary file or folder left by the kill: it struck in the middle of a write
   if compgen -G "$WORK/chaos/checkpoints/*.tmp" >/dev/null || compgen -G "$WORK/chaos/.*.tmp" >/dev/null \
@@ -55,7 +68,7 @@ while ((kills < KILLS)); do
   fi
 done
 train "$WORK/chaos" >>"$WORK/chaos.log" 2>&1 || { echo "chaos: the last resume failed:"; tail -20 "$WORK/chaos.log"; exit 1; }
-resumes=$(grep -c "resuming from" "$WORK/chaos.log" || true)
+resumes=$(grep -c "^resuming from" "$WORK/chaos.log" || true)
 
 "$PYTHON" - "$WORK" "$STEPS" "$kills" "$mid_write" "$resumes" "$finished_early" <<'EOF'
 import hashlib, json, sys
