@@ -18,6 +18,7 @@ Run folders written before attention had one `qkv` projection hold q_proj/k_proj
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,8 +31,8 @@ from typing import Any, Callable
 import torch
 
 from tegaki.config import ModelConfig
-from tegaki.errors import TegakiError
 from tegaki.device import check_fits
+from tegaki.errors import TegakiError
 from tegaki.files import atomic_write_json, atomic_write_text, explain_os_error, explain_write_error
 from tegaki.lora import LoRASettings, add_lora, merge_lora
 from tegaki.model import GPT, parameter_count
@@ -365,10 +366,8 @@ def read_run_json(path: str | os.PathLike, say: Callable[[str], None] | None = N
                           f"restore it from a copy, or retrain with `tegaki train --out {path} --fresh`")
     (say or (lambda m: print(m, file=sys.stderr)))(
         f"warning: {run_file} is damaged ({problem}); rebuilt it from checkpoint {rebuilt.pop('_from')}")
-    try:
+    with contextlib.suppress(TegakiError):  # a read-only folder: the rebuilt settings still serve this reader
         atomic_write_json(run_file, rebuilt)
-    except TegakiError:
-        pass  # a read-only folder: the rebuilt settings still serve this reader
     return rebuilt
 
 

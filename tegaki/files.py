@@ -154,7 +154,7 @@ class FolderLock:
         self.fd: int | None = None
         self.took_over: str | None = None  # the PID a dead holder left in the file, if any
 
-    def acquire(self) -> "FolderLock":
+    def acquire(self) -> FolderLock:
         while self.fd is None:
             fd = self._open()
             holder = _read_pid(fd)
@@ -184,7 +184,7 @@ class FolderLock:
             os.close(self.fd)
             self.fd = None
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -15,19 +15,17 @@ import re
 from pathlib import Path
 
 import torch
-
 from safetensors.torch import load_file, save_file
 
 import tegaki.tokenizer as tokenizers
 from tegaki.checkpoint import load_run_model, load_run_tokenizer
+from tegaki.device import LAYER_OBJECT_BYTES, check_fits
 from tegaki.errors import TegakiError
 from tegaki.files import atomic_write, atomic_write_json
 from tegaki.hf import config_from_hf, config_to_hf, dequantize_experts, family_of, state_dict_from_hf, state_dict_to_hf
-from tegaki.device import LAYER_OBJECT_BYTES, check_fits
 from tegaki.model import GPT, parameter_count
 from tegaki.rope import rope_frequencies
 from tegaki.tokenizer import export_hf_tokenizer
-
 
 
 def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
