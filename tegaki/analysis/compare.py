@@ -42,6 +42,7 @@ from tegaki.config import ModelConfig
 from tegaki.data import TokenWindows
 from tegaki.errors import TegakiError
 from tegaki.train import Run, TrainConfig, build_model_config, flushed_subnormals, setup_data, setup_tokenizer
+from tegaki.train.settings import check_settings as check_train_settings
 
 # -------------------------------------------------------------------------------------------------
 # What to train
@@ -179,10 +180,16 @@ class CompareSettings:
 
 
 def check_settings(s: CompareSettings) -> None:
-    """Refuse counts below one, naming the flag."""
+    """Refuse bad settings before the first run, naming the flag. The flags shared with `tegaki train`
+    are checked where train's are (tegaki.train.settings), so both commands take the same values."""
     for name in ("max_steps", "batch_size", "decode_tokens", "sample_tokens"):
         if getattr(s, name) < 1:
             raise TegakiError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
+    check_train_settings(TrainConfig(
+        max_steps=s.max_steps, batch_size=s.batch_size, block_size=s.block_size, lr=s.lr, warmup=s.warmup,
+        eval_every=s.eval_every if s.eval_every is not None else 1, eval_batches=s.eval_batches, seed=s.seed,
+        dtype=s.dtype, device=s.device, tokenizer=s.tokenizer, data=s.data,
+    ))
 
 
 def _say(message: str) -> None:

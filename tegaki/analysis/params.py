@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from tegaki.config import PRESETS, ModelConfig
+from tegaki.device import LAYER_OBJECT_BYTES, check_fits
 from tegaki.errors import TegakiError
 from tegaki.hf import config_from_hf
 from tegaki.model import GPT
@@ -54,7 +55,10 @@ BLOCK_PARTS: dict[str, tuple[str, str]] = {
 
 
 def build_meta_model(config: ModelConfig):
-    """The model with shapes and no storage (a few milliseconds even for 120B parameters)."""
+    """The model with shapes and no storage (a few milliseconds even for 120B parameters). Its
+    modules still take memory as Python objects: a billion layers are refused, with the figure."""
+    check_fits(config.n_layer, LAYER_OBJECT_BYTES, "cpu", f"describing a model of {config.n_layer:,} layers",
+               items="layers")
     with torch.device("meta"):
         return GPT(config)
 

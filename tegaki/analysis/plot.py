@@ -16,6 +16,7 @@ from typing import Any
 
 from tegaki.checkpoint import METRICS_FILE, read_metrics
 from tegaki.errors import TegakiError
+from tegaki.files import atomic_write
 
 # Fonts that draw Japanese (and Chinese/Korean) glyphs, in order of preference.
 CJK_FONTS = [
@@ -102,11 +103,12 @@ def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise TegakiError(f"{path}: pictures are written as PNG; give a file name ending in .png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=fig.dpi)
-    import matplotlib.pyplot as plt
+    try:  # written beside its place and renamed over it: a kill never leaves half a picture
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=fig.dpi, format="png"))
+    finally:
+        import matplotlib.pyplot as plt
 
-    plt.close(fig)
+        plt.close(fig)
     return path
 
 

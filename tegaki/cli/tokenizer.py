@@ -124,6 +124,9 @@ def cmd_train(args) -> int:
     if len(set(specials)) != len(specials) or not all(specials):
         raise TegakiError(f"--special-tokens must be distinct and non-empty, got {specials}")
     texts, held = training_texts(args)
+    if not any(t.strip() for t in texts):
+        where = f"--range {args.range} of " if args.range else ""
+        raise TegakiError(f"{where}{' '.join(args.input)} leaves no text to learn from; widen the range or add input")
     out = Path(args.out)
     pattern = args.pattern
     if args.kind == "bpe" and pattern == AUTO:

@@ -9,6 +9,7 @@ from tegaki.analysis.trace import PRESET_TOKENIZER, format_trace, load_model_and
 from tegaki.cli.common import default_of
 from tegaki.cli.options import add_device_arguments
 from tegaki.device import DTYPES, pick_device, pick_dtype
+from tegaki.errors import TegakiError
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,6 +62,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.top < 1:  # checked before the (slow) load
+        raise TegakiError(f"--top must be at least 1, got {args.top}")
     model, tok, description = load_model(args)
     result = trace(model, tok, args.prompt, layer=args.layer, head=args.head, top_k=args.top)
     if args.json:

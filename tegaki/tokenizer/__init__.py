@@ -62,6 +62,14 @@ def load(name_or_dir: str | Path) -> Tokenizer:
             f"no tokenizer named {key!r} and no folder at {folder}; known names: "
             f"{', '.join(KNOWN_NAMES)}, or a folder written by `tegaki tokenizer train`"
         )
+    try:
+        return _load_folder(folder)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # bad JSON, a missing key, ...
+        raise TegakiError(f"{folder}: the tokenizer files are damaged ({type(e).__name__}: {e}); restore them "
+                          "from a copy, or train the tokenizer again") from None
+
+
+def _load_folder(folder: Path) -> Tokenizer:
     meta_path = folder / META_FILE
     if meta_path.exists():
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
