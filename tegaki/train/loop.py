@@ -402,7 +402,14 @@ class Run:
         return self.tokenizer.decode(ids)
 
     def train(self) -> dict[str, Any]:
-        """Set up, resume, and take the steps up to --max-steps; the last step's numbers."""
+        """Set up, resume, and take the steps up to --max-steps; the last step's numbers. The run
+        folder's lock, taken in setup, is released however this ends."""
+        try:
+            return self._train()
+        finally:
+            self.lock.release()
+
+    def _train(self) -> dict[str, Any]:
         cfg = self.cfg
         if self.setup_hook is not None:
             self.setup_hook(self)
@@ -559,11 +566,9 @@ def train(cfg: TrainConfig, on_batch: BatchHook | None = None, plot_losses: Plot
             return run.train()
     except TegakiError:
         # Refused before any step (bad preset, data, --set, ...): leave no half-made --out behind.
-        run.lock.release()
         if created and not run.started and run.dist.is_main:
             shutil.rmtree(out, ignore_errors=True)
         raise
     finally:
-        run.lock.release()
         if run.dist.enabled or cfg.fsdp:
             destroy_process_group()
