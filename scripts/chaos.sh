@@ -25,23 +25,26 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1  # one th
 
 "$PYTHON" -c "from tegaki import data; open('$WORK/corpus.txt', 'w').write(data.shakespeare_text()[:60_000])"
 # A model small enough that a step takes milliseconds; a checkpoint every 3 steps (so a kill often
-# lands between checkpoints and steps are redone), evaluations and samples on other steps.
+# lands between checkpoints and steps are redone), evaluations and samples on other steps. `exec`:
+# the process started with `&` is tegaki itself, so `kill -9 $!` strikes it and not a shell around it.
 train() {
-  "$PYTHON" -m tegaki train --data "$WORK/corpus.txt" --out "$1" --max-steps "$STEPS" --set n_layer=1 \
+  exec "$PYTHON" -m tegaki train --data "$WORK/corpus.txt" --out "$1" --max-steps "$STEPS" --set n_layer=1 \
     --set n_embd=32 --set n_head=2 --set block_size=32 --set vocab_size=320 --batch-size 2 --save-every 3 \
     --eval-every 5 --eval-batches 1 --sample-every 7 --sample-tokens 8 --keep 2 --dtype fp32 --device cpu \
     --no-progress
 }
 
 echo "chaos: $KILLS kills of a $STEPS-step run in $WORK"
-train "$WORK/reference" >"$WORK/reference.log" 2>&1 || { cat "$WORK/reference.log"; exit 1; }
+(train "$WORK/reference") >"$WORK/reference.log" 2>&1 || { cat "$WORK/reference.log"; exit 1; }
 
 # A random moment: one kill in five strikes during start-up (imports, tokenizer, shards, resume), the
 # others once the run has said it is training -- waited for, not guessed, so a loaded machine's slow
 # start-up does not turn every kill into one of start-up.
 random_delay() { awk -v seed="$RANDOM$RANDOM" -v max="$1" 'BEGIN { srand(seed); printf "%.3f", rand() * max }'; }
 wait_started() {  # until the attempt's log shows training (or the process is gone)
-  until grep -q -e "resuming from" -e "^model: " "$1" 2>/dev/null || ! kill -0 "$2" 2>/dev/null; do sleep 0.05; done
+  until grep -qa -e "resuming from" -e "^model: " "$1" 2>/dev/null || ! kill -0 "$2" 2>/dev/null; do
+    sleep 0.05
+  done
 }
 
 kills=0 mid_write=0 finished_early=0
@@ -67,8 +70,12 @@ while ((kills < KILLS)); do
     mid_write=$((mid_write + 1))
   fi
 done
-train "$WORK/chaos" >>"$WORK/chaos.log" 2>&1 || { echo "chaos: the last resume failed:"; tail -20 "$WORK/chaos.log"; exit 1; }
-resumes=$(grep -c "^resuming from" "$WORK/chaos.log" || true)
+if ! (train "$WORK/chaos") >>"$WORK/chaos.log" 2>&1; then
+  echo "chaos: the last resume failed:"
+  tail -20 "$WORK/chaos.log"
+  exit 1
+fi
+resumes=$(grep -ac "^resuming from" "$WORK/chaos.log" || true)
 
 "$PYTHON" - "$WORK" "$STEPS" "$kills" "$mid_write" "$resumes" "$finished_early" <<'EOF'
 import hashlib, json, sys
@@ -82,7 +89,8 @@ def records(run):
 
 
 def final_weights(run):
-    return hashlib.sha256((work / run / "checkpoints" / f"step_{steps:06d}" / "model.safetensors").read_bytes()).hexdigest()
+    weights = work / run / "checkpoints" / f"step_{steps:06d}" / "model.safetensors"
+    return hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 problems = []

@@ -185,7 +185,7 @@ def test_other_commands_bad_input(run_copy, corpus, rope_folder, tmp_path, offli
     rc, err = cli(args)
     assert_one_message(rc, err, args[0], message)
     assert "this ran" not in err and snapshot(run_copy) == before
-    assert time.monotonic() - start < 120  # answered, not hung (a generous bound: only a hang fails it)
+    assert time.monotonic() - start < 600  # answered, not hung (a bound only a hang reaches)
 
 
 def assert_nothing_lost(before: dict[str, str], after: dict[str, str]) -> None:
