@@ -77,8 +77,12 @@ def test_a_fault_at_every_write_loses_nothing(reference, trained, corpus, tmp_pa
                 cli(train_args(run, corpus, 6))
         else:
             rc, err = cli(train_args(run, corpus, 6))
-            if site.startswith("files.py") and site.split(" <- ")[0].endswith(":_fsync_folder"):
+            if site.split(" <- ")[0].endswith(":_fsync_folder"):
                 assert rc == 0, err  # flushing a folder's entry is best effort: some systems cannot
+                monkeypatch.undo()
+                continue
+            if ":_draw_losses" in site:  # the picture is optional: reported, and the run is done and saved
+                assert rc == 0 and "could not draw the loss curves" in err and "disk is full" in err, err
                 monkeypatch.undo()
                 continue
             assert rc == 2 and "disk is full" in err and "Traceback" not in err, (site, err)
