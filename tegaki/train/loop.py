@@ -121,12 +121,8 @@ class Run:
     # --- setup --------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, d = self.cfg, self.dist
-        if d.is_main:
-            self.lock.acquire()  # before anything is read or written: one process per run folder
-            if self.lock.took_over:
-                self.say(f"note: took over the lock of process {self.lock.took_over}, which is no longer running")
-            if cfg.fresh:
-                clear_run_folder(self.run_dir, {"--data": cfg.data, "--tokenizer": cfg.tokenizer})
+        if d.is_main and cfg.fresh:
+            clear_run_folder(self.run_dir, {"--data": cfg.data, "--tokenizer": cfg.tokenizer})
         d.barrier()
         if d.is_main:
             preset = ModelConfig.preset(cfg.preset)
@@ -403,7 +399,12 @@ class Run:
 
     def train(self) -> dict[str, Any]:
         """Set up, resume, and take the steps up to --max-steps; the last step's numbers. The run
-        folder's lock, taken in setup, is released however this ends."""
+        folder is locked first (one process per run folder, whatever sets it up), and released
+        however this ends."""
+        if self.dist.is_main:
+            self.lock.acquire()  # before anything is read or written
+            if self.lock.took_over:
+                self.say(f"note: took over the lock of process {self.lock.took_over}, which is no longer running")
         try:
             return self._train()
         finally:
