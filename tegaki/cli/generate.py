@@ -141,7 +141,8 @@ def _print_one(model, tok, input_ids, max_new, settings, stop_tokens, args, gene
             t = int(token[0])
             if t in stop_tokens:
                 return
-            yield t
+            if t < tok.vocab_size:  # past it: a padding row of the LM head (vocab padded to 64), no text
+                yield t
 
     out = sys.stdout
     out.write(args.prompt)
