@@ -258,7 +258,7 @@ def main() -> None:
 
     def tegaki_run(mode, compile=False):
         def run():
-            outputs[f"tegaki {mode}"] = generate(ours[mode], prompt, NEW, temperature=0, compile=compile)
+            outputs[f"tegaki {mode}"] = generate(ours[mode], prompt, NEW, temperature=0, compile=compile, prepare=True)
 
         return run
 

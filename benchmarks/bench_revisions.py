@@ -11,8 +11,8 @@ range (min-max): a difference smaller than the ranges is not a difference.
 What is measured, with the code each revision has (so only the public API that both revisions
 share is used):
   decode fp32    GPT-2 124M shapes, random weights, batch 1, a 32-token prompt + 64 new tokens,
-                 greedy, `generate` with the KV cache (a revision that still had the opt-in
-                 decoding layout gets `prepare=True`, as its `tegaki generate` command did)
+                 greedy, `generate` with the KV cache and `prepare=True` where the revision has a
+                 decoding layout (as its `tegaki generate` command applies it)
   decode int8    the same with int8 weights and bf16 activations (`--dtype bf16 --quantize int8`)
   train          the `tiny` preset, batch 16 x 256 tokens, forward + backward + AdamW, fp32
 """
@@ -42,11 +42,11 @@ from tegaki.config import ModelConfig
 from tegaki.model import GPT
 from tegaki.generate import generate
 from tegaki.quant import quantize_model
-try:
-    import tegaki.fastpath  # noqa: F401 -- the revision had the opt-in decoding layout
-    extra = dict(prepare=True)
-except ImportError:
-    extra = {}
+import importlib.util
+# Both the old opt-in decoding layout (tegaki.fastpath) and today's (tegaki.decoding) are switched
+# on by prepare=True, as each revision's `tegaki generate` does.
+has_layout = any(importlib.util.find_spec(f"tegaki.{m}") for m in ("fastpath", "decoding"))
+extra = dict(prepare=True) if has_layout else {}
 warnings.simplefilter("ignore")
 out = {}
 torch.manual_seed(0)

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from tegaki.decoding import prepare_for_decoding
 from tegaki.errors import TegakiError
 from tegaki.kv_cache import KVCache
 from tegaki.sampling import SamplingSettings, sample_next
@@ -157,7 +158,7 @@ def generate(
     generator: torch.Generator | None = None,
     compile: bool | str = False,
     sampling: SamplingSettings | None = None,
-    prepare: bool | None = None,
+    prepare: bool = False,
     **sampling_keywords,
 ) -> torch.Tensor:
     """Sample max_new_tokens after input_ids (B, T); return (B, T + n) ids, prompt included.
@@ -169,11 +170,12 @@ def generate(
     `stop_strings` (needs `tokenizer` to decode; the token completing it is kept); finished rows are
     filled with pad_id until every row has stopped, and the output is cut at the longest row.
     `compile=True` runs the decode step through torch.compile (a string names the backend, e.g.
-    "aot_eager"). `prepare` is accepted for old code and does nothing: the model needs no
-    preparation for decoding any more (its q, k and v are one matrix already).
+    "aot_eager"). `prepare=True` first stores the LM head the way decoding reads it
+    (`decoding.prepare_for_decoding`: faster on a CPU, same logits, one way -- the model then
+    refuses to train).
     """
-    if prepare is not None:
-        warnings.warn("generate(prepare=...) does nothing any more; leave it out", DeprecationWarning, stacklevel=2)
+    if prepare:
+        prepare_for_decoding(model)
     if sampling is not None and sampling_keywords:
         raise TegakiError("give either sampling=SamplingSettings(...) or its fields as keywords, not both")
     settings = sampling or SamplingSettings.from_keywords(**sampling_keywords)

@@ -302,12 +302,12 @@ def test_sampling_settings_travel_as_one_object():
         generate(model, prompt, 5, sampling=settings, temperature=0.5)
 
 
-def test_prepare_is_still_accepted_and_changes_nothing():
+def test_prepare_gives_the_same_tokens():
+    """prepare=True stores the LM head in its decoding layout first (tests/test_decoding.py)."""
     model = random_model("tiny")
     prompt = torch.tensor([[3, 1, 4]])
-    with pytest.warns(DeprecationWarning, match="prepare"):
-        prepared = model.generate(prompt, 8, temperature=0, prepare=True)
-    assert torch.equal(prepared, model.generate(prompt, 8, temperature=0))
+    plain = model.generate(prompt, 8, temperature=0)
+    assert torch.equal(model.generate(prompt, 8, temperature=0, prepare=True), plain)
 
 
 @pytest.mark.slow  # a few seconds of tracing

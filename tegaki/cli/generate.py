@@ -10,6 +10,7 @@ import torch
 
 from tegaki.cli.options import add_device_arguments
 from tegaki.device import DTYPES, check_fits, pick_device, pick_dtype
+from tegaki.decoding import prepare_for_decoding
 from tegaki.errors import TegakiError
 from tegaki.generate import compiled_decode_step, find_stop, generate_tokens
 from tegaki.load import from_pretrained, tokenizer_for
@@ -91,6 +92,7 @@ def run_generate(args) -> int:
     model, tok = load_for_generation(args.model, DTYPES[pick_dtype(args.dtype, device)], device)
     if args.quantize:
         quantize_model(model, args.quantize)
+    prepare_for_decoding(model)  # this model only decodes: the LM head in its decoding layout
     prompt_ids = tok.encode(args.prompt)
     if not prompt_ids:
         raise TegakiError("the prompt encodes to no tokens")

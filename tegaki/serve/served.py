@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from tegaki.errors import TegakiError
+from tegaki.decoding import prepare_for_decoding
 from tegaki.load import from_pretrained, tokenizer_for
 from tegaki.quant import quantize_model
 from tegaki.chat_template import ChatTemplate, find_chat_template
@@ -53,6 +54,7 @@ def load_served(model: str, *, name: str | None = None, device: str = "cpu", dty
     net = from_pretrained(model, device=device, dtype=dtype).eval()
     if quantize:
         quantize_model(net, quantize)
+    prepare_for_decoding(net)  # a served model only decodes: the LM head in its decoding layout
     tokenizer = tokenizer_for(model)
     is_run = Path(model).expanduser().joinpath("run.json").is_file()
     template = find_chat_template(_template_folders(model), tokenizer, chat_template, tegaki_run=is_run)
