@@ -87,4 +87,4 @@ def test_plot_errors(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "nolines")]) == 2
     assert "no loss values" in capsys.readouterr().err
     with pytest.raises(TegakiError, match="PNG"):
-        plot_losses([("a", {"train": [(1, 1.0)], "val": []})], tmp_path / "a.svg")
+        plot_losses([("a", [{"train": [(1, 1.0)], "val": []}])], tmp_path / "a.svg")
