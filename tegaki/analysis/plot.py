@@ -220,27 +220,32 @@ def _mean_and_range(curves: list[list[tuple[float, float]]]):
 
 def plot_losses(groups: list[tuple[str, list[dict[str, list]]]], path: str | Path, title: str = "",
                 smooth: int = 1) -> Path:
-    """Train (solid) and validation (dashed, dots) loss, one colour per group.
+    """Train (solid) and validation (dashed, dots) loss, one colour per group, named once in the legend.
 
     A group is one label with the curves of one or more runs (`loss_curves`): the seeds of one
     entry of a comparison. With several, the line is their mean and the shaded band their range
     (lowest to highest seed), so what the seed alone moves is in the picture."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    styles = {"train": {"lw": 1.2}, "val": {"lw": 1.2, "ls": "--", "marker": "o", "ms": 3}}
     drew = False
     for colour, (label, runs) in zip(preset_colours(len(groups)), groups):
         seeds = f" ({len(runs)} seeds)" if len(runs) > 1 else ""
-        for split, style in (("train", {"lw": 1.2}), ("val", {"lw": 1.2, "ls": "--", "marker": "o", "ms": 3})):
+        named = False  # the legend names each group once, by its colour
+        for split, style in styles.items():
             curves = [r[split] for r in runs if r[split]]
             if not curves:
                 continue
             steps, mean, low, high = _mean_and_range(curves)
             if split == "train":
                 mean, low, high = (_moving_average(v, smooth) for v in (mean, low, high))
-            ax.plot(steps, mean, color=colour, label=f"{label} {split}{seeds}", **style)
+            ax.plot(steps, mean, color=colour, label=None if named else label + seeds, **style)
+            named = True
             if len(curves) > 1:
                 ax.fill_between(steps, low, high, color=colour, alpha=0.18, lw=0)
             drew = True
+    for split, style in styles.items():  # and the line style once: solid train, dashed validation
+        ax.plot([], [], color="#555555", label="train" if split == "train" else "validation", **style)
     if not drew:
         plt.close(fig)
         raise TegakiError("no loss values to plot (the metrics files have no `loss` or `val_loss` lines yet)")
@@ -287,6 +292,11 @@ def _moving_average(values, width: int) -> list[float]:
 
 def plot_attention_heads(att, tokens: list[str], path: str | Path, title: str = "") -> Path:
     """att (H, T, T) as H heatmaps: row = query token, column = key token it attends to."""
+    return _save(attention_figure(att, tokens, title), path)
+
+
+def attention_figure(att, tokens: list[str], title: str = ""):
+    """The figure `plot_attention_heads` writes: one heatmap per head, one colour bar for all."""
     plt = pyplot()
     H, T = att.shape[0], att.shape[-1]
     cols = min(H, 4)
@@ -314,4 +324,4 @@ def plot_attention_heads(att, tokens: list[str], path: str | Path, title: str = 
             ax.set_yticks([])
     fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight")  # one scale, 0 to 1, for every head
     fig.suptitle(title + "  (row: query, column: key)", fontsize=10)
-    return _save(fig, path)
+    return fig
