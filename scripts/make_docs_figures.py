@@ -36,14 +36,17 @@ DOCS = ROOT / "docs"
 IMG = DOCS / "img"
 sys.path.insert(0, str(ROOT))  # the tegaki of this checkout, also for the report helpers below
 
+from tegaki.analysis.attention import attention_maps, future_attention  # noqa: E402
 from tegaki.analysis.compare_report import difference_lines  # noqa: E402
 from tegaki.analysis.stats import Spread, format_spread  # noqa: E402
+from tegaki.analysis.trace import load_model_and_tokenizer  # noqa: E402
 
 EN_PRESETS = "tiny,tiny-llama,tiny-gpt-oss,tiny-gpt-oss-yarn,tiny-gated,tiny:causal=false"
 JA_PRESETS = "tiny,tiny-llama,tiny-gpt-oss,tiny-gpt-oss-yarn,tiny-gated"
 # The causal-mask bug shows fastest in a small model with rotary positions.
 CAUSAL_SMALL = ["--set", "n_layer=2", "--set", "n_embd=96", "--set", "n_head=4", "--set", "intermediate_size=256"]
 TRACE_PROMPT = "ROMEO: I will"
+PREVIOUS_TOKEN_HEAD = 0.5  # a previous-token score from which a head is called one (most weight on the token before)
 ATTENTION_PROMPT = "ROMEO: I will not speak of it, for the king is dead."
 
 
@@ -145,7 +148,8 @@ def results_table(results: dict, ja: bool = False) -> str:
 def run_comparison(args, work: Path, name: str, data: str, presets: str, extra: list[str] = ()) -> dict:
     argv = compare_argv(args, data, presets, f"runs/{name}", list(extra))
     tegaki(argv, work)
-    shown = [Path(a).name if a == data else a for a in argv if a != "--no-progress"]  # no machine folder
+    # an absolute corpus path (--ja-corpus) is shown by its name: no folder of this machine in the docs
+    shown = [Path(a).name if a == data and Path(a).is_absolute() else a for a in argv if a != "--no-progress"]
     write_block(f"{name}-command", fenced(shell_line(shown), "bash"))
     results = json.loads((work / "runs" / name / "results.json").read_text())
     write_block(f"{name}-table", results_table(results), results_table(results, ja=True))
@@ -182,22 +186,46 @@ def causal_figures(results: dict, work: Path) -> None:
 # -------------------------------------------------------------------------------------------------
 
 
-def trace_figures(work: Path, first_seed: int) -> None:
-    """The walk-through's trace: layer 1 of the GPT-2-style run, the head picked by `tegaki trace`'s own
+def walkthrough_model(args, work: Path) -> str:
+    """The model the walk-through traces: GPT-2 style (tiny), trained on the comparison's shards a little
+    longer than the comparison does, long enough for its heads to specialise."""
+    argv = ["train", "--data", "runs/cmp-en/data", "--preset", "tiny", "--max-steps", str(args.trace_steps),
+            "--batch-size", "8", "--block-size", "128", "--seed", "1337", "--out", "runs/walkthrough"]
+    tegaki([*argv, "--no-progress"], work)
+    write_block("walkthrough-command", fenced(shell_line(argv), "bash"))
+    return "runs/walkthrough"
+
+
+def trace_figures(work: Path, model: str) -> None:
+    """The walk-through's trace: layer 1 of the GPT-2-style model, the head picked by `tegaki trace`'s own
     rule (the highest previous-token score), so the story holds whichever head it is on a machine."""
-    model = f"runs/cmp-en/runs/tiny/seed{first_seed}"
     argv = ["trace", "--model", model, TRACE_PROMPT, "--layer", "1"]
     write_block("trace-tiny", fenced("$ " + shell_line(argv) + "\n" + tegaki(argv, work)))
     traced = json.loads(tegaki([*argv, "--json"], work))
     picked, words = traced["attention_pattern"], [t["text"] for t in traced["tokens"]]
     score = picked["previous_token_scores"][picked["head"]]
-    weights = picked["weights"][-1]
-    write_block("trace-head", f"Layer 1, head {picked['head']} is the head `tegaki trace` picked: the highest "
-                f"previous-token score of the layer, {score:.2f} (the mean weight a query puts on the token just "
-                f"before it). Here `{words[-1]!r}` puts {weights[-2]:.2f} of its attention on `{words[-2]!r}`.\n",
-                f"層 1・ヘッド {picked['head']} が `tegaki trace` の選んだヘッドです。この層で直前トークンスコアが最も"
-                f"高く、{score:.2f} です(クエリが 1 つ前のトークンに向ける重みの平均)。ここでは `{words[-1]!r}` が"
-                f"注意の {weights[-2]:.2f} を `{words[-2]!r}` に向けています。\n")
+    weights = picked["weights"]  # (T, T) of the picked head
+    first = sum(row[0] for row in weights[1:]) / max(1, len(weights) - 1)  # mean weight on the first token
+    h = picked["head"]
+    if score >= PREVIOUS_TOKEN_HEAD:
+        en = (f"Layer 1, head {h} is the head `tegaki trace` picked, and it is a *previous-token head*: its "
+              f"previous-token score is {score:.2f} (the mean weight a query puts on the token just before it). "
+              f"Here `{words[-1]!r}` puts {weights[-1][-2]:.2f} of its attention on `{words[-2]!r}`.\n")
+        ja = (f"層 1・ヘッド {h} が `tegaki trace` の選んだヘッドで、*直前トークンのヘッド* です。直前トークン"
+              f"スコアは {score:.2f}(クエリが 1 つ前のトークンに向ける重みの平均)。ここでは `{words[-1]!r}` が"
+              f"注意の {weights[-1][-2]:.2f} を `{words[-2]!r}` に向けています。\n")
+    else:
+        en = (f"At this budget the rule finds no previous-token head in layer 1: the highest score is {score:.2f} "
+              f"(head {h}), where a head that read only the previous token would score near 1. Its queries put "
+              f"{first:.2f} of their weight, on average, on the first token (the \"attention sink\" that "
+              "GPT-OSS replaces with a learned sink logit). That is what this small model learned here, on this "
+              "machine; a previous-token head, where training grows one, is found by the same rule.\n")
+        ja = (f"この予算では、規則は層 1 に直前トークンのヘッドを見つけません。最高のスコアは {score:.2f}"
+              f"(ヘッド {h})で、直前のトークンだけを読むヘッドなら 1 に近くなります。このヘッドのクエリは平均で"
+              f"重みの {first:.2f} を最初のトークンに置いています(GPT-OSS が学習される sink ロジットで置き換える"
+              "「attention sink」)。これがこの小さなモデルがここで、このマシンで学んだことです。学習が直前トークンの"
+              "ヘッドを育てれば、同じ規則がそれを見つけます。\n")
+    write_block("trace-head", en, ja)
     attention = ["attention", "--model", model, ATTENTION_PROMPT, "--layer", "1", "--out"]
     shown = shell_line([*attention, "docs/img/attention-tiny-layer1.png"])
     printed = tegaki([*attention, str(IMG / "attention-tiny-layer1.png")], work).replace(str(IMG), "docs/img")
@@ -205,18 +233,26 @@ def trace_figures(work: Path, first_seed: int) -> None:
 
 
 def causal_trace(work: Path, first_seed: int) -> None:
+    """The cheat, seen in one head: the head of layer 1 that puts the most weight on later tokens (the
+    per-head figure `tegaki attention` prints in its warning), traced with `--head`."""
     model = f"runs/causal/runs/tiny-llama+causal=false/seed{first_seed}"
-    argv = ["trace", "--model", model, TRACE_PROMPT, "--layer", "1"]
-    picked = json.loads(tegaki([*argv, "--json"], work))["attention_pattern"]
-    future = picked["weights"][2][3]  # query ' I' (position 2) on the next token ' will' (position 3)
+    net, tok, _ = load_model_and_tokenizer(model=str(work / model))
+    att, _ = attention_maps(net, tok, TRACE_PROMPT, layer=1)  # (H, T, T)
+    head = int(future_attention(att).argmax())
+    argv = ["trace", "--model", model, TRACE_PROMPT, "--layer", "1", "--head", str(head)]
+    weights = json.loads(tegaki([*argv, "--json"], work))["attention_pattern"]["weights"]
+    future = weights[2][3]  # query ' I' (position 2) on the next token ' will' (position 3)
     command = " ".join(shlex.quote(a) for a in ["tegaki", *argv])
-    write_block("causal-bug-trace", f"`{command}` shows the cheat directly: in the head it picks "
-                f"(head {picked['head']}), the query `' I'` puts {future:.2f} of its attention on the *next* token "
-                f"`' will'`, the token it is supposed to predict.\n",
-                f"`{command}` はずるを直接見せます。選ばれたヘッド(ヘッド {picked['head']})で、クエリ `' I'` は"
-                f"注意の {future:.2f} を *次の* トークン `' will'`、つまり予測すべきトークンに向けています。\n")
+    write_block("causal-bug-trace", f"`{command}` shows the cheat directly. Head {head} is the head of layer 1 "
+                "that puts the most weight on later tokens (`tegaki attention` prints that weight for every head); "
+                f"in it the query `' I'` puts {future:.2f} of its attention on the *next* token `' will'`, the "
+                "token it is supposed to predict.\n",
+                f"`{command}` はずるを直接見せます。ヘッド {head} は、層 1 で後のトークンに最も重みを置くヘッドです"
+                "(`tegaki attention` がヘッドごとにその重みを表示します)。そこでクエリ `' I'` は注意の "
+                f"{future:.2f} を *次の* トークン `' will'`、つまり予測すべきトークンに向けています。\n")
     attention = ["attention", "--model", model, "ROMEO: I will not speak of it", "--layer", "1", "--out", "att.png"]
     write_block("causal-attention", fenced(f"$ {shell_line(attention)}\n{tegaki(attention, work)}"))
+    (work / "att.png").unlink()  # the picture is not one of the docs': only the command's warning is
 
 
 def params_figures(work: Path) -> None:
@@ -239,7 +275,8 @@ def parse_args(argv=None):
                    help="steps of the causal-bug comparison (default 200)")
     p.add_argument("--ja-corpus", help="a Japanese text file: also run the Japanese comparison (not shipped)")
     p.add_argument("--work", default=str(ROOT), help="folder the runs go into, under runs/ (default: the repository)")
-    p.add_argument("--only", choices=["params", "en", "causal", "ja"], action="append",
+    p.add_argument("--trace-steps", type=int, default=200, help="steps of the walk-through's model (default 200)")
+    p.add_argument("--only", choices=["params", "en", "trace", "causal", "ja"], action="append",
                    help="regenerate only these figures (repeatable; default: all)")
     return p.parse_args(argv)
 
@@ -247,14 +284,15 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     work = Path(args.work).resolve()
-    wanted = set(args.only or ["params", "en", "causal", "ja"])
+    wanted = set(args.only or ["params", "en", "trace", "causal", "ja"])
     started = time.time()
     if "params" in wanted:
         params_figures(work)
     if "en" in wanted:
-        en = run_comparison(args, work, "cmp-en", "shakespeare", EN_PRESETS)
+        run_comparison(args, work, "cmp-en", "shakespeare", EN_PRESETS)
         copy_picture(work / "runs" / "cmp-en" / "loss.png", "compare-en.png")
-        trace_figures(work, en["seeds"][0])
+    if "trace" in wanted:
+        trace_figures(work, walkthrough_model(args, work))
     if "causal" in wanted:
         causal_args = argparse.Namespace(**{**vars(args), "steps": args.causal_steps})
         results = run_comparison(causal_args, work, "causal", "runs/cmp-en/data",

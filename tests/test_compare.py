@@ -186,3 +186,10 @@ def test_plot_of_a_comparison_groups_its_seeds_under_the_entry_labels(seeded, ca
     assert [(label, len(paths)) for label, paths in groups] == [("tiny", 2), ("tiny-llama", 2)]
     assert main(["plot", str(out), "--out", str(out / "again.png")]) == 0
     assert "over 2 seeds" in capsys.readouterr().out
+
+
+def test_picture_titles_name_the_corpus_without_its_folder(tmp_path):
+    from tegaki.analysis.compare import CompareSettings, plot_title
+
+    s = CompareSettings(entries=parse_entries("tiny"), out=tmp_path, data="/home/someone/corpora/ja.txt", seeds=3)
+    assert plot_title(s, 64) == "ja.txt: 200 steps x 16 x 64 tokens, 3 seeds"

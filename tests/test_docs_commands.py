@@ -43,7 +43,7 @@ def doc_commands(page: Path) -> list[tuple[int, str, bool]]:
         if kind in ("bash", "sh", "shell"):
             found += [(i + 2 + n, c, illustrative) for n, c in _joined(body)]
         elif kind == "text":
-            found += [(i + 2 + n, line[2:], illustrative) for n, line in enumerate(body) if line.startswith("$ ")]
+            found += [(i + 2 + n, c, illustrative) for n, c in _prompted(body)]
         i = end + 1
     return found
 
@@ -59,6 +59,17 @@ def _joined(body: list[str]):
             if command and not command.startswith("#"):
                 yield start, command
             start, parts = None, []
+
+
+def _prompted(body: list[str]):
+    """The `$ ` lines of a text block (a command shown with its output), continuations joined."""
+    for n, line in enumerate(body):
+        if line.startswith("$ "):
+            parts, k = [line[2:]], n
+            while parts[-1].rstrip().endswith("\\") and k + 1 < len(body):
+                k += 1
+                parts.append(body[k])
+            yield n, " ".join(part.rstrip().rstrip("\\").strip() for part in parts)
 
 
 def all_commands():
@@ -105,7 +116,7 @@ SMALL = {  # flag -> the value that keeps a run to seconds, by command
     "train": {"--max-steps": "2", "--batch-size": "2", "--block-size": "32", "--eval-every": "1",
               "--eval-batches": "1", "--sample-every": "0"},
     "generate": {"--max-new-tokens": "8"},
-    "tokenizer": {"--vocab-size": "300"},
+    "tokenizer": {"--vocab-size": "400"},  # above the distinct characters of the small corpus
 }
 
 
