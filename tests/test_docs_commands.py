@@ -21,9 +21,9 @@ from tegaki.cli import build_parser, main
 ROOT = Path(__file__).resolve().parent.parent
 # The order the pages are read in: a page may use what an earlier one made (runs/demo, runs/cmp-en).
 PAGES = ["README.md", "docs/training.md", "docs/generation.md", "docs/experiments.md", "docs/walkthrough.md",
-         "docs/tokenizers.md", "docs/architectures.md", "docs/serving.md", "README.ja.md", "docs/training.ja.md",
-         "docs/generation.ja.md", "docs/experiments.ja.md", "docs/walkthrough.ja.md", "docs/tokenizers.ja.md",
-         "docs/architectures.ja.md", "docs/serving.ja.md"]
+         "docs/tokenizers.md", "docs/architectures.md", "docs/serving.md", "docs/finetuning.md", "README.ja.md",
+         "docs/training.ja.md", "docs/generation.ja.md", "docs/experiments.ja.md", "docs/walkthrough.ja.md",
+         "docs/tokenizers.ja.md", "docs/architectures.ja.md", "docs/serving.ja.md", "docs/finetuning.ja.md"]
 ILLUSTRATIVE = re.compile(r"<!-- illustrative(:[^>]*)? -->\s*$")
 FENCE = re.compile(r"^```(\w*)\s*$")
 
