@@ -20,10 +20,26 @@ from tegaki.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
 # The order the pages are read in: a page may use what an earlier one made (runs/demo, runs/cmp-en).
-PAGES = ["README.md", "docs/training.md", "docs/generation.md", "docs/experiments.md", "docs/walkthrough.md",
-         "docs/tokenizers.md", "docs/architectures.md", "docs/serving.md", "docs/finetuning.md", "README.ja.md",
-         "docs/training.ja.md", "docs/generation.ja.md", "docs/experiments.ja.md", "docs/walkthrough.ja.md",
-         "docs/tokenizers.ja.md", "docs/architectures.ja.md", "docs/serving.ja.md", "docs/finetuning.ja.md"]
+PAGES = [
+    "README.md",
+    "docs/training.md",
+    "docs/generation.md",
+    "docs/experiments.md",
+    "docs/walkthrough.md",
+    "docs/tokenizers.md",
+    "docs/architectures.md",
+    "docs/serving.md",
+    "docs/finetuning.md",
+    "README.ja.md",
+    "docs/training.ja.md",
+    "docs/generation.ja.md",
+    "docs/experiments.ja.md",
+    "docs/walkthrough.ja.md",
+    "docs/tokenizers.ja.md",
+    "docs/architectures.ja.md",
+    "docs/serving.ja.md",
+    "docs/finetuning.ja.md",
+]
 ILLUSTRATIVE = re.compile(r"<!-- illustrative(:[^>]*)? -->\s*$")
 FENCE = re.compile(r"^```(\w*)\s*$")
 
@@ -39,7 +55,7 @@ def doc_commands(page: Path) -> list[tuple[int, str, bool]]:
             continue
         kind, illustrative = fence.group(1), i > 0 and bool(ILLUSTRATIVE.search(lines[i - 1]))
         end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
-        body = lines[i + 1:end]
+        body = lines[i + 1 : end]
         if kind in ("bash", "sh", "shell"):
             found += [(i + 2 + n, c, illustrative) for n, c in _joined(body)]
         elif kind == "text":
@@ -77,15 +93,22 @@ def all_commands():
     others = sorted(set(ROOT.glob("README*.md")) | set((ROOT / "docs").glob("*.md")))
     missing = [p.name for p in others if p not in pages]
     assert not missing, f"add these pages to PAGES in {__file__}: {missing}"
-    return [(f"{page.relative_to(ROOT)}:{n}", command, illustrative)
-            for page in pages if page.exists() for n, command, illustrative in doc_commands(page)]
+    return [
+        (f"{page.relative_to(ROOT)}:{n}", command, illustrative)
+        for page in pages
+        if page.exists()
+        for n, command, illustrative in doc_commands(page)
+    ]
 
 
 def test_every_command_is_tegaki_or_marked_illustrative():
     commands = all_commands()
     assert len(commands) > 40
-    unmarked = [f"{where}: {c}" for where, c, illustrative in commands
-                if not illustrative and shlex.split(c, comments=True)[0] != "tegaki"]
+    unmarked = [
+        f"{where}: {c}"
+        for where, c, illustrative in commands
+        if not illustrative and shlex.split(c, comments=True)[0] != "tegaki"
+    ]
     assert unmarked == [], "run by no test: mark the block with <!-- illustrative: why -->\n" + "\n".join(unmarked)
 
 
@@ -111,19 +134,38 @@ def test_every_tegaki_command_in_the_docs_parses():
 # -------------------------------------------------------------------------------------------------
 
 SMALL = {  # flag -> the value that keeps a run to seconds, by command
-    "compare": {"--max-steps": "2", "--seeds": "2", "--batch-size": "2", "--block-size": "32", "--eval-every": "1",
-                "--eval-batches": "1", "--decode-tokens": "4", "--sample-tokens": "4"},
-    "train": {"--max-steps": "2", "--batch-size": "2", "--block-size": "32", "--eval-every": "1",
-              "--eval-batches": "1", "--sample-every": "0"},
+    "compare": {
+        "--max-steps": "2",
+        "--seeds": "2",
+        "--batch-size": "2",
+        "--block-size": "32",
+        "--eval-every": "1",
+        "--eval-batches": "1",
+        "--decode-tokens": "4",
+        "--sample-tokens": "4",
+    },
+    "train": {
+        "--max-steps": "2",
+        "--batch-size": "2",
+        "--block-size": "32",
+        "--eval-every": "1",
+        "--eval-batches": "1",
+        "--sample-every": "0",
+    },
     "generate": {"--max-new-tokens": "8"},
+    "finetune": {"--max-steps": "2", "--eval-every": "1", "--batch-size": "2"},
     "tokenizer": {"--vocab-size": "400"},  # above the distinct characters of the small corpus
 }
 
 
 def small(argv: list[str], corpus: Path) -> list[str]:
     """The command with small settings: each flag of SMALL replaced or added; `shakespeare` made small."""
-    argv = [str(corpus) if a == "shakespeare" and i and argv[i - 1] in ("--data", "--input") else a
-            for i, a in enumerate(argv)]
+    argv = [
+        str(corpus) if a == "shakespeare" and i and argv[i - 1] in ("--data", "--input") else a
+        for i, a in enumerate(argv)
+    ]
+    if argv[0] == "train" and "--data" not in argv:  # its default corpus is Shakespeare
+        argv += ["--data", str(corpus)]
     settings = SMALL.get(argv[0], {})
     if argv[0] == "tokenizer" and argv[1] != "train":
         settings = {}
@@ -146,6 +188,8 @@ def test_every_command_of_the_docs_runs(tmp_path, monkeypatch, capsys):
     (tmp_path / "corpus.txt").write_text(shakespeare_text()[100_000:160_000])  # the docs' "your own text"
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "a.txt").write_text(shakespeare_text()[160_000:200_000])
+    (tmp_path / "notes.txt").write_text(shakespeare_text()[200_000:202_000])  # the docs' own files to evaluate
+    (tmp_path / "mc.jsonl").write_text('{"context": "To be, or not", "endings": [" to be", " a fish"], "label": 0}\n')
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     done, failed = set(), []

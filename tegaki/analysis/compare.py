@@ -30,6 +30,7 @@ What comes out:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -127,10 +128,8 @@ def _reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
-    try:  # Linux: writing 5 to clear_refs resets this process's peak resident set size (VmHWM)
+    with contextlib.suppress(OSError):  # Linux: writing 5 to clear_refs resets this process's peak RSS (VmHWM)
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def _peak_memory_bytes(device: torch.device) -> tuple[int | None, str]:

@@ -48,15 +48,29 @@ def _header(s: dict[str, Any]) -> list[str]:
 
 
 def _loss_table(entries: list[dict[str, Any]]) -> list[str]:
-    columns = ("run", "params", "active", "train loss", "val loss", "val loss, 95% interval", "val bits/byte",
-               "peak mem")
+    columns = (
+        "run",
+        "params",
+        "active",
+        "train loss",
+        "val loss",
+        "val loss, 95% interval",
+        "val bits/byte",
+        "peak mem",
+    )
     lines = ["| " + " | ".join(columns) + " |", "| --- |" + " ---: |" * (len(columns) - 1)]
     for e in entries:
         peak = e.get("peak_memory_bytes")
-        cells = [e["label"], f"{e['parameters']:,}", f"{e['parameters_active']:,}",
-                 format_spread(_spread(e, "final_train_loss")), format_spread(_spread(e, "final_val_loss")),
-                 _interval(e, "final_val_loss"), format_spread(_spread(e, "final_val_bpb")),
-                 f"{peak / 2**20:,.0f} MiB" if peak else "-"]
+        cells = [
+            e["label"],
+            f"{e['parameters']:,}",
+            f"{e['parameters_active']:,}",
+            format_spread(_spread(e, "final_train_loss")),
+            format_spread(_spread(e, "final_val_loss")),
+            _interval(e, "final_val_loss"),
+            format_spread(_spread(e, "final_val_bpb")),
+            f"{peak / 2**20:,.0f} MiB" if peak else "-",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -65,7 +79,7 @@ def difference_lines(entries: list[dict[str, Any]], key: str = "final_val_loss")
     """Every pair of entries, in the order given: a difference only where the intervals separate."""
     lines = []
     for i, earlier in enumerate(entries):
-        for later in entries[i + 1:]:
+        for later in entries[i + 1 :]:
             a, b = _spread(later, key), _spread(earlier, key)
             if a is not None and b is not None:
                 lines.append("- " + difference_sentence(later["label"], a, earlier["label"], b))
@@ -79,15 +93,22 @@ def _speed_section(s: dict[str, Any]) -> list[str]:
         return lines + [
             f"Left out: the load average reached {speed['max_load_per_core']:.1f} per core on {speed['cores']} "
             "cores during the runs, so tokens/s would measure the other processes as much as the models "
-            "(results.json keeps them). `benchmarks/` times speeds properly.", ""]
-    lines += ["Means over the seeds; the entries ran interleaved (seed by seed, every entry in turn) on a machine "
-              f"whose load stayed under {speed['max_load_per_core']:.1f} per core. Read them as orders of "
-              "magnitude, not as a ranking.", "",
-              "| run | train tok/s | decode tok/s (KV cache) | decode tok/s (no cache) |",
-              "| --- | ---: | ---: | ---: |"]
+            "(results.json keeps them). `benchmarks/` times speeds properly.",
+            "",
+        ]
+    lines += [
+        "Means over the seeds; the entries ran interleaved (seed by seed, every entry in turn) on a machine "
+        f"whose load stayed under {speed['max_load_per_core']:.1f} per core. Read them as orders of "
+        "magnitude, not as a ranking.",
+        "",
+        "| run | train tok/s | decode tok/s (KV cache) | decode tok/s (no cache) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for e in s["entries"]:
-        cells = [format_spread(_spread(e, k), ",.0f")
-                 for k in ("train_tokens_per_s", "decode_tokens_per_s_kv_cache", "decode_tokens_per_s_no_cache")]
+        cells = [
+            format_spread(_spread(e, k), ",.0f")
+            for k in ("train_tokens_per_s", "decode_tokens_per_s_kv_cache", "decode_tokens_per_s_no_cache")
+        ]
         lines.append(f"| {e['label']} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -97,16 +118,27 @@ def _causal_lines(entries: list[dict[str, Any]]) -> list[str]:
     for e in entries:
         masked = _spread(e, "final_val_loss_with_causal_mask")
         if masked is not None:
-            lines += [f"{e['label']}: trained without the causal mask, its validation loss is "
-                      f"{format_spread(_spread(e, 'final_val_loss'))} -- but scored with the causal mask that "
-                      f"generation has, the same weights give {format_spread(masked)}.", ""]
+            lines += [
+                f"{e['label']}: trained without the causal mask, its validation loss is "
+                f"{format_spread(_spread(e, 'final_val_loss'))} -- but scored with the causal mask that "
+                f"generation has, the same weights give {format_spread(masked)}.",
+                "",
+            ]
     return lines
 
 
 def _samples(s: dict[str, Any]) -> list[str]:
     first_seed = [r for r in s["runs"] if r["seed"] == s["seeds"][0]]
-    lines = ["## Samples", "", f"Seed {s['seeds'][0]}; each continues the start of the validation text "
-             "(temperature 0.8, top-k 50):", "", "```", first_seed[0]["sample_prompt"] if first_seed else "", "```", ""]
+    lines = [
+        "## Samples",
+        "",
+        f"Seed {s['seeds'][0]}; each continues the start of the validation text (temperature 0.8, top-k 50):",
+        "",
+        "```",
+        first_seed[0]["sample_prompt"] if first_seed else "",
+        "```",
+        "",
+    ]
     for r in first_seed:
         lines += [f"### {r['label']}", "", "```", r["sample"].strip("\n"), "```", ""]
     return lines

@@ -14,8 +14,22 @@ import statistics
 from dataclasses import dataclass
 
 # Two-sided 95% quantiles of Student's t distribution, by degrees of freedom (n - 1).
-T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-        10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+T_95 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    12: 2.179,
+    15: 2.131,
+    20: 2.086,
+    30: 2.042,
+}
 
 
 def t_quantile(dof: int) -> float:
@@ -56,8 +70,13 @@ class Spread:
 
     def as_dict(self) -> dict:
         low_high = self.interval
-        return {"mean": self.mean, "std": self.std, "n": self.n, "values": list(self.values),
-                "ci95": list(low_high) if low_high else None}
+        return {
+            "mean": self.mean,
+            "std": self.std,
+            "n": self.n,
+            "values": list(self.values),
+            "ci95": list(low_high) if low_high else None,
+        }
 
 
 def spread(values) -> Spread | None:
@@ -86,7 +105,7 @@ def difference_sentence(name_a: str, a: Spread, name_b: str, b: Spread, what: st
 
 
 def format_spread(s: Spread | None, spec: str = ".3f") -> str:
-    """"5.839 ± 0.021" (mean ± standard deviation), or the single value, or "-"."""
+    """ "5.839 ± 0.021" (mean ± standard deviation), or the single value, or "-"."""
     if s is None:
         return "-"
     if s.n < 2:
