@@ -117,3 +117,12 @@ def test_many_heads_keep_their_titles_apart_and_share_a_colour_bar():
     bars = [ax for ax in fig.axes if ax.get_ylabel() == "attention weight"]
     assert len(bars) == 1 and tuple(bars[0].get_ylim()) == (0.0, 1.0)
     plt.close(fig)
+
+
+def test_a_comparison_without_results_groups_its_seed_folders(tmp_path):
+    for name in ("tiny", "tiny-llama"):
+        for seed, losses in ((1337, [4.0, 3.5]), (1338, [4.2, 3.3])):
+            write_metrics(tmp_path / "cmp" / "runs" / name / f"seed{seed}", losses)
+    groups = find_runs(tmp_path / "cmp")
+    assert [(label, [p.parent.name for p in paths]) for label, paths in groups] == [
+        ("tiny", ["seed1337", "seed1338"]), ("tiny-llama", ["seed1337", "seed1338"])]

@@ -198,10 +198,15 @@ def find_runs(run_dir: str | Path) -> list[tuple[str, list[Path]]]:
         if entries:
             return [(e["label"], [root / f / METRICS_FILE for f in e["folders"]]) for e in entries]
     found = sorted(root.glob(f"*/{METRICS_FILE}")) + sorted(root.glob(f"runs/*/{METRICS_FILE}"))
-    if not found:
+    groups = [(p.parent.name, [p]) for p in found]
+    seeded: dict[str, list[Path]] = {}  # a comparison still running (no results.json yet): runs/NAME/seedS
+    for p in sorted(root.glob(f"runs/*/seed*/{METRICS_FILE}")):
+        seeded.setdefault(p.parent.parent.name, []).append(p)
+    groups += list(seeded.items())
+    if not groups:
         raise TegakiError(f"{root}: no metrics.jsonl in it or in its sub-folders; is it a `tegaki train` or "
                           "`tegaki compare` output?")
-    return [(p.parent.name, [p]) for p in found]
+    return groups
 
 
 def preset_colours(count: int) -> list[str]:
