@@ -89,3 +89,26 @@ def test_bad_set_value_and_field(capsys):
     assert code == 2 and "n_layer" in err and "int" in err
     code, err = run(capsys, "params", "tiny", "--set", "n_layers=4")
     assert code == 2 and "n_layers" in err and "Fields:" in err
+
+
+def _arguments(parser, path):
+    """(command path, argument) for every argument of every command and sub-command.
+    argparse has no public walk, so this reads its action list (the same one --help prints)."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _arguments(sub, [*path, name])
+        elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            yield " ".join(path), "/".join(action.option_strings) or action.dest, action
+
+
+def test_every_argument_of_every_command_has_help():
+    from tegaki.cli import build_parser
+
+    arguments = list(_arguments(build_parser(), ["tegaki"]))
+    commands = {path for path, _, _ in arguments}
+    assert {"tegaki compare", "tegaki trace", "tegaki tokenizer stats", "tegaki tokenizer show"} <= commands
+    missing = [f"{path} {name}" for path, name, action in arguments if not (action.help or "").strip()]
+    assert missing == [], f"arguments without help text: {missing}"

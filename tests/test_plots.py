@@ -87,4 +87,42 @@ def test_plot_errors(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "nolines")]) == 2
     assert "no loss values" in capsys.readouterr().err
     with pytest.raises(TegakiError, match="PNG"):
-        plot_losses([("a", {"train": [(1, 1.0)], "val": []})], tmp_path / "a.svg")
+        plot_losses([("a", [{"train": [(1, 1.0)], "val": []}])], tmp_path / "a.svg")
+
+
+def test_japanese_labels_are_drawn_with_the_packaged_font():
+    """matplotlib-fontja (a dependency) brings IPAexGothic: kana and kanji are drawn, not escaped."""
+    pytest.importorskip("matplotlib_fontja")
+    assert label_text("日本語の文字") == "日本語の文字"
+
+
+def test_many_heads_keep_their_titles_apart_and_share_a_colour_bar():
+    """12 heads: the figure title sits above every head's title, and one colour bar says 0 to 1."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.text import Text
+
+    from tegaki.analysis.plot import attention_figure
+
+    T = 14  # with tight_layout, 12 heads of 14 tokens put the figure title over the top row's titles
+    att = np.tril(np.ones((12, T, T))) / np.arange(1, T + 1)[:, None]  # (H, T, T), rows sum to 1
+    fig = attention_figure(att, [f"tok{i}" for i in range(T)], title="twelve heads")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = {t: t.get_window_extent(renderer) for t in fig.findobj(Text) if t.get_text()}
+    heads = [box for t, box in texts.items() if t.get_text().startswith("head ")]
+    (title,) = [box for t, box in texts.items() if t.get_text().startswith("twelve heads")]
+    assert len(heads) == 12
+    assert all(title.y0 >= box.y1 for box in heads)  # pixels grow upwards: the title above them all
+    bars = [ax for ax in fig.axes if ax.get_ylabel() == "attention weight"]
+    assert len(bars) == 1 and tuple(bars[0].get_ylim()) == (0.0, 1.0)
+    plt.close(fig)
+
+
+def test_a_comparison_without_results_groups_its_seed_folders(tmp_path):
+    for name in ("tiny", "tiny-llama"):
+        for seed, losses in ((1337, [4.0, 3.5]), (1338, [4.2, 3.3])):
+            write_metrics(tmp_path / "cmp" / "runs" / name / f"seed{seed}", losses)
+    groups = find_runs(tmp_path / "cmp")
+    assert [(label, [p.parent.name for p in paths]) for label, paths in groups] == [
+        ("tiny", ["seed1337", "seed1338"]), ("tiny-llama", ["seed1337", "seed1338"])]

@@ -143,3 +143,22 @@ def test_cli_errors_are_clear(capsys, argv, expected):
     _, err = capsys.readouterr()
     assert code == 2
     assert expected in err and "Traceback" not in err
+
+
+def test_the_example_head_is_chosen_by_its_previous_token_score(tok, capsys):
+    from tegaki.analysis.trace import previous_token_scores
+
+    att = torch.tensor([[[1.0, 0, 0], [0.5, 0.5, 0], [0.2, 0.3, 0.5]],   # head 0: (0.5 + 0.3) / 2 = 0.4
+                        [[1.0, 0, 0], [0.9, 0.1, 0], [0.0, 0.9, 0.1]]])  # head 1: 0.9, a previous-token head
+    assert previous_token_scores(att).tolist() == pytest.approx([0.4, 0.9])
+    model = tiny_model()
+    r = trace(model, tok, PROMPT, layer=1)  # no head given: the rule picks it
+    ap = r["attention_pattern"]
+    scores = ap["previous_token_scores"]
+    assert len(scores) == 4 and ap["head"] == scores.index(max(scores))
+    assert ap["head_chosen_by"] == "the highest previous-token score"
+    weights = torch.tensor(ap["weights"])  # the shown head's own pattern gives its score back
+    assert float(weights.diagonal(offset=-1).mean()) == pytest.approx(scores[ap["head"]], abs=1e-3)
+    assert trace(model, tok, PROMPT, layer=1, head=2)["attention_pattern"]["head_chosen_by"] == "given"
+    assert main(["trace", "--preset", "tiny", "--set", "n_layer=2", PROMPT, "--layer", "1"]) == 0
+    assert "previous-token score of each head of layer 1" in capsys.readouterr().out

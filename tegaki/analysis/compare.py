@@ -1,12 +1,19 @@
-"""`tegaki compare`: train several architectures under identical conditions and put them side by side.
+"""`tegaki compare`: train several architectures under identical conditions, over several seeds, and put
+them side by side.
 
     tegaki compare --data shakespeare --presets tiny,tiny-llama,tiny-gpt-oss --max-steps 300 --out runs/cmp
 
 "Identical" means: one tokenizer (trained once, or --tokenizer), one set of token shards, the same
-batches in the same order (same seed, batch size and sequence length: `tegaki.data.BatchLoader`
-draws the order from the seed alone), the same number of steps, tokens, learning-rate schedule and
-initial seed. Each run is an ordinary `tegaki train` run (`tegaki.train.Run`) in DIR/runs/NAME, so
-running the command again resumes whatever was interrupted, and every run folder works with
+number of steps, tokens and learning-rate schedule, and, for each seed, the same batches in the same
+order and the same initial seed (`tegaki.data.BatchLoader` draws the order from the seed alone).
+Every entry is trained once per seed (--seeds N: seed, seed+1, ...): a loss after a few hundred
+steps moves by a few hundredths of a nat with the seed alone, so the report gives each number as
+mean ± standard deviation over the seeds, and states a difference only where the 95% intervals
+separate (`tegaki.analysis.stats`). Runs go seed by seed, each seed through every entry in turn, so
+a neighbour's load on a shared machine falls on every entry alike.
+
+Each run is an ordinary `tegaki train` run (`tegaki.train.Run`) in DIR/runs/NAME/seedS, so running
+the command again resumes whatever was interrupted, and every run folder works with
 `tegaki generate`, `tegaki trace` and `tegaki plot`.
 
 An entry of --presets is a preset, optionally with its own overrides after colons:
@@ -15,16 +22,18 @@ An entry of --presets is a preset, optionally with its own overrides after colon
 What comes out:
     DIR/results.json   per run: parameters (total, active), final train/validation loss, bits per
                        byte, training tokens/s, peak memory, decode tokens/s with and without the KV
-                       cache, a sample, and a hash of every batch it was trained on
-    DIR/report.md      the same as a table, and the samples
-    DIR/loss.png       the train and validation curves overlaid
+                       cache, a sample, and a hash of every batch it was trained on; per entry: each
+                       loss as mean, standard deviation, 95% interval and values over the seeds
+    DIR/report.md      the same as a table, the differences the seeds support, and the samples
+    DIR/loss.png       the train and validation curves: per entry the mean over seeds and its range
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import math
+import os
 import re
 import statistics
 import sys
@@ -35,8 +44,10 @@ from typing import Any
 
 import torch
 
+from tegaki.analysis.compare_report import format_report
 from tegaki.analysis.params import count_parameters
 from tegaki.analysis.plot import loss_curves, plot_losses, plot_run_losses
+from tegaki.analysis.stats import spread
 from tegaki.checkpoint import METRICS_FILE, read_metrics
 from tegaki.config import ModelConfig
 from tegaki.data import TokenWindows
@@ -117,10 +128,8 @@ def _reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
-    try:  # Linux: writing 5 to clear_refs resets this process's peak resident set size (VmHWM)
+    with contextlib.suppress(OSError):  # Linux: writing 5 to clear_refs resets this process's peak RSS (VmHWM)
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def _peak_memory_bytes(device: torch.device) -> tuple[int | None, str]:
@@ -162,6 +171,7 @@ class CompareSettings:
     data: str = "shakespeare"
     max_steps: int = 200
     seed: int = 1337
+    seeds: int = 3  # runs per entry, with seeds seed, seed+1, ...: the spread the report states
     batch_size: int = 16
     block_size: int | None = None
     lr: float = 2e-3
@@ -182,7 +192,7 @@ class CompareSettings:
 def check_settings(s: CompareSettings) -> None:
     """Refuse bad settings before the first run, naming the flag. The flags shared with `tegaki train`
     are checked where train's are (tegaki.train.settings), so both commands take the same values."""
-    for name in ("max_steps", "batch_size", "decode_tokens", "sample_tokens"):
+    for name in ("max_steps", "seeds", "batch_size", "decode_tokens", "sample_tokens"):
         if getattr(s, name) < 1:
             raise TegakiError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
     check_train_settings(TrainConfig(
@@ -196,13 +206,24 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _train_config(s: CompareSettings, entry: Entry, data_dir: Path, extra_set: list[str], block_size: int):
+def run_folder(entry: Entry, seed: int) -> str:
+    """Where one run of a comparison lives, relative to the comparison's folder."""
+    return f"runs/{entry.folder_name}/seed{seed}"
+
+
+def seed_list(s: CompareSettings) -> list[int]:
+    return [s.seed + i for i in range(s.seeds)]
+
+
+def _train_config(s: CompareSettings, entry: Entry, data_dir: Path, extra_set: list[str], block_size: int,
+                  seed: int | None = None):
+    seed = s.seed if seed is None else seed
     return TrainConfig(
-        data=str(data_dir), preset=entry.preset, out=str(s.out / "runs" / entry.folder_name),
+        data=str(data_dir), preset=entry.preset, out=str(s.out / run_folder(entry, seed)),
         max_steps=s.max_steps, batch_size=s.batch_size, block_size=block_size, lr=s.lr,
         warmup=s.warmup if s.warmup is not None else max(1, min(50, s.max_steps // 10)),
         eval_every=s.eval_every or max(1, s.max_steps // 10), eval_batches=s.eval_batches,
-        sample_every=0, save_every=s.max_steps, keep=1, seed=s.seed, dtype=s.dtype, device=s.device,
+        sample_every=0, save_every=s.max_steps, keep=1, seed=seed, dtype=s.dtype, device=s.device,
         progress=s.progress, fresh=s.fresh, set=[*s.overrides, *entry.overrides, *extra_set],
     )
 
@@ -257,20 +278,38 @@ def _compare(s: CompareSettings) -> dict[str, Any]:
     prompt_ids = TokenWindows(data_dir, "val", 16).window(0)[:16].tolist()
     prompt_text = tokenizer.decode(prompt_ids)
 
-    results = []
-    for entry in s.entries:
-        cfg = _train_config(s, entry, data_dir, extra[entry.label], block_size)
-        _say(f"=== {entry.label}: {s.max_steps} steps -> {cfg.out}")
-        batches = BatchHashes()
-        run = Run(cfg, on_batch=batches, plot_losses=plot_run_losses)  # `tegaki train`'s own run, watched
-        _reset_peak_memory(run.device)
-        started = time.perf_counter()
-        run.train()
-        seconds = time.perf_counter() - started
-        peak, peak_what = _peak_memory_bytes(run.device)
-        results.append(_summarise(s, entry, run, batches, cfg, prompt_ids, prompt_text, peak, peak_what, seconds))
+    results, loads = [], []
+    for seed in seed_list(s):  # seed by seed, every entry in turn: load drift falls on all entries alike
+        for entry in s.entries:
+            cfg = _train_config(s, entry, data_dir, extra[entry.label], block_size, seed)
+            _say(f"=== {entry.label}, seed {seed}: {s.max_steps} steps -> {cfg.out}")
+            loads.append(load_per_core())
+            results.append(_train_one(s, entry, cfg, seed, prompt_ids, prompt_text))
+            loads.append(load_per_core())
+    return _write_outputs(s, results, tokenizer, data_dir, block_size, max(loads))
 
-    return _write_outputs(s, results, tokenizer, data_dir, block_size, prompt_text)
+
+def _train_one(s: CompareSettings, entry: Entry, cfg: TrainConfig, seed: int, prompt_ids, prompt_text):
+    batches = BatchHashes()
+    run = Run(cfg, on_batch=batches, plot_losses=plot_run_losses)  # `tegaki train`'s own run, watched
+    _reset_peak_memory(run.device)
+    started = time.perf_counter()
+    run.train()
+    seconds = time.perf_counter() - started
+    peak, peak_what = _peak_memory_bytes(run.device)
+    row = _summarise(s, entry, run, batches, cfg, prompt_ids, prompt_text, peak, peak_what, seconds)
+    row["seed"] = seed
+    row["folder"] = run_folder(entry, seed)
+    return row
+
+
+def load_per_core() -> float:
+    """The 1-minute load average per CPU core (0 where the system does not say): above 1, other
+    processes compete for the cores and a tokens/s figure measures them as much as the model."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return 0.0
 
 
 def _save_hashes(run_dir: Path, hashes: dict[int, list[str]]) -> dict[int, list[str]]:
@@ -295,7 +334,7 @@ def _summarise(s, entry, run, batches, cfg, prompt_ids, prompt_text, peak, peak_
     model = run.raw_model.eval()
     prompt = torch.tensor([prompt_ids], device=run.device)
     with torch.no_grad():
-        out = model.generate(prompt, s.sample_tokens, temperature=0.8, top_k=50, seed=s.seed)
+        out = model.generate(prompt, s.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
     sample_ids = out[0, len(prompt_ids):]
     sample = run.tokenizer.decode([i for i in sample_ids.tolist() if i < run.tokenizer.vocab_size])
     hashes = _save_hashes(run_dir, batches.hashes)
@@ -338,14 +377,52 @@ def _summarise(s, entry, run, batches, cfg, prompt_ids, prompt_text, peak, peak_
 # -------------------------------------------------------------------------------------------------
 
 
-def _fmt(value, spec: str, missing: str = "-") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return missing
-    return format(value, spec)
+SPREAD_KEYS = ("final_train_loss", "final_val_loss", "final_val_bpb", "final_val_loss_with_causal_mask",
+               "train_tokens_per_s", "decode_tokens_per_s_kv_cache", "decode_tokens_per_s_no_cache")
+SPEED_LOAD_LIMIT = 1.0  # load average per core above which speeds are left out of the report
 
 
-def _write_outputs(s: CompareSettings, results, tokenizer, data_dir: Path, block_size: int, prompt_text: str):
-    same_batches = len({r["batch_hash"] for r in results}) == 1
+def summarise_entries(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per entry, in the order given: its parameters and each number over its seeds (`Spread.as_dict`)."""
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_label.setdefault(r["label"], []).append(r)
+    entries = []
+    for label, rows in by_label.items():
+        entry = {"label": label, "seeds": [r["seed"] for r in rows], "folders": [r["folder"] for r in rows],
+                 "parameters": rows[0]["parameters"], "parameters_active": rows[0]["parameters_active"],
+                 "peak_memory_bytes": max((r["peak_memory_bytes"] or 0) for r in rows) or None}
+        for key in SPREAD_KEYS:
+            values = spread(r.get(key) for r in rows)
+            if values is not None:
+                entry[key] = values.as_dict()
+        entries.append(entry)
+    return entries
+
+
+def identical_batches(results: list[dict[str, Any]]) -> bool:
+    """True when, for every seed, every entry trained on the same batches."""
+    by_seed: dict[int, set[str]] = {}
+    for r in results:
+        by_seed.setdefault(r["seed"], set()).add(r["batch_hash"])
+    return all(len(hashes) == 1 for hashes in by_seed.values())
+
+
+def plot_title(s: CompareSettings, block_size: int) -> str:
+    """The picture's title: the corpus by its name only (no folder of this machine in a picture)."""
+    seeds = f", {s.seeds} seeds" if s.seeds > 1 else ""
+    return f"{Path(s.data).name}: {s.max_steps} steps x {s.batch_size} x {block_size} tokens{seeds}"
+
+
+def draw_comparison(folder: Path, summary: dict[str, Any], path: Path, title: str, smooth: int = 1) -> Path:
+    """The loss picture of a comparison: per entry, the mean over its seeds and their range, one colour
+    each (`tegaki plot DIR` draws the same)."""
+    groups = [(e["label"], [loss_curves(read_metrics(folder / f / METRICS_FILE)) for f in e["folders"]])
+              for e in summary["entries"]]
+    return plot_losses(groups, path, title=title, smooth=smooth)
+
+
+def _write_outputs(s: CompareSettings, results, tokenizer, data_dir: Path, block_size: int, load: float):
     summary = {
         "data": s.data,
         "data_dir": str(data_dir),
@@ -357,55 +434,18 @@ def _write_outputs(s: CompareSettings, results, tokenizer, data_dir: Path, block
         "tokens_per_run": s.max_steps * s.batch_size * block_size,
         "lr": s.lr,
         "seed": s.seed,
+        "seeds": seed_list(s),
         "match_params": s.match_params,
         "overrides": s.overrides,
-        "identical_batches": same_batches,
+        "identical_batches": identical_batches(results),
         "device": results[0]["device"] if results else s.device,
         "torch": torch.__version__,
+        # Speeds are shown only when no other process competed for the cores (see SPEED_LOAD_LIMIT).
+        "speed": {"max_load_per_core": round(load, 2), "cores": os.cpu_count(), "shown": load <= SPEED_LOAD_LIMIT},
+        "entries": summarise_entries(results),
         "runs": results,
     }
     (s.out / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    curves = [(r["label"], loss_curves(read_metrics(Path(r["run_dir"]) / METRICS_FILE))) for r in results]
-    title = f"{s.data}: {s.max_steps} steps x {s.batch_size} x {block_size} tokens"
-    plot_losses(curves, s.out / "loss.png", title=title, smooth=max(1, s.max_steps // 50))
+    draw_comparison(s.out, summary, s.out / "loss.png", plot_title(s, block_size), smooth=max(1, s.max_steps // 50))
     (s.out / "report.md").write_text(format_report(summary))
     return summary
-
-
-REPORT_COLUMNS = ("run", "params", "active", "train loss", "val loss", "val bits/byte", "train tok/s", "peak mem",
-                  "decode tok/s (KV cache)", "decode tok/s (no cache)")
-
-
-def format_report(summary: dict[str, Any]) -> str:
-    """results.json as Markdown: the settings, a table with one row per run, then the samples."""
-    s = summary
-    lines = [
-        f"# Comparison on {s['data']}",
-        "",
-        f"Every run: {s['max_steps']} steps x {s['batch_size']} sequences x {s['block_size']} tokens "
-        f"= {s['tokens_per_run']:,} tokens, lr {s['lr']}, seed {s['seed']}, tokenizer "
-        f"{s['tokenizer']} ({s['vocab_size']:,} tokens), device {s['device']}, torch {s['torch']}."
-        + (" Widths matched to equal parameter counts." if s["match_params"] else ""),
-        f"Identical batches in every run: {'yes' if s['identical_batches'] else 'NO'} "
-        "(hash of every batch, in results.json).",
-        "",
-        "| " + " | ".join(REPORT_COLUMNS) + " |",
-        "| --- |" + " ---: |" * (len(REPORT_COLUMNS) - 1),
-    ]
-    for r in summary["runs"]:
-        peak_mib = r["peak_memory_bytes"] and r["peak_memory_bytes"] / 2**20
-        cells = [r["label"], f"{r['parameters']:,}", f"{r['parameters_active']:,}", _fmt(r["final_train_loss"], ".4f"),
-                 _fmt(r["final_val_loss"], ".4f"), _fmt(r["final_val_bpb"], ".3f"),
-                 _fmt(r["train_tokens_per_s"], ",.0f"), f"{_fmt(peak_mib, ',.0f')} MiB",
-                 _fmt(r["decode_tokens_per_s_kv_cache"], ",.0f"), _fmt(r["decode_tokens_per_s_no_cache"], ",.0f")]
-        lines.append("| " + " | ".join(cells) + " |")
-    for r in summary["runs"]:
-        if "final_val_loss_with_causal_mask" in r:
-            lines += ["", f"{r['label']}: trained without the causal mask, its validation loss is "
-                      f"{r['final_val_loss']:.4f} -- but scored with the causal mask that generation has, "
-                      f"the same weights give {r['final_val_loss_with_causal_mask']:.4f}."]
-    lines += ["", "## Samples", "", "Each continues the start of the validation text (temperature 0.8, top-k 50):", "",
-              "```", summary["runs"][0]["sample_prompt"] if summary["runs"] else "", "```", ""]
-    for r in summary["runs"]:
-        lines += [f"### {r['label']}", "", "```", r["sample"].strip("\n"), "```", ""]
-    return "\n".join(lines)

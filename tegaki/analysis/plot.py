@@ -2,13 +2,18 @@
 go (`tegaki params --plot`) and attention heatmaps (`tegaki attention`).
 
 matplotlib draws off-screen (the Agg backend), so this works on a server with no display. Token
-labels may be Japanese: a CJK font is used when one is installed (Noto Sans CJK, IPAex, ...); when
-none is, characters no installed font can draw are written as `\\u3042`-style escapes rather than
-empty boxes.
+labels may be Japanese: matplotlib's own font (DejaVu Sans) has no kanji or kana, so a CJK font is
+added behind it -- the IPAex Gothic that the `matplotlib-fontja` package ships (a dependency of
+tegaki), or one installed on the system (Noto Sans CJK, ...). Should none be there, characters no
+font can draw are written as `\\u3042`-style escapes rather than empty boxes.
+
+One picture per kind, shared by every command: `plot_losses` draws `tegaki plot` and the pictures
+of `tegaki train` and `tegaki compare` alike, so a run has the same colour and name in each.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from functools import lru_cache
 from pathlib import Path
@@ -46,20 +51,24 @@ def _installed_cjk_fonts() -> tuple[str, ...]:
     return tuple(f for f in CJK_FONTS if f in names)
 
 
+# Python packages that ship a Japanese font file (both bring IPAexGothic), found without importing
+# them: importing either would change matplotlib's settings for everyone in the process.
+FONT_PACKAGES = ("matplotlib_fontja", "japanize_matplotlib")
+
+
 def _register_packaged_cjk_font(font_manager) -> None:
-    """A font shipped inside a Python package (`pip install japanize-matplotlib` brings IPAexGothic),
-    found without importing the package."""
     import importlib.util
 
-    spec = importlib.util.find_spec("japanize_matplotlib")
-    if spec is None or not spec.submodule_search_locations:
-        return
-    for folder in spec.submodule_search_locations:
-        for font in sorted(Path(folder).glob("fonts/*.ttf")):
-            try:
-                font_manager.fontManager.addfont(str(font))
-            except (OSError, RuntimeError):
-                continue
+    for package in FONT_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        for folder in spec.submodule_search_locations:
+            for font in sorted(Path(folder).glob("fonts/*.ttf")):
+                try:
+                    font_manager.fontManager.addfont(str(font))
+                except (OSError, RuntimeError):
+                    continue
 
 
 @lru_cache(maxsize=1)
@@ -172,36 +181,76 @@ def loss_curves(records: list[dict[str, Any]]) -> dict[str, list[tuple[float, fl
     return curves
 
 
-def find_runs(run_dir: str | Path) -> list[tuple[str, Path]]:
-    """(label, metrics.jsonl) for a run folder, or for each run of a comparison folder."""
+def find_runs(run_dir: str | Path) -> list[tuple[str, list[Path]]]:
+    """(label, its metrics.jsonl files) for a run folder, or for each entry of a comparison folder.
+
+    A `tegaki compare` folder is read through its results.json, so the labels are the entries as
+    given to --presets and each groups its seeds: the names and order of the comparison's own picture.
+    """
     root = Path(run_dir)
     if not root.is_dir():
         raise TegakiError(f"{root}: no such folder")
-    if (root / "metrics.jsonl").exists():
-        return [(root.name, root / "metrics.jsonl")]
-    found = sorted(root.glob("*/metrics.jsonl")) + sorted(root.glob("runs/*/metrics.jsonl"))
-    if not found:
+    if (root / METRICS_FILE).exists():
+        return [(root.name, [root / METRICS_FILE])]
+    results = root / "results.json"
+    if results.exists():
+        entries = json.loads(results.read_text()).get("entries")
+        if entries:
+            return [(e["label"], [root / f / METRICS_FILE for f in e["folders"]]) for e in entries]
+    found = sorted(root.glob(f"*/{METRICS_FILE}")) + sorted(root.glob(f"runs/*/{METRICS_FILE}"))
+    groups = [(p.parent.name, [p]) for p in found]
+    seeded: dict[str, list[Path]] = {}  # a comparison still running (no results.json yet): runs/NAME/seedS
+    for p in sorted(root.glob(f"runs/*/seed*/{METRICS_FILE}")):
+        seeded.setdefault(p.parent.parent.name, []).append(p)
+    groups += list(seeded.items())
+    if not groups:
         raise TegakiError(f"{root}: no metrics.jsonl in it or in its sub-folders; is it a `tegaki train` or "
                           "`tegaki compare` output?")
-    return [(p.parent.name, p) for p in found]
+    return groups
 
 
-def plot_losses(runs: list[tuple[str, dict[str, list]]], path: str | Path, title: str = "", smooth: int = 1) -> Path:
-    """Overlay train (solid) and validation (dashed, dots) curves of several runs."""
+def preset_colours(count: int) -> list[str]:
+    """One colour per entry, in order: the same entry gets the same colour in every picture."""
+    plt = pyplot()
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return [cycle[i % len(cycle)] for i in range(count)]
+
+
+def _mean_and_range(curves: list[list[tuple[float, float]]]):
+    """Seeds' curves -> (steps, mean, low, high) over the steps every seed has."""
+    common = sorted(set.intersection(*(set(dict(c)) for c in curves)))
+    values = [[dict(c)[step] for c in curves] for step in common]
+    return common, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+
+def plot_losses(groups: list[tuple[str, list[dict[str, list]]]], path: str | Path, title: str = "",
+                smooth: int = 1) -> Path:
+    """Train (solid) and validation (dashed, dots) loss, one colour per group, named once in the legend.
+
+    A group is one label with the curves of one or more runs (`loss_curves`): the seeds of one
+    entry of a comparison. With several, the line is their mean and the shaded band their range
+    (lowest to highest seed), so what the seed alone moves is in the picture."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = {"train": {"lw": 1.2}, "val": {"lw": 1.2, "ls": "--", "marker": "o", "ms": 3}}
     drew = False
-    for i, (label, curves) in enumerate(runs):
-        colour = colours[i % len(colours)]
-        if curves["train"]:
-            steps, losses = zip(*curves["train"])
-            ax.plot(steps, _moving_average(losses, smooth), color=colour, lw=1.2, label=f"{label} train")
+    for colour, (label, runs) in zip(preset_colours(len(groups)), groups):
+        seeds = f" ({len(runs)} seeds)" if len(runs) > 1 else ""
+        named = False  # the legend names each group once, by its colour
+        for split, style in styles.items():
+            curves = [r[split] for r in runs if r[split]]
+            if not curves:
+                continue
+            steps, mean, low, high = _mean_and_range(curves)
+            if split == "train":
+                mean, low, high = (_moving_average(v, smooth) for v in (mean, low, high))
+            ax.plot(steps, mean, color=colour, label=None if named else label + seeds, **style)
+            named = True
+            if len(curves) > 1:
+                ax.fill_between(steps, low, high, color=colour, alpha=0.18, lw=0)
             drew = True
-        if curves["val"]:
-            steps, losses = zip(*curves["val"])
-            ax.plot(steps, losses, color=colour, lw=1.2, ls="--", marker="o", ms=3, label=f"{label} val")
-            drew = True
+    for split, style in styles.items():  # and the line style once: solid train, dashed validation
+        ax.plot([], [], color="#555555", label="train" if split == "train" else "validation", **style)
     if not drew:
         plt.close(fig)
         raise TegakiError("no loss values to plot (the metrics files have no `loss` or `val_loss` lines yet)")
@@ -224,7 +273,7 @@ def plot_run_losses(run_dir: str | Path) -> Path | None:
         return None
     smooth = max(1, len(curves["train"]) // 50)
     try:
-        return plot_losses([(run_dir.name, curves)], run_dir / "loss.png", title=run_dir.name, smooth=smooth)
+        return plot_losses([(run_dir.name, [curves])], run_dir / "loss.png", title=run_dir.name, smooth=smooth)
     except ImportError:
         return None
 
@@ -248,20 +297,29 @@ def _moving_average(values, width: int) -> list[float]:
 
 def plot_attention_heads(att, tokens: list[str], path: str | Path, title: str = "") -> Path:
     """att (H, T, T) as H heatmaps: row = query token, column = key token it attends to."""
+    return _save(attention_figure(att, tokens, title), path)
+
+
+def attention_figure(att, tokens: list[str], title: str = ""):
+    """The figure `plot_attention_heads` writes: one heatmap per head, one colour bar for all."""
     plt = pyplot()
     H, T = att.shape[0], att.shape[-1]
     cols = min(H, 4)
     rows = math.ceil(H / cols)
     cell = max(2.4, min(4.5, 0.28 * T + 1.2))
-    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols, cell * rows + 0.5), dpi=80, squeeze=False)
+    # constrained layout keeps the figure title, the head titles, the tick labels and the colour bar
+    # apart however many heads there are (tight_layout let a 12-head title overlap the top row)
+    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 1.0, cell * rows + 0.8), dpi=80, squeeze=False,
+                             layout="constrained")
     labels = [label_text(t) for t in tokens]
     show_labels = T <= 40
+    image = None
     for h in range(rows * cols):
         ax = axes[h // cols][h % cols]
         if h >= H:
             ax.axis("off")
             continue
-        ax.imshow(att[h], cmap="viridis", vmin=0.0, vmax=1.0)
+        image = ax.imshow(att[h], cmap="viridis", vmin=0.0, vmax=1.0)
         ax.set_title(f"head {h}", fontsize=9)
         if show_labels:
             ax.set_xticks(range(T), labels, rotation=90, fontsize=7)
@@ -269,6 +327,6 @@ def plot_attention_heads(att, tokens: list[str], path: str | Path, title: str = 
         else:
             ax.set_xticks([])
             ax.set_yticks([])
+    fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight")  # one scale, 0 to 1, for every head
     fig.suptitle(title + "  (row: query, column: key)", fontsize=10)
-    fig.tight_layout()
-    return _save(fig, path)
+    return fig

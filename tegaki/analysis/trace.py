@@ -179,10 +179,22 @@ def _norm(t: torch.Tensor) -> float:
     return float(t.norm(dim=-1).mean())
 
 
-def trace(model, tokenizer, prompt: str, layer: int = 0, head: int = 0, top_k: int = 10) -> dict[str, Any]:
-    """Everything `tegaki trace` prints, as a dict (what --json prints)."""
+def previous_token_scores(att: torch.Tensor) -> torch.Tensor:
+    """(H,): per head, the mean weight a query puts on the token just before it. A head near 1 is a
+    *previous-token head*; every query but the first has a previous token (zeros for one token)."""
+    H, T, _ = att.shape  # (H, T, T): row = query, column = key
+    if T < 2:
+        return torch.zeros(H)
+    return att.diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=-1)  # the sub-diagonal (H, T-1) -> (H,)
+
+
+def trace(model, tokenizer, prompt: str, layer: int = 0, head: int | None = None, top_k: int = 10) -> dict[str, Any]:
+    """Everything `tegaki trace` prints, as a dict (what --json prints).
+
+    head None: the head of `layer` with the highest previous-token score -- a rule, not a lucky
+    index, so the same story can be told of a model trained on another machine."""
     cfg = model.config
-    if not 0 <= head < cfg.n_head:
+    if head is not None and not 0 <= head < cfg.n_head:
         raise TegakiError(f"--head {head}: the model has heads 0..{cfg.n_head - 1}")
     ids = tokenizer.encode(prompt)
     if ids and max(ids) >= cfg.vocab_size:
@@ -231,9 +243,14 @@ def trace(model, tokenizer, prompt: str, layer: int = 0, head: int = 0, top_k: i
         )
     result["blocks"] = blocks
     att = cap.attention[layer][0]  # (H, T, T)
+    scores = previous_token_scores(att)  # (H,)
+    chosen = "given" if head is not None else "the highest previous-token score"
+    head = int(scores.argmax()) if head is None else head
     result["attention_pattern"] = {
         "layer": layer,
         "head": head,
+        "head_chosen_by": chosen,
+        "previous_token_scores": [round(float(x), 4) for x in scores],
         "shape": list(cap.attention[layer].shape),
         "weights": [[round(float(w), 6) for w in row] for row in att[head]],  # (T, T): row = query
         "sink_mass": [round(1.0 - float(s), 6) for s in att[head].sum(dim=-1)] if cfg.attn_sinks else None,
@@ -301,6 +318,9 @@ def format_trace(r: dict[str, Any], description: str = "") -> str:
     lines.append(f"{INDENT}every output has shape {block_shape}: (batch, tokens, n_embd)")
     ap = r["attention_pattern"]
     lines.append("")
+    scores = " ".join(f"{x:.2f}" for x in ap["previous_token_scores"])
+    lines.append(f"{INDENT}previous-token score of each head of layer {ap['layer']} (mean weight on the token before):")
+    lines.append(f"{INDENT}{scores}; head {ap['head']} shown ({ap['head_chosen_by']})")
     lines.append(
         f"{INDENT}attention of layer {ap['layer']}, head {ap['head']} "
         f"(weights {_shape(ap['shape'])}; row = query, column = key):"

@@ -16,7 +16,8 @@ def register(subparsers) -> None:
         "compare",
         help="train several presets under identical conditions; table, samples and loss curves",
         description="Train each preset on the same tokenizer, batches, budget, schedule and seed, then "
-        "write DIR/results.json, DIR/report.md and DIR/loss.png. Run it again to resume.",
+        "write DIR/results.json, DIR/report.md and DIR/loss.png. Each preset is trained once per seed (--seeds). "
+        "Run it again to resume.",
     )
     a = p.add_argument
     a("--data", default=D.data,
@@ -26,6 +27,8 @@ def register(subparsers) -> None:
     a("--out", required=True, help="output folder")
     a("--max-steps", type=int, default=D.max_steps, help=f"optimizer steps per run (default {D.max_steps})")
     a("--seed", type=int, default=D.seed, help=f"seed of the weights and the batch order (default {D.seed})")
+    a("--seeds", type=int, default=D.seeds, help="runs per preset, seeded seed, seed+1, ...; the report gives "
+      f"mean ± std and states a difference only where 95%% intervals separate (default {D.seeds})")
     a("--batch-size", type=int, default=D.batch_size, help=f"sequences per step (default {D.batch_size})")
     a("--block-size", type=int, default=D.block_size,
       help="tokens per sequence (default: the smallest block_size of the presets)")
@@ -40,8 +43,8 @@ def register(subparsers) -> None:
       help="override a ModelConfig field in every run (repeatable)")
     a("--match-params", action="store_true", default=D.match_params,
       help="scale MLP widths so every run has the first run's parameter count")
-    a("--dtype", default=D.dtype, choices=DTYPE_CHOICES)
-    a("--device", default=D.device)
+    a("--dtype", default=D.dtype, choices=DTYPE_CHOICES, help=f"training precision (default {D.dtype})")
+    a("--device", default=D.device, help=f"auto | cpu | cuda | cuda:N (default {D.device})")
     a("--decode-tokens", type=int, default=D.decode_tokens,
       help=f"tokens generated to time decoding (default {D.decode_tokens})")
     a("--sample-tokens", type=int, default=D.sample_tokens, help=f"tokens in each sample (default {D.sample_tokens})")
@@ -53,7 +56,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = CompareSettings(
         data=args.data, entries=parse_entries(args.presets), out=Path(args.out), max_steps=args.max_steps,
-        seed=args.seed, batch_size=args.batch_size, block_size=args.block_size, lr=args.lr, warmup=args.warmup,
+        seed=args.seed, seeds=args.seeds, batch_size=args.batch_size, block_size=args.block_size, lr=args.lr,
+        warmup=args.warmup,
         eval_every=args.eval_every, eval_batches=args.eval_batches, tokenizer=args.tokenizer,
         overrides=args.overrides, match_params=args.match_params, dtype=args.dtype, device=args.device,
         decode_tokens=args.decode_tokens, sample_tokens=args.sample_tokens, progress=args.progress, fresh=args.fresh,

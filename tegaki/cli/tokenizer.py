@@ -305,12 +305,13 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("stats", help="characters and bytes per token, by script")
     p.add_argument("--tokenizer", required=True, help="'gpt2' or a saved folder")
-    p.add_argument("--input", nargs="+", required=True)
+    p.add_argument("--input", nargs="+", required=True,
+                   help="text files, folders of .txt/.md files, or 'shakespeare' (bundled) to measure on")
     p.add_argument("--range", help="measure only this fraction of each input, e.g. 0.8:1")
     add_held_out_arguments(p, "measure only these (the ones `train --held-out` left out)")
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("show", help="show token boundaries in a text")
-    p.add_argument("--tokenizer", default="gpt2")
-    p.add_argument("text")
+    p.add_argument("--tokenizer", default="gpt2", help="'gpt2' (the default) or a saved folder")
+    p.add_argument("text", help="the text to cut into tokens")
     p.set_defaults(func=cmd_show)

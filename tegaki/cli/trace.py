@@ -55,7 +55,12 @@ def register(subparsers) -> None:
     p.add_argument(
         "--layer", type=int, default=default_of(trace, "layer"), help="layer whose attention pattern to show"
     )
-    p.add_argument("--head", type=int, default=default_of(trace, "head"), help="head whose attention pattern to show")
+    p.add_argument(
+        "--head",
+        type=int,
+        default=default_of(trace, "head"),
+        help="head whose attention pattern to show (default: the one with the highest previous-token score)",
+    )
     p.add_argument("--top", type=int, default=default_of(trace, "top_k"), help="how many next tokens to list")
     p.add_argument("--json", action="store_true", help="print the trace as JSON")
     p.set_defaults(func=run)

@@ -94,7 +94,8 @@ TOKENIZER_SAMPLE_CHARS = 8_000_000  # BPE statistics settle long before; train o
 
 
 def train_run_tokenizer(cfg: TrainConfig, folder: Path, vocab_size: int, say):
-    """A byte-level BPE trained on (the first 8 MB of) the corpus, saved into `folder` in one rename."""
+    """A byte-level BPE trained on (the first 8 million characters of) the corpus, saved into `folder` in
+    one rename."""
     texts, size = [], 0
     for _, text in iter_documents(cfg.data, cfg.text_column):
         texts.append(text[: TOKENIZER_SAMPLE_CHARS - size])
@@ -103,7 +104,8 @@ def train_run_tokenizer(cfg: TrainConfig, folder: Path, vocab_size: int, say):
             break
     if size == 0:
         raise TegakiError(f"the corpus {cfg.data!r} holds no text")
-    amount = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
+    # `size` counts characters, not bytes (a kana is one character and three UTF-8 bytes)
+    amount = f"{size / 1e6:.1f}M characters" if size >= 1e6 else f"{size:,} characters"
     choice = choose_pattern(texts)  # gpt4's pre-tokenization for Japanese/CJK text, else gpt2's
     say(f"training a byte-level BPE tokenizer (vocab {vocab_size:,}, pattern {choice.pattern}) on {amount} "
         f"of {cfg.data} ...\n  {choice.reason}")
