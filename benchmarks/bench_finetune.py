@@ -67,8 +67,12 @@ def step(model, optimizer, inputs, targets) -> None:
 
 
 def optimizer_bytes(optimizer) -> int:
-    return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-               if isinstance(t, torch.Tensor) and t.dim() > 0)
+    return sum(
+        t.numel() * t.element_size()
+        for s in optimizer.state.values()
+        for t in s.values()
+        if isinstance(t, torch.Tensor) and t.dim() > 0
+    )
 
 
 def measure(rounds: int, steps: int, batch: int, seq: int) -> dict:
@@ -86,8 +90,14 @@ def measure(rounds: int, steps: int, batch: int, seq: int) -> dict:
             for _ in range(steps):
                 step(model, optimizer, inputs, targets)
             times[method].append((time.perf_counter() - start) / steps)
-    return {m: {"ms": [t * 1000 for t in times[m]], "state": optimizer_bytes(runs[m][1]),
-                "trainable": sum(p.numel() for p in runs[m][0].parameters() if p.requires_grad)} for m in runs}
+    return {
+        m: {
+            "ms": [t * 1000 for t in times[m]],
+            "state": optimizer_bytes(runs[m][1]),
+            "trainable": sum(p.numel() for p in runs[m][0].parameters() if p.requires_grad),
+        }
+        for m in runs
+    }
 
 
 def response_losses(base: str, tuned: str, records: str, max_seq_len: int) -> dict:
@@ -119,13 +129,17 @@ def main() -> None:
     print(f"{'method':<6} {'ms/step (median, min-max)':>28} {'trainable':>12} {'optimizer state':>16}")
     for method, r in results.items():
         ms = r["ms"]
-        print(f"{method:<6} {statistics.median(ms):>12.0f} ({min(ms):.0f}-{max(ms):.0f}){'':>6} "
-              f"{r['trainable']:>12,} {r['state'] / 2**20:>13.2f} MiB")
+        print(
+            f"{method:<6} {statistics.median(ms):>12.0f} ({min(ms):.0f}-{max(ms):.0f}){'':>6} "
+            f"{r['trainable']:>12,} {r['state'] / 2**20:>13.2f} MiB"
+        )
     full, lora = results["full"], results["lora"]
     ratios = sorted(f / l for f, l in zip(full["ms"], lora["ms"]))
-    print(f"LoRA speed-up per step: {statistics.median(ratios):.2f}x median of the rounds ({ratios[0]:.2f}-"
-          f"{ratios[-1]:.2f}x), {min(full['ms']) / min(lora['ms']):.2f}x fastest vs fastest; "
-          f"optimizer state {lora['state'] / full['state']:.2%} of full's")
+    print(
+        f"LoRA speed-up per step: {statistics.median(ratios):.2f}x median of the rounds ({ratios[0]:.2f}-"
+        f"{ratios[-1]:.2f}x), {min(full['ms']) / min(lora['ms']):.2f}x fastest vs fastest; "
+        f"optimizer state {lora['state'] / full['state']:.2%} of full's"
+    )
     if args.base and args.tuned:
         for name, score in response_losses(args.base, args.tuned, args.records, args.max_seq_len).items():
             print(f"held-out response loss {score.loss:.4f} ({score.tokens:,} tokens, {score.records} records): {name}")

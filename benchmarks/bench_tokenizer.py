@@ -56,8 +56,9 @@ def tiktoken_gpt2():
 
     folder = gpt2_files_dir()
     ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(folder / "vocab.bpe"), str(folder / "encoder.json"))
-    return tiktoken.Encoding("gpt2", pat_str=PATTERNS["gpt2"], mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": 50256})
+    return tiktoken.Encoding(
+        "gpt2", pat_str=PATTERNS["gpt2"], mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256}
+    )
 
 
 def hf_from_ours(tok):
@@ -77,6 +78,7 @@ def readable(tok):
     def encode(docs):
         tok.cache.clear()  # start cold: no chunk seen before
         return [tok.encode_readable(d) for d in docs]
+
     return encode
 
 
@@ -140,14 +142,22 @@ def library_rows(table: Table, train, vocab_size: int, patterns) -> None:
         for pattern in patterns:
             theirs, seconds = timed(train_bpe_tokenizers, train, vocab_size, pattern)
             hf = hf_from_ours(theirs)
-            table.add(f"tokenizers bpe {pattern}", seconds,
-                      lambda docs, hf=hf: [e.ids for e in hf.encode_batch(docs)], "train 2, encode 2")
+            table.add(
+                f"tokenizers bpe {pattern}",
+                seconds,
+                lambda docs, hf=hf: [e.ids for e in hf.encode_batch(docs)],
+                "train 2, encode 2",
+            )
     except ImportError:
         pass
     for model_type in ("unigram", "bpe"):
         sp, seconds = timed(train_sentencepiece, train, vocab_size, model_type)
-        table.add(f"sentencepiece {model_type} (byte fallback)", seconds,
-                  lambda docs, sp=sp: [sp.encode_ordinary(d) for d in docs], "train 2")
+        table.add(
+            f"sentencepiece {model_type} (byte fallback)",
+            seconds,
+            lambda docs, sp=sp: [sp.encode_ordinary(d) for d in docs],
+            "train 2",
+        )
 
 
 def corpus_rows(label: str, docs: list[str], vocab_size: int, rounds: int) -> None:
@@ -159,9 +169,11 @@ def corpus_rows(label: str, docs: list[str], vocab_size: int, rounds: int) -> No
     if choice.pattern != "gpt2":
         tegaki_bpe_rows(table, train, vocab_size, "gpt2", " (the old default)")
     library_rows(table, train, vocab_size, sorted({"gpt2", choice.pattern}))
-    print(f"\n### {label}: {len(train)} documents trained on ({sum(len(d) for d in train):,} chars), "
-          f"{len(held)} other documents held out ({table.chars:,} chars, {table.megabytes:.2f} MB), "
-          f"vocab {vocab_size:,}\n\ndefault pattern: {choice.pattern} ({choice.reason})\n")
+    print(
+        f"\n### {label}: {len(train)} documents trained on ({sum(len(d) for d in train):,} chars), "
+        f"{len(held)} other documents held out ({table.chars:,} chars, {table.megabytes:.2f} MB), "
+        f"vocab {vocab_size:,}\n\ndefault pattern: {choice.pattern} ({choice.reason})\n"
+    )
     table.print()
 
 
@@ -183,8 +195,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=5, help="timed runs per encoder")
     args = parser.parse_args()
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"date: {time.strftime('%Y-%m-%d %H:%M')}; machine: {platform.machine()}, {os.cpu_count()} CPUs "
-          f"({cpu_flags()}); Python {platform.python_version()}; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"date: {time.strftime('%Y-%m-%d %H:%M')}; machine: {platform.machine()}, {os.cpu_count()} CPUs "
+        f"({cpu_flags()}); Python {platform.python_version()}; load average {os.getloadavg()[0]:.1f}"
+    )
     if Path(args.ja).exists():
         pages = split_documents(Path(args.ja).read_text(encoding="utf-8"), "manpage")
         corpus_rows(f"Japanese manual pages ({Path(args.ja).name})", pages, args.vocab_size, args.rounds)

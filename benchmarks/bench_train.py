@@ -17,7 +17,6 @@ contenders so that a change in machine load hits all of them alike.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -123,13 +122,20 @@ def bench_training(args) -> None:
     config = ModelConfig(**SHAPE)
     tokens = args.batch * args.block
     flops_step = flops_per_token(config, args.block) * tokens
-    print(f"model: {sum(p.numel() for p in GPT(config).parameters()) / 1e6:.1f}M parameters, "
-          f"batch {args.batch} x {args.block}, {flops_step / 1e9:.1f} GFLOP per step; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"model: {sum(p.numel() for p in GPT(config).parameters()) / 1e6:.1f}M parameters, "
+        f"batch {args.batch} x {args.block}, {flops_step / 1e9:.1f} GFLOP per step; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     ceilings = {d: matmul_ceiling(torch.float32 if d == "fp32" else torch.bfloat16) for d in args.dtypes}
     for d in list(args.dtypes):
         print(f"matmul ceiling {d}: {ceilings[d] / 1e9:,.1f} GFLOP/s (1024 x 1024 x 1024)")
-    if "bf16" in args.dtypes and "fp32" in ceilings and ceilings["bf16"] < 0.5 * ceilings["fp32"] and not args.force_bf16:
+    if (
+        "bf16" in args.dtypes
+        and "fp32" in ceilings
+        and ceilings["bf16"] < 0.5 * ceilings["fp32"]
+        and not args.force_bf16
+    ):
         # No native bf16 matmul (no AMX / AVX512-BF16): every bf16 matmul is emulated, a step would
         # take minutes, and bf16 is not what anyone would train with on this machine.
         print("bf16 training skipped: bf16 matmul is slower than fp32 here (no native bf16); --force-bf16 runs it")
@@ -153,8 +159,10 @@ def bench_training(args) -> None:
     for c in contenders:
         dt = statistics.median(c.times)
         achieved = flops_step / dt
-        print(f"| {c.name} | {tokens / dt:,.0f} | {dt * 1e3:,.0f} | {achieved / 1e9:,.1f} | "
-              f"{ceilings[c.dtype] / 1e9:,.1f} | {achieved / ceilings[c.dtype]:.1%} |")
+        print(
+            f"| {c.name} | {tokens / dt:,.0f} | {dt * 1e3:,.0f} | {achieved / 1e9:,.1f} | "
+            f"{ceilings[c.dtype] / 1e9:,.1f} | {achieved / ceilings[c.dtype]:.1%} |"
+        )
 
 
 def bench_prepare(args) -> None:
@@ -170,8 +178,7 @@ def bench_prepare(args) -> None:
         corpus = work / "corpus.txt"
         corpus.write_text(text * args.repeat)
         size = corpus.stat().st_size
-        print(f"\nprepare: {size / 1e6:.1f} MB of plain text (Shakespeare x {args.repeat}), "
-              f"{args.workers} workers")
+        print(f"\nprepare: {size / 1e6:.1f} MB of plain text (Shakespeare x {args.repeat}), {args.workers} workers")
         # MB per CPU-second (all threads' CPU time) does not depend on what else runs on the machine;
         # times the number of cores it is the throughput of an otherwise idle machine.
         print("| tokenizer | encoder | MB/s (wall) | MB per CPU-second | x cores |")
@@ -181,8 +188,10 @@ def bench_prepare(args) -> None:
             cpu = time.process_time()
             result = prepare(str(corpus), tok, work / name.split()[0], workers=args.workers, progress=False)
             per_cpu = result.text_bytes / 1e6 / (time.process_time() - cpu)
-            print(f"| {name} | {'tiktoken' if Encoder(tok).fast else 'python'} | {result.mb_per_s:.1f} | "
-                  f"{per_cpu:.1f} | {per_cpu * args.workers:.1f} |")
+            print(
+                f"| {name} | {'tiktoken' if Encoder(tok).fast else 'python'} | {result.mb_per_s:.1f} | "
+                f"{per_cpu:.1f} | {per_cpu * args.workers:.1f} |"
+            )
         sample = text[:1_000_000]
         cpu = time.process_time()
         bpe.encode_ordinary(sample)

@@ -20,27 +20,68 @@ SEED = 2024
 HELDOUT_SHARE = 0.15
 
 WORDS = [  # English, Japanese
-    ("cat", "猫"), ("dog", "犬"), ("water", "水"), ("fire", "火"), ("mountain", "山"), ("river", "川"),
-    ("tree", "木"), ("flower", "花"), ("sky", "空"), ("rain", "雨"), ("snow", "雪"), ("moon", "月"),
-    ("sun", "太陽"), ("book", "本"), ("house", "家"), ("car", "車"), ("fish", "魚"), ("bird", "鳥"),
-    ("friend", "友達"), ("school", "学校"), ("bread", "パン"), ("tea", "お茶"), ("sea", "海"), ("star", "星"),
+    ("cat", "猫"),
+    ("dog", "犬"),
+    ("water", "水"),
+    ("fire", "火"),
+    ("mountain", "山"),
+    ("river", "川"),
+    ("tree", "木"),
+    ("flower", "花"),
+    ("sky", "空"),
+    ("rain", "雨"),
+    ("snow", "雪"),
+    ("moon", "月"),
+    ("sun", "太陽"),
+    ("book", "本"),
+    ("house", "家"),
+    ("car", "車"),
+    ("fish", "魚"),
+    ("bird", "鳥"),
+    ("friend", "友達"),
+    ("school", "学校"),
+    ("bread", "パン"),
+    ("tea", "お茶"),
+    ("sea", "海"),
+    ("star", "星"),
 ]
 COLOURS = [  # thing, colour (en), colour (ja), thing (ja)
-    ("the sky", "blue", "青", "空"), ("grass", "green", "緑", "草"), ("snow", "white", "白", "雪"),
-    ("a lemon", "yellow", "黄色", "レモン"), ("blood", "red", "赤", "血"), ("coal", "black", "黒", "石炭"),
-    ("an orange", "orange", "オレンジ色", "オレンジ"), ("a banana", "yellow", "黄色", "バナナ"),
-    ("milk", "white", "白", "牛乳"), ("a strawberry", "red", "赤", "いちご"),
+    ("the sky", "blue", "青", "空"),
+    ("grass", "green", "緑", "草"),
+    ("snow", "white", "白", "雪"),
+    ("a lemon", "yellow", "黄色", "レモン"),
+    ("blood", "red", "赤", "血"),
+    ("coal", "black", "黒", "石炭"),
+    ("an orange", "orange", "オレンジ色", "オレンジ"),
+    ("a banana", "yellow", "黄色", "バナナ"),
+    ("milk", "white", "白", "牛乳"),
+    ("a strawberry", "red", "赤", "いちご"),
 ]
 OPPOSITES = [
-    ("hot", "cold", "熱い", "冷たい"), ("big", "small", "大きい", "小さい"), ("fast", "slow", "速い", "遅い"),
-    ("up", "down", "上", "下"), ("day", "night", "昼", "夜"), ("old", "new", "古い", "新しい"),
-    ("long", "short", "長い", "短い"), ("high", "low", "高い", "低い"), ("light", "dark", "明るい", "暗い"),
+    ("hot", "cold", "熱い", "冷たい"),
+    ("big", "small", "大きい", "小さい"),
+    ("fast", "slow", "速い", "遅い"),
+    ("up", "down", "上", "下"),
+    ("day", "night", "昼", "夜"),
+    ("old", "new", "古い", "新しい"),
+    ("long", "short", "長い", "短い"),
+    ("high", "low", "高い", "低い"),
+    ("light", "dark", "明るい", "暗い"),
     ("open", "closed", "開いている", "閉まっている"),
 ]
 LINES = [
-    "To be, or not to be.", "All the world's a stage.", "The rain falls on the hill.", "I like green tea.",
-    "We walk by the river.", "The cat sleeps in the sun.", "花が咲いた。", "今日は雨です。", "猫が好きです。",
-    "山に登りました。", "Good night, sweet prince.", "The moon is bright tonight.",
+    "To be, or not to be.",
+    "All the world's a stage.",
+    "The rain falls on the hill.",
+    "I like green tea.",
+    "We walk by the river.",
+    "The cat sleeps in the sun.",
+    "花が咲いた。",
+    "今日は雨です。",
+    "猫が好きです。",
+    "山に登りました。",
+    "Good night, sweet prince.",
+    "The moon is bright tonight.",
 ]
 
 
@@ -79,7 +120,7 @@ def opposites() -> list[dict]:
     out = []
     for en_a, en_b, ja_a, ja_b in OPPOSITES:
         for a, b, ja1, ja2 in ((en_a, en_b, ja_a, ja_b), (en_b, en_a, ja_b, ja_a)):
-            out.append(alpaca(f"What is the opposite of \"{a}\"?", f"The opposite of \"{a}\" is \"{b}\"."))
+            out.append(alpaca(f'What is the opposite of "{a}"?', f'The opposite of "{a}" is "{b}".'))
             out.append(alpaca(f"「{ja1}」の反対は？", f"「{ja1}」の反対は「{ja2}」です。"))
     return out
 
@@ -113,10 +154,10 @@ def counting(rng: random.Random) -> list[dict]:
 def chats(rng: random.Random) -> list[dict]:
     out = []
     for en, ja in WORDS:
-        out.append(chat(f"What is \"{en}\" in Japanese?", f"\"{en}\" is {ja}.",
-                        "And in English again?", f"{ja} is \"{en}\"."))
-        out.append(chat(f"「{ja}」は英語で？", f"「{ja}」は {en} です。",
-                        system="You answer in one short sentence."))
+        out.append(
+            chat(f'What is "{en}" in Japanese?', f'"{en}" is {ja}.', "And in English again?", f'{ja} is "{en}".')
+        )
+        out.append(chat(f"「{ja}」は英語で？", f"「{ja}」は {en} です。", system="You answer in one short sentence."))
     for _ in range(20):
         a, b = rng.randint(1, 9), rng.randint(1, 9)
         out.append(chat("Hello!", "Hello! How can I help?", f"What is {a} plus {b}?", f"{a} + {b} = {a + b}."))

@@ -38,8 +38,9 @@ def generate(driver, prompt: str, max_tokens: int, seed: int) -> None:
     box = driver.find_element(By.ID, "prompt")
     box.clear()
     box.send_keys(prompt)
-    driver.execute_script(f"document.getElementById('max-tokens').value = {max_tokens};"
-                          f"document.getElementById('seed').value = {seed};")
+    driver.execute_script(
+        f"document.getElementById('max-tokens').value = {max_tokens};document.getElementById('seed').value = {seed};"
+    )
     driver.find_element(By.ID, "generate-button").click()
     wait_for(driver, "document.querySelectorAll('#generated .token').length > 3")
     wait_for(driver, "!document.getElementById('generate-button').disabled")
@@ -82,9 +83,18 @@ def main() -> None:
                 time.sleep(0.2)
         options = webdriver.ChromeOptions()
         options.binary_location = shutil.which("chromium") or shutil.which("google-chrome")
-        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                     "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
-                     "--window-size=1180,1400", "--hide-scrollbars"):
+        for flag in (
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--window-size=1180,1400",
+            "--hide-scrollbars",
+        ):
             options.add_argument(flag)
         driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
         driver.get(url + "/?lang=en")
@@ -94,8 +104,10 @@ def main() -> None:
         hide_tooltip(driver)
         driver.save_screenshot(str(out / "serve-page.png"))
         driver.find_element(By.CSS_SELECTOR, ".tab[data-view=attention]").click()
-        driver.execute_script("document.getElementById('attention-layer').value = '1';"
-                              "document.getElementById('attention-layer').dispatchEvent(new Event('change'));")
+        driver.execute_script(
+            "document.getElementById('attention-layer').value = '1';"
+            "document.getElementById('attention-layer').dispatchEvent(new Event('change'));"
+        )
         wait_for(driver, "Number(document.getElementById('attention-view').dataset.rendered) > 0")
         time.sleep(0.5)
         shoot(driver, "attention-view", out / "serve-attention.png")

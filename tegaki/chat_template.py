@@ -68,7 +68,10 @@ class ChatTemplate:
         alternate") or a message it cannot handle becomes a TegakiError that says so."""
         try:
             return _compile(self.source).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                tools=None,
+                documents=None,
                 **self.special_tokens,
             )
         except TegakiError:
@@ -136,8 +139,9 @@ def _environment():
 # -------------------------------------------------------------------------------------------------
 
 
-def find_chat_template(folders: list[Path], tokenizer, override: str | Path | None = None,
-                       tegaki_run: bool = False) -> ChatTemplate | None:
+def find_chat_template(
+    folders: list[Path], tokenizer, override: str | Path | None = None, tegaki_run: bool = False
+) -> ChatTemplate | None:
     """The template for a model whose files are in `folders` (a run folder and its tokenizer/, a
     transformers folder), or None when it has none. See this file's docstring for the order;
     tegaki_run: the model is a tegaki run folder, which gets a default in any case."""
@@ -158,8 +162,9 @@ def find_chat_template(folders: list[Path], tokenizer, override: str | Path | No
     if all(t in getattr(tokenizer, "special_tokens", {}) for t in DEFAULT_SPECIAL_TOKENS):
         return ChatTemplate(DEFAULT_TEMPLATE, "tegaki's default (ChatML)", specials, ["<|im_end|>"])
     if tegaki_run:
-        return ChatTemplate(PLAIN_TEMPLATE, "tegaki's default for plain text (a play)", specials,
-                            ["<|endoftext|>"], ["\n\n"])
+        return ChatTemplate(
+            PLAIN_TEMPLATE, "tegaki's default for plain text (a play)", specials, ["<|endoftext|>"], ["\n\n"]
+        )
     return None
 
 

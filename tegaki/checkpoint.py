@@ -25,8 +25,9 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -108,8 +109,9 @@ def upgrade_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
 
     def join(new_key: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
         if any(set(p) != set(parts[0]) for p in parts):
-            raise TegakiError(f"the optimizer state of {new_key}'s q/k/v parts holds different entries; "
-                              "it cannot be joined")
+            raise TegakiError(
+                f"the optimizer state of {new_key}'s q/k/v parts holds different entries; it cannot be joined"
+            )
         joined = {}
         for name, first in parts[0].items():
             values = [p[name] for p in parts]
@@ -118,8 +120,9 @@ def upgrade_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
             elif all(_equal(first, v) for v in values[1:]):
                 joined[name] = first.clone() if isinstance(first, torch.Tensor) else first  # the step count
             else:
-                raise TegakiError(f"the optimizer state of {new_key}'s q/k/v parts differs in {name!r}; "
-                                  "it cannot be joined")
+                raise TegakiError(
+                    f"the optimizer state of {new_key}'s q/k/v parts differs in {name!r}; it cannot be joined"
+                )
         return joined
 
     groups = []
@@ -156,8 +159,15 @@ def model_tensors(model_state: dict[str, torch.Tensor], config: ModelConfig) -> 
     return tensors
 
 
-def save_checkpoint(run_dir: Path, step: int, model_state: dict, optimizer_state: dict, extra: dict[str, Any],
-                    config: ModelConfig, keep: int) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model_state: dict,
+    optimizer_state: dict,
+    extra: dict[str, Any],
+    config: ModelConfig,
+    keep: int,
+) -> Path:
     """Write checkpoints/step_NNNNNN atomically: into a .tmp folder, then one rename.
 
     A kill at any moment leaves either the whole new checkpoint or none of it (a stray .tmp folder,
@@ -194,16 +204,19 @@ def _put_in_place(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_checkpoint_files(tmp: Path, step: int, model_state: dict, optimizer_state: dict,
-                            extra: dict[str, Any], config: ModelConfig) -> None:
+def _write_checkpoint_files(
+    tmp: Path, step: int, model_state: dict, optimizer_state: dict, extra: dict[str, Any], config: ModelConfig
+) -> None:
     """model.safetensors, optimizer.pt and state.json (sizes + sha256 of the other two), on the disk."""
     from safetensors.torch import save_file
 
     save_file(model_tensors(model_state, config), str(tmp / MODEL_FILE), metadata={"format": "pt"})
     os.chmod(tmp / MODEL_FILE, 0o666 & ~_umask())  # safetensors writes 0600; every other file follows the umask
     torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-             for name in (MODEL_FILE, OPTIMIZER_FILE)}
+    files = {
+        name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+        for name in (MODEL_FILE, OPTIMIZER_FILE)
+    }
     state = {"step": step, "model_config": config.to_dict(), "files": files, **extra}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     for name in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE):
@@ -236,9 +249,15 @@ def prune_checkpoints(root: Path, keep: int) -> None:
 # =================================================================================================
 
 # What `tegaki train` writes in a run folder, and, for the folders among them, what they may hold.
-RUN_ENTRIES = {RUN_FILE: None, METRICS_FILE: None, "loss.png": None, "tb": r"events\.out\.tfevents\..*",
-               "tokenizer": r".*", "checkpoints": r"step_\d{6}(\.tmp|\.old)?",
-               "data": r"(train|val)_\d{6}\.bin(\.tmp)?|meta\.json|prepare\.json|\..*\.tmp"}
+RUN_ENTRIES = {
+    RUN_FILE: None,
+    METRICS_FILE: None,
+    "loss.png": None,
+    "tb": r"events\.out\.tfevents\..*",
+    "tokenizer": r".*",
+    "checkpoints": r"step_\d{6}(\.tmp|\.old)?",
+    "data": r"(train|val)_\d{6}\.bin(\.tmp)?|meta\.json|prepare\.json|\..*\.tmp",
+}
 _LEFTOVER = re.compile(r"\..*\.(tmp|old)|\.lock")  # an atomic write's temporary file, a set-aside copy, the lock
 
 
@@ -253,17 +272,23 @@ def clear_run_folder(run_dir: Path, sources: dict[str, str | None]) -> None:
     if not entries:
         return
     if not (run_dir / RUN_FILE).is_file():
-        raise TegakiError(f"--fresh deletes only a tegaki run folder, and {run_dir} has no run.json; nothing was "
-                          "deleted. Choose another --out, or empty the folder yourself")
+        raise TegakiError(
+            f"--fresh deletes only a tegaki run folder, and {run_dir} has no run.json; nothing was "
+            "deleted. Choose another --out, or empty the folder yourself"
+        )
     strangers = [str(p.relative_to(run_dir)) for p in _foreign_files(run_dir, entries)]
     if strangers:
-        raise TegakiError(f"--fresh refused: {run_dir} holds files tegaki did not write ({', '.join(strangers[:5])}"
-                          f"{' ...' if len(strangers) > 5 else ''}); nothing was deleted. Move them out of the run "
-                          "folder, or choose another --out")
+        raise TegakiError(
+            f"--fresh refused: {run_dir} holds files tegaki did not write ({', '.join(strangers[:5])}"
+            f"{' ...' if len(strangers) > 5 else ''}); nothing was deleted. Move them out of the run "
+            "folder, or choose another --out"
+        )
     for flag, source in sources.items():
         if source and Path(source).exists() and Path(source).resolve().is_relative_to(run_dir.resolve()):
-            raise TegakiError(f"--fresh refused: {flag} {source} lies inside {run_dir}, whose files --fresh deletes; "
-                              "nothing was deleted. Move it out of the run folder, or choose another --out")
+            raise TegakiError(
+                f"--fresh refused: {flag} {source} lies inside {run_dir}, whose files --fresh deletes; "
+                "nothing was deleted. Move it out of the run folder, or choose another --out"
+            )
     for path in entries + [e for e in run_dir.iterdir() if e.name.endswith((".tmp", ".old"))]:
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
@@ -314,14 +339,14 @@ def check_checkpoint(folder: Path, need: tuple[str, ...] | None = None) -> str |
     return None
 
 
-def find_checkpoint(run_dir: Path, say=print, need: tuple[str, ...] | None = None,
-                    fix: str = "run again with --fresh to start over") -> Path | None:
+def find_checkpoint(
+    run_dir: Path, say=print, need: tuple[str, ...] | None = None, fix: str = "run again with --fresh to start over"
+) -> Path | None:
     """The newest intact checkpoint; damaged ones are reported (never used) and skipped.
     Raises when checkpoints exist but none is intact: starting over silently would lose a run.
     `need`: the files the caller reads (generation needs only the weights, not optimizer.pt)."""
     root = Path(run_dir) / "checkpoints"
-    candidates = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")),
-                        reverse=True)
+    candidates = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
     problems = []
     for folder in candidates:
         problem = check_checkpoint(folder, need)
@@ -332,9 +357,7 @@ def find_checkpoint(run_dir: Path, say=print, need: tuple[str, ...] | None = Non
         say(f"warning: checkpoint {folder} is damaged: {problem}; skipping it")
         problems.append(folder.name)
     if problems:
-        raise TegakiError(
-            f"no intact checkpoint in {root} ({', '.join(problems)} damaged); {fix}"
-        )
+        raise TegakiError(f"no intact checkpoint in {root} ({', '.join(problems)} damaged); {fix}")
     return None
 
 
@@ -350,8 +373,9 @@ def read_run_json(path: str | os.PathLike, say: Callable[[str], None] | None = N
     newest intact checkpoint, which records the same settings, and written back; `say` tells."""
     run_file = Path(path) / RUN_FILE
     if not run_file.exists():
-        raise TegakiError(f"{path} is not a tegaki run folder (no run.json); "
-                          f"train one with `tegaki train --out {path}`")
+        raise TegakiError(
+            f"{path} is not a tegaki run folder (no run.json); train one with `tegaki train --out {path}`"
+        )
     try:
         info = json.loads(run_file.read_text(encoding="utf-8"))
         problem = None if isinstance(info, dict) and isinstance(info.get("model_config"), dict) else "no model_config"
@@ -362,10 +386,13 @@ def read_run_json(path: str | os.PathLike, say: Callable[[str], None] | None = N
         return info
     rebuilt = rebuild_run_json(Path(path))
     if rebuilt is None:
-        raise TegakiError(f"{run_file} is damaged ({problem}) and no intact checkpoint records its settings; "
-                          f"restore it from a copy, or retrain with `tegaki train --out {path} --fresh`")
+        raise TegakiError(
+            f"{run_file} is damaged ({problem}) and no intact checkpoint records its settings; "
+            f"restore it from a copy, or retrain with `tegaki train --out {path} --fresh`"
+        )
     (say or (lambda m: print(m, file=sys.stderr)))(
-        f"warning: {run_file} is damaged ({problem}); rebuilt it from checkpoint {rebuilt.pop('_from')}")
+        f"warning: {run_file} is damaged ({problem}); rebuilt it from checkpoint {rebuilt.pop('_from')}"
+    )
     with contextlib.suppress(TegakiError):  # a read-only folder: the rebuilt settings still serve this reader
         atomic_write_json(run_file, rebuilt)
     return rebuilt
@@ -385,8 +412,13 @@ def rebuild_run_json(run_dir: Path) -> dict[str, Any] | None:
         return None
     train = state.get("train_config") or {}
     data = "data" if (run_dir / "data" / "meta.json").exists() else train.get("data")
-    return {"model_config": state["model_config"], "tokenizer": state.get("tokenizer", "gpt2"), "data": data,
-            "train": train, "_from": folder.name}
+    return {
+        "model_config": state["model_config"],
+        "tokenizer": state.get("tokenizer", "gpt2"),
+        "data": data,
+        "train": train,
+        "_from": folder.name,
+    }
 
 
 def check_inside(folder: str | os.PathLike, ref: str, what: str, named: tuple[str, ...] = ()) -> Path | None:
@@ -398,8 +430,9 @@ def check_inside(folder: str | os.PathLike, ref: str, what: str, named: tuple[st
         raise TegakiError(f"{folder}: {what} is {ref!r}, not a path; the run folder is damaged")
     target = (Path(folder) / ref).resolve()
     if not target.is_relative_to(Path(folder).resolve()):
-        raise TegakiError(f"{folder}: {what} {ref!r} points outside the folder; refused (a run folder refers "
-                          "only to files inside it)")
+        raise TegakiError(
+            f"{folder}: {what} {ref!r} points outside the folder; refused (a run folder refers only to files inside it)"
+        )
     return target
 
 
@@ -425,8 +458,12 @@ def load_run_model(path: str | os.PathLike, device: str | torch.device = "cpu", 
     """The model of a run folder from its newest intact checkpoint, in eval mode. A LoRA fine-tune
     (run.json "lora") holds its adapters beside the frozen weights; they are merged in here."""
     info = read_run_json(path)
-    checkpoint = find_checkpoint(Path(path), say=lambda m: print(m, file=sys.stderr), need=(MODEL_FILE,),
-                                 fix=f"retrain with `tegaki train --out {path} --fresh`")
+    checkpoint = find_checkpoint(
+        Path(path),
+        say=lambda m: print(m, file=sys.stderr),
+        need=(MODEL_FILE,),
+        fix=f"retrain with `tegaki train --out {path} --fresh`",
+    )
     if checkpoint is None:
         raise TegakiError(f"{path} has no checkpoint yet; train longer or lower --save-every")
     config = ModelConfig.from_dict(info["model_config"])
@@ -450,14 +487,20 @@ def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor])
         raise TegakiError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def check_shapes(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str = "checkpoint"
-                 ) -> None:
+def check_shapes(
+    expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str = "checkpoint"
+) -> None:
     """Refuse tensors whose shapes differ from the model's, naming the first few."""
-    wrong = [f"{k} is {tuple(v.shape)}, the model's {tuple(expected[k].shape)}"
-             for k, v in tensors.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    wrong = [
+        f"{k} is {tuple(v.shape)}, the model's {tuple(expected[k].shape)}"
+        for k, v in tensors.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
     if wrong:
-        raise TegakiError(f"the {where} does not fit the model of run.json: {'; '.join(wrong[:3])}"
-                          f"{' ...' if len(wrong) > 3 else ''}. Was the checkpoint copied from another run?")
+        raise TegakiError(
+            f"the {where} does not fit the model of run.json: {'; '.join(wrong[:3])}"
+            f"{' ...' if len(wrong) > 3 else ''}. Was the checkpoint copied from another run?"
+        )
 
 
 # =================================================================================================
@@ -478,7 +521,7 @@ class MetricsLog:
         kept = [line for line, record in _metric_lines(path) if start_step > 0 and record.get("step", 0) <= start_step]
         atomic_write_text(path, "".join(line + "\n" for line in kept))
         try:
-            self.file = open(path, "a", buffering=1, encoding="utf-8")
+            self.file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - kept open for the run
         except OSError as e:
             raise explain_os_error(path, e) from None
 

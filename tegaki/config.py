@@ -173,7 +173,10 @@ class ModelConfig:
             need(self.pos_embedding == "rope", "rope_scaling needs pos_embedding='rope'")
             need(self.rope_factor >= 1.0, f"rope_factor must be >= 1, got {self.rope_factor}")
         if self.rope_scaling in ("yarn", "llama3"):
-            need(self.rope_original_max_len is not None, f"rope_scaling={self.rope_scaling!r} needs rope_original_max_len")
+            need(
+                self.rope_original_max_len is not None,
+                f"rope_scaling={self.rope_scaling!r} needs rope_original_max_len",
+            )
         if self.mlp == "moe":
             need(self.n_experts >= 1, "mlp='moe' needs n_experts >= 1")
             need(
@@ -191,7 +194,10 @@ class ModelConfig:
                 len(self.layer_types) == self.n_layer,
                 f"layer_types has {len(self.layer_types)} entries for n_layer={self.n_layer}",
             )
-            need(all(t in ("full", "sliding") for t in self.layer_types), "layer_types entries must be 'full' or 'sliding'")
+            need(
+                all(t in ("full", "sliding") for t in self.layer_types),
+                "layer_types entries must be 'full' or 'sliding'",
+            )
             need(
                 "sliding" not in self.layer_types or self.sliding_window is not None,
                 "layer_types has 'sliding' layers but sliding_window is not set",
@@ -205,18 +211,18 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise TegakiError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
         return cls(**d)
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed; derived fields are derived again from the new values."""
         return dataclasses.replace(self, **(dict.fromkeys(self._derived) | changes))
 
-    def with_overrides(self, assignments: list[str]) -> "ModelConfig":
+    def with_overrides(self, assignments: list[str]) -> ModelConfig:
         """Apply `field=value` strings (the CLI's --set), each value parsed by the field's type."""
         changes = {}
         types = {f.name: f.type for f in fields(self)}
@@ -234,7 +240,7 @@ class ModelConfig:
         return self.replace(**changes)
 
     @staticmethod
-    def preset(name: str) -> "ModelConfig":
+    def preset(name: str) -> ModelConfig:
         if name not in PRESETS:
             raise TegakiError(f"unknown preset {name!r}. Known presets: {', '.join(PRESETS)}")
         return ModelConfig(**PRESETS[name])
@@ -248,8 +254,13 @@ KIND_CHECKS = {
     "str": lambda v: isinstance(v, str),
     "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
 }
-KIND_WORDS = {"bool": "true or false", "int": "a whole number", "float": "a finite number", "str": "text",
-              "list[str]": "a list of texts"}
+KIND_WORDS = {
+    "bool": "true or false",
+    "int": "a whole number",
+    "float": "a finite number",
+    "str": "text",
+    "list[str]": "a list of texts",
+}
 
 
 def type_problem(annotation: str, value: Any) -> str | None:
@@ -291,9 +302,7 @@ def _alternating(n_layer: int) -> list[str]:
     return ["sliding" if i % 2 == 0 else "full" for i in range(n_layer)]
 
 
-_LLAMA = dict(
-    pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False
-)
+_LLAMA = dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
 
 # The demo presets share one budget -- about 1.8M parameters in the blocks (embeddings and LM head
 # left out), each within 10% of `tiny` -- so that `tegaki compare` pits architectures, not budgets,
@@ -312,56 +321,143 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(_TINY),
     "tiny-llama": dict(**_TINY | _LLAMA, n_kv_head=2, intermediate_size=512, norm_eps=1e-5),
     "tiny-qwen3": dict(
-        _TINY, **_LLAMA | dict(tie_embeddings=True), n_kv_head=2, head_dim=64, qk_norm=True, intermediate_size=512,
-        norm_eps=1e-6, rope_theta=1_000_000.0,
+        _TINY,
+        **_LLAMA | dict(tie_embeddings=True),
+        n_kv_head=2,
+        head_dim=64,
+        qk_norm=True,
+        intermediate_size=512,
+        norm_eps=1e-6,
+        rope_theta=1_000_000.0,
     ),
     "tiny-gpt-oss": dict(
-        **_TINY | _LLAMA | dict(mlp="moe"), n_kv_head=2, head_dim=48, moe_expert="gpt-oss",
-        n_experts=4, n_experts_per_tok=2, intermediate_size=144, moe_router_bias=True,
-        qkv_bias=True, attn_out_bias=True, mlp_bias=True, attn_sinks=True,
-        sliding_window=64, layer_types=_alternating(4), rope_theta=150_000.0,
+        **_TINY | _LLAMA | dict(mlp="moe"),
+        n_kv_head=2,
+        head_dim=48,
+        moe_expert="gpt-oss",
+        n_experts=4,
+        n_experts_per_tok=2,
+        intermediate_size=144,
+        moe_router_bias=True,
+        qkv_bias=True,
+        attn_out_bias=True,
+        mlp_bias=True,
+        attn_sinks=True,
+        sliding_window=64,
+        layer_types=_alternating(4),
+        rope_theta=150_000.0,
         moe_aux_loss_coef=0.01,
     ),
     "tiny-gpt-oss-yarn": dict(
-        **_TINY | _LLAMA | dict(mlp="moe"), n_kv_head=2, head_dim=48, moe_expert="gpt-oss",
-        n_experts=4, n_experts_per_tok=2, intermediate_size=144, moe_router_bias=True,
-        qkv_bias=True, attn_out_bias=True, mlp_bias=True, attn_sinks=True,
-        sliding_window=64, layer_types=_alternating(4), rope_theta=150_000.0,
-        rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=64, rope_truncate=False,
+        **_TINY | _LLAMA | dict(mlp="moe"),
+        n_kv_head=2,
+        head_dim=48,
+        moe_expert="gpt-oss",
+        n_experts=4,
+        n_experts_per_tok=2,
+        intermediate_size=144,
+        moe_router_bias=True,
+        qkv_bias=True,
+        attn_out_bias=True,
+        mlp_bias=True,
+        attn_sinks=True,
+        sliding_window=64,
+        layer_types=_alternating(4),
+        rope_theta=150_000.0,
+        rope_scaling="yarn",
+        rope_factor=4.0,
+        rope_original_max_len=64,
+        rope_truncate=False,
         moe_aux_loss_coef=0.01,
     ),
     "tiny-gated": dict(**_TINY | _LLAMA, n_kv_head=2, intermediate_size=512, attn_gate="elementwise"),
     # Real shapes (the numbers in their transformers config.json files).
     "llama-3.2-1b": dict(
-        **_LLAMA | dict(tie_embeddings=True), vocab_size=128256, n_layer=16, n_head=32, n_kv_head=8, n_embd=2048,
-        intermediate_size=8192, block_size=131072, rope_theta=500_000.0, rope_scaling="llama3",
-        rope_factor=32.0, rope_original_max_len=8192, rope_low_freq_factor=1.0,
+        **_LLAMA | dict(tie_embeddings=True),
+        vocab_size=128256,
+        n_layer=16,
+        n_head=32,
+        n_kv_head=8,
+        n_embd=2048,
+        intermediate_size=8192,
+        block_size=131072,
+        rope_theta=500_000.0,
+        rope_scaling="llama3",
+        rope_factor=32.0,
+        rope_original_max_len=8192,
+        rope_low_freq_factor=1.0,
         rope_high_freq_factor=4.0,
     ),
     "qwen3-0.6b": dict(
-        **_LLAMA | dict(tie_embeddings=True), vocab_size=151936, n_layer=28, n_head=16, n_kv_head=8, head_dim=128, n_embd=1024,
-        intermediate_size=3072, block_size=40960, rope_theta=1_000_000.0, qk_norm=True,
+        **_LLAMA | dict(tie_embeddings=True),
+        vocab_size=151936,
+        n_layer=28,
+        n_head=16,
+        n_kv_head=8,
+        head_dim=128,
+        n_embd=1024,
+        intermediate_size=3072,
+        block_size=40960,
+        rope_theta=1_000_000.0,
+        qk_norm=True,
         norm_eps=1e-6,
     ),
     "gpt-oss-20b": dict(
-        **_LLAMA | dict(mlp="moe"), vocab_size=201088, n_layer=24, n_head=64, n_kv_head=8, head_dim=64, n_embd=2880,
-        intermediate_size=2880, block_size=131072, moe_expert="gpt-oss", n_experts=32,
-        n_experts_per_tok=4, moe_router_bias=True, qkv_bias=True, attn_out_bias=True,
-        mlp_bias=True, attn_sinks=True, sliding_window=128, layer_types=_alternating(24),
-        rope_theta=150_000.0, rope_scaling="yarn", rope_factor=32.0, rope_original_max_len=4096,
-        rope_truncate=False, moe_aux_loss_coef=0.9,
+        **_LLAMA | dict(mlp="moe"),
+        vocab_size=201088,
+        n_layer=24,
+        n_head=64,
+        n_kv_head=8,
+        head_dim=64,
+        n_embd=2880,
+        intermediate_size=2880,
+        block_size=131072,
+        moe_expert="gpt-oss",
+        n_experts=32,
+        n_experts_per_tok=4,
+        moe_router_bias=True,
+        qkv_bias=True,
+        attn_out_bias=True,
+        mlp_bias=True,
+        attn_sinks=True,
+        sliding_window=128,
+        layer_types=_alternating(24),
+        rope_theta=150_000.0,
+        rope_scaling="yarn",
+        rope_factor=32.0,
+        rope_original_max_len=4096,
+        rope_truncate=False,
+        moe_aux_loss_coef=0.9,
     ),
     "gpt-oss-120b": dict(
-        **_LLAMA | dict(mlp="moe"), vocab_size=201088, n_layer=36, n_head=64, n_kv_head=8, head_dim=64, n_embd=2880,
-        intermediate_size=2880, block_size=131072, moe_expert="gpt-oss", n_experts=128,
-        n_experts_per_tok=4, moe_router_bias=True, qkv_bias=True, attn_out_bias=True,
-        mlp_bias=True, attn_sinks=True, sliding_window=128, layer_types=_alternating(36),
-        rope_theta=150_000.0, rope_scaling="yarn", rope_factor=32.0, rope_original_max_len=4096,
-        rope_truncate=False, moe_aux_loss_coef=0.9,
+        **_LLAMA | dict(mlp="moe"),
+        vocab_size=201088,
+        n_layer=36,
+        n_head=64,
+        n_kv_head=8,
+        head_dim=64,
+        n_embd=2880,
+        intermediate_size=2880,
+        block_size=131072,
+        moe_expert="gpt-oss",
+        n_experts=128,
+        n_experts_per_tok=4,
+        moe_router_bias=True,
+        qkv_bias=True,
+        attn_out_bias=True,
+        mlp_bias=True,
+        attn_sinks=True,
+        sliding_window=128,
+        layer_types=_alternating(36),
+        rope_theta=150_000.0,
+        rope_scaling="yarn",
+        rope_factor=32.0,
+        rope_original_max_len=4096,
+        rope_truncate=False,
+        moe_aux_loss_coef=0.9,
     ),
 }
 
 
 def preset_names() -> list[str]:
     return list(PRESETS)
-

@@ -160,9 +160,11 @@ class FolderLock:
             holder = _read_pid(fd)
             if not _try_lock(fd, holder):
                 os.close(fd)
-                raise TegakiError(f"{self.folder} is in use: tegaki process {holder or '(unknown PID)'} is "
-                                  f"writing this {self.what} ({self.path}). Wait for it to finish, stop it, "
-                                  "or choose another folder")
+                raise TegakiError(
+                    f"{self.folder} is in use: tegaki process {holder or '(unknown PID)'} is "
+                    f"writing this {self.what} ({self.path}). Wait for it to finish, stop it, "
+                    "or choose another folder"
+                )
             if _same_file(fd, self.path):  # not removed by its last holder between our open and lock
                 self.fd, self.took_over = fd, holder
             else:

@@ -19,6 +19,8 @@ from tegaki.errors import TegakiError
 from tegaki.kv_cache import KVCache
 from tegaki.sampling import SamplingSettings, sample_next
 
+DEFAULT_SAMPLING = SamplingSettings()  # plain softmax sampling at temperature 1 (frozen: safe to share)
+
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts of different lengths -> input_ids (B, T) padded on the left, attention_mask (B, T)
@@ -55,7 +57,7 @@ def check_request(config, input_ids: torch.Tensor, max_new_tokens: int) -> None:
     if max_new_tokens < 0:
         raise TegakiError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     T = input_ids.shape[1]
-    if T > config.block_size:
+    if config.block_size < T:
         raise TegakiError(
             f"the prompt has {T} tokens, more than the model's context (block_size={config.block_size}); shorten it"
         )
@@ -76,7 +78,7 @@ def generate_tokens(
     model,
     input_ids: torch.Tensor,
     max_new_tokens: int,
-    sampling: SamplingSettings = SamplingSettings(),
+    sampling: SamplingSettings = DEFAULT_SAMPLING,
     *,
     attention_mask: torch.Tensor | None = None,
     use_cache: bool = True,
@@ -189,8 +191,15 @@ def generate(
     if compile:
         step = compiled_decode_step(model, compile if isinstance(compile, str) else "inductor")
     tokens = generate_tokens(
-        model, input_ids, max_new_tokens, settings, attention_mask=attention_mask, use_cache=use_cache,
-        seed=seed, generator=generator, decode_step=step,
+        model,
+        input_ids,
+        max_new_tokens,
+        settings,
+        attention_mask=attention_mask,
+        use_cache=use_cache,
+        seed=seed,
+        generator=generator,
+        decode_step=step,
     )
     check_stops = stop_set.numel() > 0 or bool(stop_strings)
     for token in tokens:
@@ -296,4 +305,3 @@ class CudaGraphStep:
         self.positions.copy_(positions)
         self.graph.replay()
         return self.logits
-

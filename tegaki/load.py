@@ -77,12 +77,11 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
                     "with a tool you trust"
                 ) from None
             except Exception as e:  # noqa: BLE001 - any other failure is the file's fault
-                raise TegakiError(f"{folder / b}: could not read weights ({type(e).__name__}); the file may be "
-                                  "truncated or damaged") from None
+                raise TegakiError(
+                    f"{folder / b}: could not read weights ({type(e).__name__}); the file may be truncated or damaged"
+                ) from None
         return state
-    raise TegakiError(
-        f"{folder}: no weights found (expected model.safetensors, a sharded index, or pytorch_model.bin)"
-    )
+    raise TegakiError(f"{folder}: no weights found (expected model.safetensors, a sharded index, or pytorch_model.bin)")
 
 
 def load_hf_folder(folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -93,8 +92,9 @@ def load_hf_folder(folder: Path, device: str | torch.device = "cpu", dtype: torc
     try:
         config = config_from_hf(hf_config)
     except (TypeError, ValueError, KeyError, AttributeError) as e:  # "num_hidden_layers": "twelve", [] ...
-        raise TegakiError(f"{folder / 'config.json'} has a field of the wrong type or a missing one "
-                          f"({type(e).__name__}: {e})") from None
+        raise TegakiError(
+            f"{folder / 'config.json'} has a field of the wrong type or a missing one ({type(e).__name__}: {e})"
+        ) from None
     fam = family_of(hf_config)
     if str(device) == "meta":  # shapes only (parameter counts): no need to read the weights
         check_fits(config.n_layer, LAYER_OBJECT_BYTES, "cpu", f"describing the model of {folder}", items="layers")
@@ -200,8 +200,7 @@ def tokenizer_for(name_or_path: str | os.PathLike):
                 "tokenizer.json, or GPT-2's vocab.json + merges.txt)"
             ) from None
         raise TegakiError(
-            f"{path} holds a transformers tokenizer ({', '.join(hf_formats)}) that tegaki.tokenizer "
-            f"cannot read: {e}"
+            f"{path} holds a transformers tokenizer ({', '.join(hf_formats)}) that tegaki.tokenizer cannot read: {e}"
         ) from None
 
 

@@ -54,7 +54,7 @@ class LoRASettings:
 
 
 def parse_targets(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """"q,v" or ["q", "v"] -> ("q", "v"); "all" stands for q, k, v, o and mlp."""
+    """ "q,v" or ["q", "v"] -> ("q", "v"); "all" stands for q, k, v, o and mlp."""
     names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
     out: list[str] = []
     for name in names:
@@ -78,8 +78,9 @@ class LoRALinear(nn.Linear):
     """
 
     def __init__(self, base: nn.Linear, parts: dict[str, tuple[int, int]], settings: LoRASettings):
-        super().__init__(base.in_features, base.out_features, bias=base.bias is not None,
-                         device="meta")  # the base's own tensors are taken over below, not copied
+        super().__init__(
+            base.in_features, base.out_features, bias=base.bias is not None, device="meta"
+        )  # the base's own tensors are taken over below, not copied
         self.weight = base.weight
         self.bias = base.bias
         self.parts = dict(parts)
@@ -116,7 +117,7 @@ class LoRALinear(nn.Linear):
         w = self.weight.detach().clone()
         for name, (first, rows) in self.parts.items():
             update = self.lora_B[name].float() @ self.lora_A[name].float()  # (rows, in)
-            w[first:first + rows] += (self.scale * update).to(w.dtype)
+            w[first : first + rows] += (self.scale * update).to(w.dtype)
         return w
 
 
@@ -150,8 +151,10 @@ def add_lora(model: nn.Module, settings: LoRASettings) -> int:
     reached |= {"mlp"} if reached & set(MLP_TARGETS) else set()
     missing = [t for t in settings.targets if t not in reached]
     if missing:
-        raise TegakiError(f"this model has no {', '.join(missing)} projection for LoRA "
-                          f"(its MLP is {model.config.mlp!r}); choose other --lora-targets")
+        raise TegakiError(
+            f"this model has no {', '.join(missing)} projection for LoRA "
+            f"(its MLP is {model.config.mlp!r}); choose other --lora-targets"
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     for parent, name, parts in sites:

@@ -559,4 +559,3 @@ def parameter_count(config: ModelConfig) -> int:
         one = GPT(config.replace(n_layer=1, layer_types=None))
     per_block = sum(p.numel() for p in one.blocks[0].parameters())
     return sum(p.numel() for p in one.parameters()) + (config.n_layer - 1) * per_block
-

@@ -80,7 +80,7 @@ class SamplingSettings:
     presence_penalty: float = 0.0  # subtracted from the logits of tokens already seen (0 = off)
 
     @classmethod
-    def from_keywords(cls, **keywords) -> "SamplingSettings":
+    def from_keywords(cls, **keywords) -> SamplingSettings:
         """SamplingSettings(temperature=..., ...) that names a mistyped keyword and the known ones."""
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(keywords) - set(known))

@@ -17,8 +17,14 @@ TEXT = "To be, or not to be: that is the question. 猫が好きです。 What is
 RECORDS = [
     {"instruction": "What is 2 plus 3?", "output": "2 + 3 = 5."},
     {"instruction": "Translate this word.", "input": "cat", "output": "猫"},
-    {"messages": [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hello there."},
-                  {"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "A small model."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "Hello!"},
+            {"role": "assistant", "content": "Hello there."},
+            {"role": "user", "content": "Who are you?"},
+            {"role": "assistant", "content": "A small model."},
+        ]
+    },
     {"instruction": "Say yes.", "output": "Yes."},
 ] * 3
 

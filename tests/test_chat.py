@@ -11,14 +11,14 @@ pytest.importorskip("jinja2", reason="the serve extra is not installed: pip inst
 
 from serve_models import write_model_folder
 
-from tegaki.cli import main
-from tegaki.errors import TegakiError
 from tegaki.chat_template import (
     DEFAULT_TEMPLATE,
     ChatTemplate,
     find_chat_template,
     fit_to_context,
 )
+from tegaki.cli import main
+from tegaki.errors import TegakiError
 from tegaki.tokenizer import load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,8 +93,11 @@ def test_where_a_template_is_found(tmp_path, folder):
     own = tmp_path / "own"
     own.mkdir()
     config = json.loads((folder / "tokenizer_config.json").read_text())
-    (own / "tokenizer_config.json").write_text(json.dumps(
-        {**config, "chat_template": [{"name": "default", "template": "A"}, {"name": "rag", "template": "B"}]}))
+    (own / "tokenizer_config.json").write_text(
+        json.dumps(
+            {**config, "chat_template": [{"name": "default", "template": "A"}, {"name": "rag", "template": "B"}]}
+        )
+    )
     assert find_chat_template([own], tok).source == "A"
     (own / "chat_template.jinja").write_text("C")
     assert find_chat_template([own], tok).source == "C"  # the file wins, as in transformers
@@ -127,10 +130,11 @@ def test_the_history_is_trimmed_oldest_first_keeping_the_system_message(folder):
     tok = load(folder)
     template = find_chat_template([folder], tok)
     messages = [{"role": "system", "content": "S"}] + [
-        {"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} " * 3} for i in range(8)]
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} " * 3} for i in range(8)
+    ]
     ids, kept = fit_to_context(template, tok, messages, 100)
     assert len(ids) <= 100 and len(kept) < len(messages) and kept[0]["role"] == "system" and kept[-1] == messages[-1]
-    assert kept[1:] == messages[len(messages) - len(kept) + 1:]  # a tail of the conversation
+    assert kept[1:] == messages[len(messages) - len(kept) + 1 :]  # a tail of the conversation
     with pytest.raises(TegakiError, match="fit"):
         fit_to_context(template, tok, [{"role": "user", "content": "long " * 100}], 100)
 

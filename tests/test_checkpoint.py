@@ -29,12 +29,22 @@ def old_layer_tensors(layer: int, bias: bool = True) -> dict[str, torch.Tensor]:
 
 
 def test_old_q_k_v_tensors_become_one_qkv_stacked_q_then_k_then_v():
-    old = {"wte.weight": torch.randn(50, C), **old_layer_tensors(0), **old_layer_tensors(1, bias=False),
-           "ln_f.weight": torch.randn(C)}
+    old = {
+        "wte.weight": torch.randn(50, C),
+        **old_layer_tensors(0),
+        **old_layer_tensors(1, bias=False),
+        "ln_f.weight": torch.randn(C),
+    }
     new = upgrade_state_dict(old)
-    assert list(new) == ["wte.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias",
-                         "blocks.0.attn.o_proj.weight", "blocks.1.attn.qkv.weight", "blocks.1.attn.o_proj.weight",
-                         "ln_f.weight"]
+    assert list(new) == [
+        "wte.weight",
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.attn.qkv.bias",
+        "blocks.0.attn.o_proj.weight",
+        "blocks.1.attn.qkv.weight",
+        "blocks.1.attn.o_proj.weight",
+        "ln_f.weight",
+    ]
     for layer in (0, 1):
         p = f"blocks.{layer}.attn"
         assert new[f"{p}.qkv.weight"].shape == ((H + 2 * K) * D, C)
@@ -42,8 +52,10 @@ def test_old_q_k_v_tensors_become_one_qkv_stacked_q_then_k_then_v():
         assert torch.equal(new[f"{p}.qkv.weight"][H * D : (H + K) * D], old[f"{p}.k_proj.weight"])
         assert torch.equal(new[f"{p}.qkv.weight"][(H + K) * D :], old[f"{p}.v_proj.weight"])
         assert new[f"{p}.o_proj.weight"] is old[f"{p}.o_proj.weight"]
-    assert torch.equal(new["blocks.0.attn.qkv.bias"], torch.cat([old[f"blocks.0.attn.{n}.bias"]
-                                                                 for n in ("q_proj", "k_proj", "v_proj")]))
+    assert torch.equal(
+        new["blocks.0.attn.qkv.bias"],
+        torch.cat([old[f"blocks.0.attn.{n}.bias"] for n in ("q_proj", "k_proj", "v_proj")]),
+    )
     assert "blocks.0.attn.q_proj.weight" in old  # the caller's dict is left as it was
 
 
@@ -107,8 +119,9 @@ class Wrapped(nn.Module):
 def adamw(model: nn.Module) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=1e-2, betas=(0.9, 0.95))
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-2, betas=(0.9, 0.95)
+    )
 
 
 def test_an_old_optimizer_state_resumes_the_same_steps_on_the_joined_weights():
@@ -147,9 +160,17 @@ def test_an_old_optimizer_state_resumes_the_same_steps_on_the_joined_weights():
 
 def test_optimizer_states_that_differ_in_step_are_refused():
     torch.manual_seed(0)
-    state = {"state": {f"attn.{n}.weight": {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2, C),
-                                              "exp_avg_sq": torch.zeros(2, C)} for n in ("q_proj", "k_proj", "v_proj")},
-             "param_groups": [{"params": ["attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight"]}]}
+    state = {
+        "state": {
+            f"attn.{n}.weight": {
+                "step": torch.tensor(3.0),
+                "exp_avg": torch.zeros(2, C),
+                "exp_avg_sq": torch.zeros(2, C),
+            }
+            for n in ("q_proj", "k_proj", "v_proj")
+        },
+        "param_groups": [{"params": ["attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight"]}],
+    }
     joined = upgrade_optimizer_state(state)
     assert joined["param_groups"][0]["params"] == ["attn.qkv.weight"]
     assert joined["state"]["attn.qkv.weight"]["exp_avg"].shape == (6, C)
@@ -160,6 +181,12 @@ def test_optimizer_states_that_differ_in_step_are_refused():
 
 def test_read_metrics_skips_a_half_written_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n" + json.dumps({"step": 1, "kind": "val"}) + "\n"
-                    + "[1, 2]\n" + '{"step": 2, "lo')
+    path.write_text(
+        json.dumps({"step": 1, "loss": 3.0})
+        + "\n"
+        + json.dumps({"step": 1, "kind": "val"})
+        + "\n"
+        + "[1, 2]\n"
+        + '{"step": 2, "lo'
+    )
     assert read_metrics(path) == [{"step": 1, "loss": 3.0}, {"step": 1, "kind": "val"}]

@@ -9,9 +9,31 @@ from tegaki.analysis.params import count_parameters
 from tegaki.cli import main
 from tegaki.config import ModelConfig
 
-TINY = ["--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2", "--set", "vocab_size=300",
-        "--max-steps", "4", "--batch-size", "4", "--block-size", "32", "--eval-every", "2", "--eval-batches", "2",
-        "--decode-tokens", "8", "--sample-tokens", "8", "--no-progress"]
+TINY = [
+    "--set",
+    "n_layer=1",
+    "--set",
+    "n_embd=32",
+    "--set",
+    "n_head=2",
+    "--set",
+    "vocab_size=300",
+    "--max-steps",
+    "4",
+    "--batch-size",
+    "4",
+    "--block-size",
+    "32",
+    "--eval-every",
+    "2",
+    "--eval-batches",
+    "2",
+    "--decode-tokens",
+    "8",
+    "--sample-tokens",
+    "8",
+    "--no-progress",
+]
 
 
 def run_dir(out, label, seed=1337):
@@ -31,8 +53,19 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def compared(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp")
-    argv = ["compare", "--data", str(corpus), "--presets", "tiny,tiny-llama,tiny:causal=false", "--match-params",
-            "--seeds", "1", "--out", str(out), *TINY]
+    argv = [
+        "compare",
+        "--data",
+        str(corpus),
+        "--presets",
+        "tiny,tiny-llama,tiny:causal=false",
+        "--match-params",
+        "--seeds",
+        "1",
+        "--out",
+        str(out),
+        *TINY,
+    ]
     assert main(argv) == 0
     return out, argv, json.loads((out / "results.json").read_text())
 
@@ -43,8 +76,15 @@ def test_outputs_are_complete(compared):
     assert [r["label"] for r in runs] == ["tiny", "tiny-llama", "tiny:causal=false"]
     for r in runs:
         assert r["steps"] == 4 and r["tokens_trained"] == 4 * 4 * 32
-        for key in ("final_train_loss", "final_val_loss", "final_val_bpb", "train_tokens_per_s", "peak_memory_bytes",
-                    "decode_tokens_per_s_kv_cache", "decode_tokens_per_s_no_cache"):
+        for key in (
+            "final_train_loss",
+            "final_val_loss",
+            "final_val_bpb",
+            "train_tokens_per_s",
+            "peak_memory_bytes",
+            "decode_tokens_per_s_kv_cache",
+            "decode_tokens_per_s_no_cache",
+        ):
             assert r[key] is not None and r[key] > 0, key
         assert isinstance(r["sample"], str)
         run_json = run_dir(out, r["label"]) / "run.json"
@@ -89,8 +129,7 @@ def test_causal_false_is_scored_with_the_causal_mask_too(compared):
 
 def test_running_again_resumes_instead_of_retraining(compared, capsys):
     out, argv, before = compared
-    stamp = {r["label"]: (run_dir(out, r["label"]) / "metrics.jsonl").read_text()
-             for r in before["runs"]}
+    stamp = {r["label"]: (run_dir(out, r["label"]) / "metrics.jsonl").read_text() for r in before["runs"]}
     assert main(argv) == 0
     after = json.loads((out / "results.json").read_text())
     for b, a in zip(before["runs"], after["runs"]):
@@ -134,8 +173,18 @@ def seeded(corpus, tmp_path_factory):
     """Two entries x two seeds, run twice into two folders: the same command on the same machine."""
     outs = [tmp_path_factory.mktemp("seeds"), tmp_path_factory.mktemp("seeds-again")]
     for out in outs:
-        argv = ["compare", "--data", str(corpus), "--presets", "tiny,tiny-llama", "--seeds", "2", "--out", str(out),
-                *TINY]
+        argv = [
+            "compare",
+            "--data",
+            str(corpus),
+            "--presets",
+            "tiny,tiny-llama",
+            "--seeds",
+            "2",
+            "--out",
+            str(out),
+            *TINY,
+        ]
         assert main(argv) == 0
     return [(out, json.loads((out / "results.json").read_text())) for out in outs]
 
@@ -144,7 +193,11 @@ def test_every_entry_is_trained_once_per_seed_on_that_seeds_batches(seeded):
     out, results = seeded[0]
     assert results["seeds"] == [1337, 1338]
     assert [(r["label"], r["seed"]) for r in results["runs"]] == [  # seed by seed, the entries interleaved
-        ("tiny", 1337), ("tiny-llama", 1337), ("tiny", 1338), ("tiny-llama", 1338)]
+        ("tiny", 1337),
+        ("tiny-llama", 1337),
+        ("tiny", 1338),
+        ("tiny-llama", 1338),
+    ]
     by_seed = {seed: {r["batch_hash"] for r in results["runs"] if r["seed"] == seed} for seed in (1337, 1338)}
     assert all(len(h) == 1 for h in by_seed.values()) and by_seed[1337] != by_seed[1338]
     assert results["identical_batches"]

@@ -85,7 +85,12 @@ def test_every_preset_builds(preset):
 def test_presets_have_their_families_features():
     c = ModelConfig.preset
     llama = c("tiny-llama")
-    assert (llama.pos_embedding, llama.norm, llama.mlp, llama.n_kv_head < llama.n_head) == ("rope", "rmsnorm", "swiglu", True)
+    assert (llama.pos_embedding, llama.norm, llama.mlp, llama.n_kv_head < llama.n_head) == (
+        "rope",
+        "rmsnorm",
+        "swiglu",
+        True,
+    )
     qwen3 = c("tiny-qwen3")
     assert qwen3.qk_norm and qwen3.tie_embeddings and qwen3.head_dim * qwen3.n_head != qwen3.n_embd
     oss = c("tiny-gpt-oss")
@@ -99,8 +104,21 @@ def test_presets_have_their_families_features():
     assert (real.n_layer, real.n_experts, real.n_experts_per_tok, real.vocab_size) == (24, 32, 4, 201088)
 
 
-@pytest.mark.parametrize("preset", ["gpt2", "gpt2-medium", "tiny-llama", "tiny-qwen3", "tiny-gpt-oss",
-                                    "tiny-gpt-oss-yarn", "llama-3.2-1b", "qwen3-0.6b", "gpt-oss-20b", "gpt-oss-120b"])
+@pytest.mark.parametrize(
+    "preset",
+    [
+        "gpt2",
+        "gpt2-medium",
+        "tiny-llama",
+        "tiny-qwen3",
+        "tiny-gpt-oss",
+        "tiny-gpt-oss-yarn",
+        "llama-3.2-1b",
+        "qwen3-0.6b",
+        "gpt-oss-20b",
+        "gpt-oss-120b",
+    ],
+)
 def test_preset_survives_config_json_round_trip(preset):
     """config.json written by export and read back by import gives the same architecture: the two
     name tables agree. (Fields transformers has no key for, like dropout, keep their defaults.)"""
@@ -112,7 +130,11 @@ def test_preset_survives_config_json_round_trip(preset):
         assert getattr(back, name) == value, name
     for which in ("qkv", "attn_out", "mlp"):
         assert getattr(back, f"{which}_bias") == getattr(config, f"{which}_bias"), which
-    assert (back.n_kv_head, back.head_dim, back.intermediate_size) == (config.n_kv_head, config.head_dim, config.intermediate_size)
+    assert (back.n_kv_head, back.head_dim, back.intermediate_size) == (
+        config.n_kv_head,
+        config.head_dim,
+        config.intermediate_size,
+    )
 
 
 def test_unknown_preset_lists_the_known_ones():
@@ -127,9 +149,23 @@ def test_unknown_preset_lists_the_known_ones():
 
 def test_overrides_parse_each_fields_type():
     config = ModelConfig.preset("tiny").with_overrides(
-        ["n-layer=2", "qk_norm=true", "norm_eps=1e-6", "head_dim=none", "norm=rmsnorm",
-         "sliding_window=16", "layer_types=full,sliding"])
-    assert (config.n_layer, config.qk_norm, config.norm_eps, config.head_dim, config.norm) == (2, True, 1e-6, 48, "rmsnorm")
+        [
+            "n-layer=2",
+            "qk_norm=true",
+            "norm_eps=1e-6",
+            "head_dim=none",
+            "norm=rmsnorm",
+            "sliding_window=16",
+            "layer_types=full,sliding",
+        ]
+    )
+    assert (config.n_layer, config.qk_norm, config.norm_eps, config.head_dim, config.norm) == (
+        2,
+        True,
+        1e-6,
+        48,
+        "rmsnorm",
+    )
     assert config.to_dict()["head_dim"] is None  # "none" means derived: n_embd // n_head
     assert config.layer_types == ["full", "sliding"]
 
@@ -154,12 +190,15 @@ def test_window_of_each_layer():
     assert ModelConfig.preset("tiny").replace(sliding_window=16).window(3) == 16
 
 
-@pytest.mark.parametrize("assignment, message", [
-    ("n_layers=2", "ModelConfig field"),
-    ("n_layer=two", "expected a value of type int"),
-    ("qk_norm=maybe", "expected a value of type bool"),
-    ("n_layer", "field=value"),
-])
+@pytest.mark.parametrize(
+    "assignment, message",
+    [
+        ("n_layers=2", "ModelConfig field"),
+        ("n_layer=two", "expected a value of type int"),
+        ("qk_norm=maybe", "expected a value of type bool"),
+        ("n_layer", "field=value"),
+    ],
+)
 def test_bad_overrides_are_clear(assignment, message):
     with pytest.raises(TegakiError, match=message):
         ModelConfig().with_overrides([assignment])

@@ -50,8 +50,14 @@ def _free_port() -> int:
 
 TIMEOUT = 600  # seconds for one launch: minutes more than it takes on a loaded 2-core machine
 ATTEMPTS = 3  # a port taken between choosing it and binding it (a shared machine) is retried, not failed
-PORT_TROUBLE = ("address already in use", "eaddrinuse", "connection closed by peer", "connection refused",
-                "connection reset by peer", "the server socket has failed to listen")
+PORT_TROUBLE = (
+    "address already in use",
+    "eaddrinuse",
+    "connection closed by peer",
+    "connection refused",
+    "connection reset by peer",
+    "the server socket has failed to listen",
+)
 
 
 def _train(shards: Path, out: Path, *, nproc: int, batch: int, steps: int, extra=(), launcher="torchrun"):
@@ -61,9 +67,32 @@ def _train(shards: Path, out: Path, *, nproc: int, batch: int, steps: int, extra
     Every process is waited for with a timeout and killed on the way out, whatever happens. When
     the ranks could not meet (the chosen port was taken by another program), the run folder is put
     back as it was and the launch tried again with a new port; any other failure fails the test."""
-    args = ["train", "--data", str(shards), "--out", str(out), "--max-steps", str(steps), "--batch-size", str(batch),
-            "--dtype", "fp32", "--device", "cpu", "--eval-every", "2", "--eval-batches", "2", "--save-every", "2",
-            "--no-progress", "--sample-every", "0", *MODEL, *extra]
+    args = [
+        "train",
+        "--data",
+        str(shards),
+        "--out",
+        str(out),
+        "--max-steps",
+        str(steps),
+        "--batch-size",
+        str(batch),
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "2",
+        "--save-every",
+        "2",
+        "--no-progress",
+        "--sample-every",
+        "0",
+        *MODEL,
+        *extra,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     backup = out.with_name(out.name + ".before")
     if out.exists():
@@ -71,13 +100,39 @@ def _train(shards: Path, out: Path, *, nproc: int, batch: int, steps: int, extra
     for attempt in range(ATTEMPTS):
         port = str(_free_port())
         if launcher == "torchrun":
-            commands = [([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                          "--master_port", port, "-m", "tegaki", *args], env)]
+            commands = [
+                (
+                    [
+                        sys.executable,
+                        "-m",
+                        "torch.distributed.run",
+                        "--nproc_per_node",
+                        str(nproc),
+                        "--master_port",
+                        port,
+                        "-m",
+                        "tegaki",
+                        *args,
+                    ],
+                    env,
+                )
+            ]
         else:
-            commands = [([sys.executable, "-m", "tegaki", *args],
-                         {**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc),
-                          "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-                        for r in range(nproc)]
+            commands = [
+                (
+                    [sys.executable, "-m", "tegaki", *args],
+                    {
+                        **env,
+                        "RANK": str(r),
+                        "LOCAL_RANK": str(r),
+                        "WORLD_SIZE": str(nproc),
+                        "LOCAL_WORLD_SIZE": str(nproc),
+                        "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": port,
+                    },
+                )
+                for r in range(nproc)
+            ]
         results = _run_all(commands)
         if all(rc == 0 for rc, _ in results):
             shutil.rmtree(backup, ignore_errors=True)
@@ -94,8 +149,12 @@ def _train(shards: Path, out: Path, *, nproc: int, batch: int, steps: int, extra
 def _run_all(commands: list[tuple[list[str], dict]]) -> list[tuple[int, str]]:
     """Start every command, wait for all (TIMEOUT), kill every one still running on the way out.
     Returns (exit code, stdout + stderr) per command."""
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True) for cmd, env in commands]
+    procs = [
+        subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        for cmd, env in commands
+    ]
     try:
         deadline = time.monotonic() + TIMEOUT
         outputs = []
@@ -125,9 +184,36 @@ def single(shards, tmp_path_factory) -> tuple[list[float], list[float]]:
     from tegaki.cli import main
 
     out = tmp_path_factory.mktemp("single") / "run"
-    assert main(["train", "--data", str(shards), "--out", str(out), "--max-steps", "4", "--batch-size", "8",
-                 "--dtype", "fp32", "--device", "cpu", "--eval-every", "2", "--eval-batches", "2", "--save-every", "2",
-                 "--no-progress", "--sample-every", "0", *MODEL]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(shards),
+                "--out",
+                str(out),
+                "--max-steps",
+                "4",
+                "--batch-size",
+                "8",
+                "--dtype",
+                "fp32",
+                "--device",
+                "cpu",
+                "--eval-every",
+                "2",
+                "--eval-batches",
+                "2",
+                "--save-every",
+                "2",
+                "--no-progress",
+                "--sample-every",
+                "0",
+                *MODEL,
+            ]
+        )
+        == 0
+    )
     return _curves(out)
 
 

@@ -73,10 +73,15 @@ def write_tasks(path, items):
 
 def test_multiple_choice_picks_the_best_mean_log_likelihood(run, tmp_path):
     _, model, tok = run
-    items = read_tasks(write_tasks(tmp_path / "t.jsonl", [
-        {"context": "What is 2 plus 3?", "endings": [" 5.", " the question", " cat"], "label": 0},
-        {"context": "To be, or", "endings": [" not", " 猫が好き"], "label": 1},
-    ]))
+    items = read_tasks(
+        write_tasks(
+            tmp_path / "t.jsonl",
+            [
+                {"context": "What is 2 plus 3?", "endings": [" 5.", " the question", " cat"], "label": 0},
+                {"context": "To be, or", "endings": [" not", " 猫が好き"], "label": 1},
+            ],
+        )
+    )
     for item in items:
         means = [float(ending_logprobs(model, tok, item.context, e).mean()) for e in item.endings]
         assert choose(model, tok, item) == means.index(max(means))
@@ -91,8 +96,10 @@ def test_the_interval_is_wilsons():
 
 
 def test_a_bad_task_line_is_named(tmp_path):
-    path = write_tasks(tmp_path / "t.jsonl", [{"context": "a", "endings": ["b", "c"], "label": 0},
-                                              {"context": "a", "endings": ["b", "c"], "label": 5}])
+    path = write_tasks(
+        tmp_path / "t.jsonl",
+        [{"context": "a", "endings": ["b", "c"], "label": 0}, {"context": "a", "endings": ["b", "c"], "label": 5}],
+    )
     with pytest.raises(TegakiError, match=f"{path}:2: label must be an index"):
         read_tasks(path)
 
@@ -119,10 +126,10 @@ def requests(*args):
 def test_the_adapter_answers_the_three_requests(run):
     _, model, tok = run
     lm = TegakiLM(model, tok)
-    (logp, greedy), = lm.loglikelihood(requests(("To be, or", " not to be")))
+    ((logp, greedy),) = lm.loglikelihood(requests(("To be, or", " not to be")))
     ids = [tok.eot_id] + tok.encode_ordinary("To be, or")
     cont = tok.encode_ordinary(" not to be")
-    assert math.isclose(logp, float(direct_logprobs(model, ids + cont)[-len(cont):].sum()), abs_tol=1e-4)
+    assert math.isclose(logp, float(direct_logprobs(model, ids + cont)[-len(cont) :].sum()), abs_tol=1e-4)
     assert isinstance(greedy, bool)
     (rolling,) = lm.loglikelihood_rolling(requests(("To be, or not to be.",)))
     assert math.isclose(rolling, -score_text(model, tok, "To be, or not to be.").nll, rel_tol=1e-6)
@@ -143,14 +150,21 @@ def test_lm_eval_runs_a_tiny_local_task(run, tmp_path):
     from lm_eval.tasks import TaskManager
 
     _, model, tok = run
-    data = write_tasks(tmp_path / "mc.jsonl", [{"context": "To be, or", "endings": [" not", " cat"], "label": 0},
-                                               {"context": "What is 2 plus 3?", "endings": [" 5", " 9"], "label": 0}])
+    data = write_tasks(
+        tmp_path / "mc.jsonl",
+        [
+            {"context": "To be, or", "endings": [" not", " cat"], "label": 0},
+            {"context": "What is 2 plus 3?", "endings": [" 5", " 9"], "label": 0},
+        ],
+    )
     (tmp_path / "tiny.yaml").write_text(
         "task: tegaki_tiny\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(data) + "\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{context}}'\n"
-        "doc_to_choice: '{{endings}}'\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n")
-    results = lm_eval.simple_evaluate(model=TegakiLM(model, tok), tasks=["tegaki_tiny"],
-                                      task_manager=TaskManager(include_path=str(tmp_path)))
+        "doc_to_choice: '{{endings}}'\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n"
+    )
+    results = lm_eval.simple_evaluate(
+        model=TegakiLM(model, tok), tasks=["tegaki_tiny"], task_manager=TaskManager(include_path=str(tmp_path))
+    )
     acc = results["results"]["tegaki_tiny"]["acc,none"]
     items = read_tasks(data)
     assert acc == sum(choose_by_sum(model, tok, i) == i.label for i in items) / len(items)

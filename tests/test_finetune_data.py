@@ -5,6 +5,7 @@ import json
 import pytest
 from finetune_models import RECORDS, tiny_tokenizer, write_records
 
+from tegaki.chat_template import DEFAULT_TEMPLATE, PLAIN_TEMPLATE, ChatTemplate
 from tegaki.errors import TegakiError
 from tegaki.finetune.data import (
     BUNDLED,
@@ -16,7 +17,6 @@ from tegaki.finetune.data import (
     pack,
     read_records,
 )
-from tegaki.chat_template import DEFAULT_TEMPLATE, PLAIN_TEMPLATE, ChatTemplate
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +50,17 @@ def test_every_assistant_turn_is_learned_and_no_user_turn(tmp_path, tok):
     assert learned_text(tok, ids, labels) == "Hello there.<|im_end|>\nA small model.<|im_end|>\n"
 
 
-@pytest.mark.parametrize("line, message", [
-    (b'{"instruction": "x"}', "missing 'output'"),
-    (b'{"messages": [{"role": "robot", "content": "hi"}]}', "role 'robot'"),
-    (b'{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
-    (b'{"instruction": "caf\xe9", "output": "x"}', "not UTF-8"),
-    (b'{"instruction": ', "not a JSON object"),
-    (b'[1, 2]', "must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (b'{"instruction": "x"}', "missing 'output'"),
+        (b'{"messages": [{"role": "robot", "content": "hi"}]}', "role 'robot'"),
+        (b'{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
+        (b'{"instruction": "caf\xe9", "output": "x"}', "not UTF-8"),
+        (b'{"instruction": ', "not a JSON object"),
+        (b"[1, 2]", "must be a JSON object"),
+    ],
+)
 def test_a_bad_record_names_its_line(tmp_path, line, message):
     path = tmp_path / "r.jsonl"
     path.write_bytes(b'{"instruction": "a", "output": "b"}\n\n' + line + b"\n")

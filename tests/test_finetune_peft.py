@@ -13,8 +13,15 @@ transformers = pytest.importorskip("transformers")
 
 def tiny_llama(folder, seed=0):
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
@@ -43,8 +50,15 @@ def test_peft_on_the_exported_base_gives_the_same_logits(tmp_path):
     export_hf(from_pretrained(source), tmp_path / "base")  # the base, as tegaki exports it
     export_peft(model, tmp_path / "adapter", settings, base_name=str(tmp_path / "base"))
     config = read_adapter_config(tmp_path / "adapter")
-    assert sorted(config["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
-                                                "v_proj"]
+    assert sorted(config["target_modules"]) == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=torch.float32)
     hf = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     x = torch.randint(0, 128, (2, 16))

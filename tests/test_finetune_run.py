@@ -17,9 +17,27 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def finetune_args(base, data, out, *extra):
-    return ["finetune", "--model", str(base), "--data", str(data), "--out", str(out), "--max-seq-len", "48",
-            "--batch-size", "2", "--eval-every", "2", "--save-every", "2", "--no-progress", "--val-fraction", "0.25",
-            *extra]
+    return [
+        "finetune",
+        "--model",
+        str(base),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--max-seq-len",
+        "48",
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "2",
+        "--no-progress",
+        "--val-fraction",
+        "0.25",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +87,17 @@ def test_a_run_resumes_and_refuses_another_base(lora_run, tmp_path):
 
 
 def test_full_fine_tuning_trains_every_weight(lora_run, tmp_path):
-    args = finetune_args(lora_run / "base", lora_run / "r.jsonl", tmp_path / "full", "--method", "full",
-                         "--max-steps", "2", "--lr", "0.01")
+    args = finetune_args(
+        lora_run / "base",
+        lora_run / "r.jsonl",
+        tmp_path / "full",
+        "--method",
+        "full",
+        "--max-steps",
+        "2",
+        "--lr",
+        "0.01",
+    )
     assert main(args) == 0
     before, after = from_pretrained(lora_run / "base"), from_pretrained(tmp_path / "full")
     changed = [n for n, p in after.state_dict().items() if not torch.equal(p, before.state_dict()[n])]

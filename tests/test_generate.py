@@ -12,8 +12,8 @@ from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
 from tegaki.generate import generate, generate_tokens, left_pad
 from tegaki.kv_cache import KVCache
-from tegaki.sampling import SamplingSettings
 from tegaki.model import GPT
+from tegaki.sampling import SamplingSettings
 
 FAMILIES = ["tiny", "tiny-llama", "tiny-qwen3", "tiny-gpt-oss", "tiny-gpt-oss-yarn", "tiny-gated"]
 WINDOW = 12  # shrunk from the presets' 64 so a short generation wraps the ring buffer twice
@@ -55,7 +55,9 @@ def test_greedy_tokens_are_the_same_with_and_without_the_cache(name):
 def test_written_out_attention_agrees_with_the_cache_too():
     model = random_model("tiny-gpt-oss", attn_impl="manual")
     prompt = torch.randint(0, 4096, (1, 5), generator=torch.Generator().manual_seed(2))
-    assert torch.equal(generate(model, prompt, 25, temperature=0), generate(model, prompt, 25, temperature=0, use_cache=False))
+    assert torch.equal(
+        generate(model, prompt, 25, temperature=0), generate(model, prompt, 25, temperature=0, use_cache=False)
+    )
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-gpt-oss"])
@@ -172,11 +174,18 @@ def test_a_traced_decode_step_gives_the_same_tokens():
     # A Llama with one sliding-window layer, so the ring is traced too. (MoE's per-expert loop has
     # data-dependent shapes; compile an MoE model with moe_impl="dense".)
     model = random_model(
-        "tiny-llama", n_embd=64, n_head=2, n_kv_head=1, intermediate_size=64,
-        sliding_window=WINDOW, layer_types=["sliding", "full"],
+        "tiny-llama",
+        n_embd=64,
+        n_head=2,
+        n_kv_head=1,
+        intermediate_size=64,
+        sliding_window=WINDOW,
+        layer_types=["sliding", "full"],
     )
     prompt = torch.tensor([[3, 1, 4, 1, 5]])
-    assert torch.equal(generate(model, prompt, 16, temperature=0), generate(model, prompt, 16, temperature=0, compile="aot_eager"))
+    assert torch.equal(
+        generate(model, prompt, 16, temperature=0), generate(model, prompt, 16, temperature=0, compile="aot_eager")
+    )
 
 
 @pytest.mark.slow
@@ -187,7 +196,9 @@ def test_a_traced_decode_step_gives_the_same_tokens():
 def test_inductor_compiled_decoding_gives_the_same_tokens():
     model = random_model("tiny-llama", n_embd=64, n_head=2, n_kv_head=1, intermediate_size=128)
     prompt = torch.tensor([[3, 1, 4, 1, 5]])
-    assert torch.equal(generate(model, prompt, 8, temperature=0), generate(model, prompt, 8, temperature=0, compile=True))
+    assert torch.equal(
+        generate(model, prompt, 8, temperature=0), generate(model, prompt, 8, temperature=0, compile=True)
+    )
 
 
 # --- the command --------------------------------------------------------------------------------
@@ -228,8 +239,23 @@ def test_the_command_refuses_bad_input_with_a_message(gpt2_folder, capsys):
 
 
 def test_the_command_runs_quantized_in_bf16_with_several_samples_and_a_stop(gpt2_folder, capsys):
-    args = ["generate", "--model", str(gpt2_folder), "--max-new-tokens", "10", "--seed", "0",
-            "--dtype", "bf16", "--quantize", "int8", "--num-samples", "2", "--temperature", "0"]
+    args = [
+        "generate",
+        "--model",
+        str(gpt2_folder),
+        "--max-new-tokens",
+        "10",
+        "--seed",
+        "0",
+        "--dtype",
+        "bf16",
+        "--quantize",
+        "int8",
+        "--num-samples",
+        "2",
+        "--temperature",
+        "0",
+    ]
     assert main(args + ["Hello"]) == 0
     out = capsys.readouterr().out
     assert out.count("--- sample") == 2
@@ -237,7 +263,7 @@ def test_the_command_runs_quantized_in_bf16_with_several_samples_and_a_stop(gpt2
     stop = first[len("Hello") + 2 : len("Hello") + 4]  # two characters from the middle of it
     assert main(args[:-4] + ["--temperature", "0", "--stop", stop, "Hello"]) == 0
     cut = capsys.readouterr().out.rstrip("\n")
-    assert stop not in cut[len("Hello"):] and first.startswith(cut)
+    assert stop not in cut[len("Hello") :] and first.startswith(cut)
 
 
 def test_a_stop_given_with_shell_escapes_means_the_characters():
@@ -262,8 +288,9 @@ def test_version_and_a_closed_pipe_end_quietly():
 
     done = subprocess.run([sys.executable, "-m", "tegaki", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == f"tegaki {tegaki.__version__}"
-    piped = subprocess.run(f"{sys.executable} -m tegaki params gpt2 | head -2", shell=True, capture_output=True,
-                           text=True)
+    piped = subprocess.run(
+        f"{sys.executable} -m tegaki params gpt2 | head -2", shell=True, capture_output=True, text=True
+    )
     assert len(piped.stdout.splitlines()) == 2
     assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr
 

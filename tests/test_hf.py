@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import types
 
 import pytest
 import torch
@@ -70,8 +69,9 @@ def gpt2_model(**overrides):
 
 GPT2_CONFIGS = {
     "small": dict(),
-    "untied-odd-sizes": dict(n_layer=3, n_head=3, n_embd=24, n_inner=40, layer_norm_epsilon=1e-3,
-                             tie_word_embeddings=False),
+    "untied-odd-sizes": dict(
+        n_layer=3, n_head=3, n_embd=24, n_inner=40, layer_norm_epsilon=1e-3, tie_word_embeddings=False
+    ),
 }
 
 
@@ -145,8 +145,14 @@ def test_wrong_weights_listed_in_one_error(tmp_path):
     with pytest.raises(TegakiError) as err:
         from_pretrained(tmp_path)
     message = str(err.value)
-    for expected in ("missing", "h.1.mlp.c_fc.bias", "unexpected", "attn.rotary.weight",
-                     "wrong shape", "ln_f.weight: got (31,), expected (32,)"):
+    for expected in (
+        "missing",
+        "h.1.mlp.c_fc.bias",
+        "unexpected",
+        "attn.rotary.weight",
+        "wrong shape",
+        "ln_f.weight: got (31,), expected (32,)",
+    ):
         assert expected in message
 
 
@@ -160,31 +166,84 @@ def test_gpt2_options_tegaki_cannot_compute_are_refused(tmp_path):
 # Llama, Qwen3, GPT-OSS: import, then export of the same model back to transformers
 # -------------------------------------------------------------------------------------------------
 
-_SMALL = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              intermediate_size=64, max_position_embeddings=64)
+_SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
 _ORIG = dict(original_max_position_embeddings=16)  # < T: the scaled frequencies really matter
 
 FAMILY_CASES = {
     "llama-gqa-untied": (transformers.LlamaConfig, dict(), 1e-5),
-    "llama-mqa-tied-biases": (transformers.LlamaConfig, dict(num_key_value_heads=1, tie_word_embeddings=True,
-                                                             attention_bias=True, mlp_bias=True), 1e-5),
+    "llama-mqa-tied-biases": (
+        transformers.LlamaConfig,
+        dict(num_key_value_heads=1, tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
+        1e-5,
+    ),
     "llama-rope-linear": (transformers.LlamaConfig, dict(rope_parameters=dict(rope_type="linear", factor=2.0)), 1e-5),
     # transformers' dynamic NTK is plain RoPE until a sequence outgrows max_position_embeddings.
     "llama-rope-dynamic": (transformers.LlamaConfig, dict(rope_parameters=dict(rope_type="dynamic", factor=4.0)), 1e-5),
-    "llama-rope-yarn": (transformers.LlamaConfig, dict(rope_parameters=dict(rope_type="yarn", factor=4.0, **_ORIG)), 1e-5),
-    "llama-rope-llama3": (transformers.LlamaConfig, dict(rope_parameters=dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, **_ORIG)), 1e-5),
+    "llama-rope-yarn": (
+        transformers.LlamaConfig,
+        dict(rope_parameters=dict(rope_type="yarn", factor=4.0, **_ORIG)),
+        1e-5,
+    ),
+    "llama-rope-llama3": (
+        transformers.LlamaConfig,
+        dict(rope_parameters=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, **_ORIG)),
+        1e-5,
+    ),
     "qwen3-tied": (transformers.Qwen3Config, dict(head_dim=16, tie_word_embeddings=True), 1e-5),
-    "qwen3-untied-sliding": (transformers.Qwen3Config, dict(
-        head_dim=16, tie_word_embeddings=False, attention_bias=True, use_sliding_window=True, sliding_window=8,
-        max_window_layers=1, rms_norm_eps=1e-5), 1e-5),
-    "gpt-oss-yarn-window-sinks-moe": (transformers.GptOssConfig, dict(
-        head_dim=16, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
-        rope_parameters=dict(rope_type="yarn", factor=4.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
-                             rope_theta=150000.0, **_ORIG)), 1e-4),
-    "gpt-oss-top1-untruncated-off": (transformers.GptOssConfig, dict(
-        num_hidden_layers=3, head_dim=8, intermediate_size=24, num_local_experts=3, num_experts_per_tok=1,
-        sliding_window=4, swiglu_limit=0.5), 1e-4),
+    "qwen3-untied-sliding": (
+        transformers.Qwen3Config,
+        dict(
+            head_dim=16,
+            tie_word_embeddings=False,
+            attention_bias=True,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=1,
+            rms_norm_eps=1e-5,
+        ),
+        1e-5,
+    ),
+    "gpt-oss-yarn-window-sinks-moe": (
+        transformers.GptOssConfig,
+        dict(
+            head_dim=16,
+            intermediate_size=32,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=8,
+            rope_parameters=dict(
+                rope_type="yarn",
+                factor=4.0,
+                beta_fast=32.0,
+                beta_slow=1.0,
+                truncate=False,
+                rope_theta=150000.0,
+                **_ORIG,
+            ),
+        ),
+        1e-4,
+    ),
+    "gpt-oss-top1-untruncated-off": (
+        transformers.GptOssConfig,
+        dict(
+            num_hidden_layers=3,
+            head_dim=8,
+            intermediate_size=24,
+            num_local_experts=3,
+            num_experts_per_tok=1,
+            sliding_window=4,
+            swiglu_limit=0.5,
+        ),
+        1e-4,
+    ),
 }
 
 
@@ -233,33 +292,92 @@ def test_import_reads_the_flags_of_each_family(tmp_path):
 # The config.json files of the real checkpoints on the hub (abridged to the keys that matter).
 HUB_CONFIGS = {
     "gpt-oss-20b": {
-        "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "attention_bias": True,
-        "experts_per_token": 4, "num_experts_per_tok": 4, "head_dim": 64, "hidden_act": "silu",
-        "hidden_size": 2880, "initial_context_length": 4096, "intermediate_size": 2880,
-        "layer_types": ["sliding_attention", "full_attention"] * 12, "max_position_embeddings": 131072,
-        "num_attention_heads": 64, "num_hidden_layers": 24, "num_key_value_heads": 8, "num_local_experts": 32,
-        "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
-            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
-        "rms_norm_eps": 1e-05, "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
-                                                "original_max_position_embeddings": 4096, "rope_type": "yarn",
-                                                "truncate": False},
-        "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
-        "tie_word_embeddings": False, "vocab_size": 201088,
+        "architectures": ["GptOssForCausalLM"],
+        "model_type": "gpt_oss",
+        "attention_bias": True,
+        "experts_per_token": 4,
+        "num_experts_per_tok": 4,
+        "head_dim": 64,
+        "hidden_act": "silu",
+        "hidden_size": 2880,
+        "initial_context_length": 4096,
+        "intermediate_size": 2880,
+        "layer_types": ["sliding_attention", "full_attention"] * 12,
+        "max_position_embeddings": 131072,
+        "num_attention_heads": 64,
+        "num_hidden_layers": 24,
+        "num_key_value_heads": 8,
+        "num_local_experts": 32,
+        "quantization_config": {
+            "quant_method": "mxfp4",
+            "modules_to_not_convert": [
+                "model.layers.*.self_attn",
+                "model.layers.*.mlp.router",
+                "model.embed_tokens",
+                "lm_head",
+            ],
+        },
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "factor": 32.0,
+            "original_max_position_embeddings": 4096,
+            "rope_type": "yarn",
+            "truncate": False,
+        },
+        "rope_theta": 150000,
+        "router_aux_loss_coef": 0.9,
+        "sliding_window": 128,
+        "swiglu_limit": 7.0,
+        "tie_word_embeddings": False,
+        "vocab_size": 201088,
     },
     "llama-3.2-1b": {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False, "head_dim": 64,
-        "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 8192, "max_position_embeddings": 131072,
-        "mlp_bias": False, "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
-        "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                                                "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-        "rope_theta": 500000.0, "tie_word_embeddings": True, "vocab_size": 128256,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "attention_bias": False,
+        "head_dim": 64,
+        "hidden_act": "silu",
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "max_position_embeddings": 131072,
+        "mlp_bias": False,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 16,
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {
+            "factor": 32.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": True,
+        "vocab_size": 128256,
     },
     "qwen3-0.6b": {
-        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False, "head_dim": 128,
-        "hidden_act": "silu", "hidden_size": 1024, "intermediate_size": 3072, "max_position_embeddings": 40960,
-        "max_window_layers": 28, "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8,
-        "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None,
-        "tie_word_embeddings": True, "use_sliding_window": False, "vocab_size": 151936,
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "attention_bias": False,
+        "head_dim": 128,
+        "hidden_act": "silu",
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "max_position_embeddings": 40960,
+        "max_window_layers": 28,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 28,
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000,
+        "sliding_window": None,
+        "tie_word_embeddings": True,
+        "use_sliding_window": False,
+        "vocab_size": 151936,
     },
 }
 
@@ -274,8 +392,12 @@ def test_hub_config_json_reads_as_the_preset(preset, tmp_path):
 def architecture(config: ModelConfig) -> dict:
     """The config with every None-means-default field resolved, so equal models compare equal."""
     d = config.to_dict()
-    d.update(n_kv_head=config.n_kv_head, head_dim=config.head_dim, intermediate_size=config.intermediate_size,
-             **{f"{w}_bias": getattr(config, f"{w}_bias") for w in ("qkv", "attn_out", "mlp")})
+    d.update(
+        n_kv_head=config.n_kv_head,
+        head_dim=config.head_dim,
+        intermediate_size=config.intermediate_size,
+        **{f"{w}_bias": getattr(config, f"{w}_bias") for w in ("qkv", "attn_out", "mlp")},
+    )
     return d
 
 
@@ -289,14 +411,21 @@ EXPORT_CASES = {
     "gpt2-untied": ModelConfig(**_SHRINK, n_head=2, tie_embeddings=False, intermediate_size=48),
     "tiny-llama": ModelConfig.preset("tiny-llama").replace(**_SHRINK, head_dim=8),
     "tiny-llama-llama3": ModelConfig.preset("tiny-llama").replace(
-        **_SHRINK, rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=16),
+        **_SHRINK, rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=16
+    ),
     "tiny-llama-linear": ModelConfig.preset("tiny-llama").replace(**_SHRINK, rope_scaling="linear", rope_factor=3.0),
     "tiny-qwen3": ModelConfig.preset("tiny-qwen3").replace(**_SHRINK, head_dim=16),
     "tiny-gpt-oss": ModelConfig.preset("tiny-gpt-oss").replace(
-        **_SHRINK, head_dim=16, intermediate_size=32, sliding_window=8, layer_types=["sliding", "full"]),
+        **_SHRINK, head_dim=16, intermediate_size=32, sliding_window=8, layer_types=["sliding", "full"]
+    ),
     "tiny-gpt-oss-yarn": ModelConfig.preset("tiny-gpt-oss-yarn").replace(
-        **_SHRINK, head_dim=16, intermediate_size=32, sliding_window=8, layer_types=["sliding", "full"],
-        rope_original_max_len=16),
+        **_SHRINK,
+        head_dim=16,
+        intermediate_size=32,
+        sliding_window=8,
+        layer_types=["sliding", "full"],
+        rope_original_max_len=16,
+    ),
 }
 
 
@@ -382,9 +511,20 @@ def test_mxfp4_quantize_inverts_dequantize():
 
 def test_gpt_oss_mxfp4_checkpoint_loads(perturb, tmp_path):
     """A hub-style GPT-OSS folder: experts as *_blocks/*_scales + quantization_config."""
-    hf_config = transformers.GptOssConfig(**(_SMALL | dict(
-        hidden_size=64, head_dim=16, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
-        sliding_window=8)), attn_implementation="eager")
+    hf_config = transformers.GptOssConfig(
+        **(
+            _SMALL
+            | dict(
+                hidden_size=64,
+                head_dim=16,
+                intermediate_size=32,
+                num_local_experts=4,
+                num_experts_per_tok=2,
+                sliding_window=8,
+            )
+        ),
+        attn_implementation="eager",
+    )
     hf = perturb(transformers.AutoModelForCausalLM.from_config(hf_config))
     with torch.no_grad():  # the reference: the same model with its experts rounded to MXFP4
         for layer in hf.model.layers:
@@ -541,9 +681,14 @@ def fake_train_module(monkeypatch):
     import tegaki.load
 
     calls = []
-    monkeypatch.setattr(tegaki.load, "load_run_model",
-                        lambda path, device="cpu", dtype=None: calls.append(("model", path, device)) or "model")
-    monkeypatch.setattr(tegaki.load, "load_run_tokenizer", lambda path: calls.append(("tokenizer", path)) or "tokenizer")
+    monkeypatch.setattr(
+        tegaki.load,
+        "load_run_model",
+        lambda path, device="cpu", dtype=None: calls.append(("model", path, device)) or "model",
+    )
+    monkeypatch.setattr(
+        tegaki.load, "load_run_tokenizer", lambda path: calls.append(("tokenizer", path)) or "tokenizer"
+    )
     return calls
 
 
@@ -640,8 +785,9 @@ def test_llama_q_k_v_are_joined_on_import_and_split_again_on_export(tmp_path):
     assert set(out) == set(src)
     for name, tensor in src.items():
         assert torch.equal(out[name], tensor), name
-    assert torch.equal(model.blocks[0].attn.qkv.bias, torch.cat([src[f"model.layers.0.self_attn.{p}_proj.bias"]
-                                                                  for p in "qkv"]))
+    assert torch.equal(
+        model.blocks[0].attn.qkv.bias, torch.cat([src[f"model.layers.0.self_attn.{p}_proj.bias"] for p in "qkv"])
+    )
 
 
 def test_export_writes_the_tokenizers_end_of_text_id(tmp_path):

@@ -19,8 +19,10 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                       reason="no Chromium and chromedriver found (apt-get install chromium chromium-driver)"),
+    pytest.mark.skipif(
+        not (CHROMIUM and CHROMEDRIVER),
+        reason="no Chromium and chromedriver found (apt-get install chromium chromium-driver)",
+    ),
 ]
 PROMPT = "吾輩は猫である。"
 
@@ -31,9 +33,19 @@ def headless_chromium(profile: str):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                 f"--user-data-dir={profile}", "--window-size=1200,1400", "--lang=en-US"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--window-size=1200,1400",
+        "--lang=en-US",
+    ):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
@@ -75,8 +87,9 @@ def test_generate_streams_tokens_with_their_alternatives(page):
     prompt = page.find_element(By.ID, "prompt")
     prompt.clear()
     prompt.send_keys(PROMPT)
-    page.execute_script("document.getElementById('max-tokens').value = 20;"
-                        "document.getElementById('temperature').value = 0;")
+    page.execute_script(
+        "document.getElementById('max-tokens').value = 20;document.getElementById('temperature').value = 0;"
+    )
     page.find_element(By.ID, "generate-button").click()
     wait_for(page, "document.querySelectorAll('#generated .token').length > 5")
     wait_for(page, "!document.getElementById('generate-button').disabled")
@@ -92,12 +105,14 @@ def test_generate_streams_tokens_with_their_alternatives(page):
 
 def test_the_bars_follow_the_temperature_slider(page):
     wait_for(page, "document.querySelectorAll('#bars .bar-fill').length > 3")
-    page.execute_script("const s = document.getElementById('temperature'); s.value = 0.3;"
-                        "s.dispatchEvent(new Event('input'));")
+    page.execute_script(
+        "const s = document.getElementById('temperature'); s.value = 0.3;s.dispatchEvent(new Event('input'));"
+    )
     wait_for(page, "JSON.parse(document.getElementById('bars').dataset.settings || '{}').temperature === 0.3")
     cool = bar_widths(page)
-    page.execute_script("const s = document.getElementById('temperature'); s.value = 1.8;"
-                        "s.dispatchEvent(new Event('input'));")
+    page.execute_script(
+        "const s = document.getElementById('temperature'); s.value = 1.8;s.dispatchEvent(new Event('input'));"
+    )
     wait_for(page, "JSON.parse(document.getElementById('bars').dataset.settings || '{}').temperature === 1.8")
     hot = bar_widths(page)
     assert hot != cool

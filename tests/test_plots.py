@@ -63,8 +63,24 @@ def test_loss_plot_of_one_run_with_out(tmp_path):
 
 def test_attention_plot(tmp_path, capsys):
     out = tmp_path / "att.png"
-    code = main(["attention", "--preset", "tiny", "--set", "n_layer=1", "--set", "n_head=2", "--set", "n_embd=32",
-                 "Hello, I am", "--layer", "0", "--out", str(out)])
+    code = main(
+        [
+            "attention",
+            "--preset",
+            "tiny",
+            "--set",
+            "n_layer=1",
+            "--set",
+            "n_head=2",
+            "--set",
+            "n_embd=32",
+            "Hello, I am",
+            "--layer",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     image = read_png(out)
     assert image.shape[1] > image.shape[0] > 100  # two heads side by side
@@ -125,4 +141,6 @@ def test_a_comparison_without_results_groups_its_seed_folders(tmp_path):
             write_metrics(tmp_path / "cmp" / "runs" / name / f"seed{seed}", losses)
     groups = find_runs(tmp_path / "cmp")
     assert [(label, [p.parent.name for p in paths]) for label, paths in groups] == [
-        ("tiny", ["seed1337", "seed1338"]), ("tiny-llama", ["seed1337", "seed1338"])]
+        ("tiny", ["seed1337", "seed1338"]),
+        ("tiny-llama", ["seed1337", "seed1338"]),
+    ]

@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from tegaki.sampling import (
-    SamplingSettings, apply_presence_penalty, apply_repetition_penalty, min_p_filter, sample_next, top_k_filter,
+    SamplingSettings,
+    apply_presence_penalty,
+    apply_repetition_penalty,
+    min_p_filter,
+    sample_next,
+    top_k_filter,
     top_p_filter,
 )
 

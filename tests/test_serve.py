@@ -31,7 +31,7 @@ from tegaki.serve.served import load_served
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT = "吾輩は猫である。"  # the model continues it with the rest of the passage
-CONTINUATION = PASSAGE[len(PROMPT):]
+CONTINUATION = PASSAGE[len(PROMPT) :]
 
 
 @pytest.fixture(scope="module")
@@ -73,23 +73,32 @@ def run_alone(engine, request) -> tuple[list[int], str]:
 # -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("settings", [SamplingSettings(temperature=0), SamplingSettings(temperature=0.9, top_k=20),
-                                      SamplingSettings(temperature=1.2, top_p=0.8, presence_penalty=0.5)])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        SamplingSettings(temperature=0),
+        SamplingSettings(temperature=0.9, top_k=20),
+        SamplingSettings(temperature=1.2, top_p=0.8, presence_penalty=0.5),
+    ],
+)
 def test_the_engine_samples_what_generate_tokens_samples(served, engine, settings):
     """The engine's turns are the library's decoding loop for a batch of one: same seed, same tokens."""
     prompt = served.tokenizer.encode(PROMPT)
     ids, _ = run_alone(engine, GenerationRequest(prompt, 30, settings, seed=7))
     generator = torch.Generator().manual_seed(7)
-    expected = [int(t[0]) for t in generate_tokens(served.model, torch.tensor([prompt]), 30, settings,
-                                                   generator=generator)]
+    expected = [
+        int(t[0]) for t in generate_tokens(served.model, torch.tensor([prompt]), 30, settings, generator=generator)
+    ]
     assert ids == expected
 
 
 def test_requests_at_once_get_what_each_gets_alone(served, engine):
     """Taking turns never mixes requests: 10 at once, each equal to its lone run."""
     tok = served.tokenizer
-    requests = [GenerationRequest(tok.encode(p), 12 + i, SamplingSettings(temperature=0.8 + 0.05 * i), seed=i)
-                for i, p in enumerate(([PROMPT, "名前は", "The cat", "どこで", "a", "吾輩"] * 2)[:10])]
+    requests = [
+        GenerationRequest(tok.encode(p), 12 + i, SamplingSettings(temperature=0.8 + 0.05 * i), seed=i)
+        for i, p in enumerate(([PROMPT, "名前は", "The cat", "どこで", "a", "吾輩"] * 2)[:10])
+    ]
     alone = [run_alone(engine, r) for r in requests]
     results: dict[int, list] = {i: [] for i in range(len(requests))}
     done = threading.Event()
@@ -104,6 +113,7 @@ def test_requests_at_once_get_what_each_gets_alone(served, engine):
                     remaining[0] -= 1
                     if remaining[0] == 0:
                         done.set()
+
         return put
 
     for i, r in enumerate(requests):
@@ -133,8 +143,15 @@ def test_the_engine_refuses_what_the_model_cannot_do(served, engine):
         engine.submit(GenerationRequest([1] * 200, 1), print)
 
 
-@pytest.mark.parametrize("settings", [SamplingSettings(temperature=0.7, top_k=5), SamplingSettings(top_p=0.5),
-                                      SamplingSettings(temperature=1.5, min_p=0.1), SamplingSettings(temperature=0)])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        SamplingSettings(temperature=0.7, top_k=5),
+        SamplingSettings(top_p=0.5),
+        SamplingSettings(temperature=1.5, min_p=0.1),
+        SamplingSettings(temperature=0),
+    ],
+)
 def test_the_bars_show_the_distribution_sample_next_draws_from(settings):
     logits = torch.randn(1, 300) * 3
     dist = sampling_distribution(logits[0], settings)
@@ -233,8 +250,13 @@ def test_chat_uses_the_template_and_stops_at_the_end_of_turn(client):
 
 
 def test_chat_logprobs(client):
-    body = {"model": "tiny-ja", "messages": [{"role": "user", "content": "こんにちは"}], "temperature": 0,
-            "logprobs": True, "top_logprobs": 2}
+    body = {
+        "model": "tiny-ja",
+        "messages": [{"role": "user", "content": "こんにちは"}],
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
     content = client.post("/v1/chat/completions", json=body).json()["choices"][0]["logprobs"]["content"]
     assert bytes(b for entry in content for b in entry["bytes"]).decode() == "吾輩は猫である。"
     assert all(len(entry["top_logprobs"]) == 2 for entry in content)
@@ -260,10 +282,18 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "tiny-ja", "prompt": "a", "seed": -1}, 400, "seed"),
     ("/v1/chat/completions", {"model": "tiny-ja", "messages": "hi"}, 400, "messages"),
     ("/v1/chat/completions", {"model": "tiny-ja", "messages": [{"content": "hi"}]}, 400, "messages[0]"),
-    ("/v1/chat/completions", {"model": "tiny-ja", "messages": [{"role": "user", "content": "hi"}],
-                              "top_logprobs": 2}, 400, "top_logprobs"),
-    ("/v1/chat/completions", {"model": "tiny-ja", "messages": [{"role": "user", "content": "hi"}],
-                              "tools": [{"type": "function"}]}, 400, "tools"),
+    (
+        "/v1/chat/completions",
+        {"model": "tiny-ja", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+        400,
+        "top_logprobs",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": "tiny-ja", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+        400,
+        "tools",
+    ),
     ("/api/attention", {"prompt": "a", "layer": 9}, 400, "layer"),
     ("/api/next", {"prompt": 3}, 400, "prompt"),
     ("/api/lens", {"prompt": "a " * 300}, 400, None),
@@ -389,7 +419,8 @@ def test_the_openai_client_end_to_end(openai_client):
     out = openai_client.completions.create(model="tiny-ja", prompt=PROMPT, max_tokens=12, temperature=0)
     assert CONTINUATION.startswith(out.choices[0].text.rstrip("\ufffd")) and out.usage.completion_tokens == 12
     stream = openai_client.chat.completions.create(
-        model="tiny-ja", messages=[{"role": "user", "content": "こんにちは"}], temperature=0, stream=True)
+        model="tiny-ja", messages=[{"role": "user", "content": "こんにちは"}], temperature=0, stream=True
+    )
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert "".join(pieces) == "吾輩は猫である。" and all("\ufffd" not in p for p in pieces)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
@@ -401,8 +432,10 @@ def test_the_openai_client_end_to_end(openai_client):
 @pytest.mark.slow
 def test_concurrent_requests_match_a_sequential_run(openai_client):
     """12 requests at once (sampled, seeded, Japanese and English) answer as they do one by one."""
-    jobs = [{"prompt": p, "max_tokens": 10 + i, "temperature": 0.9, "seed": 100 + i}
-            for i, p in enumerate([PROMPT, "名前", "The cat", "どこで生れた", "mat", "吾輩"] * 2)]
+    jobs = [
+        {"prompt": p, "max_tokens": 10 + i, "temperature": 0.9, "seed": 100 + i}
+        for i, p in enumerate([PROMPT, "名前", "The cat", "どこで生れた", "mat", "吾輩"] * 2)
+    ]
 
     def ask(job):
         return openai_client.completions.create(model="tiny-ja", **job).choices[0].text

@@ -54,15 +54,47 @@ def _write_pages(folder: Path, n: int) -> Path:
 def test_cli_train_says_which_pattern_and_why_and_measures_held_out_documents(tmp_path, capsys):
     pages = _write_pages(tmp_path, 10)
     out = tmp_path / "tok"
-    assert main(["tokenizer", "train", "--input", str(pages), "--vocab-size", "400", "--out", str(out),
-                 "--doc-start", "manpage", "--held-out", "0.2"]) == 0
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--input",
+                str(pages),
+                "--vocab-size",
+                "400",
+                "--out",
+                str(out),
+                "--doc-start",
+                "manpage",
+                "--held-out",
+                "0.2",
+            ]
+        )
+        == 0
+    )
     said = capsys.readouterr().out
     assert "pattern gpt4:" in said and "kanji" in said
     assert "held out 2 of 10 documents" in said
     assert load(out).pattern_name == "gpt4"
 
-    assert main(["tokenizer", "stats", "--tokenizer", str(out), "--input", str(pages),
-                 "--doc-start", "manpage", "--held-out", "0.2"]) == 0
+    assert (
+        main(
+            [
+                "tokenizer",
+                "stats",
+                "--tokenizer",
+                str(out),
+                "--input",
+                str(pages),
+                "--doc-start",
+                "manpage",
+                "--held-out",
+                "0.2",
+            ]
+        )
+        == 0
+    )
     said = capsys.readouterr().out
     assert "the 2 held-out documents of 10" in said
     held_chars = 2 * len("PAGE9(1) ユーザーコマンド PAGE9(1)\n\n" + JAPANESE.replace("ls", "cmd9"))
@@ -71,21 +103,40 @@ def test_cli_train_says_which_pattern_and_why_and_measures_held_out_documents(tm
 
 def test_cli_pattern_and_kind_override_the_choice(tmp_path, capsys):
     pages = _write_pages(tmp_path, 3)
-    assert main(["tokenizer", "train", "--input", str(pages), "--vocab-size", "400",
-                 "--out", str(tmp_path / "t2"), "--pattern", "gpt2"]) == 0
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--input",
+                str(pages),
+                "--vocab-size",
+                "400",
+                "--out",
+                str(tmp_path / "t2"),
+                "--pattern",
+                "gpt2",
+            ]
+        )
+        == 0
+    )
     assert "pattern gpt2" in capsys.readouterr().out and load(tmp_path / "t2").pattern_name == "gpt2"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--held-out", "0.2"], "needs at least 5 documents, found 1"),
-    (["--held-out", "1.5", "--doc-start", "manpage"], "between 0 and 1"),
-    (["--held-out", "0.2", "--range", "0:0.5"], "not both"),
-    (["--held-out", "0.2", "--doc-start", "(unclosed"], "not a regular expression"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--held-out", "0.2"], "needs at least 5 documents, found 1"),
+        (["--held-out", "1.5", "--doc-start", "manpage"], "between 0 and 1"),
+        (["--held-out", "0.2", "--range", "0:0.5"], "not both"),
+        (["--held-out", "0.2", "--doc-start", "(unclosed"], "not a regular expression"),
+    ],
+)
 def test_held_out_mistakes_are_explained(tmp_path, capsys, argv, message):
     pages = _write_pages(tmp_path, 3)
-    code = main(["tokenizer", "train", "--input", str(pages), "--vocab-size", "400", "--out", str(tmp_path / "t"),
-                 *argv])
+    code = main(
+        ["tokenizer", "train", "--input", str(pages), "--vocab-size", "400", "--out", str(tmp_path / "t"), *argv]
+    )
     assert code != 0 and message in capsys.readouterr().err
 
 

@@ -47,7 +47,7 @@ def test_compiled_equals_readable_on_long_text(tok):
 
 
 def test_a_token_that_is_not_its_own_encoding_keeps_the_readable_path():
-    """"abc" made from (a, bc) while "ab" is merged first: BPE on "abc" stops at [ab, c]; tiktoken
+    """ "abc" made from (a, bc) while "ab" is merged first: BPE on "abc" stops at [ab, c]; tiktoken
     would go on to "abc" (its bytes are a token). The check must refuse tiktoken here."""
     a, b, c = ord("a"), ord("b"), ord("c")
     vocab = {i: bytes([i]) for i in range(256)}

@@ -4,7 +4,8 @@
 `encode_readable`, is checked against the reference on its own as well."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tegaki.errors import TegakiError
 from tegaki.tokenizer import gpt2_files_dir, load
@@ -12,7 +13,7 @@ from tegaki.tokenizer.base import valid_unicode
 from tegaki.tokenizer.bpe import PATTERNS, bytes_to_unicode
 
 tiktoken = pytest.importorskip("tiktoken")
-import tiktoken.load  # noqa: E402
+import tiktoken.load  # noqa: E402, F811 - the submodule, after the skip
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +24,10 @@ def gpt2():
 @pytest.fixture(scope="module")
 def reference():
     folder = gpt2_files_dir()
-    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-        str(folder / "vocab.bpe"), str(folder / "encoder.json"))
-    return tiktoken.Encoding("gpt2", pat_str=PATTERNS["gpt2"], mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": 50256})
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(folder / "vocab.bpe"), str(folder / "encoder.json"))
+    return tiktoken.Encoding(
+        "gpt2", pat_str=PATTERNS["gpt2"], mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256}
+    )
 
 
 FIXED = [

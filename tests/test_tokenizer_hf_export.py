@@ -1,7 +1,8 @@
 """Export to transformers' tokenizer.json: AutoTokenizer must give exactly our ids."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tegaki.errors import TegakiError
 from tegaki.tokenizer import export_hf_tokenizer, load
@@ -14,8 +15,12 @@ CORPUS = (
     "絵文字も🤖👍🏽使います。HE'LL   say\n\n"
 ) * 30
 CASES = [
-    "Hello, I am", "日本語のテキストと絵文字🤖👍🏽👨‍👩‍👧", "  spaces   and\n\nnewlines\t\r\n",
-    "it's HE'LL 12345678 e\u0301", "x<|endoftext|>y<|endoftext|>", "ｶﾀｶﾅ　全角",
+    "Hello, I am",
+    "日本語のテキストと絵文字🤖👍🏽👨‍👩‍👧",
+    "  spaces   and\n\nnewlines\t\r\n",
+    "it's HE'LL 12345678 e\u0301",
+    "x<|endoftext|>y<|endoftext|>",
+    "ｶﾀｶﾅ　全角",
 ]
 
 
@@ -65,8 +70,7 @@ def test_load_reads_a_gpt2_style_tokenizer_json(tmp_path):
     from tegaki.tokenizer import gpt2_files_dir
 
     folder = gpt2_files_dir()
-    hf = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(
-        str(folder / "encoder.json"), str(folder / "vocab.bpe")))
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(folder / "encoder.json"), str(folder / "vocab.bpe")))
     hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = tokenizers.decoders.ByteLevel()
     hf.add_special_tokens(["<|endoftext|>"])
@@ -89,6 +93,7 @@ def test_export_then_load_round_trips(exported, tmp_path):
 
 def test_unsupported_tokenizer_json_is_refused_clearly(tmp_path):
     (tmp_path / "tokenizer.json").write_text(
-        '{"model": {"type": "WordPiece", "vocab": {}}, "normalizer": null, "pre_tokenizer": null}')
+        '{"model": {"type": "WordPiece", "vocab": {}}, "normalizer": null, "pre_tokenizer": null}'
+    )
     with pytest.raises(TegakiError, match="'WordPiece', not BPE"):
         load(tmp_path)

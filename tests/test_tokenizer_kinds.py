@@ -1,7 +1,8 @@
 """Every kind behind the one interface: round trips, streaming, save → load, special tokens."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tegaki.tokenizer import load
 from tegaki.tokenizer.trainer import train_bpe
@@ -31,6 +32,7 @@ def tok(request):
         return train_bpe(CORPUS, 256 + 300 + 1, pattern="gpt4", name="small-bpe")
     pytest.importorskip("sentencepiece")
     from tegaki.tokenizer.spm import train_sentencepiece
+
     model_type = "unigram" if kind == "unigram" else "bpe"
     return train_sentencepiece(CORPUS, 500, model_type=model_type, name=f"small-{kind}")
 
@@ -42,11 +44,23 @@ def test_round_trip_on_any_unicode(tok, text):
     assert tok.decode(tok.encode(text, allowed_special="none")) == text
 
 
-@pytest.mark.parametrize("text", [
-    "", " ", "  two  spaces  ", "\n\n\t\r\n", "▁ a literal U+2581 ▁▁", "ｶﾀｶﾅ　全角スペース",
-    "e\u0301 combining", "\x00nul", "<|endoftext|>", "x<|endoftext|><|endoftext|>y",
-    "𠮷野家 (a character outside the BMP)", STREAM_TEXT,
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        " ",
+        "  two  spaces  ",
+        "\n\n\t\r\n",
+        "▁ a literal U+2581 ▁▁",
+        "ｶﾀｶﾅ　全角スペース",
+        "e\u0301 combining",
+        "\x00nul",
+        "<|endoftext|>",
+        "x<|endoftext|><|endoftext|>y",
+        "𠮷野家 (a character outside the BMP)",
+        STREAM_TEXT,
+    ],
+)
 def test_round_trip_fixed_cases(tok, text):
     assert tok.decode(tok.encode(text)) == text
 

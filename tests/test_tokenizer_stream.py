@@ -1,6 +1,7 @@
 """Streaming decode: pieces never hold a half character, and they join to the one-shot decode."""
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tegaki.tokenizer import load
 from tegaki.tokenizer.stream import StreamDecoder, incomplete_tail_length

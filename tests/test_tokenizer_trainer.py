@@ -3,7 +3,8 @@
 import random
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tegaki.errors import TegakiError
 from tegaki.tokenizer import load
@@ -102,12 +103,13 @@ def test_trained_tokenizer_is_byte_exact_with_tiktoken(pattern):
     tiktoken = pytest.importorskip("tiktoken")
     tiktoken_patterns = {  # as written in tiktoken_ext/openai_public.py (gpt2, cl100k_base)
         "gpt2": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
-        "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
+        "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",  # noqa: E501
     }
     tok = train_bpe(SMALL_CORPUS, 256 + 150 + 1, pattern=pattern)
     ranks = {tok.token_bytes(i): i for i in range(tok.vocab_size - 1)}
-    reference = tiktoken.Encoding(f"small-{pattern}", pat_str=tiktoken_patterns[pattern],
-                                  mergeable_ranks=ranks, special_tokens=tok.special_tokens)
+    reference = tiktoken.Encoding(
+        f"small-{pattern}", pat_str=tiktoken_patterns[pattern], mergeable_ranks=ranks, special_tokens=tok.special_tokens
+    )
     rng = random.Random(0)
     alphabet = SMALL_CORPUS + "  \n\n\t 1234567 HE'S 'll"
     for _ in range(300):

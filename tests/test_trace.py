@@ -148,8 +148,12 @@ def test_cli_errors_are_clear(capsys, argv, expected):
 def test_the_example_head_is_chosen_by_its_previous_token_score(tok, capsys):
     from tegaki.analysis.trace import previous_token_scores
 
-    att = torch.tensor([[[1.0, 0, 0], [0.5, 0.5, 0], [0.2, 0.3, 0.5]],   # head 0: (0.5 + 0.3) / 2 = 0.4
-                        [[1.0, 0, 0], [0.9, 0.1, 0], [0.0, 0.9, 0.1]]])  # head 1: 0.9, a previous-token head
+    att = torch.tensor(
+        [
+            [[1.0, 0, 0], [0.5, 0.5, 0], [0.2, 0.3, 0.5]],  # head 0: (0.5 + 0.3) / 2 = 0.4
+            [[1.0, 0, 0], [0.9, 0.1, 0], [0.0, 0.9, 0.1]],
+        ]
+    )  # head 1: 0.9, a previous-token head
     assert previous_token_scores(att).tolist() == pytest.approx([0.4, 0.9])
     model = tiny_model()
     r = trace(model, tok, PROMPT, layer=1)  # no head given: the rule picks it

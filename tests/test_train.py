@@ -23,8 +23,20 @@ from tegaki.train import TrainConfig, build_optimizer, flops_per_token, lr_at
 
 REPO = Path(__file__).resolve().parents[1]
 # A model small enough that a step takes milliseconds.
-MICRO = ["--set", "n_layer=2", "--set", "n_embd=32", "--set", "n_head=2", "--set", "block_size=32",
-         "--eval-batches", "2", "--sample-every", "0"]
+MICRO = [
+    "--set",
+    "n_layer=2",
+    "--set",
+    "n_embd=32",
+    "--set",
+    "n_head=2",
+    "--set",
+    "block_size=32",
+    "--eval-batches",
+    "2",
+    "--sample-every",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +54,9 @@ def shards(corpus, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("prepared")
     tok = train_bpe(corpus.read_text(), 320, name="bpe-320")
     tok.save(folder / "tok")
-    data.prepare(str(corpus), tok, folder / "shards", tokenizer_ref=str(folder / "tok"), piece_chars=20_000,
-                 progress=False)
+    data.prepare(
+        str(corpus), tok, folder / "shards", tokenizer_ref=str(folder / "tok"), piece_chars=20_000, progress=False
+    )
     return folder / "shards"
 
 
@@ -97,10 +110,35 @@ def test_flops_per_token_matches_parameter_count():
 
 def test_tiny_preset_loss_falls_and_run_folder_contract(corpus, tmp_path, capsys):
     out = tmp_path / "run"
-    rc, log = run_cli(["--data", str(corpus), "--preset", "tiny", "--out", str(out), "--max-steps", "15",
-                       "--batch-size", "4", "--block-size", "64", "--warmup", "3", "--eval-every", "15",
-                       "--save-every", "15", "--sample-every", "15", "--sample-tokens", "8", "--eval-batches", "2"],
-                      capsys)
+    rc, log = run_cli(
+        [
+            "--data",
+            str(corpus),
+            "--preset",
+            "tiny",
+            "--out",
+            str(out),
+            "--max-steps",
+            "15",
+            "--batch-size",
+            "4",
+            "--block-size",
+            "64",
+            "--warmup",
+            "3",
+            "--eval-every",
+            "15",
+            "--save-every",
+            "15",
+            "--sample-every",
+            "15",
+            "--sample-tokens",
+            "8",
+            "--eval-batches",
+            "2",
+        ],
+        capsys,
+    )
     assert rc == 0, log
     curve = losses(out)
     assert len(curve) == 15
@@ -135,11 +173,24 @@ def test_hooks_see_every_batch_and_draw_the_losses(shards, tmp_path):
     from tegaki.train import train
 
     seen, plotted = [], []
-    cfg = TrainConfig(data=str(shards), out=str(tmp_path / "run"), max_steps=2, batch_size=2, grad_accum=2,
-                      block_size=16, dtype="fp32", eval_batches=2, sample_every=0, progress=False,
-                      set=["n_layer=1", "n_embd=32", "n_head=2", "block_size=32"])
-    result = train(cfg, on_batch=lambda step, micro, x, y: seen.append((step, micro, x.clone(), y.clone())),
-                   plot_losses=lambda run_dir: plotted.append(run_dir))
+    cfg = TrainConfig(
+        data=str(shards),
+        out=str(tmp_path / "run"),
+        max_steps=2,
+        batch_size=2,
+        grad_accum=2,
+        block_size=16,
+        dtype="fp32",
+        eval_batches=2,
+        sample_every=0,
+        progress=False,
+        set=["n_layer=1", "n_embd=32", "n_head=2", "block_size=32"],
+    )
+    result = train(
+        cfg,
+        on_batch=lambda step, micro, x, y: seen.append((step, micro, x.clone(), y.clone())),
+        plot_losses=lambda run_dir: plotted.append(run_dir),
+    )
     assert result["step"] == 2 and [(s, m) for s, m, _, _ in seen] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     loader = BatchLoader(TokenWindows(shards, "train", 16), 2, cfg.seed)
     for _, _, x, y in seen:
@@ -150,8 +201,28 @@ def test_hooks_see_every_batch_and_draw_the_losses(shards, tmp_path):
 
 def test_bf16_autocast_and_wsd(shards, tmp_path, capsys):
     out = tmp_path / "bf16"
-    rc, log = run_cli(["--data", str(shards), "--out", str(out), "--max-steps", "6", "--dtype", "bf16",
-                       "--schedule", "wsd", "--warmup", "2", "--lr", "0.01", "--batch-size", "4", *MICRO], capsys)
+    rc, log = run_cli(
+        [
+            "--data",
+            str(shards),
+            "--out",
+            str(out),
+            "--max-steps",
+            "6",
+            "--dtype",
+            "bf16",
+            "--schedule",
+            "wsd",
+            "--warmup",
+            "2",
+            "--lr",
+            "0.01",
+            "--batch-size",
+            "4",
+            *MICRO,
+        ],
+        capsys,
+    )
     assert rc == 0, log
     records = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") is None]
     assert all(math.isfinite(r["loss"]) for r in records)
@@ -163,19 +234,50 @@ def test_bf16_autocast_and_wsd(shards, tmp_path, capsys):
 
 
 def _train_cmd(shards: Path, out: Path, steps: int) -> list[str]:
-    return [sys.executable, "-m", "tegaki", "train", "--data", str(shards), "--out", str(out),
-            "--max-steps", str(steps),
-            "--save-every", "5", "--eval-every", "10", "--eval-batches", "2", "--batch-size", "4", "--dtype", "fp32",
-            "--no-progress", "--sample-every", "0",
-            "--keep", "2", "--set", "n_layer=2", "--set", "n_embd=64", "--set", "n_head=2", "--set", "block_size=32"]
+    return [
+        sys.executable,
+        "-m",
+        "tegaki",
+        "train",
+        "--data",
+        str(shards),
+        "--out",
+        str(out),
+        "--max-steps",
+        str(steps),
+        "--save-every",
+        "5",
+        "--eval-every",
+        "10",
+        "--eval-batches",
+        "2",
+        "--batch-size",
+        "4",
+        "--dtype",
+        "fp32",
+        "--no-progress",
+        "--sample-every",
+        "0",
+        "--keep",
+        "2",
+        "--set",
+        "n_layer=2",
+        "--set",
+        "n_embd=64",
+        "--set",
+        "n_head=2",
+        "--set",
+        "block_size=32",
+    ]
 
 
 def test_kill_9_then_resume_matches_an_uninterrupted_run(shards, tmp_path):
     steps = 20
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(shards, killed, steps), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _train_cmd(shards, killed, steps), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "step_000005").exists():
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
@@ -194,8 +296,19 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(shards, tmp_path):
 
 def test_truncated_checkpoint_falls_back_then_stops_cleanly(shards, tmp_path, capsys):
     out = tmp_path / "run"
-    base = ["--data", str(shards), "--out", str(out), "--save-every", "2", "--dtype", "fp32", "--batch-size", "4",
-            *MICRO]
+    base = [
+        "--data",
+        str(shards),
+        "--out",
+        str(out),
+        "--save-every",
+        "2",
+        "--dtype",
+        "fp32",
+        "--batch-size",
+        "4",
+        *MICRO,
+    ]
     assert run_cli([*base, "--max-steps", "4"], capsys)[0] == 0
     newest = out / "checkpoints" / "step_000004" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])  # truncated on disk
@@ -221,8 +334,28 @@ def test_truncated_checkpoint_falls_back_then_stops_cleanly(shards, tmp_path, ca
 
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, capsys):
     out = tmp_path / "run"
-    rc, log = run_cli(["--data", str(shards), "--out", str(out), "--max-steps", "20", "--save-every", "1",
-                       "--lr", "1e30", "--warmup", "0", "--grad-clip", "1e30", "--dtype", "fp32", *MICRO], capsys)
+    rc, log = run_cli(
+        [
+            "--data",
+            str(shards),
+            "--out",
+            str(out),
+            "--max-steps",
+            "20",
+            "--save-every",
+            "1",
+            "--lr",
+            "1e30",
+            "--warmup",
+            "0",
+            "--grad-clip",
+            "1e30",
+            "--dtype",
+            "fp32",
+            *MICRO,
+        ],
+        capsys,
+    )
     assert rc == 2, log
     assert "not finite" in log and "last good checkpoint" in log and "Traceback" not in log
     good = find_checkpoint(out)
@@ -234,8 +367,10 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, ca
 
 def test_config_file_and_overrides(shards, tmp_path, capsys):
     config = tmp_path / "train.toml"
-    config.write_text(f'data = "{shards}"\nmax-steps = 3\nbatch_size = 2\n[model]\nn_layer = 1\nn_embd = 32\n'
-                      'n_head = 2\nblock_size = 16\n')
+    config.write_text(
+        f'data = "{shards}"\nmax-steps = 3\nbatch_size = 2\n[model]\nn_layer = 1\nn_embd = 32\n'
+        "n_head = 2\nblock_size = 16\n"
+    )
     out = tmp_path / "run"
     rc, log = run_cli(["--config", str(config), "--out", str(out), "--max-steps", "2"], capsys)
     assert rc == 0, log
@@ -268,8 +403,9 @@ def test_empty_and_non_utf8_corpora_via_train(tmp_path, capsys):
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe broken")
     rc, log = run_cli(["--data", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "r2"), *MICRO], capsys)
     assert rc == 2 and "bad.txt is not UTF-8" in log
-    rc, log = run_cli(["--data", str(tmp_path / "empty.txt"), "--preset", "nope", "--out", str(tmp_path / "r3")],
-                      capsys)
+    rc, log = run_cli(
+        ["--data", str(tmp_path / "empty.txt"), "--preset", "nope", "--out", str(tmp_path / "r3")], capsys
+    )
     assert rc == 2 and "nope" in log
     # a refused run leaves no --out folder behind; one that existed before is kept
     assert not any((tmp_path / name).exists() for name in ("r1", "r2", "r3"))
@@ -282,8 +418,19 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(shards, tmp_path, capsys, 
     from tegaki.train import Run
 
     out = tmp_path / "run"
-    args = ["--data", str(shards), "--out", str(out), "--max-steps", "8", "--save-every", "2", "--dtype", "fp32",
-            *MICRO]
+    args = [
+        "--data",
+        str(shards),
+        "--out",
+        str(out),
+        "--max-steps",
+        "8",
+        "--save-every",
+        "2",
+        "--dtype",
+        "fp32",
+        *MICRO,
+    ]
     real_step = Run.train_step
 
     def interrupted_at_5(self, step):
@@ -310,7 +457,7 @@ def test_damaged_run_json_names_the_file_and_is_rebuilt_from_a_checkpoint(shards
         assert load(out) is not None
         assert "run.json is damaged" in capsys.readouterr().err
         (out / "run.json").write_text(text, encoding="latin-1")
-    rc, log = run_cli([*base[:-len(MICRO)], "--max-steps", "3", *MICRO], capsys)
+    rc, log = run_cli([*base[: -len(MICRO)], "--max-steps", "3", *MICRO], capsys)
     assert rc == 0 and "run.json is damaged" in log and "rebuilt it from checkpoint step_000002" in log, log
     assert "(step 2)" in log and len(losses(out)) == 3 and "Traceback" not in log
     assert json.loads((out / "run.json").read_text())["model_config"] == intact["model_config"]
@@ -321,7 +468,7 @@ def test_damaged_run_json_names_the_file_and_is_rebuilt_from_a_checkpoint(shards
     for load in (load_run_model, load_run_tokenizer):
         with pytest.raises(TegakiError, match="run.json is damaged"):
             load(out)
-    rc, log = run_cli([*base[:-len(MICRO)], "--max-steps", "3", *MICRO], capsys)
+    rc, log = run_cli([*base[: -len(MICRO)], "--max-steps", "3", *MICRO], capsys)
     assert rc == 2 and "run.json is damaged" in log and "Traceback" not in log, log
     assert len(list((out / "checkpoints").iterdir())) == 2
 
@@ -342,8 +489,9 @@ def test_a_copied_run_folder_resumes(corpus, shards, tmp_path, capsys, old_forma
     copy = tmp_path / "copy"
     shutil.copytree(first, copy)
     shutil.rmtree(first)  # moved, not copied: nothing may point back at the old place
-    rc, log = run_cli(["--data", str(corpus), "--dtype", "fp32", *MICRO, "--out", str(copy), "--max-steps", "3"],
-                      capsys)
+    rc, log = run_cli(
+        ["--data", str(corpus), "--dtype", "fp32", *MICRO, "--out", str(copy), "--max-steps", "3"], capsys
+    )
     assert rc == 0 and "resuming from" in log and "(step 2)" in log, log
     assert len(losses(copy)) == 3
     assert json.loads((copy / "data" / "prepare.json").read_text())["tokenizer"] == os.path.join("..", "tokenizer")
@@ -379,14 +527,19 @@ def write_in_the_old_format(folder: Path, sizes) -> None:
         for old_name in split_qkv(name, torch.zeros(sum(sizes)), sizes):
             state[old_name] = {key: parts[old_name] for key, parts in per_part.items()}
     for group in optim["param_groups"]:
-        group["params"] = [old_name for n in group["params"]
-                           for old_name in (split_qkv(n, torch.zeros(sum(sizes)), sizes) if ".qkv." in n else [n])]
+        group["params"] = [
+            old_name
+            for n in group["params"]
+            for old_name in (split_qkv(n, torch.zeros(sum(sizes)), sizes) if ".qkv." in n else [n])
+        ]
     optim["state"] = state
     torch.save(saved, folder / "optimizer.pt")
     info = json.loads((folder / "state.json").read_text())
     for name in info["files"]:
-        info["files"][name] = {"bytes": (folder / name).stat().st_size,
-                               "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest()}
+        info["files"][name] = {
+            "bytes": (folder / name).stat().st_size,
+            "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest(),
+        }
     (folder / "state.json").write_text(json.dumps(info))
 
 
@@ -398,8 +551,23 @@ def test_a_run_folder_of_the_three_projection_format_loads_and_resumes(shards, t
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
-    args = ["--data", str(shards), "--out", str(out), "--save-every", "2", "--dtype", "fp32", "--preset",
-            "tiny-llama", "--set", "n_kv_head=1", "--set", "qkv_bias=true", *MICRO]
+    args = [
+        "--data",
+        str(shards),
+        "--out",
+        str(out),
+        "--save-every",
+        "2",
+        "--dtype",
+        "fp32",
+        "--preset",
+        "tiny-llama",
+        "--set",
+        "n_kv_head=1",
+        "--set",
+        "qkv_bias=true",
+        *MICRO,
+    ]
     assert run_cli([*args, "--max-steps", "2"], capsys)[0] == 0
     new = load_run_model(out)
     old = tmp_path / "old"
@@ -433,8 +601,19 @@ def test_checkpoint_files_are_readable_safe_to_load_and_resaved_atomically(shard
     import tegaki.checkpoint as checkpoint_module
 
     out = tmp_path / "run"
-    args = ["--data", str(shards), "--out", str(out), "--max-steps", "2", "--save-every", "2", "--dtype", "fp32",
-            *MICRO]
+    args = [
+        "--data",
+        str(shards),
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--save-every",
+        "2",
+        "--dtype",
+        "fp32",
+        *MICRO,
+    ]
     assert run_cli(args, capsys)[0] == 0
     folder = out / "checkpoints" / "step_000002"
     umask = os.umask(0)
@@ -455,8 +634,9 @@ def test_checkpoint_files_are_readable_safe_to_load_and_resaved_atomically(shard
 
     monkeypatch.setattr(checkpoint_module.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint_module.save_checkpoint(out, 2, model.state_dict(), saved, {"loader": state["loader"]}, model.config,
-                                          keep=3)
+        checkpoint_module.save_checkpoint(
+            out, 2, model.state_dict(), saved, {"loader": state["loader"]}, model.config, keep=3
+        )
     monkeypatch.setattr(checkpoint_module.os, "replace", real_replace)
     assert find_checkpoint(out) is not None
     args[args.index("--max-steps") + 1] = "3"

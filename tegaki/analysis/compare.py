@@ -72,7 +72,7 @@ class Entry:
 
 
 def parse_entries(text: str) -> list[Entry]:
-    """"tiny,tiny-llama:n_kv_head=1" -> entries; every preset is checked before any training."""
+    """ "tiny,tiny-llama:n_kv_head=1" -> entries; every preset is checked before any training."""
     entries = []
     for item in (s.strip() for s in text.split(",")):
         if not item:
@@ -195,11 +195,22 @@ def check_settings(s: CompareSettings) -> None:
     for name in ("max_steps", "seeds", "batch_size", "decode_tokens", "sample_tokens"):
         if getattr(s, name) < 1:
             raise TegakiError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
-    check_train_settings(TrainConfig(
-        max_steps=s.max_steps, batch_size=s.batch_size, block_size=s.block_size, lr=s.lr, warmup=s.warmup,
-        eval_every=s.eval_every if s.eval_every is not None else 1, eval_batches=s.eval_batches, seed=s.seed,
-        dtype=s.dtype, device=s.device, tokenizer=s.tokenizer, data=s.data,
-    ))
+    check_train_settings(
+        TrainConfig(
+            max_steps=s.max_steps,
+            batch_size=s.batch_size,
+            block_size=s.block_size,
+            lr=s.lr,
+            warmup=s.warmup,
+            eval_every=s.eval_every if s.eval_every is not None else 1,
+            eval_batches=s.eval_batches,
+            seed=s.seed,
+            dtype=s.dtype,
+            device=s.device,
+            tokenizer=s.tokenizer,
+            data=s.data,
+        )
+    )
 
 
 def _say(message: str) -> None:
@@ -215,16 +226,30 @@ def seed_list(s: CompareSettings) -> list[int]:
     return [s.seed + i for i in range(s.seeds)]
 
 
-def _train_config(s: CompareSettings, entry: Entry, data_dir: Path, extra_set: list[str], block_size: int,
-                  seed: int | None = None):
+def _train_config(
+    s: CompareSettings, entry: Entry, data_dir: Path, extra_set: list[str], block_size: int, seed: int | None = None
+):
     seed = s.seed if seed is None else seed
     return TrainConfig(
-        data=str(data_dir), preset=entry.preset, out=str(s.out / run_folder(entry, seed)),
-        max_steps=s.max_steps, batch_size=s.batch_size, block_size=block_size, lr=s.lr,
+        data=str(data_dir),
+        preset=entry.preset,
+        out=str(s.out / run_folder(entry, seed)),
+        max_steps=s.max_steps,
+        batch_size=s.batch_size,
+        block_size=block_size,
+        lr=s.lr,
         warmup=s.warmup if s.warmup is not None else max(1, min(50, s.max_steps // 10)),
-        eval_every=s.eval_every or max(1, s.max_steps // 10), eval_batches=s.eval_batches,
-        sample_every=0, save_every=s.max_steps, keep=1, seed=seed, dtype=s.dtype, device=s.device,
-        progress=s.progress, fresh=s.fresh, set=[*s.overrides, *entry.overrides, *extra_set],
+        eval_every=s.eval_every or max(1, s.max_steps // 10),
+        eval_batches=s.eval_batches,
+        sample_every=0,
+        save_every=s.max_steps,
+        keep=1,
+        seed=seed,
+        dtype=s.dtype,
+        device=s.device,
+        progress=s.progress,
+        fresh=s.fresh,
+        set=[*s.overrides, *entry.overrides, *extra_set],
     )
 
 
@@ -239,10 +264,12 @@ def prepare_shared_data(s: CompareSettings):
     return tokenizer, Path(data_dir)
 
 
-def _matched_intermediate(s: CompareSettings, entry: Entry, data_dir: Path, block_size: int, tokenizer,
-                          target: int) -> int:
+def _matched_intermediate(
+    s: CompareSettings, entry: Entry, data_dir: Path, block_size: int, tokenizer, target: int
+) -> int:
     """The MLP width (per expert for MoE) that brings this entry's total parameters closest to target.
     Parameters grow linearly with it, so two counts give the line."""
+
     def total(width: int) -> int:
         cfg = _train_config(s, entry, data_dir, [f"intermediate_size={width}"], block_size)
         return count_parameters(build_model_config(cfg, tokenizer))["total"]
@@ -328,14 +355,15 @@ def _summarise(s, entry, run, batches, cfg, prompt_ids, prompt_text, peak, peak_
     train = [r for r in records if "loss" in r and r.get("kind") is None]
     val = [r for r in records if r.get("kind") == "val"]
     # the first step pays for warm-up (allocations, kernel choice): left out when there are others
-    speeds = ([r["tokens_per_s"] for r in train[1:] if "tokens_per_s" in r]
-              or [r["tokens_per_s"] for r in train if "tokens_per_s" in r])
+    speeds = [r["tokens_per_s"] for r in train[1:] if "tokens_per_s" in r] or [
+        r["tokens_per_s"] for r in train if "tokens_per_s" in r
+    ]
     counts = count_parameters(run.model_config)
     model = run.raw_model.eval()
     prompt = torch.tensor([prompt_ids], device=run.device)
     with torch.no_grad():
         out = model.generate(prompt, s.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
-    sample_ids = out[0, len(prompt_ids):]
+    sample_ids = out[0, len(prompt_ids) :]
     sample = run.tokenizer.decode([i for i in sample_ids.tolist() if i < run.tokenizer.vocab_size])
     hashes = _save_hashes(run_dir, batches.hashes)
     row = {
@@ -377,8 +405,15 @@ def _summarise(s, entry, run, batches, cfg, prompt_ids, prompt_text, peak, peak_
 # -------------------------------------------------------------------------------------------------
 
 
-SPREAD_KEYS = ("final_train_loss", "final_val_loss", "final_val_bpb", "final_val_loss_with_causal_mask",
-               "train_tokens_per_s", "decode_tokens_per_s_kv_cache", "decode_tokens_per_s_no_cache")
+SPREAD_KEYS = (
+    "final_train_loss",
+    "final_val_loss",
+    "final_val_bpb",
+    "final_val_loss_with_causal_mask",
+    "train_tokens_per_s",
+    "decode_tokens_per_s_kv_cache",
+    "decode_tokens_per_s_no_cache",
+)
 SPEED_LOAD_LIMIT = 1.0  # load average per core above which speeds are left out of the report
 
 
@@ -389,9 +424,14 @@ def summarise_entries(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         by_label.setdefault(r["label"], []).append(r)
     entries = []
     for label, rows in by_label.items():
-        entry = {"label": label, "seeds": [r["seed"] for r in rows], "folders": [r["folder"] for r in rows],
-                 "parameters": rows[0]["parameters"], "parameters_active": rows[0]["parameters_active"],
-                 "peak_memory_bytes": max((r["peak_memory_bytes"] or 0) for r in rows) or None}
+        entry = {
+            "label": label,
+            "seeds": [r["seed"] for r in rows],
+            "folders": [r["folder"] for r in rows],
+            "parameters": rows[0]["parameters"],
+            "parameters_active": rows[0]["parameters_active"],
+            "peak_memory_bytes": max((r["peak_memory_bytes"] or 0) for r in rows) or None,
+        }
         for key in SPREAD_KEYS:
             values = spread(r.get(key) for r in rows)
             if values is not None:
@@ -417,8 +457,10 @@ def plot_title(s: CompareSettings, block_size: int) -> str:
 def draw_comparison(folder: Path, summary: dict[str, Any], path: Path, title: str, smooth: int = 1) -> Path:
     """The loss picture of a comparison: per entry, the mean over its seeds and their range, one colour
     each (`tegaki plot DIR` draws the same)."""
-    groups = [(e["label"], [loss_curves(read_metrics(folder / f / METRICS_FILE)) for f in e["folders"]])
-              for e in summary["entries"]]
+    groups = [
+        (e["label"], [loss_curves(read_metrics(folder / f / METRICS_FILE)) for f in e["folders"]])
+        for e in summary["entries"]
+    ]
     return plot_losses(groups, path, title=title, smooth=smooth)
 
 

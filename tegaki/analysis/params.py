@@ -57,8 +57,9 @@ BLOCK_PARTS: dict[str, tuple[str, str]] = {
 def build_meta_model(config: ModelConfig):
     """The model with shapes and no storage (a few milliseconds even for 120B parameters). Its
     modules still take memory as Python objects: a billion layers are refused, with the figure."""
-    check_fits(config.n_layer, LAYER_OBJECT_BYTES, "cpu", f"describing a model of {config.n_layer:,} layers",
-               items="layers")
+    check_fits(
+        config.n_layer, LAYER_OBJECT_BYTES, "cpu", f"describing a model of {config.n_layer:,} layers", items="layers"
+    )
     with torch.device("meta"):
         return GPT(config)
 

@@ -25,9 +25,20 @@ from tegaki.files import atomic_write
 
 # Fonts that draw Japanese (and Chinese/Korean) glyphs, in order of preference.
 CJK_FONTS = [
-    "Noto Sans CJK JP", "Noto Sans JP", "Source Han Sans JP", "IPAexGothic", "IPAGothic",
-    "TakaoGothic", "VL Gothic", "Hiragino Sans", "Yu Gothic", "MS Gothic", "Meiryo",
-    "WenQuanYi Zen Hei", "Droid Sans Fallback", "Unifont",
+    "Noto Sans CJK JP",
+    "Noto Sans JP",
+    "Source Han Sans JP",
+    "IPAexGothic",
+    "IPAGothic",
+    "TakaoGothic",
+    "VL Gothic",
+    "Hiragino Sans",
+    "Yu Gothic",
+    "MS Gothic",
+    "Meiryo",
+    "WenQuanYi Zen Hei",
+    "Droid Sans Fallback",
+    "Unifont",
 ]
 
 
@@ -126,8 +137,14 @@ def _save(fig, path: str | Path) -> Path:
 # -------------------------------------------------------------------------------------------------
 
 GROUP_COLOURS = {
-    "embedding": "#4C72B0", "attention": "#DD8452", "norm": "#937860", "mlp": "#55A868",
-    "router": "#8172B3", "experts": "#55A868", "head": "#C44E52", "other": "#8C8C8C",
+    "embedding": "#4C72B0",
+    "attention": "#DD8452",
+    "norm": "#937860",
+    "mlp": "#55A868",
+    "router": "#8172B3",
+    "experts": "#55A868",
+    "head": "#C44E52",
+    "other": "#8C8C8C",
 }
 
 
@@ -204,8 +221,9 @@ def find_runs(run_dir: str | Path) -> list[tuple[str, list[Path]]]:
         seeded.setdefault(p.parent.parent.name, []).append(p)
     groups += list(seeded.items())
     if not groups:
-        raise TegakiError(f"{root}: no metrics.jsonl in it or in its sub-folders; is it a `tegaki train` or "
-                          "`tegaki compare` output?")
+        raise TegakiError(
+            f"{root}: no metrics.jsonl in it or in its sub-folders; is it a `tegaki train` or `tegaki compare` output?"
+        )
     return groups
 
 
@@ -223,8 +241,9 @@ def _mean_and_range(curves: list[list[tuple[float, float]]]):
     return common, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
 
 
-def plot_losses(groups: list[tuple[str, list[dict[str, list]]]], path: str | Path, title: str = "",
-                smooth: int = 1) -> Path:
+def plot_losses(
+    groups: list[tuple[str, list[dict[str, list]]]], path: str | Path, title: str = "", smooth: int = 1
+) -> Path:
     """Train (solid) and validation (dashed, dots) loss, one colour per group, named once in the legend.
 
     A group is one label with the curves of one or more runs (`loss_curves`): the seeds of one
@@ -309,8 +328,9 @@ def attention_figure(att, tokens: list[str], title: str = ""):
     cell = max(2.4, min(4.5, 0.28 * T + 1.2))
     # constrained layout keeps the figure title, the head titles, the tick labels and the colour bar
     # apart however many heads there are (tight_layout let a 12-head title overlap the top row)
-    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 1.0, cell * rows + 0.8), dpi=80, squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(cell * cols + 1.0, cell * rows + 0.8), dpi=80, squeeze=False, layout="constrained"
+    )
     labels = [label_text(t) for t in tokens]
     show_labels = T <= 40
     image = None

@@ -14,12 +14,20 @@ import os
 import sys
 
 import tegaki
-
 from tegaki.errors import TegakiError
 from tegaki.files import explain_os_error
 
-USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
-               errno.EEXIST, errno.ENOENT}
+USER_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+    errno.ENOENT,
+}
 
 # Each command: its module here, then (while the layout moves) where it lived before. In the order
 # `tegaki --help` lists them.
@@ -87,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         # from code that did not explain them itself; any other OSError is a bug and keeps its traceback.
         if e.errno not in USER_ERRNOS:
             raise
-        print(f"tegaki {args.command}: error: {explain_os_error(e.filename or '(a file)', e, doing='use')}",
-              file=sys.stderr)
+        print(
+            f"tegaki {args.command}: error: {explain_os_error(e.filename or '(a file)', e, doing='use')}",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"\ntegaki {args.command}: interrupted", file=sys.stderr)

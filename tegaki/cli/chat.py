@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 
+from tegaki.chat_template import fit_to_context
 from tegaki.cli.generate import CLI_TEMPERATURE, DTYPES
 from tegaki.cli.serve import add_model_arguments
 from tegaki.errors import TegakiError
@@ -17,7 +18,6 @@ from tegaki.sampling import SamplingSettings
 from tegaki.serve.api import ChoiceText
 from tegaki.serve.engine import DoneEvent, Engine, GenerationRequest
 from tegaki.serve.served import Served, load_served
-from tegaki.chat_template import fit_to_context
 
 MAX_TOKENS = 256
 
@@ -44,8 +44,13 @@ def run_chat(args) -> int:
     settings = SamplingSettings.from_keywords(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.max_tokens < 1:
         raise TegakiError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    served = load_served(args.model, device=args.device, dtype=DTYPES[args.dtype], quantize=args.quantize,
-                         chat_template=args.chat_template)
+    served = load_served(
+        args.model,
+        device=args.device,
+        dtype=DTYPES[args.dtype],
+        quantize=args.quantize,
+        chat_template=args.chat_template,
+    )
     if served.template is None:
         raise TegakiError(
             f"{args.model} has no chat template (no chat_template in tokenizer_config.json or chat_template.jinja, "
@@ -70,8 +75,11 @@ class Chat:
         self.history = list(self.start)
 
     def loop(self) -> None:
-        print(f"chatting with {self.served.name} ({self.served.context} tokens of context, template: "
-              f"{self.served.template.origin}). /reset clears the history, /exit leaves.", flush=True)
+        print(
+            f"chatting with {self.served.name} ({self.served.context} tokens of context, template: "
+            f"{self.served.template.origin}). /reset clears the history, /exit leaves.",
+            flush=True,
+        )
         while True:
             try:
                 line = input("you> ")
@@ -97,8 +105,10 @@ class Chat:
             print(f"(not sent: {e})", flush=True)
             return
         if len(kept) < len(messages):
-            print(f"(the {len(messages) - len(kept)} oldest message(s) no longer fit the context and were dropped)",
-                  flush=True)
+            print(
+                f"(the {len(messages) - len(kept)} oldest message(s) no longer fit the context and were dropped)",
+                flush=True,
+            )
         messages = kept
         reply = self.stream_reply(ids, min(self.max_tokens, self.served.context - len(ids)))
         self.history = messages + [{"role": "assistant", "content": reply}]

@@ -48,20 +48,35 @@ def _cmd_eval(args) -> int:
     results = {"model": args.model}
     if args.text:
         score = score_text(model, tokenizer, read_text(args.text), args.window, args.stride)
-        results["text"] = {"file": args.text, "tokens": score.tokens, "bytes": score.bytes, "loss": score.loss,
-                           "perplexity": score.perplexity, "bits_per_byte": score.bits_per_byte}
+        results["text"] = {
+            "file": args.text,
+            "tokens": score.tokens,
+            "bytes": score.bytes,
+            "loss": score.loss,
+            "perplexity": score.perplexity,
+            "bits_per_byte": score.bits_per_byte,
+        }
     if args.tasks:
         score = score_tasks(model, tokenizer, read_tasks(args.tasks))
         low, high = score.interval()
-        results["tasks"] = {"file": args.tasks, "correct": score.correct, "total": score.total,
-                            "accuracy": score.accuracy, "ci95": [low, high]}
+        results["tasks"] = {
+            "file": args.tasks,
+            "correct": score.correct,
+            "total": score.total,
+            "accuracy": score.accuracy,
+            "ci95": [low, high],
+        }
     if args.records:
         template = chat_template_for(args.model, tokenizer, args.chat_template)
         score = score_records(model, tokenizer, template, records_path(args.records), args.max_seq_len)
         if score.note:
             print(f"note: {score.note}", file=sys.stderr)
-        results["records"] = {"file": args.records, "records": score.records, "response_tokens": score.tokens,
-                              "response_loss": score.loss}
+        results["records"] = {
+            "file": args.records,
+            "records": score.records,
+            "response_tokens": score.tokens,
+            "response_loss": score.loss,
+        }
     print(json.dumps(results, ensure_ascii=False, indent=2) if args.json else _as_text(results))
     return 0
 
@@ -70,14 +85,20 @@ def _as_text(results: dict) -> str:
     lines = [f"model: {results['model']}"]
     if "text" in results:
         t = results["text"]
-        lines.append(f"text {t['file']}: {t['tokens']:,} tokens, {t['bytes']:,} bytes; loss {t['loss']:.4f}, "
-                     f"perplexity {t['perplexity']:.2f}, {t['bits_per_byte']:.4f} bits per byte")
+        lines.append(
+            f"text {t['file']}: {t['tokens']:,} tokens, {t['bytes']:,} bytes; loss {t['loss']:.4f}, "
+            f"perplexity {t['perplexity']:.2f}, {t['bits_per_byte']:.4f} bits per byte"
+        )
     if "tasks" in results:
         t = results["tasks"]
-        lines.append(f"tasks {t['file']}: accuracy {t['accuracy']:.1%} ({t['correct']}/{t['total']}), "
-                     f"95% interval {t['ci95'][0]:.1%} - {t['ci95'][1]:.1%}")
+        lines.append(
+            f"tasks {t['file']}: accuracy {t['accuracy']:.1%} ({t['correct']}/{t['total']}), "
+            f"95% interval {t['ci95'][0]:.1%} - {t['ci95'][1]:.1%}"
+        )
     if "records" in results:
         r = results["records"]
-        lines.append(f"records {r['file']}: response loss {r['response_loss']:.4f} over {r['response_tokens']:,} "
-                     f"response tokens of {r['records']} records")
+        lines.append(
+            f"records {r['file']}: response loss {r['response_loss']:.4f} over {r['response_tokens']:,} "
+            f"response tokens of {r['records']} records"
+        )
     return "\n".join(lines)

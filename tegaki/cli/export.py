@@ -19,8 +19,12 @@ def register(subparsers) -> None:
     )
     p.add_argument("model", help="tegaki run folder, transformers folder, or hub id")
     p.add_argument("out", help="folder to write")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="convert the weights first (default: as loaded)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="convert the weights first (default: as loaded)",
+    )
     p.set_defaults(func=_export_command)
 
 

@@ -36,10 +36,17 @@ def register(subparsers) -> None:
     a("--lora-r", type=int, default=F.lora_r, help=f"adapter rank (default {F.lora_r})")
     a("--lora-alpha", type=float, default=F.lora_alpha, help=f"adapter scale numerator (default {F.lora_alpha:g})")
     a("--lora-dropout", type=float, default=F.lora_dropout, help=f"dropout on adapter inputs ({F.lora_dropout})")
-    a("--lora-targets", default=F.lora_targets,
-      help=f"comma list among {','.join(TARGETS)} (mlp: every MLP projection; default {F.lora_targets})")
-    a("--max-seq-len", type=int, default=F.max_seq_len,
-      help=f"tokens per packed row; longer records are reported and left out (default {F.max_seq_len})")
+    a(
+        "--lora-targets",
+        default=F.lora_targets,
+        help=f"comma list among {','.join(TARGETS)} (mlp: every MLP projection; default {F.lora_targets})",
+    )
+    a(
+        "--max-seq-len",
+        type=int,
+        default=F.max_seq_len,
+        help=f"tokens per packed row; longer records are reported and left out (default {F.max_seq_len})",
+    )
     a("--chat-template", help="jinja2 template file (default: the model's own, else tegaki's)")
     # The training settings: None means "the fine-tune default" (TRAIN_DEFAULTS, LR by method).
     a("--max-steps", type=int, help=f"optimizer steps (default {T['max_steps']})")
@@ -62,15 +69,40 @@ def register(subparsers) -> None:
     p.set_defaults(func=_cmd_finetune)
 
 
-TRAIN_FLAGS = ("out", "max_steps", "batch_size", "grad_accum", "lr", "warmup", "schedule", "weight_decay",
-               "val_fraction", "eval_every", "save_every", "sample_every", "dtype", "device", "seed", "compile",
-               "fresh", "progress")
+TRAIN_FLAGS = (
+    "out",
+    "max_steps",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "warmup",
+    "schedule",
+    "weight_decay",
+    "val_fraction",
+    "eval_every",
+    "save_every",
+    "sample_every",
+    "dtype",
+    "device",
+    "seed",
+    "compile",
+    "fresh",
+    "progress",
+)
 
 
 def _cmd_finetune(args) -> int:
-    ft = FineTuneConfig(model=args.model, data=args.data, method=args.method, lora_r=args.lora_r,
-                        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
-                        max_seq_len=args.max_seq_len, chat_template=args.chat_template)
+    ft = FineTuneConfig(
+        model=args.model,
+        data=args.data,
+        method=args.method,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        lora_targets=args.lora_targets,
+        max_seq_len=args.max_seq_len,
+        chat_template=args.chat_template,
+    )
     ft.check()
     cfg = train_settings(ft, {name: getattr(args, name) for name in TRAIN_FLAGS})
     result = finetune(ft, cfg, plot_losses=plot_run_losses)

@@ -9,8 +9,8 @@ import time
 import torch
 
 from tegaki.cli.options import add_device_arguments
-from tegaki.device import DTYPES, check_fits, pick_device, pick_dtype
 from tegaki.decoding import prepare_for_decoding
+from tegaki.device import DTYPES, check_fits, pick_device, pick_dtype
 from tegaki.errors import TegakiError
 from tegaki.generate import compiled_decode_step, find_stop, generate_tokens
 from tegaki.load import from_pretrained, tokenizer_for
@@ -39,30 +39,55 @@ def register(subparsers) -> None:
     # The CLI samples a little cooler than the library's plain softmax (temperature 1.0).
     p.add_argument("--temperature", type=float, default=CLI_TEMPERATURE, help=f"0 = greedy (default {CLI_TEMPERATURE})")
     defaults = SamplingSettings()
-    p.add_argument("--top-k", type=int, default=defaults.top_k,
-                   help="sample among the k most likely tokens only (default: all)")
-    p.add_argument("--top-p", type=float, default=defaults.top_p,
-                   help="nucleus sampling: the smallest set of tokens whose probability reaches p, in (0, 1] "
-                   "(default: off)")
-    p.add_argument("--min-p", type=float, default=defaults.min_p,
-                   help="drop tokens less likely than min_p x the top token's probability (default: off)")
-    p.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty,
-                   help="make tokens already seen less likely: positive logits divided by it, negative multiplied "
-                   f"(> 1 repeats less; default {defaults.repetition_penalty} = off)")
-    p.add_argument("--presence-penalty", type=float, default=defaults.presence_penalty,
-                   help=f"subtract this from the logits of tokens already seen (default {defaults.presence_penalty} = off)")
+    p.add_argument(
+        "--top-k", type=int, default=defaults.top_k, help="sample among the k most likely tokens only (default: all)"
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=defaults.top_p,
+        help="nucleus sampling: the smallest set of tokens whose probability reaches p, in (0, 1] (default: off)",
+    )
+    p.add_argument(
+        "--min-p",
+        type=float,
+        default=defaults.min_p,
+        help="drop tokens less likely than min_p x the top token's probability (default: off)",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=defaults.repetition_penalty,
+        help="make tokens already seen less likely: positive logits divided by it, negative multiplied "
+        f"(> 1 repeats less; default {defaults.repetition_penalty} = off)",
+    )
+    p.add_argument(
+        "--presence-penalty",
+        type=float,
+        default=defaults.presence_penalty,
+        help=f"subtract this from the logits of tokens already seen (default {defaults.presence_penalty} = off)",
+    )
     p.add_argument("--seed", type=int, default=None, help="for reproducible samples")
     p.add_argument("--num-samples", type=int, default=1, help="how many continuations to print (default 1)")
-    p.add_argument("--stop", action="append", default=[], type=unescape,
-                   help="stop at this text (repeatable); \\n, \\t and \\\\ stand for a newline, a tab and a "
-                   "backslash, so --stop '\\n\\n' stops at a blank line")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        type=unescape,
+        help="stop at this text (repeatable); \\n, \\t and \\\\ stand for a newline, a tab and a "
+        "backslash, so --stop '\\n\\n' stops at a blank line",
+    )
     add_device_arguments(p)
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="weight-only quantization of the linear layers")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: 20-40 s to compile on a small CPU, then ~15%% faster "
-                   "per token in fp32 and ~30%% with --quantize int8 (worth it for long outputs); on a GPU the "
-                   "step is also captured as a CUDA graph")
+    p.add_argument(
+        "--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization of the linear layers"
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step: 20-40 s to compile on a small CPU, then ~15%% faster "
+        "per token in fp32 and ~30%% with --quantize int8 (worth it for long outputs); on a GPU the "
+        "step is also captured as a CUDA graph",
+    )
     p.add_argument("--stream", action="store_true", help="print text as it is produced")
     p.add_argument("--no-cache", action="store_true", help="recompute every token each step (slow; for checking)")
     p.set_defaults(func=run_generate)
@@ -80,8 +105,12 @@ def run_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise TegakiError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     settings = SamplingSettings.from_keywords(  # checked before the (slow) load
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
     )
     if not args.prompt:
         raise TegakiError("the prompt is empty: give some text to continue")
@@ -104,14 +133,15 @@ def run_generate(args) -> int:
     max_new = args.max_new_tokens
     if cfg.pos_embedding == "learned" and len(prompt_ids) + max_new > cfg.block_size:
         max_new = cfg.block_size - len(prompt_ids)
-        print(f"(max-new-tokens lowered to {max_new}: the model's context is {cfg.block_size} tokens)",
-              file=sys.stderr)
+        print(f"(max-new-tokens lowered to {max_new}: the model's context is {cfg.block_size} tokens)", file=sys.stderr)
     if max_new < 1:
         raise TegakiError(f"the prompt fills the model's whole context ({cfg.block_size} tokens); shorten it")
     total = len(prompt_ids) + max_new
     if total > cfg.block_size:  # rotary positions go on, but the model never saw text this long
-        print(f"(note: {total:,} tokens run past the model's context of {cfg.block_size}; the text may degrade)",
-              file=sys.stderr)
+        print(
+            f"(note: {total:,} tokens run past the model's context of {cfg.block_size}; the text may degrade)",
+            file=sys.stderr,
+        )
     check_cache_fits(cfg, total, DTYPES[pick_dtype(args.dtype, device)], device)
     stop_tokens = [tok.eot_id] if getattr(tok, "eot_id", None) is not None else []
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
@@ -128,8 +158,13 @@ def check_cache_fits(cfg, total: int, dtype: torch.dtype, device: torch.device) 
     """The KV cache holds a key and a value vector per layer, key/value head and position (a
     sliding layer only its window): refuse, with the figure, a length it could not hold."""
     slots = sum(min(total, cfg.window(layer) or total) for layer in range(cfg.n_layer))
-    check_fits(2 * cfg.n_kv_head * cfg.head_dim * slots, dtype.itemsize, device,
-               f"a KV cache for {total:,} tokens", items="numbers")
+    check_fits(
+        2 * cfg.n_kv_head * cfg.head_dim * slots,
+        dtype.itemsize,
+        device,
+        f"a KV cache for {total:,} tokens",
+        items="numbers",
+    )
 
 
 def _print_one(model, tok, input_ids, max_new, settings, stop_tokens, args, generator, step) -> None:

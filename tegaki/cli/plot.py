@@ -18,8 +18,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run or comparison folder(s)")
     p.add_argument("--out", help="PNG file (default: RUN_DIR/loss.png)")
-    p.add_argument("--smooth", type=int, default=1, metavar="N",
-                   help="moving average over N train points (default 1: none)")
+    p.add_argument(
+        "--smooth", type=int, default=1, metavar="N", help="moving average over N train points (default 1: none)"
+    )
     p.set_defaults(func=run)
 
 

@@ -29,11 +29,19 @@ def _cmd_prepare(args) -> int:
     tokenizer = load(args.tokenizer)
     ref = args.tokenizer if args.tokenizer == "gpt2" else str(Path(args.tokenizer).resolve())
     result = prepare(
-        args.data, tokenizer, args.out, tokenizer_ref=ref, val_fraction=args.val_fraction,
-        text_column=args.text_column, piece_chars=args.piece_chars, workers=args.workers,
+        args.data,
+        tokenizer,
+        args.out,
+        tokenizer_ref=ref,
+        val_fraction=args.val_fraction,
+        text_column=args.text_column,
+        piece_chars=args.piece_chars,
+        workers=args.workers,
     )
     meta = result.meta
     speed = f" in {result.seconds:.1f}s ({result.mb_per_s:.1f} MB/s)" if result.seconds else " (already prepared)"
-    print(f"{args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} validation tokens "
-          f"({meta['dtype']}){speed}")
+    print(
+        f"{args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} validation tokens "
+        f"({meta['dtype']}){speed}"
+    )
     return 0

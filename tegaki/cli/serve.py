@@ -15,10 +15,15 @@ def add_model_arguments(p) -> None:
     p.add_argument("--model", required=True, help="a tegaki run folder, a transformers folder, or a hub id (gpt2)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (default cpu)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights and activations (default fp32)")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="weight-only quantization of the linear layers")
-    p.add_argument("--chat-template", default=None, metavar="FILE",
-                   help="a jinja2 chat template to use instead of the model's own (see docs/serving.md)")
+    p.add_argument(
+        "--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization of the linear layers"
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a jinja2 chat template to use instead of the model's own (see docs/serving.md)",
+    )
 
 
 def register(subparsers) -> None:
@@ -33,8 +38,12 @@ def register(subparsers) -> None:
     p.add_argument("--host", default=HOST, help=f"address to listen on (default {HOST}: this machine only)")
     p.add_argument("--port", type=int, default=PORT, help=f"(default {PORT})")
     p.add_argument("--name", default=None, help="the model id clients send (default: the folder's name)")
-    p.add_argument("--max-active", type=int, default=MAX_ACTIVE,
-                   help=f"requests decoding at once; more wait their turn (default {MAX_ACTIVE})")
+    p.add_argument(
+        "--max-active",
+        type=int,
+        default=MAX_ACTIVE,
+        help=f"requests decoding at once; more wait their turn (default {MAX_ACTIVE})",
+    )
     p.set_defaults(func=run_serve)
 
 
@@ -44,15 +53,26 @@ def run_serve(args) -> int:
 
         from tegaki.serve.app import create_app
     except ImportError as e:
-        raise TegakiError(f"tegaki serve needs the serve extra ({e.name} is missing): pip install 'tegaki[serve]'")
+        raise TegakiError(
+            f"tegaki serve needs the serve extra ({e.name} is missing): pip install 'tegaki[serve]'"
+        ) from None
     if not 0 <= args.port < 65536:
         raise TegakiError(f"--port must be in 0..65535, got {args.port}")
-    served = load_served(args.model, name=args.name, device=args.device, dtype=DTYPES[args.dtype],
-                         quantize=args.quantize, chat_template=args.chat_template)
+    served = load_served(
+        args.model,
+        name=args.name,
+        device=args.device,
+        dtype=DTYPES[args.dtype],
+        quantize=args.quantize,
+        chat_template=args.chat_template,
+    )
     engine = Engine(served.model, served.tokenizer, max_active=args.max_active)
     chat = f"chat template: {served.template.origin}" if served.template else "no chat template: /v1/completions only"
-    print(f"tegaki serve: {served.name} ({chat})\n  page: http://{args.host}:{args.port}/\n"
-          f"  API:  http://{args.host}:{args.port}/v1", flush=True)
+    print(
+        f"tegaki serve: {served.name} ({chat})\n  page: http://{args.host}:{args.port}/\n"
+        f"  API:  http://{args.host}:{args.port}/v1",
+        flush=True,
+    )
     try:
         uvicorn.run(create_app(served, engine), host=args.host, port=args.port, log_level="warning")
     finally:

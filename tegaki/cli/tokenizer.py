@@ -154,8 +154,10 @@ def cmd_train(args) -> int:
     )
     if held:
         total = documents_stats(tok, held).total
-        print(f"held out {len(held)} of {len(held) + len(texts)} documents ({total.chars:,} characters): "
-              f"{total.chars_per_token:.3f} characters/token")
+        print(
+            f"held out {len(held)} of {len(held) + len(texts)} documents ({total.chars:,} characters): "
+            f"{total.chars_per_token:.3f} characters/token"
+        )
     return 0
 
 
@@ -248,11 +250,18 @@ def _positive_int(value: str) -> int:
 
 
 def add_held_out_arguments(p, what: str) -> None:
-    p.add_argument("--held-out", type=float, metavar="FRACTION",
-                   help=f"hold out every k-th document (k = 1/FRACTION, e.g. 0.2 → every 5th): {what}")
-    p.add_argument("--doc-start", metavar="RULE",
-                   help="where documents start inside a file: a regex matching a document's first line, or "
-                        f"{', '.join(DOC_STARTS)}; default: each file (and each Shakespeare play) is a document")
+    p.add_argument(
+        "--held-out",
+        type=float,
+        metavar="FRACTION",
+        help=f"hold out every k-th document (k = 1/FRACTION, e.g. 0.2 → every 5th): {what}",
+    )
+    p.add_argument(
+        "--doc-start",
+        metavar="RULE",
+        help="where documents start inside a file: a regex matching a document's first line, or "
+        f"{', '.join(DOC_STARTS)}; default: each file (and each Shakespeare play) is a document",
+    )
 
 
 def register(subparsers) -> None:
@@ -305,8 +314,12 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("stats", help="characters and bytes per token, by script")
     p.add_argument("--tokenizer", required=True, help="'gpt2' or a saved folder")
-    p.add_argument("--input", nargs="+", required=True,
-                   help="text files, folders of .txt/.md files, or 'shakespeare' (bundled) to measure on")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="text files, folders of .txt/.md files, or 'shakespeare' (bundled) to measure on",
+    )
     p.add_argument("--range", help="measure only this fraction of each input, e.g. 0.8:1")
     add_held_out_arguments(p, "measure only these (the ones `train --held-out` left out)")
     p.set_defaults(func=cmd_stats)

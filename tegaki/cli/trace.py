@@ -39,7 +39,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def load_model(args: argparse.Namespace):
     """(model, tokenizer, description) from the flags of `add_model_arguments`, on --device in --dtype."""
     device = pick_device(args.device)
-    model, tok, description = load_model_and_tokenizer(args.model, args.preset, args.overrides, args.tokenizer, args.seed)
+    model, tok, description = load_model_and_tokenizer(
+        args.model, args.preset, args.overrides, args.tokenizer, args.seed
+    )
     return model.to(device=device, dtype=DTYPES[pick_dtype(args.dtype, device)]), tok, description
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from tegaki.errors import TegakiError
 
@@ -112,9 +113,7 @@ def pick_text_column(record: dict[str, Any], requested: str | None, origin: str)
     )
 
 
-def iter_records(
-    records: Iterable[dict[str, Any]], text_column: str | None, origin: str
-) -> Iterator[tuple[str, str]]:
+def iter_records(records: Iterable[dict[str, Any]], text_column: str | None, origin: str) -> Iterator[tuple[str, str]]:
     """Rows (dicts) -> documents. One reader for local jsonl/parquet and hub data sets alike."""
     column = None
     for i, record in enumerate(records):
@@ -170,8 +169,10 @@ def corpus_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     files = sorted(
-        p for p in path.rglob("*")
-        if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + RECORD_SUFFIXES
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in TEXT_SUFFIXES + RECORD_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(path).parts)
     )
     if not files:
@@ -227,4 +228,3 @@ def source_size(source: str) -> int | None:
     if _HUB_ID.match(source):
         return None
     raise TegakiError(f"--data {source!r}: no such file or folder, and not 'shakespeare' or a hub id (owner/name)")
-

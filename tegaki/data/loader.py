@@ -40,7 +40,7 @@ class TokenWindows:
         offset = (k - int(self.starts[shard])) * self.block_size
         return np.asarray(self.shards[shard][offset : offset + self.block_size + 1], dtype=np.int64)
 
-    def batch(self, indices) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
         rows = torch.from_numpy(np.stack([self.window(int(k)) for k in indices]))  # (B, T+1)
@@ -103,8 +103,7 @@ class BatchLoader:
         self.epoch, self.position, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
 
 
-def validation_batches(windows: TokenWindows, batch_size: int, max_batches: int, rank: int = 0,
-                       world_size: int = 1):
+def validation_batches(windows: TokenWindows, batch_size: int, max_batches: int, rank: int = 0, world_size: int = 1):
     """The same validation batches every time: the first windows in order, dealt out across ranks."""
     if len(windows) == 0:
         raise TegakiError(

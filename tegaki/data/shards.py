@@ -24,10 +24,11 @@ import re
 import struct
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -185,8 +186,10 @@ def read_shard(path: Path) -> np.ndarray:
     dtype = np.dtype("<u2" if itemsize == 2 else "<u4")
     expected = HEADER.size + count * itemsize
     if path.stat().st_size != expected:
-        raise TegakiError(f"{path} is truncated or damaged ({path.stat().st_size} bytes, expected {expected}); "
-                          "run `tegaki prepare` again")
+        raise TegakiError(
+            f"{path} is truncated or damaged ({path.stat().st_size} bytes, expected {expected}); "
+            "run `tegaki prepare` again"
+        )
     if count == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER.size, shape=(count,))
@@ -257,8 +260,12 @@ def prepare(
         raise explain_os_error(folder, e, doing="create") from None
     dtype = token_dtype(tokenizer.vocab_size)
     settings = {
-        "data": str(data), "tokenizer": tokenizer_ref or tokenizer.name, "vocab_size": tokenizer.vocab_size,
-        "val_fraction": val_fraction, "piece_chars": piece_chars, "text_column": text_column,
+        "data": str(data),
+        "tokenizer": tokenizer_ref or tokenizer.name,
+        "vocab_size": tokenizer.vocab_size,
+        "val_fraction": val_fraction,
+        "piece_chars": piece_chars,
+        "text_column": text_column,
     }
     settings_path = folder / "prepare.json"
     if settings_path.exists():
@@ -357,8 +364,9 @@ def load_meta(folder: str | os.PathLike) -> dict[str, Any]:
     wanted = {"tokenizer": str, "vocab_size": int}
     wrong = [k for k, kind in wanted.items() if not isinstance(meta.get(k), kind)]
     if wrong:
-        raise TegakiError(f"{path} is damaged (no {', '.join(wrong)}); delete it and run `tegaki prepare` again "
-                          "(the shards are kept)")
+        raise TegakiError(
+            f"{path} is damaged (no {', '.join(wrong)}); delete it and run `tegaki prepare` again (the shards are kept)"
+        )
     return meta
 
 
@@ -377,4 +385,3 @@ def read_json(path: Path, fix: str) -> dict[str, Any]:
 
 def is_prepared(folder: str | os.PathLike) -> bool:
     return (Path(folder) / "meta.json").exists() and (Path(folder) / "prepare.json").exists()
-

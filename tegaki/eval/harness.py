@@ -63,7 +63,7 @@ class TegakiLM(_HarnessLM):
             context, continuation = request.args
             context_ids = self._context_ids(context)
             ids = self.tokenizer.encode_ordinary(continuation)
-            logp = token_logprobs(self.model, context_ids + ids)[-len(ids):]
+            logp = token_logprobs(self.model, context_ids + ids)[-len(ids) :]
             greedy = self._is_greedy(context_ids, ids)
             results.append((float(logp.sum()), greedy))
         return results
@@ -72,7 +72,7 @@ class TegakiLM(_HarnessLM):
         """Whether greedy decoding would write exactly `ids` after the context."""
         window = int(self.model.config.block_size)
         inputs = torch.tensor((context_ids + ids)[:-1][-window:], device=self.model.device)[None]
-        best = self.model(inputs)[0, -len(ids):].argmax(-1)  # (len(ids),)
+        best = self.model(inputs)[0, -len(ids) :].argmax(-1)  # (len(ids),)
         return bool((best.cpu() == torch.tensor(ids)).all())
 
     @torch.no_grad()
@@ -95,12 +95,18 @@ class TegakiLM(_HarnessLM):
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
             window = int(self.model.config.block_size)
             max_new = min(max_new, window - 1)  # the prompt keeps at least its last token
-            ids = self._context_ids(context)[-(window - max_new):]  # the newest context that leaves room
+            ids = self._context_ids(context)[-(window - max_new) :]  # the newest context that leaves room
             prompt = torch.tensor(ids, device=self.model.device)[None]
             eot = self.tokenizer.eot_id
-            tokens = self.model.generate(prompt, max_new, temperature=temperature, tokenizer=self.tokenizer,
-                                         stop_strings=until or None, stop_tokens=[eot] if eot is not None else None)
-            text = self.tokenizer.decode([i for i in tokens[0, len(ids):].tolist() if i != eot])
+            tokens = self.model.generate(
+                prompt,
+                max_new,
+                temperature=temperature,
+                tokenizer=self.tokenizer,
+                stop_strings=until or None,
+                stop_tokens=[eot] if eot is not None else None,
+            )
+            text = self.tokenizer.decode([i for i in tokens[0, len(ids) :].tolist() if i != eot])
             for stop in until:  # lm-eval wants the text before the first stop sequence
                 text = text.split(stop)[0]
             out.append(text)

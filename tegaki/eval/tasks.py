@@ -46,10 +46,14 @@ def read_tasks(path: str | Path) -> list[Choice]:
         except ValueError as e:
             raise TegakiError(f"{where}: not a JSON object ({e})") from None
         endings = obj.get("endings") if isinstance(obj, dict) else None
-        if not (isinstance(obj, dict) and isinstance(obj.get("context"), str) and isinstance(endings, list)
-                and len(endings) >= 2 and all(isinstance(e, str) and e for e in endings)):
-            raise TegakiError(f"{where}: expected {{\"context\": text, \"endings\": [two or more texts], "
-                              "\"label\": n}")
+        if not (
+            isinstance(obj, dict)
+            and isinstance(obj.get("context"), str)
+            and isinstance(endings, list)
+            and len(endings) >= 2
+            and all(isinstance(e, str) and e for e in endings)
+        ):
+            raise TegakiError(f'{where}: expected {{"context": text, "endings": [two or more texts], "label": n}}')
         label = obj.get("label")
         if not (isinstance(label, int) and 0 <= label < len(endings)):
             raise TegakiError(f"{where}: label must be an index into endings (0..{len(endings) - 1}), got {label!r}")
@@ -69,7 +73,7 @@ def ending_logprobs(model, tokenizer, context: str, ending: str) -> torch.Tensor
     if not context_ids:  # no end-of-text token and no context: the first token cannot be scored
         context_ids, ending_ids = ending_ids[:1], ending_ids[1:]
     logp = token_logprobs(model, context_ids + ending_ids)
-    return logp[-len(ending_ids):]
+    return logp[-len(ending_ids) :]
 
 
 @dataclass

@@ -68,7 +68,7 @@ def token_logprobs(model, ids: list[int], window: int | None = None, stride: int
         logits = model(chunk[:, :-1]).float()  # (1, n-1, V): logits[t] predicts chunk[t+1]
         logp = F.log_softmax(logits, dim=-1)[0].gather(-1, chunk[0, 1:, None])[:, 0]  # (n-1,)
         new = end - scored  # the targets not scored by an earlier window
-        out[scored - 1:end - 1] = logp[-new:].double().cpu()
+        out[scored - 1 : end - 1] = logp[-new:].double().cpu()
         scored = end
     return out
 
@@ -102,8 +102,7 @@ class ResponseScore:
 
 
 @torch.no_grad()
-def score_records(model, tokenizer, template, path: str | Path, max_seq_len: int, batch_size: int = 8
-                  ) -> ResponseScore:
+def score_records(model, tokenizer, template, path: str | Path, max_seq_len: int, batch_size: int = 8) -> ResponseScore:
     """The mean loss on the response tokens of instruction records (prompts masked, as fine-tuning
     learns them): the figure that shows whether a fine-tune taught its held-out responses."""
     records = read_records(path)

@@ -94,22 +94,24 @@ def to_messages(obj, where: str) -> list[dict]:
         return _checked_messages(obj["messages"], where)
     missing = [k for k in ("instruction", "output") if not isinstance(obj.get(k), str)]
     if missing:
-        raise TegakiError(f"{where}: missing {' and '.join(repr(k) for k in missing)} (an Alpaca record needs "
-                          "\"instruction\" and \"output\" strings; a chat record needs \"messages\")")
+        raise TegakiError(
+            f"{where}: missing {' and '.join(repr(k) for k in missing)} (an Alpaca record needs "
+            '"instruction" and "output" strings; a chat record needs "messages")'
+        )
     extra = obj.get("input") or ""
     if not isinstance(extra, str):
-        raise TegakiError(f"{where}: \"input\" must be a string")
+        raise TegakiError(f'{where}: "input" must be a string')
     prompt = obj["instruction"] + (f"\n\n{extra}" if extra else "")
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": obj["output"]}]
 
 
 def _checked_messages(messages, where: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
-        raise TegakiError(f"{where}: \"messages\" must be a non-empty list")
+        raise TegakiError(f'{where}: "messages" must be a non-empty list')
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise TegakiError(f"{where}: message {i} needs a \"content\" string")
+            raise TegakiError(f'{where}: message {i} needs a "content" string')
         if m.get("role") not in ROLES:
             raise TegakiError(f"{where}: message {i} has role {m.get('role')!r}; expected one of {', '.join(ROLES)}")
         out.append({"role": m["role"], "content": m["content"]})
@@ -135,10 +137,12 @@ def encode_record(record: Record, template, tokenizer) -> tuple[list[int], list[
         prompt = template.render(record.messages[:i], add_generation_prompt=True)
         full = template.render(record.messages[: i + 1], add_generation_prompt=False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise TegakiError(f"line {record.line}: the chat template ({template.origin}) does not write a "
-                              "conversation as a prompt followed by its reply; it cannot mark the responses")
-        prompt_ids = tokenizer.encode(prompt[len(done):])
-        reply_ids = tokenizer.encode(full[len(prompt):])
+            raise TegakiError(
+                f"line {record.line}: the chat template ({template.origin}) does not write a "
+                "conversation as a prompt followed by its reply; it cannot mark the responses"
+            )
+        prompt_ids = tokenizer.encode(prompt[len(done) :])
+        reply_ids = tokenizer.encode(full[len(prompt) :])
         ids += prompt_ids + reply_ids
         labels += [IGNORE] * len(prompt_ids) + reply_ids
         done = full
@@ -176,8 +180,10 @@ def describe_too_long(encoded: Encoded, max_seq_len: int) -> str | None:
     if not encoded.too_long:
         return None
     lines = ", ".join(map(str, encoded.too_long[:10])) + (" ..." if len(encoded.too_long) > 10 else "")
-    return (f"{len(encoded.too_long)} record(s) longer than --max-seq-len {max_seq_len} were left out "
-            f"(lines {lines}; the longest is {encoded.longest} tokens): raise --max-seq-len or shorten them")
+    return (
+        f"{len(encoded.too_long)} record(s) longer than --max-seq-len {max_seq_len} were left out "
+        f"(lines {lines}; the longest is {encoded.longest} tokens): raise --max-seq-len or shorten them"
+    )
 
 
 # -------------------------------------------------------------------------------------------------
@@ -200,8 +206,8 @@ class PackedRows:
             at = 0
             for k in members:
                 ids, labels = pairs[k]
-                self.ids[r, at:at + len(ids)] = ids
-                self.labels[r, at:at + len(ids)] = labels
+                self.ids[r, at : at + len(ids)] = ids
+                self.labels[r, at : at + len(ids)] = labels
                 at += len(ids)
         self.tokens = int(sum(len(ids) for ids, _ in pairs))
         self.response_tokens = int((self.labels[:, 1:] != IGNORE).sum())

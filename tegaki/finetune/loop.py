@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from tegaki.chat_template import DEFAULT_TEMPLATE, PLAIN_TEMPLATE, find_chat_template
 from tegaki.data import BatchLoader
 from tegaki.errors import TegakiError
 from tegaki.finetune.data import (
@@ -34,7 +35,6 @@ from tegaki.finetune.data import (
 )
 from tegaki.load import from_pretrained, tokenizer_for
 from tegaki.lora import LoRASettings, add_lora, parse_targets
-from tegaki.chat_template import DEFAULT_TEMPLATE, PLAIN_TEMPLATE, find_chat_template
 from tegaki.train.loop import PlotHook, Run, train
 from tegaki.train.schedule import build_optimizer
 from tegaki.train.settings import TrainConfig, check_settings
@@ -42,8 +42,17 @@ from tegaki.train.setup import token_byte_lengths
 
 METHODS = ("lora", "full")
 # The training settings a fine-tune starts from (any of them can be given on the command line).
-TRAIN_DEFAULTS = {"max_steps": 200, "batch_size": 8, "eval_every": 50, "eval_batches": 20, "save_every": 50,
-                  "warmup": 10, "weight_decay": 0.0, "sample_every": 0, "val_fraction": 0.1}
+TRAIN_DEFAULTS = {
+    "max_steps": 200,
+    "batch_size": 8,
+    "eval_every": 50,
+    "eval_batches": 20,
+    "save_every": 50,
+    "warmup": 10,
+    "weight_decay": 0.0,
+    "sample_every": 0,
+    "val_fraction": 0.1,
+}
 LR = {"lora": 1e-3, "full": 1e-4}  # adapters start at zero and need bigger steps than whole weights
 
 
@@ -77,9 +86,14 @@ class FineTuneConfig:
 
 def train_settings(ft: FineTuneConfig, values: dict[str, Any]) -> TrainConfig:
     """A TrainConfig for a fine-tune: TRAIN_DEFAULTS and the method's lr, then the given values."""
-    merged = {**TRAIN_DEFAULTS, "lr": LR.get(ft.method, LR["lora"]),
-              **{k: v for k, v in values.items() if v is not None},
-              "data": ft.data, "preset": ft.model, "block_size": ft.max_seq_len}
+    merged = {
+        **TRAIN_DEFAULTS,
+        "lr": LR.get(ft.method, LR["lora"]),
+        **{k: v for k, v in values.items() if v is not None},
+        "data": ft.data,
+        "preset": ft.model,
+        "block_size": ft.max_seq_len,
+    }
     cfg = TrainConfig(**merged)
     check_settings(cfg)
     return cfg
@@ -154,9 +168,11 @@ class FineTuneSetup:
             if not encoded.pairs:
                 raise TegakiError(f"{ft.data}: no {split} record fits in --max-seq-len {ft.max_seq_len}")
             rows[split] = PackedRows(encoded.pairs, ft.max_seq_len, pad)
-        run.say(f"{ft.data}: {len(train_records)} train records in {len(rows['train'])} rows "
-                f"({rows['train'].response_tokens:,} response tokens learned), {len(val_records)} held out; "
-                f"template: {template.origin}")
+        run.say(
+            f"{ft.data}: {len(train_records)} train records in {len(rows['train'])} rows "
+            f"({rows['train'].response_tokens:,} response tokens learned), {len(val_records)} held out; "
+            f"template: {template.origin}"
+        )
         run.loader = BatchLoader(rows["train"], cfg.batch_size, cfg.seed, run.dist.rank, run.dist.world_size)
         run.val_windows = rows["validation"]
         run.token_bytes = token_byte_lengths(run.tokenizer, run.model_config.vocab_size).to(run.device)
@@ -164,16 +180,23 @@ class FineTuneSetup:
     def write_run_folder(self, run: Run, tokenizer, template) -> None:
         """run.json (refusing a folder that holds another fine-tune), the tokenizer, the template."""
         ft = self.ft
-        info = {"model_config": run.model_config.to_dict(), "tokenizer": "tokenizer", "data": str(ft.data),
-                "train": run.cfg.to_dict(), "finetune": asdict(ft),
-                "lora": ft.lora().to_dict() if ft.method == "lora" else None}
+        info = {
+            "model_config": run.model_config.to_dict(),
+            "tokenizer": "tokenizer",
+            "data": str(ft.data),
+            "train": run.cfg.to_dict(),
+            "finetune": asdict(ft),
+            "lora": ft.lora().to_dict() if ft.method == "lora" else None,
+        }
         path = run.run_dir / "run.json"
         if path.exists() and (run.run_dir / "checkpoints").exists():
             old = json.loads(path.read_text())
             for key in ("model_config", "lora"):
                 if old.get(key) != info[key]:
-                    raise TegakiError(f"{run.run_dir} holds a fine-tune of another model or with other LoRA "
-                                      f"settings ({key} differs); use another --out, or --fresh to start over")
+                    raise TegakiError(
+                        f"{run.run_dir} holds a fine-tune of another model or with other LoRA "
+                        f"settings ({key} differs); use another --out, or --fresh to start over"
+                    )
         if not (run.run_dir / "tokenizer").is_dir():
             tokenizer.save(run.run_dir / "tokenizer")
         if template.source not in (DEFAULT_TEMPLATE, PLAIN_TEMPLATE):  # serve finds it here afterwards

@@ -52,9 +52,11 @@ def transformers_modules(model) -> dict[str, str]:
             if rule is None:
                 raise TegakiError(f"{name} has no transformers counterpart in the {fam.name} tables")
             if part in QKV_PARTS and rule.kind != "join":
-                raise TegakiError(f"{fam.name} keeps q, k and v in one transformers module ({rule.hf[0]}); "
-                                  "a PEFT adapter of part of it cannot be written: use targets o and the MLP's, "
-                                  "or `tegaki export` for the merged model")
+                raise TegakiError(
+                    f"{fam.name} keeps q, k and v in one transformers module ({rule.hf[0]}); "
+                    "a PEFT adapter of part of it cannot be written: use targets o and the MLP's, "
+                    "or `tegaki export` for the merged model"
+                )
             hf_name = rule.hf[QKV_PARTS.index(part)] if part in QKV_PARTS else rule.hf[0]
             out[f"{name}:{part}"] = hf_name.format(i=layer_index).removesuffix(".weight")
     return out
@@ -86,11 +88,22 @@ def export_peft(model, out: str | Path, settings: LoRASettings, base_name: str =
         tensors[f"{PREFIX}{hf_module}.lora_B.weight"] = layer.lora_B[part].detach().float().cpu().contiguous()
     fam = family_for_config(model.config)
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
-        "r": settings.r, "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name,
+        "r": settings.r,
+        "lora_alpha": settings.alpha,
+        "lora_dropout": settings.dropout,
         "target_modules": sorted({m.rsplit(".", 1)[1] for m in names.values()}),
-        "bias": "none", "fan_in_fan_out": fam.name == "gpt2", "inference_mode": True, "modules_to_save": None,
-        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
+        "bias": "none",
+        "fan_in_fan_out": fam.name == "gpt2",
+        "inference_mode": True,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
         "tegaki": {"targets": list(settings.targets), "base_fingerprint": base_fingerprint(model)},
     }
     out = Path(out)
@@ -100,8 +113,16 @@ def export_peft(model, out: str | Path, settings: LoRASettings, base_name: str =
 
 
 # PEFT module names -> tegaki targets, for adapters PEFT wrote itself (no "tegaki" entry)
-_HF_TARGETS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
-               "up_proj": "up", "down_proj": "down", "c_fc": "fc"}
+_HF_TARGETS = {
+    "q_proj": "q",
+    "k_proj": "k",
+    "v_proj": "v",
+    "o_proj": "o",
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+    "c_fc": "fc",
+}
 
 
 def read_adapter_config(folder: str | Path) -> dict:
@@ -127,8 +148,10 @@ def load_peft(model, folder: str | Path) -> LoRASettings:
     expected = own.get("base_fingerprint")
     if expected and expected != base_fingerprint(model):
         base = config.get("base_model_name_or_path") or "another model"
-        raise TegakiError(f"the adapter in {folder} was made for another base model ({base}; fingerprint "
-                          f"{expected}, this model's is {base_fingerprint(model)}); load it onto its own base")
+        raise TegakiError(
+            f"the adapter in {folder} was made for another base model ({base}; fingerprint "
+            f"{expected}, this model's is {base_fingerprint(model)}); load it onto its own base"
+        )
     targets = own.get("targets") or [_HF_TARGETS.get(m, m) for m in config.get("target_modules", [])]
     settings = LoRASettings(int(config["r"]), float(config["lora_alpha"]), 0.0, tuple(targets))
     add_lora(model, settings)
@@ -140,8 +163,10 @@ def load_peft(model, folder: str | Path) -> LoRASettings:
             tensor = tensors.get(f"{PREFIX}{hf_module}.{kind}.weight")
             if tensor is None or tensor.shape != params[part].shape:
                 got = "missing" if tensor is None else tuple(tensor.shape)
-                raise TegakiError(f"the adapter in {folder} does not fit this model: {hf_module}.{kind} is {got}, "
-                                  f"expected {tuple(params[part].shape)} (an adapter for another base model?)")
+                raise TegakiError(
+                    f"the adapter in {folder} does not fit this model: {hf_module}.{kind} is {got}, "
+                    f"expected {tuple(params[part].shape)} (an adapter for another base model?)"
+                )
             params[part].data.copy_(tensor)
     return settings
 
@@ -151,7 +176,7 @@ def load_lora_run(path: str | Path, device: str | torch.device = "cpu"):
     from its newest intact checkpoint -- what `export_peft` needs. (load_run_model merges them.)"""
     info = read_run_json(path)
     if not info.get("lora"):
-        raise TegakiError(f"{path} is not a LoRA fine-tune (run.json has no \"lora\"); it has no adapter to write")
+        raise TegakiError(f'{path} is not a LoRA fine-tune (run.json has no "lora"); it has no adapter to write')
     checkpoint = find_checkpoint(Path(path), say=lambda m: None, need=(MODEL_FILE,))
     if checkpoint is None:
         raise TegakiError(f"{path} has no checkpoint yet")

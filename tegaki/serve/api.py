@@ -34,8 +34,14 @@ COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaul
 class ApiError(Exception):
     """A request the server will not serve, with the HTTP status and OpenAI's error fields."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
@@ -95,8 +101,9 @@ def _refuse_unsupported(body: dict) -> None:
     if body.get("logit_bias"):
         raise ApiError(400, "logit_bias is not supported by tegaki serve", "logit_bias")
     if body.get("frequency_penalty") not in (None, 0, 0.0):
-        raise ApiError(400, "frequency_penalty is not supported; use presence_penalty or repetition_penalty",
-                       "frequency_penalty")
+        raise ApiError(
+            400, "frequency_penalty is not supported; use presence_penalty or repetition_penalty", "frequency_penalty"
+        )
     if body.get("best_of") not in (None, 1, body.get("n", 1)):
         raise ApiError(400, "best_of is not supported (leave it out, or equal to n)", "best_of")
     if body.get("tools") or body.get("functions"):
@@ -110,8 +117,9 @@ def check_model(body: dict, served: Served) -> None:
     if not isinstance(name, str) or not name:
         raise ApiError(400, "you must provide a model parameter (see GET /v1/models)", "model")
     if name != served.name:
-        raise ApiError(404, f"The model '{name}' does not exist; this server serves '{served.name}'", "model",
-                       "model_not_found")
+        raise ApiError(
+            404, f"The model '{name}' does not exist; this server serves '{served.name}'", "model", "model_not_found"
+        )
 
 
 def sampling_settings(body: dict) -> SamplingSettings:
@@ -175,13 +183,21 @@ def _fit_context(served: Served, prompt: list[int], max_tokens: int | None, para
             f"This model's maximum context length is {served.context} tokens. However, you requested "
             f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max(max_tokens, 0)} for the "
             "completion). Please reduce the prompt or max_tokens.",
-            param, "context_length_exceeded",
+            param,
+            "context_length_exceeded",
         )
     return max_tokens
 
 
-def _choices(served: Served, prompts: list[list[int]], body: dict, max_tokens: int | None, param: str,
-             top_logprobs: int, extra_stops: frozenset[int] = frozenset()) -> list[GenerationRequest]:
+def _choices(
+    served: Served,
+    prompts: list[list[int]],
+    body: dict,
+    max_tokens: int | None,
+    param: str,
+    top_logprobs: int,
+    extra_stops: frozenset[int] = frozenset(),
+) -> list[GenerationRequest]:
     n = _number(body, "n", 1, 1, MAX_N, integer=True)
     seed = _number(body, "seed", None, 0, 2**63 - 1 - MAX_N, integer=True)
     sampling = sampling_settings(body)
@@ -191,10 +207,16 @@ def _choices(served: Served, prompts: list[list[int]], body: dict, max_tokens: i
             raise ApiError(400, f"token ids must be in [0, {served.model.config.vocab_size})", param)
         new = _fit_context(served, prompt, max_tokens, param)
         for i in range(n):
-            requests.append(GenerationRequest(
-                prompt, new, sampling, None if seed is None else seed + i, served.end_ids() | extra_stops,
-                top_logprobs,
-            ))
+            requests.append(
+                GenerationRequest(
+                    prompt,
+                    new,
+                    sampling,
+                    None if seed is None else seed + i,
+                    served.end_ids() | extra_stops,
+                    top_logprobs,
+                )
+            )
     return requests
 
 
@@ -234,8 +256,7 @@ def completion_params(body: dict, served: Served) -> Params:
     prompts = _prompts(body, served)
     max_tokens = _max_tokens(body, ("max_tokens",), COMPLETIONS_MAX_TOKENS)
     requests = _choices(served, prompts, body, max_tokens, "prompt", logprobs or 0)
-    return Params(requests, sum(len(p) for p in prompts), stream, _stream_options(body, stream), _stops(body),
-                  logprobs)
+    return Params(requests, sum(len(p) for p in prompts), stream, _stream_options(body, stream), _stops(body), logprobs)
 
 
 def chat_messages(body: dict) -> list[dict]:
@@ -266,7 +287,8 @@ def chat_prompt(body: dict, served: Served) -> list[int]:
             f"the model '{served.name}' has no chat template (no chat_template in tokenizer_config.json or "
             "chat_template.jinja, and its tokenizer lacks <|im_start|>/<|im_end|> for tegaki's default). "
             "Use /v1/completions, or start the server with --chat-template FILE.",
-            "messages", "no_chat_template",
+            "messages",
+            "no_chat_template",
         )
     try:
         text = served.template.render(chat_messages(body), add_generation_prompt=True)
@@ -285,13 +307,14 @@ def chat_params(body: dict, served: Served) -> Params:
         raise ApiError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise ApiError(400, "response_format: only {\"type\": \"text\"} is supported", "response_format")
+        raise ApiError(400, 'response_format: only {"type": "text"} is supported', "response_format")
     prompt = chat_prompt(body, served)
     max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"), None)
     requests = _choices(served, [prompt], body, max_tokens, "messages", top or 0)
     stops = _stops(body) + served.template.stop_strings  # the template's own end of a reply, if any
-    return Params(requests, len(prompt), stream, _stream_options(body, stream), stops,
-                  (top or 0) if want_logprobs else None)
+    return Params(
+        requests, len(prompt), stream, _stream_options(body, stream), stops, (top or 0) if want_logprobs else None
+    )
 
 
 # -------------------------------------------------------------------------------------------------
@@ -341,8 +364,11 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def completion_logprobs(tokenizer, events: list[TokenEvent], start_offset: int = 0) -> dict:
@@ -360,25 +386,39 @@ def completion_logprobs(tokenizer, events: list[TokenEvent], start_offset: int =
 
 
 def _chat_token(tokenizer, token_id: int, logprob: float) -> dict:
-    return {"token": token_piece(tokenizer, token_id), "logprob": logprob,
-            "bytes": list(tokenizer.token_bytes(token_id))}
+    return {
+        "token": token_piece(tokenizer, token_id),
+        "logprob": logprob,
+        "bytes": list(tokenizer.token_bytes(token_id)),
+    }
 
 
 def chat_logprobs(tokenizer, events: list[TokenEvent]) -> dict:
     """The chat format: one entry per token, its bytes, and its alternatives."""
-    return {"content": [
-        {**_chat_token(tokenizer, e.token_id, e.logprob),
-         "top_logprobs": [_chat_token(tokenizer, i, lp) for i, lp in e.top]}
-        for e in events
-    ]}
+    return {
+        "content": [
+            {
+                **_chat_token(tokenizer, e.token_id, e.logprob),
+                "top_logprobs": [_chat_token(tokenizer, i, lp) for i, lp in e.top],
+            }
+            for e in events
+        ]
+    }
 
 
 def completion_response(served: Served, rid: str, choices: list[ChoiceText], params: Params) -> dict:
     return {
-        "id": rid, "object": "text_completion", "created": int(time.time()), "model": served.name,
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": served.name,
         "choices": [
-            {"index": i, "text": c.text, "finish_reason": c.finish_reason,
-             "logprobs": completion_logprobs(served.tokenizer, c.tokens) if params.logprobs is not None else None}
+            {
+                "index": i,
+                "text": c.text,
+                "finish_reason": c.finish_reason,
+                "logprobs": completion_logprobs(served.tokenizer, c.tokens) if params.logprobs is not None else None,
+            }
             for i, c in enumerate(choices)
         ],
         "usage": usage(params.prompt_tokens, sum(c.completion_tokens for c in choices)),
@@ -387,37 +427,76 @@ def completion_response(served: Served, rid: str, choices: list[ChoiceText], par
 
 def chat_response(served: Served, rid: str, choices: list[ChoiceText], params: Params) -> dict:
     return {
-        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": served.name,
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": served.name,
         "choices": [
-            {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
-             "logprobs": chat_logprobs(served.tokenizer, c.tokens) if params.logprobs is not None else None}
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "finish_reason": c.finish_reason,
+                "logprobs": chat_logprobs(served.tokenizer, c.tokens) if params.logprobs is not None else None,
+            }
             for i, c in enumerate(choices)
         ],
         "usage": usage(params.prompt_tokens, sum(c.completion_tokens for c in choices)),
     }
 
 
-def completion_chunk(served: Served, rid: str, index: int, text: str, events: list[TokenEvent] | None,
-                     finish_reason: str | None = None, offset: int = 0) -> dict:
+def completion_chunk(
+    served: Served,
+    rid: str,
+    index: int,
+    text: str,
+    events: list[TokenEvent] | None,
+    finish_reason: str | None = None,
+    offset: int = 0,
+) -> dict:
     logprobs = completion_logprobs(served.tokenizer, events, offset) if events is not None else None
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": served.name,
-            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": served.name,
+        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+    }
 
 
-def chat_chunk(served: Served, rid: str, index: int, delta: dict, events: list[TokenEvent] | None,
-               finish_reason: str | None = None) -> dict:
+def chat_chunk(
+    served: Served, rid: str, index: int, delta: dict, events: list[TokenEvent] | None, finish_reason: str | None = None
+) -> dict:
     logprobs = chat_logprobs(served.tokenizer, events) if events is not None else None
-    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": served.name,
-            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": served.name,
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+    }
 
 
 def usage_chunk(served: Served, rid: str, kind: str, params: Params, completion_tokens: int) -> dict:
-    return {"id": rid, "object": kind, "created": int(time.time()), "model": served.name, "choices": [],
-            "usage": usage(params.prompt_tokens, completion_tokens)}
+    return {
+        "id": rid,
+        "object": kind,
+        "created": int(time.time()),
+        "model": served.name,
+        "choices": [],
+        "usage": usage(params.prompt_tokens, completion_tokens),
+    }
 
 
 def models_list(served: Served) -> dict:
-    return {"object": "list", "data": [
-        {"id": served.name, "object": "model", "created": served.created, "owned_by": "tegaki",
-         "max_model_len": served.context},
-    ]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": served.name,
+                "object": "model",
+                "created": served.created,
+                "owned_by": "tegaki",
+                "max_model_len": served.context,
+            },
+        ],
+    }

@@ -94,8 +94,15 @@ async def read_json(request: Request) -> dict:
 
 
 def _health(served: Served, engine: Engine) -> JSONResponse:
-    return JSONResponse({"status": "ok", "model": served.name, "active": len(engine.active),
-                         "waiting": len(engine.waiting), **engine.stats})
+    return JSONResponse(
+        {
+            "status": "ok",
+            "model": served.name,
+            "active": len(engine.active),
+            "waiting": len(engine.waiting),
+            **engine.stats,
+        }
+    )
 
 
 # -------------------------------------------------------------------------------------------------

@@ -90,7 +90,10 @@ def attention(model, tokenizer, prompt: str, layer: int) -> dict:
     prompt_ids(model, tokenizer, prompt)  # the same checks as everywhere on the page
     weights, tokens = attention_maps(model, tokenizer, prompt, layer)  # (H, T, T)
     return {
-        "layer": layer, "n_layer": cfg.n_layer, "n_head": int(weights.shape[0]), "window": cfg.window(layer),
+        "layer": layer,
+        "n_layer": cfg.n_layer,
+        "n_head": int(weights.shape[0]),
+        "window": cfg.window(layer),
         "tokens": tokens,
         "weights": [[[round(float(w), 4) for w in row] for row in head] for head in weights],
     }
@@ -104,17 +107,21 @@ def logit_lens(model, tokenizer, prompt: str, top: int = 3) -> dict:
     top = min(max(top, 1), MAX_LENS_TOP)
     cap = capture(model, ids)
     layers = []
-    for layer, hidden in enumerate(cap.block_outputs):  # each (1, T, C)
+    for hidden in cap.block_outputs:  # each (1, T, C), layer after layer
         h = hidden.to(model.wte.weight.dtype)  # capture keeps float32 copies; the head wants the model's dtype
         if model.config.final_norm:
             h = model.ln_f(h)
         probs = model.lm_head(h)[0].float().softmax(dim=-1)  # (T, V)
         best = probs.topk(top, dim=-1)
-        layers.append([
-            [{"id": int(i), "text": token_text(tokenizer, int(i)), "prob": round(float(p), 5)}
-             for p, i in zip(best.values[t], best.indices[t])]
-            for t in range(len(ids))
-        ])
+        layers.append(
+            [
+                [
+                    {"id": int(i), "text": token_text(tokenizer, int(i)), "prob": round(float(p), 5)}
+                    for p, i in zip(best.values[t], best.indices[t])
+                ]
+                for t in range(len(ids))
+            ]
+        )
     return {"tokens": [token_text(tokenizer, i) for i in ids], "layers": layers}
 
 
@@ -133,8 +140,20 @@ def model_summary(name: str, model, template_origin: str | None) -> dict:
     cfg = model.config
     return {
         "name": name,
-        "config": {k: getattr(cfg, k) for k in (
-            "n_layer", "n_head", "n_kv_head", "n_embd", "vocab_size", "block_size", "pos_embedding", "norm", "mlp")},
+        "config": {
+            k: getattr(cfg, k)
+            for k in (
+                "n_layer",
+                "n_head",
+                "n_kv_head",
+                "n_embd",
+                "vocab_size",
+                "block_size",
+                "pos_embedding",
+                "norm",
+                "mlp",
+            )
+        },
         "chat_template": template_origin,
         "dtype": str(model.wte.weight.dtype).replace("torch.", ""),
         "device": str(model.device),

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from tegaki.errors import TegakiError
+from tegaki.chat_template import ChatTemplate, find_chat_template
 from tegaki.decoding import prepare_for_decoding
+from tegaki.errors import TegakiError
 from tegaki.load import from_pretrained, tokenizer_for
 from tegaki.quant import quantize_model
-from tegaki.chat_template import ChatTemplate, find_chat_template
 
 
 @dataclass
@@ -47,8 +47,15 @@ def pick_device(device: str) -> str:
     return device
 
 
-def load_served(model: str, *, name: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
-                quantize: str | None = None, chat_template: str | None = None) -> Served:
+def load_served(
+    model: str,
+    *,
+    name: str | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    quantize: str | None = None,
+    chat_template: str | None = None,
+) -> Served:
     """Load --model with its tokenizer and chat template, ready for the engine."""
     device = pick_device(device)
     net = from_pretrained(model, device=device, dtype=dtype).eval()

@@ -27,8 +27,14 @@ from tegaki.tokenizer.stream import StreamDecoder
 KNOWN_NAMES = ("gpt2",)
 
 __all__ = [
-    "load", "Tokenizer", "BytePairTokenizer", "StreamDecoder", "gpt2_files_dir",
-    "train_bpe", "export_hf_tokenizer", "KNOWN_NAMES",
+    "load",
+    "Tokenizer",
+    "BytePairTokenizer",
+    "StreamDecoder",
+    "gpt2_files_dir",
+    "train_bpe",
+    "export_hf_tokenizer",
+    "KNOWN_NAMES",
 ]
 
 
@@ -53,8 +59,7 @@ def load(name_or_dir: str | Path) -> Tokenizer:
     key = str(name_or_dir)
     if key == "gpt2":
         if key not in _loaded:  # reading 50k merges takes half a second; do it once
-            _loaded[key] = BytePairTokenizer.from_files(
-                gpt2_files_dir(), "gpt2", {ENDOFTEXT: 50256}, name="gpt2")
+            _loaded[key] = BytePairTokenizer.from_files(gpt2_files_dir(), "gpt2", {ENDOFTEXT: 50256}, name="gpt2")
         return _loaded[key]
     folder = Path(name_or_dir)
     if not folder.is_dir():
@@ -65,8 +70,10 @@ def load(name_or_dir: str | Path) -> Tokenizer:
     try:
         return _load_folder(folder)
     except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # bad JSON, a missing key, ...
-        raise TegakiError(f"{folder}: the tokenizer files are damaged ({type(e).__name__}: {e}); restore them "
-                          "from a copy, or train the tokenizer again") from None
+        raise TegakiError(
+            f"{folder}: the tokenizer files are damaged ({type(e).__name__}: {e}); restore them "
+            "from a copy, or train the tokenizer again"
+        ) from None
 
 
 def _load_folder(folder: Path) -> Tokenizer:
@@ -75,6 +82,7 @@ def _load_folder(folder: Path) -> Tokenizer:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     elif (folder / "tokenizer.json").exists():  # written by transformers (or our export)
         from tegaki.tokenizer.hf_export import load_hf_tokenizer_json
+
         return load_hf_tokenizer_json(folder / "tokenizer.json", name=folder.name)
     elif any((folder / a).exists() and (folder / b).exists() for a, b in GPT2_FILE_NAMES):
         meta = {"kind": "bpe", "pattern": "gpt2"}  # a bare GPT-2-style folder
@@ -86,10 +94,11 @@ def _load_folder(folder: Path) -> Tokenizer:
     kind = meta.get("kind")
     if kind == "bpe":
         return BytePairTokenizer.from_files(
-            folder, meta.get("pattern", "gpt2"), meta.get("special_tokens"),
-            name=meta.get("name") or folder.name)
+            folder, meta.get("pattern", "gpt2"), meta.get("special_tokens"), name=meta.get("name") or folder.name
+        )
     if kind == "sentencepiece":
         from tegaki.tokenizer.spm import SentencePieceTokenizer
+
         return SentencePieceTokenizer.from_folder(folder, meta)
     raise TegakiError(f"{meta_path}: unknown tokenizer kind {kind!r} (expected 'bpe' or 'sentencepiece')")
 
@@ -97,10 +106,12 @@ def _load_folder(folder: Path) -> Tokenizer:
 def train_bpe(*args, **kwargs):
     """See `tegaki.tokenizer.trainer.train_bpe`."""
     from tegaki.tokenizer.trainer import train_bpe as train
+
     return train(*args, **kwargs)
 
 
 def export_hf_tokenizer(tok: Tokenizer, out_dir: str | Path) -> Path:
     """See `tegaki.tokenizer.hf_export.export_hf_tokenizer`."""
     from tegaki.tokenizer.hf_export import export_hf_tokenizer as export
+
     return export(tok, out_dir)

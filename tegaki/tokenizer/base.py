@@ -15,8 +15,8 @@ then "<|endoftext|>" is encoded as the ordinary characters it is made of. Either
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import regex
 
@@ -89,8 +89,7 @@ class Tokenizer:
         unknown = allowed - set(self.special_tokens)
         if unknown:
             raise TegakiError(
-                f"unknown special token(s) {sorted(unknown)}; "
-                f"{self.name} knows {sorted(self.special_tokens) or 'none'}"
+                f"unknown special token(s) {sorted(unknown)}; {self.name} knows {sorted(self.special_tokens) or 'none'}"
             )
         return allowed
 
@@ -113,8 +112,7 @@ class Tokenizer:
     def _check_id(self, token_id: int) -> None:
         if not 0 <= int(token_id) < self.vocab_size:
             raise TegakiError(
-                f"token id {token_id} is outside the vocabulary of {self.name} "
-                f"(ids 0..{self.vocab_size - 1})"
+                f"token id {token_id} is outside the vocabulary of {self.name} (ids 0..{self.vocab_size - 1})"
             )
 
     def __repr__(self) -> str:

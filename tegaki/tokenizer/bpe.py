@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import heapq
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import regex
@@ -39,7 +39,7 @@ from tegaki.tokenizer.compiled import tiktoken_encoding
 # keeps the regex fast, and `\s++$` keeps trailing whitespace at the very end of a text together.
 PATTERNS = {
     "gpt2": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-    "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
+    "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",  # noqa: E501
 }
 
 ENDOFTEXT = "<|endoftext|>"
@@ -50,7 +50,7 @@ def pattern_for(name_or_regex: str) -> str:
     return PATTERNS.get(name_or_regex, name_or_regex)
 
 
-@lru_cache(maxsize=None)
+@cache
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's table from each byte to a printable character, used only in the saved files.
 
@@ -68,7 +68,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-@lru_cache(maxsize=None)
+@cache
 def unicode_to_bytes() -> dict[str, int]:
     return {c: b for b, c in bytes_to_unicode().items()}
 
@@ -223,26 +223,31 @@ class BytePairTokenizer(Tokenizer):
         """Write GPT-2's two files (readable by GPT-2 tooling) and tegaki's small meta file."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        encoder = {token_to_str(token): i for i, token in sorted(self.vocab.items())
-                   if i not in self.special_tokens.values()}
+        encoder = {
+            token_to_str(token): i for i, token in sorted(self.vocab.items()) if i not in self.special_tokens.values()
+        }
         encoder.update(self.special_tokens)
         atomic_write_text(folder / "encoder.json", json.dumps(encoder, ensure_ascii=False))
         lines = ["#version: 0.2"]
         for (left, right), _ in sorted(self.merges.items(), key=lambda item: item[1]):
             lines.append(f"{token_to_str(self.vocab[left])} {token_to_str(self.vocab[right])}")
         atomic_write_text(folder / "vocab.bpe", "\n".join(lines) + "\n")
-        write_meta(folder, {
-            "kind": self.kind,
-            "name": self.name,
-            "pattern": self.pattern_name,
-            "special_tokens": self.special_tokens,
-            "vocab_size": self.vocab_size,
-        })
+        write_meta(
+            folder,
+            {
+                "kind": self.kind,
+                "name": self.name,
+                "pattern": self.pattern_name,
+                "special_tokens": self.special_tokens,
+                "vocab_size": self.vocab_size,
+            },
+        )
         return folder
 
     @classmethod
-    def from_files(cls, folder: str | Path, pattern: str = "gpt2", special_tokens=None,
-                   name: str | None = None) -> "BytePairTokenizer":
+    def from_files(
+        cls, folder: str | Path, pattern: str = "gpt2", special_tokens=None, name: str | None = None
+    ) -> BytePairTokenizer:
         """Read GPT-2's format from a folder: `encoder.json` + `vocab.bpe`, or the same two files
         under transformers' names, `vocab.json` + `merges.txt`."""
         folder = Path(folder)
@@ -253,15 +258,20 @@ class BytePairTokenizer(Tokenizer):
             raise TegakiError(f"{folder}: expected encoder.json + vocab.bpe (or vocab.json + merges.txt)")
         encoder = json.loads((folder / vocab_file).read_text(encoding="utf-8"))
         merge_lines = (folder / merges_file).read_text(encoding="utf-8").split("\n")
-        merge_pairs = [tuple(line.split(" ")) for line in merge_lines
-                       if line and not line.startswith("#version")]
+        merge_pairs = [tuple(line.split(" ")) for line in merge_lines if line and not line.startswith("#version")]
         if special_tokens is None:  # GPT-2 keeps "<|endoftext|>" inside encoder.json
             special_tokens = {ENDOFTEXT: encoder[ENDOFTEXT]} if ENDOFTEXT in encoder else {}
         return cls.from_strings(encoder, merge_pairs, pattern, special_tokens, name or folder.name)
 
     @classmethod
-    def from_strings(cls, encoder: dict[str, int], merge_pairs: list[tuple[str, str]], pattern: str,
-                     special_tokens: dict[str, int], name: str) -> "BytePairTokenizer":
+    def from_strings(
+        cls,
+        encoder: dict[str, int],
+        merge_pairs: list[tuple[str, str]],
+        pattern: str,
+        special_tokens: dict[str, int],
+        name: str,
+    ) -> BytePairTokenizer:
         """Build from the printable-string form: {"Ġthe": 262, …} and [("Ġ", "t"), …] in merge order."""
         vocab = {i: str_to_token(s) for s, i in encoder.items() if s not in special_tokens}
         ids = {token: i for i, token in vocab.items()}
@@ -272,8 +282,10 @@ class BytePairTokenizer(Tokenizer):
         # The merge loop ranks merges by the id they make; that is only right if ids grow in merge order.
         made = list(merges.values())
         if any(a >= b for a, b in zip(made, made[1:])):
-            raise TegakiError(f"{name}: merged token ids do not grow in merge order, which tegaki's BPE "
-                              "relies on (merge k must make a newer id than merge k-1)")
+            raise TegakiError(
+                f"{name}: merged token ids do not grow in merge order, which tegaki's BPE "
+                "relies on (merge k must make a newer id than merge k-1)"
+            )
         return cls(vocab, merges, pattern, special_tokens, name)
 
 

@@ -53,11 +53,17 @@ def choose_pattern(texts: Iterable[str]) -> Choice:
     """gpt4 for a corpus whose letters are at least 20% CJK, else gpt2 (see the module docstring)."""
     share = cjk_share(texts)
     if share >= CJK_SHARE:
-        return Choice("gpt4", f"{share:.0%} of the letters are kanji/kana/hangul: the gpt4 pattern keeps "
-                              "punctuation and line ends with the text around them, which compresses "
-                              "unseen Japanese best (2.72 chars/token at 16k vs 2.56 for SentencePiece BPE)")
-    return Choice("gpt2", f"{share:.0%} of the letters are kanji/kana/hangul: the gpt2 pattern, as for any "
-                          "text with spaces between words")
+        return Choice(
+            "gpt4",
+            f"{share:.0%} of the letters are kanji/kana/hangul: the gpt4 pattern keeps "
+            "punctuation and line ends with the text around them, which compresses "
+            "unseen Japanese best (2.72 chars/token at 16k vs 2.56 for SentencePiece BPE)",
+        )
+    return Choice(
+        "gpt2",
+        f"{share:.0%} of the letters are kanji/kana/hangul: the gpt2 pattern, as for any "
+        "text with spaces between words",
+    )
 
 
 def resolve_pattern(pattern: str, texts: list[str]) -> str:

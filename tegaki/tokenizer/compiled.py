@@ -38,7 +38,8 @@ def tiktoken_encoding(tok):
     if len(ranks) != len(tok.vocab) - len(specials) or not tiktoken_agrees(tok):
         return None
     try:
-        return tiktoken.Encoding(f"tegaki-{tok.name}", pat_str=tok.pattern, mergeable_ranks=ranks,
-                                 special_tokens=dict(tok.special_tokens))
+        return tiktoken.Encoding(
+            f"tegaki-{tok.name}", pat_str=tok.pattern, mergeable_ranks=ranks, special_tokens=dict(tok.special_tokens)
+        )
     except ValueError:  # a pattern tiktoken's regex engine cannot compile
         return None

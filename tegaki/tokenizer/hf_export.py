@@ -25,10 +25,22 @@ def tokenizer_json(tok: BytePairTokenizer) -> dict:
     specials = set(tok.special_tokens.values())
     vocab = {token_to_str(token): i for i, token in sorted(tok.vocab.items()) if i not in specials}
     vocab.update(tok.special_tokens)
-    merges = [[token_to_str(tok.vocab[left]), token_to_str(tok.vocab[right])]
-              for (left, right), _ in sorted(tok.merges.items(), key=lambda item: item[1])]
-    added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True} for s, i in sorted(tok.special_tokens.items(), key=lambda x: x[1])]
+    merges = [
+        [token_to_str(tok.vocab[left]), token_to_str(tok.vocab[right])]
+        for (left, right), _ in sorted(tok.merges.items(), key=lambda item: item[1])
+    ]
+    added = [
+        {
+            "id": i,
+            "content": s,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for s, i in sorted(tok.special_tokens.items(), key=lambda x: x[1])
+    ]
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
     return {
         "version": "1.0",
@@ -36,16 +48,26 @@ def tokenizer_json(tok: BytePairTokenizer) -> dict:
         "padding": None,
         "added_tokens": added,
         "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False},
-            byte_level,
-        ]},
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False},
+                byte_level,
+            ],
+        },
         "post_processor": None,
         "decoder": byte_level,
         "model": {
-            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-            "ignore_merges": False, "vocab": vocab, "merges": merges,
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": merges,
         },
     }
 
@@ -121,7 +143,11 @@ def _pattern_of(pre_tokenizer: dict | None, gpt2_pattern: str) -> str | None:
     if len(splits) != 1 or last.get("use_regex", True):
         return None
     split = splits[0]
-    if (split.get("type") != "Split" or "Regex" not in split.get("pattern", {})
-            or split.get("behavior") != "Isolated" or split.get("invert")):
+    if (
+        split.get("type") != "Split"
+        or "Regex" not in split.get("pattern", {})
+        or split.get("behavior") != "Isolated"
+        or split.get("invert")
+    ):
         return None
     return split["pattern"]["Regex"]

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from tegaki.errors import TegakiError
 from tegaki.files import atomic_write_bytes
@@ -80,23 +80,30 @@ class SentencePieceTokenizer(Tokenizer):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(folder / MODEL_FILE, self.model_proto)
-        write_meta(folder, {
-            "kind": self.kind,
-            "name": self.name,
-            "model_type": self.model_type,
-            "model_file": MODEL_FILE,
-            "special_tokens": self.special_tokens,
-            "vocab_size": self.vocab_size,
-        })
+        write_meta(
+            folder,
+            {
+                "kind": self.kind,
+                "name": self.name,
+                "model_type": self.model_type,
+                "model_file": MODEL_FILE,
+                "special_tokens": self.special_tokens,
+                "vocab_size": self.vocab_size,
+            },
+        )
         return folder
 
     @classmethod
-    def from_folder(cls, folder: Path, meta: dict) -> "SentencePieceTokenizer":
+    def from_folder(cls, folder: Path, meta: dict) -> SentencePieceTokenizer:
         model_path = folder / meta.get("model_file", MODEL_FILE)
         if not model_path.exists():
             raise TegakiError(f"{folder} says it holds a SentencePiece model, but {model_path.name} is missing")
-        return cls(model_path.read_bytes(), meta.get("model_type", "unigram"),
-                   meta.get("special_tokens", {}), meta.get("name") or folder.name)
+        return cls(
+            model_path.read_bytes(),
+            meta.get("model_type", "unigram"),
+            meta.get("special_tokens", {}),
+            meta.get("name") or folder.name,
+        )
 
 
 def train_sentencepiece(
@@ -122,13 +129,26 @@ def train_sentencepiece(
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
-            model_type=model_type, byte_fallback=True, normalization_rule_name="identity",
-            add_dummy_prefix=False, remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True, split_digits=False,
-            control_symbols=special_tokens, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
-            character_coverage=0.9995, max_sentence_length=1 << 20, hard_vocab_limit=False,
-            num_threads=2, minloglevel=2,
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            add_dummy_prefix=False,
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=False,
+            control_symbols=special_tokens,
+            unk_id=0,
+            bos_id=-1,
+            eos_id=-1,
+            pad_id=-1,
+            character_coverage=0.9995,
+            max_sentence_length=1 << 20,
+            hard_vocab_limit=False,
+            num_threads=2,
+            minloglevel=2,
         )
     except RuntimeError as e:  # SentencePiece reports bad settings as RuntimeError
         too_small = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(e))

@@ -44,8 +44,7 @@ class Row:
     def partial_share(self) -> float:
         return self.partial / self.tokens if self.tokens else 0.0
 
-
-    def add(self, other: "Row") -> None:
+    def add(self, other: Row) -> None:
         self.tokens += other.tokens
         self.chars += other.chars
         self.bytes += other.bytes
@@ -101,9 +100,14 @@ def token_stats(tok, text: str) -> Stats:
 
 
 def format_stats(stats: Stats, title: str) -> str:
-    lines = [title, f"{'script':<8}{'tokens':>11}{'chars':>11}{'chars/token':>13}{'bytes/token':>13}{'partial tokens':>16}"]
+    lines = [
+        title,
+        f"{'script':<8}{'tokens':>11}{'chars':>11}{'chars/token':>13}{'bytes/token':>13}{'partial tokens':>16}",
+    ]
     rows = [(s, stats.by_script[s]) for s in SCRIPTS if stats.by_script[s].tokens] + [("all", stats.total)]
     for name, row in rows:
-        lines.append(f"{name:<8}{row.tokens:>11,}{row.chars:>11,}{row.chars_per_token:>13.3f}"
-                     f"{row.bytes_per_token:>13.3f}{row.partial_share:>15.1%}")
+        lines.append(
+            f"{name:<8}{row.tokens:>11,}{row.chars:>11,}{row.chars_per_token:>13.3f}"
+            f"{row.bytes_per_token:>13.3f}{row.partial_share:>15.1%}"
+        )
     return "\n".join(lines)

@@ -13,7 +13,7 @@ it is released at once and decodes to U+FFFD just as it would in the full text.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 
 def _sequence_length(lead: int) -> int:
@@ -33,9 +33,7 @@ def _second_byte_range(lead: int) -> tuple[int, int]:
     """The allowed range of the byte after `lead`. Narrower than 80..BF for a few lead bytes,
     which is how UTF-8 forbids overlong forms (E0, F0), surrogates (ED) and code points past
     U+10FFFF (F4)."""
-    return {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}.get(
-        lead, (0x80, 0xBF)
-    )
+    return {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}.get(lead, (0x80, 0xBF))
 
 
 def incomplete_tail_length(buffer: bytes) -> int:

@@ -24,7 +24,7 @@ import heapq
 import sys
 import time
 from collections import Counter, defaultdict
-from typing import Iterable
+from collections.abc import Iterable
 
 import regex
 
@@ -113,8 +113,11 @@ def train_bpe(
         for changed in grown:  # a count that grew needs a fresh heap entry; shrunk ones are lazy
             heapq.heappush(heap, (-pair_counts[changed], changed))
         if verbose and (new_id - 255) % 1000 == 0:
-            print(f"  merge {new_id - 255:,}/{num_merges:,}  {time.perf_counter() - start:.1f}s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  merge {new_id - 255:,}/{num_merges:,}  {time.perf_counter() - start:.1f}s",
+                file=sys.stderr,
+                flush=True,
+            )
     return _finish(merges, vocab_size, pattern, special_tokens, name)
 
 
@@ -217,13 +220,18 @@ def train_bpe_tokenizers(
     special_tokens = list(special_tokens)
     _check_size(vocab_size, special_tokens)
     hf = Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern_for(pattern)), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern_for(pattern)), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=0,
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=0,
     )
     hf.train_from_iterator(texts, trainer)
     # Renumber: bytes 0..255, then merges in the order learned, then specials (as train_bpe does).

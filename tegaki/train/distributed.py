@@ -43,8 +43,9 @@ def init_distributed(device_kind: str) -> Dist:
 
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
-    return Dist(rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                world_size=dist.get_world_size())
+    return Dist(
+        rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", "0")), world_size=dist.get_world_size()
+    )
 
 
 def init_single_process_group(device: torch.device) -> None:

@@ -34,8 +34,9 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,8 +96,13 @@ SetupHook = Callable[["Run"], None]
 class Run:
     """Everything one `tegaki train` holds: model, optimizer, data, logs. `run.train()` does it."""
 
-    def __init__(self, cfg: TrainConfig, on_batch: BatchHook | None = None, plot_losses: PlotHook | None = None,
-                 setup: SetupHook | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        on_batch: BatchHook | None = None,
+        plot_losses: PlotHook | None = None,
+        setup: SetupHook | None = None,
+    ):
         """`on_batch`, `plot_losses`, `setup`: the hooks described at the top of this file; None: not used."""
         check_settings(cfg)
         self.cfg = cfg
@@ -131,7 +137,8 @@ class Run:
             self.data_dir = setup_data(cfg, self.run_dir, tokenizer, self.tokenizer_ref, cfg.progress, self.say)
         # Other ranks wait for rank 0 to train the tokenizer and write the shards, then read them.
         self.tokenizer_ref, self.data_dir = broadcast_object(
-            (self.tokenizer_ref, str(self.data_dir)) if d.is_main else None, d)
+            (self.tokenizer_ref, str(self.data_dir)) if d.is_main else None, d
+        )
         self.data_dir = Path(self.data_dir)
         if not d.is_main:
             ref = self.tokenizer_ref
@@ -154,8 +161,9 @@ class Run:
             "model_config": self.model_config.to_dict(),
             "tokenizer": self.tokenizer_ref,
             # inside the run folder: relative to it, so the folder can be moved
-            "data": (os.path.relpath(self.data_dir, self.run_dir) if self._inside_run(self.data_dir)
-                     else str(self.data_dir)),
+            "data": (
+                os.path.relpath(self.data_dir, self.run_dir) if self._inside_run(self.data_dir) else str(self.data_dir)
+            ),
             "train": self.cfg.to_dict(),
         }
         if path.exists():
@@ -244,10 +252,22 @@ class Run:
                 "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
                 "python": [version, list(py_state), py_gauss],
             }
-            extra = {"loader": self.loader.state_dict(), "val_loss": val_loss, "train_config": self.cfg.to_dict(),
-                     "tokenizer": self.tokenizer_ref, "time": time.time()}
-            path = save_checkpoint(self.run_dir, step, model_state, {"optimizer": optim_state, "rng": rng},
-                                   extra, self.model_config, self.cfg.keep)
+            extra = {
+                "loader": self.loader.state_dict(),
+                "val_loss": val_loss,
+                "train_config": self.cfg.to_dict(),
+                "tokenizer": self.tokenizer_ref,
+                "time": time.time(),
+            }
+            path = save_checkpoint(
+                self.run_dir,
+                step,
+                model_state,
+                {"optimizer": optim_state, "rng": rng},
+                extra,
+                self.model_config,
+                self.cfg.keep,
+            )
             self.say(f"saved checkpoint {path}")
         self.last_saved = step
         self.dist.barrier()
@@ -280,8 +300,9 @@ class Run:
         options = StateDictOptions(full_state_dict=True, cpu_offload=False)
         set_model_state_dict(self.model, tensors, options=options)
         # a run saved before attention had one qkv projection: its AdamW moments are joined like its weights
-        set_optimizer_state_dict(self.model, self.optimizer, upgrade_optimizer_state(saved["optimizer"]),
-                                 options=options)
+        set_optimizer_state_dict(
+            self.model, self.optimizer, upgrade_optimizer_state(saved["optimizer"]), options=options
+        )
         rng = saved["rng"]
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
@@ -365,8 +386,9 @@ class Run:
         """(validation loss in nats per token, bits per byte) over the same batches every time."""
         self.model.eval()
         sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # loss sum, tokens, bytes
-        for inputs, targets in validation_batches(self.val_windows, self.cfg.batch_size, self.cfg.eval_batches,
-                                                  self.dist.rank, self.dist.world_size):
+        for inputs, targets in validation_batches(
+            self.val_windows, self.cfg.batch_size, self.cfg.eval_batches, self.dist.rank, self.dist.world_size
+        ):
             self._check_ids(inputs, targets)
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             with self.autocast():
@@ -423,14 +445,20 @@ class Run:
         flops_token = flops_per_token(self.model_config, self.block_size)
         peak = peak_flops(self.device, self.dtype)[0] * self.dist.world_size
         if start_step == 0:
-            shape = (f"{cfg.batch_size} x {self.block_size}"
-                     + (f" x {cfg.grad_accum} accum" if cfg.grad_accum > 1 else "")
-                     + (f" x {self.dist.world_size} ranks" if self.dist.enabled else ""))
-            self.say(f"model: {self.cfg.preset}, {n_params / 1e6:.2f}M parameters; {tokens_per_step:,} tokens per step "
-                     f"({shape}); {self.device} {self.dtype}")
+            shape = (
+                f"{cfg.batch_size} x {self.block_size}"
+                + (f" x {cfg.grad_accum} accum" if cfg.grad_accum > 1 else "")
+                + (f" x {self.dist.world_size} ranks" if self.dist.enabled else "")
+            )
+            self.say(
+                f"model: {self.cfg.preset}, {n_params / 1e6:.2f}M parameters; {tokens_per_step:,} tokens per step "
+                f"({shape}); {self.device} {self.dtype}"
+            )
         if cfg.warmup is None and warmup_steps(cfg) < DEFAULT_WARMUP and start_step < cfg.max_steps:
-            self.say(f"note: warmup shortened to {warmup_steps(cfg)} steps (a tenth of --max-steps {cfg.max_steps}); "
-                     "set --warmup to choose")
+            self.say(
+                f"note: warmup shortened to {warmup_steps(cfg)} steps (a tenth of --max-steps {cfg.max_steps}); "
+                "set --warmup to choose"
+            )
         bar = _progress(cfg.max_steps, start_step, enabled=self.dist.is_main and cfg.progress)
         last_val, result = None, {"step": start_step}
         if start_step >= cfg.max_steps:
@@ -452,8 +480,17 @@ class Run:
                     self._stop_on_nan(done, loss, grad_norm)
                 tok_s = tokens_per_step / dt
                 utilisation = mfu(tok_s, flops_token, peak)
-                self.metrics.write({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                    "tokens_per_s": round(tok_s, 1), "mfu": round(utilisation, 4), "dt": round(dt, 4)})
+                self.metrics.write(
+                    {
+                        "step": done,
+                        "loss": loss,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": round(tok_s, 1),
+                        "mfu": round(utilisation, 4),
+                        "dt": round(dt, 4),
+                    }
+                )
                 if tb is not None:
                     tb.add_scalar("train/loss", loss, done)
                     tb.add_scalar("train/lr", lr, done)
@@ -477,10 +514,15 @@ class Run:
         except KeyboardInterrupt:
             bar.close()
             if self.dist.is_main:
-                kept = (f"the last checkpoint is step {self.last_saved}" if self.last_saved
-                        else f"no checkpoint was saved yet (every --save-every {cfg.save_every} steps)")
-                self.say(f"stopped during step {step + 1}; {kept}. Run the same command again to "
-                         + ("resume from it" if self.last_saved else "start over"))
+                kept = (
+                    f"the last checkpoint is step {self.last_saved}"
+                    if self.last_saved
+                    else f"no checkpoint was saved yet (every --save-every {cfg.save_every} steps)"
+                )
+                self.say(
+                    f"stopped during step {step + 1}; {kept}. Run the same command again to "
+                    + ("resume from it" if self.last_saved else "start over")
+                )
             raise
         bar.close()
         self.metrics.close()
@@ -506,8 +548,10 @@ class Run:
         try:
             plot = self.plot_losses(self.run_dir)
         except Exception as e:  # noqa: BLE001 - the run is done and saved; a picture is optional
-            self.say(f"warning: could not draw the loss curves ({type(e).__name__}: {e}); "
-                     f"`tegaki plot {self.run_dir}` draws them later")
+            self.say(
+                f"warning: could not draw the loss curves ({type(e).__name__}: {e}); "
+                f"`tegaki plot {self.run_dir}` draws them later"
+            )
             return
         if plot is not None:
             self.say(f"loss curve: {plot}")
@@ -543,8 +587,7 @@ def _explain_out_of_memory(cfg: TrainConfig, device: torch.device):
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit="step", desc="train", disable=not enabled,
-                dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, unit="step", desc="train", disable=not enabled, dynamic_ncols=True)
 
 
 def _tensorboard(run_dir: Path):
@@ -555,8 +598,12 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tb"))
 
 
-def train(cfg: TrainConfig, on_batch: BatchHook | None = None, plot_losses: PlotHook | None = None,
-          setup: SetupHook | None = None) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig,
+    on_batch: BatchHook | None = None,
+    plot_losses: PlotHook | None = None,
+    setup: SetupHook | None = None,
+) -> dict[str, Any]:
     """Train (or resume) the run described by `cfg`; returns the last step's numbers.
     `on_batch`, `plot_losses`, `setup`: the hooks of `Run` (described at the top of this file)."""
     out = Path(cfg.out)

@@ -93,8 +93,7 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
             continue
         name = key.replace("-", "_")
         if name not in known:
-            raise TegakiError(f"{path}: unknown key {key!r}; known keys: {', '.join(sorted(known))}, "
-                              "[model]")
+            raise TegakiError(f"{path}: unknown key {key!r}; known keys: {', '.join(sorted(known))}, [model]")
         problem = type_problem(name, value)
         if problem:
             raise TegakiError(f"{path}: {key} {problem}")
@@ -154,8 +153,10 @@ def check_settings(cfg: TrainConfig) -> None:
     need(cfg.grad_clip >= 0, f"--grad-clip must be >= 0 (0: no clipping), got {cfg.grad_clip}")
     need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
     need(0.0 <= cfg.min_lr_ratio <= 1.0, f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
-    need(0.0 <= cfg.beta1 < 1.0 and 0.0 <= cfg.beta2 < 1.0, f"beta1 and beta2 must be in [0, 1), got "
-         f"{cfg.beta1} and {cfg.beta2}")
+    need(
+        0.0 <= cfg.beta1 < 1.0 and 0.0 <= cfg.beta2 < 1.0,
+        f"beta1 and beta2 must be in [0, 1), got {cfg.beta1} and {cfg.beta2}",
+    )
     need(cfg.sample_every >= 0, f"--sample-every must be >= 0 (0: never), got {cfg.sample_every}")
     need(cfg.sample_tokens >= 1, f"--sample-tokens must be at least 1, got {cfg.sample_tokens}")
     check_seed(cfg.seed)

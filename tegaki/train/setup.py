@@ -70,17 +70,23 @@ def copy_run_tokenizer(tok, own: Path, source: str) -> None:
         run_json = own.parent / "run.json"
         ours = run_json.exists() and _run_tokenizer_ref(run_json) == "tokenizer"
         if not ours or (own.parent / "checkpoints").exists():
-            why = ("the run's checkpoints were trained with it" if ours
-                   else "it is not a tokenizer this run folder made (no run.json refers to it)")
-            raise TegakiError(f"{own} holds another tokenizer than --tokenizer {source}, and {why}; nothing was "
-                              "replaced. Choose another --out, or leave out --tokenizer to use the one there")
+            why = (
+                "the run's checkpoints were trained with it"
+                if ours
+                else "it is not a tokenizer this run folder made (no run.json refers to it)"
+            )
+            raise TegakiError(
+                f"{own} holds another tokenizer than --tokenizer {source}, and {why}; nothing was "
+                "replaced. Choose another --out, or leave out --tokenizer to use the one there"
+            )
     atomic_write_folder(own, tok.save)
 
 
 def _same_files(a: Path, b: Path) -> bool:
     names = sorted(p.name for p in a.iterdir())
     return names == sorted(p.name for p in b.iterdir()) and all(
-        (a / n).read_bytes() == (b / n).read_bytes() for n in names if (a / n).is_file())
+        (a / n).read_bytes() == (b / n).read_bytes() for n in names if (a / n).is_file()
+    )
 
 
 def _run_tokenizer_ref(run_json: Path):
@@ -107,8 +113,10 @@ def train_run_tokenizer(cfg: TrainConfig, folder: Path, vocab_size: int, say):
     # `size` counts characters, not bytes (a kana is one character and three UTF-8 bytes)
     amount = f"{size / 1e6:.1f}M characters" if size >= 1e6 else f"{size:,} characters"
     choice = choose_pattern(texts)  # gpt4's pre-tokenization for Japanese/CJK text, else gpt2's
-    say(f"training a byte-level BPE tokenizer (vocab {vocab_size:,}, pattern {choice.pattern}) on {amount} "
-        f"of {cfg.data} ...\n  {choice.reason}")
+    say(
+        f"training a byte-level BPE tokenizer (vocab {vocab_size:,}, pattern {choice.pattern}) on {amount} "
+        f"of {cfg.data} ...\n  {choice.reason}"
+    )
     start = time.perf_counter()
     tok = train_bpe(texts, vocab_size, choice.pattern, name=f"bpe-{vocab_size}")
     atomic_write_folder(folder, tok.save)
@@ -133,11 +141,20 @@ def setup_data(cfg: TrainConfig, run_dir: Path, tokenizer, tokenizer_ref: str, p
     ref = tokenizer_ref if is_named_tokenizer(tokenizer_ref) else os.path.relpath(run_dir / tokenizer_ref, folder)
     if not is_named_tokenizer(tokenizer_ref):
         _relative_tokenizer_ref(folder, run_dir / tokenizer_ref, ref)
-    result = prepare(cfg.data, tokenizer, folder, tokenizer_ref=ref, val_fraction=cfg.val_fraction,
-                     text_column=cfg.text_column, progress=progress)
+    result = prepare(
+        cfg.data,
+        tokenizer,
+        folder,
+        tokenizer_ref=ref,
+        val_fraction=cfg.val_fraction,
+        text_column=cfg.text_column,
+        progress=progress,
+    )
     if result.seconds:
-        say(f"  {result.meta['train_tokens']:,} train + {result.meta['val_tokens']:,} validation tokens "
-            f"({result.mb_per_s:.1f} MB/s)")
+        say(
+            f"  {result.meta['train_tokens']:,} train + {result.meta['val_tokens']:,} validation tokens "
+            f"({result.mb_per_s:.1f} MB/s)"
+        )
     return folder
 
 
@@ -173,8 +190,9 @@ def build_model_config(cfg: TrainConfig, tokenizer) -> ModelConfig:
     if "vocab_size" not in set_fields:
         config = config.replace(vocab_size=padded_vocab(tokenizer.vocab_size))
     if config.vocab_size < tokenizer.vocab_size:
-        raise TegakiError(f"vocab_size={config.vocab_size} is smaller than the tokenizer's "
-                          f"{tokenizer.vocab_size:,} tokens")
+        raise TegakiError(
+            f"vocab_size={config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size:,} tokens"
+        )
     return config
 
 

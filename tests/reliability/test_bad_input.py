@@ -24,8 +24,9 @@ def rope_folder(shards, tmp_path_factory) -> Path:
     """A transformers folder of a small rotary (Llama) model: positions past its context are possible."""
     from tegaki.tokenizer import load
 
-    config = ModelConfig.preset("tiny-llama").replace(vocab_size=512, n_layer=4, n_embd=64, n_head=4, n_kv_head=4,
-                                                      intermediate_size=128, block_size=64)
+    config = ModelConfig.preset("tiny-llama").replace(
+        vocab_size=512, n_layer=4, n_embd=64, n_head=4, n_kv_head=4, intermediate_size=128, block_size=64
+    )
     return export_hf(GPT(config), tmp_path_factory.mktemp("rope") / "llama", tokenizer=load(shards.parent / "tok"))
 
 
@@ -64,8 +65,10 @@ def wrong_shape_checkpoint(run: Path) -> None:
         state = json.loads((ckpt / "state.json").read_text())  # recorded as whole: only the shape is wrong
         from tegaki.checkpoint import _sha256  # noqa: PLC2701 - the test rewrites a checkpoint as tegaki would
 
-        state["files"]["model.safetensors"] = {"bytes": (ckpt / "model.safetensors").stat().st_size,
-                                               "sha256": _sha256(ckpt / "model.safetensors")}
+        state["files"]["model.safetensors"] = {
+            "bytes": (ckpt / "model.safetensors").stat().st_size,
+            "sha256": _sha256(ckpt / "model.safetensors"),
+        }
         (ckpt / "state.json").write_text(json.dumps(state))
 
 
@@ -87,16 +90,34 @@ TRAIN = [
     ("warmup-negative", None, lambda w: ["--warmup", "-1"], "--warmup must be >= 0"),
     ("lr-nan", None, lambda w: ["--lr", "nan"], "--lr must be a finite number"),
     ("init-std-negative", None, lambda w: ["--set", "init_std=-1"], "init_std must be >= 0"),
-    ("meta-json-garbage", lambda w: damage(w["run"] / "data" / "meta.json", b"{garbage"), lambda w: [],
-     "meta.json is damaged"),
-    ("prepare-json-garbage", lambda w: damage(w["run"] / "data" / "prepare.json", b"\xff\xfe"), lambda w: [],
-     "prepare.json is damaged"),
-    ("shard-body-garbage", lambda w: damage(w["run"] / "data" / "train_000000.bin",
-                                            (w["run"] / "data" / "train_000000.bin").read_bytes()[:32] + b"\xff" *
-                                            ((w["run"] / "data" / "train_000000.bin").stat().st_size - 32)),
-     lambda w: [], "outside the vocabulary"),
-    ("checkpoint-wrong-shape", lambda w: wrong_shape_checkpoint(w["run"]), lambda w: [],
-     "does not fit the model of run.json: wte.weight is (7, 32)"),
+    (
+        "meta-json-garbage",
+        lambda w: damage(w["run"] / "data" / "meta.json", b"{garbage"),
+        lambda w: [],
+        "meta.json is damaged",
+    ),
+    (
+        "prepare-json-garbage",
+        lambda w: damage(w["run"] / "data" / "prepare.json", b"\xff\xfe"),
+        lambda w: [],
+        "prepare.json is damaged",
+    ),
+    (
+        "shard-body-garbage",
+        lambda w: damage(
+            w["run"] / "data" / "train_000000.bin",
+            (w["run"] / "data" / "train_000000.bin").read_bytes()[:32]
+            + b"\xff" * ((w["run"] / "data" / "train_000000.bin").stat().st_size - 32),
+        ),
+        lambda w: [],
+        "outside the vocabulary",
+    ),
+    (
+        "checkpoint-wrong-shape",
+        lambda w: wrong_shape_checkpoint(w["run"]),
+        lambda w: [],
+        "does not fit the model of run.json: wte.weight is (7, 32)",
+    ),
 ]
 
 
@@ -121,52 +142,158 @@ def test_out_pointing_at_a_file(corpus, tmp_path):
 
 
 OTHER = [
-    ("generate-seed-huge", None, lambda w: ["generate", "hi", "--model", str(w["run"]), "--seed",
-                                            "99999999999999999999999"], "--seed must be a whole number from 0"),
-    ("generate-temperature-nan", None, lambda w: ["generate", "hi", "--model", str(w["run"]), "--temperature", "nan"],
-     "temperature must be a finite number"),
-    ("generate-repetition-nan", None, lambda w: ["generate", "hi", "--model", str(w["run"]),
-                                                 "--repetition-penalty", "nan"], "repetition_penalty must be a finite"),
-    ("generate-presence-inf", None, lambda w: ["generate", "hi", "--model", str(w["run"]), "--presence-penalty",
-                                               "inf"], "presence_penalty must be a finite number"),
-    ("generate-huge-kv-cache", None, lambda w: ["generate", "hi", "--model", str(w["rope"]), "--max-new-tokens",
-                                                "1000000000"], "a KV cache for 1,000,000,00"),
-    ("generate-config-n-layer-float", None, lambda w: ["generate", "hi", "--model",
-                                                       str(hf_config_with(w["rope"], w["tmp"], num_hidden_layers=1e9))],
-     "n_layer must be a whole number"),
-    ("generate-config-n-layer-huge", None, lambda w: ["generate", "hi", "--model",
-                                                      str(hf_config_with(w["rope"], w["tmp"],
-                                                                         num_hidden_layers=1_000_000_000))],
-     "parameters x 4 bytes"),
-    ("generate-config-wrong-type", None, lambda w: ["generate", "hi", "--model",
-                                                    str(hf_config_with(w["rope"], w["tmp"], hidden_size="wide"))],
-     "config.json"),
-    ("generate-refused-pickle", lambda w: malicious_bin(w["rope"]), lambda w: ["generate", "hi", "--model",
-                                                                               str(w["rope"])], "refused for safety"),
-    ("generate-index-outside", lambda w: (w["rope"] / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"wte.weight": "../../etc/passwd"}})),
-     lambda w: ["generate", "hi", "--model", str(w["rope"])], "outside its folder; refused"),
-    ("generate-missing-local-path", None, lambda w: ["generate", "hi", "--model", "runz/nonexistent"],
-     "runz/nonexistent: no such local folder"),
-    ("prepare-workers-negative", None, lambda w: ["prepare", "--data", str(w["corpus"]), "--out",
-                                                  str(w["tmp"] / "shards"), "--workers", "-1"],
-     "--workers must be at least 1"),
-    ("params-billion-layers", None, lambda w: ["params", "tiny", "--set", "n_layer=1000000000"],
-     "describing a model of 1,000,000,000 layers needs about"),
-    ("trace-top-negative", None, lambda w: ["trace", "hi", "--model", str(w["run"]), "--top", "-3"],
-     "--top must be at least 1"),
-    ("compare-lr-negative", None, lambda w: ["compare", "--presets", "tiny", "--out", str(w["tmp"] / "cmp"), "--lr",
-                                             "-1", "--data", str(w["corpus"])], "--lr must be positive"),
-    ("compare-block-size-zero", None, lambda w: ["compare", "--presets", "tiny", "--out", str(w["tmp"] / "cmp"),
-                                                 "--block-size", "0", "--data", str(w["corpus"])],
-     "--block-size must be positive"),
-    ("tokenizer-range-empty", lambda w: (w["tmp"] / "small.txt").write_text("a few words\n"),
-     lambda w: ["tokenizer", "train", "--input", str(w["tmp"] / "small.txt"), "--range", "0:0.001", "--vocab-size",
-                "300", "--out", str(w["tmp"] / "tok")], "leaves no text to learn from"),
-    ("tokenizer-garbage", lambda w: (w["run"] / "tokenizer" / "encoder.json").write_text('{"garbage'),
-     lambda w: ["generate", "hi", "--model", str(w["run"])], "the tokenizer files are damaged"),
-    ("export-to-a-file", lambda w: (w["tmp"] / "file").write_text("mine"),
-     lambda w: ["export", str(w["run"]), str(w["tmp"] / "file")], "not a folder"),
+    (
+        "generate-seed-huge",
+        None,
+        lambda w: ["generate", "hi", "--model", str(w["run"]), "--seed", "99999999999999999999999"],
+        "--seed must be a whole number from 0",
+    ),
+    (
+        "generate-temperature-nan",
+        None,
+        lambda w: ["generate", "hi", "--model", str(w["run"]), "--temperature", "nan"],
+        "temperature must be a finite number",
+    ),
+    (
+        "generate-repetition-nan",
+        None,
+        lambda w: ["generate", "hi", "--model", str(w["run"]), "--repetition-penalty", "nan"],
+        "repetition_penalty must be a finite",
+    ),
+    (
+        "generate-presence-inf",
+        None,
+        lambda w: ["generate", "hi", "--model", str(w["run"]), "--presence-penalty", "inf"],
+        "presence_penalty must be a finite number",
+    ),
+    (
+        "generate-huge-kv-cache",
+        None,
+        lambda w: ["generate", "hi", "--model", str(w["rope"]), "--max-new-tokens", "1000000000"],
+        "a KV cache for 1,000,000,00",
+    ),
+    (
+        "generate-config-n-layer-float",
+        None,
+        lambda w: ["generate", "hi", "--model", str(hf_config_with(w["rope"], w["tmp"], num_hidden_layers=1e9))],
+        "n_layer must be a whole number",
+    ),
+    (
+        "generate-config-n-layer-huge",
+        None,
+        lambda w: [
+            "generate",
+            "hi",
+            "--model",
+            str(hf_config_with(w["rope"], w["tmp"], num_hidden_layers=1_000_000_000)),
+        ],
+        "parameters x 4 bytes",
+    ),
+    (
+        "generate-config-wrong-type",
+        None,
+        lambda w: ["generate", "hi", "--model", str(hf_config_with(w["rope"], w["tmp"], hidden_size="wide"))],
+        "config.json",
+    ),
+    (
+        "generate-refused-pickle",
+        lambda w: malicious_bin(w["rope"]),
+        lambda w: ["generate", "hi", "--model", str(w["rope"])],
+        "refused for safety",
+    ),
+    (
+        "generate-index-outside",
+        lambda w: (w["rope"] / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"wte.weight": "../../etc/passwd"}})
+        ),
+        lambda w: ["generate", "hi", "--model", str(w["rope"])],
+        "outside its folder; refused",
+    ),
+    (
+        "generate-missing-local-path",
+        None,
+        lambda w: ["generate", "hi", "--model", "runz/nonexistent"],
+        "runz/nonexistent: no such local folder",
+    ),
+    (
+        "prepare-workers-negative",
+        None,
+        lambda w: ["prepare", "--data", str(w["corpus"]), "--out", str(w["tmp"] / "shards"), "--workers", "-1"],
+        "--workers must be at least 1",
+    ),
+    (
+        "params-billion-layers",
+        None,
+        lambda w: ["params", "tiny", "--set", "n_layer=1000000000"],
+        "describing a model of 1,000,000,000 layers needs about",
+    ),
+    (
+        "trace-top-negative",
+        None,
+        lambda w: ["trace", "hi", "--model", str(w["run"]), "--top", "-3"],
+        "--top must be at least 1",
+    ),
+    (
+        "compare-lr-negative",
+        None,
+        lambda w: [
+            "compare",
+            "--presets",
+            "tiny",
+            "--out",
+            str(w["tmp"] / "cmp"),
+            "--lr",
+            "-1",
+            "--data",
+            str(w["corpus"]),
+        ],
+        "--lr must be positive",
+    ),
+    (
+        "compare-block-size-zero",
+        None,
+        lambda w: [
+            "compare",
+            "--presets",
+            "tiny",
+            "--out",
+            str(w["tmp"] / "cmp"),
+            "--block-size",
+            "0",
+            "--data",
+            str(w["corpus"]),
+        ],
+        "--block-size must be positive",
+    ),
+    (
+        "tokenizer-range-empty",
+        lambda w: (w["tmp"] / "small.txt").write_text("a few words\n"),
+        lambda w: [
+            "tokenizer",
+            "train",
+            "--input",
+            str(w["tmp"] / "small.txt"),
+            "--range",
+            "0:0.001",
+            "--vocab-size",
+            "300",
+            "--out",
+            str(w["tmp"] / "tok"),
+        ],
+        "leaves no text to learn from",
+    ),
+    (
+        "tokenizer-garbage",
+        lambda w: (w["run"] / "tokenizer" / "encoder.json").write_text('{"garbage'),
+        lambda w: ["generate", "hi", "--model", str(w["run"])],
+        "the tokenizer files are damaged",
+    ),
+    (
+        "export-to-a-file",
+        lambda w: (w["tmp"] / "file").write_text("mine"),
+        lambda w: ["export", str(w["run"]), str(w["tmp"] / "file")],
+        "not a folder",
+    ),
 ]
 
 

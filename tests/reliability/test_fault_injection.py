@@ -48,8 +48,11 @@ def call_sites(monkeypatch, run: Path, corpus: Path) -> dict[str, list[str]]:
 def _tegaki_caller() -> str | None:
     """The call path through tegaki (file:line, innermost first): atomic_write's one os.replace
     is a different write for metrics.jsonl and for run.json."""
-    frames = [f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in reversed(traceback.extract_stack()[:-2])
-              if "/tegaki/" in f.filename and "/tests/" not in f.filename]
+    frames = [
+        f"{Path(f.filename).name}:{f.lineno}:{f.name}"
+        for f in reversed(traceback.extract_stack()[:-2])
+        if "/tegaki/" in f.filename and "/tests/" not in f.filename
+    ]
     return " <- ".join(frames) or None
 
 
@@ -117,8 +120,10 @@ def test_a_full_disk_while_saving_weights_keeps_the_older_checkpoints(run_copy, 
         pass
 
     def full(*args, **kwargs):
-        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
-                              '"No space left on device" }) os error 28')
+        raise SafetensorError(
+            "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+            '"No space left on device" }) os error 28'
+        )
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     rc, err = cli(train_args(run_copy, corpus, 6))

@@ -60,7 +60,8 @@ def test_fresh_starts_a_run_folder_over(run_copy, corpus):
     rc, err = cli(train_args(run_copy, corpus, 2, "--fresh"))
     assert rc == 0 and "resuming" not in err, err
     assert steps_logged(run_copy) == [1, 2] and sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == [
-        "step_000002"]
+        "step_000002"
+    ]
 
 
 def test_clear_run_folder_keeps_its_lock(run_copy):
@@ -72,14 +73,17 @@ def test_clear_run_folder_keeps_its_lock(run_copy):
 # --- 2. a TOML setting of the wrong type is refused before anything happens ------------------------
 
 
-@pytest.mark.parametrize("line, message", [
-    ('fresh = "no"', "fresh must be true or false"),
-    ('max_steps = "2"', "max_steps must be a whole number"),
-    ('lr = "fast"', "lr must be a finite number"),
-    ("batch_size = 2.5", "batch_size must be a whole number"),
-    ("device = 5", "device must be text"),
-    ('[model]\ncausal = "no"', "[model] causal must be true or false"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('fresh = "no"', "fresh must be true or false"),
+        ('max_steps = "2"', "max_steps must be a whole number"),
+        ('lr = "fast"', "lr must be a finite number"),
+        ("batch_size = 2.5", "batch_size must be a whole number"),
+        ("device = 5", "device must be text"),
+        ('[model]\ncausal = "no"', "[model] causal must be true or false"),
+    ],
+)
 def test_toml_settings_of_the_wrong_type_lose_nothing(run_copy, corpus, tmp_path, line, message):
     config = tmp_path / "train.toml"
     config.write_text(line + "\n")
@@ -155,10 +159,18 @@ def test_torn_run_json_is_rebuilt_and_no_advice_deletes_checkpoints(run_copy, co
 
 
 def test_a_second_process_is_refused_with_the_holders_pid(run_copy, corpus):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from tegaki.files import FolderLock; "
-                               "FolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
-                               str(run_copy)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from tegaki.files import FolderLock; "
+            "FolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
+            str(run_copy),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         assert holder.stdout.readline().strip() == "held"  # waits for the lock, not for a time
         before = snapshot(run_copy)
