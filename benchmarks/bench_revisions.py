@@ -51,6 +51,7 @@ warnings.simplefilter("ignore")
 out = {}
 torch.manual_seed(0)
 base = GPT(ModelConfig.preset("gpt2")).eval()
+state = {k: v.clone() for k, v in base.state_dict().items()}  # before prepare=True swaps the head
 prompt = torch.randint(0, 50257, (1, 32), generator=torch.Generator().manual_seed(1))
 NEW = 64
 
@@ -62,7 +63,7 @@ def decode(model):
 
 out["decode fp32 tok/s"] = decode(base)
 int8 = GPT(base.config).eval()
-int8.load_state_dict(base.state_dict())
+int8.load_state_dict(state)
 int8 = quantize_model(int8, "int8").to(torch.bfloat16)
 out["decode int8 tok/s"] = decode(int8)
 del base, int8
@@ -101,8 +102,10 @@ def unpack(rev: str, folder: Path) -> str:
 def measure(folder: Path, threads: int) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(folder))
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(threads)], cwd=folder, env=env, check=True, capture_output=True, text=True
+        [sys.executable, "-c", CHILD, str(threads)], cwd=folder, env=env, capture_output=True, text=True
     )
+    if done.returncode:
+        raise SystemExit(f"measuring {folder.name} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
