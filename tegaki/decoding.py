@@ -1,12 +1,13 @@
-"""Preparing a loaded model for decoding on a CPU: the LM head stored the way one token reads it.
+"""Preparing a loaded model for decoding on a CPU: wide matrices stored the way one token reads them.
 
-Decoding one token multiplies one vector by the LM head, the model's largest matrix (GPT-2: 50,257 x
-768, 154 MB in float32). nn.Linear keeps it as (vocabulary, C), row after row; for a single vector,
-CPU BLAS streams the transposed copy, (C, vocabulary) row after row, much faster (1.7x for GPT-2's
-head on the 2-core AVX-512 machine of benchmarks/RESULTS.md; the other matrices gain little).
+Decoding one token multiplies one vector by every weight matrix; the largest is the LM head (GPT-2:
+50,257 x 768, 154 MB in float32). nn.Linear keeps a weight as (out, in), row after row; for a single
+vector and out >= in, CPU BLAS streams the transposed copy, (in, out) row after row, faster (1.7x
+for GPT-2's head on the 2-core AVX-512 machine of benchmarks/RESULTS.md, 20-40% for q/k/v and the
+MLP's up projection on an AVX2 one; narrower outputs gain nothing).
 
-`prepare_for_decoding(model)` swaps the head for `DecodingHead`, which holds that copy: same values,
-same logits (tests/test_decoding.py). It is applied from outside, once, by the code that decodes --
+`prepare_for_decoding(model)` swaps those layers for `DecodingHead`s, which hold that copy: same
+values, same logits (tests/test_decoding.py). It is applied from outside, once, by the code that decodes --
 `tegaki generate`, `tegaki serve`, `generate(..., prepare=True)` -- and it is one way: the copy is not a
 parameter, so the prepared model refuses to train (a tied head would otherwise drift from the
 embedding it copies). Reload the model to train it. A tied head costs one more copy of the
@@ -51,10 +52,18 @@ class DecodingHead(nn.Module):
 
 
 def prepare_for_decoding(model: nn.Module) -> nn.Module:
-    """Swap the LM head for a DecodingHead when it is a float32 nn.Linear on the CPU (where the
-    layout pays; quantized heads and GPU heads are left as they are). In place; returns the model."""
-    head = getattr(model, "lm_head", None)
-    if isinstance(head, nn.Linear) and head.weight.dtype == torch.float32 and head.weight.device.type == "cpu":
-        model.lm_head = DecodingHead(head)
-        model.eval()
-    return model
+    """Swap every float32 nn.Linear on the CPU whose output is at least as wide as its input (the
+    LM head, q/k/v, the MLP's up projection) for a DecodingHead: the fixed rule of
+    benchmarks/RESULTS.md, where those streamed faster transposed and the others did not. Quantized
+    layers and GPU layers are left as they are. In place; returns the model, in eval mode."""
+    for name, module in list(model.named_modules()):
+        if (
+            isinstance(module, nn.Linear)
+            and module.weight.dtype == torch.float32
+            and module.weight.device.type == "cpu"
+            and module.out_features >= module.in_features
+        ):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, DecodingHead(module))
+    return model.eval()

@@ -29,7 +29,10 @@ def test_a_prepared_model_gives_the_same_logits_and_tokens(name):
         before = model(ids)
     tokens = generate(model, ids[:1], 12, temperature=0)
     assert torch.equal(generate(model, ids[:1], 12, temperature=0, prepare=True), tokens)
-    assert isinstance(model.lm_head, DecodingHead)
+    assert isinstance(model.lm_head, DecodingHead) and isinstance(model.blocks[0].attn.qkv, DecodingHead)
+    for module in model.modules():  # the rule: out >= in transposed, narrower outputs left alone
+        if isinstance(module, (DecodingHead, torch.nn.Linear)):
+            assert isinstance(module, DecodingHead) == (module.out_features >= module.in_features)
     with torch.no_grad():
         torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-5)
     assert model.lm_head.weight_t.is_contiguous() and model.lm_head.weight_t.shape == (192, 4096)
@@ -41,6 +44,7 @@ def test_the_embedding_is_untouched_and_training_is_refused():
     prepare_for_decoding(model)
     assert torch.equal(model.wte.weight, wte) and model.wte.weight.is_contiguous()
     assert "lm_head.weight_t" in model.state_dict() and not any("lm_head" in n for n, _ in model.named_parameters())
+    assert isinstance(model.blocks[0].mlp.fc, DecodingHead) and isinstance(model.blocks[0].mlp.proj, torch.nn.Linear)
     with pytest.raises(TegakiError, match="prepared for decoding.*load it again to train"):
         model.train()
     model.eval()  # switching to evaluation stays allowed
