@@ -1,3 +1,5 @@
+"""`python -m tegaki`: the same as the `tegaki` command."""
+
 import sys
 
 from tegaki.cli import main

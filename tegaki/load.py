@@ -22,8 +22,9 @@ from tegaki.checkpoint import load_run_model, load_run_tokenizer
 from tegaki.device import LAYER_OBJECT_BYTES, check_fits
 from tegaki.errors import TegakiError
 from tegaki.files import atomic_write, atomic_write_json
-from tegaki.hf import config_from_hf, config_to_hf, dequantize_experts, family_of, state_dict_from_hf, state_dict_to_hf
+from tegaki.hf import config_from_hf, config_to_hf, family_of, state_dict_from_hf, state_dict_to_hf
 from tegaki.model import GPT, parameter_count
+from tegaki.mxfp4 import dequantize_experts
 from tegaki.rope import rope_frequencies
 from tegaki.tokenizer import export_hf_tokenizer
 

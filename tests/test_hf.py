@@ -22,8 +22,8 @@ import tegaki  # noqa: E402
 import tegaki.cli  # noqa: E402
 from tegaki import GPT, ModelConfig, export_hf, from_pretrained  # noqa: E402
 from tegaki.errors import TegakiError  # noqa: E402
-from tegaki.hf import dequantize_mxfp4, quantize_mxfp4  # noqa: E402
 from tegaki.load import tokenizer_for  # noqa: E402
+from tegaki.mxfp4 import dequantize_mxfp4, quantize_mxfp4  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

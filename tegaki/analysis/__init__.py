@@ -1,0 +1,1 @@
+"""Looking inside models: parameter tables, traces, attention maps, comparisons, plots."""

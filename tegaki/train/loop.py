@@ -68,6 +68,7 @@ from tegaki.train.distributed import (
     init_distributed,
     init_single_process_group,
 )
+from tegaki.train.report import explain_out_of_memory, progress_bar, tensorboard_writer
 from tegaki.train.schedule import (
     DEFAULT_WARMUP,
     build_optimizer,
@@ -459,18 +460,18 @@ class Run:
                 f"note: warmup shortened to {warmup_steps(cfg)} steps (a tenth of --max-steps {cfg.max_steps}); "
                 "set --warmup to choose"
             )
-        bar = _progress(cfg.max_steps, start_step, enabled=self.dist.is_main and cfg.progress)
+        bar = progress_bar(cfg.max_steps, start_step, enabled=self.dist.is_main and cfg.progress)
         last_val, result = None, {"step": start_step}
         if start_step >= cfg.max_steps:
             self.say(f"{self.run_dir} has already trained {start_step} steps (--max-steps {cfg.max_steps})")
-        tb = _tensorboard(self.run_dir) if self.dist.is_main else None
+        tb = tensorboard_writer(self.run_dir) if self.dist.is_main else None
         self.started = True  # from here on, the run folder holds work worth keeping
         self.last_saved = start_step or None
         step = start_step
         try:
             for step in range(start_step, cfg.max_steps):
                 t0 = time.perf_counter()
-                with _explain_out_of_memory(cfg, self.device):
+                with explain_out_of_memory(cfg, self.device):
                     loss, grad_norm, lr = self.train_step(step)
                 synchronize(self.device)
                 dt = time.perf_counter() - t0
@@ -567,35 +568,6 @@ class Run:
             "(not finite). "
             f"The weights were not updated with it; {where}. Lower --lr, raise --warmup, or use --dtype fp32"
         )
-
-
-@contextlib.contextmanager
-def _explain_out_of_memory(cfg: TrainConfig, device: torch.device):
-    """A batch that does not fit in memory is a setting to change, not a crash to debug."""
-    try:
-        yield
-    except (torch.OutOfMemoryError, RuntimeError) as e:
-        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
-            raise
-        raise TegakiError(
-            f"a batch of {cfg.batch_size} x {cfg.block_size or 'block_size'} tokens does not fit in {device} "
-            "memory; "
-            f"lower --batch-size (and raise --grad-accum to keep the tokens per step) or --block-size"
-        ) from None
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", desc="train", disable=not enabled, dynamic_ncols=True)
-
-
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed: metrics.jsonl and loss.png are enough
-        return None
-    return SummaryWriter(str(run_dir / "tb"))
 
 
 def train(
