@@ -16,6 +16,8 @@ from typing import Any
 
 from tegaki.errors import TegakiError
 
+MAX_PATTERN_LAYERS = 100_000  # --set n_layer beyond this is refused for presets with a per-layer pattern
+
 
 @dataclass
 class ModelConfig:
@@ -234,7 +236,14 @@ class ModelConfig:
                 raise TegakiError(f"--set expects field=value with a ModelConfig field, got {item!r}. Fields: {known}")
             changes[name] = _parse_value(name, types[name], raw.strip())
         if "n_layer" in changes and "layer_types" not in changes and self.layer_types:
-            # A per-layer pattern (GPT-OSS: sliding, full, sliding, ...) repeats to the new depth.
+            # A per-layer pattern (GPT-OSS: sliding, full, sliding, ...) repeats to the new depth --
+            # a list as long as the model is deep, so an absurd depth is refused before it is built.
+            if changes["n_layer"] > MAX_PATTERN_LAYERS:
+                raise TegakiError(
+                    f"--set n_layer={changes['n_layer']:,}: a per-layer pattern that deep would not fit in "
+                    f"memory (the deepest real models have a few hundred layers); ask for at most "
+                    f"{MAX_PATTERN_LAYERS:,}"
+                )
             pattern = self.layer_types
             changes["layer_types"] = [pattern[i % len(pattern)] for i in range(changes["n_layer"])]
         return self.replace(**changes)

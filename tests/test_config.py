@@ -214,3 +214,11 @@ def test_changing_depth_repeats_the_per_layer_pattern():
     assert cfg.layer_types == ["sliding", "full", "sliding"]
     deeper = ModelConfig.preset("tiny-gpt-oss").with_overrides(["n_layer=6"])
     assert deeper.layer_types == ["sliding", "full"] * 3
+
+
+def test_an_absurd_depth_for_a_per_layer_pattern_is_refused_before_it_is_built():
+    """GPT-OSS's sliding/full pattern repeats to the new depth: a billion layers would be a
+    billion-entry list. It is refused at once, with the figure."""
+    with pytest.raises(TegakiError, match=r"n_layer=1,000,000,000.*at most 100,000"):
+        ModelConfig.preset("tiny-gpt-oss").with_overrides(["n_layer=1000000000"])
+    assert ModelConfig.preset("tiny-gpt-oss").with_overrides(["n_layer=6"]).layer_types[-2:] == ["sliding", "full"]
