@@ -257,6 +257,7 @@ RUN_ENTRIES = {
     "tokenizer": r".*",
     "checkpoints": r"step_\d{6}(\.tmp|\.old)?",
     "data": r"(train|val)_\d{6}\.bin(\.tmp)?|meta\.json|prepare\.json|\..*\.tmp",
+    "chat_template.jinja": None,  # a fine-tune's template (tegaki finetune)
 }
 _LEFTOVER = re.compile(r"\..*\.(tmp|old)|\.lock")  # an atomic write's temporary file, a set-aside copy, the lock
 

@@ -120,3 +120,18 @@ def test_export_hf_of_the_base_is_untouched_by_the_tokenizer(lora_run, tmp_path)
     assert tok.encode("cat") == tokenizer_for(lora_run / "base").encode("cat")
     export_hf(from_pretrained(lora_run / "ft"), tmp_path / "hf", tokenizer=tok)
     assert (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_fresh_starts_over_but_deletes_only_what_a_fine_tune_wrote(lora_run, tmp_path, capsys):
+    """--fresh on a fine-tune folder goes through the run folder's one --fresh: it starts over, it
+    refuses a folder holding a file tegaki did not write, and the data given is never deleted."""
+    out, data = tmp_path / "ft", lora_run / "r.jsonl"
+    assert main(finetune_args(lora_run / "base", data, out, "--max-steps", "2")) == 0
+    assert main(finetune_args(lora_run / "base", data, out, "--max-steps", "2", "--fresh")) == 0
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2]  # started over, not resumed past step 2
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(finetune_args(lora_run / "base", data, out, "--max-steps", "2", "--fresh")) == 2
+    assert "did not write (notes.txt)" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine" and (out / "run.json").exists() and data.exists()

@@ -16,7 +16,6 @@ Run's `setup` hook, before the first step:
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,10 @@ from typing import Any
 import torch
 
 from tegaki.chat_template import DEFAULT_TEMPLATE, PLAIN_TEMPLATE, find_chat_template
+from tegaki.checkpoint import clear_run_folder
 from tegaki.data import BatchLoader
 from tegaki.errors import TegakiError
+from tegaki.files import atomic_write_json, atomic_write_text
 from tegaki.finetune.data import (
     PackedRows,
     describe_too_long,
@@ -109,16 +110,6 @@ def chat_template_for(model_ref: str, tokenizer, override: str | None):
     return template
 
 
-def clear_run_folder(folder: Path) -> None:
-    """--fresh: remove what a fine-tune writes, and nothing else a user may have put there."""
-    for name in ("checkpoints", "metrics.jsonl", "run.json", "loss.png", "tb", "tokenizer", "chat_template.jinja"):
-        path = folder / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
 class FineTuneSetup:
     """Run's `setup` hook for a fine-tune (see this file's docstring)."""
 
@@ -129,7 +120,7 @@ class FineTuneSetup:
     def __call__(self, run: Run) -> None:
         ft, cfg = self.ft, run.cfg
         if cfg.fresh and run.dist.is_main:
-            clear_run_folder(run.run_dir)
+            clear_run_folder(run.run_dir, {"--model": ft.model, "--data": ft.data})
         run.dist.barrier()
         run.run_dir.mkdir(parents=True, exist_ok=True)
         model = from_pretrained(ft.model)
@@ -200,8 +191,8 @@ class FineTuneSetup:
         if not (run.run_dir / "tokenizer").is_dir():
             tokenizer.save(run.run_dir / "tokenizer")
         if template.source not in (DEFAULT_TEMPLATE, PLAIN_TEMPLATE):  # serve finds it here afterwards
-            (run.run_dir / "chat_template.jinja").write_text(template.source, encoding="utf-8")
-        path.write_text(json.dumps(info, indent=2) + "\n")
+            atomic_write_text(run.run_dir / "chat_template.jinja", template.source)
+        atomic_write_json(path, info)
 
 
 def finetune(ft: FineTuneConfig, cfg: TrainConfig, plot_losses: PlotHook | None = None) -> dict[str, Any]:
