@@ -126,6 +126,12 @@ def sample_next(
         logits = apply_presence_penalty(logits, seen, settings.presence_penalty)
     if settings.temperature == 0:
         return logits.argmax(dim=-1)  # greedy: the filters below cannot change the argmax
+    probs = shaped_logits(logits, settings).softmax(dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
+
+
+def shaped_logits(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p: logits (B, V) as sampling sees them (temperature > 0)."""
     logits = logits / settings.temperature
     if settings.top_k is not None:
         logits = top_k_filter(logits, settings.top_k)
@@ -133,5 +139,13 @@ def sample_next(
         logits = top_p_filter(logits, settings.top_p)
     if settings.min_p is not None:
         logits = min_p_filter(logits, settings.min_p)
-    probs = logits.softmax(dim=-1)  # (B, V)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
+    return logits
+
+
+def sampling_distribution(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """logits (V,) -> the probabilities `sample_next` draws from under these settings (no
+    penalties), (V,); greedy puts everything on the argmax. What the page's bars show."""
+    logits = logits.float()[None]  # (1, V)
+    if settings.temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()[0]
+    return shaped_logits(logits, settings).softmax(dim=-1)[0]

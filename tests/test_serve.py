@@ -22,10 +22,9 @@ from starlette.testclient import TestClient
 from tegaki.analysis.attention import attention_maps
 from tegaki.analysis.params import count_parameters
 from tegaki.generate import generate_tokens
-from tegaki.sampling import SamplingSettings, sample_next
+from tegaki.sampling import SamplingSettings, sample_next, sampling_distribution
 from tegaki.serve.app import create_app
 from tegaki.serve.engine import DoneEvent, Engine, GenerationRequest, TokenEvent
-from tegaki.serve.insides import sampling_distribution
 from tegaki.serve.served import load_served
 
 pytestmark = pytest.mark.usefixtures("one_thread")

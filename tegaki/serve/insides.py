@@ -19,7 +19,7 @@ from tegaki.analysis.attention import attention_maps
 from tegaki.analysis.params import count_parameters
 from tegaki.analysis.trace import capture, trace
 from tegaki.errors import TegakiError
-from tegaki.sampling import SamplingSettings, min_p_filter, top_k_filter, top_p_filter
+from tegaki.sampling import SamplingSettings, sampling_distribution
 from tegaki.serve.engine import token_piece
 
 MAX_BARS = 50
@@ -45,22 +45,6 @@ def token_text(tokenizer, token_id: int) -> str:
     if piece.startswith("bytes:"):
         return "<" + " ".join(f"{b:02x}" for b in tokenizer.token_bytes(token_id)) + ">"
     return piece
-
-
-def sampling_distribution(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
-    """logits (V,) -> the probabilities `sample_next` draws from under these settings, (V,).
-    The same steps in the same order (temperature, top-k, top-p, min-p); greedy is all on the argmax."""
-    logits = logits.float()[None]  # (1, V)
-    if settings.temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()[0]
-    logits = logits / settings.temperature
-    if settings.top_k is not None:
-        logits = top_k_filter(logits, settings.top_k)
-    if settings.top_p is not None:
-        logits = top_p_filter(logits, settings.top_p)
-    if settings.min_p is not None:
-        logits = min_p_filter(logits, settings.min_p)
-    return logits.softmax(dim=-1)[0]
 
 
 @torch.inference_mode()
