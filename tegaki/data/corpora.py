@@ -124,6 +124,28 @@ def iter_records(records: Iterable[dict[str, Any]], text_column: str | None, ori
             yield f"{origin}#{i}", text
 
 
+def json_lines(path: str | os.PathLike) -> Iterator[tuple[int, str, Any]]:
+    """(line number, "FILE:N" for messages, the parsed value) for each non-blank line of a JSON-lines
+    file; a line that is not UTF-8 or not JSON is a TegakiError naming it."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise TegakiError(f"cannot read {path}: {e.strerror or e}") from None
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TegakiError(f"{where}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            raise TegakiError(f"{where}: not a JSON object ({e})") from None
+        yield number, where, value
+
+
 def _jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
     for line_no, line in enumerate(read_text_file(path).splitlines(), 1):
         if not line.strip():

@@ -9,13 +9,13 @@ a 60% score is only known to within about +-10 points.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from tegaki.data import json_lines
 from tegaki.errors import TegakiError
 from tegaki.eval.text import token_logprobs
 
@@ -30,21 +30,8 @@ class Choice:
 
 def read_tasks(path: str | Path) -> list[Choice]:
     """The items of a task file; a bad line is a TegakiError naming it."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as e:
-        raise TegakiError(f"cannot read {path}: {e.strerror or e}") from None
     items = []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            obj = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise TegakiError(f"{where}: not UTF-8 text") from None
-        except ValueError as e:
-            raise TegakiError(f"{where}: not a JSON object ({e})") from None
+    for number, where, obj in json_lines(path):
         endings = obj.get("endings") if isinstance(obj, dict) else None
         if not (
             isinstance(obj, dict)

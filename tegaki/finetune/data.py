@@ -23,13 +23,13 @@ its line number and left out, never cut mid-answer.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from tegaki.data import json_lines
 from tegaki.errors import TegakiError
 
 IGNORE = -100  # the label of a token that is not learned (F.cross_entropy's ignore_index)
@@ -63,23 +63,8 @@ def read_records(path: str | Path) -> list[Record]:
     """Every record of a .jsonl file (or a bundled set's name) as a conversation; a bad line is a
     TegakiError naming it."""
     path = records_path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise TegakiError(f"cannot read {path}: {e.strerror or e}") from None
     records = []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise TegakiError(f"{where}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
-        try:
-            obj = json.loads(text)
-        except ValueError as e:
-            raise TegakiError(f"{where}: not a JSON object ({e})") from None
+    for number, where, obj in json_lines(path):
         records.append(Record(number, to_messages(obj, where)))
     if not records:
         raise TegakiError(f"{path} holds no records (one JSON object per line)")
