@@ -320,6 +320,26 @@ _LLAMA = dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False, ti
 # each. tests/test_config.py holds them to it.
 _TINY = dict(vocab_size=4096, n_layer=4, n_head=4, n_embd=192, block_size=256)
 
+# GPT-OSS in miniature (the YaRN preset adds the scaling only).
+_TINY_GPT_OSS = dict(
+    **_TINY | _LLAMA | dict(mlp="moe"),
+    n_kv_head=2,
+    head_dim=48,
+    moe_expert="gpt-oss",
+    n_experts=4,
+    n_experts_per_tok=2,
+    intermediate_size=144,
+    moe_router_bias=True,
+    qkv_bias=True,
+    attn_out_bias=True,
+    mlp_bias=True,
+    attn_sinks=True,
+    sliding_window=64,
+    layer_types=_alternating(4),
+    rope_theta=150_000.0,
+    moe_aux_loss_coef=0.01,
+)
+
 # GPT-OSS as released: the two sizes differ only in depth and the number of experts.
 _GPT_OSS = dict(
     **_LLAMA | dict(mlp="moe"),
@@ -365,45 +385,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         norm_eps=1e-6,
         rope_theta=1_000_000.0,
     ),
-    "tiny-gpt-oss": dict(
-        **_TINY | _LLAMA | dict(mlp="moe"),
-        n_kv_head=2,
-        head_dim=48,
-        moe_expert="gpt-oss",
-        n_experts=4,
-        n_experts_per_tok=2,
-        intermediate_size=144,
-        moe_router_bias=True,
-        qkv_bias=True,
-        attn_out_bias=True,
-        mlp_bias=True,
-        attn_sinks=True,
-        sliding_window=64,
-        layer_types=_alternating(4),
-        rope_theta=150_000.0,
-        moe_aux_loss_coef=0.01,
-    ),
+    "tiny-gpt-oss": dict(_TINY_GPT_OSS),
     "tiny-gpt-oss-yarn": dict(
-        **_TINY | _LLAMA | dict(mlp="moe"),
-        n_kv_head=2,
-        head_dim=48,
-        moe_expert="gpt-oss",
-        n_experts=4,
-        n_experts_per_tok=2,
-        intermediate_size=144,
-        moe_router_bias=True,
-        qkv_bias=True,
-        attn_out_bias=True,
-        mlp_bias=True,
-        attn_sinks=True,
-        sliding_window=64,
-        layer_types=_alternating(4),
-        rope_theta=150_000.0,
-        rope_scaling="yarn",
-        rope_factor=4.0,
-        rope_original_max_len=64,
-        rope_truncate=False,
-        moe_aux_loss_coef=0.01,
+        _TINY_GPT_OSS, rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=64, rope_truncate=False
     ),
     "tiny-gated": dict(**_TINY | _LLAMA, n_kv_head=2, intermediate_size=512, attn_gate="elementwise"),
     # Real shapes (the numbers in their transformers config.json files).
