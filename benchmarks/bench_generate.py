@@ -1,11 +1,23 @@
-"""Decoding speed: tegaki against transformers' `generate` and against this machine's ceilings.
+"""Decoding speed: tegaki against transformers' `generate`, CTranslate2 and this machine's ceilings.
 
-    python benchmarks/bench_generate.py            # a few minutes on 2 cores
-    python benchmarks/bench_generate.py --quick    # fewer repeats, no long contexts
+    python benchmarks/bench_generate.py                    # 5 rounds: about half an hour on 2 cores
+    python benchmarks/bench_generate.py --quick            # one round, fewer tokens: a smoke test
+    python benchmarks/bench_generate.py --append-results   # ... and add the report to RESULTS.md
+    pip install -e ".[bench]"                              # CTranslate2 and transformers
 
 Everything is measured in one run, on GPT-2 124M shapes with random weights (speed does not
-depend on the values): the same weights go to transformers through `tegaki.load.export_hf` and
-`GPT2LMHeadModel.from_pretrained`. Batch 1, a 32-token prompt, 128 new tokens, greedy.
+depend on the values), the same weights for everybody: tegaki writes them as a transformers
+folder (`tegaki.load.export_hf`), transformers loads that folder, and CTranslate2's converter turns
+it into its own format (fp32; int8 is quantized from it when loaded). Without ctranslate2
+installed, its rows are left out with a note. Three jobs, greedy throughout:
+
+  batch 1     a 32-token prompt, 128 new tokens: tokens/s = 128 / the whole call, prefill included
+  prefill     a 512-token prompt, one new token: prompt tokens/s = 512 / the time to first token
+  batch 8     8 different 32-token prompts, 128 new tokens each: tokens/s = all 1,024 / the call
+
+The machine is shared, so every contestant runs once per round, in turn, for `--rounds` rounds:
+a row shows the median and the range over rounds, and its ratio to transformers fp32 is the
+median (and range) of the ratios within each round, which a burst of other work moves least.
 
 Ceilings, measured here too:
   bandwidth   bytes of weights read per token / measured memory-copy bandwidth
@@ -18,11 +30,17 @@ Shakespeare of a small byte-level model trained for a few hundred steps in this 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import platform
+import shlex
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,13 +49,19 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tegaki.config import ModelConfig  # noqa: E402
+from tegaki.files import atomic_write  # noqa: E402
 from tegaki.generate import generate  # noqa: E402
 from tegaki.kv_cache import KVCache  # noqa: E402
 from tegaki.load import export_hf  # noqa: E402
 from tegaki.model import GPT  # noqa: E402
 from tegaki.quant import quantize_model  # noqa: E402
 
-PROMPT, NEW = 32, 128
+PROMPT, NEW, PREFILL = 32, 128, 512
+JOBS = ("batch 1", "prefill", "batch 8")
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+# The CPU features that decide which kernels can run fast here: AMX multiplies bf16 and int8
+# tiles, AVX-512 BF16 / VNNI and AVX-VNNI do bf16 and int8 dot products in vector registers.
+CPU_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx2")
 
 
 def best_of(fn, repeats: int) -> float:
@@ -49,6 +73,34 @@ def best_of(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+# --- the machine ---------------------------------------------------------------------------------
+
+
+def cpu_description() -> tuple[str, list[str], list[str]]:
+    """(the processor's name, the CPU_FLAGS it has, those it lacks), from /proc/cpuinfo."""
+    name, flags = platform.processor() or "unknown", set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break  # every core reports the same
+    return name, [f for f in CPU_FLAGS if f in flags], [f for f in CPU_FLAGS if f not in flags]
+
+
+def versions() -> str:
+    found = [f"torch {torch.__version__}"]
+    for package in ("transformers", "ctranslate2"):
+        try:
+            found.append(f"{package} {__import__(package).__version__}")
+        except ImportError:
+            found.append(f"{package} not installed")
+    return ", ".join(found)
 
 
 # --- ceilings ------------------------------------------------------------------------------------
@@ -104,12 +156,68 @@ def weight_bytes(weights: list[torch.Tensor], mode: str) -> int:
     return n * per_param + scales
 
 
-# --- tegaki and transformers ---------------------------------------------------------------------
+def ceiling_runs(weights: list[torch.Tensor]) -> dict[str, Callable[[], object]]:
+    runs = {"copy": copy_run()}
+    for mode in ("fp32", "bf16", "int8"):
+        runs[f"matvec {mode}"] = matvec_run(weights, mode)
+    return runs
+
+
+def ceiling_of(name: str, ceiling: dict[str, float], weights: list[torch.Tensor]) -> tuple[float, float]:
+    """(seconds of the plain matvecs, tokens/s the bandwidth allows) for a row, by its dtype."""
+    mode = next(m for m in ("int8", "int4", "bf16", "fp32") if m in name)
+    mode = "int8" if mode == "int4" else mode
+    return ceiling[f"matvec {mode}"], 2 * COPY_BYTES / ceiling["copy"] / weight_bytes(weights, mode)
+
+
+def ceiling_lines(ceiling: dict[str, float], weights: list[torch.Tensor]) -> list[str]:
+    bandwidth = 2 * COPY_BYTES / ceiling["copy"]
+    lines = [
+        f"Ceilings (best of 60 tries): copy bandwidth {bandwidth / 1e9:.1f} GB/s (bytes read + written per second)"
+    ]
+    for mode in ("fp32", "bf16", "int8"):
+        mv, bw = ceiling_of(mode, ceiling, weights)
+        lines.append(
+            f"- {mode}: the linear layers as plain matvecs {mv * 1e3:.1f} ms/token = {1 / mv:.1f} tok/s; "
+            f"bandwidth: {weight_bytes(weights, mode) / 1e6:.0f} MB/token -> {bw:.1f} tok/s"
+        )
+    return lines
+
+
+# --- the contestants -----------------------------------------------------------------------------
+#
+# Each is a function (prompt ids (B, T), new tokens) -> the new tokens of each row, greedy, so that
+# the three jobs, the timing and the token checks are the same code for every engine.
+
+Run = Callable[[torch.Tensor, int], list[list[int]]]
+
+
+@dataclass
+class Contestant:
+    name: str
+    run: Run
+    jobs: tuple[str, ...] = JOBS
+
+
+# tegaki's rows: (name, mode for tegaki_variant, compiled decode step). Compiled rows run batch 1
+# only: the prompt's forward is eager anyway, and another batch size is another graph to compile.
+TEGAKI_ROWS = (
+    ("tegaki fp32", "fp32", False),
+    ("tegaki bf16", "bf16", False),
+    ("tegaki int8", "int8", False),
+    ("tegaki int4", "int4", False),
+    ("tegaki int8, fp32 activations", "int8, fp32 activations", False),
+    ("tegaki fp32, compiled", "fp32", True),
+    ("tegaki int8, fp32 activations, compiled", "int8, fp32 activations", True),
+)
 
 
 def tegaki_variant(base: GPT, mode: str) -> GPT:
+    """A copy of `base` as tegaki runs it in `mode`: the one place the rows' models are made."""
     model = GPT(base.config).eval()
     model.load_state_dict(base.state_dict())
+    if mode == "int8, fp32 activations":
+        return quantize_model(model, "int8")
     if mode in ("int8", "int4"):
         # Weight-only quantization with bf16 activations (as `--dtype bf16 --quantize int8`):
         # the packed int8 kernel multiplies in bf16 anyway, and the rest of the model then needs
@@ -120,12 +228,146 @@ def tegaki_variant(base: GPT, mode: str) -> GPT:
     return model
 
 
+def tegaki_contestant(name: str, model: GPT, compile: bool) -> Contestant:
+    def run(ids, new):
+        out = generate(model, ids, new, temperature=0, compile=compile, prepare=True)
+        return out[:, ids.shape[1] :].tolist()
+
+    return Contestant(name, run, ("batch 1",) if compile else JOBS)
+
+
+def transformers_contestant(name: str, model) -> Contestant:
+    def run(ids, new):
+        with torch.inference_mode():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        return out[:, ids.shape[1] :].tolist()
+
+    return Contestant(name, run)
+
+
+def ctranslate2_contestants(hf_folder: str, out_folder: str, vocab_size: int, threads: int) -> list[Contestant]:
+    """CTranslate2 fp32 and int8 from the transformers folder; none, with a note, without it."""
+    try:
+        import ctranslate2
+        from ctranslate2.converters import TransformersConverter
+    except ImportError:
+        print("note: ctranslate2 is not installed (pip install ctranslate2): its rows are left out", file=sys.stderr)
+        return []
+
+    # The converter reads the vocabulary from a tokenizer; these random weights have none, and
+    # CTranslate2 only needs one name per id, so the names are the ids themselves: "<0>", "<1>", ...
+    names = [f"<{i}>" for i in range(vocab_size)]
+
+    class IdNames:
+        bos_token = eos_token = unk_token = names[-1]
+
+        def get_vocab(self):
+            return {name: i for i, name in enumerate(names)}
+
+    class Converter(TransformersConverter):
+        def load_tokenizer(self, tokenizer_class, model_name_or_path, **kwargs):
+            return IdNames()
+
+    Converter(hf_folder).convert(out_folder, force=True)  # float32: int8 is quantized when loaded
+    contestants = []
+    for label, compute_type in (("fp32", "float32"), ("int8", "int8")):
+        generator = ctranslate2.Generator(
+            out_folder, device="cpu", compute_type=compute_type, intra_threads=threads, inter_threads=1
+        )
+
+        def run(ids, new, generator=generator):
+            results = generator.generate_batch(
+                [[names[i] for i in row] for row in ids.tolist()],
+                max_length=new,  # new tokens only, since the prompt is not in the result
+                sampling_topk=1,  # greedy
+                include_prompt_in_result=False,  # the prompt goes through in one forward, as a prefill
+                end_token=[],  # never stop early: random weights may well pick the EOS id
+            )
+            return [r.sequences_ids[0] for r in results]
+
+        resolved = generator.compute_type  # "int8" means int8_float32 on a CPU
+        name = f"CTranslate2 {label}" + (f" ({resolved})" if resolved != compute_type else "")
+        contestants.append(Contestant(name, run))
+    return contestants
+
+
+# --- the jobs and the rounds ---------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    name: str
+    ids: torch.Tensor  # (B, T) prompts
+    new: int  # new tokens per row
+
+    def rate(self, tokens: list[list[int]], seconds: float) -> float:
+        """tokens/s: of the prompt for the prefill (time to first token), else of new tokens."""
+        if self.name == "prefill":
+            return self.ids.numel() / seconds
+        return sum(len(row) for row in tokens) / seconds
+
+
+@dataclass
+class Row:
+    rates: list[float]  # tokens/s, one a round
+    seconds: list[float]
+    tokens: list[list[int]]  # the last round's
+
+
+def run_rounds(jobs: list[Job], contestants: list[Contestant], rounds: int) -> dict[tuple[str, str], Row]:
+    """Every contestant once per job per round, in turn, after one warm-up call each."""
+    rows = {}
+    for job in jobs:
+        for c in contestants:
+            if job.name in c.jobs:
+                print(f"warm-up: {job.name}, {c.name}", file=sys.stderr, flush=True)
+                rows[job.name, c.name] = Row([], [], c.run(job.ids, job.new))
+    for r in range(rounds):
+        for job in jobs:
+            for c in contestants:
+                if job.name not in c.jobs:
+                    continue
+                t = time.perf_counter()
+                tokens = c.run(job.ids, job.new)
+                seconds = time.perf_counter() - t
+                row = rows[job.name, c.name]
+                row.rates.append(job.rate(tokens, seconds))
+                row.seconds.append(seconds)
+                row.tokens = tokens
+        print(f"round {r + 1}/{rounds} done, load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+    return rows
+
+
+def same_prefix(tokens: list[list[int]], reference: list[list[int]]) -> str:
+    """How many of the reference's tokens each row repeats before it first differs, summed."""
+    same = 0
+    for row, ref in zip(tokens, reference):
+        same += next((i for i, (a, b) in enumerate(zip(row, ref)) if a != b), min(len(row), len(ref)))
+    return f"{same}/{sum(len(ref) for ref in reference)}"
+
+
+def spread(values: list[float], fmt: str = "{:.1f}") -> tuple[str, str]:
+    """(median, min-max) as text."""
+    return fmt.format(statistics.median(values)), f"{fmt.format(min(values))}-{fmt.format(max(values))}"
+
+
+def ratios(row: Row, reference: Row) -> list[float]:
+    return [a / b for a, b in zip(row.rates, reference.rates)]
+
+
 def per_token_at_context(model: GPT, context: int, steps: int = 8) -> float:
     """Median seconds of one cached decode step with `context` tokens already in the cache."""
     cache = KVCache(model.config, 1, context + steps + 1, dtype=model.wte.weight.dtype)
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        model(torch.randint(0, 50257, (1, context), generator=g), kv_cache=cache)
+        model(torch.randint(0, model.config.vocab_size, (1, context), generator=g), kv_cache=cache)
         token = torch.tensor([[13]])
         times = []
         for _ in range(steps):
@@ -137,7 +379,7 @@ def per_token_at_context(model: GPT, context: int, steps: int = 8) -> float:
 
 def per_token_without_cache(model: GPT, context: int, repeats: int = 3) -> float:
     """Seconds for one new token when the whole context is recomputed."""
-    ids = torch.randint(0, 50257, (1, context), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         return best_of(lambda: model(ids), repeats)
 
@@ -210,158 +452,236 @@ def perplexities(steps: int) -> tuple[dict[str, float], str]:
 # --- the run -------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> str:
+    """Run the benchmark, print its report (markdown) and return it."""
+    args = parse_args(argv)
+    command = shlex.join(["python", "benchmarks/bench_generate.py", *(sys.argv[1:] if argv is None else argv)])
+    torch.set_num_threads(args.threads)
+    if args.perplexity_only:
+        ppl, label = perplexities(args.train_steps)
+        lines = [f"Held-out perplexity ({label}):", ""]
+        lines += [f"- {mode} {value:.3f} ({value / ppl['fp32'] - 1:+.2%} vs fp32)" for mode, value in ppl.items()]
+        return finish(lines, args.append_results)
+
+    rounds = args.rounds or (1 if args.quick else 5)
+    new, prefill = (32, 128) if args.quick else (NEW, PREFILL)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    load_at_start = os.getloadavg()[0]
+
+    torch.manual_seed(0)
+    base = GPT(ModelConfig.preset(args.preset)).eval()
+    vocab, positions = base.config.vocab_size, base.config.block_size
+    if prefill + 1 > positions:
+        raise SystemExit(f"a {prefill}-token prefill does not fit preset {args.preset}'s {positions} positions")
+    weights = [w.detach() for w in linear_weights(base)]
+    g = torch.Generator().manual_seed(1)
+    jobs = [
+        Job("batch 1", torch.randint(0, vocab, (1, PROMPT), generator=g), new),
+        Job("prefill", torch.randint(0, vocab, (1, prefill), generator=g), 1),
+        Job("batch 8", torch.randint(0, vocab, (8, PROMPT), generator=g), new),
+    ]
+
+    from transformers import GPT2LMHeadModel
+
+    contestants = []
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(base, f"{tmp}/transformers")
+        hf_fp32 = GPT2LMHeadModel.from_pretrained(f"{tmp}/transformers").eval()
+        contestants.append(transformers_contestant("transformers fp32", hf_fp32))
+        # CTranslate2 holds its model in memory once loaded: the folder may go.
+        contestants += ctranslate2_contestants(f"{tmp}/transformers", f"{tmp}/ct2", vocab, args.threads)
+    for name, mode, compiled in TEGAKI_ROWS:
+        if not (compiled and args.no_compile):
+            contestants.append(tegaki_contestant(name, tegaki_variant(base, mode), compiled))
+
+    # The ceilings take milliseconds: many tries before the rounds and after, so that one quiet
+    # moment is enough.
+    runs = ceiling_runs(weights)
+    ceiling = {name: best_of(fn, 30) for name, fn in runs.items()}
+    rows = run_rounds(jobs, contestants, rounds)
+    ceiling = {name: min(ceiling[name], best_of(fn, 30)) for name, fn in runs.items()}
+    hf_bf16 = None
+    if not args.quick:
+        # transformers in bf16 runs once, batch 1, outside the rounds: GPT-2's Conv1D keeps its
+        # weights as (in, out), and torch.addmm with such a bf16 matrix took a slow generic gemm
+        # on the AVX2 machine of the earlier sections (~20x slower than fp32 per matmul).
+        run = transformers_contestant("transformers bf16", _hf_bf16(hf_fp32)).run
+        t = time.perf_counter()
+        hf_bf16 = jobs[0].rate(run(jobs[0].ids, new), time.perf_counter() - t)
+
+    lines = header_lines(args, command, started, load_at_start, base, rounds, contestants)
+    lines += ["", *ceiling_lines(ceiling, weights)]
+    lines += ["", *token_checks(rows, jobs)]
+    for job in jobs:
+        lines += ["", f"**{job_title(job)}**", "", *job_table(job, rows, contestants, ceiling, weights)]
+        if job.name == "batch 1" and hf_bf16 is not None:
+            x = hf_bf16 / statistics.median(rows[job.name, "transformers fp32"].rates)
+            lines += ["", f"transformers bf16, batch 1, one run after the rounds: {hf_bf16:.1f} tokens/s ({x:.2f}x)."]
+    lines += ["", "(int4 and CTranslate2 int8 are set against tegaki's int8 ceilings: bf16 activations, int8 weights.)"]
+    if not args.quick:
+        lines += ["", *context_lines(tegaki_variant(base, "fp32"))]
+    ids = torch.randint(0, vocab, (4, 128), generator=torch.Generator().manual_seed(2))
+    lines += ["", f"Quality, {args.preset} shapes with random weights, logits against tegaki fp32:"]
+    for mode, (rel, agree) in logit_error(base, ids).items():
+        lines.append(f"- {mode}: relative logit error {rel:.4f}, argmax agrees {agree:.1%}")
+    if not args.skip_perplexity:
+        ppl, label = perplexities(args.train_steps if not args.quick else 100)
+        lines += ["", f"Perplexity ({label}): " + ", ".join(f"{m} {p:.3f}" for m, p in ppl.items())]
+    lines += ["", f"Load average at the end: {os.getloadavg()[0]:.1f}."]
+    return finish(lines, args.append_results)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="one round, 32 new tokens, a 128-token prefill")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of every contestant (default 5, quick 1)")
+    parser.add_argument("--preset", default="gpt2", help="the model's shape, a tegaki preset (default gpt2)")
     parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--perplexity-only", action="store_true", help="only the quality table")
     parser.add_argument("--skip-perplexity", action="store_true", help="the speed tables only")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.perplexity_only:
-        ppl, label = perplexities(args.train_steps)
-        print(f"held-out perplexity ({label}):")
-        for mode, value in ppl.items():
-            print(f"  {mode:5s} {value:8.3f}  ({value / ppl['fp32'] - 1:+.2%} vs fp32)")
-        return
-    rounds = 2 if args.quick else args.rounds
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
-
-    torch.manual_seed(0)
-    base = GPT(ModelConfig.preset("gpt2")).eval()
-    prompt = torch.randint(0, 50257, (1, PROMPT), generator=torch.Generator().manual_seed(1))
-    weights = [w.detach() for w in linear_weights(base)]
-
-    # Everything that is timed, as name -> a function running it once. They run round-robin,
-    # `rounds` times, and each keeps its best time: a burst of other work on the machine then
-    # hurts every contestant alike instead of one of them.
-    from transformers import GPT2LMHeadModel
-
-    with tempfile.TemporaryDirectory() as tmp:
-        export_hf(base, tmp)
-        hf_fp32 = GPT2LMHeadModel.from_pretrained(tmp).eval()
-    hf = {"fp32": hf_fp32, "bf16": _hf_bf16(hf_fp32)}
-    ours = {mode: tegaki_variant(base, mode) for mode in ("fp32", "bf16", "int8", "int4")}
-    outputs = {}
-
-    def hf_run(mode):
-        def run():
-            with torch.inference_mode():
-                outputs[f"hf {mode}"] = hf[mode].generate(
-                    prompt, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0
-                )
-
-        return run
-
-    def tegaki_run(mode, compile=False):
-        def run():
-            outputs[f"tegaki {mode}"] = generate(ours[mode], prompt, NEW, temperature=0, compile=compile, prepare=True)
-
-        return run
-
-    timed = {"copy 256 MiB": copy_run()}
-    for mode in ("fp32", "bf16", "int8"):
-        timed[f"matvec {mode}"] = matvec_run(weights, mode)
-    timed["transformers generate fp32"] = hf_run("fp32")
-    for mode in ("fp32", "bf16", "int8", "int4"):
-        timed[f"tegaki {mode}"] = tegaki_run(mode)
-    ours["int8, fp32 activations"] = quantize_model(tegaki_variant(base, "fp32"), "int8")
-    timed["tegaki int8, fp32 activations"] = tegaki_run("int8, fp32 activations")
-    if not args.no_compile:
-        # --compile: the decode step through torch.compile (inductor). Its warm-up call compiles
-        # (tens of seconds), and is not timed.
-        ours["fp32 compiled"] = tegaki_variant(base, "fp32")
-        timed["tegaki fp32, compiled"] = tegaki_run("fp32 compiled", compile=True)
-        ours["int8 compiled"] = quantize_model(tegaki_variant(base, "fp32"), "int8")
-        timed["tegaki int8, fp32 activations, compiled"] = tegaki_run("int8 compiled", compile=True)
-    best = {name: float("inf") for name in timed}
-    for fn in timed.values():
-        fn()  # warm-up
-    for _ in range(rounds):
-        for name, fn in timed.items():
-            t = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t)
-
-    # transformers in bf16 is timed once, outside the rounds: GPT-2's Conv1D keeps its weights as
-    # (in, out), and torch.addmm with such a bf16 matrix takes a slow generic gemm on this CPU
-    # build (~20x slower than fp32 per matmul), so one run already takes tens of seconds.
-    hf_bf16 = hf_run("bf16")
-    t = time.perf_counter()
-    hf_bf16()
-    best["transformers generate bf16"] = time.perf_counter() - t
-    timed["transformers generate bf16"] = hf_bf16
-
-    # The ceilings take milliseconds: give them many more tries, so one quiet moment is enough.
-    for name in [n for n in timed if n.startswith(("copy", "matvec"))]:
-        best[name] = min(best[name], best_of(timed[name], 30))
-
-    bandwidth = 2 * COPY_BYTES / best["copy 256 MiB"]
-    print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (bytes read + written per second)")
-    ceilings = {}
-    for mode in ("fp32", "bf16", "int8"):
-        mv = best[f"matvec {mode}"]
-        bw_tps = bandwidth / weight_bytes(weights, mode)
-        ceilings[mode] = (mv, bw_tps)
-        print(
-            f"ceiling {mode}: linear layers as plain matvecs {mv * 1e3:.1f} ms/token = {1 / mv:.1f} tok/s; "
-            f"bandwidth {weight_bytes(weights, mode) / 1e6:.0f} MB/token -> {bw_tps:.1f} tok/s"
-        )
-    print()
-    same = torch.equal(outputs["tegaki fp32"], outputs["hf fp32"])
-    print(f"greedy tokens, tegaki fp32 == transformers fp32: {same}")
-    if not args.no_compile:
-        for eager, compiled in (("fp32", "fp32 compiled"), ("int8, fp32 activations", "int8 compiled")):
-            same = torch.equal(outputs[f"tegaki {eager}"], outputs[f"tegaki {compiled}"])
-            print(f"greedy tokens, tegaki {compiled} == tegaki {eager}: {same}")
-
-    print()
-    print(
-        "| run | tokens/s | ms/token | vs transformers fp32 | vs transformers, same dtype | of matvec ceiling "
-        "| of bandwidth ceiling |"
+    parser.add_argument(
+        "--append-results",
+        nargs="?",
+        const=str(RESULTS),
+        metavar="FILE",
+        help="append the report as a new section to FILE (default benchmarks/RESULTS.md)",
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    hf_tps = {mode: NEW / best[f"transformers generate {mode}"] for mode in ("fp32", "bf16")}
-    names = ["transformers generate fp32", "transformers generate bf16"] + [n for n in timed if n.startswith("tegaki")]
+    return parser.parse_args(argv)
+
+
+def header_lines(args, command, started, load_at_start, base, rounds, contestants) -> list[str]:
+    """The section's title, and what was run where: the command, the machine, the versions."""
+    name, have, lack = cpu_description()
+    when = f"{started:%Y-%m-%d %H:%M} UTC"
+    machine = (
+        f'Command: `{command}`, {when}. Machine: {os.cpu_count()} cores of "{name}"; CPU flags present: '
+        f"{' '.join(have) or 'none of these'}; absent: {' '.join(lack) or 'none'} (torch's CPU capability: "
+        f"{torch.backends.cpu.get_cpu_capability()}). {versions()}; {torch.get_num_threads()} threads "
+        f"(CTranslate2: intra_threads={args.threads}, inter_threads=1). Load average {load_at_start:.1f} at the start."
+    )
+    model = (
+        f"Model: preset `{args.preset}` ({sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters), "
+        "random weights, the same for every engine (tegaki -> `export_hf` -> transformers -> CTranslate2's "
+        f"converter). Greedy. {rounds} round(s), every contestant once per round in turn; a figure is the "
+        "median over rounds with its range, and `x transformers fp32` the median (range) of the ratios within "
+        "each round."
+    )
+    lines = [f"## Generation side by side: tegaki, transformers and CTranslate2 ({when})", ""]
+    lines += [paragraph(machine), "", paragraph(model)]
+    if not any(c.name.startswith("CTranslate2") for c in contestants):
+        lines += ["", "ctranslate2 is not installed (`pip install ctranslate2`): its rows are left out."]
+    return lines
+
+
+def paragraph(text: str) -> str:
+    """Wrapped as RESULTS.md is, at 100 columns."""
+    return textwrap.fill(text, 100, break_long_words=False, break_on_hyphens=False)
+
+
+def job_table(job: Job, rows, contestants: list[Contestant], ceiling, weights) -> list[str]:
+    """One job's table: a row per contestant, against transformers fp32 in the same rounds."""
+    reference = rows[job.name, "transformers fp32"]
+    names = [c.name for c in contestants if job.name in c.jobs]
+    if job.name == "prefill":
+        lines = ["| run | prompt tokens/s | range | ms to first token | x transformers fp32 | range |"]
+        lines.append("| --- | ---: | ---: | ---: | ---: | ---: |")
+    else:
+        lines = [
+            "| run | tokens/s | range | x transformers fp32 | range | new tokens | same tokens as transformers fp32 |"
+        ]
+        lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    if job.name == "batch 1":
+        lines[0] += " of matvec ceiling | of bandwidth ceiling |"
+        lines[1] += " ---: | ---: |"
     for name in names:
-        tps = NEW / best[name]
-        mode = next(m for m in ("int8", "int4", "bf16", "fp32") if m in name)
-        mv, bw = ceilings["int8" if mode == "int4" else mode]
-        same_dtype = f"{tps / hf_tps[mode]:.2f}x" if mode in hf_tps else "-"
-        print(
-            f"| {name} | {tps:.1f} | {1e3 / tps:.1f} | {tps / hf_tps['fp32']:.2f}x | {same_dtype} | "
-            f"{tps * mv:.0%} | {tps / bw:.0%} |"
-        )
-    print("(int4 is compared with the int8 ceilings: its own would be about half their bytes)")
+        row = rows[job.name, name]
+        tps, tps_range = spread(row.rates)
+        x, x_range = spread(ratios(row, reference), "{:.2f}")
+        if job.name == "prefill":
+            ms = statistics.median(row.seconds) * 1e3
+            lines.append(f"| {name} | {tps} | {tps_range} | {ms:.0f} | {x}x | {x_range} |")
+            continue
+        produced = sum(len(t) for t in row.tokens)
+        same = same_prefix(row.tokens, reference.tokens)
+        line = f"| {name} | {tps} | {tps_range} | {x}x | {x_range} | {produced} | {same} |"
+        if job.name == "batch 1":
+            mv, bw = ceiling_of(name, ceiling, weights)
+            rate = statistics.median(row.rates)
+            line += f" {rate * mv:.0%} | {rate / bw:.0%} |"
+        lines.append(line)
+    return lines
 
-    if not args.quick:
-        fp32 = ours["fp32"]
-        print()
-        print("| context | ms/token with the cache (fp32) |")
-        print("| ---: | ---: |")
-        times = {}
-        for context in (64, 256, 1024 - 16):
-            times[context] = per_token_at_context(fp32, context)
-            print(f"| {context} | {times[context] * 1e3:.1f} |")
-        print(f"context {1024 - 16} / context 64: {times[1024 - 16] / times[64]:.2f}x")
-        no_cache = per_token_without_cache(fp32, 512)
-        with_cache = per_token_at_context(fp32, 512)
-        print(
-            f"at 512 tokens: without cache {no_cache * 1e3:.0f} ms/token, with {with_cache * 1e3:.1f} "
-            f"ms/token: {no_cache / with_cache:.0f}x"
-        )
 
-    print()
-    ids = torch.randint(0, 50257, (4, 128), generator=torch.Generator().manual_seed(2))
-    for mode, (rel, agree) in logit_error(base, ids).items():
-        print(f"GPT-2 shapes, random weights, {mode}: relative logit error {rel:.4f}, argmax agrees {agree:.1%}")
-    if not args.skip_perplexity:
-        ppl, label = perplexities(args.train_steps if not args.quick else 100)
-        print(f"perplexity ({label}): " + ", ".join(f"{m} {p:.3f}" for m, p in ppl.items()))
-    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+def job_title(job: Job) -> str:
+    B, T = job.ids.shape
+    if job.name == "prefill":
+        return f"Prefill: a {T}-token prompt, time to first token (prompt tokens/s = {T} / that time)"
+    if B == 1:
+        return f"Batch 1: a {T}-token prompt, {job.new} new tokens (tokens/s = {job.new} / the call, prefill included)"
+    return (
+        f"Batch {B}: {B} different {T}-token prompts, {job.new} new tokens each (tokens/s = {B * job.new} / the call)"
+    )
+
+
+def token_checks(rows: dict[tuple[str, str], Row], jobs: list[Job]) -> list[str]:
+    """Greedy decoding from the same weights should give the same tokens; float rounding in another
+    order may flip a near tie, after which two runs part ways for good."""
+    new = {job.name: job.new for job in jobs}
+    short = [
+        f" {name}, {job}: {sum(len(t) for t in row.tokens)} new tokens of {len(row.tokens) * new[job]}."
+        for (job, name), row in rows.items()
+        if any(len(t) != new[job] for t in row.tokens)
+    ]
+    lines = [f"Every contestant made exactly the new tokens asked for: {'no.' if short else 'yes.'}" + "".join(short)]
+    lines += ["", "Greedy tokens against transformers fp32 (tokens repeated before the first difference):"]
+    for job in ("batch 1", "batch 8"):
+        reference = rows[job, "transformers fp32"].tokens
+        for name in ("tegaki fp32", "CTranslate2 fp32"):
+            if (job, name) in rows:
+                lines.append(f"- {job}, {name}: {same_prefix(rows[job, name].tokens, reference)}")
+    for compiled, eager in (
+        ("tegaki fp32, compiled", "tegaki fp32"),
+        ("tegaki int8, fp32 activations, compiled", "tegaki int8, fp32 activations"),
+    ):
+        if ("batch 1", compiled) in rows and ("batch 1", eager) in rows:
+            same = rows["batch 1", compiled].tokens == rows["batch 1", eager].tokens
+            lines.append(f"- batch 1, {compiled} == {eager}: {same}")
+    return lines
+
+
+def context_lines(fp32: GPT) -> list[str]:
+    lines = ["| context | ms/token with the cache (tegaki fp32) |", "| ---: | ---: |"]
+    times = {}
+    for context in (64, 256, 1024 - 16):
+        times[context] = per_token_at_context(fp32, context)
+        lines.append(f"| {context} | {times[context] * 1e3:.1f} |")
+    no_cache = per_token_without_cache(fp32, 512)
+    with_cache = per_token_at_context(fp32, 512)
+    return lines + [
+        "",
+        f"Context {1024 - 16} / context 64: {times[1024 - 16] / times[64]:.2f}x. At 512 tokens: without the cache "
+        f"{no_cache * 1e3:.0f} ms/token, with it {with_cache * 1e3:.1f} ms/token: {no_cache / with_cache:.0f}x.",
+    ]
+
+
+def finish(lines: list[str], results: str | None) -> str:
+    """Print the report; with --append-results, add it to the end of that file as a new section."""
+    report = "\n".join(lines) + "\n"
+    print(report, end="")
+    if results:
+        append_section(Path(results), report)
+        print(f"appended to {results}", file=sys.stderr)
+    return report
+
+
+def append_section(path: Path, section: str) -> None:
+    """Add `section` after everything already in `path`, which stays byte for byte as it was. The
+    new file is written beside it and renamed over it: a crash leaves the old file or the new one."""
+    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
+    new = old + ("" if old.endswith("\n") else "\n") + "\n" + section
+    atomic_write(path, lambda tmp: Path(tmp).write_text(new, encoding="utf-8"))
 
 
 def _hf_bf16(hf_fp32):

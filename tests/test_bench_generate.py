@@ -1,0 +1,57 @@
+"""benchmarks/bench_generate.py runs end to end, and its report goes to the end of a results file
+without changing what was there. A tiny model and one quick round keep it cheap; CTranslate2 is
+optional, so its rows are checked only where it is installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
+
+
+def load_bench():
+    if "bench_generate" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_generate", BENCH)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_generate"] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["bench_generate"]
+
+
+@pytest.mark.slow  # about 20 seconds on two cores
+def test_bench_generate_runs_and_appends_its_report(tmp_path):
+    pytest.importorskip("transformers")
+    bench = load_bench()
+    results = tmp_path / "RESULTS.md"
+    before = "# Benchmark results\n\n## An earlier section\n\nkept byte for byte, even without a final newline"
+    results.write_text(before, encoding="utf-8")
+    args = ["--preset", "tiny", "--quick", "--no-compile", "--skip-perplexity", "--append-results", str(results)]
+    report = bench.main(args)
+
+    after = results.read_text(encoding="utf-8")
+    assert after.startswith(before) and after.endswith(report)
+    assert report.startswith("## Generation side by side")
+    assert "bench_generate.py --preset tiny --quick" in report  # the command is recorded
+    assert "CPU flags present:" in report and "threads" in report
+    for title in ("**Batch 1:", "**Prefill:", "**Batch 8:"):
+        assert title in report
+    for row in ("transformers fp32", "tegaki fp32", "tegaki bf16", "tegaki int8", "tegaki int4"):
+        assert f"| {row} |" in report
+    assert "Every contestant made exactly the new tokens asked for: yes." in report
+    assert "- batch 1, tegaki fp32: 32/32" in report  # greedy tokens as transformers'
+    assert "- batch 8, tegaki fp32: 256/256" in report
+    if importlib.util.find_spec("ctranslate2") is not None:
+        assert "| CTranslate2 fp32 |" in report and "| CTranslate2 int8" in report
+    else:
+        assert "ctranslate2 is not installed" in report
+
+
+def test_without_ctranslate2_its_rows_are_left_out(monkeypatch, capsys):
+    bench = load_bench()
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)  # `import ctranslate2` now fails
+    assert bench.ctranslate2_contestants("unused", "unused", vocab_size=16, threads=1) == []
+    assert "ctranslate2 is not installed" in capsys.readouterr().err
