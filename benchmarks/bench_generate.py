@@ -201,6 +201,8 @@ class Contestant:
 
 # tegaki's rows: (name, mode for tegaki_variant, compiled decode step). Compiled rows run batch 1
 # only: the prompt's forward is eager anyway, and another batch size is another graph to compile.
+# When tegaki's fast paths or `generate`'s defaults change, these rows, tegaki_variant and
+# tegaki_contestant are all that move.
 TEGAKI_ROWS = (
     ("tegaki fp32", "fp32", False),
     ("tegaki bf16", "bf16", False),
@@ -527,7 +529,8 @@ def main(argv: list[str] | None = None) -> str:
     if not args.skip_perplexity:
         ppl, label = perplexities(args.train_steps if not args.quick else 100)
         lines += ["", f"Perplexity ({label}): " + ", ".join(f"{m} {p:.3f}" for m, p in ppl.items())]
-    lines += ["", f"Load average at the end: {os.getloadavg()[0]:.1f}."]
+    minutes = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60
+    lines += ["", f"Load average at the end: {os.getloadavg()[0]:.1f}; the run took {minutes:.1f} minutes."]
     return finish(lines, args.append_results)
 
 
@@ -556,7 +559,7 @@ def header_lines(args, command, started, load_at_start, base, rounds, contestant
     name, have, lack = cpu_description()
     when = f"{started:%Y-%m-%d %H:%M} UTC"
     machine = (
-        f'Command: `{command}`, {when}. Machine: {os.cpu_count()} cores of "{name}"; CPU flags present: '
+        f'Machine: {os.cpu_count()} cores of "{name}"; CPU flags present: '
         f"{' '.join(have) or 'none of these'}; absent: {' '.join(lack) or 'none'} (torch's CPU capability: "
         f"{torch.backends.cpu.get_cpu_capability()}). {versions()}; {torch.get_num_threads()} threads "
         f"(CTranslate2: intra_threads={args.threads}, inter_threads=1). Load average {load_at_start:.1f} at the start."
@@ -569,7 +572,7 @@ def header_lines(args, command, started, load_at_start, base, rounds, contestant
         "each round."
     )
     lines = [f"## Generation side by side: tegaki, transformers and CTranslate2 ({when})", ""]
-    lines += [paragraph(machine), "", paragraph(model)]
+    lines += [f"Command: `{command}`, {when}.", "", paragraph(machine), "", paragraph(model)]
     if not any(c.name.startswith("CTranslate2") for c in contestants):
         lines += ["", "ctranslate2 is not installed (`pip install ctranslate2`): its rows are left out."]
     return lines
