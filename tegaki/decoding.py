@@ -1,20 +1,32 @@
-"""Preparing a loaded model for decoding on a CPU: wide matrices stored the way one token reads them.
+"""Decoding on a CPU: the weights of the linear layers in the layout the CPU's matmul library reads.
 
-Decoding one token multiplies one vector by every weight matrix; the largest is the LM head (GPT-2:
-50,257 x 768, 154 MB in float32). nn.Linear keeps a weight as (out, in), row after row; for a single
-vector and out >= in, CPU BLAS streams the transposed copy, (in, out) row after row, faster (1.7x
-for GPT-2's head on the 2-core AVX-512 machine of benchmarks/RESULTS.md, 20-40% for q/k/v and the
-MLP's up projection on an AVX2 one; narrower outputs gain nothing).
+Decoding one token multiplies one vector by every weight matrix, so its time is the time to stream
+every weight from memory once. nn.Linear keeps W as (out, in), row after row, and hands it to a
+general matmul that re-blocks it on every call. oneDNN (PyTorch's CPU kernel library, "mkldnn")
+can re-block a weight once, ahead of time, into the tiles its kernels for this CPU (AVX2, AVX-512,
+AMX) stream fastest; `torch.ops.mkldnn._linear_pointwise` then multiplies by the packed weight.
+On GPT-2 124M shapes that halves the matmul time of a decode step in float32 and in bfloat16
+(benchmarks/RESULTS.md); the values, and so the logits, are those of nn.Linear up to the order of
+the additions (tests/test_decoding.py).
 
-`prepare_for_decoding(model)` swaps those layers for `DecodingHead`s, which hold that copy: same
-values, same logits (tests/test_decoding.py). It is applied from outside, once, by the code that decodes --
-`tegaki generate`, `tegaki serve`, `generate(..., prepare=True)` -- and it is one way: the copy is not a
-parameter, so the prepared model refuses to train (a tied head would otherwise drift from the
-embedding it copies). Reload the model to train it. A tied head costs one more copy of the
-embedding's memory.
+`PackedLinear` is that layer; it keeps the original weight (the readable twin,
+`forward_reference`, and what `state_dict` saves) and packs it again if the weight changes.
+Two ways to use it, both module swaps from outside the model:
+
+- `decoding_layout(model)`: for the length of a `with` block, then the model is as it was. This is
+  what `generate` does by default, so `model.generate(...)` is fast without a flag.
+- `prepare_for_decoding(model)`: once and for good, for code that only decodes (`tegaki generate`,
+  `tegaki serve`). A prepared model refuses to train: reload it to train it.
+
+Layers are swapped only where oneDNN serves them: float32 (and bfloat16 where the CPU multiplies it
+in hardware) on the CPU. Quantized layers and GPU layers are left as they are. The packed copy
+costs one more copy of each swapped weight's memory while it exists.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -23,47 +35,101 @@ import torch.nn.functional as F
 from tegaki.errors import TegakiError
 
 
-class DecodingHead(nn.Module):
-    """y = x @ W^T with W^T stored contiguously: nn.Linear's output, read in the faster order."""
+def bf16_matmul_in_hardware() -> bool:
+    """oneDNN multiplies bfloat16 natively (AVX-512 BF16 or AMX); elsewhere it is emulated, slowly."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def weight_key(weight: torch.Tensor) -> tuple:
+    """What changes when a weight is replaced or written in place. A tensor made under
+    torch.inference_mode keeps no version count; it cannot be written in place outside one either."""
+    version = None if weight.is_inference() else weight._version
+    return (weight.data_ptr(), version, weight.dtype)
+
+
+def packable(linear: nn.Module) -> bool:
+    """An nn.Linear that oneDNN's packed kernels serve on this machine."""
+    if not isinstance(linear, nn.Linear) or not torch.backends.mkldnn.is_available():
+        return False
+    w = linear.weight
+    if w.device.type != "cpu":
+        return False
+    return w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and bf16_matmul_in_hardware())
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b, with W also held in oneDNN's packed layout: nn.Linear's output, read faster."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        with torch.no_grad():
-            self.register_buffer("weight_t", linear.weight.detach().t().contiguous())  # (C, V)
-            bias = None if linear.bias is None else linear.bias.detach().clone()
-        self.register_buffer("bias", bias)
+        self.register_buffer("weight", linear.weight.detach())  # the same storage: no copy
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+        self.packed: torch.Tensor | None = None  # an opaque oneDNN tensor: never saved, rebuilt on need
+        self.packed_from: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # weight_t.t() is W as a (V, C) view over the transposed storage: nn.Linear's own call,
-        # which hands BLAS the layout it streams fastest for one row of x.
-        return F.linear(x, self.weight_t.t(), self.bias)  # (..., C) -> (..., V)
+        if x.dtype != self.weight.dtype:  # the packed kernel takes the weight's dtype only
+            return self.forward_reference(x)
+        # Pack again if the weight was replaced or written in place (load_state_dict, .to(...)).
+        key = weight_key(self.weight)
+        if self.packed is None or key != self.packed_from:
+            # The batch size is a hint for the tile shape: 1, the decode step's, which is what
+            # this layout is for (a 512-token prefill through it is still faster than nn.Linear).
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)
+            self.packed_from = key
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The readable twin: nn.Linear's own call."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+    def __getstate__(self):
+        # deepcopy and pickling cannot read an opaque oneDNN tensor; the copy packs its own.
+        state = self.__dict__.copy()
+        state["packed"], state["packed_from"] = None, None
+        return state
 
     def train(self, mode: bool = True):
         if mode:
             raise TegakiError(
-                "this model was prepared for decoding (its LM head is a copy for reading, not a parameter); "
-                "load it again to train it"
+                "this model was prepared for decoding (its linear layers hold packed copies for reading, "
+                "not parameters); load it again to train it"
             )
         return super().train(mode)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, stored transposed for decoding"
+        return f"in={self.in_features}, out={self.out_features}, {self.weight.dtype}, oneDNN packed"
+
+
+def _swap_in(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Put a PackedLinear where each packable nn.Linear was; return (parent, name, original)."""
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if packable(module):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, PackedLinear(module))
+            swapped.append((parent, child, module))
+    return swapped
 
 
 def prepare_for_decoding(model: nn.Module) -> nn.Module:
-    """Swap every float32 nn.Linear on the CPU whose output is at least as wide as its input (the
-    LM head, q/k/v, the MLP's up projection) for a DecodingHead: the fixed rule of
-    benchmarks/RESULTS.md, where those streamed faster transposed and the others did not. Quantized
-    layers and GPU layers are left as they are. In place; returns the model, in eval mode."""
-    for name, module in list(model.named_modules()):
-        if (
-            isinstance(module, nn.Linear)
-            and module.weight.dtype == torch.float32
-            and module.weight.device.type == "cpu"
-            and module.out_features >= module.in_features
-        ):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, DecodingHead(module))
+    """Swap every packable nn.Linear for a PackedLinear, for good. In place; returns the model, in
+    eval mode (which it then keeps: training it is refused)."""
+    _swap_in(model)
     return model.eval()
+
+
+@contextmanager
+def decoding_layout(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with packed linear layers for the length of the block, then exactly as before
+    (the same nn.Linear objects, the same parameters, the same train/eval mode)."""
+    swapped = _swap_in(model)
+    try:
+        yield model
+    finally:
+        for parent, child, original in reversed(swapped):
+            setattr(parent, child, original)

@@ -46,14 +46,56 @@ def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.devi
 
 def pick_dtype(name: str, device: torch.device) -> str:
     """'auto' | 'fp32' | 'bf16' | 'fp16' -> one of DTYPES' names. 'auto' is bf16 on a GPU that has
-    it (tensor cores), fp32 elsewhere."""
+    it (tensor cores) and on a CPU with AMX (its matrix units multiply bf16 at several times the
+    float32 rate), fp32 elsewhere."""
     if name not in ("auto", *DTYPES):
         raise TegakiError(f"--dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
     if name != "auto":
         return name
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
+    if device.type == "cpu" and cpu_has("amx_bf16"):
+        return "bf16"
     return "fp32"
+
+
+# -------------------------------------------------------------------------------------------------
+# What the CPU can do
+# -------------------------------------------------------------------------------------------------
+
+# The flags that decide tegaki's CPU paths, as /proc/cpuinfo names them: AMX (matrix units for bf16
+# and int8), AVX-512 with its bf16 and int8 dot products (VNNI), AVX2 (every x86 CPU since 2013).
+CPU_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx2")
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags (Linux). Elsewhere, the best PyTorch's own dispatcher reports:
+    "avx512" or "avx2" (no AMX/VNNI detail, so the cautious paths are taken)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    capability = torch.backends.cpu.get_cpu_capability().lower()  # "AVX512", "AVX2", "DEFAULT", ...
+    return frozenset({"avx512f", "avx2"} if capability.startswith("avx512") else {"avx2"} & {capability})
+
+
+_FLAGS: frozenset[str] | None = None
+
+
+def cpu_has(flag: str) -> bool:
+    """Whether this machine's CPU has `flag` (read once)."""
+    global _FLAGS
+    if _FLAGS is None:
+        _FLAGS = cpu_flags()
+    return flag in _FLAGS
+
+
+def cpu_summary() -> str:
+    """The flags of CPU_FLAGS this CPU has, for benchmark records: "avx2 avx512f avx512_vnni"."""
+    return " ".join(f for f in CPU_FLAGS if cpu_has(f)) or "none of " + " ".join(CPU_FLAGS)
 
 
 def memory_bytes(device: torch.device | str) -> int | None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 
 import torch
 
-from tegaki.decoding import prepare_for_decoding
+from tegaki.decoding import decoding_layout, prepare_for_decoding
 from tegaki.errors import TegakiError
 from tegaki.kv_cache import KVCache
 from tegaki.sampling import SamplingSettings, sample_next
@@ -160,7 +161,7 @@ def generate(
     generator: torch.Generator | None = None,
     compile: bool | str = False,
     sampling: SamplingSettings | None = None,
-    prepare: bool = False,
+    prepare: bool | None = None,
     **sampling_keywords,
 ) -> torch.Tensor:
     """Sample max_new_tokens after input_ids (B, T); return (B, T + n) ids, prompt included.
@@ -172,17 +173,18 @@ def generate(
     `stop_strings` (needs `tokenizer` to decode; the token completing it is kept); finished rows are
     filled with pad_id until every row has stopped, and the output is cut at the longest row.
     `compile=True` runs the decode step through torch.compile (a string names the backend, e.g.
-    "aot_eager"). `prepare=True` first stores the LM head the way decoding reads it
-    (`decoding.prepare_for_decoding`: faster on a CPU, same logits, one way -- the model then
-    refuses to train).
+    "aot_eager"). On the CPU the linear layers are read in oneDNN's packed layout
+    (`decoding.py`: the same logits, about twice the speed): by default (prepare=None) for this
+    call only, the model as it was afterwards; `prepare=True` swaps them for good (the model then
+    refuses to train); `prepare=False` decodes through the plain layers.
     """
-    if prepare:
-        prepare_for_decoding(model)
     if sampling is not None and sampling_keywords:
         raise TegakiError("give either sampling=SamplingSettings(...) or its fields as keywords, not both")
     settings = sampling or SamplingSettings.from_keywords(**sampling_keywords)
     if stop_strings and tokenizer is None:
         raise TegakiError("stop_strings need a tokenizer to decode the generated text")
+    if prepare:
+        prepare_for_decoding(model)
     B = input_ids.shape[0]
     stop_set = torch.as_tensor(sorted(set(stop_tokens or [])), dtype=torch.long, device=input_ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -202,20 +204,22 @@ def generate(
         decode_step=step,
     )
     check_stops = stop_set.numel() > 0 or bool(stop_strings)
-    for token in tokens:
-        token = torch.where(done, torch.full_like(token, pad_id), token) if check_stops else token
-        new_tokens.append(token)
-        if not check_stops:
-            continue
-        if stop_set.numel():
-            done |= torch.isin(token, stop_set)
-        if stop_strings:
-            history = torch.stack(new_tokens, dim=1)  # (B, n)
-            for b in range(B):
-                if not done[b] and ends_with_stop_string(tokenizer, history[b].tolist(), stop_strings):
-                    done[b] = True
-        if bool(done.all()):
-            break
+    with decoding_layout(model) if prepare is None and not compile else nullcontext():
+        for token in tokens:
+            token = torch.where(done, torch.full_like(token, pad_id), token) if check_stops else token
+            new_tokens.append(token)
+            if not check_stops:
+                continue
+            if stop_set.numel():
+                done |= torch.isin(token, stop_set)
+            if stop_strings:
+                history = torch.stack(new_tokens, dim=1)  # (B, n)
+                for b in range(B):
+                    if not done[b] and ends_with_stop_string(tokenizer, history[b].tolist(), stop_strings):
+                        done[b] = True
+            if bool(done.all()):
+                break
+        tokens.close()  # the loop ends inside the layout, whether it ran out or stopped early
     if not new_tokens:
         return input_ids.clone()
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

@@ -12,17 +12,29 @@ int4, per group of `group_size` inputs in each row, asymmetric (a zero point per
     scale = (max - min) / 15      q = round((W - min) / scale) in [0, 15]
     W ~= (q - 8) * scale + zero   with zero = min + 8 * scale
 
-Each layer has a readable path (dequantize, then an ordinary matmul) and a fast path (PyTorch's
-packed CPU kernels: `_weight_int8pack_mm` with bf16 activations, `_weight_int4pack_mm_for_cpu`);
-tests/test_quant.py proves they agree.
+Each layer has a readable path (dequantize, then an ordinary matmul) and a fast path; tests/test_quant.py
+proves they agree within the tolerance written there.
+
+int8's fast path multiplies in integers: the activations x of each call are quantized too, on the
+fly, to 8 bits with one scale and zero point for the whole call ("dynamic" quantization), and the
+CPU's int8 dot-product instructions (AVX-512 VNNI, AMX, or AVX2's) do the matmul with int32 sums:
+y = (x_q - zero) @ q^T * (x_scale * scale). PyTorch's fbgemm kernel (`quantized::linear_dynamic`) does
+all of it in one call, about twice as fast as multiplying int8 weights by float activations. What it
+costs: x is rounded to one of 256 levels (a relative error of about 1% on each output, against 0.1% for
+the weights alone); the perplexity this costs is measured in benchmarks/bench_generate.py. Without
+fbgemm (non-x86 CPUs) the layer multiplies int8 weights by bf16 activations (`_weight_int8pack_mm`).
+int4's fast path is `_weight_int4pack_mm_for_cpu` (float activations).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tegaki.device import cpu_has
 from tegaki.errors import TegakiError
 
 # -------------------------------------------------------------------------------------------------
@@ -64,6 +76,22 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gr
 # -------------------------------------------------------------------------------------------------
 
 
+def integer_matmul_available() -> bool:
+    """PyTorch's fbgemm int8 kernels: x86 CPUs (AVX2 and up), in the PyTorch releases that have them."""
+    return (
+        "fbgemm" in torch.backends.quantized.supported_engines
+        and hasattr(torch, "_make_per_channel_quantized_tensor")
+        and hasattr(torch.ops.quantized, "linear_dynamic")
+    )
+
+
+def activation_range_halved() -> bool:
+    """Without VNNI, AVX2 multiplies u8 x s8 pairs and adds them in 16 bits, which can overflow
+    (2 x 255 x 127 > 32767); quantizing activations to 7 bits (fbgemm's "reduce_range") avoids it.
+    VNNI and AMX add in 32 bits: full 8-bit activations."""
+    return not (cpu_has("avx512_vnni") or cpu_has("avx_vnni") or cpu_has("amx_int8"))
+
+
 class Int8Linear(nn.Module):
     """nn.Linear with int8 weights and one float scale per output channel."""
 
@@ -73,36 +101,81 @@ class Int8Linear(nn.Module):
         q, scale = quantize_int8(linear.weight.detach())
         self.register_buffer("weight_int8", q)  # (out, in)
         self.register_buffer("scale", scale)  # (out,) float32
-        self.register_buffer("scale_bf16", scale.to(torch.bfloat16))  # what the fast kernel takes
+        self.register_buffer("scale_bf16", scale.to(torch.bfloat16))  # what the bf16 kernel takes
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.fast = True
+        self.packed = None  # fbgemm's packed weight (a TorchScript object): never saved, rebuilt on need
+        self.packed_from: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_fast(x) if self.fast else self.forward_reference(x)
 
     def _apply(self, fn, recurse=True):
-        # model.to(dtype) after quantizing casts every float buffer; the kernel insists on
-        # bfloat16 scales, so they go back to bfloat16 (on whatever device fn moved them to).
+        # model.to(dtype) after quantizing casts every float buffer; the kernels insist on float32
+        # and bfloat16 scales, so they go back (on whatever device fn moved them to).
         super()._apply(fn, recurse)
+        self.scale = self.scale.float()
         self.scale_bf16 = self.scale_bf16.to(torch.bfloat16)
         return self
+
+    def __getstate__(self):
+        state = self.__dict__.copy()  # deepcopy/pickle: the copy packs its own weight
+        state["packed"], state["packed_from"] = None, None
+        return state
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Readable: rebuild the float weight, then an ordinary linear layer."""
         w = dequantize_int8(self.weight_int8, self.scale).to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
+    def forward_integer(self, x: torch.Tensor) -> torch.Tensor:
+        """Readable twin of the integer kernel, step by step (what fbgemm computes, in float here).
+        x is mapped onto the codes 0..levels with one scale and zero point for the whole call, the
+        range stretched to include 0 so that 0 stays exact:
+            x_scale = (max(x, 0) - min(x, 0)) / levels     zero = round(-min(x, 0) / x_scale)
+            x_q = clamp(round(x / x_scale) + zero, 0, levels)
+            y = ((x_q - zero) @ q^T) * x_scale * scale + bias      (the matmul sums whole numbers)"""
+        shape, x2 = x.shape, x.reshape(-1, self.in_features).float()
+        levels = 127 if activation_range_halved() else 255
+        low, high = min(x2.min().item(), 0.0), max(x2.max().item(), 0.0)
+        x_scale = (high - low) / levels if high > low else 1.0
+        zero = min(max(round(-low / x_scale), 0), levels)
+        x_q = torch.clamp(torch.round(x2 / x_scale) + zero, 0, levels)  # (N, in), whole numbers
+        sums = (x_q - zero) @ self.weight_int8.float().t()  # (N, out), whole numbers
+        y = (sums * (x_scale * self.scale)).to(x.dtype).view(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        """The packed kernel reads int8 weights and multiplies in bf16 (AMX); on this CPU it is
-        ~10x slower with float32 activations, so they go in as bf16 and come back in x's dtype."""
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (N, in)
-        y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scale_bf16)  # (N, out)
+        x2 = x.reshape(-1, self.in_features)  # (N, in)
+        if x.device.type == "cpu" and integer_matmul_available():
+            y = torch.ops.quantized.linear_dynamic(x2.float(), self.packed_weight(), activation_range_halved())
+        else:  # int8 weights times bf16 activations
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight_int8, self.scale_bf16)
         y = y.to(x.dtype).view(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
+    def packed_weight(self):
+        """q and the scales as fbgemm's packed int8 weight, built on first use and again whenever
+        the buffers are replaced or written (load_state_dict)."""
+        key = (self.weight_int8.data_ptr(), self.scale.data_ptr(), tensor_version(self.weight_int8))
+        if self.packed is None or key != self.packed_from:
+            zeros = torch.zeros(self.out_features, dtype=torch.long)
+            with warnings.catch_warnings():  # the quantized-tensor type is on its way out of PyTorch;
+                # the kernel still takes its weight that way (integer_matmul_available checks it exists)
+                warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+                qweight = torch._make_per_channel_quantized_tensor(self.weight_int8, self.scale.double(), zeros, 0)
+            self.packed = torch.ops.quantized.linear_prepack(qweight, None)
+            self.packed_from = key
+        return self.packed
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int8 per-channel"
+
+
+def tensor_version(t: torch.Tensor) -> int | None:
+    """How many times t was written in place (None for tensors made under inference_mode)."""
+    return None if t.is_inference() else t._version
 
 
 class Int4Linear(nn.Module):
@@ -130,6 +203,23 @@ class Int4Linear(nn.Module):
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         w = dequantize_int4(self.weight_int4.to(torch.int32), self.scale, self.zero, self.group_size).to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def forward_integer(self, x: torch.Tensor) -> torch.Tensor:
+        """Readable twin of the integer kernel, step by step (what fbgemm computes, in float here).
+        x is mapped onto the codes 0..levels with one scale and zero point for the whole call, the
+        range stretched to include 0 so that 0 stays exact:
+            x_scale = (max(x, 0) - min(x, 0)) / levels     zero = round(-min(x, 0) / x_scale)
+            x_q = clamp(round(x / x_scale) + zero, 0, levels)
+            y = ((x_q - zero) @ q^T) * x_scale * scale + bias      (the matmul sums whole numbers)"""
+        shape, x2 = x.shape, x.reshape(-1, self.in_features).float()
+        levels = 127 if activation_range_halved() else 255
+        low, high = min(x2.min().item(), 0.0), max(x2.max().item(), 0.0)
+        x_scale = (high - low) / levels if high > low else 1.0
+        zero = min(max(round(-low / x_scale), 0), levels)
+        x_q = torch.clamp(torch.round(x2 / x_scale) + zero, 0, levels)  # (N, in), whole numbers
+        sums = (x_q - zero) @ self.weight_int8.float().t()  # (N, out), whole numbers
+        y = (sums * (x_scale * self.scale)).to(x.dtype).view(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

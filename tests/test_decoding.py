@@ -1,11 +1,16 @@
-"""The decoding layout of the LM head changes speed and nothing else: the same logits and tokens,
-tied or untied, and a prepared model refuses to train instead of training a stale copy."""
+"""oneDNN's packed layout of the linear layers changes speed and nothing else: the same logits and
+tokens, tied or untied, float32 or bfloat16; the layout for one call leaves the model exactly as it
+was; a prepared model refuses to train instead of training a stale copy."""
+
+import copy
+import pickle
 
 import pytest
 import torch
+import torch.nn as nn
 
 from tegaki.config import ModelConfig
-from tegaki.decoding import DecodingHead, prepare_for_decoding
+from tegaki.decoding import PackedLinear, bf16_matmul_in_hardware, decoding_layout, prepare_for_decoding
 from tegaki.errors import TegakiError
 from tegaki.generate import generate
 from tegaki.model import GPT
@@ -21,21 +26,87 @@ def random_model(name: str) -> GPT:
     return model
 
 
+def linear_count(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.Linear) for m in model.modules())
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-llama", "tiny-gpt-oss"])  # tied, untied, untied with MoE
 def test_a_prepared_model_gives_the_same_logits_and_tokens(name):
     model = random_model(name)
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = model(ids)
-    tokens = generate(model, ids[:1], 12, temperature=0)
+    tokens = generate(model, ids[:1], 12, temperature=0, prepare=False)
+    linears = linear_count(model)
     assert torch.equal(generate(model, ids[:1], 12, temperature=0, prepare=True), tokens)
-    assert isinstance(model.lm_head, DecodingHead) and isinstance(model.blocks[0].attn.qkv, DecodingHead)
-    for module in model.modules():  # the rule: out >= in transposed, narrower outputs left alone
-        if isinstance(module, (DecodingHead, torch.nn.Linear)):
-            assert isinstance(module, DecodingHead) == (module.out_features >= module.in_features)
+    assert isinstance(model.lm_head, PackedLinear) and isinstance(model.blocks[0].attn.qkv, PackedLinear)
+    assert linear_count(model) == 0 and sum(isinstance(m, PackedLinear) for m in model.modules()) == linears
     with torch.no_grad():
         torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-5)
-    assert model.lm_head.weight_t.is_contiguous() and model.lm_head.weight_t.shape == (192, 4096)
+
+
+def test_the_layout_for_one_call_leaves_the_model_as_it_was():
+    """generate's default: packed while decoding, then the same nn.Linear objects and parameters,
+    still trainable, and the packed path gave the plain path's tokens."""
+    model = random_model("tiny")
+    model.train()
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    params = [p for p in model.parameters()]
+    ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), decoding_layout(model):
+        assert all(isinstance(model.get_submodule(n), PackedLinear) for n in linears)
+    assert {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)} == linears
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True)) and model.training
+    model.eval()
+    plain = generate(model, ids, 10, temperature=0, prepare=False)
+    assert torch.equal(generate(model, ids, 10, temperature=0), plain)  # prepare=None: packed for the call
+    assert linear_count(model) == len(linears)
+    model.train()  # still allowed: nothing was left behind
+
+
+def test_the_layout_is_undone_when_decoding_fails():
+    model = random_model("tiny")
+    too_long = torch.zeros(1, model.config.block_size + 1, dtype=torch.long)
+    with pytest.raises(TegakiError, match="block_size"):
+        generate(model, too_long, 3)
+    assert linear_count(model) > 0 and not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+def test_a_packed_layer_packs_again_when_its_weight_changes():
+    """load_state_dict writes the weight in place: the next call must not use the old packing."""
+    torch.manual_seed(3)
+    linear = nn.Linear(16, 24)
+    packed = PackedLinear(linear)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-6)
+        linear.weight.mul_(-2.0)  # the same storage, a new version
+        torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-6)
+        packed.load_state_dict({"weight": torch.randn(24, 16), "bias": torch.randn(24)})
+        torch.testing.assert_close(packed(x), packed.forward_reference(x), rtol=1e-5, atol=1e-6)
+
+
+def test_prepared_models_copy_and_pickle():
+    """The packed tensor is opaque to copy and pickle; copies pack their own."""
+    model = prepare_for_decoding(random_model("tiny"))
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = model(ids)
+        torch.testing.assert_close(copy.deepcopy(model)(ids), expected)
+        torch.testing.assert_close(pickle.loads(pickle.dumps(model))(ids), expected)
+
+
+@pytest.mark.skipif(not bf16_matmul_in_hardware(), reason="the CPU has no bf16 matmul (AVX-512 BF16 or AMX)")
+def test_bf16_packed_layers_match_bf16_linear():
+    model = random_model("tiny").to(torch.bfloat16)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = model(ids).float()
+        with decoding_layout(model):
+            assert isinstance(model.lm_head, PackedLinear)
+            after = model(ids).float()
+    # Both sum in float32 inside the kernel, in different orders, then round to bf16 (3 digits).
+    torch.testing.assert_close(after, before, rtol=0, atol=0.02 * before.abs().max().item())
 
 
 def test_the_embedding_is_untouched_and_training_is_refused():
@@ -43,14 +114,13 @@ def test_the_embedding_is_untouched_and_training_is_refused():
     wte = model.wte.weight.detach().clone()
     prepare_for_decoding(model)
     assert torch.equal(model.wte.weight, wte) and model.wte.weight.is_contiguous()
-    assert "lm_head.weight_t" in model.state_dict() and not any("lm_head" in n for n, _ in model.named_parameters())
-    assert isinstance(model.blocks[0].mlp.fc, DecodingHead) and isinstance(model.blocks[0].mlp.proj, torch.nn.Linear)
+    assert "lm_head.weight" in model.state_dict() and not any("lm_head" in n for n, _ in model.named_parameters())
     with pytest.raises(TegakiError, match="prepared for decoding.*load it again to train"):
         model.train()
     model.eval()  # switching to evaluation stays allowed
 
 
-def test_quantized_heads_are_left_alone():
+def test_quantized_layers_are_left_alone():
     model = quantize_model(random_model("tiny"), "int8")
     prepare_for_decoding(model)
-    assert isinstance(model.lm_head, Int8Linear)
+    assert isinstance(model.lm_head, Int8Linear) and not any(isinstance(m, PackedLinear) for m in model.modules())

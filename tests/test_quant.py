@@ -14,6 +14,7 @@ from tegaki.quant import (
     Int8Linear,
     dequantize_int4,
     dequantize_int8,
+    integer_matmul_available,
     quantize_int4,
     quantize_int8,
     quantize_model,
@@ -47,9 +48,24 @@ def test_the_packed_kernel_equals_the_readable_path(kind):
     x = torch.randn(3, 5, 128)
     fast, reference = layer.forward_fast(x), layer.forward_reference(x)
     assert fast.shape == reference.shape == (3, 5, 96)
-    # int8's kernel multiplies in bf16: ~3 significant digits; int4's takes float32 as given.
+    # int8's kernel rounds the activations to 8 bits too (about 1% of the largest output, the
+    # documented cost of quantized activations); int4's takes float32 as given.
     tol = 2e-2 if kind is Int8Linear else 1e-4
     torch.testing.assert_close(fast, reference, atol=tol * reference.abs().max().item(), rtol=0)
+
+
+@pytest.mark.skipif(not integer_matmul_available(), reason="no fbgemm (x86) int8 kernels here")
+@pytest.mark.parametrize("shape", [(1, 1, 128), (3, 5, 128), (64, 128)])
+def test_the_integer_kernel_computes_the_written_out_steps(shape):
+    """fbgemm's dynamic int8 matmul and the step-by-step twin agree to float rounding: the twin is
+    not an approximation of the kernel but the same arithmetic."""
+    torch.manual_seed(1)
+    layer = Int8Linear(nn.Linear(128, 96, bias=True))
+    x = torch.randn(*shape) * 3 + 0.5  # an offset: the zero point is not the middle code
+    fast, steps = layer.forward_fast(x), layer.forward_integer(x)
+    torch.testing.assert_close(fast, steps, atol=1e-5 * steps.abs().max().item(), rtol=0)
+    layer.load_state_dict({**layer.state_dict(), "weight_int8": -layer.weight_int8})  # repacked, not stale
+    torch.testing.assert_close(layer.forward_fast(x), layer.forward_integer(x), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -65,8 +81,9 @@ def test_a_quantized_model_keeps_the_float_models_predictions(mode):
         readable = model(ids)
     assert isinstance(model.lm_head, Int8Linear if mode == "int8" else Int4Linear)
     rel = ((quantized - reference).norm() / reference.norm()).item()
-    # Random Gaussian weights are the hard case for 4 bits (no outliers to spare, all range used).
-    assert rel < (0.02 if mode == "int8" else 0.25), rel
+    # Random Gaussian weights are the hard case for 4 bits (no outliers to spare, all range used);
+    # int8 also rounds every activation to 8 bits (one scale for all 48 tokens of this call).
+    assert rel < (0.03 if mode == "int8" else 0.25), rel
     torch.testing.assert_close(quantized, readable, atol=0.05 * reference.abs().max().item(), rtol=0)
 
 
