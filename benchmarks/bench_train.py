@@ -6,6 +6,10 @@ batch 8 x 256 tokens. One step = forward + backward + AdamW update, as in traini
     python benchmarks/bench_train.py                 # fp32 and bf16, tegaki and baseline
     python benchmarks/bench_train.py --steps 5 --dtypes fp32
     python benchmarks/bench_train.py --prepare        # also: tokenization throughput of `prepare`
+    python benchmarks/bench_train.py --nanogpt ~/src/nanoGPT   # also nanoGPT's own model.py
+
+`--nanogpt DIR` imports DIR/model.py from a checkout of nanoGPT (not part of tegaki) and times its
+GPT with its own configure_optimizers (fused/foreach AdamW as it chooses) in the same rounds.
 
 The baseline is written here in nanoGPT's manner (fused q/k/v Linear, exact GELU, sdpa attention,
 plain foreach AdamW), so both run under the same conditions. The matmul ceilings are measured in
@@ -103,10 +107,28 @@ class Contender:
         return time.perf_counter() - start
 
 
-def build(kind: str, dtype: str, batch: int, block: int, compile_model: bool) -> Contender:
+def nanogpt_model(directory: str, config: ModelConfig):
+    """nanoGPT's GPT and optimizer from a checkout's model.py, at the same shape."""
+    import importlib.util
+
+    path = Path(directory).expanduser() / "model.py"
+    if not path.is_file():
+        raise SystemExit(f"--nanogpt {directory}: no model.py there (give a nanoGPT checkout)")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shape = dict(vocab_size=config.vocab_size, n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)
+    model = module.GPT(module.GPTConfig(block_size=config.block_size, dropout=0.0, bias=True, **shape))
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    return model, optimizer
+
+
+def build(kind: str, dtype: str, batch: int, block: int, compile_model: bool, nanogpt: str | None = None) -> Contender:
     torch.manual_seed(0)
     config = ModelConfig(**SHAPE)
-    if kind == "tegaki":
+    if kind == "nanoGPT":
+        model, optimizer = nanogpt_model(nanogpt, config)
+    elif kind == "tegaki":
         model = GPT(config)
         optimizer = build_optimizer(model, TrainConfig(), torch.device("cpu"))
         if compile_model:
@@ -140,7 +162,8 @@ def bench_training(args) -> None:
         # take minutes, and bf16 is not what anyone would train with on this machine.
         print("bf16 training skipped: bf16 matmul is slower than fp32 here (no native bf16); --force-bf16 runs it")
         args.dtypes = [d for d in args.dtypes if d != "bf16"]
-    contenders = [build(kind, d, args.batch, args.block, False) for d in args.dtypes for kind in ("tegaki", "baseline")]
+    kinds = ("tegaki", "baseline", "nanoGPT") if args.nanogpt else ("tegaki", "baseline")
+    contenders = [build(kind, d, args.batch, args.block, False, args.nanogpt) for d in args.dtypes for kind in kinds]
     if args.compile:
         contenders += [build("tegaki", d, args.batch, args.block, True) for d in args.dtypes]
     for c in contenders:  # warm-up steps: kernel selection, allocator, compile
@@ -204,6 +227,7 @@ def bench_prepare(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--nanogpt", metavar="DIR", help="a nanoGPT checkout: time its model.py too")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--block", type=int, default=256)
     p.add_argument("--steps", type=int, default=8, help="timed steps per contender")
