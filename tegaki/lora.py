@@ -40,17 +40,25 @@ class LoRASettings:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ("q", "v")  # the LoRA paper's choice
+    new_tokens: tuple[int, ...] = ()  # ids whose embedding (and LM head) rows learn: added for the chat format
 
     @property
     def scale(self) -> float:
         return self.alpha / self.r
 
     def to_dict(self) -> dict:
-        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
+        d = {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
+        return d | ({"new_tokens": list(self.new_tokens)} if self.new_tokens else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> LoRASettings:
-        return cls(int(d["r"]), float(d["alpha"]), float(d.get("dropout", 0.0)), tuple(d["targets"]))
+        return cls(
+            int(d["r"]),
+            float(d["alpha"]),
+            float(d.get("dropout", 0.0)),
+            tuple(d["targets"]),
+            tuple(d.get("new_tokens", ())),
+        )
 
 
 def parse_targets(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -121,6 +129,40 @@ class LoRALinear(nn.Linear):
         return w
 
 
+class NewRows:
+    """Shared by the embedding and LM head of a LoRA model whose added tokens learn (the chat format's
+    markers, tegaki.finetune.tokens): the frozen weight, with the rows of `new_ids` taken from the
+    trainable `new_rows`. The state dict keeps `weight` beside `new_rows`."""
+
+    def take_over(self, base: nn.Module, new_ids: tuple[int, ...], new_rows: nn.Parameter) -> None:
+        self.weight = base.weight  # frozen; the rows of new_ids are stand-ins until merged
+        self.new_rows = new_rows  # (n, C)
+        self.register_buffer("new_ids", torch.tensor(new_ids, device=base.weight.device), persistent=False)
+
+    def current_weight(self) -> torch.Tensor:
+        return self.weight.index_copy(0, self.new_ids, self.new_rows)  # (V, C); the copy carries the gradient
+
+
+class NewRowsEmbedding(NewRows, nn.Embedding):
+    def __init__(self, base: nn.Embedding, new_ids: tuple[int, ...], new_rows: nn.Parameter):
+        nn.Embedding.__init__(self, base.num_embeddings, base.embedding_dim, device="meta")
+        self.take_over(base, new_ids, new_rows)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.current_weight())  # (B, T) -> (B, T, C)
+
+
+class NewRowsLinear(NewRows, nn.Linear):
+    """A tied head shares the embedding's `new_rows`, as it shares its weight."""
+
+    def __init__(self, base: nn.Linear, new_ids: tuple[int, ...], new_rows: nn.Parameter):
+        nn.Linear.__init__(self, base.in_features, base.out_features, bias=False, device="meta")
+        self.take_over(base, new_ids, new_rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.current_weight())  # (B, T, C) -> (B, T, V)
+
+
 def lora_sites(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[nn.Module, str, dict]]:
     """(parent module, attribute name, parts) for every projection the targets reach."""
     sites = []
@@ -162,7 +204,18 @@ def add_lora(model: nn.Module, settings: LoRASettings) -> int:
         if isinstance(base, LoRALinear):
             raise TegakiError("this model has LoRA adapters already; merge them first")
         setattr(parent, name, LoRALinear(base, parts, settings))
+    if settings.new_tokens:
+        _learn_new_rows(model, settings.new_tokens)
     return len(sites)
+
+
+def _learn_new_rows(model: nn.Module, ids: tuple[int, ...]) -> None:
+    """Make the rows of these token ids trainable in the embedding and LM head, the rest frozen."""
+    tied = model.lm_head.weight is model.wte.weight
+    rows = nn.Parameter(model.wte.weight.detach()[list(ids)].clone())  # (n, C)
+    head_rows = rows if tied else nn.Parameter(model.lm_head.weight.detach()[list(ids)].clone())
+    model.wte = NewRowsEmbedding(model.wte, ids, rows)
+    model.lm_head = NewRowsLinear(model.lm_head, ids, head_rows)
 
 
 def has_lora(model: nn.Module) -> bool:
@@ -177,6 +230,13 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its weight and put a plain nn.Linear back, in place: the model computes
     the same and has no trace of LoRA. Parameters become trainable again, as in any loaded model."""
+    if isinstance(model.wte, NewRowsEmbedding):  # the learned rows go back into the weights
+        plain_wte = nn.Embedding(model.wte.num_embeddings, model.wte.embedding_dim, device="meta")
+        plain_head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False, device="meta")
+        for plain, layer in ((plain_wte, model.wte), (plain_head, model.lm_head)):
+            layer.weight.data[layer.new_ids] = layer.new_rows.detach()  # twice when tied: the same rows
+            plain.weight = layer.weight
+        model.wte, model.lm_head = plain_wte, plain_head
     for name, layer in lora_layers(model):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
