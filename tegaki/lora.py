@@ -93,7 +93,8 @@ class LoRALinear(nn.Linear):
         self.bias = base.bias
         self.parts = dict(parts)
         self.scale = settings.scale
-        self.dropout = nn.Dropout(settings.dropout)
+        # Dropout at 0 would still draw a mask and multiply by it in training: none at all instead.
+        self.dropout = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
         dev, dtype = base.weight.device, base.weight.dtype
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -103,22 +104,34 @@ class LoRALinear(nn.Linear):
             self.lora_A[name] = nn.Parameter(a)
             self.lora_B[name] = nn.Parameter(torch.zeros(rows, settings.r, device=dev, dtype=dtype))
 
+    # Several adapters on one layer (q's rows and v's rows of qkv) are one adapter of rank k*r: their
+    # A's stacked (k*r, in), and a B (out, k*r) holding each adapter's B on its own rows and its own r
+    # columns, zeros elsewhere. So the correction is two small matmuls whatever the number of parts,
+    # and no (..., out) tensor of zeros is built and joined each step.
+
+    def stacked_A(self) -> torch.Tensor:
+        """Every adapter's A, one above the other: (k*r, in)."""
+        return torch.cat([self.lora_A[name] for name in self.parts])
+
+    def placed_B(self) -> torch.Tensor:
+        """Every adapter's B on its rows and columns: (out, k*r)."""
+        names = list(self.parts)
+        if len(names) == 1 and self.parts[names[0]] == (0, self.out_features):
+            return self.lora_B[names[0]]  # one adapter on every row: B itself
+        r = self.lora_A[names[0]].shape[0]
+        b = self.weight.new_zeros(self.out_features, r * len(names))
+        for j, name in enumerate(names):
+            first, rows = self.parts[name]
+            b[first : first + rows, j * r : (j + 1) * r] = self.lora_B[name]
+        return b
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """(alpha/r) B A x for every part, zeros for the rows no adapter covers: (..., out)."""
-        x = self.dropout(x)
-        pieces, row = [], 0
-        for name, (first, rows) in sorted(self.parts.items(), key=lambda item: item[1][0]):
-            if first > row:  # rows between adapters (k's, when only q and v are adapted)
-                pieces.append(x.new_zeros(*x.shape[:-1], first - row))
-            a, b = self.lora_A[name], self.lora_B[name]
-            pieces.append(F.linear(F.linear(x, a), b) * self.scale)  # (..., r) -> (..., rows)
-            row = first + rows
-        if row < self.out_features:
-            pieces.append(x.new_zeros(*x.shape[:-1], self.out_features - row))
-        return torch.cat(pieces, dim=-1)  # (..., out)
+        ax = F.linear(self.dropout(x), self.stacked_A()) * self.scale  # (..., k*r): scaled while it is narrow
+        return F.linear(ax, self.placed_B())  # (..., out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.delta(x)
+        return F.linear(x, self.weight, self.bias) + self.delta(x)  # W x + b + (alpha/r) B A x
 
     def merged_weight(self) -> torch.Tensor:
         """W + (alpha/r) B A on each part's rows: the plain weight that computes the same."""
