@@ -104,7 +104,7 @@ def response_losses(base: str, tuned: str, records: str, max_seq_len: int) -> di
     out = {}
     for name in (base, tuned):
         model, tokenizer = from_pretrained(name), tokenizer_for(name)
-        template = chat_template_for(name, tokenizer, None)
+        template = chat_template_for(name, model, tokenizer, None)
         out[name] = score_records(model, tokenizer, template, records, max_seq_len)
     return out
 

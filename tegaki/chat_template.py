@@ -2,7 +2,8 @@
 
 Where a model's template comes from, first found wins:
 
-  1. a file given with --chat-template (a jinja2 template, as transformers writes them)
+  1. --chat-template: a jinja2 template file (as transformers writes them), or the name of one of
+     tegaki's two below, "chatml" or "plain"
   2. the checkpoint's own: chat_template.jinja (transformers >= 4.43 writes this file), or
      "chat_template" in tokenizer_config.json (a string, or a list of named ones: "default" is used)
   3. tegaki's default, `DEFAULT_TEMPLATE` below (ChatML), for a tokenizer that has its two special
@@ -147,10 +148,14 @@ def find_chat_template(
     tegaki_run: the model is a tegaki run folder, which gets a default in any case."""
     config = _tokenizer_config(folders)
     specials = {name: _token_text(config.get(name)) for name in SPECIAL_TOKEN_NAMES if _token_text(config.get(name))}
+    if override in NAMED:
+        return NAMED[override](specials)
     if override is not None:
         path = Path(override)
         if not path.is_file():
-            raise TegakiError(f"--chat-template {override}: no such file (give a jinja2 template file)")
+            raise TegakiError(
+                f"--chat-template {override}: no such file (give a jinja2 template file, or {' or '.join(NAMED)})"
+            )
         return _with_stops(ChatTemplate(path.read_text(encoding="utf-8"), str(path), specials))
     for folder in folders:
         if (folder / "chat_template.jinja").is_file():
@@ -160,12 +165,23 @@ def find_chat_template(
     if source:
         return _with_stops(ChatTemplate(source, "tokenizer_config.json", specials))
     if all(t in getattr(tokenizer, "special_tokens", {}) for t in DEFAULT_SPECIAL_TOKENS):
-        return ChatTemplate(DEFAULT_TEMPLATE, "tegaki's default (ChatML)", specials, ["<|im_end|>"])
+        return chatml(specials)
     if tegaki_run:
-        return ChatTemplate(
-            PLAIN_TEMPLATE, "tegaki's default for plain text (a play)", specials, ["<|endoftext|>"], ["\n\n"]
-        )
+        return plain(specials)
     return None
+
+
+def chatml(specials: dict[str, str]) -> ChatTemplate:
+    return ChatTemplate(DEFAULT_TEMPLATE, "tegaki's default (ChatML)", specials, ["<|im_end|>"])
+
+
+def plain(specials: dict[str, str]) -> ChatTemplate:
+    return ChatTemplate(
+        PLAIN_TEMPLATE, "tegaki's default for plain text (a play)", specials, ["<|endoftext|>"], ["\n\n"]
+    )
+
+
+NAMED = {"chatml": chatml, "plain": plain}  # --chat-template NAME
 
 
 def _with_stops(template: ChatTemplate) -> ChatTemplate:

@@ -154,8 +154,9 @@ def _sha256(path: Path) -> str:
 def model_tensors(model_state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """The model's tensors for safetensors: contiguous CPU copies, a tied head stored once."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
-    if config.tie_embeddings:
-        tensors.pop("lm_head.weight", None)
+    if config.tie_embeddings:  # lm_head.weight (and a LoRA run's lm_head.new_rows) are the embedding's
+        for name in [k for k in tensors if k.startswith("lm_head.")]:
+            tensors.pop(name)
     return tensors
 
 
@@ -483,7 +484,7 @@ def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor])
     """Copy `tensors` into `model`; a tied LM head may be absent (it is the embedding)."""
     check_shapes(model.state_dict(), tensors)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]
+    missing = [k for k in missing if not (k.startswith("lm_head.") and model.config.tie_embeddings)]
     if missing or unexpected:
         raise TegakiError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 

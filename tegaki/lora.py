@@ -40,17 +40,25 @@ class LoRASettings:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ("q", "v")  # the LoRA paper's choice
+    new_tokens: tuple[int, ...] = ()  # ids whose embedding (and LM head) rows learn: added for the chat format
 
     @property
     def scale(self) -> float:
         return self.alpha / self.r
 
     def to_dict(self) -> dict:
-        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
+        d = {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
+        return d | ({"new_tokens": list(self.new_tokens)} if self.new_tokens else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> LoRASettings:
-        return cls(int(d["r"]), float(d["alpha"]), float(d.get("dropout", 0.0)), tuple(d["targets"]))
+        return cls(
+            int(d["r"]),
+            float(d["alpha"]),
+            float(d.get("dropout", 0.0)),
+            tuple(d["targets"]),
+            tuple(d.get("new_tokens", ())),
+        )
 
 
 def parse_targets(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -85,7 +93,8 @@ class LoRALinear(nn.Linear):
         self.bias = base.bias
         self.parts = dict(parts)
         self.scale = settings.scale
-        self.dropout = nn.Dropout(settings.dropout)
+        # Dropout at 0 would still draw a mask and multiply by it in training: none at all instead.
+        self.dropout = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
         dev, dtype = base.weight.device, base.weight.dtype
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -95,22 +104,34 @@ class LoRALinear(nn.Linear):
             self.lora_A[name] = nn.Parameter(a)
             self.lora_B[name] = nn.Parameter(torch.zeros(rows, settings.r, device=dev, dtype=dtype))
 
+    # Several adapters on one layer (q's rows and v's rows of qkv) are one adapter of rank k*r: their
+    # A's stacked (k*r, in), and a B (out, k*r) holding each adapter's B on its own rows and its own r
+    # columns, zeros elsewhere. So the correction is two small matmuls whatever the number of parts,
+    # and no (..., out) tensor of zeros is built and joined each step.
+
+    def stacked_A(self) -> torch.Tensor:
+        """Every adapter's A, one above the other: (k*r, in)."""
+        return torch.cat([self.lora_A[name] for name in self.parts])
+
+    def placed_B(self) -> torch.Tensor:
+        """Every adapter's B on its rows and columns: (out, k*r)."""
+        names = list(self.parts)
+        if len(names) == 1 and self.parts[names[0]] == (0, self.out_features):
+            return self.lora_B[names[0]]  # one adapter on every row: B itself
+        r = self.lora_A[names[0]].shape[0]
+        b = self.weight.new_zeros(self.out_features, r * len(names))
+        for j, name in enumerate(names):
+            first, rows = self.parts[name]
+            b[first : first + rows, j * r : (j + 1) * r] = self.lora_B[name]
+        return b
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """(alpha/r) B A x for every part, zeros for the rows no adapter covers: (..., out)."""
-        x = self.dropout(x)
-        pieces, row = [], 0
-        for name, (first, rows) in sorted(self.parts.items(), key=lambda item: item[1][0]):
-            if first > row:  # rows between adapters (k's, when only q and v are adapted)
-                pieces.append(x.new_zeros(*x.shape[:-1], first - row))
-            a, b = self.lora_A[name], self.lora_B[name]
-            pieces.append(F.linear(F.linear(x, a), b) * self.scale)  # (..., r) -> (..., rows)
-            row = first + rows
-        if row < self.out_features:
-            pieces.append(x.new_zeros(*x.shape[:-1], self.out_features - row))
-        return torch.cat(pieces, dim=-1)  # (..., out)
+        ax = F.linear(self.dropout(x), self.stacked_A()) * self.scale  # (..., k*r): scaled while it is narrow
+        return F.linear(ax, self.placed_B())  # (..., out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.delta(x)
+        return F.linear(x, self.weight, self.bias) + self.delta(x)  # W x + b + (alpha/r) B A x
 
     def merged_weight(self) -> torch.Tensor:
         """W + (alpha/r) B A on each part's rows: the plain weight that computes the same."""
@@ -119,6 +140,40 @@ class LoRALinear(nn.Linear):
             update = self.lora_B[name].float() @ self.lora_A[name].float()  # (rows, in)
             w[first : first + rows] += (self.scale * update).to(w.dtype)
         return w
+
+
+class NewRows:
+    """Shared by the embedding and LM head of a LoRA model whose added tokens learn (the chat format's
+    markers, tegaki.finetune.tokens): the frozen weight, with the rows of `new_ids` taken from the
+    trainable `new_rows`. The state dict keeps `weight` beside `new_rows`."""
+
+    def take_over(self, base: nn.Module, new_ids: tuple[int, ...], new_rows: nn.Parameter) -> None:
+        self.weight = base.weight  # frozen; the rows of new_ids are stand-ins until merged
+        self.new_rows = new_rows  # (n, C)
+        self.register_buffer("new_ids", torch.tensor(new_ids, device=base.weight.device), persistent=False)
+
+    def current_weight(self) -> torch.Tensor:
+        return self.weight.index_copy(0, self.new_ids, self.new_rows)  # (V, C); the copy carries the gradient
+
+
+class NewRowsEmbedding(NewRows, nn.Embedding):
+    def __init__(self, base: nn.Embedding, new_ids: tuple[int, ...], new_rows: nn.Parameter):
+        nn.Embedding.__init__(self, base.num_embeddings, base.embedding_dim, device="meta")
+        self.take_over(base, new_ids, new_rows)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.current_weight())  # (B, T) -> (B, T, C)
+
+
+class NewRowsLinear(NewRows, nn.Linear):
+    """A tied head shares the embedding's `new_rows`, as it shares its weight."""
+
+    def __init__(self, base: nn.Linear, new_ids: tuple[int, ...], new_rows: nn.Parameter):
+        nn.Linear.__init__(self, base.in_features, base.out_features, bias=False, device="meta")
+        self.take_over(base, new_ids, new_rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.current_weight())  # (B, T, C) -> (B, T, V)
 
 
 def lora_sites(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[nn.Module, str, dict]]:
@@ -162,7 +217,18 @@ def add_lora(model: nn.Module, settings: LoRASettings) -> int:
         if isinstance(base, LoRALinear):
             raise TegakiError("this model has LoRA adapters already; merge them first")
         setattr(parent, name, LoRALinear(base, parts, settings))
+    if settings.new_tokens:
+        _learn_new_rows(model, settings.new_tokens)
     return len(sites)
+
+
+def _learn_new_rows(model: nn.Module, ids: tuple[int, ...]) -> None:
+    """Make the rows of these token ids trainable in the embedding and LM head, the rest frozen."""
+    tied = model.lm_head.weight is model.wte.weight
+    rows = nn.Parameter(model.wte.weight.detach()[list(ids)].clone())  # (n, C)
+    head_rows = rows if tied else nn.Parameter(model.lm_head.weight.detach()[list(ids)].clone())
+    model.wte = NewRowsEmbedding(model.wte, ids, rows)
+    model.lm_head = NewRowsLinear(model.lm_head, ids, head_rows)
 
 
 def has_lora(model: nn.Module) -> bool:
@@ -177,6 +243,13 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its weight and put a plain nn.Linear back, in place: the model computes
     the same and has no trace of LoRA. Parameters become trainable again, as in any loaded model."""
+    if isinstance(model.wte, NewRowsEmbedding):  # the learned rows go back into the weights
+        plain_wte = nn.Embedding(model.wte.num_embeddings, model.wte.embedding_dim, device="meta")
+        plain_head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False, device="meta")
+        for plain, layer in ((plain_wte, model.wte), (plain_head, model.lm_head)):
+            layer.weight.data[layer.new_ids] = layer.new_rows.detach()  # twice when tied: the same rows
+            plain.weight = layer.weight
+        model.wte, model.lm_head = plain_wte, plain_head
     for name, layer in lora_layers(model):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -95,3 +95,37 @@ def test_targets_are_checked():
     with pytest.raises(TegakiError, match="no gate"):
         add_lora(small("tiny"), LoRASettings(targets=("gate",)))  # GPT-2's MLP has fc and proj
     assert add_lora(small("tiny"), LoRASettings(targets=("mlp",))) == 4  # fc and proj in 2 layers
+
+
+def test_adding_onto_the_parts_rows_gives_the_formulas_gradients():
+    """forward adds (alpha/r) B A x onto each adapter's rows in place; its gradients must be those of
+    the formula written out with a full-width correction (zeros on k's rows)."""
+    base = torch.nn.Linear(8, 12)
+    lora = LoRALinear(base, {"q": (0, 4), "v": (8, 4)}, LoRASettings(r=2, alpha=6))
+    for b in lora.lora_B.values():
+        torch.nn.init.normal_(b)
+    x = torch.randn(3, 5, 8)
+    weights = torch.randn(3, 5, 12)
+    (lora(x) * weights).sum().backward()
+    got = {n: p.grad.clone() for n, p in lora.named_parameters() if p.requires_grad and "lora" in n}
+
+    a, b = lora.lora_A, lora.lora_B
+    zeros = torch.zeros(3, 5, 4)
+    correction = torch.cat([3 * x @ a["q"].T @ b["q"].T, zeros, 3 * x @ a["v"].T @ b["v"].T], dim=-1)  # (3, 5, 12)
+    want = torch.autograd.grad(
+        ((x @ base.weight.T + base.bias + correction) * weights).sum(), [a["q"], b["q"], a["v"], b["v"]]
+    )
+    for name, w in zip(["lora_A.q", "lora_B.q", "lora_A.v", "lora_B.v"], want):
+        torch.testing.assert_close(got[name], w)
+
+
+def test_no_dropout_draws_no_random_numbers():
+    """At --lora-dropout 0 (the default) a training step is as deterministic as evaluation: the layer
+    draws no mask (which would also cost a copy of its input)."""
+    lora = LoRALinear(torch.nn.Linear(8, 8), {"all": (0, 8)}, LoRASettings(r=2, dropout=0.0)).train()
+    state = torch.get_rng_state()
+    lora(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(torch.get_rng_state(), state)
+    dropping = LoRALinear(torch.nn.Linear(8, 8), {"all": (0, 8)}, LoRASettings(r=2, dropout=0.5)).train()
+    dropping(torch.randn(4, 8))
+    assert not torch.equal(torch.get_rng_state(), state)

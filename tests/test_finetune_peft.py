@@ -92,3 +92,64 @@ def test_gpt2_qkv_adapters_cannot_be_written_as_peft(tmp_path):
     add_lora(model, LoRASettings(targets=("q",)))
     with pytest.raises(TegakiError, match="one transformers module"):
         export_peft(model, tmp_path / "adapter", LoRASettings(targets=("q",)))
+
+
+def lora_run(root, *extra):
+    """A LoRA fine-tune, through the CLI, of a random tegaki Llama run folder (tokenizer: 300 ids, model: 320 rows)."""
+    from finetune_models import make_run, write_records
+
+    from tegaki.cli import main
+
+    base, data = make_run(root / "base", preset="tiny-llama"), write_records(root / "r.jsonl")
+    args = ["finetune", "--model", str(base), "--data", str(data), "--out", str(root / "ft"), "--max-steps", "2"]
+    args += ["--max-seq-len", "48", "--batch-size", "2", "--lr", "0.05", "--no-progress", "--lora-targets", "all"]
+    assert main([*args, *extra]) == 0
+    return base, root / "ft"
+
+
+def peft_logits(peft, base_dir, adapter_dir, x):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    with torch.no_grad():
+        return peft.PeftModel.from_pretrained(hf, adapter_dir).eval()(x).logits
+
+
+@pytest.mark.slow  # importing peft (and accelerate) takes ~10 s
+@pytest.mark.parametrize("chat", ["chatml", "plain"])
+def test_tegaki_export_peft_loads_in_peft_with_the_runs_logits(tmp_path, capsys, chat):
+    """chatml: the run added <|im_start|>/<|im_end|>, so its base (with their learned rows) is written
+    beside the adapter; plain: the adapter goes on the run's own base, exported as it is."""
+    from tegaki.cli import main
+
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install peft)")
+    base, run = lora_run(tmp_path, "--chat-template", chat)
+    capsys.readouterr()
+    assert main(["export", str(run), str(tmp_path / "adapter"), "--peft"]) == 0
+    said = capsys.readouterr().err
+    assert "adapter_config.json" in said and "load it with peft onto" in said
+    if chat == "chatml":
+        base_dir = tmp_path / "adapter" / "base"
+        assert str(base_dir) in said and (base_dir / "tokenizer.json").is_file()
+    else:
+        base_dir = tmp_path / "base-hf"
+        assert f"tegaki export {base}" in said and not (tmp_path / "adapter" / "base").exists()
+        assert main(["export", str(base), str(base_dir)]) == 0
+    config = read_adapter_config(tmp_path / "adapter")
+    assert config["r"] == 8 and "q_proj" in config["target_modules"] and "down_proj" in config["target_modules"]
+    x = torch.tensor([[1, 300, 5, 6, 301, 7, 8, 2]])  # 300, 301: the markers (chatml) or padding rows (plain)
+    with torch.no_grad():
+        ours = from_pretrained(run)(x)
+    assert (peft_logits(peft, base_dir, tmp_path / "adapter", x) - ours).abs().max() <= 1e-5
+
+
+def test_tegaki_export_peft_explains_a_run_without_adapters(tmp_path, capsys):
+    from finetune_models import make_run
+
+    from tegaki.cli import main
+
+    base = make_run(tmp_path / "base")
+    assert main(["export", str(base), str(tmp_path / "out"), "--peft"]) == 2
+    said = capsys.readouterr().err
+    assert "is not a LoRA fine-tune" in said and "Traceback" not in said
+    assert main(["export", "gpt2-nowhere", str(tmp_path / "out"), "--peft"]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -32,7 +32,10 @@ def register(subparsers) -> None:
     a("--tasks", help="a .jsonl file of multiple-choice items")
     a("--records", help="a .jsonl file of Alpaca or chat records ('instructions-heldout': the bundled held-out set)")
     a("--max-seq-len", type=int, default=FineTuneConfig.max_seq_len, help="row length for --records")
-    a("--chat-template", help="jinja2 template for --records (default: the model's own, else tegaki's)")
+    a(
+        "--chat-template",
+        help="jinja2 template file, chatml or plain, for --records (default: the model's own, else ChatML)",
+    )
     a("--json", action="store_true", help="print one JSON object instead of lines of text")
     p.set_defaults(func=_cmd_eval)
 
@@ -67,7 +70,7 @@ def _cmd_eval(args) -> int:
             "ci95": [low, high],
         }
     if args.records:
-        template = chat_template_for(args.model, tokenizer, args.chat_template)
+        template = chat_template_for(args.model, model, tokenizer, args.chat_template)
         score = score_records(model, tokenizer, template, records_path(args.records), args.max_seq_len)
         if score.note:
             print(f"note: {score.note}", file=sys.stderr)

@@ -47,7 +47,11 @@ def register(subparsers) -> None:
         default=F.max_seq_len,
         help=f"tokens per packed row; longer records are reported and left out (default {F.max_seq_len})",
     )
-    a("--chat-template", help="jinja2 template file (default: the model's own, else tegaki's)")
+    a(
+        "--chat-template",
+        help="jinja2 template file, or chatml or plain (default: the model's own; else ChatML, its "
+        "<|im_start|> and <|im_end|> added to the tokenizer and the embedding)",
+    )
     # The training settings: None means "the fine-tune default" (TRAIN_DEFAULTS, LR by method).
     a("--max-steps", type=int, help=f"optimizer steps (default {T['max_steps']})")
     a("--batch-size", type=int, help=f"rows per micro-batch (default {T['batch_size']})")

@@ -9,7 +9,9 @@ An Alpaca record is the chat [user: instruction (+ blank line + input), assistan
 chat template (tegaki.chat_template: the checkpoint's own, ChatML, or the plain "USER:/ASSISTANT:"
 layout for a tegaki run) writes the conversation out. Each assistant turn is cut where the template
 hands over to the assistant: the text before is the prompt, the text after is the response, and they
-are tokenized apart -- exactly as the prompt will be tokenized when the model is asked later.
+are tokenized apart -- exactly as the prompt will be tokenized when the model is asked later. A message
+whose text spells one of the tokenizer's special tokens ("<|im_end|>") is refused with its line number:
+tokenized with the template's text, it would become the token itself and end the turn early.
 
 Labels: the token the model should predict at each place, or -100 where it should learn nothing
 (the prompt, the padding): the model's loss ignores -100, so only the responses are learned. Each
@@ -113,6 +115,7 @@ def _checked_messages(messages, where: str) -> list[dict]:
 def encode_record(record: Record, template, tokenizer) -> tuple[list[int], list[int]]:
     """(token ids, labels) of one conversation: labels are the ids on assistant replies (and the
     final end-of-text), IGNORE elsewhere."""
+    _refuse_spelled_specials(record, tokenizer)
     ids: list[int] = []
     labels: list[int] = []
     done = ""  # the text already turned into tokens
@@ -136,6 +139,18 @@ def encode_record(record: Record, template, tokenizer) -> tuple[list[int], list[
         ids.append(eot)
         labels.append(eot)
     return ids, labels
+
+
+def _refuse_spelled_specials(record: Record, tokenizer) -> None:
+    """A message that spells a special token ("<|im_end|>" in its text) would become that token once
+    the template's text is tokenized, and end a turn the record never ended: refused, with its line."""
+    for i, message in enumerate(record.messages):
+        spelled = [s for s in getattr(tokenizer, "special_tokens", {}) if s in message["content"]]
+        if spelled:
+            raise TegakiError(
+                f"line {record.line}: message {i} spells the special token {spelled[0]} in its text, which "
+                "would be read as the token itself; write it otherwise (e.g. with a space inside it)"
+            )
 
 
 @dataclass

@@ -6,6 +6,8 @@ Run's `setup` hook, before the first step:
 
     the model     loaded with tegaki.load.from_pretrained (a run folder, a transformers folder, a hub id)
                   and, with --method lora, frozen with adapters added (tegaki.lora)
+    the format    the model's chat template; a model without one gets ChatML, its two markers added
+                  to the tokenizer (saved in the run folder) and as embedding rows (tegaki.finetune.tokens)
     the data      records -> chat template -> (ids, labels) with the prompts masked -> packed rows
                   (tegaki.finetune.data); a seeded share of the records is the validation split,
                   so the logged val_loss is the loss on held-out responses
@@ -22,7 +24,14 @@ from typing import Any
 
 import torch
 
-from tegaki.chat_template import DEFAULT_TEMPLATE, PLAIN_TEMPLATE, find_chat_template
+from tegaki.chat_template import (
+    DEFAULT_SPECIAL_TOKENS,
+    DEFAULT_TEMPLATE,
+    NAMED,
+    PLAIN_TEMPLATE,
+    chatml,
+    find_chat_template,
+)
 from tegaki.checkpoint import clear_run_folder
 from tegaki.data import BatchLoader
 from tegaki.errors import TegakiError
@@ -34,6 +43,7 @@ from tegaki.finetune.data import (
     read_records,
     split_records,
 )
+from tegaki.finetune.tokens import add_chat_tokens, needs_chat_tokens
 from tegaki.load import from_pretrained, tokenizer_for
 from tegaki.lora import LoRASettings, add_lora, parse_targets
 from tegaki.train.loop import PlotHook, Run, train
@@ -69,10 +79,12 @@ class FineTuneConfig:
     lora_dropout: float = 0.0
     lora_targets: str = "q,v"
     max_seq_len: int = 256
-    chat_template: str | None = None  # a jinja2 file; None: the model's own, or tegaki's default
+    chat_template: str | None = None  # a jinja2 file, "chatml" or "plain"; None: the model's own, else ChatML
 
-    def lora(self) -> LoRASettings:
-        return LoRASettings(self.lora_r, self.lora_alpha, self.lora_dropout, parse_targets(self.lora_targets))
+    def lora(self, new_tokens: tuple[int, ...] = ()) -> LoRASettings:
+        """The adapters' settings; new_tokens: ids added for the chat format, whose rows learn too."""
+        targets = parse_targets(self.lora_targets)
+        return LoRASettings(self.lora_r, self.lora_alpha, self.lora_dropout, targets, tuple(new_tokens))
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -100,14 +112,26 @@ def train_settings(ft: FineTuneConfig, values: dict[str, Any]) -> TrainConfig:
     return cfg
 
 
-def chat_template_for(model_ref: str, tokenizer, override: str | None):
-    """The template that writes records out: the one `tegaki serve` would use for this model."""
+def chat_template_for(model_ref: str, model, tokenizer, override: str | None):
+    """The template that writes records out: the model's own (or --chat-template's), else ChatML --
+    with its two markers added to the tokenizer and the model (tegaki.finetune.tokens) when they are
+    missing. The model and tokenizer are changed in place; `tegaki serve` then finds ChatML in the run."""
     folder = Path(model_ref)
     folders = [folder, folder / "tokenizer"] if folder.is_dir() else []
-    template = find_chat_template(folders, tokenizer, override, tegaki_run=(folder / "run.json").exists())
-    if template is None:  # a transformers model without a chat template: the plain layout
-        template = find_chat_template([], tokenizer, None, tegaki_run=True)
+    if override is None and (folder / "run.json").is_file():  # a fine-tune keeps the format it learned
+        used = (json.loads((folder / "run.json").read_text()).get("finetune") or {}).get("chat_template")
+        override = used if used in NAMED else None
+    template = find_chat_template(folders, tokenizer, override)
+    if template is None:  # no format of its own: ChatML, as transformers' TRL sets one up
+        template = chatml(template_specials(folders, tokenizer))
+    if needs_chat_tokens(template, tokenizer):
+        add_chat_tokens(model, tokenizer)
     return template
+
+
+def template_specials(folders, tokenizer) -> dict[str, str]:
+    """The special-token variables a template sees (bos_token, ...), as find_chat_template reads them."""
+    return find_chat_template(folders, tokenizer, "plain").special_tokens
 
 
 class FineTuneSetup:
@@ -125,14 +149,21 @@ class FineTuneSetup:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         model = from_pretrained(ft.model)
         tokenizer = tokenizer_for(ft.model)
-        template = chat_template_for(ft.model, tokenizer, ft.chat_template)
+        before = dict(tokenizer.special_tokens)
+        template = chat_template_for(ft.model, model, tokenizer, ft.chat_template)
+        self.new_tokens = tuple(i for t, i in tokenizer.special_tokens.items() if t not in before)
+        if self.new_tokens:
+            run.say(
+                f"added {', '.join(DEFAULT_SPECIAL_TOKENS)} to the tokenizer as ids {self.new_tokens} "
+                f"(embedding rows: {model.config.vocab_size:,})"
+            )
         run.tokenizer, run.model_config, run.block_size = tokenizer, model.config, ft.max_seq_len
         run.tokenizer_ref = "tokenizer"  # saved into the run folder by write_run_folder
         model.config.check_positions(ft.max_seq_len, "--max-seq-len")
         run.data_dir = Path(ft.data)
         self.build_data(run, template)
         if ft.method == "lora":
-            add_lora(model, ft.lora())
+            add_lora(model, ft.lora(self.new_tokens))
         run.raw_model = model.float().to(run.device)
         run.model = run.raw_model
         if run.dist.enabled:
@@ -168,6 +199,11 @@ class FineTuneSetup:
         run.val_windows = rows["validation"]
         run.token_bytes = token_byte_lengths(run.tokenizer, run.model_config.vocab_size).to(run.device)
 
+    def template_name(self, template) -> str | None:
+        """How run.json names the format: "chatml", "plain", or the file given (copied beside it)."""
+        named = {DEFAULT_TEMPLATE: "chatml", PLAIN_TEMPLATE: "plain"}
+        return named.get(template.source, self.ft.chat_template)
+
     def write_run_folder(self, run: Run, tokenizer, template) -> None:
         """run.json (refusing a folder that holds another fine-tune), the tokenizer, the template."""
         ft = self.ft
@@ -176,8 +212,8 @@ class FineTuneSetup:
             "tokenizer": "tokenizer",
             "data": str(ft.data),
             "train": run.cfg.to_dict(),
-            "finetune": asdict(ft),
-            "lora": ft.lora().to_dict() if ft.method == "lora" else None,
+            "finetune": asdict(ft) | {"chat_template": self.template_name(template)},
+            "lora": ft.lora(self.new_tokens).to_dict() if ft.method == "lora" else None,
         }
         path = run.run_dir / "run.json"
         if path.exists() and (run.run_dir / "checkpoints").exists():

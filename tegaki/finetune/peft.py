@@ -15,6 +15,7 @@ the base (its shape and a few of its weights), so an adapter is refused on a mod
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -32,7 +33,7 @@ from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
 from tegaki.files import atomic_write, atomic_write_json
 from tegaki.hf import family_for_config
-from tegaki.lora import QKV_PARTS, LoRASettings, add_lora, lora_layers
+from tegaki.lora import QKV_PARTS, LoRASettings, add_lora, lora_layers, merge_lora
 from tegaki.model import GPT
 
 CONFIG_FILE = "adapter_config.json"
@@ -185,3 +186,14 @@ def load_lora_run(path: str | Path, device: str | torch.device = "cpu"):
     add_lora(model, settings)
     load_model_tensors(model, read_model_tensors(checkpoint))
     return model.to(device).eval(), settings, (info.get("finetune") or {}).get("model", "")
+
+
+def adapter_base(model):
+    """The base model a LoRA model's adapter goes on, as a plain model: the model with its adapters
+    left out (B zeroed, then merged: W + 0). Rows learned for added chat tokens stay: they are part
+    of the base an adapter of such a run needs, since the base it started from has no such tokens."""
+    base = copy.deepcopy(model)
+    for _, layer in lora_layers(base):
+        for b in layer.lora_B.values():
+            b.data.zero_()
+    return merge_lora(base)

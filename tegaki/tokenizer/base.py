@@ -48,6 +48,15 @@ class Tokenizer:
     def save(self, folder: str | Path) -> Path:
         raise NotImplementedError
 
+    def add_special_tokens(self, texts: Iterable[str], first_id: int | None = None) -> dict[str, int]:
+        """Give each text not yet special an id of its own, from `first_id` (default: the vocabulary's
+        end) up; returns {text: id} for all of them. Ordinary text never encodes to these ids (its
+        bytes go through `_encode_ordinary`); `encode` finds them as it finds every special token."""
+        raise TegakiError(
+            f"{self.name} is a {self.kind} tokenizer; tegaki adds special tokens to byte-level BPE "
+            "tokenizers only (train one with --special-tokens, or give the model a chat template)"
+        )
+
     # --- shared -------------------------------------------------------------------------------
 
     @property

@@ -217,6 +217,18 @@ class BytePairTokenizer(Tokenizer):
             self._check_id(token_id)
             raise TegakiError(f"{self.name} has no token with id {token_id}") from None
 
+    def add_special_tokens(self, texts, first_id: int | None = None) -> dict[str, int]:
+        texts = list(texts)
+        next_id = max(self.vocab_size, first_id or 0)
+        for text in texts:
+            if text not in self.special_tokens:
+                self.special_tokens[text] = next_id
+                self.vocab[next_id] = text.encode("utf-8")
+                next_id += 1
+        self.vocab_size = max(self.vocab) + 1
+        self.compiled, self.compiled_checked = None, False  # tiktoken's copy must learn them too
+        return {text: self.special_tokens[text] for text in texts}
+
     # --- files --------------------------------------------------------------------------------
 
     def save(self, folder: str | Path) -> Path:

@@ -289,8 +289,8 @@ class Run:
         state = json.loads((folder / STATE_FILE).read_text())
         tensors = read_model_tensors(folder)
         check_shapes(self.raw_model.state_dict(), tensors, where=f"checkpoint {folder}")
-        if self.model_config.tie_embeddings:
-            tensors["lm_head.weight"] = tensors["wte.weight"]
+        if self.model_config.tie_embeddings:  # the head's tensors are the embedding's
+            tensors |= {"lm_head" + k.removeprefix("wte"): v for k, v in tensors.items() if k.startswith("wte.")}
         try:
             saved = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
