@@ -3,6 +3,11 @@ two models, the held-out response loss before and after a fine-tune.
 
     python benchmarks/bench_finetune.py                                  # speed and optimizer state
     python benchmarks/bench_finetune.py --base runs/demo --tuned runs/demo-lora   # + response loss
+    python benchmarks/bench_finetune.py --shape gpt2 --batch 2 --rounds 5 --steps 1  # GPT-2 124M
+
+`--shape gpt2` is GPT-2 124M's shape (12 x 768, vocabulary 50,257): the model people fine-tune on
+a CPU, where the batch is small and full fine-tuning's AdamW update of 124M weights is a visible
+part of a step; the default shape is small and its batch large, where a step is nearly all matmuls.
 
 One step = forward + backward + gradient clipping + AdamW update (tegaki.train's build_optimizer),
 on the same model (GPT-2-shaped, 6 layers, 384 wide, vocabulary 8,192) and the same batch
@@ -35,7 +40,11 @@ from tegaki.lora import LoRASettings, add_lora
 from tegaki.model import GPT
 from tegaki.train import TrainConfig, build_optimizer
 
-SHAPE = {"vocab_size": 8192, "n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256}
+SHAPES = {
+    "small": {"vocab_size": 8192, "n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256},
+    "gpt2": {"vocab_size": 50257, "n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},
+}
+SHAPE = dict(SHAPES["small"])  # set from --shape
 
 
 def cpu_flags() -> str:
@@ -111,6 +120,7 @@ def response_losses(base: str, tuned: str, records: str, max_seq_len: int) -> di
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=SHAPES, default="small", help="the model's shape (see above)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="steps per round")
     p.add_argument("--batch", type=int, default=8)
@@ -122,6 +132,7 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=256)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    SHAPE.update(SHAPES[args.shape])
     print(f"$ python {' '.join(sys.argv)}")
     print(f"date {datetime.date.today()}; torch {torch.__version__}; {args.threads} threads; CPU flags: {cpu_flags()}")
     print(f"model {SHAPE}; batch {args.batch} x {args.seq}; {args.rounds} rounds of {args.steps} steps")
