@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tegaki.device import datasheet_peak, mfu, peak_flops, pick_device, pick_dtype
+from tegaki import device
+from tegaki.device import cpu_flags, datasheet_peak, mfu, peak_flops, pick_device, pick_dtype
 from tegaki.errors import TegakiError
 
 
@@ -70,7 +71,12 @@ def test_bad_devices_are_refused_clearly(fake_cuda, name, message):
         pick_device(name)
 
 
-def test_auto_dtype_is_bf16_on_a_gpu_that_has_it(fake_cuda):
+def with_cpu_flags(monkeypatch, *flags: str) -> None:
+    monkeypatch.setattr(device, "_FLAGS", frozenset(flags))
+
+
+def test_auto_dtype_is_bf16_on_a_gpu_that_has_it(fake_cuda, monkeypatch):
+    with_cpu_flags(monkeypatch, "avx2", "avx512f", "avx512_bf16")  # bf16 dot products, no AMX
     fake_cuda(bf16=True)
     assert pick_dtype("auto", torch.device("cuda:0")) == "bf16"
     assert pick_dtype("auto", torch.device("cpu")) == "fp32"
@@ -79,6 +85,26 @@ def test_auto_dtype_is_bf16_on_a_gpu_that_has_it(fake_cuda):
     assert pick_dtype("auto", torch.device("cuda:0")) == "fp32"
     with pytest.raises(TegakiError, match="--dtype must be"):
         pick_dtype("float64", torch.device("cpu"))
+
+
+def test_auto_dtype_is_bf16_on_a_cpu_with_amx(monkeypatch):
+    with_cpu_flags(monkeypatch, "avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+    assert pick_dtype("auto", torch.device("cpu")) == "bf16"
+    assert pick_dtype("fp32", torch.device("cpu")) == "fp32"
+    with_cpu_flags(monkeypatch, "avx2")
+    assert pick_dtype("auto", torch.device("cpu")) == "fp32"
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nmodel name\t: X\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n\nprocessor\t: 1\n"
+    )
+    flags = cpu_flags(str(info))
+    assert {"avx2", "avx512f", "amx_bf16"} <= flags and "avx512_vnni" not in flags
+    assert cpu_flags(str(tmp_path / "missing")) <= {"avx2", "avx512f"}  # elsewhere: PyTorch's own report
+    monkeypatch.setattr(device, "_FLAGS", flags)
+    assert device.cpu_has("amx_bf16") and device.cpu_summary() == "amx_bf16 amx_tile avx512f avx2"
 
 
 def test_known_accelerators_use_their_datasheet_peak(fake_cuda):
