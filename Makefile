@@ -17,9 +17,10 @@ install-dev:
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e ".[dev,serve]"
 
-# Main job: train the tiny model on the bundled Shakespeare, then sample from it.
+# Main job: train the demo model on the bundled Shakespeare, then sample from it: two minutes on
+# two idle cores (benchmarks/RESULTS.md, "The demo run").
 demo: install
-	$(PYTHON) -m tegaki train --data shakespeare --preset tiny --out runs/demo
+	$(PYTHON) -m tegaki train --data shakespeare --preset demo --out runs/demo
 	$(PYTHON) -m tegaki generate --model runs/demo --max-new-tokens 200 --num-samples 2 "ROMEO:"
 
 test: install-dev

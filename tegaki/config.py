@@ -313,7 +313,7 @@ def _alternating(n_layer: int) -> list[str]:
 
 _LLAMA = dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
 
-# The demo presets share one budget -- about 1.8M parameters in the blocks (embeddings and LM head
+# The tiny presets share one budget -- about 1.8M parameters in the blocks (embeddings and LM head
 # left out), each within 10% of `tiny` -- so that `tegaki compare` pits architectures, not budgets,
 # against each other. Where a family adds weights, its MLP is narrowed to pay for them: SwiGLU's three
 # matrices get a 512-wide hidden layer instead of GELU's 768; GPT-OSS's 4 experts (2 active) get 144
@@ -374,6 +374,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
     # Small enough to train visibly within a minute on two CPU cores.
     "tiny": dict(_TINY),
+    # `make demo`'s model (the default of `tegaki train`): tiny at 128 wide, 1.35M parameters. A step
+    # costs about 0.65x tiny's, and in the same CPU time it reaches a lower loss (benchmarks/RESULTS.md).
+    "demo": dict(_TINY, n_embd=128),
     "tiny-llama": dict(**_TINY | _LLAMA, n_kv_head=2, intermediate_size=512, norm_eps=1e-5),
     "tiny-qwen3": dict(
         _TINY,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,10 +17,10 @@ import torch
 
 from tegaki import data
 from tegaki.checkpoint import find_checkpoint, load_run_model, load_run_tokenizer, read_metrics
-from tegaki.cli import main
+from tegaki.cli import build_parser, main
 from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
-from tegaki.train import TrainConfig, build_optimizer, flops_per_token, lr_at
+from tegaki.train import TrainConfig, build_optimizer, flops_per_token, lr_at, resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 # A model small enough that a step takes milliseconds.
@@ -103,6 +104,40 @@ def test_flops_per_token_matches_parameter_count():
     model = GPT(config)
     matmul_weights = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n != "wpe.weight")
     assert flops_per_token(config, seq_len=0) == 6 * matmul_weights
+
+
+# --- make demo -----------------------------------------------------------------------------------
+
+# The demo's training compute when benchmarks/RESULTS.md ("The demo run") timed it: flops_per_token
+# x tokens of 500 steps of 8 x 256 tokens through the demo preset with its 4,096-token BPE.
+DEMO_TIMED_FLOPS = 8.86e12
+
+
+def make_demo_commands() -> list[list[str]]:
+    """The tegaki commands of the Makefile's demo target, each as the argv after `-m tegaki`."""
+    lines = (REPO / "Makefile").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("demo:")) + 1
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("\t")), len(lines))
+    argvs = [shlex.split(line) for line in lines[start:end]]  # the recipe: the tab-indented lines
+    return [argv[argv.index("tegaki") + 1 :] for argv in argvs if "tegaki" in argv]
+
+
+def test_make_demo_is_the_run_that_was_timed():
+    """The README says how long `make demo` takes, measured with its settings: a preset, --max-steps or
+    batch that costs more needs a new measurement (then raise DEMO_TIMED_FLOPS). And the samples must
+    fit the model's context: a learned position table has no row past block_size, and `tegaki generate`
+    would cut them short."""
+    train_argv, generate_argv = make_demo_commands()
+    assert train_argv[0] == "train" and generate_argv[0] == "generate"
+    cfg = resolve_config(vars(build_parser().parse_args(train_argv)))
+    config = ModelConfig.preset(cfg.preset).with_overrides(cfg.set)
+    block = cfg.block_size or config.block_size
+    tokens = cfg.max_steps * cfg.grad_accum * cfg.batch_size * block
+    assert config.vocab_size == 4096  # the BPE trained for it, padded to 64
+    assert flops_per_token(config, block) * tokens <= 1.01 * DEMO_TIMED_FLOPS
+    generate = build_parser().parse_args(generate_argv)
+    prompt_tokens = len(generate.prompt.encode())  # a byte-level BPE token is at least one byte
+    assert prompt_tokens + generate.max_new_tokens <= config.block_size
 
 
 # --- the tiny preset trains ----------------------------------------------------------------------

@@ -25,11 +25,13 @@ from tegaki.errors import TegakiError
 class TrainConfig:
     """Every `tegaki train` flag; a TOML --config file holds the same keys (dashes or underscores)."""
 
+    # The defaults are `make demo`'s run: the demo preset on Shakespeare, 500 steps of 8 x 256 tokens,
+    # about 0.2 s a step on 2 idle CPU cores (benchmarks/RESULTS.md, "The demo run").
     data: str = "shakespeare"
-    preset: str = "tiny"
+    preset: str = "demo"
     out: str = "runs/demo"
     max_steps: int = 500
-    batch_size: int = 8  # x 256 tokens: the tiny preset takes ~0.7 s a step on 2 CPU cores
+    batch_size: int = 8
     block_size: int | None = None  # training sequence length; None: the model's block_size
     grad_accum: int = 1
     lr: float = 2e-3
