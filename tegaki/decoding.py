@@ -69,7 +69,9 @@ class PackedLinear(nn.Module):
         self.packed_from: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.weight.dtype:  # the packed kernel takes the weight's dtype only
+        if x.dtype != self.weight.dtype or torch.compiler.is_compiling():
+            # The packed kernel takes the weight's dtype only; and torch.compile does its own
+            # packing of the plain weight (it cannot trace an opaque oneDNN tensor held by a module).
             return self.forward_reference(x)
         # Pack again if the weight was replaced or written in place (load_state_dict, .to(...)).
         key = weight_key(self.weight)

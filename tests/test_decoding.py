@@ -124,3 +124,11 @@ def test_quantized_layers_are_left_alone():
     model = quantize_model(random_model("tiny"), "int8")
     prepare_for_decoding(model)
     assert isinstance(model.lm_head, Int8Linear) and not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+def test_a_prepared_model_compiles():
+    """torch.compile traces the plain weight (it cannot trace the opaque packed one): same tokens."""
+    model = prepare_for_decoding(random_model("tiny"))
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(6))
+    eager = generate(model, ids, 8, temperature=0)
+    assert torch.equal(generate(model, ids, 8, temperature=0, compile="aot_eager"), eager)
