@@ -31,10 +31,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
+import json
 import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -248,18 +251,55 @@ def transformers_contestant(name: str, model) -> Contestant:
     return Contestant(name, run)
 
 
+def ctranslate2_available() -> bool:
+    if "ctranslate2" in sys.modules:
+        return sys.modules["ctranslate2"] is not None
+    return importlib.util.find_spec("ctranslate2") is not None
+
+
 def ctranslate2_contestants(hf_folder: str, out_folder: str, vocab_size: int, threads: int) -> list[Contestant]:
-    """CTranslate2 fp32 and int8 from the transformers folder; none, with a note, without it."""
-    try:
-        import ctranslate2
-        from ctranslate2.converters import TransformersConverter
-    except ImportError:
+    """CTranslate2 fp32 and int8 from the transformers folder; none, with a note, without it.
+
+    Each runs in a process of its own (`--ct2-worker`), and nothing of ctranslate2 is imported here:
+    loaded into this process, its bundled OpenMP and oneDNN libraries slowed PyTorch's decoding by a
+    quarter for the rest of the run (tegaki fp32 30 instead of 40 tokens/s, measured 2026-11-29),
+    which would have made every PyTorch row lose to it unfairly. The worker times nothing; this
+    process times the whole request, a line of JSON each way (well under a millisecond)."""
+    if not ctranslate2_available():
         print("note: ctranslate2 is not installed (pip install ctranslate2): its rows are left out", file=sys.stderr)
         return []
+    me = str(Path(__file__).resolve())
+    subprocess.run([sys.executable, me, "--ct2-convert", hf_folder, out_folder, str(vocab_size)], check=True)
+    contestants = []
+    for label, compute_type in (("fp32", "float32"), ("int8", "int8")):
+        worker = subprocess.Popen(
+            [sys.executable, me, "--ct2-worker", out_folder, compute_type, str(threads)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        resolved = json.loads(worker.stdout.readline())["compute_type"]  # "int8" is int8_float32 on a CPU
 
-    # The converter reads the vocabulary from a tokenizer; these random weights have none, and
-    # CTranslate2 only needs one name per id, so the names are the ids themselves: "<0>", "<1>", ...
-    names = [f"<{i}>" for i in range(vocab_size)]
+        def run(ids, new, worker=worker):
+            worker.stdin.write(json.dumps({"ids": ids.tolist(), "new": new}) + "\n")
+            worker.stdin.flush()
+            return json.loads(worker.stdout.readline())
+
+        name = f"CTranslate2 {label}" + (f" ({resolved})" if resolved != compute_type else "")
+        contestants.append(Contestant(name, run))
+    return contestants
+
+
+def ct2_names(vocab_size: int) -> list[str]:
+    """The converter reads the vocabulary from a tokenizer; these random weights have none, and
+    CTranslate2 only needs one name per id, so the names are the ids themselves: "<0>", "<1>", ..."""
+    return [f"<{i}>" for i in range(vocab_size)]
+
+
+def ct2_convert(hf_folder: str, out_folder: str, vocab_size: int) -> None:
+    from ctranslate2.converters import TransformersConverter
+
+    names = ct2_names(vocab_size)
 
     class IdNames:
         bos_token = eos_token = unk_token = names[-1]
@@ -272,26 +312,26 @@ def ctranslate2_contestants(hf_folder: str, out_folder: str, vocab_size: int, th
             return IdNames()
 
     Converter(hf_folder).convert(out_folder, force=True)  # float32: int8 is quantized when loaded
-    contestants = []
-    for label, compute_type in (("fp32", "float32"), ("int8", "int8")):
-        generator = ctranslate2.Generator(
-            out_folder, device="cpu", compute_type=compute_type, intra_threads=threads, inter_threads=1
+
+
+def ct2_worker(folder: str, compute_type: str, threads: int) -> None:
+    """Serve generation requests, one JSON line in ({"ids", "new"}), one JSON line out (the new ids)."""
+    import ctranslate2
+
+    generator = ctranslate2.Generator(
+        folder, device="cpu", compute_type=compute_type, intra_threads=threads, inter_threads=1
+    )
+    print(json.dumps({"compute_type": generator.compute_type}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        results = generator.generate_batch(
+            [[f"<{i}>" for i in row] for row in request["ids"]],  # the names ct2_convert gave the ids
+            max_length=request["new"],  # new tokens only, since the prompt is not in the result
+            sampling_topk=1,  # greedy
+            include_prompt_in_result=False,  # the prompt goes through in one forward, as a prefill
+            end_token=[],  # never stop early: random weights may well pick the EOS id
         )
-
-        def run(ids, new, generator=generator):
-            results = generator.generate_batch(
-                [[names[i] for i in row] for row in ids.tolist()],
-                max_length=new,  # new tokens only, since the prompt is not in the result
-                sampling_topk=1,  # greedy
-                include_prompt_in_result=False,  # the prompt goes through in one forward, as a prefill
-                end_token=[],  # never stop early: random weights may well pick the EOS id
-            )
-            return [r.sequences_ids[0] for r in results]
-
-        resolved = generator.compute_type  # "int8" means int8_float32 on a CPU
-        name = f"CTranslate2 {label}" + (f" ({resolved})" if resolved != compute_type else "")
-        contestants.append(Contestant(name, run))
-    return contestants
+        print(json.dumps([r.sequences_ids[0] for r in results]), flush=True)
 
 
 # --- the jobs and the rounds ---------------------------------------------------------------------
@@ -688,4 +728,9 @@ def _hf_bf16(hf_fp32):
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--ct2-convert"]:
+        ct2_convert(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    elif sys.argv[1:2] == ["--ct2-worker"]:
+        ct2_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    else:
+        main()
