@@ -204,23 +204,6 @@ class Int4Linear(nn.Module):
         w = dequantize_int4(self.weight_int4.to(torch.int32), self.scale, self.zero, self.group_size).to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
-    def forward_integer(self, x: torch.Tensor) -> torch.Tensor:
-        """Readable twin of the integer kernel, step by step (what fbgemm computes, in float here).
-        x is mapped onto the codes 0..levels with one scale and zero point for the whole call, the
-        range stretched to include 0 so that 0 stays exact:
-            x_scale = (max(x, 0) - min(x, 0)) / levels     zero = round(-min(x, 0) / x_scale)
-            x_q = clamp(round(x / x_scale) + zero, 0, levels)
-            y = ((x_q - zero) @ q^T) * x_scale * scale + bias      (the matmul sums whole numbers)"""
-        shape, x2 = x.shape, x.reshape(-1, self.in_features).float()
-        levels = 127 if activation_range_halved() else 255
-        low, high = min(x2.min().item(), 0.0), max(x2.max().item(), 0.0)
-        x_scale = (high - low) / levels if high > low else 1.0
-        zero = min(max(round(-low / x_scale), 0), levels)
-        x_q = torch.clamp(torch.round(x2 / x_scale) + zero, 0, levels)  # (N, in), whole numbers
-        sums = (x_q - zero) @ self.weight_int8.float().t()  # (N, out), whole numbers
-        y = (sums * (x_scale * self.scale)).to(x.dtype).view(*shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
-
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (N, in)
