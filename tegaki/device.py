@@ -2,7 +2,8 @@
 
 `pick_device("auto")` is CUDA when PyTorch sees a GPU, else the CPU; a bare "cuda" means the
 process's own GPU (cuda:LOCAL_RANK under torchrun, cuda:0 otherwise). `pick_dtype("auto")` is
-bfloat16 on a GPU that has it, float32 elsewhere. `peak_flops` is the dense matmul peak that MFU
+bfloat16 on a GPU that has it and on a CPU with AMX, float32 elsewhere; `cpu_has` reads the CPU's
+feature flags. `peak_flops` is the dense matmul peak that MFU
 divides by: the datasheet figure for known accelerators, a measured matmul for the rest.
 `check_fits` refuses, with the figures, a model too big for the device's memory, before allocating.
 """

@@ -64,7 +64,7 @@ def register(subparsers) -> None:
     a("--eval-every", type=int, help=f"held-out response loss every N steps (default {T['eval_every']})")
     a("--save-every", type=int, help=f"checkpoint every N steps (default {T['save_every']})")
     a("--sample-every", type=int, help="print a sample every N steps; 0: never (default 0)")
-    a("--dtype", choices=DTYPE_CHOICES, help="bf16 autocast or fp32 (auto: bf16 on GPUs)")
+    a("--dtype", choices=DTYPE_CHOICES, help="bf16 autocast or fp32 (auto: bf16 on GPUs and on CPUs with AMX)")
     a("--device", help="auto | cpu | cuda | cuda:N")
     a("--seed", type=int, help="random seed (default: tegaki train's)")
     a("--compile", action="store_true", default=None, help="torch.compile the model")

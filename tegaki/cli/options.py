@@ -17,5 +17,6 @@ def add_device_arguments(p: argparse.ArgumentParser, dtype_default: str = "auto"
         "--dtype",
         choices=["auto", *DTYPES],
         default=dtype_default,
-        help=f"weights and activations: auto is bf16 on a GPU that has it, fp32 on a CPU (default {dtype_default})",
+        help=f"weights and activations: auto is bf16 on a GPU that has it and on a CPU with AMX, else fp32 "
+        f"(default {dtype_default})",
     )

@@ -33,7 +33,7 @@ def register(subparsers) -> None:
     a("--grad-clip", type=float, help=f"clip the gradient norm to this (default {D.grad_clip})")
     a("--warmup", type=int, help=f"linear warmup steps (default {DEFAULT_WARMUP}, at most a tenth of --max-steps)")
     a("--schedule", choices=SCHEDULES, help="after warmup: cosine decay, or warmup-stable-decay")
-    a("--dtype", choices=DTYPE_CHOICES, help="bf16 autocast or fp32 (auto: bf16 on GPUs)")
+    a("--dtype", choices=DTYPE_CHOICES, help="bf16 autocast or fp32 (auto: bf16 on GPUs and on CPUs with AMX)")
     a("--device", help="auto | cpu | cuda | cuda:N")
     a("--compile", action="store_true", default=None, help="torch.compile the model")
     a("--tokenizer", help="'gpt2' or a tokenizer folder (default: a BPE trained on the corpus, saved in the run)")
