@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from tegaki.decoding import decoding_layout
 from tegaki.eval.text import token_logprobs
 from tegaki.load import from_pretrained, tokenizer_for
 
@@ -87,27 +88,32 @@ class TegakiLM(_HarnessLM):
     @torch.no_grad()
     def generate_until(self, requests) -> list[str]:
         out = []
-        for request in requests:
-            context, kwargs = request.args
-            until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
-            temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
-            window = int(self.model.config.block_size)
-            max_new = min(max_new, window - 1)  # the prompt keeps at least its last token
-            ids = self._context_ids(context)[-(window - max_new) :]  # the newest context that leaves room
-            prompt = torch.tensor(ids, device=self.model.device)[None]
-            eot = self.tokenizer.eot_id
-            tokens = self.model.generate(
-                prompt,
-                max_new,
-                temperature=temperature,
-                tokenizer=self.tokenizer,
-                stop_strings=until or None,
-                stop_tokens=[eot] if eot is not None else None,
-            )
-            text = self.tokenizer.decode([i for i in tokens[0, len(ids) :].tolist() if i != eot])
-            for stop in until:  # lm-eval wants the text before the first stop sequence
-                text = text.split(stop)[0]
-            out.append(text)
+        with decoding_layout(self.model):  # packed once for every request, not once per generate call
+            for request in requests:
+                out.append(self._generate_one(request))
         return out
+
+    def _generate_one(self, request) -> str:
+        """One generate_until request: the text the model writes after its context, cut at the first stop."""
+        context, kwargs = request.args
+        until = kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_new = int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+        temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
+        window = int(self.model.config.block_size)
+        max_new = min(max_new, window - 1)  # the prompt keeps at least its last token
+        ids = self._context_ids(context)[-(window - max_new) :]  # the newest context that leaves room
+        prompt = torch.tensor(ids, device=self.model.device)[None]
+        eot = self.tokenizer.eot_id
+        tokens = self.model.generate(
+            prompt,
+            max_new,
+            temperature=temperature,
+            tokenizer=self.tokenizer,
+            stop_strings=until or None,
+            stop_tokens=[eot] if eot is not None else None,
+        )
+        text = self.tokenizer.decode([i for i in tokens[0, len(ids) :].tolist() if i != eot])
+        for stop in until:  # lm-eval wants the text before the first stop sequence
+            text = text.split(stop)[0]
+        return text
