@@ -112,10 +112,11 @@ class Int8Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # model.to(dtype) after quantizing casts every float buffer; the kernels insist on float32
-        # and bfloat16 scales, so they go back (on whatever device fn moved them to).
+        # and bfloat16 scales, so the scales keep their own dtype and values and only follow the
+        # move to whatever device fn put the rest on.
+        scale, scale_bf16 = self.scale, self.scale_bf16
         super()._apply(fn, recurse)
-        self.scale = self.scale.float()
-        self.scale_bf16 = self.scale_bf16.to(torch.bfloat16)
+        self.scale, self.scale_bf16 = scale.to(self.scale.device), scale_bf16.to(self.scale_bf16.device)
         return self
 
     def __getstate__(self):
