@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tegaki.config import ModelConfig
+from tegaki.device import cpu_summary
 from tegaki.eval.text import score_records
 from tegaki.finetune.loop import chat_template_for
 from tegaki.load import from_pretrained, tokenizer_for
@@ -44,23 +44,11 @@ SHAPES = {
     "small": {"vocab_size": 8192, "n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256},
     "gpt2": {"vocab_size": 50257, "n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},
 }
-SHAPE = dict(SHAPES["small"])  # set from --shape
 
 
-def cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma")
-                return " ".join(f for f in line.split(":")[1].split() if f in wanted)
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def contender(method: str):
+def contender(method: str, shape: dict):
     torch.manual_seed(0)
-    model = GPT(ModelConfig.preset("tiny").replace(**SHAPE))
+    model = GPT(ModelConfig.preset("tiny").replace(**shape))
     if method == "lora":
         add_lora(model, LoRASettings(r=8, alpha=16, targets=("q", "v")))
     optimizer = build_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.0), torch.device("cpu"))
@@ -84,12 +72,12 @@ def optimizer_bytes(optimizer) -> int:
     )
 
 
-def measure(rounds: int, steps: int, batch: int, seq: int) -> dict:
+def measure(shape: dict, rounds: int, steps: int, batch: int, seq: int) -> dict:
     torch.manual_seed(1)
-    inputs = torch.randint(0, SHAPE["vocab_size"], (batch, seq))
+    inputs = torch.randint(0, shape["vocab_size"], (batch, seq))
     targets = inputs.roll(-1, dims=1)
     targets[:, : seq // 2] = -100  # the prompt: no loss, as in fine-tuning
-    runs = {m: contender(m) for m in ("full", "lora")}
+    runs = {m: contender(m, shape) for m in ("full", "lora")}
     for model, optimizer in runs.values():
         step(model, optimizer, inputs, targets)  # warm-up (and creates the optimizer state)
     times = {m: [] for m in runs}
@@ -132,11 +120,13 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=256)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    SHAPE.update(SHAPES[args.shape])
+    shape = SHAPES[args.shape]
     print(f"$ python {' '.join(sys.argv)}")
-    print(f"date {datetime.date.today()}; torch {torch.__version__}; {args.threads} threads; CPU flags: {cpu_flags()}")
-    print(f"model {SHAPE}; batch {args.batch} x {args.seq}; {args.rounds} rounds of {args.steps} steps")
-    results = measure(args.rounds, args.steps, args.batch, args.seq)
+    print(
+        f"date {datetime.date.today()}; torch {torch.__version__}; {args.threads} threads; CPU flags: {cpu_summary()}"
+    )
+    print(f"model {shape}; batch {args.batch} x {args.seq}; {args.rounds} rounds of {args.steps} steps")
+    results = measure(shape, args.rounds, args.steps, args.batch, args.seq)
     print(f"{'method':<6} {'ms/step (median, min-max)':>28} {'trainable':>12} {'optimizer state':>16}")
     for method, r in results.items():
         ms = r["ms"]

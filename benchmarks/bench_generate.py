@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tegaki.config import ModelConfig  # noqa: E402
 from tegaki.decoding import PackedLinear  # noqa: E402
+from tegaki.device import CPU_FLAGS, cpu_has  # noqa: E402
 from tegaki.files import atomic_write  # noqa: E402
 from tegaki.generate import generate  # noqa: E402
 from tegaki.kv_cache import KVCache  # noqa: E402
@@ -63,9 +64,6 @@ from tegaki.quant import Int8Linear, quantize_model  # noqa: E402
 PROMPT, NEW, PREFILL = 32, 128, 512
 JOBS = ("batch 1", "prefill", "batch 8")
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-# The CPU features that decide which kernels can run fast here: AMX multiplies bf16 and int8
-# tiles, AVX-512 BF16 / VNNI and AVX-VNNI do bf16 and int8 dot products in vector registers.
-CPU_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx2")
 
 
 def best_of(fn, repeats: int) -> float:
@@ -83,18 +81,16 @@ def best_of(fn, repeats: int) -> float:
 
 
 def cpu_description() -> tuple[str, list[str], list[str]]:
-    """(the processor's name, the CPU_FLAGS it has, those it lacks), from /proc/cpuinfo."""
-    name, flags = platform.processor() or "unknown", set()
+    """(the processor's name, the tegaki.device.CPU_FLAGS it has, those it lacks)."""
+    name = platform.processor() or "unknown"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "model name":
                 name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
                 break  # every core reports the same
-    return name, [f for f in CPU_FLAGS if f in flags], [f for f in CPU_FLAGS if f not in flags]
+    return name, [f for f in CPU_FLAGS if cpu_has(f)], [f for f in CPU_FLAGS if not cpu_has(f)]
 
 
 def versions() -> str:
@@ -290,16 +286,16 @@ def ctranslate2_contestants(hf_folder: str, out_folder: str, vocab_size: int, th
     return contestants
 
 
-def ct2_names(vocab_size: int) -> list[str]:
+def ct2_name(token_id: int) -> str:
     """The converter reads the vocabulary from a tokenizer; these random weights have none, and
     CTranslate2 only needs one name per id, so the names are the ids themselves: "<0>", "<1>", ..."""
-    return [f"<{i}>" for i in range(vocab_size)]
+    return f"<{token_id}>"
 
 
 def ct2_convert(hf_folder: str, out_folder: str, vocab_size: int) -> None:
     from ctranslate2.converters import TransformersConverter
 
-    names = ct2_names(vocab_size)
+    names = [ct2_name(i) for i in range(vocab_size)]
 
     class IdNames:
         bos_token = eos_token = unk_token = names[-1]
@@ -325,7 +321,7 @@ def ct2_worker(folder: str, compute_type: str, threads: int) -> None:
     for line in sys.stdin:
         request = json.loads(line)
         results = generator.generate_batch(
-            [[f"<{i}>" for i in row] for row in request["ids"]],  # the names ct2_convert gave the ids
+            [[ct2_name(i) for i in row] for row in request["ids"]],
             max_length=request["new"],  # new tokens only, since the prompt is not in the result
             sampling_topk=1,  # greedy
             include_prompt_in_result=False,  # the prompt goes through in one forward, as a prefill
