@@ -145,7 +145,11 @@ class LoRALinear(nn.Linear):
 class NewRows:
     """Shared by the embedding and LM head of a LoRA model whose added tokens learn (the chat format's
     markers, tegaki.finetune.tokens): the frozen weight, with the rows of `new_ids` taken from the
-    trainable `new_rows`. The state dict keeps `weight` beside `new_rows`."""
+    trainable `new_rows`. The state dict keeps `weight` beside `new_rows`.
+
+    Readable as "the weight with those rows replaced" (`current_weight`); computed without building
+    that (V, C) copy, so that the gradient is only the n new rows' (a copy would carry the full
+    weight's gradient back through the LM head: the largest matmul LoRA otherwise skips)."""
 
     def take_over(self, base: nn.Module, new_ids: tuple[int, ...], new_rows: nn.Parameter) -> None:
         self.weight = base.weight  # frozen; the rows of new_ids are stand-ins until merged
@@ -153,7 +157,7 @@ class NewRows:
         self.register_buffer("new_ids", torch.tensor(new_ids, device=base.weight.device), persistent=False)
 
     def current_weight(self) -> torch.Tensor:
-        return self.weight.index_copy(0, self.new_ids, self.new_rows)  # (V, C); the copy carries the gradient
+        return self.weight.index_copy(0, self.new_ids, self.new_rows)  # (V, C); what forward computes with
 
 
 class NewRowsEmbedding(NewRows, nn.Embedding):
@@ -162,7 +166,11 @@ class NewRowsEmbedding(NewRows, nn.Embedding):
         self.take_over(base, new_ids, new_rows)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.current_weight())  # (B, T) -> (B, T, C)
+        # F.embedding(ids, current_weight()): frozen rows looked up, new ids' rows from new_rows.
+        x = F.embedding(ids, self.weight)  # (B, T, C)
+        is_new = ids[..., None] == self.new_ids  # (B, T, n)
+        slot = is_new.long().argmax(-1)  # (B, T): which new row, where is_new.any(-1)
+        return torch.where(is_new.any(-1)[..., None], F.embedding(slot, self.new_rows), x)
 
 
 class NewRowsLinear(NewRows, nn.Linear):
@@ -173,7 +181,9 @@ class NewRowsLinear(NewRows, nn.Linear):
         self.take_over(base, new_ids, new_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.current_weight())  # (B, T, C) -> (B, T, V)
+        # F.linear(x, current_weight()): the frozen head's logits, the new ids' columns recomputed.
+        logits = F.linear(x, self.weight)  # (B, T, V)
+        return logits.index_copy(-1, self.new_ids, F.linear(x, self.new_rows))  # (B, T, n) into V
 
 
 def lora_sites(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[nn.Module, str, dict]]:

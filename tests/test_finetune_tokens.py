@@ -84,6 +84,28 @@ def test_under_lora_the_new_rows_learn_and_merge():
     assert torch.equal(model.wte.weight[:300], old_rows)  # the old tokens' rows stayed frozen
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_the_new_rows_layers_compute_the_weight_with_those_rows_replaced(tie):
+    """NewRowsEmbedding/NewRowsLinear skip building the (V, C) weight: their outputs and the new
+    rows' gradients are those of the readable formula, F.embedding / F.linear of current_weight()."""
+    model = small(tie=tie)
+    add_chat_tokens(model, tiny_tokenizer())
+    add_lora(model, LoRASettings(r=2, alpha=4, targets=("q",), new_tokens=(300, 301)))
+    with torch.no_grad():
+        model.wte.new_rows.add_(torch.randn_like(model.wte.new_rows))
+        model.lm_head.new_rows.add_(torch.randn_like(model.lm_head.new_rows))
+    ids = torch.tensor([[5, 300, 7, 301, 301, 9]])
+    h = torch.randn(1, 6, model.config.n_embd)
+    fast = model.wte(ids).sum() + (model.lm_head(h) ** 2).sum()
+    fast_grads = torch.autograd.grad(fast, [model.wte.new_rows, model.lm_head.new_rows], allow_unused=True)
+    readable = torch.nn.functional.embedding(ids, model.wte.current_weight()).sum()
+    readable = readable + (torch.nn.functional.linear(h, model.lm_head.current_weight()) ** 2).sum()
+    readable_grads = torch.autograd.grad(readable, [model.wte.new_rows, model.lm_head.new_rows], allow_unused=True)
+    torch.testing.assert_close(fast, readable)
+    for a, b in zip(fast_grads, readable_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_a_marker_spelled_in_a_record_is_refused_with_its_line():
     tok = tiny_tokenizer()
     add_chat_tokens(small(), tok)
