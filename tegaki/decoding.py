@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tegaki import opaque
 from tegaki.errors import TegakiError
 
 
@@ -67,12 +68,15 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
         self.packed: torch.Tensor | None = None  # an opaque oneDNN tensor: never saved, rebuilt on need
         self.packed_from: tuple | None = None
+        self.layer_id = opaque.register(self)  # how a compiled graph calls this layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.weight.dtype or torch.compiler.is_compiling():
-            # The packed kernel takes the weight's dtype only; and torch.compile does its own
-            # packing of the plain weight (it cannot trace an opaque oneDNN tensor held by a module).
+        if x.dtype != self.weight.dtype:  # the packed kernel takes the weight's dtype only
             return self.forward_reference(x)
+        if torch.compiler.is_compiling():
+            # The compiler cannot trace the opaque packed tensor: the graph calls this very forward
+            # as one operator (opaque.py), so compiled decoding reads the same packed weight.
+            return opaque.eager_layer(x, self.weight, self.layer_id)
         # Pack again if the weight was replaced or written in place (load_state_dict, .to(...)).
         key = weight_key(self.weight)
         if self.packed is None or key != self.packed_from:
@@ -93,6 +97,10 @@ class PackedLinear(nn.Module):
         state = self.__dict__.copy()
         state["packed"], state["packed_from"] = None, None
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.layer_id = opaque.register(self)  # the copy is a layer of its own
 
     def train(self, mode: bool = True):
         if mode:

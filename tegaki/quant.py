@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tegaki import opaque
 from tegaki.device import cpu_has
 from tegaki.errors import TegakiError
 
@@ -106,6 +107,7 @@ class Int8Linear(nn.Module):
         self.fast = True
         self.packed = None  # fbgemm's packed weight (a TorchScript object): never saved, rebuilt on need
         self.packed_from: tuple | None = None
+        self.layer_id = opaque.register(self)  # how a compiled graph calls this layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_fast(x) if self.fast else self.forward_reference(x)
@@ -123,6 +125,10 @@ class Int8Linear(nn.Module):
         state = self.__dict__.copy()  # deepcopy/pickle: the copy packs its own weight
         state["packed"], state["packed_from"] = None, None
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.layer_id = opaque.register(self)  # the copy is a layer of its own
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Readable: rebuild the float weight, then an ordinary linear layer."""
@@ -147,6 +153,10 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and x.device.type == "cpu":
+            # fbgemm's packed weight is a TorchScript object the compiler cannot trace: the graph
+            # calls this very forward as one operator (opaque.py) instead of breaking around it.
+            return opaque.eager_layer(x, self.weight_int8, self.layer_id)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         if x.device.type == "cpu" and integer_matmul_available():

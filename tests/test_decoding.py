@@ -126,9 +126,35 @@ def test_quantized_layers_are_left_alone():
     assert isinstance(model.lm_head, Int8Linear) and not any(isinstance(m, PackedLinear) for m in model.modules())
 
 
-def test_a_prepared_model_compiles():
-    """torch.compile traces the plain weight (it cannot trace the opaque packed one): same tokens."""
+def test_a_prepared_model_compiles_into_one_graph_that_reads_the_packed_weights():
+    """Under torch.compile each packed layer is one operator that runs its eager forward (opaque.py):
+    no graph break, the same tokens, and the packed copy (not the plain weight) is what is read."""
     model = prepare_for_decoding(random_model("tiny"))
     ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch._dynamo.explain(model)(ids).graph_break_count == 0
     eager = generate(model, ids, 8, temperature=0)
-    assert torch.equal(generate(model, ids, 8, temperature=0, compile="aot_eager"), eager)
+    assert all(m.packed is not None for m in model.modules() if isinstance(m, PackedLinear))
+    generate(model, ids, 8, temperature=0, compile="aot_eager")  # compiled once, outside the count
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        compiled = generate(model, ids, 8, temperature=0, compile="aot_eager")
+    assert torch.equal(compiled, eager)
+    packed_calls = sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+    layers = sum(isinstance(m, PackedLinear) for m in model.modules())
+    assert packed_calls >= 7 * layers  # every layer of every compiled one-token step
+
+
+def test_a_copy_of_a_prepared_model_compiles_to_its_own_layers():
+    """A compiled graph names each layer by id; a copy registers its own, so a compiled copy
+    computes with the copy's weights, not the original's."""
+    model = prepare_for_decoding(random_model("tiny"))
+    twin = copy.deepcopy(model)
+    assert {m.layer_id for m in twin.modules() if isinstance(m, PackedLinear)}.isdisjoint(
+        {m.layer_id for m in model.modules() if isinstance(m, PackedLinear)}
+    )
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(-1.0)  # the twin's head only (the copy has its own storage)
+        ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(7))
+        compiled = torch.compile(twin, backend="aot_eager")
+        torch.testing.assert_close(compiled(ids), twin(ids))
+        assert not torch.allclose(twin(ids), model(ids))

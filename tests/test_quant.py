@@ -100,6 +100,22 @@ def test_a_quantized_model_decodes_the_same_with_and_without_the_cache():
     )
 
 
+def test_a_quantized_model_compiles_into_one_graph_that_runs_the_integer_kernel():
+    """fbgemm's packed weight is a TorchScript object torch.compile cannot trace; each int8 layer is
+    one operator running its eager forward (opaque.py): no graph break, the kernel's own numbers."""
+    torch.manual_seed(0)
+    model = quantize_model(GPT(ModelConfig.preset("tiny").replace(n_layer=2)).eval(), "int8")
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch._dynamo.explain(model)(ids).graph_break_count == 0
+        eager = model(ids)
+        assert torch.equal(torch.compile(model, backend="aot_eager")(ids), eager)
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(
+        generate(model, prompt, 10, temperature=0, compile="aot_eager"), generate(model, prompt, 10, temperature=0)
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_quantized_model_can_be_cast_afterwards(dtype):
     """.to(dtype) casts every float buffer, the int8 kernel's bf16 scales included; the kernel

@@ -1,0 +1,43 @@
+"""Layers whose kernel torch.compile cannot look inside, called from a compiled graph as one operator.
+
+Two of tegaki's fast CPU kernels take an argument the compiler cannot trace: oneDNN's packed weight
+(an opaque tensor, `decoding.PackedLinear`) and fbgemm's packed int8 weight (a TorchScript object,
+`quant.Int8Linear`). Left to itself, torch.compile either breaks the graph at every such call (int8:
+one break per linear layer, 49 in a GPT-2 step) or traces the layer's plain twin instead (float32:
+an unpacked matmul, on some CPUs half the speed). Either way a compiled decode step was slower than
+the eager one.
+
+So such a layer registers itself here, and under compile it calls `eager_layer(x, weight, layer_id)`:
+one custom operator whose body is the layer's own eager forward, run when the graph runs. The same
+kernel reads the same packed bytes, so compiled and eager decoding give the same numbers; the
+compiler sees one operator with a known output shape, and fuses everything around it. `weight` is
+passed only so that the compiler knows the output depends on it.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn as nn
+
+# id(layer) -> layer, while the layer lives (a graph holds the id, not the layer).
+_layers: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
+
+
+def register(layer: nn.Module) -> int:
+    """Make `layer` callable from a compiled graph; returns the id the graph will name it by.
+    Call it again for a copy (deepcopy, unpickling): a copy is another layer."""
+    _layers[id(layer)] = layer
+    return id(layer)
+
+
+@torch.library.custom_op("tegaki::eager_layer", mutates_args=())
+def eager_layer(x: torch.Tensor, weight: torch.Tensor, layer_id: int) -> torch.Tensor:
+    """The registered layer's eager forward on x: (..., in) -> (..., out), in x's dtype."""
+    return _layers[layer_id](x)
+
+
+@eager_layer.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, layer_id: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], _layers[layer_id].out_features)
