@@ -179,3 +179,37 @@ def test_plain_stays_available_by_name(tmp_path):
     assert info["model_config"]["vocab_size"] == 320 and info["finetune"]["chat_template"] == "plain"
     assert info["lora"].get("new_tokens") is None
     assert START not in tokenizer_for(tmp_path / "ft").special_tokens
+
+
+class OnlyOneToken(torch.nn.Module):
+    """An LM head that always predicts `token_id`."""
+
+    def __init__(self, vocab_size: int, token_id: int):
+        super().__init__()
+        self.vocab_size, self.token_id = vocab_size, token_id
+
+    def forward(self, x):
+        logits = x.new_zeros(*x.shape[:-1], self.vocab_size)
+        logits[..., self.token_id] = 10.0
+        return logits
+
+
+def test_generate_stops_where_a_chat_fine_tune_ends_its_reply(chatml_runs, capsys, monkeypatch):
+    """A ChatML fine-tune ends its reply with <|im_end|>: `tegaki generate` stops there, as serve and
+    chat do, instead of printing the marker and going on."""
+    from tegaki.cli import generate as cli_generate
+
+    real = cli_generate.load_for_generation
+
+    def ending_at_once(*args, **kwargs):
+        model, tok = real(*args, **kwargs)
+        model.lm_head = OnlyOneToken(model.config.vocab_size, tok.special_tokens[END])
+        return model, tok
+
+    monkeypatch.setattr(cli_generate, "load_for_generation", ending_at_once)
+    run = chatml_runs / "full"
+    assert tokenizer_for(run).decode([301]) == END  # printed, it would show
+    prompt = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert main(["generate", prompt, "--model", str(run), "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == prompt + "\n"
+    assert cli_generate.end_ids(str(run), tokenizer_for(run)) == [tokenizer_for(run).eot_id, 301]

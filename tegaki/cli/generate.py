@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+from tegaki.chat_template import find_chat_template
 from tegaki.cli.options import add_device_arguments
 from tegaki.decoding import prepare_for_decoding
 from tegaki.device import DTYPES, check_fits, pick_device, pick_dtype
@@ -99,6 +101,19 @@ def load_for_generation(name_or_path: str, dtype: torch.dtype, device: torch.dev
     return model.eval(), tokenizer_for(name_or_path)
 
 
+def end_ids(name_or_path: str, tok) -> list[int]:
+    """The tokens that end the text: the tokenizer's end of text, and, for a chat model whose folder
+    has a chat template (or a tokenizer with ChatML's markers), the template's end of turn. A
+    fine-tuned model ends its reply with <|im_end|>; past it comes text it never learned to write.
+    These are the ends `tegaki serve` and `tegaki chat` stop at; a hub id's template is not fetched."""
+    ids = {tok.eot_id} if getattr(tok, "eot_id", None) is not None else set()
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        template = find_chat_template([folder, folder / "tokenizer"], tok)
+        ids |= template.stop_ids(tok) if template else set()
+    return sorted(ids)
+
+
 def run_generate(args) -> int:
     if args.num_samples < 1:
         raise TegakiError(f"--num-samples must be >= 1, got {args.num_samples}")
@@ -143,7 +158,7 @@ def run_generate(args) -> int:
             file=sys.stderr,
         )
     check_cache_fits(cfg, total, DTYPES[pick_dtype(args.dtype, device)], device)
-    stop_tokens = [tok.eot_id] if getattr(tok, "eot_id", None) is not None else []
+    stop_tokens = end_ids(args.model, tok)
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     input_ids = torch.tensor([prompt_ids], device=device)
     step = compiled_decode_step(model) if args.compile else None
