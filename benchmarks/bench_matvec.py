@@ -1,0 +1,250 @@
+"""Where a float32 decode step's time goes: the matrix-vector kernels, and the step around them.
+
+    python benchmarks/bench_matvec.py                       # 7 rounds, a few minutes on 2 cores
+    LD_LIBRARY_PATH=/path/lib python benchmarks/bench_matvec.py --dnnl /path/lib/libdnnl.so.3 --compile
+
+Decoding one token multiplies one vector by each of GPT-2 124M's 49 weight matrices (c_attn, c_proj,
+c_fc, c_proj x 12, and the LM head: 494 MB in float32). This asks two questions, in one run, on
+those shapes (random weights: speed does not depend on the values):
+
+1. The kernels. How fast does each float32 matrix-vector kernel within PyTorch's reach read the
+   weights, beside reading every weight once with nothing else to do (a sum: the ceiling)?
+     MKL             F.linear on the plain weights (what nn.Linear and transformers call)
+     oneDNN packed   tegaki's PackedLinear kernel (`_linear_pointwise` on the packed weight)
+     compiled        `(x * W).sum(-1)` through torch.compile (inductor's own C++ loop), --compile
+     dnnl_sgemm      oneDNN's BLAS-style sgemm, which CTranslate2 multiplies with on CPUs where it
+                     does not use MKL, called through ctypes from a libdnnl given with --dnnl (the
+                     `onednn` wheel and its runtime libraries; PyTorch's own copy hides the symbol)
+2. The step. CTranslate2's whole float32 decoding (in a worker process, as in bench_generate.py)
+   against tegaki's 49 packed matrix-vector products alone, back to back, and tegaki's whole eager
+   step, all per token of a 32-token prompt + 128 greedy tokens.
+
+Every candidate runs once per round, in turn; a figure is the median over rounds and its range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_generate import (  # noqa: E402
+    COPY_BYTES,
+    copy_run,
+    cpu_description,
+    ctranslate2_available,
+    ctranslate2_contestants,
+    finish,
+    linear_weights,
+    spread,
+)
+
+from tegaki.config import ModelConfig  # noqa: E402
+from tegaki.decoding import PackedLinear, prepare_for_decoding  # noqa: E402
+from tegaki.kv_cache import KVCache  # noqa: E402
+from tegaki.load import export_hf  # noqa: E402
+from tegaki.model import GPT  # noqa: E402
+
+PROMPT, NEW = 32, 128
+
+
+def kernel_runs(weights: list[torch.Tensor], dnnl: str | None, compile: bool) -> dict[str, Callable[[], None]]:
+    """One token through the 49 matrices by each kernel (no bias: the same bytes for all)."""
+    xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
+    runs: dict[str, Callable[[], None]] = {}
+
+    def mkl():
+        for w in weights:
+            F.linear(xs[w.shape[1]], w)
+
+    def onednn_packed():
+        for w, p in zip(weights, packed):
+            torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [], "")
+
+    runs["MKL (F.linear, plain weights)"] = mkl
+    runs["oneDNN packed (tegaki's PackedLinear)"] = onednn_packed
+    if compile:
+        reduction = torch.compile(lambda x, w: (x[:, None, :] * w).sum(-1), dynamic=False)
+
+        def compiled():
+            for w in weights:
+                reduction(xs[w.shape[1]], w)
+
+        runs["compiled reduction (inductor)"] = compiled
+    if dnnl:
+        runs["dnnl_sgemm (oneDNN's sgemm, via ctypes)"] = dnnl_run(dnnl, weights, xs)
+    everything = torch.cat([w.flatten() for w in weights])
+    runs["ceiling: read every weight once (a sum)"] = lambda: everything.sum()
+    return runs
+
+
+def dnnl_run(path: str, weights: list[torch.Tensor], xs: dict[int, torch.Tensor]) -> Callable[[], None]:
+    """y (1, N) = x (1, K) @ W^T with W (N, K) row-major: dnnl_sgemm('N', 'T', M=1, N, K, ...)."""
+    try:
+        sgemm = ctypes.CDLL(path).dnnl_sgemm
+    except (OSError, AttributeError) as e:
+        raise SystemExit(
+            f"--dnnl {path}: {e} (the libraries it needs, tbb and the others, go on LD_LIBRARY_PATH)"
+        ) from None
+    i64, ptr, f32, char = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_char
+    sgemm.argtypes = [char, char, i64, i64, i64, f32, ptr, i64, ptr, i64, f32, ptr, i64]
+    ys = {w.shape[0]: torch.empty(1, w.shape[0]) for w in weights}
+
+    def product(w: torch.Tensor) -> torch.Tensor:
+        n, k = w.shape
+        x, y = xs[k], ys[n]
+        sgemm(b"N", b"T", 1, n, k, 1.0, x.data_ptr(), k, w.data_ptr(), k, 0.0, y.data_ptr(), n)
+        return y
+
+    def run():
+        for w in weights:
+            product(w)
+
+    w = weights[0]
+    torch.testing.assert_close(product(w), F.linear(xs[w.shape[1]], w), rtol=1e-4, atol=1e-5)  # the call is right
+    return run
+
+
+def step_runs(base: GPT, threads: int, with_ct2: bool) -> dict[str, Callable[[], None]]:
+    """Per call: PROMPT + NEW greedy tokens (CTranslate2, tegaki), or NEW times the 49 products."""
+    cfg = base.config
+    ids = torch.randint(0, cfg.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    runs: dict[str, Callable[[], None]] = {}
+    if with_ct2:
+        with tempfile.TemporaryDirectory() as tmp:
+            export_hf(base, f"{tmp}/transformers")
+            ct2 = ctranslate2_contestants(f"{tmp}/transformers", f"{tmp}/ct2", cfg.vocab_size, threads)[0]
+        runs["CTranslate2 fp32, whole decoding"] = lambda: ct2.run(ids, NEW)
+    model = prepare_for_decoding(base)
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    xs = {layer.in_features: torch.randn(1, 1, layer.in_features) for layer in layers}
+
+    def products():
+        with torch.inference_mode():
+            for _ in range(NEW):
+                for layer in layers:
+                    layer(xs[layer.in_features])
+
+    def eager():
+        with torch.inference_mode():
+            cache = KVCache(cfg, 1, PROMPT + NEW)
+            token = model(ids, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)
+            for _ in range(NEW - 1):
+                token = model(token, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)
+
+    runs[f"tegaki: the {len(layers)} packed products alone"] = products
+    runs["tegaki fp32, whole eager decoding"] = eager
+    return runs
+
+
+PAUSE = 0.5  # seconds between two runs: the threads of one (another process's too) go idle first
+
+
+def rounds_of(
+    runs: dict[str, Callable[[], None]], rounds: int, per_call: int, repeat: int = 1
+) -> dict[str, list[float]]:
+    """ms per token of each run (per_call tokens a call, `repeat` calls a round), once per round, in
+    turn, after a warm-up."""
+    for fn in runs.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(rounds):
+        for name, fn in runs.items():
+            time.sleep(PAUSE)
+            t = time.perf_counter()
+            for _ in range(repeat):
+                fn()
+            times[name].append((time.perf_counter() - t) / (per_call * repeat) * 1e3)
+        print(f"round {r + 1}/{rounds}, load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+    return times
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    parser.add_argument("--preset", default="gpt2", help="the model's shapes (default gpt2: GPT-2 124M)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads (default: torch's)")
+    parser.add_argument("--dnnl", metavar="LIBDNNL", help="a libdnnl.so to time oneDNN's dnnl_sgemm from")
+    parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd reduction")
+    parser.add_argument("--no-ct2", action="store_true", help="leave CTranslate2 out of the step comparison")
+    parser.add_argument(
+        "--append-results",
+        metavar="PATH",
+        nargs="?",
+        const=str(Path(__file__).parent / "RESULTS.md"),
+        help="add the report to the end of PATH (default benchmarks/RESULTS.md)",
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    command = shlex.join(["python", "benchmarks/bench_matvec.py", *(sys.argv[1:] if argv is None else argv)])
+    started = datetime.datetime.now(datetime.timezone.utc)
+    load = os.getloadavg()[0]
+
+    torch.manual_seed(0)
+    base = GPT(ModelConfig.preset(args.preset)).eval()
+    weights = [w.detach() for w in linear_weights(base)]
+    mb = sum(w.numel() * 4 for w in weights) / 1e6
+    copy = copy_run()
+    best_copy = min(_timed(copy) for _ in range(30))
+
+    kernels = rounds_of(kernel_runs(weights, args.dnnl, args.compile), args.rounds, per_call=1, repeat=20)
+    with_ct2 = not args.no_ct2 and ctranslate2_available()
+    steps = rounds_of(step_runs(base, args.threads, with_ct2), args.rounds, per_call=NEW)
+
+    name, has, lacks = cpu_description()
+    lines = [
+        f"## float32 matrix-vector kernels and the decode step ({started:%Y-%m-%d %H:%M} UTC)",
+        "",
+        f"Command: `{command}`. Machine: {os.cpu_count()} cores of {name!r}.",
+        f"CPU flags present: {' '.join(has)}; absent: {' '.join(lacks)}. torch {torch.__version__}, "
+        f"{args.threads} threads; load average {load:.1f} at the start. {args.rounds} interleaved rounds, "
+        "median (range).",
+        "",
+        f"Preset {args.preset}: its {len(weights)} weight matrices, one token ({mb:.0f} MB of float32 "
+        f"weights); copy bandwidth {2 * COPY_BYTES / best_copy / 1e9:.1f} GB/s (best of 30):",
+        "",
+        "| kernel | ms per token | range | GB/s of weights read |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for label, values in kernels.items():
+        median, low_high = spread(values, "{:.2f}")
+        lines.append(f"| {label} | {median} | {low_high} | {mb / statistics.median(values):.1f} |")
+    lines += [
+        "",
+        f"The decode step, per token of a {PROMPT}-token prompt and {NEW} greedy tokens"
+        + ("" if with_ct2 else " (CTranslate2 not installed: its row is left out)")
+        + ":",
+        "",
+        "| run | ms per token | range |",
+        "| --- | ---: | ---: |",
+    ]
+    for label, values in steps.items():
+        median, low_high = spread(values, "{:.2f}")
+        lines.append(f"| {label} | {median} | {low_high} |")
+    lines += ["", f"Load average at the end: {os.getloadavg()[0]:.1f}."]
+    return finish(lines, args.append_results)
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+if __name__ == "__main__":
+    main()

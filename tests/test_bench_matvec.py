@@ -1,0 +1,37 @@
+"""benchmarks/bench_matvec.py runs end to end on a tiny model and appends its report, with a row per
+kernel and per step run (CTranslate2's only where it is installed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.slow  # about 10 seconds on two cores
+def test_bench_matvec_runs_and_appends_its_report(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_matvec", BENCH / "bench_matvec.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "PAUSE", 0.0)
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n## before\n", encoding="utf-8")
+    with_ct2 = importlib.util.find_spec("ctranslate2") is not None and importlib.util.find_spec("transformers")
+    report = bench.main(["--preset", "tiny", "--rounds", "1", "--append-results", str(results)])
+    assert results.read_text(encoding="utf-8") == "# Benchmark results\n\n## before\n\n" + report
+    assert report.startswith("## float32 matrix-vector kernels and the decode step")
+    assert "bench_matvec.py --preset tiny --rounds 1" in report and "CPU flags present:" in report
+    for row in (
+        "MKL (F.linear, plain weights)",
+        "oneDNN packed (tegaki's PackedLinear)",
+        "ceiling: read every weight once (a sum)",
+    ):
+        assert f"| {row} |" in report
+    assert "packed products alone |" in report and "| tegaki fp32, whole eager decoding |" in report
+    assert ("| CTranslate2 fp32, whole decoding |" in report) == bool(with_ct2)
+    assert sys.modules.get("ctranslate2") is None  # CTranslate2 ran in its own process, never here
