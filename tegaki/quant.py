@@ -17,7 +17,7 @@ proves they agree within the tolerance written there.
 
 int8's fast path multiplies in integers: the activations x of each call are quantized too, on the
 fly, to 8 bits with one scale and zero point for the whole call ("dynamic" quantization), and the
-CPU's int8 dot-product instructions (AVX-512 VNNI, AMX, or AVX2's) do the matmul with int32 sums:
+CPU's int8 dot-product instructions (AVX-512 VNNI, or AVX2's) do the matmul with int32 sums:
 y = (x_q - zero) @ q^T * (x_scale * scale). PyTorch's fbgemm kernel (`quantized::linear_dynamic`) does
 all of it in one call, about twice as fast as multiplying int8 weights by float activations. What it
 costs: x is rounded to one of 256 levels (a relative error of about 1% on each output, against 0.1% for
@@ -28,6 +28,7 @@ int4's fast path is `_weight_int4pack_mm_for_cpu` (float activations).
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -86,11 +87,21 @@ def integer_matmul_available() -> bool:
     )
 
 
+# FBGEMM_ENABLE_INSTRUCTIONS caps the kernels fbgemm picks (its own environment variable, read by
+# fbgemm at its first call); these caps leave out its VNNI kernels.
+FBGEMM_WITHOUT_VNNI = ("AVX2", "AVX512", "AVX512_256")
+
+
 def activation_range_halved() -> bool:
-    """Without VNNI, AVX2 multiplies u8 x s8 pairs and adds them in 16 bits, which can overflow
-    (2 x 255 x 127 > 32767); quantizing activations to 7 bits (fbgemm's "reduce_range") avoids it.
-    VNNI and AMX add in 32 bits: full 8-bit activations."""
-    return not (cpu_has("avx512_vnni") or cpu_has("avx_vnni") or cpu_has("amx_int8"))
+    """Whether fbgemm's kernel here adds u8 x s8 products in 16 bits. Without VNNI it multiplies
+    pairs with AVX2's vpmaddubsw, whose 16-bit sums saturate (2 x 255 x 127 > 32767); quantizing
+    activations to 7 bits (fbgemm's "reduce_range") keeps them in range. fbgemm's VNNI kernels,
+    which add in 32 bits and take full 8-bit activations, are AVX-512 ones: a CPU with AVX-VNNI but
+    no AVX-512 (most laptop chips since 2021) gets the AVX2 kernel, and so does any CPU where
+    FBGEMM_ENABLE_INSTRUCTIONS holds fbgemm back to AVX2 or plain AVX-512."""
+    avx512_vnni = all(cpu_has(f) for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"))
+    capped = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").strip().upper() in FBGEMM_WITHOUT_VNNI
+    return not avx512_vnni or capped
 
 
 class Int8Linear(nn.Module):

@@ -1,6 +1,10 @@
 """Weight-only quantization: the formulas round-trip within half a step, the packed kernels equal
 the readable dequantize-then-matmul path, and a quantized model still predicts like the float one."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -13,6 +17,7 @@ from tegaki.model import GPT
 from tegaki.quant import (
     Int4Linear,
     Int8Linear,
+    activation_range_halved,
     dequantize_int4,
     dequantize_int8,
     integer_matmul_available,
@@ -23,6 +28,7 @@ from tegaki.quant import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+AVX512_VNNI = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni")
 
 
 def test_int8_round_trip_is_within_half_a_step_per_channel():
@@ -57,7 +63,7 @@ def test_the_packed_kernel_equals_the_readable_path(kind):
 
 @pytest.mark.skipif(not integer_matmul_available(), reason="no fbgemm (x86) int8 kernels here")
 @pytest.mark.parametrize("shape", [(1, 1, 128), (3, 5, 128), (64, 128)])
-@pytest.mark.parametrize("flags", [("avx2", "avx512f", "avx512_vnni"), ("avx2",)])  # 8-bit / 7-bit activations
+@pytest.mark.parametrize("flags", [("avx2", *AVX512_VNNI), ("avx2",)])  # 8-bit / 7-bit activations
 def test_the_integer_kernel_computes_the_written_out_steps(shape, flags, monkeypatch):
     """fbgemm's dynamic int8 matmul and the step-by-step twin agree to float rounding: the twin is
     not an approximation of the kernel but the same arithmetic (with VNNI's full 8-bit activations
@@ -70,6 +76,48 @@ def test_the_integer_kernel_computes_the_written_out_steps(shape, flags, monkeyp
     torch.testing.assert_close(fast, steps, atol=1e-5 * steps.abs().max().item(), rtol=0)
     layer.load_state_dict({**layer.state_dict(), "weight_int8": -layer.weight_int8})  # repacked, not stale
     torch.testing.assert_close(layer.forward_fast(x), layer.forward_integer(x), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("flags", "cap", "halved"),
+    [
+        (("avx2", *AVX512_VNNI), "", False),  # fbgemm's VNNI kernel: 32-bit sums
+        (("avx2", "avx_vnni"), "", True),  # AVX-VNNI without AVX-512 (laptop chips): fbgemm's AVX2 kernel
+        (("avx2", "avx512f", "avx512_vnni"), "", True),  # fbgemm's AVX-512 kernels need BW, DQ and VL too
+        (("avx2", *AVX512_VNNI), "AVX2", True),  # held back by fbgemm's own variable
+        (("avx2", *AVX512_VNNI), "avx512", True),
+        (("avx2", *AVX512_VNNI), "AVX512_E1", False),
+    ],
+)
+def test_activations_get_7_bits_wherever_fbgemm_runs_its_16_bit_kernel(flags, cap, halved, monkeypatch):
+    monkeypatch.setattr(device, "_FLAGS", frozenset(flags))
+    monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", cap)
+    assert activation_range_halved() is halved
+
+
+@pytest.mark.skipif(
+    not (integer_matmul_available() and device.cpu_has("avx512_vnni")), reason="needs fbgemm's VNNI kernel to cap"
+)
+def test_fbgemm_held_back_to_avx2_gives_the_written_out_steps():
+    """Where fbgemm runs its AVX2 kernel, activations at 8 bits would saturate its 16-bit sums; the
+    layer must know it. Here, in a process whose fbgemm is held back to AVX2, with inputs made to
+    saturate (every weight +1, every activation near the top code), the kernel still equals the
+    step-by-step twin."""
+    code = (
+        "import torch, torch.nn as nn\n"
+        "from tegaki.quant import Int8Linear, activation_range_halved\n"
+        "linear = nn.Linear(256, 8, bias=False)\n"
+        "nn.init.ones_(linear.weight)\n"
+        "layer = Int8Linear(linear)\n"
+        "x = torch.rand(1, 256) * 0.1 + 4.0\n"
+        "fast, steps = layer.forward_fast(x), layer.forward_integer(x)\n"
+        "assert activation_range_halved()\n"
+        "torch.testing.assert_close(fast, steps, atol=1e-5 * steps.abs().max().item(), rtol=0)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
