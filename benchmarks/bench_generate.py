@@ -52,7 +52,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tegaki.config import ModelConfig  # noqa: E402
-from tegaki.decoding import PackedLinear  # noqa: E402
+from tegaki.decoding import PackedLinear, packable  # noqa: E402
 from tegaki.device import CPU_FLAGS, cpu_has  # noqa: E402
 from tegaki.files import atomic_write  # noqa: E402
 from tegaki.generate import generate  # noqa: E402
@@ -62,6 +62,19 @@ from tegaki.model import GPT  # noqa: E402
 from tegaki.quant import Int8Linear, quantize_model  # noqa: E402
 
 PROMPT, NEW, PREFILL = 32, 128, 512
+
+# --isa avx2: every kernel library held back to AVX2 by its own environment variable, read when the
+# library loads (so the benchmark starts itself again with them set): an AVX2-only CPU emulated on
+# this one. Same cores, caches and memory; only the instructions differ.
+ISA_CAPS = {
+    "avx2": {
+        "ATEN_CPU_CAPABILITY": "avx2",  # PyTorch's own kernels
+        "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN: tegaki's packed fp32/bf16 layers (bf16 then has no hardware)
+        "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",  # fbgemm: int8 (7-bit activations, as on a real AVX2 CPU)
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # MKL: transformers' matmuls
+        "CT2_FORCE_CPU_ISA": "AVX2",  # CTranslate2 (its workers inherit the environment)
+    }
+}
 JOBS = ("batch 1", "prefill", "batch 8")
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -127,15 +140,19 @@ def linear_weights(model: GPT) -> list[torch.Tensor]:
 
 def matvec_run(weights: list[torch.Tensor], mode: str):
     """One token through the linear layers alone, through the kernels tegaki decodes with:
-    oneDNN's packed layout for fp32 and bf16 (tegaki.decoding.PackedLinear), fbgemm's int8 matmul
-    with activations quantized per call for int8 (tegaki.quant.Int8Linear). No attention, no
+    oneDNN's packed layout for fp32 and bf16 (tegaki.decoding.PackedLinear; bf16 only where the CPU
+    multiplies it in hardware, nn.Linear elsewhere), fbgemm's int8 matmul with activations
+    quantized per call for int8 (tegaki.quant.Int8Linear). No attention, no
     norms, no Python between the layers: what the rest of a decode step costs is the gap to it."""
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
     layers = []
     for w in weights:
         linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
         linear.weight.data = w.to(dtype)
-        layers.append(Int8Linear(linear) if mode == "int8" else PackedLinear(linear))
+        if mode == "int8":
+            layers.append(Int8Linear(linear))
+        else:  # as tegaki decodes: packed where oneDNN serves the dtype (bf16 needs it in hardware)
+            layers.append(PackedLinear(linear) if packable(linear) else linear)
     xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype) for w in weights}
 
     def run():
@@ -487,6 +504,8 @@ def perplexities(steps: int) -> tuple[dict[str, float], str]:
 def main(argv: list[str] | None = None) -> str:
     """Run the benchmark, print its report (markdown) and return it."""
     args = parse_args(argv)
+    if args.isa and any(os.environ.get(k) != v for k, v in ISA_CAPS[args.isa].items()):
+        raise SystemExit(f"--isa {args.isa} must be set before the libraries load: run the script itself")
     command = shlex.join(["python", "benchmarks/bench_generate.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
     if args.perplexity_only:
@@ -575,6 +594,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-perplexity", action="store_true", help="the speed tables only")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument(
+        "--isa",
+        choices=sorted(ISA_CAPS),
+        help="hold every kernel library back to this instruction set (an AVX2-only CPU, emulated here)",
+    )
+    parser.add_argument(
         "--append-results",
         nargs="?",
         const=str(RESULTS),
@@ -603,6 +627,9 @@ def header_lines(args, command, started, load_at_start, base, rounds, contestant
     )
     lines = [f"## Generation side by side: tegaki, transformers and CTranslate2 ({when})", ""]
     lines += [f"Command: `{command}`, {when}.", "", paragraph(machine), "", paragraph(model)]
+    if args.isa:
+        caps = ", ".join(f"{k}={v}" for k, v in ISA_CAPS[args.isa].items())
+        lines += ["", paragraph(f"**Emulated {args.isa.upper()}-only CPU**: every library held back by {caps}.")]
     if not any(c.name.startswith("CTranslate2") for c in contestants):
         lines += ["", "ctranslate2 is not installed (`pip install ctranslate2`): its rows are left out."]
     return lines
@@ -729,4 +756,8 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["--ct2-worker"]:
         ct2_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:
+        isa = next((sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--isa"), None)
+        caps = ISA_CAPS.get(isa, {})
+        if any(os.environ.get(k) != v for k, v in caps.items()):  # start again with the caps in place
+            os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **caps})
         main()

@@ -55,3 +55,15 @@ def test_without_ctranslate2_its_rows_are_left_out(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ctranslate2", None)  # `import ctranslate2` now fails
     assert bench.ctranslate2_contestants("unused", "unused", vocab_size=16, threads=1) == []
     assert "ctranslate2 is not installed" in capsys.readouterr().err
+
+
+def test_an_emulated_isa_must_be_set_before_the_libraries_load(monkeypatch):
+    """--isa avx2 caps every kernel library through its own environment variable, which the library
+    reads when it loads: called in a process where they are not set, the benchmark refuses rather
+    than report an emulation that did not happen."""
+    bench = load_bench()
+    for name in bench.ISA_CAPS["avx2"]:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit, match="--isa avx2 must be set before the libraries load"):
+        bench.main(["--isa", "avx2", "--quick"])
+    assert set(bench.ISA_CAPS["avx2"]) >= {"ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY"}
