@@ -176,7 +176,9 @@ def generate(
     "aot_eager"). On the CPU the linear layers are read in oneDNN's packed layout
     (`decoding.py`: the same logits, about twice the speed): by default (prepare=None) for this
     call only, the model as it was afterwards; `prepare=True` swaps them for good (the model then
-    refuses to train); `prepare=False` decodes through the plain layers.
+    refuses to train); `prepare=False` decodes through the plain layers. A compiled step is built
+    for the layers the model has, so with `compile=True` the packed layout needs `prepare=True`
+    (as `tegaki generate --compile` does); the compiled step then calls the packed kernels.
     """
     if sampling is not None and sampling_keywords:
         raise TegakiError("give either sampling=SamplingSettings(...) or its fields as keywords, not both")

@@ -266,3 +266,10 @@ def test_cycles_are_found():
 def test_the_contract_names_the_layers(layer):
     assert layer in RANKS
     assert RANKS["cli"] < RANKS["analysis"] < RANKS["load"] < RANKS["model"] < RANKS["config"] < RANKS["errors"]
+
+
+@pytest.mark.parametrize("readme", ["README.md", "README.ja.md"])
+def test_the_readmes_layer_line_is_the_contract(readme):
+    """The READMEs spell the layers out for readers; they must be the contract's, in its order."""
+    text = " ".join((ROOT / readme).read_text(encoding="utf-8").split())
+    assert " > ".join(CONTRACT["layers"]) in text
