@@ -1,5 +1,7 @@
 """LoRA adapters in PEFT's format: transformers + peft compute what tegaki does; the wrong base is refused."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -59,8 +61,11 @@ def test_peft_on_the_exported_base_gives_the_same_logits(tmp_path):
         "up_proj",
         "v_proj",
     ]
+    assert set(config) <= set(peft.LoraConfig().to_dict()) | {"peft_type", "task_type"}  # no key PEFT would warn about
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=torch.float32)
-    hf = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # PEFT reads every key without a complaint
+        hf = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     x = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         ours, theirs = model(x), hf(x).logits

@@ -9,8 +9,10 @@ base model as `tegaki export` writes it. Module names come from tegaki.hf's tabl
 on the q rows of `blocks.3.attn.qkv` is the adapter of `model.layers.3.self_attn.q_proj` (the join
 rule's first name), v's of v_proj. A and B are the same numbers; so are the outputs (a test checks).
 
-adapter_config.json also carries a "tegaki" entry: the targets in tegaki's words and a fingerprint of
-the base (its shape and a few of its weights), so an adapter is refused on a model it was not made for.
+The weights file's metadata also carries a "tegaki" entry (JSON): the targets in tegaki's words and a
+fingerprint of the base (its shape and a few of its weights), so an adapter is refused on a model it
+was not made for. It sits there, not in adapter_config.json, because PEFT warns about every key of
+that file it does not know; adapters written before read from either place.
 """
 
 from __future__ import annotations
@@ -105,10 +107,11 @@ def export_peft(model, out: str | Path, settings: LoRASettings, base_name: str =
         "init_lora_weights": True,
         "rank_pattern": {},
         "alpha_pattern": {},
-        "tegaki": {"targets": list(settings.targets), "base_fingerprint": base_fingerprint(model)},
     }
+    own = {"targets": list(settings.targets), "base_fingerprint": base_fingerprint(model)}
+    metadata = {"format": "pt", "tegaki": json.dumps(own)}
     out = Path(out)
-    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     atomic_write_json(out / CONFIG_FILE, config)
     return out
 
@@ -142,10 +145,13 @@ def read_adapter_config(folder: str | Path) -> dict:
 def load_peft(model, folder: str | Path) -> LoRASettings:
     """Put the adapter in `folder` onto `model` (in place; merge it with tegaki.lora.merge_lora).
     Refuses an adapter made for another base model, saying which."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     config = read_adapter_config(folder)
-    own = config.get("tegaki", {})
+    with safe_open(str(Path(folder) / WEIGHTS_FILE), "pt") as f:
+        written = (f.metadata() or {}).get("tegaki")
+    own = json.loads(written) if written else config.get("tegaki", {})
     expected = own.get("base_fingerprint")
     if expected and expected != base_fingerprint(model):
         base = config.get("base_model_name_or_path") or "another model"
