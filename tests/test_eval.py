@@ -31,6 +31,7 @@ def run(tmp_path_factory):
     return folder, from_pretrained(folder), tokenizer_for(folder)
 
 
+@torch.no_grad()
 def direct_logprobs(model, ids):
     x = torch.tensor(ids)[None]
     return F.log_softmax(model(x[:, :-1]).float(), -1)[0].gather(-1, x[0, 1:, None])[:, 0]
