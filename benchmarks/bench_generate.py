@@ -52,7 +52,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tegaki.config import ModelConfig  # noqa: E402
-from tegaki.decoding import PackedLinear, packable  # noqa: E402
+from tegaki.decoding import PackedLinear, packable, prepare_for_decoding  # noqa: E402
 from tegaki.device import CPU_FLAGS, cpu_has  # noqa: E402
 from tegaki.files import atomic_write  # noqa: E402
 from tegaki.generate import generate  # noqa: E402
@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> str:
             lines += ["", f"transformers bf16, batch 1, one run after the rounds: {hf_bf16:.1f} tokens/s ({x:.2f}x)."]
     lines += ["", "(int4 and CTranslate2 int8 are set against tegaki's int8 ceilings: int8 weights, fbgemm's kernel.)"]
     if not args.quick:
-        lines += ["", *context_lines(tegaki_variant(base, "fp32"))]
+        lines += ["", *context_lines(prepare_for_decoding(tegaki_variant(base, "fp32")))]  # as generate reads it
     ids = torch.randint(0, vocab, (4, 128), generator=torch.Generator().manual_seed(2))
     lines += ["", f"Quality, {args.preset} shapes with random weights, logits against tegaki fp32:"]
     for mode, (rel, agree) in logit_error(base, ids).items():
