@@ -757,6 +757,7 @@ if __name__ == "__main__":
         ct2_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:
         isa = next((sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--isa"), None)
+        isa = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--isa=")), isa)
         caps = ISA_CAPS.get(isa, {})
         if any(os.environ.get(k) != v for k, v in caps.items()):  # start again with the caps in place
             os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **caps})

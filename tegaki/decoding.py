@@ -68,7 +68,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
         self.packed: torch.Tensor | None = None  # an opaque oneDNN tensor: never saved, rebuilt on need
         self.packed_from: tuple | None = None
-        self.layer_id = opaque.register(self)  # how a compiled graph calls this layer
+        self.register_buffer("layer_id", opaque.register(self), persistent=False)  # how a compiled graph calls it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.weight.dtype:  # the packed kernel takes the weight's dtype only
@@ -76,7 +76,9 @@ class PackedLinear(nn.Module):
         if torch.compiler.is_compiling():
             # The compiler cannot trace the opaque packed tensor: the graph calls this very forward
             # as one operator (opaque.py), so compiled decoding reads the same packed weight.
-            return opaque.eager_layer(x, self.weight, self.layer_id)
+            if opaque.wanted(x):
+                return opaque.eager_layer(x, self.weight, self.layer_id)
+            return self.forward_reference(x)  # a gradient is wanted: the plain twin has one
         # Pack again if the weight was replaced or written in place (load_state_dict, .to(...)).
         key = weight_key(self.weight)
         if self.packed is None or key != self.packed_from:
@@ -100,7 +102,7 @@ class PackedLinear(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.layer_id = opaque.register(self)  # the copy is a layer of its own
+        self.layer_id = opaque.register(self).to(self.layer_id.device)  # the copy is a layer of its own
 
     def train(self, mode: bool = True):
         if mode:

@@ -11,7 +11,10 @@ So such a layer registers itself here, and under compile it calls `eager_layer(x
 one custom operator whose body is the layer's own eager forward, run when the graph runs. The same
 kernel reads the same packed bytes, so compiled and eager decoding give the same numbers; the
 compiler sees one operator with a known output shape, and fuses everything around it. `weight` is
-passed only so that the compiler knows the output depends on it.
+passed so that the compiler knows the output depends on it (and for the output's shape); the id is a
+tensor (a buffer of the layer), which the compiler does not specialise on, so one graph serves every
+layer of a model. The operator has no gradient: a layer takes it only where none is wanted, and
+traces its readable twin otherwise.
 """
 
 from __future__ import annotations
@@ -25,19 +28,27 @@ import torch.nn as nn
 _layers: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
 
 
-def register(layer: nn.Module) -> int:
-    """Make `layer` callable from a compiled graph; returns the id the graph will name it by.
-    Call it again for a copy (deepcopy, unpickling): a copy is another layer."""
+def register(layer: nn.Module) -> torch.Tensor:
+    """Make `layer` callable from a compiled graph; returns the id the graph will name it by, as a
+    0-d tensor for the layer to keep as a buffer. Call it again for a copy (deepcopy, unpickling):
+    a copy is another layer."""
     _layers[id(layer)] = layer
-    return id(layer)
+    return torch.tensor(id(layer), dtype=torch.int64)
+
+
+def wanted(x: torch.Tensor) -> bool:
+    """Under torch.compile, whether a layer should call `eager_layer` on x: on the CPU, and where no
+    gradient is needed (the operator has none)."""
+    return x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
 
 
 @torch.library.custom_op("tegaki::eager_layer", mutates_args=())
-def eager_layer(x: torch.Tensor, weight: torch.Tensor, layer_id: int) -> torch.Tensor:
-    """The registered layer's eager forward on x: (..., in) -> (..., out), in x's dtype."""
-    return _layers[layer_id](x)
+def eager_layer(x: torch.Tensor, weight: torch.Tensor, layer_id: torch.Tensor) -> torch.Tensor:
+    """The registered layer's eager forward on x: (..., in) -> (..., out = weight.shape[0]), in x's
+    dtype. `forward`, not the call: the compiled graph has run the layer's hooks already."""
+    return _layers[int(layer_id)].forward(x)
 
 
 @eager_layer.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, layer_id: int) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], _layers[layer_id].out_features)
+def _(x: torch.Tensor, weight: torch.Tensor, layer_id: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])

@@ -118,7 +118,7 @@ class Int8Linear(nn.Module):
         self.fast = True
         self.packed = None  # fbgemm's packed weight (a TorchScript object): never saved, rebuilt on need
         self.packed_from: tuple | None = None
-        self.layer_id = opaque.register(self)  # how a compiled graph calls this layer
+        self.register_buffer("layer_id", opaque.register(self), persistent=False)  # how a compiled graph calls it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_fast(x) if self.fast else self.forward_reference(x)
@@ -139,7 +139,7 @@ class Int8Linear(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.layer_id = opaque.register(self)  # the copy is a layer of its own
+        self.layer_id = opaque.register(self).to(self.layer_id.device)  # the copy is a layer of its own
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Readable: rebuild the float weight, then an ordinary linear layer."""
@@ -164,7 +164,7 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.device.type == "cpu":
+        if torch.compiler.is_compiling() and opaque.wanted(x):
             # fbgemm's packed weight is a TorchScript object the compiler cannot trace: the graph
             # calls this very forward as one operator (opaque.py) instead of breaking around it.
             return opaque.eager_layer(x, self.weight_int8, self.layer_id)

@@ -149,8 +149,8 @@ def test_a_copy_of_a_prepared_model_compiles_to_its_own_layers():
     computes with the copy's weights, not the original's."""
     model = prepare_for_decoding(random_model("tiny"))
     twin = copy.deepcopy(model)
-    assert {m.layer_id for m in twin.modules() if isinstance(m, PackedLinear)}.isdisjoint(
-        {m.layer_id for m in model.modules() if isinstance(m, PackedLinear)}
+    assert {int(m.layer_id) for m in twin.modules() if isinstance(m, PackedLinear)}.isdisjoint(
+        {int(m.layer_id) for m in model.modules() if isinstance(m, PackedLinear)}
     )
     with torch.no_grad():
         twin.lm_head.weight.mul_(-1.0)  # the twin's head only (the copy has its own storage)
@@ -158,3 +158,48 @@ def test_a_copy_of_a_prepared_model_compiles_to_its_own_layers():
         compiled = torch.compile(twin, backend="aot_eager")
         torch.testing.assert_close(compiled(ids), twin(ids))
         assert not torch.allclose(twin(ids), model(ids))
+
+
+def test_compiled_with_gradients_on_it_traces_the_readable_twin():
+    """The operator has no gradient: outside no_grad a compiled prepared model still runs (through
+    nn.Linear's formula) and gives the eager logits."""
+    model = prepare_for_decoding(random_model("tiny"))
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(8))
+    compiled = torch.compile(model, backend="aot_eager")(ids)  # embeddings and norms want gradients here
+    assert compiled.requires_grad
+    torch.testing.assert_close(compiled, model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_a_layers_hooks_run_once_in_a_compiled_step():
+    model = prepare_for_decoding(random_model("tiny"))
+    model.lm_head.register_forward_hook(lambda module, args, out: out + 100.0)
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="aot_eager")(ids), model(ids))
+
+
+def graphs_compiled(n_layer: int) -> int:
+    """Graphs torch.compile builds for a prepared MoE model whose expert loop breaks the graph in
+    every block (each block is then a frame of its own)."""
+    torch.manual_seed(0)
+    model = prepare_for_decoding(
+        GPT(
+            ModelConfig.preset("tiny-llama").replace(n_layer=n_layer, mlp="moe", n_experts=4, n_experts_per_tok=2)
+        ).eval()
+    )
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=counting)(torch.tensor([[1, 2, 3, 4]]))
+    return len(graphs)
+
+
+def test_one_compiled_graph_serves_every_layer():
+    """A layer names itself to the graph by a tensor, not a number the compiler specialises on: a
+    model twice as deep compiles no more graphs (with a number, every block recompiled)."""
+    assert graphs_compiled(6) == graphs_compiled(3)
