@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_generate import (  # noqa: E402
     COPY_BYTES,
+    best_of,
     copy_run,
     cpu_description,
     ctranslate2_available,
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> str:
     weights = [w.detach() for w in linear_weights(base)]
     mb = sum(w.numel() * 4 for w in weights) / 1e6
     copy = copy_run()
-    best_copy = min(_timed(copy) for _ in range(30))
+    best_copy = best_of(copy, 30)
 
     kernels = rounds_of(kernel_runs(weights, args.dnnl, args.compile), args.rounds, per_call=1, repeat=20)
     with_ct2 = not args.no_ct2 and ctranslate2_available()
@@ -238,12 +239,6 @@ def main(argv: list[str] | None = None) -> str:
         lines.append(f"| {label} | {median} | {low_high} |")
     lines += ["", f"Load average at the end: {os.getloadavg()[0]:.1f}."]
     return finish(lines, args.append_results)
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 if __name__ == "__main__":

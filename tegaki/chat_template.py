@@ -86,6 +86,15 @@ class ChatTemplate:
         return {specials[text] for text in self.stop_texts if text in specials}
 
 
+def end_ids(tokenizer, template: ChatTemplate | None) -> frozenset[int]:
+    """Tokens that end any text the model writes: the tokenizer's end of text, and the template's
+    end of turn (<|im_end|>) when the model has a chat format. Where generate, chat and serve stop."""
+    ids = set(template.stop_ids(tokenizer)) if template else set()
+    if getattr(tokenizer, "eot_id", None) is not None:
+        ids.add(tokenizer.eot_id)
+    return frozenset(ids)
+
+
 @functools.lru_cache(maxsize=8)
 def _compile(source: str):
     return _environment().from_string(source)

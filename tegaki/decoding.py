@@ -41,13 +41,6 @@ def bf16_matmul_in_hardware() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def weight_key(weight: torch.Tensor) -> tuple:
-    """What changes when a weight is replaced or written in place. A tensor made under
-    torch.inference_mode keeps no version count; it cannot be written in place outside one either."""
-    version = None if weight.is_inference() else weight._version
-    return (weight.data_ptr(), version, weight.dtype)
-
-
 def packable(linear: nn.Module) -> bool:
     """An nn.Linear that oneDNN's packed kernels serve on this machine."""
     if not isinstance(linear, nn.Linear) or not torch.backends.mkldnn.is_available():
@@ -80,14 +73,13 @@ class PackedLinear(nn.Module):
                 return opaque.eager_layer(x, self.weight, self.layer_id)
             return self.forward_reference(x)  # a gradient is wanted: the plain twin has one
         # Pack again if the weight was replaced or written in place (load_state_dict, .to(...)).
-        key = weight_key(self.weight)
+        key = opaque.tensor_key(self.weight)
         if self.packed is None or key != self.packed_from:
             # The batch size is a hint for the tile shape: 1, the decode step's, which is what
             # this layout is for (a 512-token prefill through it is still faster than nn.Linear).
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)
             self.packed_from = key
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The readable twin: nn.Linear's own call."""

@@ -1,4 +1,5 @@
-"""Layers whose kernel torch.compile cannot look inside, called from a compiled graph as one operator.
+"""Layers that keep a packed copy of their weights for a kernel torch.compile cannot look inside:
+when that copy is stale, and how a compiled graph calls them as one operator.
 
 Two of tegaki's fast CPU kernels take an argument the compiler cannot trace: oneDNN's packed weight
 (an opaque tensor, `decoding.PackedLinear`) and fbgemm's packed int8 weight (a TorchScript object,
@@ -15,6 +16,9 @@ passed so that the compiler knows the output depends on it (and for the output's
 tensor (a buffer of the layer), which the compiler does not specialise on, so one graph serves every
 layer of a model. The operator has no gradient: a layer takes it only where none is wanted, and
 traces its readable twin otherwise.
+
+The packed copy is rebuilt when a tensor it was made from is replaced or written in place
+(load_state_dict, `.to(...)`): `tensor_key` is what changes then.
 """
 
 from __future__ import annotations
@@ -34,6 +38,13 @@ def register(layer: nn.Module) -> torch.Tensor:
     a copy is another layer."""
     _layers[id(layer)] = layer
     return torch.tensor(id(layer), dtype=torch.int64)
+
+
+def tensor_key(t: torch.Tensor) -> tuple:
+    """What changes when t is replaced or written in place: its storage, its in-place write count and
+    its dtype. A tensor made under torch.inference_mode keeps no count (and cannot be written in place
+    outside one)."""
+    return (t.data_ptr(), None if t.is_inference() else t._version, t.dtype)
 
 
 def wanted(x: torch.Tensor) -> bool:

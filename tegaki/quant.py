@@ -28,6 +28,7 @@ int4's fast path is `_weight_int4pack_mm_for_cpu` (float activations).
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -78,6 +79,7 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gr
 # -------------------------------------------------------------------------------------------------
 
 
+@functools.cache
 def integer_matmul_available() -> bool:
     """PyTorch's fbgemm int8 kernels: x86 CPUs (AVX2 and up), in the PyTorch releases that have them."""
     return (
@@ -180,7 +182,7 @@ class Int8Linear(nn.Module):
     def packed_weight(self):
         """q and the scales as fbgemm's packed int8 weight, built on first use and again whenever
         the buffers are replaced or written (load_state_dict)."""
-        key = (self.weight_int8.data_ptr(), self.scale.data_ptr(), tensor_version(self.weight_int8))
+        key = (opaque.tensor_key(self.weight_int8), opaque.tensor_key(self.scale))
         if self.packed is None or key != self.packed_from:
             zeros = torch.zeros(self.out_features, dtype=torch.long)
             with warnings.catch_warnings():  # the quantized-tensor type is on its way out of PyTorch;
@@ -193,11 +195,6 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int8 per-channel"
-
-
-def tensor_version(t: torch.Tensor) -> int | None:
-    """How many times t was written in place (None for tensors made under inference_mode)."""
-    return None if t.is_inference() else t._version
 
 
 class Int4Linear(nn.Module):

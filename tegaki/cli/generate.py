@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from tegaki.chat_template import end_ids as chat_end_ids
 from tegaki.chat_template import find_chat_template
 from tegaki.cli.options import add_device_arguments
 from tegaki.decoding import prepare_for_decoding
@@ -102,16 +103,13 @@ def load_for_generation(name_or_path: str, dtype: torch.dtype, device: torch.dev
 
 
 def end_ids(name_or_path: str, tok) -> list[int]:
-    """The tokens that end the text: the tokenizer's end of text, and, for a chat model whose folder
-    has a chat template (or a tokenizer with ChatML's markers), the template's end of turn. A
-    fine-tuned model ends its reply with <|im_end|>; past it comes text it never learned to write.
-    These are the ends `tegaki serve` and `tegaki chat` stop at; a hub id's template is not fetched."""
-    ids = {tok.eot_id} if getattr(tok, "eot_id", None) is not None else set()
+    """The tokens that end the text (chat_template.end_ids): end of text, and for a chat model whose
+    folder has a chat template (or a tokenizer with ChatML's markers) its end of turn -- a fine-tuned
+    model ends its reply with <|im_end|>, and past it comes text it never learned to write. The ends
+    `tegaki serve` and `tegaki chat` stop at; a hub id's template is not fetched."""
     folder = Path(name_or_path).expanduser()
-    if folder.is_dir():
-        template = find_chat_template([folder, folder / "tokenizer"], tok)
-        ids |= template.stop_ids(tok) if template else set()
-    return sorted(ids)
+    template = find_chat_template([folder, folder / "tokenizer"], tok) if folder.is_dir() else None
+    return sorted(chat_end_ids(tok, template))
 
 
 def run_generate(args) -> int:

@@ -32,7 +32,7 @@ from tegaki.chat_template import (
     chatml,
     find_chat_template,
 )
-from tegaki.checkpoint import clear_run_folder
+from tegaki.checkpoint import clear_run_folder, read_run_json
 from tegaki.data import BatchLoader
 from tegaki.errors import TegakiError
 from tegaki.files import atomic_write_json, atomic_write_text
@@ -119,7 +119,7 @@ def chat_template_for(model_ref: str, model, tokenizer, override: str | None):
     folder = Path(model_ref)
     folders = [folder, folder / "tokenizer"] if folder.is_dir() else []
     if override is None and (folder / "run.json").is_file():  # a fine-tune keeps the format it learned
-        used = (json.loads((folder / "run.json").read_text()).get("finetune") or {}).get("chat_template")
+        used = (read_run_json(folder).get("finetune") or {}).get("chat_template")
         override = used if used in NAMED else None
     template = find_chat_template(folders, tokenizer, override)
     if template is None:  # no format of its own: ChatML, as transformers' TRL sets one up

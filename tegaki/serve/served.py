@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tegaki.chat_template import ChatTemplate, find_chat_template
+from tegaki.chat_template import ChatTemplate, end_ids, find_chat_template
 from tegaki.decoding import prepare_for_decoding
 from tegaki.errors import TegakiError
 from tegaki.load import from_pretrained, tokenizer_for
@@ -35,10 +35,7 @@ class Served:
 
     def end_ids(self) -> frozenset[int]:
         """Tokens that end any reply: the tokenizer's end of text (and the template's end of turn)."""
-        ids = set(self.template.stop_ids(self.tokenizer)) if self.template else set()
-        if getattr(self.tokenizer, "eot_id", None) is not None:
-            ids.add(self.tokenizer.eot_id)
-        return frozenset(ids)
+        return end_ids(self.tokenizer, self.template)
 
 
 def pick_device(device: str) -> str:
