@@ -28,7 +28,6 @@ int4's fast path is `_weight_int4pack_mm_for_cpu` (float activations).
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 
@@ -79,7 +78,6 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gr
 # -------------------------------------------------------------------------------------------------
 
 
-@functools.cache
 def integer_matmul_available() -> bool:
     """PyTorch's fbgemm int8 kernels: x86 CPUs (AVX2 and up), in the PyTorch releases that have them."""
     return (
@@ -87,6 +85,9 @@ def integer_matmul_available() -> bool:
         and hasattr(torch, "_make_per_channel_quantized_tensor")
         and hasattr(torch.ops.quantized, "linear_dynamic")
     )
+
+
+INTEGER_MATMUL = integer_matmul_available()  # asked once: it does not change within a process
 
 
 # FBGEMM_ENABLE_INSTRUCTIONS caps the kernels fbgemm picks (its own environment variable, read by
@@ -172,7 +173,7 @@ class Int8Linear(nn.Module):
             return opaque.eager_layer(x, self.weight_int8, self.layer_id)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (N, in)
-        if x.device.type == "cpu" and integer_matmul_available():
+        if x.device.type == "cpu" and INTEGER_MATMUL:
             y = torch.ops.quantized.linear_dynamic(x2.float(), self.packed_weight(), activation_range_halved())
         else:  # int8 weights times bf16 activations
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight_int8, self.scale_bf16)
