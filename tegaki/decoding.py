@@ -67,11 +67,15 @@ class PackedLinear(nn.Module):
         if x.dtype != self.weight.dtype:  # the packed kernel takes the weight's dtype only
             return self.forward_reference(x)
         if torch.compiler.is_compiling():
-            # The compiler cannot trace the opaque packed tensor: the graph calls this very forward
-            # as one operator (opaque.py), so compiled decoding reads the same packed weight.
-            if opaque.wanted(x):
-                return opaque.eager_layer(x, self.weight, self.layer_id)
-            return self.forward_reference(x)  # a gradient is wanted: the plain twin has one
+            if not opaque.wanted(x):
+                return self.forward_reference(x)  # a gradient is wanted: the plain twin has one
+            if x.dtype == torch.float32 and x.shape[:-1].numel() == 1:
+                # One float32 row (a decode step): the compiler writes the dot products as its own
+                # loop, which reads W faster than the packed kernel (see forward_matvec).
+                return self.forward_matvec(x)
+            # Otherwise the compiler cannot trace the opaque packed tensor: the graph calls this
+            # very forward as one operator (opaque.py), so it reads the same packed weight.
+            return opaque.eager_layer(x, self.weight, self.layer_id)
         # Pack again if the weight was replaced or written in place (load_state_dict, .to(...)).
         key = opaque.tensor_key(self.weight)
         if self.packed is None or key != self.packed_from:
@@ -85,6 +89,17 @@ class PackedLinear(nn.Module):
         """The readable twin: nn.Linear's own call."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), bias)
+
+    def forward_matvec(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x W^T + b for one row x, written as what it is: output o is the dot product of x with
+        row o of W. Eagerly this builds the (out, in) products first (slow, and only a test calls
+        it so); under torch.compile, inductor fuses the product into the sum and emits one loop
+        over the plain weight's rows, split across the threads, with x held in registers: on GPT-2
+        124M it reads float32 weights at about the speed of summing them (benchmarks/bench_matvec.py),
+        faster than oneDNN's packed kernel and than a whole CTranslate2 step. Not used for bfloat16,
+        where inductor's loop converts each weight and lost to the packed kernel (RESULTS.md)."""
+        y = (x.unsqueeze(-2) * self.weight).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
+        return y if self.bias is None else y + self.bias
 
     def __getstate__(self):
         # deepcopy and pickling cannot read an opaque oneDNN tensor; the copy packs its own.

@@ -8,6 +8,7 @@ import pickle
 import pytest
 import torch
 import torch.nn as nn
+from torch._inductor.utils import run_and_get_code
 
 from tegaki.config import ModelConfig
 from tegaki.decoding import PackedLinear, bf16_matmul_in_hardware, decoding_layout, prepare_for_decoding
@@ -126,22 +127,57 @@ def test_quantized_layers_are_left_alone():
     assert isinstance(model.lm_head, Int8Linear) and not any(isinstance(m, PackedLinear) for m in model.modules())
 
 
-def test_a_prepared_model_compiles_into_one_graph_that_reads_the_packed_weights():
-    """Under torch.compile each packed layer is one operator that runs its eager forward (opaque.py):
-    no graph break, the same tokens, and the packed copy (not the plain weight) is what is read."""
+def packed_calls_of_compiled_generation(model: GPT, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    generate(model, ids, 8, temperature=0, compile="aot_eager")  # compiled once, outside the count
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        compiled = generate(model, ids, 8, temperature=0, compile="aot_eager")
+    return compiled, sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+
+
+def test_a_prepared_model_compiles_into_one_graph_that_reads_the_packed_weights_for_several_rows():
+    """Under torch.compile a packed layer given several rows is one operator that runs its eager
+    forward (opaque.py): no graph break, the same tokens, and the packed copy (not the plain weight)
+    is what every layer of every compiled step reads."""
     model = prepare_for_decoding(random_model("tiny"))
-    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(6))
+    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert torch._dynamo.explain(model)(ids).graph_break_count == 0
     eager = generate(model, ids, 8, temperature=0)
     assert all(m.packed is not None for m in model.modules() if isinstance(m, PackedLinear))
-    generate(model, ids, 8, temperature=0, compile="aot_eager")  # compiled once, outside the count
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        compiled = generate(model, ids, 8, temperature=0, compile="aot_eager")
+    compiled, packed_calls = packed_calls_of_compiled_generation(model, ids)
     assert torch.equal(compiled, eager)
-    packed_calls = sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
     layers = sum(isinstance(m, PackedLinear) for m in model.modules())
     assert packed_calls >= 7 * layers  # every layer of every compiled one-token step
+
+
+def test_a_compiled_float32_decode_step_multiplies_one_row_by_the_plain_weights():
+    """One float32 row under compile is forward_matvec (the compiler's own loop over W, faster than
+    the packed kernel): the same tokens as eager decoding, and only the eager prompt pass calls the
+    packed kernel."""
+    model = prepare_for_decoding(random_model("tiny"))
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(6))
+    eager = generate(model, ids, 8, temperature=0)
+    compiled, packed_calls = packed_calls_of_compiled_generation(model, ids)
+    assert torch.equal(compiled, eager)
+    assert packed_calls == sum(isinstance(m, PackedLinear) for m in model.modules())  # the prompt's pass alone
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_matvec_form_is_the_linear_layer(bias):
+    """forward_matvec eagerly, and as the C++ loop inductor makes of it (no oneDNN call, no opaque
+    operator), against nn.Linear."""
+    torch.manual_seed(3)
+    linear = nn.Linear(40, 24, bias=bias).eval()
+    layer = PackedLinear(linear)
+    x = torch.randn(1, 1, 40)
+    with torch.no_grad():
+        expected = linear(x)
+        torch.testing.assert_close(layer.forward_matvec(x), expected, rtol=1e-5, atol=1e-6)
+        compiled, (code,) = run_and_get_code(torch.compile(layer, dynamic=False), x)
+    torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-6)
+    lines = [line for line in code.splitlines() if not line.lstrip().startswith("#")]  # not the source notes
+    assert any("cpp_fused" in line and "sum" in line for line in lines)  # inductor's own fused loop
+    assert not any(name in line for line in lines for name in ("mkldnn", "eager_layer", "extern_kernels."))
 
 
 def test_a_copy_of_a_prepared_model_compiles_to_its_own_layers():
