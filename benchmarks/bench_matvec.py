@@ -11,13 +11,15 @@ those shapes (random weights: speed does not depend on the values):
    weights, beside reading every weight once with nothing else to do (a sum: the ceiling)?
      MKL             F.linear on the plain weights (what nn.Linear and transformers call)
      oneDNN packed   tegaki's PackedLinear kernel (`_linear_pointwise` on the packed weight)
-     compiled        `(x * W).sum(-1)` through torch.compile (inductor's own C++ loop), --compile
+     compiled        `(x * W).sum(-1)` through torch.compile (inductor's own C++ loop, what a compiled
+                     decode step runs: PackedLinear.forward_matvec), one call for all 49, --compile
      dnnl_sgemm      oneDNN's BLAS-style sgemm, which CTranslate2 multiplies with on CPUs where it
                      does not use MKL, called through ctypes from a libdnnl given with --dnnl (the
                      `onednn` wheel and its runtime libraries; PyTorch's own copy hides the symbol)
 2. The step. CTranslate2's whole float32 decoding (in a worker process, as in bench_generate.py)
    against tegaki's 49 packed matrix-vector products alone, back to back, and tegaki's whole eager
-   step, all per token of a 32-token prompt + 128 greedy tokens.
+   step (and, with --compile, its compiled step), all per token of a 32-token prompt + 128 greedy
+   tokens.
 
 Every candidate runs once per round, in turn; a figure is the median over rounds and its range.
 """
@@ -56,6 +58,7 @@ from bench_generate import (  # noqa: E402
 
 from tegaki.config import ModelConfig  # noqa: E402
 from tegaki.decoding import PackedLinear, prepare_for_decoding  # noqa: E402
+from tegaki.generate import generate  # noqa: E402
 from tegaki.kv_cache import KVCache  # noqa: E402
 from tegaki.load import export_hf  # noqa: E402
 from tegaki.model import GPT  # noqa: E402
@@ -80,13 +83,11 @@ def kernel_runs(weights: list[torch.Tensor], dnnl: str | None, compile: bool) ->
     runs["MKL (F.linear, plain weights)"] = mkl
     runs["oneDNN packed (tegaki's PackedLinear)"] = onednn_packed
     if compile:
-        reduction = torch.compile(lambda x, w: (x[:, None, :] * w).sum(-1), dynamic=False)
-
-        def compiled():
-            for w in weights:
-                reduction(xs[w.shape[1]], w)
-
-        runs["compiled reduction (inductor)"] = compiled
+        # One compiled call for all 49 products (PackedLinear.forward_matvec's formula), as they run
+        # inside a compiled decode step: no per-call entry into a compiled function to time.
+        products = torch.compile(lambda xs, ws: [(x[:, None, :] * w).sum(-1) for x, w in zip(xs, ws)], dynamic=False)
+        inputs = [xs[w.shape[1]] for w in weights]
+        runs["compiled dot products (inductor's loop)"] = lambda: products(inputs, weights)
     if dnnl:
         runs["dnnl_sgemm (oneDNN's sgemm, via ctypes)"] = dnnl_run(dnnl, weights, xs)
     everything = torch.cat([w.flatten() for w in weights])
@@ -121,7 +122,7 @@ def dnnl_run(path: str, weights: list[torch.Tensor], xs: dict[int, torch.Tensor]
     return run
 
 
-def step_runs(base: GPT, threads: int, with_ct2: bool) -> dict[str, Callable[[], None]]:
+def step_runs(base: GPT, threads: int, with_ct2: bool, compile: bool) -> dict[str, Callable[[], None]]:
     """Per call: PROMPT + NEW greedy tokens (CTranslate2, tegaki), or NEW times the 49 products."""
     cfg = base.config
     ids = torch.randint(0, cfg.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1))
@@ -150,6 +151,8 @@ def step_runs(base: GPT, threads: int, with_ct2: bool) -> dict[str, Callable[[],
 
     runs[f"tegaki: the {len(layers)} packed products alone"] = products
     runs["tegaki fp32, whole eager decoding"] = eager
+    if compile:  # generate's compiled step: forward_matvec for every layer, the prompt eager
+        runs["tegaki fp32, whole compiled decoding"] = lambda: generate(model, ids, NEW, temperature=0, compile=True)
     return runs
 
 
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--preset", default="gpt2", help="the model's shapes (default gpt2: GPT-2 124M)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads (default: torch's)")
     parser.add_argument("--dnnl", metavar="LIBDNNL", help="a libdnnl.so to time oneDNN's dnnl_sgemm from")
-    parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd reduction")
+    parser.add_argument("--compile", action="store_true", help="also time inductor's loop and the compiled step")
     parser.add_argument("--no-ct2", action="store_true", help="leave CTranslate2 out of the step comparison")
     parser.add_argument(
         "--append-results",
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> str:
 
     kernels = rounds_of(kernel_runs(weights, args.dnnl, args.compile), args.rounds, per_call=1, repeat=20)
     with_ct2 = not args.no_ct2 and ctranslate2_available()
-    steps = rounds_of(step_runs(base, args.threads, with_ct2), args.rounds, per_call=NEW)
+    steps = rounds_of(step_runs(base, args.threads, with_ct2, args.compile), args.rounds, per_call=NEW)
 
     name, has, lacks = cpu_description()
     lines = [
