@@ -100,6 +100,14 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
 # -------------------------------------------------------------------------------------------------
 
 
+def compiled_cpu_decode_step(q: torch.Tensor) -> bool:
+    """A torch.compile'd one-token step on the CPU attends through the written-out formula whatever
+    attn_impl says: inductor fuses its few small products into loops of its own, where the fused
+    kernel is a call of ~0.1 ms a layer over the static cache's padded slots (GPT-2: 5% of a compiled
+    step, RESULTS.md). Eagerly the fused kernel is the faster of the two, so it stays."""
+    return torch.compiler.is_compiling() and q.device.type == "cpu" and q.shape[2] == 1
+
+
 class Attention(nn.Module):
     """Multi-head causal self-attention, with the modern variants as flags.
 
@@ -164,7 +172,7 @@ class Attention(nn.Module):
             # Append this step's keys/values; attend over everything cached so far.
             k, v, mask = kv_cache.update(self.layer_idx, k, v, positions)  # (B, K, S, D), mask (B,1,T,S)
 
-        if self.config.attn_impl == "manual":
+        if self.config.attn_impl == "manual" or compiled_cpu_decode_step(q):
             y = self._attend_written_out(q, k, v, mask, positions)
         else:
             y = self._attend_fused(q, k, v, mask, positions)
