@@ -565,6 +565,7 @@ def main(argv: list[str] | None = None) -> str:
     lines += ["", *token_checks(rows, jobs)]
     for job in jobs:
         lines += ["", f"**{job_title(job)}**", "", *job_table(job, rows, contestants, ceiling, weights)]
+        lines += against_ctranslate2(job, rows, contestants)
         if job.name == "batch 1" and hf_bf16 is not None:
             x = hf_bf16 / statistics.median(rows[job.name, "transformers fp32"].rates)
             lines += ["", f"transformers bf16, batch 1, one run after the rounds: {hf_bf16:.1f} tokens/s ({x:.2f}x)."]
@@ -672,6 +673,22 @@ def job_table(job: Job, rows, contestants: list[Contestant], ceiling, weights) -
             line += f" {rate * mv:.0%} | {rate / bw:.0%} |"
         lines.append(line)
     return lines
+
+
+def against_ctranslate2(job: Job, rows, contestants: list[Contestant]) -> list[str]:
+    """tegaki's fp32 and int8 rows against CTranslate2's of the same precision, as ratios within each
+    round (the two are timed seconds apart, so a machine that drifts moves both)."""
+    names = [c.name for c in contestants if job.name in c.jobs]
+    parts = []
+    for precision in ("fp32", "int8"):
+        reference = next((n for n in names if n.startswith(f"CTranslate2 {precision}")), None)
+        if reference is None:
+            continue
+        for name in names:
+            if name.startswith("tegaki") and precision in name:
+                x, x_range = spread(ratios(rows[job.name, name], rows[job.name, reference]), "{:.2f}")
+                parts.append(f"{name} {x}x ({x_range}) of {reference}")
+    return ["", paragraph("Against CTranslate2, ratios within each round: " + "; ".join(parts) + ".")] if parts else []
 
 
 def job_title(job: Job) -> str:

@@ -46,6 +46,8 @@ def test_bench_generate_runs_and_appends_its_report(tmp_path):
     assert "- batch 8, tegaki fp32: 256/256" in report
     if importlib.util.find_spec("ctranslate2") is not None:
         assert "| CTranslate2 fp32 |" in report and "| CTranslate2 int8" in report
+        against = " ".join(report.split("Against CTranslate2, ratios within each round:")[1].split("\n\n")[0].split())
+        assert "tegaki fp32 " in against and "of CTranslate2 fp32" in against and "of CTranslate2 int8" in against
     else:
         assert "ctranslate2 is not installed" in report
 
