@@ -87,9 +87,10 @@ def register(subparsers) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the decode step, captured as a CUDA graph on a GPU (where it pays); on a "
-        "CPU it calls the same kernels as the default path and gains nothing measurable (fp32), or "
-        "loses (int8), after 20-40 s of compiling",
+        help="torch.compile the decode step, captured as a CUDA graph on a GPU; on a CPU, fp32 "
+        "decodes about 1.3x faster than the default path (inductor's own loops over the weights), "
+        "int8 no faster, after ~25 s of compiling (~5 s once inductor's cache has it): worth it "
+        "for long outputs",
     )
     p.add_argument("--stream", action="store_true", help="print text as it is produced")
     p.add_argument("--no-cache", action="store_true", help="recompute every token each step (slow; for checking)")
