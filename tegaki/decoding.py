@@ -18,6 +18,10 @@ Two ways to use it, both module swaps from outside the model:
 - `prepare_for_decoding(model)`: once and for good, for code that only decodes (`tegaki generate`,
   `tegaki serve`). A prepared model refuses to train: reload it to train it.
 
+Under torch.compile a layer given one float32 row (a decode step) takes `forward_matvec` instead: the
+product written as dot products, which inductor compiles into a loop that reads the plain weight
+faster still; any other input calls the packed kernel as one operator of the graph (opaque.py).
+
 Layers are swapped only where oneDNN serves them: float32 (and bfloat16 where the CPU multiplies it
 in hardware) on the CPU. Quantized layers and GPU layers are left as they are. The packed copy
 costs one more copy of each swapped weight's memory while it exists.

@@ -8,6 +8,9 @@ one break per linear layer, 49 in a GPT-2 step) or traces the layer's plain twin
 an unpacked matmul, on some CPUs half the speed). Either way a compiled decode step was slower than
 the eager one.
 
+(One case needs neither: a packed float32 layer given one row is written as dot products, which
+inductor compiles into a loop faster than the packed kernel, `decoding.PackedLinear.forward_matvec`.)
+
 So such a layer registers itself here, and under compile it calls `eager_layer(x, weight, layer_id)`:
 one custom operator whose body is the layer's own eager forward, run when the graph runs. The same
 kernel reads the same packed bytes, so compiled and eager decoding give the same numbers; the
