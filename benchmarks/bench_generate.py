@@ -368,6 +368,7 @@ class Row:
     rates: list[float]  # tokens/s, one a round
     seconds: list[float]
     tokens: list[list[int]]  # the last round's
+    first_call: float = 0.0  # seconds of the warm-up call (a compiled row compiles in it)
 
 
 def run_rounds(jobs: list[Job], contestants: list[Contestant], rounds: int) -> dict[tuple[str, str], Row]:
@@ -377,7 +378,9 @@ def run_rounds(jobs: list[Job], contestants: list[Contestant], rounds: int) -> d
         for c in contestants:
             if job.name in c.jobs:
                 print(f"warm-up: {job.name}, {c.name}", file=sys.stderr, flush=True)
+                t = time.perf_counter()
                 rows[job.name, c.name] = Row([], [], c.run(job.ids, job.new))
+                rows[job.name, c.name].first_call = time.perf_counter() - t
     for r in range(rounds):
         for job in jobs:
             for c in contestants:
@@ -519,6 +522,7 @@ def main(argv: list[str] | None = None) -> str:
     started = datetime.datetime.now(datetime.timezone.utc)
     load_at_start = os.getloadavg()[0]
 
+    inductor_files_at_start = inductor_cache_files()
     torch.manual_seed(0)
     base = GPT(ModelConfig.preset(args.preset)).eval()
     vocab, positions = base.config.vocab_size, base.config.block_size
@@ -570,8 +574,11 @@ def main(argv: list[str] | None = None) -> str:
             x = hf_bf16 / statistics.median(rows[job.name, "transformers fp32"].rates)
             lines += ["", f"transformers bf16, batch 1, one run after the rounds: {hf_bf16:.1f} tokens/s ({x:.2f}x)."]
     lines += ["", "(int4 and CTranslate2 int8 are set against tegaki's int8 ceilings: int8 weights, fbgemm's kernel.)"]
+    lines += compile_cost_lines(rows, inductor_files_at_start)
     if not args.quick:
         lines += ["", *context_lines(prepare_for_decoding(tegaki_variant(base, "fp32")))]  # as generate reads it
+        if not args.no_compile:
+            lines += ["", *long_output_lines(base, positions)]
     ids = torch.randint(0, vocab, (4, 128), generator=torch.Generator().manual_seed(2))
     lines += ["", f"Quality, {args.preset} shapes with random weights, logits against tegaki fp32:"]
     for mode, (rel, agree) in logit_error(base, ids).items():
@@ -726,6 +733,58 @@ def token_checks(rows: dict[tuple[str, str], Row], jobs: list[Job]) -> list[str]
             same = rows["batch 1", compiled].tokens == rows["batch 1", eager].tokens
             lines.append(f"- batch 1, {compiled} == {eager}: {same}")
     return lines
+
+
+def inductor_cache_files() -> int:
+    """Files in inductor's on-disk cache: a compiled row that finds its kernels there compiles in
+    seconds instead of tens of seconds, so the report says whether it started empty."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return sum(len(files) for _, _, files in os.walk(cache_dir())) if os.path.isdir(cache_dir()) else 0
+
+
+def compile_cost_lines(rows: dict[tuple[str, str], Row], inductor_files: int) -> list[str]:
+    """What a compiled row's first call cost beside its eager twin's (the warm-up calls, batch 1)."""
+    parts = []
+    for (job, name), row in rows.items():
+        eager = rows.get((job, name.removesuffix(", compiled")))
+        if job == "batch 1" and name.endswith(", compiled") and eager is not None:
+            parts.append(f"{name} {row.first_call:.1f} s (eager: {eager.first_call:.1f} s)")
+    if not parts:
+        return []
+    cache = "empty" if inductor_files == 0 else f"holding {inductor_files} files"
+    text = f"First call, batch 1, compiling included (inductor's on-disk cache {cache} at the start): "
+    return ["", paragraph(text + "; ".join(parts) + ".")]
+
+
+def long_output_lines(base: GPT, positions: int, rounds: int = 3) -> list[str]:
+    """tegaki fp32 eager against compiled over the whole context: the static cache of a compiled
+    step attends over every slot from the first token, so its lead shrinks as the output grows."""
+    model = prepare_for_decoding(tegaki_variant(base, "fp32"))
+    ids = torch.randint(0, base.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(3))
+    new = positions - PROMPT
+    runs = {
+        "eager": lambda: generate(model, ids, new, temperature=0),
+        "compiled": lambda: generate(model, ids, new, temperature=0, compile=True),
+    }
+    outputs = {name: run() for name, run in runs.items()}  # warm-up; the compiled one compiles
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            t = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - t) / new * 1e3)
+    eager, eager_range = spread(times["eager"])
+    compiled, compiled_range = spread(times["compiled"])
+    x, x_range = spread([e / c for e, c in zip(times["eager"], times["compiled"])], "{:.2f}")
+    same = torch.equal(outputs["eager"], outputs["compiled"])
+    return [
+        paragraph(
+            f"A whole context, tegaki fp32, batch 1: a {PROMPT}-token prompt and {new} new tokens, "
+            f"{rounds} interleaved rounds: eager {eager} ms/token ({eager_range}), compiled {compiled} "
+            f"({compiled_range}), compiled {x}x ({x_range}) the eager speed; same tokens: {same}."
+        )
+    ]
 
 
 def context_lines(fp32: GPT) -> list[str]:

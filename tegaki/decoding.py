@@ -96,12 +96,13 @@ class PackedLinear(nn.Module):
 
     def forward_matvec(self, x: torch.Tensor) -> torch.Tensor:
         """y = x W^T + b for one row x, written as what it is: output o is the dot product of x with
-        row o of W. Eagerly this builds the (out, in) products first (slow, and only a test calls
-        it so); under torch.compile, inductor fuses the product into the sum and emits one loop
-        over the plain weight's rows, split across the threads, with x held in registers: on GPT-2
-        124M it reads float32 weights at about the speed of summing them (benchmarks/bench_matvec.py),
-        faster than oneDNN's packed kernel and than a whole CTranslate2 step. Not used for bfloat16,
-        where inductor's loop converts each weight and lost to the packed kernel (RESULTS.md)."""
+        row o of W. Run as written (eagerly, or by the aot_eager backend) it builds the (out, in)
+        products first: slow, for checking. Under inductor the product is fused into the sum: one
+        loop over the plain weight's rows, split across the threads, with x held in registers. On
+        GPT-2 124M that reads float32 weights faster than oneDNN's packed kernel, and a compiled
+        step with it beat a whole CTranslate2 step (benchmarks/bench_matvec.py --compile). Not used
+        for bfloat16, where inductor's loop converts each weight and lost to the packed kernel by
+        about a quarter (one comparison on GPT-2 124M, not kept as a benchmark)."""
         y = (x.unsqueeze(-2) * self.weight).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
         return y if self.bias is None else y + self.bias
 

@@ -178,7 +178,11 @@ def generate(
     call only, the model as it was afterwards; `prepare=True` swaps them for good (the model then
     refuses to train); `prepare=False` decodes through the plain layers. A compiled step is built
     for the layers the model has, so with `compile=True` the packed layout needs `prepare=True`
-    (as `tegaki generate --compile` does); the compiled step then calls the packed kernels.
+    (as `tegaki generate --compile` does): a compiled float32 step of one row then multiplies by the
+    plain weights through inductor's own loop (`PackedLinear.forward_matvec`, faster on a CPU),
+    other steps call the packed kernels. Without it, compiled CPU layers go to MKL's unpacked
+    matmul, slower than the eager default. `compile="aot_eager"` runs the traced graph without
+    code generation, one-row products as written (an (out, in) temporary each): for checking.
     """
     if sampling is not None and sampling_keywords:
         raise TegakiError("give either sampling=SamplingSettings(...) or its fields as keywords, not both")

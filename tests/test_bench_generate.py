@@ -69,3 +69,20 @@ def test_an_emulated_isa_must_be_set_before_the_libraries_load(monkeypatch):
     with pytest.raises(SystemExit, match="--isa avx2 must be set before the libraries load"):
         bench.main(["--isa", "avx2", "--quick"])
     assert set(bench.ISA_CAPS["avx2"]) >= {"ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY"}
+
+
+def test_a_compiled_rows_first_call_is_reported_beside_its_eager_twins():
+    bench = load_bench()
+    row = bench.Row
+    rows = {
+        ("batch 1", "tegaki fp32"): row([1.0], [1.0], [[1]], first_call=2.0),
+        ("batch 1", "tegaki fp32, compiled"): row([1.0], [1.0], [[1]], first_call=27.5),
+        ("batch 1", "tegaki int8"): row([1.0], [1.0], [[1]], first_call=1.0),
+        ("batch 8", "tegaki fp32"): row([1.0], [1.0], [[1]], first_call=9.0),
+    }
+    text = " ".join(" ".join(bench.compile_cost_lines(rows, inductor_files=0)).split())
+    assert "cache empty at the start" in text and "tegaki fp32, compiled 27.5 s (eager: 2.0 s)" in text
+    assert "int8" not in text and "9.0" not in text  # no compiled twin; another job
+    assert "holding 12 files" in " ".join(bench.compile_cost_lines(rows, inductor_files=12))
+    del rows["batch 1", "tegaki fp32, compiled"]
+    assert bench.compile_cost_lines(rows, inductor_files=0) == []  # --no-compile: nothing to say

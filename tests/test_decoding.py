@@ -3,7 +3,9 @@ tokens, tied or untied, float32 or bfloat16; the layout for one call leaves the 
 was; a prepared model refuses to train instead of training a stale copy."""
 
 import copy
+import os
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -162,6 +164,20 @@ def test_a_compiled_float32_decode_step_multiplies_one_row_by_the_plain_weights(
     assert packed_calls == sum(isinstance(m, PackedLinear) for m in model.modules())  # the prompt's pass alone
 
 
+# Inductor writes and compiles C++: without a compiler torch.compile's default backend cannot run.
+needs_cxx = pytest.mark.skipif(
+    not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")),
+    reason="inductor compiles C++ and no C++ compiler is installed",
+)
+
+
+def code_lines(code: str) -> list[str]:
+    """Inductor's output code without its comments (they quote the Python source)."""
+    return [line for line in code.splitlines() if not line.lstrip().startswith("#")]
+
+
+@pytest.mark.slow  # a few seconds of C++ compiling
+@needs_cxx
 @pytest.mark.parametrize("bias", [True, False])
 def test_the_matvec_form_is_the_linear_layer(bias):
     """forward_matvec eagerly, and as the C++ loop inductor makes of it (no oneDNN call, no opaque
@@ -175,9 +191,28 @@ def test_the_matvec_form_is_the_linear_layer(bias):
         torch.testing.assert_close(layer.forward_matvec(x), expected, rtol=1e-5, atol=1e-6)
         compiled, (code,) = run_and_get_code(torch.compile(layer, dynamic=False), x)
     torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-6)
-    lines = [line for line in code.splitlines() if not line.lstrip().startswith("#")]  # not the source notes
+    lines = code_lines(code)
     assert any("cpp_fused" in line and "sum" in line for line in lines)  # inductor's own fused loop
     assert not any(name in line for line in lines for name in ("mkldnn", "eager_layer", "extern_kernels."))
+
+
+@pytest.mark.slow  # ~15 s of C++ compiling on 2 cores with an empty inductor cache
+@needs_cxx
+def test_what_generate_compile_runs_on_a_cpu_gives_the_eager_tokens():
+    """`tegaki generate --compile` on a CPU, end to end through inductor: prepared layers, the decode
+    step's products as inductor's own loops, attention written out. The same greedy tokens as the
+    eager default, and the decode step's code calls no oneDNN kernel and no opaque operator."""
+    model = random_model("tiny")
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    eager = generate(model, prompt, 8, temperature=0, prepare=True)
+    compiled, codes = run_and_get_code(lambda: generate(model, prompt, 8, temperature=0, prepare=True, compile=True))
+    assert torch.equal(compiled, eager)
+    assert codes, "nothing was compiled"
+    for code in codes:  # (attention's small batched products may go to extern_kernels.bmm: allowed)
+        lines = code_lines(code)
+        banned = ("mkldnn", "eager_layer", "extern_kernels.mm(", "extern_kernels.addmm(")
+        assert not any(name in line for line in lines for name in banned)
+        assert any("cpp_fused" in line and "sum" in line for line in lines)
 
 
 def test_a_copy_of_a_prepared_model_compiles_to_its_own_layers():
