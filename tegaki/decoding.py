@@ -101,8 +101,8 @@ class PackedLinear(nn.Module):
         loop over the plain weight's rows, split across the threads, with x held in registers. On
         GPT-2 124M that reads float32 weights faster than oneDNN's packed kernel, and a compiled
         step with it beat a whole CTranslate2 step (benchmarks/bench_matvec.py --compile). Not used
-        for bfloat16, where inductor's loop converts each weight and lost to the packed kernel by
-        about a quarter (one comparison on GPT-2 124M, not kept as a benchmark)."""
+        for bfloat16, where inductor's loop converts each weight and lost to the packed kernel (one
+        comparison on GPT-2 124M, not kept as a benchmark)."""
         y = (x.unsqueeze(-2) * self.weight).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
         return y if self.bias is None else y + self.bias
 
