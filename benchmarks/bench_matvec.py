@@ -189,6 +189,15 @@ def rounds_of(
     return times
 
 
+def table_rows(times: dict[str, list[float]], more: Callable[[list[float]], str] = lambda values: "") -> list[str]:
+    """| label | median ms | range |, and whatever `more` adds, a row per run."""
+    rows = []
+    for label, values in times.items():
+        median, low_high = spread(values, "{:.2f}")
+        rows.append(f"| {label} | {median} | {low_high} |" + more(values))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
@@ -236,9 +245,7 @@ def main(argv: list[str] | None = None) -> str:
         "| kernel | ms per token | range | GB/s of weights read |",
         "| --- | ---: | ---: | ---: |",
     ]
-    for label, values in kernels.items():
-        median, low_high = spread(values, "{:.2f}")
-        lines.append(f"| {label} | {median} | {low_high} | {mb / statistics.median(values):.1f} |")
+    lines += table_rows(kernels, lambda values: f" {mb / statistics.median(values):.1f} |")
     lines += [
         "",
         f"The decode step, per token of a {PROMPT}-token prompt and {NEW} greedy tokens"
@@ -248,9 +255,7 @@ def main(argv: list[str] | None = None) -> str:
         "| run | ms per token | range |",
         "| --- | ---: | ---: |",
     ]
-    for label, values in steps.items():
-        median, low_high = spread(values, "{:.2f}")
-        lines.append(f"| {label} | {median} | {low_high} |")
+    lines += table_rows(steps)
     lines += ["", f"Load average at the end: {os.getloadavg()[0]:.1f}."]
     return finish(lines, args.append_results)
 

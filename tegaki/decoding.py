@@ -55,7 +55,7 @@ def packable(linear: nn.Module) -> bool:
     return w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and bf16_matmul_in_hardware())
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(opaque.OpaqueLayer):
     """y = x W^T + b, with W also held in oneDNN's packed layout: nn.Linear's output, read faster."""
 
     def __init__(self, linear: nn.Linear):
@@ -63,9 +63,7 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight", linear.weight.detach())  # the same storage: no copy
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
-        self.packed: torch.Tensor | None = None  # an opaque oneDNN tensor: never saved, rebuilt on need
-        self.packed_from: tuple | None = None
-        self.register_buffer("layer_id", opaque.register(self), persistent=False)  # how a compiled graph calls it
+        # self.packed (OpaqueLayer): the weight as an opaque oneDNN tensor, made on first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.weight.dtype:  # the packed kernel takes the weight's dtype only
@@ -105,16 +103,6 @@ class PackedLinear(nn.Module):
         comparison on GPT-2 124M, not kept as a benchmark)."""
         y = (x.unsqueeze(-2) * self.weight).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
         return y if self.bias is None else y + self.bias
-
-    def __getstate__(self):
-        # deepcopy and pickling cannot read an opaque oneDNN tensor; the copy packs its own.
-        state = self.__dict__.copy()
-        state["packed"], state["packed_from"] = None, None
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self.layer_id = opaque.register(self).to(self.layer_id.device)  # the copy is a layer of its own
 
     def train(self, mode: bool = True):
         if mode:

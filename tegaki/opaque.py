@@ -46,6 +46,28 @@ def register(layer: nn.Module) -> torch.Tensor:
     return torch.tensor(id(layer), dtype=torch.int64)
 
 
+class OpaqueLayer(nn.Module):
+    """The part both packed layers share: the packed copy (`packed`, made from tensors whose
+    `tensor_key`s are `packed_from`; never saved, rebuilt on need) and the id a compiled graph calls
+    the layer by. A copy (deepcopy, pickling) cannot read the packed copy and is a layer of its own:
+    it packs its own and registers again."""
+
+    def __init__(self):
+        super().__init__()
+        self.packed = None
+        self.packed_from: tuple | None = None
+        self.register_buffer("layer_id", register(self), persistent=False)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["packed"], state["packed_from"] = None, None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.layer_id = register(self).to(self.layer_id.device)
+
+
 def tensor_key(t: torch.Tensor) -> tuple:
     """What changes when t is replaced or written in place: its storage, its in-place write count and
     its dtype. A tensor made under torch.inference_mode keeps no count (and cannot be written in place

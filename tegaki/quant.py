@@ -107,7 +107,11 @@ def activation_range_halved() -> bool:
     return not avx512_vnni or capped
 
 
-class Int8Linear(nn.Module):
+# fbgemm reads its instruction cap once, at its first call, and the CPU does not change: asked once.
+ACTIVATIONS_HALVED = activation_range_halved()
+
+
+class Int8Linear(opaque.OpaqueLayer):
     """nn.Linear with int8 weights and one float scale per output channel."""
 
     def __init__(self, linear: nn.Linear):
@@ -119,9 +123,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale_bf16", scale.to(torch.bfloat16))  # what the bf16 kernel takes
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.fast = True
-        self.packed = None  # fbgemm's packed weight (a TorchScript object): never saved, rebuilt on need
-        self.packed_from: tuple | None = None
-        self.register_buffer("layer_id", opaque.register(self), persistent=False)  # how a compiled graph calls it
+        # self.packed (OpaqueLayer): fbgemm's packed weight, a TorchScript object, made on first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_fast(x) if self.fast else self.forward_reference(x)
@@ -134,15 +136,6 @@ class Int8Linear(nn.Module):
         super()._apply(fn, recurse)
         self.scale, self.scale_bf16 = scale.to(self.scale.device), scale_bf16.to(self.scale_bf16.device)
         return self
-
-    def __getstate__(self):
-        state = self.__dict__.copy()  # deepcopy/pickle: the copy packs its own weight
-        state["packed"], state["packed_from"] = None, None
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self.layer_id = opaque.register(self).to(self.layer_id.device)  # the copy is a layer of its own
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Readable: rebuild the float weight, then an ordinary linear layer."""
@@ -157,7 +150,7 @@ class Int8Linear(nn.Module):
             x_q = clamp(round(x / x_scale) + zero, 0, levels)
             y = ((x_q - zero) @ q^T) * x_scale * scale + bias      (the matmul sums whole numbers)"""
         shape, x2 = x.shape, x.reshape(-1, self.in_features).float()
-        levels = 127 if activation_range_halved() else 255
+        levels = 127 if ACTIVATIONS_HALVED else 255
         low, high = min(x2.min().item(), 0.0), max(x2.max().item(), 0.0)
         x_scale = (high - low) / levels if high > low else 1.0
         zero = min(max(round(-low / x_scale), 0), levels)
@@ -174,7 +167,7 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         if x.device.type == "cpu" and INTEGER_MATMUL:
-            y = torch.ops.quantized.linear_dynamic(x2.float(), self.packed_weight(), activation_range_halved())
+            y = torch.ops.quantized.linear_dynamic(x2.float(), self.packed_weight(), ACTIVATIONS_HALVED)
         else:  # int8 weights times bf16 activations
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight_int8, self.scale_bf16)
         y = y.to(x.dtype).view(*shape[:-1], self.out_features)

@@ -158,6 +158,19 @@ def one_thread():
 
 
 @pytest.fixture
+def op_calls():
+    """op_calls(run, prefix): how many times run() called operators whose profiler name starts with
+    prefix (a compiled graph calls kernels by their own names, e.g. "aten::_scaled_dot_product...")."""
+
+    def count(run, prefix: str) -> int:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            run()
+        return sum(e.count for e in prof.key_averages() if e.key.startswith(prefix))
+
+    return count
+
+
+@pytest.fixture
 def perturb():
     """Move every parameter of a model off its initial value (a norm weight of exactly 1, a zero
     bias or a zero sink would hide a mapping bug), and check that none stayed where it was.

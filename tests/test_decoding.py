@@ -129,14 +129,17 @@ def test_quantized_layers_are_left_alone():
     assert isinstance(model.lm_head, Int8Linear) and not any(isinstance(m, PackedLinear) for m in model.modules())
 
 
-def packed_calls_of_compiled_generation(model: GPT, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+def packed_calls_of_compiled_generation(model: GPT, ids: torch.Tensor, op_calls) -> tuple[torch.Tensor, int]:
     generate(model, ids, 8, temperature=0, compile="aot_eager")  # compiled once, outside the count
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        compiled = generate(model, ids, 8, temperature=0, compile="aot_eager")
-    return compiled, sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+    compiled = []
+    calls = op_calls(
+        lambda: compiled.append(generate(model, ids, 8, temperature=0, compile="aot_eager")),
+        "mkldnn::_linear_pointwise",
+    )
+    return compiled[0], calls
 
 
-def test_a_prepared_model_compiles_into_one_graph_that_reads_the_packed_weights_for_several_rows():
+def test_a_prepared_model_compiles_into_one_graph_that_reads_the_packed_weights_for_several_rows(op_calls):
     """Under torch.compile a packed layer given several rows is one operator that runs its eager
     forward (opaque.py): no graph break, the same tokens, and the packed copy (not the plain weight)
     is what every layer of every compiled step reads."""
@@ -146,20 +149,20 @@ def test_a_prepared_model_compiles_into_one_graph_that_reads_the_packed_weights_
         assert torch._dynamo.explain(model)(ids).graph_break_count == 0
     eager = generate(model, ids, 8, temperature=0)
     assert all(m.packed is not None for m in model.modules() if isinstance(m, PackedLinear))
-    compiled, packed_calls = packed_calls_of_compiled_generation(model, ids)
+    compiled, packed_calls = packed_calls_of_compiled_generation(model, ids, op_calls)
     assert torch.equal(compiled, eager)
     layers = sum(isinstance(m, PackedLinear) for m in model.modules())
     assert packed_calls >= 7 * layers  # every layer of every compiled one-token step
 
 
-def test_a_compiled_float32_decode_step_multiplies_one_row_by_the_plain_weights():
+def test_a_compiled_float32_decode_step_multiplies_one_row_by_the_plain_weights(op_calls):
     """One float32 row under compile is forward_matvec (the compiler's own loop over W, faster than
     the packed kernel): the same tokens as eager decoding, and only the eager prompt pass calls the
     packed kernel."""
     model = prepare_for_decoding(random_model("tiny"))
     ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(6))
     eager = generate(model, ids, 8, temperature=0)
-    compiled, packed_calls = packed_calls_of_compiled_generation(model, ids)
+    compiled, packed_calls = packed_calls_of_compiled_generation(model, ids, op_calls)
     assert torch.equal(compiled, eager)
     assert packed_calls == sum(isinstance(m, PackedLinear) for m in model.modules())  # the prompt's pass alone
 

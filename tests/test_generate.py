@@ -188,27 +188,20 @@ def test_a_traced_decode_step_gives_the_same_tokens():
     )
 
 
-def sdpa_calls(run) -> int:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        run()
-    # The fused kernel itself (a traced graph calls it without the dispatching wrapper).
-    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product"))
-
-
 @pytest.mark.slow  # a few seconds of tracing
 @pytest.mark.parametrize("name", ["tiny", "tiny-gpt-oss"])  # plain; sinks, sliding window and GQA
-def test_a_compiled_cpu_decode_step_attends_written_out_with_the_same_tokens(name):
+def test_a_compiled_cpu_decode_step_attends_written_out_with_the_same_tokens(name, op_calls):
     """compiled_cpu_decode_step: a compiled one-token step takes the written-out attention (which
     inductor fuses), the eager prompt pass the fused kernel; the tokens are the eager ones."""
     model = random_model(name, **({"moe_impl": "dense"} if name == "tiny-gpt-oss" else {}))
     prompt = torch.tensor([[3, 1, 4, 1, 5, 9, 2]])
     eager = generate(model, prompt, 12, temperature=0)
     generate(model, prompt, 12, temperature=0, compile="aot_eager")  # compiled once, outside the count
-    assert sdpa_calls(lambda: generate(model, prompt, 12, temperature=0)) == 12 * model.config.n_layer
+    fused = "aten::_scaled_dot_product"  # the kernel itself: a traced graph calls it without the wrapper
+    assert op_calls(lambda: generate(model, prompt, 12, temperature=0), fused) == 12 * model.config.n_layer
     compiled = []
-    assert sdpa_calls(lambda: compiled.append(generate(model, prompt, 12, temperature=0, compile="aot_eager"))) == (
-        model.config.n_layer  # the prompt's pass only
-    )
+    run = lambda: compiled.append(generate(model, prompt, 12, temperature=0, compile="aot_eager"))  # noqa: E731
+    assert op_calls(run, fused) == model.config.n_layer  # the prompt's pass only
     assert torch.equal(compiled[0], eager)
 
 
