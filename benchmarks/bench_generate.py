@@ -3,6 +3,7 @@
     python benchmarks/bench_generate.py                    # 5 rounds: about half an hour on 2 cores
     python benchmarks/bench_generate.py --quick            # one round, fewer tokens: a smoke test
     python benchmarks/bench_generate.py --append-results   # ... and add the report to RESULTS.md
+    python benchmarks/bench_generate.py --setup-only       # what a call costs before its first token
     pip install -e ".[bench]"                              # CTranslate2 and transformers
 
 Everything is measured in one run, on GPT-2 124M shapes with random weights (speed does not
@@ -52,7 +53,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tegaki.config import ModelConfig  # noqa: E402
-from tegaki.decoding import PackedLinear, packable, prepare_for_decoding  # noqa: E402
+from tegaki.decoding import PackedLinear, bf16_matmul_in_hardware, packable, prepare_for_decoding  # noqa: E402
 from tegaki.device import CPU_FLAGS, cpu_has  # noqa: E402
 from tegaki.files import atomic_write  # noqa: E402
 from tegaki.generate import generate  # noqa: E402
@@ -511,6 +512,14 @@ def main(argv: list[str] | None = None) -> str:
         raise SystemExit(f"--isa {args.isa} must be set before the libraries load: run the script itself")
     command = shlex.join(["python", "benchmarks/bench_generate.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
+    if args.setup_only:
+        torch.manual_seed(0)
+        base = GPT(ModelConfig.preset(args.preset)).eval()
+        when = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+        lines = [f"## What a call sets up: the first token, per layout ({when})", ""]
+        lines += [f"Command: `{command}`, {when}.", "", paragraph(machine_text() + "."), ""]
+        lines += call_setup_lines(base, args.rounds or 5)
+        return finish(lines, args.append_results)
     if args.perplexity_only:
         ppl, label = perplexities(args.train_steps)
         lines = [f"Held-out perplexity ({label}):", ""]
@@ -599,6 +608,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preset", default="gpt2", help="the model's shape, a tegaki preset (default gpt2)")
     parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--perplexity-only", action="store_true", help="only the quality table")
+    parser.add_argument(
+        "--setup-only", action="store_true", help="only the time to the first token of a call, per layout"
+    )
     parser.add_argument("--skip-perplexity", action="store_true", help="the speed tables only")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument(
@@ -616,15 +628,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def header_lines(args, command, started, load_at_start, base, rounds, contestants) -> list[str]:
-    """The section's title, and what was run where: the command, the machine, the versions."""
+def machine_text() -> str:
+    """The machine as a report names it: cores, CPU flags, library versions, threads."""
     name, have, lack = cpu_description()
-    when = f"{started:%Y-%m-%d %H:%M} UTC"
-    machine = (
+    return (
         f'Machine: {os.cpu_count()} cores of "{name}"; CPU flags present: '
         f"{' '.join(have) or 'none of these'}; absent: {' '.join(lack) or 'none'} (torch's CPU capability: "
-        f"{torch.backends.cpu.get_cpu_capability()}). {versions()}; {torch.get_num_threads()} threads "
-        f"(CTranslate2: intra_threads={args.threads}, inter_threads=1). Load average {load_at_start:.1f} at the start."
+        f"{torch.backends.cpu.get_cpu_capability()}). {versions()}; {torch.get_num_threads()} threads"
+    )
+
+
+def header_lines(args, command, started, load_at_start, base, rounds, contestants) -> list[str]:
+    """The section's title, and what was run where: the command, the machine, the versions."""
+    when = f"{started:%Y-%m-%d %H:%M} UTC"
+    machine = (
+        f"{machine_text()} (CTranslate2: intra_threads={args.threads}, inter_threads=1). "
+        f"Load average {load_at_start:.1f} at the start."
     )
     model = (
         f"Model: preset `{args.preset}` ({sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters), "
@@ -785,6 +804,40 @@ def long_output_lines(base: GPT, positions: int, rounds: int = 3) -> list[str]:
             f"({compiled_range}), compiled {x}x ({x_range}) the eager speed; same tokens: {same}."
         )
     ]
+
+
+def call_setup_lines(base: GPT, rounds: int) -> list[str]:
+    """The first token of a call (a 32-token prompt's prefill and one step), which carries all that a
+    call sets up: `model.generate`'s default (prepare=None: the oneDNN layout swapped in for the call,
+    and any packed copy made for it), a model prepared once (what `tegaki generate` and `tegaki serve`
+    run), and nn.Linear (prepare=False). Interleaved rounds, after one call of each (which answers
+    the per-process layout question, decoding.layout_is_own)."""
+    ids = torch.randint(0, base.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(4))
+    modes = ["fp32", "bf16"] if bf16_matmul_in_hardware() else ["fp32"]
+    runs = {}
+    for mode in modes:
+        model, prepared = tegaki_variant(base, mode), prepare_for_decoding(tegaki_variant(base, mode))
+        runs[f"{mode}, model.generate (default)"] = lambda m=model: generate(m, ids, 1, temperature=0)
+        runs[f"{mode}, prepared once"] = lambda m=prepared: generate(m, ids, 1, temperature=0)
+        runs[f"{mode}, nn.Linear (prepare=False)"] = lambda m=model: generate(m, ids, 1, temperature=0, prepare=False)
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            t = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - t) * 1e3)
+    lines = [
+        f"First token of a call, {PROMPT}-token prompt, batch 1, {rounds} interleaved rounds:",
+        "",
+        "| | ms (median) | range |",
+        "| --- | ---: | ---: |",
+    ]
+    for name, values in times.items():
+        median, low_high = spread(values, "{:.0f}")
+        lines.append(f"| {name} | {median} | {low_high} |")
+    return lines
 
 
 def context_lines(fp32: GPT) -> list[str]:

@@ -86,3 +86,21 @@ def test_a_compiled_rows_first_call_is_reported_beside_its_eager_twins():
     assert "holding 12 files" in " ".join(bench.compile_cost_lines(rows, inductor_files=12))
     del rows["batch 1", "tegaki fp32, compiled"]
     assert bench.compile_cost_lines(rows, inductor_files=0) == []  # --no-compile: nothing to say
+
+
+def test_setup_only_reports_the_first_token_of_a_call_per_layout(tmp_path):
+    """--setup-only times the first token of a call for each layout a call can use, with the machine
+    and the command, and appends the section like the full report."""
+    bench = load_bench()
+    results = tmp_path / "RESULTS.md"
+    report = bench.main(["--preset", "tiny", "--setup-only", "--rounds", "2", "--append-results", str(results)])
+    assert report.startswith("## What a call sets up") and results.read_text(encoding="utf-8").endswith(report)
+    assert "--setup-only --rounds 2" in report and "CPU flags present:" in report
+    rows = [line for line in report.splitlines() if line.startswith("| fp32") or line.startswith("| bf16")]
+    names = [row.split("|")[1].strip() for row in rows]
+    assert names[:3] == ["fp32, model.generate (default)", "fp32, prepared once", "fp32, nn.Linear (prepare=False)"]
+    assert len(names) == (6 if bench.bf16_matmul_in_hardware() else 3)
+    for row in rows:
+        median, low_high = row.split("|")[2].strip(), row.split("|")[3].strip()
+        low, high = (float(v) for v in low_high.split("-"))
+        assert low <= float(median) <= high and low > 0

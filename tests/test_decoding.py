@@ -13,7 +13,14 @@ import torch.nn as nn
 from torch._inductor.utils import run_and_get_code
 
 from tegaki.config import ModelConfig
-from tegaki.decoding import PackedLinear, bf16_matmul_in_hardware, decoding_layout, prepare_for_decoding
+from tegaki.decoding import (
+    PackedLinear,
+    bf16_matmul_in_hardware,
+    decoding_layout,
+    layout_is_own,
+    prepare_for_decoding,
+    same_bytes,
+)
 from tegaki.errors import TegakiError
 from tegaki.generate import generate
 from tegaki.model import GPT
@@ -89,6 +96,53 @@ def test_a_packed_layer_packs_again_when_its_weight_changes():
         torch.testing.assert_close(packed(x), packed.forward_reference(x), rtol=1e-5, atol=1e-6)
 
 
+def test_the_layout_question_reads_the_packed_bytes():
+    """same_bytes compares oneDNN's opaque copy with the weight byte for byte: one changed element
+    is seen, and its answer for the weight itself is what layout_is_own reports."""
+    torch.manual_seed(7)
+    w = torch.randn(40, 24)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+    changed = w.clone()
+    changed[3, 5] += 1.0
+    assert not same_bytes(packed, changed)
+    assert same_bytes(packed, w) == layout_is_own(w)
+    assert not layout_is_own(torch.ones(41, 24))  # a constant matrix reads alike in any order: no answer
+    assert not same_bytes(packed, w.t().contiguous().t())  # not row-major: never read in place
+
+
+@pytest.mark.skipif(not bf16_matmul_in_hardware(), reason="the CPU has no bf16 matmul (AVX-512 BF16 or AMX)")
+def test_a_re_blocked_layout_is_seen_as_one():
+    """oneDNN re-blocks bfloat16 weights into tiles for its bf16 kernels: the question must say so,
+    and the layer then keeps its packed copy."""
+    torch.manual_seed(8)
+    layer = PackedLinear(nn.Linear(64, 96).to(torch.bfloat16))
+    assert not layout_is_own(layer.weight)
+    with torch.no_grad():
+        layer(torch.randn(1, 64, dtype=torch.bfloat16))
+    assert layer.packed is not None
+
+
+@pytest.mark.skipif(not layout_is_own(torch.randn(96, 64)), reason="oneDNN re-blocks float32 weights on this CPU")
+def test_float32_weights_are_read_in_place_and_not_packed_again_per_call(op_calls):
+    """Where oneDNN reads a float32 weight in its own layout, a layer keeps no copy and gives, bit for
+    bit, what the kernel gives on a packed copy; generate's per-call layout then packs nothing."""
+    model = prepare_for_decoding(random_model("tiny"))
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(9))
+    generate(model, ids, 4, temperature=0)
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert layers and all(m.packed is None for m in layers)
+    x = torch.randn(3, model.config.n_embd)
+    layer = model.blocks[0].attn.qkv
+    on_copy = torch.ops.mkldnn._linear_pointwise(
+        x, torch.ops.mkldnn._reorder_linear_weight(layer.weight, 1), layer.bias, "none", [], ""
+    )
+    with torch.no_grad():
+        assert torch.equal(layer(x), on_copy)
+    plain = random_model("tiny")
+    generate(plain, ids, 4, temperature=0)  # the shapes asked about once
+    assert op_calls(lambda: generate(plain, ids, 4, temperature=0), "mkldnn::_reorder_linear_weight") == 0
+
+
 def test_prepared_models_copy_and_pickle():
     """The packed tensor is opaque to copy and pickle; copies pack their own."""
     model = prepare_for_decoding(random_model("tiny"))
@@ -141,14 +195,13 @@ def packed_calls_of_compiled_generation(model: GPT, ids: torch.Tensor, op_calls)
 
 def test_a_prepared_model_compiles_into_one_graph_that_reads_the_packed_weights_for_several_rows(op_calls):
     """Under torch.compile a packed layer given several rows is one operator that runs its eager
-    forward (opaque.py): no graph break, the same tokens, and the packed copy (not the plain weight)
-    is what every layer of every compiled step reads."""
+    forward (opaque.py): no graph break, the same tokens, and oneDNN's kernel (not the traced plain
+    twin) is what every layer of every compiled step calls."""
     model = prepare_for_decoding(random_model("tiny"))
     ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert torch._dynamo.explain(model)(ids).graph_break_count == 0
     eager = generate(model, ids, 8, temperature=0)
-    assert all(m.packed is not None for m in model.modules() if isinstance(m, PackedLinear))
     compiled, packed_calls = packed_calls_of_compiled_generation(model, ids, op_calls)
     assert torch.equal(compiled, eager)
     layers = sum(isinstance(m, PackedLinear) for m in model.modules())
