@@ -15,6 +15,12 @@ What it prints (and appends to benchmarks/RESULTS.md with the command, device an
               transformers' `generate` and of tegaki (default, and `compile=True`: a static cache
               replayed as a CUDA graph), batch 1 and 64, fp32 and bf16; greedy tokens compared in fp32
   tests       `pytest -m cuda tests/test_cuda.py`
+  host CPU    where the machine's CPU has AMX (bf16 matrix units), the CPU goals that need one, on 2
+              threads: GPT-2 124M decoding, batch 1, a 32-token prompt + 64 greedy tokens, transformers
+              fp32 against tegaki fp32, bf16 and int8 as `tegaki generate` runs them (3 interleaved
+              rounds, ratios within rounds); one training step (bench_train.py's shape) of tegaki and
+              the nanoGPT-style baseline in fp32 and in bf16 autocast (and nanoGPT's own model.py with
+              --nanogpt DIR); and the dtype `--dtype auto` picks there. Without AMX it says so.
 
 Without CUDA it says so and exits 0. Each timed figure is the median of several repeats, with the
 range (min-max) beside it.
@@ -40,10 +46,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_train import Baseline  # noqa: E402
+from bench_train import SHAPE, Baseline, build  # noqa: E402
 
 from tegaki.config import ModelConfig  # noqa: E402
-from tegaki.device import mfu, peak_flops, synchronize  # noqa: E402
+from tegaki.device import cpu_has, cpu_summary, mfu, peak_flops, pick_dtype, synchronize  # noqa: E402
 from tegaki.generate import generate  # noqa: E402
 from tegaki.load import export_hf, from_pretrained  # noqa: E402
 from tegaki.model import GPT  # noqa: E402
@@ -281,6 +287,67 @@ def decode_rows(report: Report, device: torch.device, tmp: Path, smoke: bool) ->
         del hf, ours
 
 
+# --- the host CPU, where it has AMX -------------------------------------------------------------
+
+
+def host_cpu_rows(report: Report, tmp: Path, smoke: bool, nanogpt: str | None) -> None:
+    """The goals of a CPU with AMX, on this machine's CPU and 2 threads (see the module's docstring).
+    The smoke run takes this path on any CPU, at toy sizes."""
+    import bench_generate as bg
+    from transformers import GPT2LMHeadModel
+
+    if not (smoke or cpu_has("amx_bf16")):
+        report(f"host CPU ({cpu_summary()}): no AMX, so the AMX rows are left out.")
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        auto = pick_dtype("auto", torch.device("cpu"))
+        report(f"host CPU, 2 threads: {cpu_summary()}; `--dtype auto` on it picks {auto}")
+        config = ModelConfig.preset("tiny").replace(vocab_size=512) if smoke else ModelConfig.preset("gpt2")
+        new, rounds = (8, 1) if smoke else (64, 3)
+        torch.manual_seed(0)
+        base = GPT(config).eval()
+        export_hf(base, tmp / "cpu-gpt2")
+        hf = GPT2LMHeadModel.from_pretrained(tmp / "cpu-gpt2").eval()
+        contestants = [bg.transformers_contestant("transformers fp32", hf)]
+        contestants += [
+            bg.tegaki_contestant(f"tegaki {m}", bg.tegaki_variant(base, m), False) for m in ("fp32", "bf16", "int8")
+        ]
+        prompt = torch.randint(0, config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
+        job = bg.Job("batch 1", prompt, new)
+        rows = bg.run_rounds([job], contestants, rounds)
+        reference = rows[job.name, "transformers fp32"]
+        report(f"decoding: batch 1, prompt 32 + {new} greedy tokens, {rounds} interleaved rounds")
+        report("| contestant | tokens/s | x transformers fp32 (within rounds) |")
+        report("| --- | ---: | ---: |")
+        for c in contestants:
+            row = rows[job.name, c.name]
+            report(f"| {c.name} | {spread(row.rates, ',.1f')} | {spread(bg.ratios(row, reference), '.2f')} |")
+        same = rows[job.name, "tegaki fp32"].tokens == reference.tokens
+        report(f"(tegaki fp32's greedy tokens equal transformers fp32's: {same})")
+        report()
+        batch, block, steps = (2, 32, 2) if smoke else (8, 256, 5)
+        kinds = ["tegaki", "baseline"] + (["nanoGPT"] if nanogpt else [])
+        contenders = [build(kind, dtype, batch, block, False, nanogpt) for dtype in ("fp32", "bf16") for kind in kinds]
+        for c in contenders:  # warm-up: kernel selection, allocator
+            c.step()
+        for _ in range(steps):  # interleaved
+            for c in contenders:
+                c.times.append(c.step())
+        tokens = batch * block
+        fp32 = {c.name.split()[0]: statistics.median(c.times) for c in contenders if c.dtype == "fp32"}
+        shape = f"{SHAPE['n_layer']} layers x {SHAPE['n_embd']}"
+        report(f"training: {shape}, batch {batch} x {block}, {steps} interleaved steps")
+        report("| contender | tokens/s | bf16 autocast / fp32 |")
+        report("| --- | ---: | ---: |")
+        for c in contenders:
+            speedup = fp32[c.name.split()[0]] / statistics.median(c.times)
+            report(f"| {c.name} | {spread([tokens / t for t in c.times])} | {speedup:.2f}x |")
+    finally:
+        torch.set_num_threads(threads)
+
+
 # --- the run -------------------------------------------------------------------------------------
 
 
@@ -301,7 +368,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: check the script, append nothing")
     p.add_argument("--no-append", action="store_true", help="print only; leave RESULTS.md alone")
-    p.add_argument("--skip", nargs="*", default=[], choices=["parity", "train", "loop", "decode", "tests"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["parity", "train", "loop", "decode", "tests", "cpu"])
+    p.add_argument(
+        "--nanogpt", metavar="DIR", help="a nanoGPT checkout: the host CPU's training rows time its model.py too"
+    )
     args = p.parse_args()
     if not torch.cuda.is_available() and not args.smoke:
         print("bench_gpu: no CUDA GPU here (torch.cuda.is_available() is False); nothing to measure.")
@@ -338,12 +408,16 @@ def main() -> None:
         if "decode" not in args.skip:
             decode_rows(report, device, tmp, args.smoke)
             report()
+        if "cpu" not in args.skip:
+            host_cpu_rows(report, tmp, args.smoke, args.nanogpt)
+            report()
     if "tests" not in args.skip and not args.smoke:
         cuda_tests(report)
         report()
     if not args.smoke and not args.no_append:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write("\n" + "\n".join(report.lines) + "\n")
+        from bench_generate import append_section  # written beside it and renamed over it
+
+        append_section(ROOT / "benchmarks" / "RESULTS.md", "\n".join(report.lines) + "\n")
         print(f"appended to {ROOT / 'benchmarks' / 'RESULTS.md'}")
 
 
