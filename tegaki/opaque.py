@@ -2,11 +2,13 @@
 when that copy is stale, and how a compiled graph calls them as one operator.
 
 Two of tegaki's fast CPU kernels take an argument the compiler cannot trace: oneDNN's packed weight
-(an opaque tensor, `decoding.PackedLinear`) and fbgemm's packed int8 weight (a TorchScript object,
+(an opaque tensor, `decoding.PackedLinear`; bfloat16's re-blocked copy, or a float32 one where oneDNN
+asks for a layout other than the weight's own) and fbgemm's packed int8 weight (a TorchScript object,
 `quant.Int8Linear`). Left to itself, torch.compile either breaks the graph at every such call (int8:
 one break per linear layer, 49 in a GPT-2 step) or traces the layer's plain twin instead (float32:
-an unpacked matmul, on some CPUs half the speed). Either way a compiled decode step was slower than
-the eager one.
+MKL's matmul, on some CPUs half the speed of oneDNN's kernel). Either way a compiled decode step was
+slower than the eager one. (A float32 layer that oneDNN reads in place takes the same road: one
+operator whose body is the eager forward, so that compiled and eager call the same kernel.)
 
 So such a layer registers itself here, and under compile it calls `eager_layer(x, weight, layer_id)`:
 one custom operator whose body is the layer's own eager forward, run when the graph runs. The same
