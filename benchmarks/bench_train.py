@@ -123,9 +123,12 @@ def nanogpt_model(directory: str, config: ModelConfig):
     return model, optimizer
 
 
-def build(kind: str, dtype: str, batch: int, block: int, compile_model: bool, nanogpt: str | None = None) -> Contender:
+def build(
+    kind: str, dtype: str, batch: int, block: int, compile_model: bool, nanogpt: str | None = None, shape=None
+) -> Contender:
+    """One contender at SHAPE (or `shape`, a dict of the same keys)."""
     torch.manual_seed(0)
-    config = ModelConfig(**SHAPE)
+    config = ModelConfig(**(shape or SHAPE))
     if kind == "nanoGPT":
         model, optimizer = nanogpt_model(nanogpt, config)
     elif kind == "tegaki":
@@ -138,6 +141,17 @@ def build(kind: str, dtype: str, batch: int, block: int, compile_model: bool, na
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     name = f"{kind}{'+compile' if compile_model else ''} {dtype}"
     return Contender(name, model, optimizer, dtype, batch, block, config.vocab_size)
+
+
+def time_steps(contenders: list[Contender], warmup: int, steps: int) -> None:
+    """Warm-up steps (kernel selection, allocator, compile), then `steps` timed steps of every
+    contender, interleaved: a change in machine load hits every contender alike."""
+    for c in contenders:
+        for _ in range(warmup):
+            c.step()
+    for _ in range(steps):
+        for c in contenders:
+            c.times.append(c.step())
 
 
 def bench_training(args) -> None:
@@ -166,12 +180,7 @@ def bench_training(args) -> None:
     contenders = [build(kind, d, args.batch, args.block, False, args.nanogpt) for d in args.dtypes for kind in kinds]
     if args.compile:
         contenders += [build("tegaki", d, args.batch, args.block, True) for d in args.dtypes]
-    for c in contenders:  # warm-up steps: kernel selection, allocator, compile
-        for _ in range(args.warmup):
-            c.step()
-    for _ in range(args.steps):  # interleaved: load changes hit every contender alike
-        for c in contenders:
-            c.times.append(c.step())
+    time_steps(contenders, args.warmup, args.steps)
     for d in args.dtypes:  # the ceilings again, after: a drift in load shows up as a change
         again = matmul_ceiling(torch.float32 if d == "fp32" else torch.bfloat16)
         print(f"matmul ceiling {d} after the steps: {again / 1e9:,.1f} GFLOP/s")

@@ -1,19 +1,19 @@
 """Decoding on a CPU: the linear layers multiplied by oneDNN's kernels, in the layout they read best.
 
 Decoding one token multiplies one vector by every weight matrix, so its time is the time to stream
-every weight from memory once. nn.Linear hands W (out, in) to MKL's general matmul, which on the
-CPUs measured reads it at about half the speed memory allows when there is one row to multiply.
+every weight from memory once. In float32 nn.Linear hands W (out, in) to MKL's general matmul, which
+on the CPU measured reads it at about half the speed memory allows when there is one row to multiply.
 oneDNN (PyTorch's CPU kernel library, "mkldnn") has kernels written for this case, called through
 `torch.ops.mkldnn._linear_pointwise`; given a weight in the layout oneDNN asks for
 (`torch.ops.mkldnn._reorder_linear_weight`, "packing"), they halve the matmul time of a GPT-2 124M
 decode step in float32 and in bfloat16 (benchmarks/RESULTS.md). The values, and so the logits, are
 those of nn.Linear up to the order of the additions (tests/test_decoding.py).
 
-What that layout is depends on the dtype and the CPU. For float32 on the AVX2 and AVX-512 CPUs
-measured it is W's own: row after row, the bytes nn.Linear holds. Then the kernel reads W where it
-is and no copy is made. For bfloat16 it is re-blocked into tiles (a copy of the weight, made once and
-made again if the weight changes). `layout_is_own` asks oneDNN once per shape and dtype, by packing
-one weight and comparing the bytes.
+What that layout is depends on the dtype and the CPU. For float32 on the AVX-512 CPU measured (and
+with oneDNN held to AVX2 there) it is W's own: row after row, the bytes nn.Linear holds. Then the
+kernel reads W where it is and no copy is made. For bfloat16 it is re-blocked into tiles (a copy of
+the weight, made once and made again if the weight changes). `layout_is_own` asks oneDNN once per
+shape and dtype, by packing one weight and comparing the bytes.
 
 `PackedLinear` is that layer; it keeps the original weight (the readable twin, `forward_reference`,
 and what `state_dict` saves). Two ways to use it, both module swaps from outside the model:
@@ -78,13 +78,18 @@ def same_bytes(packed: torch.Tensor, weight: torch.Tensor) -> bool:
 def layout_is_own(weight: torch.Tensor) -> bool:
     """Whether oneDNN's kernel for one row reads this weight in its own (out, in) row-major layout,
     so that packing it would only copy it. Asked once per shape and dtype in a process: one weight is
-    packed and its bytes compared. (A constant matrix reads the same in any order, so it answers
-    nothing: it is packed, and the question is asked again of the next weight.)"""
+    packed and its bytes compared. A weight that reads alike in more than one order (a constant
+    matrix, a symmetric one) cannot tell, so a random one of its shape is asked instead."""
+    if not weight.is_contiguous() or weight.numel() == 0:
+        return False
     key = (weight.shape, weight.dtype)
     if key not in _own_layout:
-        if not weight.is_contiguous() or bool(weight.amin() == weight.amax()):
-            return False
-        _own_layout[key] = same_bytes(torch.ops.mkldnn._reorder_linear_weight(weight, 1), weight)
+        probe = weight
+        if bool(weight.amin() == weight.amax()) or (
+            weight.shape[0] == weight.shape[1] and torch.equal(weight, weight.t())
+        ):
+            probe = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+        _own_layout[key] = same_bytes(torch.ops.mkldnn._reorder_linear_weight(probe, 1), probe)
     return _own_layout[key]
 
 
@@ -151,7 +156,7 @@ class PackedLinear(opaque.OpaqueLayer):
     def train(self, mode: bool = True):
         if mode:
             raise TegakiError(
-                "this model was prepared for decoding (its linear layers hold packed copies for reading, "
+                "this model was prepared for decoding (its linear layers are oneDNN's read-only layers, "
                 "not parameters); load it again to train it"
             )
         return super().train(mode)

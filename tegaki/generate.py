@@ -173,15 +173,16 @@ def generate(
     `stop_strings` (needs `tokenizer` to decode; the token completing it is kept); finished rows are
     filled with pad_id until every row has stopped, and the output is cut at the longest row.
     `compile=True` runs the decode step through torch.compile (a string names the backend, e.g.
-    "aot_eager"). On the CPU the linear layers are read in oneDNN's packed layout
-    (`decoding.py`: the same logits, about twice the speed): by default (prepare=None) for this
-    call only, the model as it was afterwards; `prepare=True` swaps them for good (the model then
-    refuses to train); `prepare=False` decodes through the plain layers. A compiled step is built
-    for the layers the model has, so with `compile=True` the packed layout needs `prepare=True`
-    (as `tegaki generate --compile` does): a compiled float32 step of one row then multiplies by the
+    "aot_eager"). On the CPU the linear layers are multiplied by oneDNN's kernels, on the weights
+    in the layout those read (`decoding.py`: the same logits, about twice the speed; float32 is read
+    in place, bfloat16 through a packed copy): by default (prepare=None) for this call only, the
+    model as it was afterwards; `prepare=True` swaps them for good (the model then refuses to
+    train); `prepare=False` decodes through the plain layers. A compiled step is built for the
+    layers the model has, so with `compile=True` oneDNN's layers need `prepare=True` (as
+    `tegaki generate --compile` does): a compiled float32 step of one row then multiplies by the
     plain weights through inductor's own loop (`PackedLinear.forward_matvec`, faster on a CPU),
-    other steps call the packed kernels. Without it, compiled CPU layers go to MKL's unpacked
-    matmul, slower than the eager default. `compile="aot_eager"` runs the traced graph without
+    other steps call oneDNN's kernels. Without it, compiled CPU layers go to MKL's matmul, slower
+    than the eager default. `compile="aot_eager"` runs the traced graph without
     code generation, one-row products as written (an (out, in) temporary each): for checking.
     """
     if sampling is not None and sampling_keywords:

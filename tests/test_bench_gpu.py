@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow  # about 20 seconds on two cores
+@pytest.mark.slow  # about 15 seconds on two cores
 def test_the_gpu_benchmark_runs_every_section_at_toy_sizes_and_leaves_results_alone():
     pytest.importorskip("transformers")
     results = ROOT / "benchmarks" / "RESULTS.md"
@@ -22,7 +22,7 @@ def test_the_gpu_benchmark_runs_every_section_at_toy_sizes_and_leaves_results_al
     )
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
-    for section in ("| GPT-2 |", "decoding:", "host CPU, 2 threads:", "training: 6 layers x 384"):
+    for section in ("| GPT-2 |", "decoding:", "host CPU, 2 threads:", "training: 2 layers x 64"):
         assert section in out, section
     decode_rows = [line for line in out.splitlines() if line.startswith("| tegaki ") and "x |" not in line]
     assert {row.split("|")[1].strip() for row in decode_rows} >= {"tegaki fp32", "tegaki bf16", "tegaki int8"}
