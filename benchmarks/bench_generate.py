@@ -776,6 +776,24 @@ def compile_cost_lines(rows: dict[tuple[str, str], Row], inductor_files: int) ->
     return ["", paragraph(text + "; ".join(parts) + ".")]
 
 
+def interleaved_seconds(
+    runs: dict[str, Callable[[], object]], rounds: int, *, repeat: int = 1, pause: float = 0.0
+) -> dict[str, list[float]]:
+    """Seconds per call of each run: every run `repeat` times a round, in turn, for `rounds` rounds
+    (a burst of other work then hits them alike), `pause` seconds before each; progress on stderr.
+    No warm-up: callers make their own (some keep its output)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(rounds):
+        for name, run in runs.items():
+            time.sleep(pause)
+            t = time.perf_counter()
+            for _ in range(repeat):
+                run()
+            times[name].append((time.perf_counter() - t) / repeat)
+        print(f"round {r + 1}/{rounds}, load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+    return times
+
+
 def long_output_lines(base: GPT, positions: int, rounds: int = 3) -> list[str]:
     """tegaki fp32 eager against compiled over the whole context: the static cache of a compiled
     step attends over every slot from the first token, so its lead shrinks as the output grows."""
@@ -787,12 +805,7 @@ def long_output_lines(base: GPT, positions: int, rounds: int = 3) -> list[str]:
         "compiled": lambda: generate(model, ids, new, temperature=0, compile=True),
     }
     outputs = {name: run() for name, run in runs.items()}  # warm-up; the compiled one compiles
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            t = time.perf_counter()
-            run()
-            times[name].append((time.perf_counter() - t) / new * 1e3)
+    times = {name: [t / new * 1e3 for t in ts] for name, ts in interleaved_seconds(runs, rounds).items()}
     eager, eager_range = spread(times["eager"])
     compiled, compiled_range = spread(times["compiled"])
     x, x_range = spread([e / c for e, c in zip(times["eager"], times["compiled"])], "{:.2f}")
@@ -822,12 +835,7 @@ def call_setup_lines(base: GPT, rounds: int) -> list[str]:
         runs[f"{mode}, nn.Linear (prepare=False)"] = lambda m=model: generate(m, ids, 1, temperature=0, prepare=False)
     for run in runs.values():
         run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            t = time.perf_counter()
-            run()
-            times[name].append((time.perf_counter() - t) * 1e3)
+    times = {name: [t * 1e3 for t in ts] for name, ts in interleaved_seconds(runs, rounds).items()}
     lines = [
         f"First token of a call, {PROMPT}-token prompt, batch 1, {rounds} interleaved rounds:",
         "",

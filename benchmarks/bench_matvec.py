@@ -34,7 +34,6 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,11 +47,12 @@ from bench_generate import (  # noqa: E402
     COPY_BYTES,
     best_of,
     copy_run,
-    cpu_description,
     ctranslate2_available,
     ctranslate2_contestants,
     finish,
+    interleaved_seconds,
     linear_weights,
+    machine_text,
     spread,
 )
 
@@ -177,16 +177,8 @@ def rounds_of(
     turn, after a warm-up."""
     for fn in runs.values():
         fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for r in range(rounds):
-        for name, fn in runs.items():
-            time.sleep(PAUSE)
-            t = time.perf_counter()
-            for _ in range(repeat):
-                fn()
-            times[name].append((time.perf_counter() - t) / (per_call * repeat) * 1e3)
-        print(f"round {r + 1}/{rounds}, load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
-    return times
+    seconds = interleaved_seconds(runs, rounds, repeat=repeat, pause=PAUSE)
+    return {name: [t / per_call * 1e3 for t in ts] for name, ts in seconds.items()}
 
 
 def table_rows(times: dict[str, list[float]], more: Callable[[list[float]], str] = lambda values: "") -> list[str]:
@@ -230,14 +222,11 @@ def main(argv: list[str] | None = None) -> str:
     with_ct2 = not args.no_ct2 and ctranslate2_available()
     steps = rounds_of(step_runs(base, args.threads, with_ct2, args.compile), args.rounds, per_call=NEW)
 
-    name, has, lacks = cpu_description()
     lines = [
         f"## float32 matrix-vector kernels and the decode step ({started:%Y-%m-%d %H:%M} UTC)",
         "",
-        f"Command: `{command}`. Machine: {os.cpu_count()} cores of {name!r}.",
-        f"CPU flags present: {' '.join(has)}; absent: {' '.join(lacks)}. torch {torch.__version__}, "
-        f"{args.threads} threads; load average {load:.1f} at the start. {args.rounds} interleaved rounds, "
-        "median (range).",
+        f"Command: `{command}`. {machine_text()}; load average {load:.1f} at the start. {args.rounds} "
+        "interleaved rounds, median (range).",
         "",
         f"Preset {args.preset}: its {len(weights)} weight matrices, one token ({mb:.0f} MB of float32 "
         f"weights); copy bandwidth {2 * COPY_BYTES / best_copy / 1e9:.1f} GB/s (best of 30):",

@@ -149,6 +149,13 @@ def _environment():
 # -------------------------------------------------------------------------------------------------
 
 
+def local_template_folders(model_ref: str | Path) -> list[Path]:
+    """Where a chat template may be for a model on disk: its folder, and a run folder's tokenizer/.
+    Empty for anything else (a hub id: `tegaki serve` fetches its files, see serve/served.py)."""
+    folder = Path(model_ref).expanduser()
+    return [folder, folder / "tokenizer"] if folder.is_dir() else []
+
+
 def find_chat_template(
     folders: list[Path], tokenizer, override: str | Path | None = None, tegaki_run: bool = False
 ) -> ChatTemplate | None:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import re
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from tegaki.chat_template import end_ids as chat_end_ids
-from tegaki.chat_template import find_chat_template
+from tegaki.chat_template import find_chat_template, local_template_folders
 from tegaki.cli.options import add_device_arguments
 from tegaki.decoding import prepare_for_decoding
 from tegaki.device import DTYPES, check_fits, pick_device, pick_dtype
@@ -108,8 +107,8 @@ def end_ids(name_or_path: str, tok) -> list[int]:
     folder has a chat template (or a tokenizer with ChatML's markers) its end of turn -- a fine-tuned
     model ends its reply with <|im_end|>, and past it comes text it never learned to write. The ends
     `tegaki serve` and `tegaki chat` stop at; a hub id's template is not fetched."""
-    folder = Path(name_or_path).expanduser()
-    template = find_chat_template([folder, folder / "tokenizer"], tok) if folder.is_dir() else None
+    folders = local_template_folders(name_or_path)
+    template = find_chat_template(folders, tok) if folders else None
     return sorted(chat_end_ids(tok, template))
 
 

@@ -31,6 +31,7 @@ from tegaki.chat_template import (
     PLAIN_TEMPLATE,
     chatml,
     find_chat_template,
+    local_template_folders,
 )
 from tegaki.checkpoint import clear_run_folder, read_run_json
 from tegaki.data import BatchLoader
@@ -117,7 +118,7 @@ def chat_template_for(model_ref: str, model, tokenizer, override: str | None):
     with its two markers added to the tokenizer and the model (tegaki.finetune.tokens) when they are
     missing. The model and tokenizer are changed in place; `tegaki serve` then finds ChatML in the run."""
     folder = Path(model_ref)
-    folders = [folder, folder / "tokenizer"] if folder.is_dir() else []
+    folders = local_template_folders(model_ref)
     if override is None and (folder / "run.json").is_file():  # a fine-tune keeps the format it learned
         used = (read_run_json(folder).get("finetune") or {}).get("chat_template")
         override = used if used in NAMED else None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tegaki.chat_template import ChatTemplate, end_ids, find_chat_template
+from tegaki.chat_template import ChatTemplate, end_ids, find_chat_template, local_template_folders
 from tegaki.decoding import prepare_for_decoding
 from tegaki.errors import TegakiError
 from tegaki.load import from_pretrained, tokenizer_for
@@ -74,9 +74,8 @@ def _default_name(model: str) -> str:
 def _template_folders(model: str) -> list[Path]:
     """Where a chat template may be: the folder, and a run folder's tokenizer/. For a hub id, its
     tokenizer_config.json and chat_template.jinja (downloaded when huggingface_hub is installed)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return [path, path / "tokenizer"]
+    if Path(model).expanduser().is_dir():
+        return local_template_folders(model)
     try:
         from huggingface_hub import snapshot_download  # optional: the hub extra
     except ImportError:
