@@ -2,12 +2,20 @@
 
 In this order (as transformers does): repetition / presence penalties -> temperature -> top-k ->
 top-p -> min-p -> draw. `temperature=0` means greedy (argmax). The knobs travel together as one
-`SamplingSettings`.
+`SamplingSettings`, which checks them when it is made: the server, `generate`, `chat` and `eval` all
+build one, so a setting that would turn the logits into inf or NaN is refused in this one place.
+
+Why the ranges are what they are: the logits are float32, and a Python float meets them as a
+float32. A temperature of 1e-300 is 0 there (the logits divided by it are inf), a repetition
+penalty of 1e-308 likewise, a presence penalty of 1e300 inf (a seen token's logit -inf, and every
+token seen: all -inf, NaN after softmax). Within the ranges below every step stays finite for any
+finite logits a model gives.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 
 import torch
@@ -55,6 +63,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of everything ranked above
     drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False  # the best token stays even when p is below float32's smallest number
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
 
@@ -68,9 +77,24 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
+# The ranges SamplingSettings allows (see the module's docstring for why they keep float32 finite).
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0  # and 0, greedy
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+MAX_PRESENCE_PENALTY = 100.0  # either sign
+
+
+class SamplingSettingError(TegakiError):
+    """A sampling setting out of its range; `name` is the setting (the server's error names it)."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
-    """How the next token is drawn. Every field's default leaves that step out."""
+    """How the next token is drawn. Every field's default leaves that step out. Made only with
+    settings the sampler can use: anything else raises `SamplingSettingError` (a TegakiError)."""
 
     temperature: float = 1.0  # 0 = greedy
     top_k: int | None = None  # keep the k most likely tokens
@@ -79,6 +103,9 @@ class SamplingSettings:
     repetition_penalty: float = 1.0  # > 1 makes tokens already seen less likely (1 = off)
     presence_penalty: float = 0.0  # subtracted from the logits of tokens already seen (0 = off)
 
+    def __post_init__(self):
+        self.check()
+
     @classmethod
     def from_keywords(cls, **keywords) -> SamplingSettings:
         """SamplingSettings(temperature=..., ...) that names a mistyped keyword and the known ones."""
@@ -86,26 +113,45 @@ class SamplingSettings:
         unknown = sorted(set(keywords) - set(known))
         if unknown:
             raise TegakiError(f"unknown sampling setting(s): {', '.join(unknown)}. Known: {', '.join(known)}")
-        settings = cls(**keywords)
-        settings.check()
-        return settings
+        return cls(**keywords)
 
     def check(self) -> None:
         """Bad settings are a person's mistake: say which and what is allowed."""
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty"):
-            value = getattr(self, name)
-            if value is not None and not math.isfinite(value):  # NaN passes every comparison below
-                raise TegakiError(f"{name} must be a finite number, got {value}")
-        if self.temperature < 0:
-            raise TegakiError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.default is None:  # a step left out
+                continue
+            kind = numbers.Integral if f.name == "top_k" else numbers.Real
+            if isinstance(value, bool) or not isinstance(value, kind):
+                wanted = "an integer" if kind is numbers.Integral else "a number"
+                raise SamplingSettingError(f.name, f"{f.name} must be {wanted}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
+                raise SamplingSettingError(f.name, f"{f.name} must be a finite number, got {value}")
+        t = self.temperature
+        if t != 0 and not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:
+            raise SamplingSettingError(
+                "temperature",
+                f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}, got {t}",
+            )
         if self.top_k is not None and self.top_k < 1:
-            raise TegakiError(f"top_k must be >= 1 (or None for no limit), got {self.top_k}")
+            raise SamplingSettingError("top_k", f"top_k must be >= 1 (or None for no limit), got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise TegakiError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SamplingSettingError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
-            raise TegakiError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise TegakiError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+            raise SamplingSettingError("min_p", f"min_p must be in [0, 1], got {self.min_p}")
+        r = self.repetition_penalty
+        if not MIN_REPETITION_PENALTY <= r <= MAX_REPETITION_PENALTY:
+            raise SamplingSettingError(
+                "repetition_penalty",
+                f"repetition_penalty must be between {MIN_REPETITION_PENALTY} and {MAX_REPETITION_PENALTY} "
+                f"(1 = off, above 1 discourages repeats), got {r}",
+            )
+        if abs(self.presence_penalty) > MAX_PRESENCE_PENALTY:
+            raise SamplingSettingError(
+                "presence_penalty",
+                f"presence_penalty must be between {-MAX_PRESENCE_PENALTY} and {MAX_PRESENCE_PENALTY} (0 = off), "
+                f"got {self.presence_penalty}",
+            )
 
     @property
     def uses_seen(self) -> bool:

@@ -102,3 +102,69 @@ def test_top_p_kept_mass_reaches_p_and_is_minimal(p):
     mass = probs[mask].sum().item()
     assert mass >= p - 1e-6
     assert mass - probs[mask].min().item() < p  # without its least likely member it would fall short
+
+
+# -------------------------------------------------------------------------------------------------
+# Settings: refused when made, or safe for any finite logits
+# -------------------------------------------------------------------------------------------------
+
+NAN = float("nan")
+EDGES = {
+    "temperature": [0, 1e-300, 0.01, 1.0, 100.0, 1e300, NAN, INF],
+    "top_k": [None, 1, 10**30],
+    "top_p": [None, 1e-300, 0.5, 1.0],
+    "min_p": [None, 1e-300, 1.0],
+    "repetition_penalty": [1e-308, 0.01, 100.0, 1e308],
+    "presence_penalty": [-1e300, -100.0, 100.0, INF],
+}
+
+
+def test_no_combination_of_settings_reaches_the_sampler_as_inf_or_nan():
+    """Every combination of edge values is either refused with a TegakiError that names a setting, or
+    draws a real token from a finite distribution, even for huge, tied and one-hot logits."""
+    import itertools
+
+    from tegaki.sampling import SamplingSettingError, sampling_distribution
+
+    logits = torch.stack([torch.randn(40) * 3, torch.linspace(-1e4, 1e4, 40), torch.zeros(40)])  # (3, V)
+    seen = torch.ones(3, 40, dtype=torch.bool)  # every token seen: the penalties reach them all
+    made = 0
+    for values in itertools.product(*EDGES.values()):
+        keywords = dict(zip(EDGES, values))
+        try:
+            settings = SamplingSettings(**keywords)
+        except SamplingSettingError as e:
+            assert e.name in EDGES and e.name in str(e)
+            continue
+        made += 1
+        drawn = sample_next(logits, settings, seen=seen, generator=torch.Generator().manual_seed(0))
+        assert drawn.shape == (3,) and bool(((drawn >= 0) & (drawn < 40)).all()), keywords
+        dist = sampling_distribution(logits[0], settings)
+        assert bool(dist.isfinite().all()) and float(dist.sum()) == pytest.approx(1.0, abs=1e-4), keywords
+    assert made > 100  # the grid is not all refusals
+
+
+@pytest.mark.parametrize(
+    "keywords, name",
+    [
+        ({"temperature": 1e-300}, "temperature"),
+        ({"repetition_penalty": 1e-308}, "repetition_penalty"),
+        ({"presence_penalty": 1e300}, "presence_penalty"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"top_p": NAN}, "top_p"),
+    ],
+)
+def test_settings_out_of_range_are_refused_with_their_name(keywords, name):
+    from tegaki.sampling import SamplingSettingError
+
+    with pytest.raises(SamplingSettingError, match=name) as caught:
+        SamplingSettings(**keywords)
+    assert caught.value.name == name
+
+
+def test_a_tiny_top_p_keeps_the_best_token():
+    """1e-300 is 0 as float32: the best token must still stay (it is always kept)."""
+    logits = logits_of([0.2, 0.5, 0.3])
+    assert kept(top_p_filter(logits, 1e-300)) == [False, True, False]
+    assert sample_next(logits, SamplingSettings(top_p=1e-300)).item() == 1

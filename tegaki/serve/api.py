@@ -16,13 +16,12 @@ A seeded request with n > 1 seeds its choice i with seed + i, so each choice is 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
 
 from tegaki.errors import TegakiError
-from tegaki.sampling import SamplingSettings
+from tegaki.sampling import SamplingSettingError, SamplingSettings
 from tegaki.serve.engine import GenerationRequest, TokenEvent, token_piece
 from tegaki.serve.served import Served
 
@@ -123,24 +122,22 @@ def check_model(body: dict, served: Served) -> None:
 
 
 def sampling_settings(body: dict) -> SamplingSettings:
-    """temperature, top_p, top_k, min_p and the penalties, checked."""
-    settings = SamplingSettings(
-        temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
-        top_p=_number(body, "top_p", None, 0.0, 1.0),
-        top_k=_number(body, "top_k", None, -1, None, integer=True),
-        min_p=_number(body, "min_p", None, 0.0, 1.0),
-        repetition_penalty=float(_number(body, "repetition_penalty", 1.0, 0.0, None)),
-        presence_penalty=float(_number(body, "presence_penalty", 0.0, -2.0, 2.0)),
-    )
-    if settings.top_k in (-1, 0):  # vLLM's spelling of "no limit"
-        settings = dataclasses.replace(settings, top_k=None)
-    if settings.top_p == 0.0:
-        raise ApiError(400, "top_p must be greater than 0", "top_p")
+    """temperature, top_p, top_k, min_p and the penalties. Their ranges are SamplingSettings' own
+    (one place for the server, `generate`, `chat` and `eval`); here only their JSON types."""
+    keywords = {
+        "temperature": _number(body, "temperature", 1.0),
+        "top_p": _number(body, "top_p", None),
+        "top_k": _number(body, "top_k", None, integer=True),
+        "min_p": _number(body, "min_p", None),
+        "repetition_penalty": _number(body, "repetition_penalty", 1.0),
+        "presence_penalty": _number(body, "presence_penalty", 0.0),
+    }
+    if keywords["top_k"] in (-1, 0):  # vLLM's spelling of "no limit"
+        keywords["top_k"] = None
     try:
-        settings.check()
-    except TegakiError as e:
-        raise ApiError(400, str(e)) from None
-    return settings
+        return SamplingSettings(**keywords)
+    except SamplingSettingError as e:
+        raise ApiError(400, str(e), e.name) from None
 
 
 def _stops(body: dict) -> list[str]:

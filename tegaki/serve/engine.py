@@ -149,7 +149,6 @@ class Engine:
             raise TegakiError("the engine is shutting down")
         if request.max_tokens < 1:
             raise TegakiError(f"max_tokens must be >= 1, got {request.max_tokens}")
-        request.sampling.check()
         # The library's own checks (context, learned positions, ids in the vocabulary), up front.
         check_request(self.model.config, torch.tensor([request.prompt_ids]), request.max_tokens)
         job = Job(request, sink, self.tokenizer, self.model.config.vocab_size, self.model.device)
