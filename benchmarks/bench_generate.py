@@ -1,16 +1,19 @@
-"""Decoding speed: tegaki against transformers' `generate`, CTranslate2 and this machine's ceilings.
+"""Decoding speed: tegaki against transformers, CTranslate2 and llama.cpp, and this machine's ceilings.
 
     python benchmarks/bench_generate.py                    # 5 rounds: about half an hour on 2 cores
     python benchmarks/bench_generate.py --quick            # one round, fewer tokens: a smoke test
     python benchmarks/bench_generate.py --append-results   # ... and add the report to RESULTS.md
     python benchmarks/bench_generate.py --setup-only       # what a call costs before its first token
-    pip install -e ".[bench]"                              # CTranslate2 and transformers
+    pip install -e ".[bench]"                              # transformers, CTranslate2, llama.cpp
 
 Everything is measured in one run, on GPT-2 124M shapes with random weights (speed does not
 depend on the values), the same weights for everybody: tegaki writes them as a transformers
-folder (`tegaki.load.export_hf`), transformers loads that folder, and CTranslate2's converter turns
-it into its own format (fp32; int8 is quantized from it when loaded). Without ctranslate2
-installed, its rows are left out with a note. Three jobs, greedy throughout:
+folder (`tegaki.load.export_hf`, with GPT-2's tokenizer where the vocabulary holds it), which
+transformers and tegaki load, CTranslate2's converter turns into its own format (fp32; int8 is
+quantized from it when loaded), and llama.cpp's own converter (convert_hf_to_gguf.py) into GGUF
+files, f32 and q8_0. Without ctranslate2 or llama-cpp-python installed, their rows are left out
+with a note. Every engine runs in a worker process of its own (benchmarks/engines.py), started once
+and kept for every round, and is given token ids, never text. Three jobs, greedy throughout:
 
   batch 1     a 32-token prompt, 128 new tokens: tokens/s = 128 / the whole call, prefill included
   prefill     a 512-token prompt, one new token: prompt tokens/s = 512 / the time to first token
@@ -19,11 +22,13 @@ installed, its rows are left out with a note. Three jobs, greedy throughout:
 The machine is shared, so every contestant runs once per round, in turn, for `--rounds` rounds:
 a row shows the median and the range over rounds, and its ratio to transformers fp32 is the
 median (and range) of the ratios within each round, which a burst of other work moves least.
+Each row's greedy tokens are set against transformers fp32's: how many it repeats before the first
+difference, and how many are equal position by position.
 
-Ceilings, measured here too:
-  bandwidth   bytes of weights read per token / measured memory-copy bandwidth
-  matvec      the model's linear layers alone (c_attn, c_proj, c_fc, c_proj x 12, and the LM head)
-              as plain matrix-vector products, one token: no attention, no norms, no Python
+Ceilings, measured in this run (in this process, before and after the rounds):
+  memory read  bytes of weights a token reads / how fast a sum over 1 GiB reads memory
+  matvec       the model's linear layers alone (c_attn, c_proj, c_fc, c_proj x 12, and the LM head)
+               as tegaki's default multiplies them, one token: no attention, no norms, no Python
 Quality of bf16/int8/int4: logit error on GPT-2 shapes (random weights), and perplexity on held-out
 Shakespeare of a small byte-level model trained for a few hundred steps in this run.
 """
@@ -32,8 +37,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
-import json
 import os
 import platform
 import shlex
@@ -50,23 +53,39 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engines import (  # noqa: E402
+    Worker,
+    decode_layers,
+    engine_available,
+    llama_cpp_converter,
+    make_gguf,
+    prepare_tegaki,
+    tegaki_generate,
+    tegaki_generator,
+    tegaki_variant,
+    transformers_generator,
+)
+
+from tegaki import tokenizer as tokenizers  # noqa: E402
 from tegaki.config import ModelConfig  # noqa: E402
-from tegaki.decoding import PackedLinear, bf16_matmul_in_hardware, packable, prepare_for_decoding  # noqa: E402
 from tegaki.device import CPU_FLAGS, cpu_has  # noqa: E402
 from tegaki.files import atomic_write  # noqa: E402
 from tegaki.generate import generate  # noqa: E402
 from tegaki.kv_cache import KVCache  # noqa: E402
 from tegaki.load import export_hf  # noqa: E402
 from tegaki.model import GPT  # noqa: E402
-from tegaki.quant import Int8Linear, quantize_model  # noqa: E402
 
 PROMPT, NEW, PREFILL = 32, 128, 512
+GPT2_VOCAB = 50257  # GPT-2's tokenizer's ids, which llama.cpp's converter reads the vocabulary from
+ENGINES = str(Path(__file__).resolve().parent / "engines.py")
 
 # --isa avx2: every kernel library held back to AVX2 by its own environment variable, read when the
 # library loads (so the benchmark starts itself again with them set): an AVX2-only CPU emulated on
-# this one. Same cores, caches and memory; only the instructions differ.
+# this one. Same cores, caches and memory; only the instructions differ. llama.cpp has no such
+# variable (its instructions are chosen when it is built), so its rows are left out then.
 ISA_CAPS = {
     "avx2": {
         "ATEN_CPU_CAPABILITY": "avx2",  # PyTorch's own kernels
@@ -107,12 +126,26 @@ def cpu_description() -> tuple[str, list[str], list[str]]:
     return name, [f for f in CPU_FLAGS if cpu_has(f)], [f for f in CPU_FLAGS if not cpu_has(f)]
 
 
+def cpu_bf16_hardware() -> bool:
+    """Whether the CPU multiplies bf16 in hardware (avx512_bf16 or amx_bf16 in its flags): where the
+    bf16 rows run. Elsewhere bf16 is emulated, slowly, and says nothing about an engine."""
+    try:
+        from tegaki.device import cpu_bf16_hardware as in_hardware
+    except ImportError:  # a tegaki whose device.py does not answer it yet: the same flags, read here
+        return cpu_has("avx512_bf16") or cpu_has("amx_bf16")
+    return in_hardware()
+
+
 def versions() -> str:
+    """The engines' versions, read from their installed metadata: importing an engine here would
+    load its kernel libraries into this process (see engines.py)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     found = [f"torch {torch.__version__}"]
-    for package in ("transformers", "ctranslate2"):
+    for package in ("transformers", "ctranslate2", "llama-cpp-python"):
         try:
-            found.append(f"{package} {__import__(package).__version__}")
-        except ImportError:
+            found.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
             found.append(f"{package} not installed")
     return ", ".join(found)
 
@@ -120,11 +153,19 @@ def versions() -> str:
 # --- ceilings ------------------------------------------------------------------------------------
 
 
+READ_BYTES = 2**30
 COPY_BYTES = 256 * 2**20
 
 
+def read_run():
+    """A sum over 1 GiB, beyond every cache, on this process's threads: how fast memory is read,
+    which is what a decode step does with every weight."""
+    buffer = torch.ones(READ_BYTES // 4)
+    return lambda: buffer.sum()
+
+
 def copy_run():
-    """A 256 MiB copy, beyond every cache: the memory bandwidth ceiling."""
+    """A 256 MiB copy, beyond every cache (bench_matvec.py's bandwidth: bytes read + written)."""
     src = torch.empty(COPY_BYTES // 4, dtype=torch.float32).fill_(1.0)
     dst = torch.empty_like(src)
     return lambda: dst.copy_(src)
@@ -132,220 +173,208 @@ def copy_run():
 
 def linear_weights(model: GPT) -> list[torch.Tensor]:
     """The weights a decode step multiplies by, with q/k/v as one (3C, C) matrix as in GPT-2."""
-    ws = []
-    for block in model.blocks:
-        a = block.attn
-        ws += [a.qkv.weight, a.o_proj.weight, block.mlp.fc.weight, block.mlp.proj.weight]
-    return ws + [model.lm_head.weight]
+    return [layer.weight for layer in decode_layers(model)]
 
 
-def matvec_run(weights: list[torch.Tensor], mode: str):
-    """One token through the linear layers alone, through the kernels tegaki decodes with:
-    oneDNN's packed layout for fp32 and bf16 (tegaki.decoding.PackedLinear; bf16 only where the CPU
-    multiplies it in hardware, nn.Linear elsewhere), fbgemm's int8 matmul with activations
-    quantized per call for int8 (tegaki.quant.Int8Linear). No attention, no
-    norms, no Python between the layers: what the rest of a decode step costs is the gap to it."""
-    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
-    layers = []
-    for w in weights:
-        linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-        linear.weight.data = w.to(dtype)
-        if mode == "int8":
-            layers.append(Int8Linear(linear))
-        else:  # as tegaki decodes: packed where oneDNN serves the dtype (bf16 needs it in hardware)
-            layers.append(PackedLinear(linear) if packable(linear) else linear)
-    xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype) for w in weights}
+def bytes_per_token(weights: list[torch.Tensor], precision: str) -> int:
+    """The bytes of weights one decode step reads: every linear layer once, a tied LM head once (the
+    embedding it shares is read one row a token). int8 counts its weights alone (its scales add a
+    few percent), so that the ceiling stays an upper bound."""
+    return sum(w.numel() for w in weights) * {"fp32": 4, "bf16": 2, "int8": 1}[precision]
+
+
+def matvec_run(base: GPT, precision: str):
+    """One token through the linear layers alone, as tegaki's default decodes them (the speed
+    layer's choice for fp32 and bf16; the quantized layers for int8). No attention, no norms, no
+    Python between the layers: what the rest of a decode step costs is the gap to it."""
+    layers = decode_layers(prepare_tegaki(tegaki_variant(base, precision), None))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    xs = [torch.randn(1, w.shape[1], dtype=dtype) for w in linear_weights(base)]
 
     def run():
         with torch.inference_mode():
-            for layer in layers:
-                layer(xs[layer.in_features])
+            for layer, x in zip(layers, xs):
+                layer(x)
 
     return run
 
 
-def weight_bytes(weights: list[torch.Tensor], mode: str) -> int:
-    per_param = {"fp32": 4, "bf16": 2, "int8": 1}[mode]
-    n = sum(w.numel() for w in weights)
-    scales = sum(w.shape[0] for w in weights) * 2 if mode == "int8" else 0
-    return n * per_param + scales
-
-
-def ceiling_runs(weights: list[torch.Tensor]) -> dict[str, Callable[[], object]]:
-    runs = {"copy": copy_run()}
-    for mode in ("fp32", "bf16", "int8"):
-        runs[f"matvec {mode}"] = matvec_run(weights, mode)
+def ceiling_runs(base: GPT, precisions: list[str]) -> dict[str, Callable[[], object]]:
+    runs = {"read": read_run()}
+    for precision in precisions:
+        runs[f"matvec {precision}"] = matvec_run(base, precision)
     return runs
 
 
-def ceiling_of(name: str, ceiling: dict[str, float], weights: list[torch.Tensor]) -> tuple[float, float]:
-    """(seconds of the plain matvecs, tokens/s the bandwidth allows) for a row, by its dtype."""
-    mode = next(m for m in ("int8", "int4", "bf16", "fp32") if m in name)
-    mode = "int8" if mode == "int4" else mode
-    return ceiling[f"matvec {mode}"], 2 * COPY_BYTES / ceiling["copy"] / weight_bytes(weights, mode)
+def read_ceiling(ceiling: dict[str, float], weights: list[torch.Tensor], precision: str) -> float:
+    """The tokens/s that memory's read speed allows a row in `precision`."""
+    return READ_BYTES / ceiling["read"] / bytes_per_token(weights, precision)
 
 
 def ceiling_lines(ceiling: dict[str, float], weights: list[torch.Tensor]) -> list[str]:
-    bandwidth = 2 * COPY_BYTES / ceiling["copy"]
-    lines = [
-        f"Ceilings (best of 60 tries): copy bandwidth {bandwidth / 1e9:.1f} GB/s (bytes read + written per second)"
-    ]
-    for mode in ("fp32", "bf16", "int8"):
-        mv, bw = ceiling_of(mode, ceiling, weights)
-        lines.append(
-            f"- {mode}: the linear layers as plain matvecs {mv * 1e3:.1f} ms/token = {1 / mv:.1f} tok/s; "
-            f"bandwidth: {weight_bytes(weights, mode) / 1e6:.0f} MB/token -> {bw:.1f} tok/s"
-        )
+    lines = ["Ceilings (best of 60 tries, half before the rounds and half after):"]
+    for precision in ("fp32", "bf16", "int8"):
+        if f"matvec {precision}" in ceiling:
+            mv = ceiling[f"matvec {precision}"]
+            lines.append(
+                f"- {precision}: the linear layers alone, as tegaki's default multiplies them, "
+                f"{mv * 1e3:.1f} ms/token = {1 / mv:.1f} tokens/s"
+            )
     return lines
+
+
+def read_ceiling_line(ceiling: dict[str, float], weights: list[torch.Tensor], threads: int) -> str:
+    """The memory-read ceiling of a batch-1 decode, as the line under its table."""
+    allowed = ", ".join(f"{p} {read_ceiling(ceiling, weights, p):.1f}" for p in ("fp32", "bf16", "int8"))
+    sizes = ", ".join(f"{bytes_per_token(weights, p) / 1e6:.0f} MB in {p}" for p in ("fp32", "bf16", "int8"))
+    return paragraph(
+        f"Memory-read ceiling, measured in this run: a sum over {READ_BYTES // 2**30} GiB with {threads} "
+        f"threads reads {READ_BYTES / ceiling['read'] / 1e9:.1f} GB/s (best of 60); a token reads every "
+        f"linear layer's weights once, the tied LM head once ({sizes}; int8's scales left out), so memory "
+        f"allows at most {allowed} tokens/s. `of read ceiling` is a row's tokens/s against its precision's."
+    )
 
 
 # --- the contestants -----------------------------------------------------------------------------
 #
-# Each is a function (prompt ids (B, T), new tokens) -> the new tokens of each row, greedy, so that
-# the three jobs, the timing and the token checks are the same code for every engine.
+# Each is a function (prompt ids (B, T), new tokens) -> (the new tokens of each row, greedy; the
+# seconds of the call), so that the three jobs, the timing and the token checks are the same code
+# for every engine. The benchmark's own contestants run in worker processes (engines.py), which
+# time each call themselves.
 
-Run = Callable[[torch.Tensor, int], list[list[int]]]
+Run = Callable[[torch.Tensor, int], tuple[list[list[int]], float]]
 
 
 @dataclass
 class Contestant:
     name: str
     run: Run
+    precision: str = "fp32"  # of the weights: which ceiling a row is set against
     jobs: tuple[str, ...] = JOBS
+    worker: Worker | None = None
 
 
-# tegaki's rows: (name, mode for tegaki_variant, compiled decode step). Compiled rows run batch 1
-# only: the prompt's forward is eager anyway, and another batch size is another graph to compile.
-# When tegaki's fast paths or `generate`'s defaults change, these rows, tegaki_variant and
-# tegaki_contestant are all that move.
+# tegaki's rows: (name, precision, the speed layer's path (None: its own choice), compiled decode
+# step). Compiled rows run batch 1 only: the prompt's forward is eager anyway, and another batch size
+# is another graph to compile. bf16 rows run where the CPU has bf16 hardware only. When tegaki's fast
+# paths change, these rows and engines.py's tegaki section are all that move.
 TEGAKI_ROWS = (
-    ("tegaki fp32", "fp32", False),
-    ("tegaki bf16", "bf16", False),
-    ("tegaki int8", "int8", False),
-    ("tegaki int4", "int4", False),
-    ("tegaki fp32, compiled", "fp32", True),
-    ("tegaki int8, compiled", "int8", True),
+    ("tegaki fp32, default", "fp32", None, False),
+    ("tegaki fp32, plain", "fp32", "plain", False),
+    ("tegaki fp32, compiled", "fp32", None, True),
+    ("tegaki bf16", "bf16", None, False),
+    ("tegaki int8", "int8", None, False),
 )
 
 
-def tegaki_variant(base: GPT, mode: str) -> GPT:
-    """A copy of `base` as tegaki runs it in `mode`: the one place the rows' models are made.
-    int8 keeps float32 activations (its kernel quantizes them itself, per call); int4's kernel
-    takes bf16 activations faster, so that model is cast (as `--dtype bf16 --quantize int4`)."""
-    model = GPT(base.config).eval()
-    model.load_state_dict(base.state_dict())
-    if mode in ("int8", "int4"):
-        quantize_model(model, mode)
-    if mode in ("bf16", "int4"):
-        model = model.to(torch.bfloat16)
-    return model
+def worker_contestant(name: str, spec: dict, precision: str, jobs: tuple[str, ...] = JOBS) -> Contestant:
+    """A contestant in a worker process of its own, started now (it loads while others start)."""
+    worker = Worker(spec)
+    return Contestant(name, lambda ids, new: worker(ids.tolist(), new), precision, jobs, worker)
 
 
-def tegaki_contestant(name: str, model: GPT, compile: bool) -> Contestant:
+def timed(generator: Callable[[list[list[int]], int], list[list[int]]]) -> Run:
     def run(ids, new):
-        out = generate(model, ids, new, temperature=0, compile=compile, prepare=True)
-        return out[:, ids.shape[1] :].tolist()
+        t = time.perf_counter()
+        tokens = generator(ids.tolist(), new)
+        return tokens, time.perf_counter() - t
 
-    return Contestant(name, run, ("batch 1",) if compile else JOBS)
+    return run
 
 
 def transformers_contestant(name: str, model) -> Contestant:
-    def run(ids, new):
-        with torch.inference_mode():
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=new,
-                min_new_tokens=new,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        return out[:, ids.shape[1] :].tolist()
+    """transformers in this process (bench_gpu.py's host rows); this benchmark runs it in a worker."""
+    return Contestant(name, timed(transformers_generator(model)))
 
-    return Contestant(name, run)
+
+def tegaki_contestant(name: str, model: GPT, compile: bool) -> Contestant:
+    """tegaki in this process, prepared as its default decodes (bench_gpu.py's host rows)."""
+    run = timed(tegaki_generator(prepare_tegaki(model, None), compile))
+    return Contestant(name, run, jobs=("batch 1",) if compile else JOBS)
+
+
+def left_out(note: str, notes: list[str] | None) -> list[Contestant]:
+    print(f"note: {note}", file=sys.stderr)
+    if notes is not None:
+        notes.append(note)
+    return []
 
 
 def ctranslate2_available() -> bool:
-    if "ctranslate2" in sys.modules:
-        return sys.modules["ctranslate2"] is not None
-    return importlib.util.find_spec("ctranslate2") is not None
+    return engine_available("ctranslate2")
 
 
-def ctranslate2_contestants(hf_folder: str, out_folder: str, vocab_size: int, threads: int) -> list[Contestant]:
-    """CTranslate2 fp32 and int8 from the transformers folder; none, with a note, without it.
-
-    Each runs in a process of its own (`--ct2-worker`), and nothing of ctranslate2 is imported here:
-    loaded into this process, its bundled OpenMP and oneDNN libraries slowed PyTorch's decoding by a
-    quarter for the rest of the run (tegaki fp32 30 instead of 40 tokens/s, measured 2026-11-29),
-    which would have made every PyTorch row lose to it unfairly. The worker times nothing; this
-    process times the whole request, a line of JSON each way (well under a millisecond)."""
+def ctranslate2_contestants(
+    hf_folder: str, out_folder: str, vocab_size: int, threads: int, notes: list[str] | None = None
+) -> list[Contestant]:
+    """CTranslate2 fp32 and int8 from the transformers folder (converted in a process of its own too);
+    none, with a note, without ctranslate2."""
     if not ctranslate2_available():
-        print("note: ctranslate2 is not installed (pip install ctranslate2): its rows are left out", file=sys.stderr)
-        return []
-    me = str(Path(__file__).resolve())
-    subprocess.run([sys.executable, me, "--ct2-convert", hf_folder, out_folder, str(vocab_size)], check=True)
+        return left_out("ctranslate2 is not installed (pip install ctranslate2): its rows are left out", notes)
+    subprocess.run([sys.executable, ENGINES, "--ct2-convert", hf_folder, out_folder, str(vocab_size)], check=True)
     contestants = []
-    for label, compute_type in (("fp32", "float32"), ("int8", "int8")):
-        worker = subprocess.Popen(
-            [sys.executable, me, "--ct2-worker", out_folder, compute_type, str(threads)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        resolved = json.loads(worker.stdout.readline())["compute_type"]  # "int8" is int8_float32 on a CPU
-
-        def run(ids, new, worker=worker):
-            worker.stdin.write(json.dumps({"ids": ids.tolist(), "new": new}) + "\n")
-            worker.stdin.flush()
-            return json.loads(worker.stdout.readline())
-
-        name = f"CTranslate2 {label}" + (f" ({resolved})" if resolved != compute_type else "")
-        contestants.append(Contestant(name, run))
+    for precision, compute_type in (("fp32", "float32"), ("int8", "int8")):
+        spec = {"engine": "ctranslate2", "folder": out_folder, "compute_type": compute_type, "threads": threads}
+        contestants.append(worker_contestant(f"CTranslate2 {precision}", spec, precision))
     return contestants
 
 
-def ct2_name(token_id: int) -> str:
-    """The converter reads the vocabulary from a tokenizer; these random weights have none, and
-    CTranslate2 only needs one name per id, so the names are the ids themselves: "<0>", "<1>", ..."""
-    return f"<{token_id}>"
-
-
-def ct2_convert(hf_folder: str, out_folder: str, vocab_size: int) -> None:
-    from ctranslate2.converters import TransformersConverter
-
-    names = [ct2_name(i) for i in range(vocab_size)]
-
-    class IdNames:
-        bos_token = eos_token = unk_token = names[-1]
-
-        def get_vocab(self):
-            return {name: i for i, name in enumerate(names)}
-
-    class Converter(TransformersConverter):
-        def load_tokenizer(self, tokenizer_class, model_name_or_path, **kwargs):
-            return IdNames()
-
-    Converter(hf_folder).convert(out_folder, force=True)  # float32: int8 is quantized when loaded
-
-
-def ct2_worker(folder: str, compute_type: str, threads: int) -> None:
-    """Serve generation requests, one JSON line in ({"ids", "new"}), one JSON line out (the new ids)."""
-    import ctranslate2
-
-    generator = ctranslate2.Generator(
-        folder, device="cpu", compute_type=compute_type, intra_threads=threads, inter_threads=1
-    )
-    print(json.dumps({"compute_type": generator.compute_type}), flush=True)
-    for line in sys.stdin:
-        request = json.loads(line)
-        results = generator.generate_batch(
-            [[ct2_name(i) for i in row] for row in request["ids"]],
-            max_length=request["new"],  # new tokens only, since the prompt is not in the result
-            sampling_topk=1,  # greedy
-            include_prompt_in_result=False,  # the prompt goes through in one forward, as a prefill
-            end_token=[],  # never stop early: random weights may well pick the EOS id
+def llama_cpp_contestants(
+    hf_folder: str, out_folder: Path, config: ModelConfig, threads: int, source: str | None, notes: list[str]
+) -> list[Contestant]:
+    """llama.cpp f32 and q8_0, from GGUF files its own converter makes of the transformers folder;
+    none, with a note, without llama-cpp-python or where the folder has no tokenizer the converter
+    reads. llama-cpp-python's Llama decodes one sequence, so these rows run batch 1 and the prefill."""
+    if not engine_available("llama_cpp"):
+        return left_out(
+            "llama-cpp-python is not installed (pip install llama-cpp-python): its rows are left out", notes
         )
-        print(json.dumps([r.sequences_ids[0] for r in results]), flush=True)
+    if config.vocab_size < GPT2_VOCAB:
+        return left_out(
+            f"llama.cpp's rows are left out: its converter reads the vocabulary from a tokenizer, and "
+            f"GPT-2's ({GPT2_VOCAB:,} ids) does not fit this model's {config.vocab_size:,}",
+            notes,
+        )
+    converter = llama_cpp_converter(source)
+    out_folder.mkdir(parents=True, exist_ok=True)
+    ggufs = {outtype: make_gguf(converter, hf_folder, out_folder, outtype) for outtype in ("f32", "q8_0")}
+    contestants = []
+    for outtype, precision in (("f32", "fp32"), ("q8_0", "int8")):
+        spec = {"engine": "llama.cpp", "gguf": str(ggufs[outtype]), "n_ctx": config.block_size, "threads": threads}
+        contestants.append(worker_contestant(f"llama.cpp {outtype}", spec, precision, ("batch 1", "prefill")))
+    notes.append("llama.cpp runs batch 1 and the prefill: llama-cpp-python's Llama holds one sequence.")
+    return contestants
+
+
+def start_contestants(
+    args: argparse.Namespace, hf_folder: str, tmp: Path, config: ModelConfig, contestants: list[Contestant]
+) -> list[str]:
+    """Start every engine's worker, into `contestants` (for the caller to close, also after an error:
+    each engine's conversion runs before its workers start); return the notes on rows left out."""
+    notes = []
+    hardware_bf16 = cpu_bf16_hardware()
+    if not hardware_bf16:
+        notes.append("The CPU has no bf16 hardware (avx512_bf16, amx_bf16): the bf16 rows are left out.")
+    for precision in ("fp32", "bf16") if hardware_bf16 else ("fp32",):
+        spec = {"engine": "transformers", "folder": hf_folder, "precision": precision, "threads": args.threads}
+        contestants.append(worker_contestant(f"transformers {precision}", spec, precision))
+    for name, precision, path, compiled in TEGAKI_ROWS:
+        if (compiled and args.no_compile) or (precision == "bf16" and not hardware_bf16):
+            continue
+        spec = {"engine": "tegaki", "folder": hf_folder, "precision": precision, "path": path, "compile": compiled}
+        spec["threads"] = args.threads
+        contestants.append(worker_contestant(name, spec, precision, ("batch 1",) if compiled else JOBS))
+    contestants += ctranslate2_contestants(hf_folder, str(tmp / "ct2"), config.vocab_size, args.threads, notes)
+    if args.isa:
+        notes.append(
+            "llama.cpp has no switch to hold its instructions back (they are chosen when it is built): "
+            "its rows are left out of an emulated CPU."
+        )
+    else:
+        contestants += llama_cpp_contestants(
+            hf_folder, tmp / "gguf", config, args.threads, args.llama_cpp_source, notes
+        )
+    return notes
 
 
 # --- the jobs and the rounds ---------------------------------------------------------------------
@@ -379,17 +408,14 @@ def run_rounds(jobs: list[Job], contestants: list[Contestant], rounds: int) -> d
         for c in contestants:
             if job.name in c.jobs:
                 print(f"warm-up: {job.name}, {c.name}", file=sys.stderr, flush=True)
-                t = time.perf_counter()
-                rows[job.name, c.name] = Row([], [], c.run(job.ids, job.new))
-                rows[job.name, c.name].first_call = time.perf_counter() - t
+                tokens, seconds = c.run(job.ids, job.new)
+                rows[job.name, c.name] = Row([], [], tokens, first_call=seconds)
     for r in range(rounds):
         for job in jobs:
             for c in contestants:
                 if job.name not in c.jobs:
                     continue
-                t = time.perf_counter()
-                tokens = c.run(job.ids, job.new)
-                seconds = time.perf_counter() - t
+                tokens, seconds = c.run(job.ids, job.new)
                 row = rows[job.name, c.name]
                 row.rates.append(job.rate(tokens, seconds))
                 row.seconds.append(seconds)
@@ -398,12 +424,18 @@ def run_rounds(jobs: list[Job], contestants: list[Contestant], rounds: int) -> d
     return rows
 
 
-def same_prefix(tokens: list[list[int]], reference: list[list[int]]) -> str:
-    """How many of the reference's tokens each row repeats before it first differs, summed."""
-    same = 0
+def agreement(tokens: list[list[int]], reference: list[list[int]]) -> tuple[int, int, int]:
+    """Greedy tokens against the reference's, summed over rows: (how many are repeated before the
+    first difference, how many are equal position by position, how many the reference has). After
+    one near tie flips, two greedy runs usually part ways for good; positions equal after it say
+    whether they found their way back."""
+    prefix = same = total = 0
     for row, ref in zip(tokens, reference):
-        same += next((i for i, (a, b) in enumerate(zip(row, ref)) if a != b), min(len(row), len(ref)))
-    return f"{same}/{sum(len(ref) for ref in reference)}"
+        pairs = list(zip(row, ref))
+        prefix += next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
+        same += sum(a == b for a, b in pairs)
+        total += len(ref)
+    return prefix, same, total
 
 
 def spread(values: list[float], fmt: str = "{:.1f}") -> tuple[str, str]:
@@ -544,48 +576,39 @@ def main(argv: list[str] | None = None) -> str:
         Job("prefill", torch.randint(0, vocab, (1, prefill), generator=g), 1),
         Job("batch 8", torch.randint(0, vocab, (8, PROMPT), generator=g), new),
     ]
+    precisions = ["fp32", "bf16", "int8"] if cpu_bf16_hardware() else ["fp32", "int8"]
 
-    from transformers import GPT2LMHeadModel
+    contestants: list[Contestant] = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            # GPT-2's tokenizer goes into the folder where the vocabulary holds it: llama.cpp's
+            # converter reads the vocabulary from it. Every engine is given ids, never text.
+            tokenizer = tokenizers.load("gpt2") if vocab >= GPT2_VOCAB else None
+            hf_folder = str(export_hf(base, Path(tmp) / "transformers", tokenizer=tokenizer))
+            notes = start_contestants(args, hf_folder, Path(tmp), base.config, contestants)
+            loaded = [f"- {c.name}: {c.worker.ready()}" for c in contestants]
+            # The ceilings take milliseconds: many tries before the rounds and after, so that one
+            # quiet moment is enough.
+            runs = ceiling_runs(base, precisions)
+            ceiling = {name: best_of(fn, 30) for name, fn in runs.items()}
+            rows = run_rounds(jobs, contestants, rounds)
+            ceiling = {name: min(ceiling[name], best_of(fn, 30)) for name, fn in runs.items()}
+            del runs
+    finally:
+        for c in contestants:
+            c.worker.close()
 
-    contestants = []
-    with tempfile.TemporaryDirectory() as tmp:
-        export_hf(base, f"{tmp}/transformers")
-        hf_fp32 = GPT2LMHeadModel.from_pretrained(f"{tmp}/transformers").eval()
-        contestants.append(transformers_contestant("transformers fp32", hf_fp32))
-        # CTranslate2 holds its model in memory once loaded: the folder may go.
-        contestants += ctranslate2_contestants(f"{tmp}/transformers", f"{tmp}/ct2", vocab, args.threads)
-    for name, mode, compiled in TEGAKI_ROWS:
-        if not (compiled and args.no_compile):
-            contestants.append(tegaki_contestant(name, tegaki_variant(base, mode), compiled))
-
-    # The ceilings take milliseconds: many tries before the rounds and after, so that one quiet
-    # moment is enough.
-    runs = ceiling_runs(weights)
-    ceiling = {name: best_of(fn, 30) for name, fn in runs.items()}
-    rows = run_rounds(jobs, contestants, rounds)
-    ceiling = {name: min(ceiling[name], best_of(fn, 30)) for name, fn in runs.items()}
-    hf_bf16 = None
-    if not args.quick:
-        # transformers in bf16 runs once, batch 1, outside the rounds: GPT-2's Conv1D keeps its
-        # weights as (in, out), and torch.addmm with such a bf16 matrix took a slow generic gemm
-        # on the AVX2 machine of the earlier sections (~20x slower than fp32 per matmul).
-        run = transformers_contestant("transformers bf16", _hf_bf16(hf_fp32)).run
-        t = time.perf_counter()
-        hf_bf16 = jobs[0].rate(run(jobs[0].ids, new), time.perf_counter() - t)
-
-    lines = header_lines(args, command, started, load_at_start, base, rounds, contestants)
+    lines = header_lines(args, command, started, load_at_start, base, rounds, notes, loaded)
     lines += ["", *ceiling_lines(ceiling, weights)]
     lines += ["", *token_checks(rows, jobs)]
     for job in jobs:
         lines += ["", f"**{job_title(job)}**", "", *job_table(job, rows, contestants, ceiling, weights)]
-        lines += against_ctranslate2(job, rows, contestants)
-        if job.name == "batch 1" and hf_bf16 is not None:
-            x = hf_bf16 / statistics.median(rows[job.name, "transformers fp32"].rates)
-            lines += ["", f"transformers bf16, batch 1, one run after the rounds: {hf_bf16:.1f} tokens/s ({x:.2f}x)."]
-    lines += ["", "(int4 and CTranslate2 int8 are set against tegaki's int8 ceilings: int8 weights, fbgemm's kernel.)"]
+        if job.name == "batch 1":
+            lines += ["", read_ceiling_line(ceiling, weights, args.threads)]
+        lines += against_engines(job, rows, contestants)
     lines += compile_cost_lines(rows, inductor_files_at_start)
     if not args.quick:
-        lines += ["", *context_lines(prepare_for_decoding(tegaki_variant(base, "fp32")))]  # as generate reads it
+        lines += ["", *context_lines(prepare_tegaki(tegaki_variant(base, "fp32"), None))]  # as generate reads it
         if not args.no_compile:
             lines += ["", *long_output_lines(base, positions)]
     ids = torch.randint(0, vocab, (4, 128), generator=torch.Generator().manual_seed(2))
@@ -614,6 +637,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-perplexity", action="store_true", help="the speed tables only")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument(
+        "--llama-cpp-source",
+        metavar="PATH",
+        help="llama.cpp's source, for its converter to GGUF: a llama.cpp folder, or llama-cpp-python's source "
+        "distribution (.tar.gz or unpacked); default: the installed llama-cpp-python's, downloaded once with pip",
+    )
+    parser.add_argument(
         "--isa",
         choices=sorted(ISA_CAPS),
         help="hold every kernel library back to this instruction set (an AVX2-only CPU, emulated here)",
@@ -638,27 +667,30 @@ def machine_text() -> str:
     )
 
 
-def header_lines(args, command, started, load_at_start, base, rounds, contestants) -> list[str]:
-    """The section's title, and what was run where: the command, the machine, the versions."""
+def header_lines(args, command, started, load_at_start, base, rounds, notes, loaded) -> list[str]:
+    """The section's title, and what was run where: the command, the machine, the versions, what
+    each worker loaded and which rows were left out."""
     when = f"{started:%Y-%m-%d %H:%M} UTC"
     machine = (
-        f"{machine_text()} (CTranslate2: intra_threads={args.threads}, inter_threads=1). "
-        f"Load average {load_at_start:.1f} at the start."
+        f"{machine_text()} (CTranslate2: intra_threads={args.threads}, inter_threads=1; llama.cpp: "
+        f"n_threads={args.threads}). Load average {load_at_start:.1f} at the start."
     )
     model = (
         f"Model: preset `{args.preset}` ({sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters), "
-        "random weights, the same for every engine (tegaki -> `export_hf` -> transformers -> CTranslate2's "
-        f"converter). Greedy. {rounds} round(s), every contestant once per round in turn; a figure is the "
-        "median over rounds with its range, and `x transformers fp32` the median (range) of the ratios within "
-        "each round."
+        "random weights, the same for every engine (tegaki -> `export_hf` -> a transformers folder, which "
+        "transformers and tegaki load and CTranslate2's and llama.cpp's converters convert). Each engine runs "
+        "in a worker process of its own, given token ids, and times its own calls. Greedy. "
+        f"{rounds} round(s), every contestant once per round in turn; a figure is the median over rounds "
+        "with its range, and `x transformers fp32` the median (range) of the ratios within each round."
     )
-    lines = [f"## Generation side by side: tegaki, transformers and CTranslate2 ({when})", ""]
+    lines = [f"## Generation side by side: tegaki, transformers, CTranslate2 and llama.cpp ({when})", ""]
     lines += [f"Command: `{command}`, {when}.", "", paragraph(machine), "", paragraph(model)]
     if args.isa:
         caps = ", ".join(f"{k}={v}" for k, v in ISA_CAPS[args.isa].items())
         lines += ["", paragraph(f"**Emulated {args.isa.upper()}-only CPU**: every library held back by {caps}.")]
-    if not any(c.name.startswith("CTranslate2") for c in contestants):
-        lines += ["", "ctranslate2 is not installed (`pip install ctranslate2`): its rows are left out."]
+    lines += ["", "What each worker loaded:", "", *loaded]
+    if notes:
+        lines += ["", *(f"- {note}" for note in notes)]
     return lines
 
 
@@ -670,51 +702,55 @@ def paragraph(text: str) -> str:
 def job_table(job: Job, rows, contestants: list[Contestant], ceiling, weights) -> list[str]:
     """One job's table: a row per contestant, against transformers fp32 in the same rounds."""
     reference = rows[job.name, "transformers fp32"]
-    names = [c.name for c in contestants if job.name in c.jobs]
+    racing = [c for c in contestants if job.name in c.jobs]
     if job.name == "prefill":
         lines = ["| run | prompt tokens/s | range | ms to first token | x transformers fp32 | range |"]
         lines.append("| --- | ---: | ---: | ---: | ---: | ---: |")
     else:
         lines = [
-            "| run | tokens/s | range | x transformers fp32 | range | new tokens | same tokens as transformers fp32 |"
+            "| run | tokens/s | range | x transformers fp32 | range | new tokens "
+            "| greedy tokens as transformers fp32: same prefix | same positions |"
         ]
-        lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     if job.name == "batch 1":
-        lines[0] += " of matvec ceiling | of bandwidth ceiling |"
+        lines[0] += " of matvec ceiling | of read ceiling |"
         lines[1] += " ---: | ---: |"
-    for name in names:
-        row = rows[job.name, name]
+    for c in racing:
+        row = rows[job.name, c.name]
         tps, tps_range = spread(row.rates)
         x, x_range = spread(ratios(row, reference), "{:.2f}")
         if job.name == "prefill":
             ms = statistics.median(row.seconds) * 1e3
-            lines.append(f"| {name} | {tps} | {tps_range} | {ms:.0f} | {x}x | {x_range} |")
+            lines.append(f"| {c.name} | {tps} | {tps_range} | {ms:.0f} | {x}x | {x_range} |")
             continue
         produced = sum(len(t) for t in row.tokens)
-        same = same_prefix(row.tokens, reference.tokens)
-        line = f"| {name} | {tps} | {tps_range} | {x}x | {x_range} | {produced} | {same} |"
+        prefix, same, total = agreement(row.tokens, reference.tokens)
+        line = f"| {c.name} | {tps} | {tps_range} | {x}x | {x_range} | {produced} | {prefix}/{total} | {same}/{total} |"
         if job.name == "batch 1":
-            mv, bw = ceiling_of(name, ceiling, weights)
             rate = statistics.median(row.rates)
-            line += f" {rate * mv:.0%} | {rate / bw:.0%} |"
+            matvec = ceiling.get(f"matvec {c.precision}")
+            line += f" {rate * matvec:.0%} |" if matvec else " - |"
+            line += f" {rate / read_ceiling(ceiling, weights, c.precision):.0%} |"
         lines.append(line)
     return lines
 
 
-def against_ctranslate2(job: Job, rows, contestants: list[Contestant]) -> list[str]:
-    """tegaki's fp32 and int8 rows against CTranslate2's of the same precision, as ratios within each
-    round (the two are timed seconds apart, so a machine that drifts moves both)."""
-    names = [c.name for c in contestants if job.name in c.jobs]
+REFERENCE_ENGINES = ("CTranslate2", "llama.cpp")
+
+
+def against_engines(job: Job, rows, contestants: list[Contestant]) -> list[str]:
+    """tegaki's rows against CTranslate2's and llama.cpp's of the same precision, as ratios within
+    each round (the two are timed seconds apart, so a machine that drifts moves both)."""
+    racing = [c for c in contestants if job.name in c.jobs]
     parts = []
-    for precision in ("fp32", "int8"):
-        reference = next((n for n in names if n.startswith(f"CTranslate2 {precision}")), None)
-        if reference is None:
-            continue
-        for name in names:
-            if name.startswith("tegaki") and precision in name:
-                x, x_range = spread(ratios(rows[job.name, name], rows[job.name, reference]), "{:.2f}")
-                parts.append(f"{name} {x}x ({x_range}) of {reference}")
-    return ["", paragraph("Against CTranslate2, ratios within each round: " + "; ".join(parts) + ".")] if parts else []
+    for reference in (c for c in racing if c.name.startswith(REFERENCE_ENGINES)):
+        for c in racing:
+            if c.name.startswith("tegaki") and c.precision == reference.precision:
+                x, x_range = spread(ratios(rows[job.name, c.name], rows[job.name, reference.name]), "{:.2f}")
+                parts.append(f"{c.name} {x}x ({x_range}) of {reference.name}")
+    if not parts:
+        return []
+    return ["", paragraph("Against CTranslate2 and llama.cpp, ratios within each round: " + "; ".join(parts) + ".")]
 
 
 def job_title(job: Job) -> str:
@@ -729,8 +765,9 @@ def job_title(job: Job) -> str:
 
 
 def token_checks(rows: dict[tuple[str, str], Row], jobs: list[Job]) -> list[str]:
-    """Greedy decoding from the same weights should give the same tokens; float rounding in another
-    order may flip a near tie, after which two runs part ways for good."""
+    """Whether every row made the tokens asked for, and whether compiling changed tegaki's. (Greedy
+    decoding from the same weights should give the same tokens; float rounding in another order may
+    flip a near tie: each table's agreement columns count them against transformers fp32.)"""
     new = {job.name: job.new for job in jobs}
     short = [
         f" {name}, {job}: {sum(len(t) for t in row.tokens)} new tokens of {len(row.tokens) * new[job]}."
@@ -738,19 +775,10 @@ def token_checks(rows: dict[tuple[str, str], Row], jobs: list[Job]) -> list[str]
         if any(len(t) != new[job] for t in row.tokens)
     ]
     lines = [f"Every contestant made exactly the new tokens asked for: {'no.' if short else 'yes.'}" + "".join(short)]
-    lines += ["", "Greedy tokens against transformers fp32 (tokens repeated before the first difference):"]
-    for job in ("batch 1", "batch 8"):
-        reference = rows[job, "transformers fp32"].tokens
-        for name in ("tegaki fp32", "CTranslate2 fp32"):
-            if (job, name) in rows:
-                lines.append(f"- {job}, {name}: {same_prefix(rows[job, name].tokens, reference)}")
-    for compiled, eager in (
-        ("tegaki fp32, compiled", "tegaki fp32"),
-        ("tegaki int8, compiled", "tegaki int8"),
-    ):
-        if ("batch 1", compiled) in rows and ("batch 1", eager) in rows:
-            same = rows["batch 1", compiled].tokens == rows["batch 1", eager].tokens
-            lines.append(f"- batch 1, {compiled} == {eager}: {same}")
+    compiled, eager = ("batch 1", "tegaki fp32, compiled"), ("batch 1", "tegaki fp32, default")
+    if compiled in rows and eager in rows:
+        same = rows[compiled].tokens == rows[eager].tokens
+        lines.append(f"Greedy tokens, batch 1, tegaki fp32 compiled == default: {same}")
     return lines
 
 
@@ -766,7 +794,7 @@ def compile_cost_lines(rows: dict[tuple[str, str], Row], inductor_files: int) ->
     """What a compiled row's first call cost beside its eager twin's (the warm-up calls, batch 1)."""
     parts = []
     for (job, name), row in rows.items():
-        eager = rows.get((job, name.removesuffix(", compiled")))
+        eager = rows.get((job, name.replace(", compiled", ", default")))
         if job == "batch 1" and name.endswith(", compiled") and eager is not None:
             parts.append(f"{name} {row.first_call:.1f} s (eager: {eager.first_call:.1f} s)")
     if not parts:
@@ -797,12 +825,12 @@ def interleaved_seconds(
 def long_output_lines(base: GPT, positions: int, rounds: int = 3) -> list[str]:
     """tegaki fp32 eager against compiled over the whole context: the static cache of a compiled
     step attends over every slot from the first token, so its lead shrinks as the output grows."""
-    model = prepare_for_decoding(tegaki_variant(base, "fp32"))
+    model = prepare_tegaki(tegaki_variant(base, "fp32"), None)
     ids = torch.randint(0, base.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(3))
     new = positions - PROMPT
     runs = {
-        "eager": lambda: generate(model, ids, new, temperature=0),
-        "compiled": lambda: generate(model, ids, new, temperature=0, compile=True),
+        "eager": lambda: tegaki_generate(model, ids, new),
+        "compiled": lambda: tegaki_generate(model, ids, new, compile=True),
     }
     outputs = {name: run() for name, run in runs.items()}  # warm-up; the compiled one compiles
     times = {name: [t / new * 1e3 for t in ts] for name, ts in interleaved_seconds(runs, rounds).items()}
@@ -821,18 +849,20 @@ def long_output_lines(base: GPT, positions: int, rounds: int = 3) -> list[str]:
 
 def call_setup_lines(base: GPT, rounds: int) -> list[str]:
     """The first token of a call (a 32-token prompt's prefill and one step), which carries all that a
-    call sets up: `model.generate`'s default (prepare=None: the oneDNN layout swapped in for the call,
-    and any packed copy made for it), a model prepared once (what `tegaki generate` and `tegaki serve`
-    run), and nn.Linear (prepare=False). Interleaved rounds, after one call of each (which answers
-    the per-process layout question, decoding.layout_is_own)."""
+    call sets up: `model.generate`'s default (the speed layer swapped in for the call, and whatever it
+    makes for it), a model prepared once (what `tegaki generate` and `tegaki serve` run), and plain
+    nn.Linear products. Interleaved rounds, after one call of each (which answers the per-process
+    questions, such as the speed layer's measured choice)."""
     ids = torch.randint(0, base.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(4))
-    modes = ["fp32", "bf16"] if bf16_matmul_in_hardware() else ["fp32"]
+    modes = ["fp32", "bf16"] if cpu_bf16_hardware() else ["fp32"]
     runs = {}
     for mode in modes:
-        model, prepared = tegaki_variant(base, mode), prepare_for_decoding(tegaki_variant(base, mode))
+        model = tegaki_variant(base, mode)
+        prepared = prepare_tegaki(tegaki_variant(base, mode), None)
+        plain = prepare_tegaki(tegaki_variant(base, mode), "plain")
         runs[f"{mode}, model.generate (default)"] = lambda m=model: generate(m, ids, 1, temperature=0)
-        runs[f"{mode}, prepared once"] = lambda m=prepared: generate(m, ids, 1, temperature=0)
-        runs[f"{mode}, nn.Linear (prepare=False)"] = lambda m=model: generate(m, ids, 1, temperature=0, prepare=False)
+        runs[f"{mode}, prepared once"] = lambda m=prepared: tegaki_generate(m, ids, 1)
+        runs[f"{mode}, plain nn.Linear"] = lambda m=plain: tegaki_generate(m, ids, 1)
     for run in runs.values():
         run()
     times = {name: [t * 1e3 for t in ts] for name, ts in interleaved_seconds(runs, rounds).items()}
@@ -881,21 +911,10 @@ def append_section(path: Path, section: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(new, encoding="utf-8"))
 
 
-def _hf_bf16(hf_fp32):
-    import copy
-
-    return copy.deepcopy(hf_fp32).to(torch.bfloat16).eval()
-
-
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--ct2-convert"]:
-        ct2_convert(sys.argv[2], sys.argv[3], int(sys.argv[4]))
-    elif sys.argv[1:2] == ["--ct2-worker"]:
-        ct2_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))
-    else:
-        isa = next((sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--isa"), None)
-        isa = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--isa=")), isa)
-        caps = ISA_CAPS.get(isa, {})
-        if any(os.environ.get(k) != v for k, v in caps.items()):  # start again with the caps in place
-            os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **caps})
-        main()
+    isa = next((sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--isa"), None)
+    isa = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--isa=")), isa)
+    caps = ISA_CAPS.get(isa, {})
+    if any(os.environ.get(k) != v for k, v in caps.items()):  # start again with the caps in place
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **caps})
+    main()
