@@ -52,7 +52,7 @@ def engine(served):
 
 @pytest.fixture(scope="module")
 def client(served, engine):
-    with TestClient(create_app(served, engine)) as client:
+    with TestClient(create_app(served, engine), base_url="http://127.0.0.1") as client:
         yield client
 
 
@@ -140,6 +140,64 @@ def test_the_engine_refuses_what_the_model_cannot_do(served, engine):
         engine.submit(GenerationRequest([1, 2], 0), print)
     with pytest.raises(Exception, match="context"):
         engine.submit(GenerationRequest([1] * 200, 1), print)
+
+
+def test_a_one_token_request_overtakes_a_large_group(served):
+    """Fair shares: with one place and a group of 6 long requests decoding, a lone 1-token request
+    gets a place at the next turn, and places freed later go to the group with the fewest."""
+    engine = Engine(served.model, served.tokenizer, max_active=2)
+    finished: list[str] = []
+    done = threading.Event()
+
+    def sink(name):
+        def put(event):
+            if isinstance(event, DoneEvent):
+                finished.append(name)
+                if len(finished) == 7:
+                    done.set()
+
+        return put
+
+    try:
+        prompt = served.tokenizer.encode("a")
+        engine.submit_all([(GenerationRequest(prompt, 40, SamplingSettings(temperature=0)), sink("big"))] * 6)
+        engine.submit(GenerationRequest(prompt, 1, SamplingSettings(temperature=0)), sink("small"))
+        assert done.wait(timeout=60)
+        assert finished.index("small") == 0, finished
+    finally:
+        engine.close()
+
+
+def test_the_engine_refuses_work_beyond_max_queued(served):
+    from tegaki.serve.engine import EngineFull
+
+    engine = Engine(served.model, served.tokenizer, max_active=1, max_queued=3)
+    try:
+        request = GenerationRequest(served.tokenizer.encode("a"), 50, SamplingSettings(temperature=0))
+        jobs = engine.submit_all([(request, lambda e: None)] * 2)
+        with pytest.raises(EngineFull, match="3 at most"):
+            engine.submit_all([(request, lambda e: None)] * 2)  # all or none: 2 + 2 > 3
+        assert engine.queued == 2
+        for job in jobs:
+            job.cancel()
+        for _ in range(500):  # bounded: 5 s
+            if engine.queued == 0:
+                break
+            threading.Event().wait(0.01)
+        assert engine.queued == 0  # the cancelled give their places back
+        engine.submit_all([(request, lambda e: None)] * 3)[0].cancel()
+    finally:
+        engine.close()
+
+
+def test_a_text_refused_before_tokenizing_really_has_too_many_tokens(served):
+    """The bound encode_within refuses by: no text has fewer tokens than characters / (longest token x
+    the normalization slack)."""
+    from tegaki.serve.api import NORMALIZATION_SLACK
+
+    for text in (PASSAGE * 20, "a" * 5000, "吾輩" * 999, " " * 3000, "ｱｲｳＡＢＣ" * 300):
+        tokens = len(served.tokenizer.encode(text))
+        assert tokens * served.longest_token * NORMALIZATION_SLACK >= len(text)
 
 
 @pytest.mark.parametrize(
@@ -328,7 +386,7 @@ def test_a_model_without_a_chat_template_gets_a_clear_400(tmp_path):
     assert served.template is None
     engine = Engine(served.model, served.tokenizer)
     try:
-        with TestClient(create_app(served, engine)) as client:
+        with TestClient(create_app(served, engine), base_url="http://127.0.0.1") as client:
             body = {"model": "plain", "messages": [{"role": "user", "content": "hi"}]}
             response = client.post("/v1/chat/completions", json=body)
             assert response.status_code == 400

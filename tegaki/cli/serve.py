@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 from tegaki.cli.generate import DTYPES
 from tegaki.errors import TegakiError
-from tegaki.serve.engine import MAX_ACTIVE, Engine
+from tegaki.serve.api import DEFAULT_LIMITS, Limits
+from tegaki.serve.engine import MAX_ACTIVE, MAX_QUEUED, Engine
 from tegaki.serve.served import load_served
 
 HOST, PORT = "127.0.0.1", 8000
+API_KEY_VARIABLE = "TEGAKI_API_KEY"
 
 
 def add_model_arguments(p) -> None:
@@ -44,6 +48,58 @@ def register(subparsers) -> None:
         default=MAX_ACTIVE,
         help=f"requests decoding at once; more wait their turn (default {MAX_ACTIVE})",
     )
+    limits = p.add_argument_group("limits (beyond them: 400, 413 or 429, see docs/serving.md)")
+    limits.add_argument(
+        "--max-queued",
+        metavar="N",
+        type=int,
+        default=MAX_QUEUED,
+        help=f"sequences decoding or waiting, all requests together; more get 429 (default {MAX_QUEUED})",
+    )
+    limits.add_argument(
+        "--max-request-sequences",
+        metavar="N",
+        type=int,
+        default=DEFAULT_LIMITS.max_sequences,
+        help=f"prompts x n in one request (default {DEFAULT_LIMITS.max_sequences})",
+    )
+    limits.add_argument(
+        "--max-prompt-tokens",
+        metavar="N",
+        type=int,
+        default=DEFAULT_LIMITS.max_prompt_tokens,
+        help="tokens in one prompt (default: the model's context)",
+    )
+    limits.add_argument(
+        "--max-body-mb",
+        metavar="MB",
+        type=float,
+        default=DEFAULT_LIMITS.max_body_bytes / 2**20,
+        help=f"size of a request body in MiB; more gets 413 (default {DEFAULT_LIMITS.max_body_bytes / 2**20:g})",
+    )
+    access = p.add_argument_group("who may call it (see docs/serving.md)")
+    access.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=os.environ.get(API_KEY_VARIABLE),
+        help=f"ask every API request for 'Authorization: Bearer KEY' (default: ${API_KEY_VARIABLE}, else no key)",
+    )
+    access.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a page elsewhere that may call the API (http://localhost:3000, or * for any); repeatable. "
+        "By default only the page this server serves",
+    )
+    access.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a further host name clients may call this server by (a reverse proxy's); repeatable. "
+        "By default: its IP addresses, localhost and --host",
+    )
     p.set_defaults(func=run_serve)
 
 
@@ -51,13 +107,15 @@ def run_serve(args) -> int:
     try:  # the web stack is an optional extra: import it only when serving
         import uvicorn
 
-        from tegaki.serve.app import create_app
+        from tegaki.serve.app import Access, create_app
     except ImportError as e:
         raise TegakiError(
             f"tegaki serve needs the serve extra ({e.name} is missing): pip install 'tegaki[serve]'"
         ) from None
     if not 0 <= args.port < 65536:
         raise TegakiError(f"--port must be in 0..65535, got {args.port}")
+    limits = serve_limits(args)
+    access = Access(args.host, tuple(args.allow_host), tuple(args.allow_origin), args.api_key or None)
     served = load_served(
         args.model,
         name=args.name,
@@ -66,7 +124,7 @@ def run_serve(args) -> int:
         quantize=args.quantize,
         chat_template=args.chat_template,
     )
-    engine = Engine(served.model, served.tokenizer, max_active=args.max_active)
+    engine = Engine(served.model, served.tokenizer, max_active=args.max_active, max_queued=args.max_queued)
     chat = f"chat template: {served.template.origin}" if served.template else "no chat template: /v1/completions only"
     print(
         f"tegaki serve: {served.name} ({chat})\n  page: http://{args.host}:{args.port}/\n"
@@ -74,7 +132,19 @@ def run_serve(args) -> int:
         flush=True,
     )
     try:
-        uvicorn.run(create_app(served, engine), host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(create_app(served, engine, limits, access), host=args.host, port=args.port, log_level="warning")
     finally:
         engine.close()
     return 0
+
+
+def serve_limits(args) -> Limits:
+    """The limit flags, checked (before the model loads)."""
+    for flag in ("max_queued", "max_request_sequences", "max_prompt_tokens", "max_body_mb"):
+        value = getattr(args, flag)
+        if value is not None and not value > 0:
+            raise TegakiError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
+    for origin in args.allow_origin:
+        if origin != "*" and (not origin.startswith(("http://", "https://")) or origin.count("/") != 2):
+            raise TegakiError(f"--allow-origin takes an origin such as http://localhost:3000 (no path), got {origin}")
+    return Limits(int(args.max_body_mb * 2**20), args.max_prompt_tokens, args.max_request_sequences)

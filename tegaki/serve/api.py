@@ -26,6 +26,7 @@ from tegaki.serve.engine import GenerationRequest, TokenEvent, token_piece
 from tegaki.serve.served import Served
 
 MAX_N = 16  # choices per request
+NORMALIZATION_SLACK = 4  # a tokenizer's normalization (NFKC) shrinks a text by at most about 3x
 MAX_LOGPROBS = 20  # alternatives per token
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
@@ -46,6 +47,18 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server (each a `tegaki serve` flag)."""
+
+    max_body_bytes: int = 4 * 2**20  # the JSON body
+    max_prompt_tokens: int | None = None  # per prompt; None: the model's context
+    max_sequences: int = 64  # prompts x n in one request
+
+
+DEFAULT_LIMITS = Limits()  # frozen: safe to share
 
 
 @dataclass
@@ -172,7 +185,15 @@ def _fit_context(served: Served, prompt: list[int], max_tokens: int | None, para
     """The number of new tokens to ask for, or a 400 when the prompt and the reply do not fit."""
     if not prompt:
         raise ApiError(400, "the prompt is empty: give at least one token", param)
-    if max_tokens is None:
+    if max_tokens is None:  # the rest of the context, which must leave room for one token
+        if len(prompt) >= served.context:
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {served.context} tokens. However, your prompt has "
+                f"{len(prompt)} tokens, which leaves no room for a reply. Please reduce the prompt.",
+                param,
+                "context_length_exceeded",
+            )
         max_tokens = served.context - len(prompt)
     if len(prompt) + max_tokens > served.context:
         raise ApiError(
@@ -188,18 +209,28 @@ def _fit_context(served: Served, prompt: list[int], max_tokens: int | None, para
 
 def _choices(
     served: Served,
+    limits: Limits,
     prompts: list[list[int]],
     body: dict,
     max_tokens: int | None,
     param: str,
     top_logprobs: int,
-    extra_stops: frozenset[int] = frozenset(),
 ) -> list[GenerationRequest]:
     n = _number(body, "n", 1, 1, MAX_N, integer=True)
     seed = _number(body, "seed", None, 0, 2**63 - 1 - MAX_N, integer=True)
     sampling = sampling_settings(body)
+    if len(prompts) * n > limits.max_sequences:
+        raise ApiError(
+            400,
+            f"{len(prompts)} prompt(s) x n={n} asks for {len(prompts) * n} sequences; this server takes "
+            f"{limits.max_sequences} per request (--max-request-sequences). Send fewer prompts or a smaller n.",
+            "n",
+            "too_many_sequences",
+        )
     requests = []
     for prompt in prompts:
+        if limits.max_prompt_tokens is not None and len(prompt) > limits.max_prompt_tokens:
+            raise prompt_too_long(served, limits, f"has {len(prompt)} tokens", param)
         if any(not 0 <= t < served.model.config.vocab_size for t in prompt):
             raise ApiError(400, f"token ids must be in [0, {served.model.config.vocab_size})", param)
         new = _fit_context(served, prompt, max_tokens, param)
@@ -210,14 +241,32 @@ def _choices(
                     new,
                     sampling,
                     None if seed is None else seed + i,
-                    served.end_ids() | extra_stops,
+                    served.end_ids(),
                     top_logprobs,
                 )
             )
     return requests
 
 
-def _prompts(body: dict, served: Served) -> list[list[int]]:
+def prompt_too_long(served: Served, limits: Limits, what: str, param: str) -> ApiError:
+    if limits.max_prompt_tokens is None:
+        message = f"This model's maximum context length is {served.context} tokens. However, the prompt {what}."
+        return ApiError(400, message + " Please reduce the prompt.", param, "context_length_exceeded")
+    message = f"the prompt {what}; this server takes {limits.max_prompt_tokens} at most (--max-prompt-tokens)."
+    return ApiError(400, message + " Please reduce the prompt.", param, "prompt_too_long")
+
+
+def encode_within(served: Served, limits: Limits, text: str, param: str) -> list[int]:
+    """The text's ids; a text too long to fit is refused before it is tokenized (a tokenizer holds
+    the interpreter for a while on megabytes): each token stands for at most longest_token bytes,
+    and a character is at least one byte."""
+    limit = limits.max_prompt_tokens or served.context
+    if len(text) > limit * served.longest_token * NORMALIZATION_SLACK:
+        raise prompt_too_long(served, limits, f"is {len(text):,} characters, far more than {limit} tokens", param)
+    return encode_prompt(served.tokenizer, text)
+
+
+def _prompts(body: dict, served: Served, limits: Limits) -> list[list[int]]:
     """A completion's prompt: a string, a list of strings, a list of token ids, or a list of those."""
     prompt = body.get("prompt")
     if prompt is None:
@@ -229,7 +278,7 @@ def _prompts(body: dict, served: Served) -> list[list[int]]:
     out = []
     for p in prompt:
         if isinstance(p, str):
-            out.append(encode_prompt(served.tokenizer, p))
+            out.append(encode_within(served, limits, p, "prompt"))
         elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
             out.append(list(p))
         else:
@@ -245,14 +294,14 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def completion_params(body: dict, served: Served) -> Params:
+def completion_params(body: dict, served: Served, limits: Limits = DEFAULT_LIMITS) -> Params:
     check_model(body, served)
     _refuse_unsupported(body)
     stream = _flag(body, "stream")
     logprobs = _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
-    prompts = _prompts(body, served)
+    prompts = _prompts(body, served, limits)
     max_tokens = _max_tokens(body, ("max_tokens",), COMPLETIONS_MAX_TOKENS)
-    requests = _choices(served, prompts, body, max_tokens, "prompt", logprobs or 0)
+    requests = _choices(served, limits, prompts, body, max_tokens, "prompt", logprobs or 0)
     return Params(requests, sum(len(p) for p in prompts), stream, _stream_options(body, stream), _stops(body), logprobs)
 
 
@@ -276,7 +325,7 @@ def chat_messages(body: dict) -> list[dict]:
     return out
 
 
-def chat_prompt(body: dict, served: Served) -> list[int]:
+def chat_prompt(body: dict, served: Served, limits: Limits = DEFAULT_LIMITS) -> list[int]:
     """The chat's prompt ids: the messages through the model's template."""
     if served.template is None:
         raise ApiError(
@@ -291,10 +340,10 @@ def chat_prompt(body: dict, served: Served) -> list[int]:
         text = served.template.render(chat_messages(body), add_generation_prompt=True)
     except TegakiError as e:
         raise ApiError(400, str(e), "messages") from None
-    return served.tokenizer.encode(text)
+    return encode_within(served, limits, text, "messages")
 
 
-def chat_params(body: dict, served: Served) -> Params:
+def chat_params(body: dict, served: Served, limits: Limits = DEFAULT_LIMITS) -> Params:
     check_model(body, served)
     _refuse_unsupported(body)
     stream = _flag(body, "stream")
@@ -305,9 +354,9 @@ def chat_params(body: dict, served: Served) -> Params:
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise ApiError(400, 'response_format: only {"type": "text"} is supported', "response_format")
-    prompt = chat_prompt(body, served)
+    prompt = chat_prompt(body, served, limits)
     max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"), None)
-    requests = _choices(served, [prompt], body, max_tokens, "messages", top or 0)
+    requests = _choices(served, limits, [prompt], body, max_tokens, "messages", top or 0)
     stops = _stops(body) + served.template.stop_strings  # the template's own end of a reply, if any
     return Params(
         requests, len(prompt), stream, _stream_options(body, stream), stops, (top or 0) if want_logprobs else None

@@ -12,10 +12,16 @@ instead of waiting for the others to finish.
 
 The loop, on the engine thread:
 
-    take new work     requests join (up to max_active at once; the rest wait in order);
+    take new work     requests join (up to max_active at once; the rest wait);
                       calls (the page's analysis) run here, between steps, never beside a step
     one turn          every active request: prefill on its first turn, else decode its last
                       token; sample; hand the token to its sink; finish on a stop token or the limit
+
+Fair shares: the requests of one API call (a prompt list times n) form a group. A free place goes
+to the waiting request whose group holds the fewest places (the oldest among equals), and a group
+with none gets a place at once, over max_active (up to twice it), while another group holds two or
+more: so a one-token request sent after sixteen prompts with n=16 is answered at the next turn, not
+after 248 others. Work in all is bounded too: `submit_all` refuses (EngineFull) beyond max_queued.
 
 Sinks are plain callables, so the HTTP app can hop back onto its event loop and the terminal chat
 can read from a queue. A request cancelled by its reader (a client that went away) is dropped at its
@@ -28,7 +34,7 @@ import concurrent.futures
 import queue
 import random
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -99,8 +105,10 @@ def token_piece(tokenizer, token_id: int) -> str:
 class Job:
     """A request in the engine: its cache, its generator, where its tokens go."""
 
-    def __init__(self, request: GenerationRequest, sink: Callable[[Event], None], tokenizer, vocab_size: int, device):
-        self.request, self.sink = request, sink
+    def __init__(
+        self, request: GenerationRequest, sink: Callable[[Event], None], tokenizer, vocab_size: int, device, group
+    ):
+        self.request, self.sink, self.group = request, sink, group  # group: the API call it belongs to
         seed = request.seed if request.seed is not None else random.randrange(2**63)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.decoder = tokenizer.stream_decoder()  # UTF-8 safe: never half a character
@@ -122,20 +130,28 @@ class Job:
 # -------------------------------------------------------------------------------------------------
 
 
-MAX_ACTIVE = 8  # requests decoding at once; more wait in order
+MAX_ACTIVE = 8  # requests decoding at once; more wait
+MAX_QUEUED = 256  # requests in the engine at once, decoding or waiting; more are refused
+
+
+class EngineFull(TegakiError):
+    """The engine holds max_queued requests already: try again when some have finished."""
 
 
 class Engine:
-    """Owns the model on one thread. `submit` a request with a sink; `stream` to read one in order;
-    `call` to run any function of the model between steps (the page's analysis uses it)."""
+    """Owns the model on one thread. `submit` a request with a sink (`submit_all` several, as one
+    group); `stream` to read one in order; `call` to run any function of the model between steps
+    (the page's analysis uses it)."""
 
-    def __init__(self, model, tokenizer, max_active: int = MAX_ACTIVE):
-        if max_active < 1:
-            raise TegakiError(f"max_active must be >= 1, got {max_active}")
-        self.model, self.tokenizer, self.max_active = model.eval(), tokenizer, max_active
+    def __init__(self, model, tokenizer, max_active: int = MAX_ACTIVE, max_queued: int = MAX_QUEUED):
+        if max_active < 1 or max_queued < 1:
+            raise TegakiError(f"max_active and max_queued must be >= 1, got {max_active} and {max_queued}")
+        self.model, self.tokenizer, self.max_active, self.max_queued = model.eval(), tokenizer, max_active, max_queued
         self.inbox: queue.Queue = queue.Queue()  # Jobs and calls, from any thread
-        self.waiting: deque[Job] = deque()  # admitted in order as places free up
+        self.waiting: deque[Job] = deque()  # admitted by fair shares as places free up
         self.active: list[Job] = []
+        self.queued = 0  # jobs submitted and not yet finished (inbox, waiting, active)
+        self._queued_lock = threading.Lock()
         self.stats = {"requests": 0, "tokens": 0, "cancelled": 0}  # read by /health and the tests
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="tegaki-engine", daemon=True)
@@ -145,15 +161,31 @@ class Engine:
 
     def submit(self, request: GenerationRequest, sink: Callable[[Event], None]) -> Job:
         """Queue a request; its events go to sink(event), called on the engine thread."""
+        return self.submit_all([(request, sink)])[0]
+
+    def submit_all(self, work: list[tuple[GenerationRequest, Callable[[Event], None]]]) -> list[Job]:
+        """Queue requests as one group (one API call), all or none: every one is checked first, and
+        EngineFull is raised when they would take the engine past max_queued."""
         if self._closing:
             raise TegakiError("the engine is shutting down")
-        if request.max_tokens < 1:
-            raise TegakiError(f"max_tokens must be >= 1, got {request.max_tokens}")
-        # The library's own checks (context, learned positions, ids in the vocabulary), up front.
-        check_request(self.model.config, torch.tensor([request.prompt_ids]), request.max_tokens)
-        job = Job(request, sink, self.tokenizer, self.model.config.vocab_size, self.model.device)
-        self.inbox.put(job)
-        return job
+        for request, _ in work:
+            if request.max_tokens < 1:
+                raise TegakiError(f"max_tokens must be >= 1, got {request.max_tokens}")
+            # The library's own checks (context, learned positions, ids in the vocabulary), up front.
+            check_request(self.model.config, torch.tensor([request.prompt_ids]), request.max_tokens)
+        with self._queued_lock:
+            if self.queued + len(work) > self.max_queued:
+                raise EngineFull(
+                    f"the server holds {self.queued} sequences already and takes {self.max_queued} at most; "
+                    f"these {len(work)} would pass that. Try again shortly."
+                )
+            self.queued += len(work)
+        group = object()
+        config, device = self.model.config, self.model.device
+        jobs = [Job(request, sink, self.tokenizer, config.vocab_size, device, group) for request, sink in work]
+        for job in jobs:
+            self.inbox.put(job)
+        return jobs
 
     def stream(self, request: GenerationRequest) -> Iterator[Event]:
         """The events of one request, in order, for a caller on another thread. Leaving the loop
@@ -193,11 +225,12 @@ class Engine:
             for job in list(self.active):
                 self._turn(job)
         for job in self.active + list(self.waiting):  # shutting down: tell every reader
+            self._release(job)
             self._emit(job, DoneEvent("cancelled", completion_tokens=job.generated, message="shutting down"))
 
     def _take_new_work(self, block: bool) -> None:
-        """Move everything in the inbox: jobs to the waiting line, calls run now. Then fill the
-        free places from the waiting line, oldest first."""
+        """Move everything in the inbox: jobs to the waiting line, calls run now. Then drop the
+        cancelled from the line and fill the free places by fair shares."""
         try:
             item = self.inbox.get(timeout=1.0) if block else self.inbox.get_nowait()
             while True:
@@ -208,8 +241,23 @@ class Engine:
                 item = self.inbox.get_nowait()
         except queue.Empty:
             pass
-        while self.waiting and len(self.active) < self.max_active:
-            self.active.append(self.waiting.popleft())
+        for job in [job for job in self.waiting if job.cancelled]:  # its reader has gone: no place for it
+            self.waiting.remove(job)
+            self.stats["cancelled"] += 1
+            self._release(job)
+            self._emit(job, DoneEvent("cancelled"))
+        while self.waiting:
+            held = Counter(job.group for job in self.active)
+            job = min(self.waiting, key=lambda waiting: held[waiting.group])  # min keeps the oldest of equals
+            if len(self.active) >= self.max_active and not self._over_share(held, job):
+                break
+            self.waiting.remove(job)
+            self.active.append(job)
+
+    def _over_share(self, held: Counter, job: Job) -> bool:
+        """Whether job may take a place beyond max_active: its group holds none while another holds
+        two or more (within twice max_active, which bounds the memory of the caches)."""
+        return held[job.group] == 0 and max(held.values(), default=0) >= 2 and len(self.active) < 2 * self.max_active
 
     @staticmethod
     def _run_call(future, fn, args, kwargs) -> None:
@@ -266,10 +314,15 @@ class Engine:
 
     def _finish(self, job: Job, reason: str, message: str = "") -> None:
         self.active.remove(job)
+        self._release(job)
         job.cache = None  # free its memory now, not when the reader lets go
         if reason in ("stop", "length"):
             self.stats["requests"] += 1
         self._emit(job, DoneEvent(reason, job.decoder.flush(), job.generated, message))
+
+    def _release(self, job: Job) -> None:
+        with self._queued_lock:
+            self.queued -= 1
 
     @staticmethod
     def _emit(job: Job, event: Event) -> None:

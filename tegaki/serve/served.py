@@ -6,6 +6,7 @@ folder, a transformers folder or a hub id.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,17 @@ class Served:
     @property
     def context(self) -> int:
         return self.model.config.block_size
+
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """The most bytes one token stands for: a text of B bytes is at least B / longest_token tokens."""
+        longest = 1
+        for token_id in range(self.tokenizer.vocab_size):
+            try:
+                longest = max(longest, len(self.tokenizer.token_bytes(token_id)))
+            except TegakiError:  # an id with no token (a gap in the vocabulary)
+                continue
+        return longest
 
     def end_ids(self) -> frozenset[int]:
         """Tokens that end any reply: the tokenizer's end of text (and the template's end of turn)."""

@@ -41,8 +41,27 @@ function el(tag, className, text) {
   return node;
 }
 
+// A server started with --api-key asks for it (401): ask the reader once, keep it for this tab.
+async function apiFetch(path, options = {}) {
+  const send = () => {
+    const headers = {...(options.headers || {})};
+    const key = sessionStorage.getItem("tegaki-api-key");
+    if (key) headers.Authorization = `Bearer ${key}`;
+    return fetch(path, {...options, headers});
+  };
+  let response = await send();
+  if (response.status === 401) {
+    const key = window.prompt(t("api_key"));
+    if (key) {
+      sessionStorage.setItem("tegaki-api-key", key.trim());
+      response = await send();
+    }
+  }
+  return response;
+}
+
 async function postJSON(path, body, signal) {
-  const response = await fetch(path, {
+  const response = await apiFetch(path, {
     method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body), signal,
   });
   const data = await response.json();
@@ -115,7 +134,7 @@ async function generate() {
   const seed = parseInt($("seed").value, 10);
   if (!Number.isNaN(seed)) body.seed = seed;
   try {
-    const response = await fetch("/v1/completions", {
+    const response = await apiFetch("/v1/completions", {
       method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
       signal: state.abort.signal,
     });
@@ -273,7 +292,7 @@ function bindControls() {
 async function start() {
   bindControls();
   setLanguage(initialLanguage());
-  const response = await fetch("/api/model");
+  const response = await apiFetch("/api/model");
   state.model = await response.json();
   const c = state.model.config;
   $("model-name").textContent = state.model.name;
