@@ -144,6 +144,11 @@ def serve_limits(args) -> Limits:
         value = getattr(args, flag)
         if value is not None and not value > 0:
             raise TegakiError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
+    if args.max_request_sequences > args.max_queued:
+        raise TegakiError(
+            f"--max-request-sequences ({args.max_request_sequences}) cannot be more than --max-queued "
+            f"({args.max_queued}): such a request could never be taken"
+        )
     for origin in args.allow_origin:
         if origin != "*" and (not origin.startswith(("http://", "https://")) or origin.count("/") != 2):
             raise TegakiError(f"--allow-origin takes an origin such as http://localhost:3000 (no path), got {origin}")

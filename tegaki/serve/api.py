@@ -256,13 +256,18 @@ def prompt_too_long(served: Served, limits: Limits, what: str, param: str) -> Ap
     return ApiError(400, message + " Please reduce the prompt.", param, "prompt_too_long")
 
 
-def encode_within(served: Served, limits: Limits, text: str, param: str) -> list[int]:
-    """The text's ids; a text too long to fit is refused before it is tokenized (a tokenizer holds
-    the interpreter for a while on megabytes): each token stands for at most longest_token bytes,
-    and a character is at least one byte."""
+def check_fits(served: Served, limits: Limits, text: str, param: str) -> None:
+    """Refuse a text too long to fit before it is tokenized (a tokenizer holds the interpreter for a
+    while on megabytes): each token stands for at most longest_token bytes, a character is at least
+    one byte, and normalization shrinks a text by less than the slack."""
     limit = limits.max_prompt_tokens or served.context
     if len(text) > limit * served.longest_token * NORMALIZATION_SLACK:
         raise prompt_too_long(served, limits, f"is {len(text):,} characters, far more than {limit} tokens", param)
+
+
+def encode_within(served: Served, limits: Limits, text: str, param: str) -> list[int]:
+    """The text's ids, refused before tokenizing when it cannot fit (check_fits)."""
+    check_fits(served, limits, text, param)
     return encode_prompt(served.tokenizer, text)
 
 

@@ -426,18 +426,19 @@ def _page_data(engine: Engine, limits: Limits, compute):
 
     async def endpoint(request: Request):
         raw = await read_body(request, limits.max_body_bytes) if request.method == "POST" else b"{}"
-        body = await run_in_threadpool(parse_json, raw)
-        fn, args = compute(body)
+        fn, args = await run_in_threadpool(lambda: compute(parse_json(raw)))
         result = await asyncio.wrap_future(engine.call(fn, *args))
         return JSONResponse(result)
 
     return endpoint
 
 
-def _text(body: dict, name: str = "prompt") -> str:
+def _text(served: Served, body: dict, name: str = "prompt") -> str:
+    """The page's text: a string that can fit the context (the engine thread tokenizes it)."""
     value = body.get(name)
     if not isinstance(value, str):
         raise ApiError(400, f"{name} must be a string", name)
+    api.check_fits(served, api.DEFAULT_LIMITS, value, name)
     return value
 
 
@@ -452,17 +453,17 @@ def _model_info(served: Served):
 def _next(served: Served, body: dict):
     settings = api.sampling_settings(body)
     count = api.integer(body, "count", 20, 1, insides.MAX_BARS)
-    return insides.next_tokens, (served.model, served.tokenizer, _text(body), settings, count)
+    return insides.next_tokens, (served.model, served.tokenizer, _text(served, body), settings, count)
 
 
 def _attention(served: Served, body: dict):
     layer = api.integer(body, "layer", 0, 0, served.model.config.n_layer - 1)
-    return insides.attention, (served.model, served.tokenizer, _text(body), layer)
+    return insides.attention, (served.model, served.tokenizer, _text(served, body), layer)
 
 
 def _lens(served: Served, body: dict):
     top = api.integer(body, "top", 3, 1, insides.MAX_LENS_TOP)
-    return insides.logit_lens, (served.model, served.tokenizer, _text(body), top)
+    return insides.logit_lens, (served.model, served.tokenizer, _text(served, body), top)
 
 
 def _trace(served: Served, body: dict):
@@ -470,4 +471,4 @@ def _trace(served: Served, body: dict):
     layer = api.integer(body, "layer", 0, 0, cfg.n_layer - 1)
     head = api.integer(body, "head", 0, 0, cfg.n_head - 1)
     top_k = api.integer(body, "top_k", 10, 1, 100)
-    return insides.trace_prompt, (served.model, served.tokenizer, _text(body), layer, head, top_k)
+    return insides.trace_prompt, (served.model, served.tokenizer, _text(served, body), layer, head, top_k)

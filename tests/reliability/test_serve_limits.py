@@ -338,6 +338,13 @@ def test_a_chat_message_longer_than_the_context_is_context_length_exceeded(guard
     assert out["error"]["param"] == "messages"
 
 
+def test_the_page_refuses_a_text_too_long_before_tokenizing(guarded_server):
+    body = {"prompt": "吾輩は猫である。" * 500_000}  # 4 million characters, 12 MB: over 4 MiB
+    assert call(guarded_server, "/api/next", body, with_key())[0] == 413
+    status, _, out = call(guarded_server, "/api/lens", {"prompt": "猫" * 1_000_000}, with_key())
+    assert status == 400 and out["error"]["code"] == "context_length_exceeded", out
+
+
 def test_a_request_over_the_sequence_limit_is_refused(guarded_server):
     body = {**SMALL, "prompt": ["a"] * 16, "n": 16}  # 256 sequences; 64 by default
     status, _, out = call(guarded_server, "/v1/completions", body, with_key())
@@ -351,6 +358,7 @@ def test_a_request_over_the_sequence_limit_is_refused(guarded_server):
         (["--max-queued", "0"], "--max-queued must be > 0"),
         (["--max-body-mb", "-1"], "--max-body-mb must be > 0"),
         (["--allow-origin", "good.example/page"], "--allow-origin takes an origin"),
+        (["--max-request-sequences", "20", "--max-queued", "10"], "could never be taken"),
     ],
 )
 def test_bad_limit_flags_are_one_line(flags, message):
