@@ -172,10 +172,10 @@ def find_chat_template(
             raise TegakiError(
                 f"--chat-template {override}: no such file (give a jinja2 template file, or {' or '.join(NAMED)})"
             )
-        return _with_stops(ChatTemplate(path.read_text(encoding="utf-8"), str(path), specials))
+        return _with_stops(ChatTemplate(_read_template(path), str(path), specials))
     for folder in folders:
         if (folder / "chat_template.jinja").is_file():
-            source = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+            source = _read_template(folder / "chat_template.jinja")
             return _with_stops(ChatTemplate(source, str(folder / "chat_template.jinja"), specials))
     source = _pick_named(config.get("chat_template"))
     if source:
@@ -185,6 +185,15 @@ def find_chat_template(
     if tegaki_run:
         return plain(specials)
     return None
+
+
+def _read_template(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TegakiError(f"{path} is not UTF-8 text (byte {e.start}); save the chat template as UTF-8") from None
+    except OSError as e:
+        raise TegakiError(f"cannot read the chat template {path}: {e.strerror or e}") from None
 
 
 def chatml(specials: dict[str, str]) -> ChatTemplate:
@@ -216,7 +225,7 @@ def _tokenizer_config(folders: list[Path]) -> dict:
         if path.is_file():
             try:
                 return json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise TegakiError(f"{path} is not valid JSON: {e}") from None
     return {}
 

@@ -449,11 +449,38 @@ def load_run_tokenizer(path: str | os.PathLike):
     return load(check_inside(path, ref, "run.json's tokenizer"))
 
 
-def read_model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's model tensors, named as today's model names them (`upgrade_state_dict`)."""
+def read_safetensors(file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file. A file that is not one (truncated, a forged header, even
+    one whose recorded sha256 was updated to match) is refused in one sentence naming it."""
     from safetensors.torch import load_file
 
-    return upgrade_state_dict(load_file(str(Path(checkpoint) / MODEL_FILE)))
+    try:
+        return load_file(str(file))
+    except OSError as e:
+        raise explain_os_error(file, e, doing="read") from None
+    except Exception as e:  # noqa: BLE001 - safetensors' errors are the file's fault, not a bug
+        raise TegakiError(
+            f"{file}: could not read weights ({type(e).__name__}: {e}); the file is truncated or damaged. "
+            "Restore it from a copy, or download/train it again"
+        ) from None
+
+
+def safetensors_metadata(file: str | os.PathLike) -> dict[str, str]:
+    """The metadata in a safetensors file's header, refused like `read_safetensors` when it is damaged."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - as read_safetensors
+        raise TegakiError(
+            f"{file}: could not read its header ({type(e).__name__}: {e}); the file is truncated or damaged"
+        ) from None
+
+
+def read_model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's model tensors, named as today's model names them (`upgrade_state_dict`)."""
+    return upgrade_state_dict(read_safetensors(Path(checkpoint) / MODEL_FILE))
 
 
 def load_run_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

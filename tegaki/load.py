@@ -15,10 +15,10 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import tegaki.tokenizer as tokenizers
-from tegaki.checkpoint import load_run_model, load_run_tokenizer
+from tegaki.checkpoint import load_run_model, load_run_tokenizer, read_safetensors
 from tegaki.device import LAYER_OBJECT_BYTES, check_fits
 from tegaki.errors import TegakiError
 from tegaki.files import atomic_write, atomic_write_json
@@ -27,13 +27,6 @@ from tegaki.model import GPT, parameter_count
 from tegaki.mxfp4 import dequantize_experts
 from tegaki.rope import rope_frequencies
 from tegaki.tokenizer import export_hf_tokenizer
-
-
-def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(file)
-    except Exception as e:  # noqa: BLE001 - a damaged file is the file's fault, not a bug
-        raise TegakiError(f"{file}: could not read weights ({e}); the file may be truncated or damaged") from None
 
 
 def _index_shards(index: Path) -> list[str]:
@@ -58,10 +51,10 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
         for shard in shards:
             if not (folder / shard).exists():
                 raise TegakiError(f"{folder}: the index names shard {shard}, which is missing")
-            state.update(_load_safetensors(folder / shard))
+            state.update(read_safetensors(folder / shard))
         return state
     if (folder / "model.safetensors").exists():
-        return _load_safetensors(folder / "model.safetensors")
+        return read_safetensors(folder / "model.safetensors")
     bin_index = folder / "pytorch_model.bin.index.json"
     bins = _index_shards(bin_index) if bin_index.exists() else []
     if not bins and (folder / "pytorch_model.bin").exists():

@@ -23,6 +23,7 @@ from tegaki.tokenizer.bpe import PATTERNS
 from tegaki.tokenizer.choose import AUTO, choose_pattern
 from tegaki.tokenizer.kinds import BACKENDS, KINDS, train_tokenizer
 from tegaki.tokenizer.stats import documents_stats, format_stats
+from tegaki.tokenizer.trainer import check_vocab_size
 
 # --- reading inputs ---------------------------------------------------------------------------
 
@@ -123,6 +124,7 @@ def cmd_train(args) -> int:
     specials = args.special_tokens
     if len(set(specials)) != len(specials) or not all(specials):
         raise TegakiError(f"--special-tokens must be distinct and non-empty, got {specials}")
+    check_vocab_size(args.vocab_size)  # before the corpus is read
     texts, held = training_texts(args)
     if not any(t.strip() for t in texts):
         where = f"--range {args.range} of " if args.range else ""

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from tegaki.data import json_lines
 from tegaki.errors import TegakiError
 from tegaki.eval.text import token_logprobs
+from tegaki.finetune.data import read_json_lines
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Choice:
 def read_tasks(path: str | Path) -> list[Choice]:
     """The items of a task file; a bad line is a TegakiError naming it."""
     items = []
-    for number, where, obj in json_lines(path):
+    for number, where, obj in read_json_lines(path):
         endings = obj.get("endings") if isinstance(obj, dict) else None
         if not (
             isinstance(obj, dict)
@@ -42,7 +42,7 @@ def read_tasks(path: str | Path) -> list[Choice]:
         ):
             raise TegakiError(f'{where}: expected {{"context": text, "endings": [two or more texts], "label": n}}')
         label = obj.get("label")
-        if not (isinstance(label, int) and 0 <= label < len(endings)):
+        if not (type(label) is int and 0 <= label < len(endings)):  # true is not 1
             raise TegakiError(f"{where}: label must be an index into endings (0..{len(endings) - 1}), got {label!r}")
         items.append(Choice(number, obj["context"], endings, label))
     if not items:

@@ -54,8 +54,11 @@ def model_context(model) -> int:
 @torch.no_grad()
 def token_logprobs(model, ids: list[int], window: int | None = None, stride: int | None = None) -> torch.Tensor:
     """log p(ids[t] | ids[:t]) for t = 1 .. len(ids) - 1, scored with a sliding window: (len(ids) - 1,)."""
-    window = window or model_context(model)
-    stride = stride or max(1, window // 2)
+    context = model_context(model)
+    window = context if window is None else window  # 0 is a mistake, not "the default"
+    if not 0 < window <= context:
+        raise TegakiError(f"--window must be between 1 and the model's context ({context}), got {window}")
+    stride = max(1, window // 2) if stride is None else stride
     if not 0 < stride <= window:
         raise TegakiError(f"--stride must be between 1 and the window ({window}), got {stride}")
     device = next(model.parameters()).device

@@ -61,12 +61,28 @@ class Record:
 # -------------------------------------------------------------------------------------------------
 
 
+def read_json_lines(path: str | Path) -> list[tuple[int, str, object]]:
+    """data.json_lines, read whole: (line number, "FILE:N", value) per line. A line nested deeper
+    than Python's JSON reader follows (100,000 brackets) is refused, naming the line, like any
+    other bad line: no record or task is that deep."""
+    lines: list[tuple[int, str, object]] = []
+    try:
+        for line in json_lines(path):
+            lines.append(line)
+    except RecursionError:
+        after = f"after line {lines[-1][0]}" if lines else "from the first line on"
+        raise TegakiError(
+            f"{path}: a line {after} is JSON nested too deep to read; a record is an object of texts"
+        ) from None
+    return lines
+
+
 def read_records(path: str | Path) -> list[Record]:
     """Every record of a .jsonl file (or a bundled set's name) as a conversation; a bad line is a
     TegakiError naming it."""
     path = records_path(path)
     records = []
-    for number, where, obj in json_lines(path):
+    for number, where, obj in read_json_lines(path):
         records.append(Record(number, to_messages(obj, where)))
     if not records:
         raise TegakiError(f"{path} holds no records (one JSON object per line)")

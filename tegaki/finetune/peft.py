@@ -30,6 +30,8 @@ from tegaki.checkpoint import (
     load_model_tensors,
     read_model_tensors,
     read_run_json,
+    read_safetensors,
+    safetensors_metadata,
 )
 from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
@@ -145,13 +147,16 @@ def read_adapter_config(folder: str | Path) -> dict:
 def load_peft(model, folder: str | Path) -> LoRASettings:
     """Put the adapter in `folder` onto `model` (in place; merge it with tegaki.lora.merge_lora).
     Refuses an adapter made for another base model, saying which."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     config = read_adapter_config(folder)
-    with safe_open(str(Path(folder) / WEIGHTS_FILE), "pt") as f:
-        written = (f.metadata() or {}).get("tegaki")
-    own = json.loads(written) if written else config.get("tegaki", {})
+    if not (Path(folder) / WEIGHTS_FILE).is_file():
+        raise TegakiError(f"{folder} holds {CONFIG_FILE} but not {WEIGHTS_FILE}; the adapter is incomplete")
+    written = safetensors_metadata(Path(folder) / WEIGHTS_FILE).get("tegaki")
+    try:
+        own = json.loads(written) if written else config.get("tegaki", {})
+    except ValueError:
+        raise TegakiError(f"{folder}: the adapter's tegaki metadata is not JSON; the adapter is damaged") from None
+    if not isinstance(own, dict):
+        raise TegakiError(f"{folder}: the adapter's tegaki entry is not a JSON object; the adapter is damaged")
     expected = own.get("base_fingerprint")
     if expected and expected != base_fingerprint(model):
         base = config.get("base_model_name_or_path") or "another model"
@@ -162,7 +167,7 @@ def load_peft(model, folder: str | Path) -> LoRASettings:
     targets = own.get("targets") or [_HF_TARGETS.get(m, m) for m in config.get("target_modules", [])]
     settings = LoRASettings(int(config["r"]), float(config["lora_alpha"]), 0.0, tuple(targets))
     add_lora(model, settings)
-    tensors = load_file(str(Path(folder) / WEIGHTS_FILE))
+    tensors = read_safetensors(Path(folder) / WEIGHTS_FILE)
     layers = dict(lora_layers(model))
     for key, hf_module in transformers_modules(model).items():
         name, part = key.split(":")

@@ -9,7 +9,7 @@ from tegaki.tokenizer.base import Tokenizer
 from tegaki.tokenizer.bpe import ENDOFTEXT
 from tegaki.tokenizer.choose import AUTO, resolve_pattern
 from tegaki.tokenizer.spm import train_sentencepiece
-from tegaki.tokenizer.trainer import train_bpe, train_bpe_tokenizers
+from tegaki.tokenizer.trainer import check_vocab_size, train_bpe, train_bpe_tokenizers
 
 # bpe: byte-level BPE (GPT-2 style); unigram / sp-bpe: SentencePiece with byte fallback.
 KINDS = ("bpe", "unigram", "sp-bpe")
@@ -31,6 +31,7 @@ def train_tokenizer(
     pattern "auto": chosen from the corpus's scripts (tegaki.tokenizer.choose)."""
     if kind not in KINDS:
         raise TegakiError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(KINDS)}")
+    check_vocab_size(vocab_size)
     if kind == "bpe":
         pattern = resolve_pattern(pattern, texts)
         if backend == "tokenizers":

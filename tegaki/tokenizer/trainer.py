@@ -45,7 +45,23 @@ def count_chunks(texts: Iterable[str], pattern: str, special_tokens: Iterable[st
     return counts
 
 
+# The largest vocabulary a tokenizer is trained to: 4x the largest in use (Gemma's 262,144). The
+# tokenizers library sizes its tables by --vocab-size before it reads a byte (a billion: 70 GB, then
+# an abort), and an embedding of more rows would not fit a model anyway.
+MAX_VOCAB_SIZE = 1 << 20
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    """Refuse a vocabulary no corpus fills and no model embeds, before a trainer allocates for it."""
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise TegakiError(
+            f"vocab size {vocab_size:,} is more than tegaki trains ({MAX_VOCAB_SIZE:,}; the largest "
+            "vocabularies in use have 262,144 tokens): choose a smaller --vocab-size"
+        )
+
+
 def _check_size(vocab_size: int, special_tokens: list[str]) -> int:
+    check_vocab_size(vocab_size)
     smallest = 256 + len(special_tokens)
     if vocab_size < smallest:
         raise TegakiError(

@@ -82,6 +82,8 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
         raise TegakiError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise TegakiError(f"{path} is not UTF-8 text (byte {e.start}); a TOML file is UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise TegakiError(f"{path} is not valid TOML: {e}") from None
     known = {f.name for f in dataclasses.fields(TrainConfig)}
