@@ -263,6 +263,43 @@ RUN_ENTRIES = {
 _LEFTOVER = re.compile(r"\..*\.(tmp|old)|\.lock")  # an atomic write's temporary file, a set-aside copy, the lock
 
 
+def run_command(info: dict[str, Any]) -> str:
+    """The command that made a run folder, from its run.json: a fine-tune records its settings
+    under "finetune"; every other run is `tegaki train`'s."""
+    return "finetune" if info.get("finetune") else "train"
+
+
+def claim_run_folder(run_dir: Path, command: str) -> None:
+    """Refuse, with nothing written, to put a run of `command` ("train", "finetune") into a folder
+    it did not make: a folder of a person's files (their metrics.jsonl, loss.png or tokenizer/ would
+    be overwritten or taken for the run's), or another command's run (a fine-tune must not resume a
+    pretraining's checkpoint and rewrite its run.json). Welcome: a new or empty folder, a run of the
+    same command (resumed), and for train a folder holding only the tokenizer/ and data/ that a train
+    stopped during its set-up wrote (run.json comes after them)."""
+    run_dir = Path(run_dir)
+    entries = [e for e in run_dir.iterdir() if not _LEFTOVER.fullmatch(e.name)] if run_dir.is_dir() else []
+    if not entries:
+        return
+    if (run_dir / RUN_FILE).is_file():
+        made_by = run_command(read_run_json(run_dir))
+        if made_by != command:
+            hint = " (to fine-tune this run, give it as --model)" if made_by == "train" else ""
+            raise TegakiError(
+                f"{run_dir} holds a run of `tegaki {made_by}`, which `tegaki {command}` does not continue "
+                f"or overwrite; nothing was changed. Choose another --out{hint}"
+            )
+        return
+    foreign = _foreign_files(run_dir, entries)
+    set_up_only = command == "train" and all(e.name in ("tokenizer", "data") for e in entries)
+    if foreign or not set_up_only:
+        names = sorted(str(p.relative_to(run_dir)) for p in (foreign or entries))
+        raise TegakiError(
+            f"{run_dir} holds files tegaki did not write ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''}) "
+            f"and has no run.json; nothing was deleted or changed. tegaki {command} writes into a new or "
+            "empty folder, or a run of its own: choose another --out"
+        )
+
+
 def clear_run_folder(run_dir: Path, sources: dict[str, str | None]) -> None:
     """Delete a run folder's own files so that training starts over (--fresh).
 

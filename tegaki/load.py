@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 import tegaki.tokenizer as tokenizers
-from tegaki.checkpoint import load_run_model, load_run_tokenizer, read_safetensors
+from tegaki.checkpoint import load_run_model, load_run_tokenizer, read_safetensors, safetensors_metadata
 from tegaki.device import LAYER_OBJECT_BYTES, check_fits
 from tegaki.errors import TegakiError
 from tegaki.files import atomic_write, atomic_write_json
@@ -44,6 +44,10 @@ def _index_shards(index: Path) -> list[str]:
 
 
 def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The weights of a transformers folder, found in transformers' order: model.safetensors before
+    a sharded index (a folder can hold both, and transformers then loads the single file)."""
+    if (folder / "model.safetensors").exists():
+        return read_safetensors(folder / "model.safetensors")
     index = folder / "model.safetensors.index.json"
     if index.exists():
         shards = _index_shards(index)
@@ -53,8 +57,6 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
                 raise TegakiError(f"{folder}: the index names shard {shard}, which is missing")
             state.update(read_safetensors(folder / shard))
         return state
-    if (folder / "model.safetensors").exists():
-        return read_safetensors(folder / "model.safetensors")
     bin_index = folder / "pytorch_model.bin.index.json"
     bins = _index_shards(bin_index) if bin_index.exists() else []
     if not bins and (folder / "pytorch_model.bin").exists():
@@ -207,6 +209,53 @@ def _is_gpt2_vocabulary(folder: Path) -> bool:
     return hf_config.get("model_type") == "gpt2" and hf_config.get("vocab_size", 50257) in (50257, 50304)
 
 
+# What `tegaki export` writes into a folder: a transformers model, or with --peft an adapter (and,
+# for a run that added chat tokens, its base in base/). The first name is the weights file, whose
+# safetensors metadata carries EXPORT_MARK: the proof that the folder is an earlier export's.
+EXPORT_FILES = {
+    "model": ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"),
+    "adapter": ("adapter_model.safetensors", "adapter_config.json", "base"),
+}
+EXPORT_MARK = "tegaki_export"
+_WRITING = re.compile(r"\..*\.(tmp|old)")  # an atomic write's temporary file, killed mid-way
+
+
+def claim_export_folder(out: str | os.PathLike, kind: str) -> None:
+    """Refuse, with nothing written, to export into a folder that holds anything but an earlier
+    export of the same kind: a person's config.json or tokenizer.json would be overwritten, and a
+    stray model.safetensors.index.json would be read in place of the new weights."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TegakiError(f"{out} is a file; tegaki export writes a folder: choose another path")
+    if not _export_folder(out, kind):
+        entries = sorted(e.name for e in out.iterdir() if not _WRITING.fullmatch(e.name))
+        strangers = [e for e in entries if e not in EXPORT_FILES[kind]] or entries
+        raise TegakiError(
+            f"{out} holds files tegaki export did not write ({', '.join(strangers[:5])}"
+            f"{' ...' if len(strangers) > 5 else ''}); nothing was written. Export into a new or empty "
+            "folder, or one an earlier tegaki export wrote"
+        )
+
+
+def _export_folder(out: Path, kind: str) -> bool:
+    """True for a missing or empty folder, or one holding only what an export of `kind` wrote."""
+    entries = [e for e in out.iterdir() if not _WRITING.fullmatch(e.name)] if out.is_dir() else []
+    if not entries:
+        return True
+    if any(e.name not in EXPORT_FILES[kind] for e in entries):
+        return False
+    if kind == "adapter" and (out / "base").exists():
+        if not (out / "base").is_dir() or not _export_folder(out / "base", "model"):
+            return False
+        if len(entries) == 1:  # the base, written just before the adapter
+            return True
+    weights = out / EXPORT_FILES[kind][0]
+    try:
+        return weights.is_file() and EXPORT_MARK in safetensors_metadata(weights)
+    except TegakiError:  # a damaged weights file proves nothing
+        return False
+
+
 def export_hf(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """Write config.json, generation_config.json and model.safetensors that transformers'
     AutoModelForCausalLM loads (and the tokenizer, when given). Each file is written atomically.
@@ -215,6 +264,7 @@ def export_hf(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     model learned to: the tokenizer's own id when one is given; otherwise the family's default
     (GPT-2's 50256) only when it lies inside the vocabulary."""
     out = Path(out_dir)
+    claim_export_folder(out, "model")
     hf_config = config_to_hf(model.config)  # raises first if no transformers class fits
     state = state_dict_to_hf(model)
     hf_config["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
@@ -223,7 +273,7 @@ def export_hf(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     os.umask(umask)
 
     def write_weights(tmp: str) -> None:
-        save_file(state, tmp, metadata={"format": "pt"})
+        save_file(state, tmp, metadata={"format": "pt", EXPORT_MARK: "model"})
         os.chmod(tmp, 0o666 & ~umask)  # as readable as the other files beside it
 
     atomic_write(out / "model.safetensors", write_weights)
@@ -232,6 +282,9 @@ def export_hf(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     atomic_write_json(out / "generation_config.json", {"_from_model_config": True, **generation})
     if tokenizer is not None:
         export_hf_tokenizer(tokenizer, out)
+    else:  # an earlier export's tokenizer is not this model's
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (out / name).unlink(missing_ok=True)
     return out
 
 

@@ -10,7 +10,7 @@ import torch
 
 from tegaki.errors import TegakiError
 from tegaki.finetune.peft import CONFIG_FILE, WEIGHTS_FILE, adapter_base, export_peft, load_lora_run
-from tegaki.load import export_hf, from_pretrained, tokenizer_for
+from tegaki.load import claim_export_folder, export_hf, from_pretrained, tokenizer_for
 
 
 def register(subparsers) -> None:
@@ -59,6 +59,7 @@ def _export_peft(args) -> int:
         )
     model, settings, base_name = load_lora_run(args.model)
     out = Path(args.out)
+    claim_export_folder(out, "adapter")  # before base/ is written into it
     if settings.new_tokens:
         base_dir = out / "base"
         base = adapter_base(model)

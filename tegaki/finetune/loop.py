@@ -33,7 +33,7 @@ from tegaki.chat_template import (
     find_chat_template,
     local_template_folders,
 )
-from tegaki.checkpoint import clear_run_folder, read_run_json
+from tegaki.checkpoint import claim_run_folder, clear_run_folder, read_run_json
 from tegaki.data import BatchLoader
 from tegaki.errors import TegakiError
 from tegaki.files import atomic_write_json, atomic_write_text
@@ -144,6 +144,8 @@ class FineTuneSetup:
 
     def __call__(self, run: Run) -> None:
         ft, cfg = self.ft, run.cfg
+        if run.dist.is_main:
+            claim_run_folder(run.run_dir, "finetune")
         if cfg.fresh and run.dist.is_main:
             clear_run_folder(run.run_dir, {"--model": ft.model, "--data": ft.data})
         run.dist.barrier()
@@ -225,11 +227,10 @@ class FineTuneSetup:
                         f"{run.run_dir} holds a fine-tune of another model or with other LoRA "
                         f"settings ({key} differs); use another --out, or --fresh to start over"
                     )
-        if not (run.run_dir / "tokenizer").is_dir():
-            tokenizer.save(run.run_dir / "tokenizer")
+        atomic_write_json(path, info)  # first: from here on the folder is this fine-tune's (claim_run_folder)
+        tokenizer.save(run.run_dir / "tokenizer")  # the base's, with any chat tokens added: the same on a resume
         if template.source not in (DEFAULT_TEMPLATE, PLAIN_TEMPLATE):  # serve finds it here afterwards
             atomic_write_text(run.run_dir / "chat_template.jinja", template.source)
-        atomic_write_json(path, info)
 
 
 def finetune(ft: FineTuneConfig, cfg: TrainConfig, plot_losses: PlotHook | None = None) -> dict[str, Any]:

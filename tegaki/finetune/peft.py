@@ -37,6 +37,7 @@ from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
 from tegaki.files import atomic_write, atomic_write_json
 from tegaki.hf import family_for_config
+from tegaki.load import EXPORT_MARK, claim_export_folder
 from tegaki.lora import QKV_PARTS, LoRASettings, add_lora, lora_layers, merge_lora
 from tegaki.model import GPT
 
@@ -111,8 +112,9 @@ def export_peft(model, out: str | Path, settings: LoRASettings, base_name: str =
         "alpha_pattern": {},
     }
     own = {"targets": list(settings.targets), "base_fingerprint": base_fingerprint(model)}
-    metadata = {"format": "pt", "tegaki": json.dumps(own)}
+    metadata = {"format": "pt", "tegaki": json.dumps(own), EXPORT_MARK: "adapter"}
     out = Path(out)
+    claim_export_folder(out, "adapter")
     atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     atomic_write_json(out / CONFIG_FILE, config)
     return out

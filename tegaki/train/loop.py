@@ -48,6 +48,7 @@ from tegaki.checkpoint import (
     STATE_FILE,
     MetricsLog,
     check_shapes,
+    claim_run_folder,
     clear_run_folder,
     find_checkpoint,
     read_model_tensors,
@@ -128,6 +129,8 @@ class Run:
     # --- setup --------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, d = self.cfg, self.dist
+        if d.is_main:
+            claim_run_folder(self.run_dir, "train")
         if d.is_main and cfg.fresh:
             clear_run_folder(self.run_dir, {"--data": cfg.data, "--tokenizer": cfg.tokenizer})
         d.barrier()

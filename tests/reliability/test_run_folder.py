@@ -104,7 +104,7 @@ def test_tokenizer_folder_not_made_by_the_run_is_kept(shards, corpus, tmp_path):
     (out / "tokenizer").mkdir(parents=True)
     (out / "tokenizer" / "precious.json").write_text("{}")
     rc, err = cli(train_args(out, corpus, 2, "--tokenizer", str(shards.parent / "tok")))
-    assert rc == 2 and "nothing was replaced" in err and "Traceback" not in err, err
+    assert rc == 2 and "tegaki did not write (tokenizer)" in err and "Traceback" not in err, err
     assert (out / "tokenizer" / "precious.json").read_text() == "{}"
 
 
