@@ -363,6 +363,9 @@ def llama_cpp_converter(source: str | None) -> Path:
             )
         return found
     wanted = version("llama-cpp-python")
+    unpacked = find_converter(cache / f"llama_cpp_python-{wanted}")
+    if unpacked is not None:
+        return unpacked
     sdist = cache / f"llama_cpp_python-{wanted}.tar.gz"
     if not sdist.exists():
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
