@@ -11,6 +11,7 @@ divides by: the datasheet figure for known accelerators, a measured matmul for t
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import torch
@@ -83,15 +84,46 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
     return frozenset({"avx512f", "avx2"} if capability.startswith("avx512") else {"avx2"} & {capability})
 
 
+# ONEDNN_MAX_CPU_ISA holds oneDNN (and so tegaki's packed layers) back to an older instruction set,
+# which is how a test or a benchmark runs as on an older CPU: the flags above that cap are then
+# read as absent, so that every path agrees on what this CPU is. Each cap -> the flags it leaves out.
+_ABOVE_AVX512 = {"avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"}
+ISA_CAPS: dict[str, frozenset[str]] = {
+    "AVX2": frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", *_ABOVE_AVX512}),
+    "AVX512_CORE": frozenset(_ABOVE_AVX512),
+    "AVX512_CORE_VNNI": frozenset({"avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"}),
+    "AVX512_CORE_BF16": frozenset({"amx_bf16", "amx_int8", "amx_tile"}),
+}
+
+
+def capped(flags: frozenset[str], cap: str | None = None) -> frozenset[str]:
+    """`flags` less those above the ONEDNN_MAX_CPU_ISA cap (or `cap`); unknown caps leave all."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA", "") if cap is None else cap).strip().upper()
+    return flags - ISA_CAPS.get(cap, frozenset())
+
+
 _FLAGS: frozenset[str] | None = None
 
 
 def cpu_has(flag: str) -> bool:
-    """Whether this machine's CPU has `flag` (read once)."""
+    """Whether this machine's CPU has `flag` (read once), below any ONEDNN_MAX_CPU_ISA cap."""
     global _FLAGS
     if _FLAGS is None:
-        _FLAGS = cpu_flags()
+        _FLAGS = capped(cpu_flags())
     return flag in _FLAGS
+
+
+def cpu_bf16_hardware() -> bool:
+    """Whether the CPU multiplies bfloat16 in hardware: AVX-512 BF16 or AMX in its flags. oneDNN can
+    also run bf16 kernels on plain AVX-512 by converting to float32 (torch.ops.mkldnn.
+    _is_mkldnn_bf16_supported() says True there), but that is emulation, not hardware: this flag
+    is what tegaki's bf16 paths and tests read, the same answer on every machine."""
+    return cpu_has("avx512_bf16") or cpu_has("amx_bf16")
+
+
+def has_cxx_compiler() -> bool:
+    """Whether a C++ compiler is installed: torch.compile's inductor writes C++ for the CPU."""
+    return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++"))
 
 
 def cpu_summary() -> str:

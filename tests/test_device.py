@@ -107,6 +107,40 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path, monkeypatch):
     assert device.cpu_has("amx_bf16") and device.cpu_summary() == "amx_bf16 amx_tile avx512f avx2"
 
 
+@pytest.mark.parametrize(
+    ("flags", "hardware"),
+    [
+        (("avx2", "avx512f", "avx512_vnni"), False),  # an AVX-512 Xeon without bf16: oneDNN emulates it
+        (("avx2", "avx512f", "avx512_bf16"), True),  # AMD Zen 4, Intel Cooper Lake
+        (("avx2", "avx512f", "amx_tile", "amx_bf16"), True),  # Intel Sapphire Rapids and later
+        (("avx2",), False),
+    ],
+)
+def test_bf16_hardware_is_read_from_the_cpu_flags_alone(monkeypatch, flags, hardware):
+    """Whatever oneDNN says it can run (it emulates bf16 on plain AVX-512), bf16 *hardware* is the
+    flags: the same answer on every machine for tegaki's bf16 paths and its tests."""
+    with_cpu_flags(monkeypatch, *flags)
+    assert device.cpu_bf16_hardware() is hardware
+
+
+@pytest.mark.parametrize(
+    ("cap", "left"),
+    [
+        ("", {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"}),
+        ("AVX2", {"avx2"}),
+        ("avx512_core", {"avx2", "avx512f"}),
+        ("AVX512_CORE_VNNI", {"avx2", "avx512f", "avx512_vnni"}),
+        ("AVX512_CORE_BF16", {"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}),
+        ("SOMETHING_NEW", {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"}),
+    ],
+)
+def test_a_onednn_isa_cap_hides_the_flags_above_it(monkeypatch, cap, left):
+    """ONEDNN_MAX_CPU_ISA runs the CPU as an older one: tegaki reads the flags above the cap as absent."""
+    flags = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert device.capped(flags) == left
+
+
 def test_known_accelerators_use_their_datasheet_peak(fake_cuda):
     fake_cuda(name="NVIDIA H100 80GB HBM3")
     assert peak_flops(torch.device("cuda:0"), "bf16") == (989e12, "NVIDIA H100 80GB HBM3 datasheet")
