@@ -49,8 +49,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_train import SHAPE, Baseline, build, time_steps  # noqa: E402
 
 from tegaki.config import ModelConfig  # noqa: E402
-from tegaki.decoding import bf16_matmul_in_hardware  # noqa: E402
-from tegaki.device import cpu_has, cpu_summary, mfu, peak_flops, pick_dtype, synchronize  # noqa: E402
+from tegaki.device import cpu_bf16_hardware, cpu_has, cpu_summary, mfu, peak_flops, pick_dtype, synchronize  # noqa: E402
 from tegaki.generate import generate  # noqa: E402
 from tegaki.load import export_hf, from_pretrained  # noqa: E402
 from tegaki.model import GPT  # noqa: E402
@@ -330,8 +329,8 @@ def host_cpu_rows(report: Report, tmp: Path, smoke: bool, nanogpt: str | None) -
         report()
         batch, block, steps = (2, 32, 2) if smoke else (8, 256, 5)
         shape = dict(SHAPE, vocab_size=512, n_layer=2, n_embd=64, n_head=2) if smoke else SHAPE
-        # bf16 autocast where oneDNN multiplies bf16 in hardware; emulated, a step takes minutes
-        dtypes = ("fp32", "bf16") if bf16_matmul_in_hardware() else ("fp32",)
+        # bf16 autocast where the CPU multiplies bf16 in hardware; emulated, a step takes minutes
+        dtypes = ("fp32", "bf16") if cpu_bf16_hardware() else ("fp32",)
         kinds = ["tegaki", "baseline"] + (["nanoGPT"] if nanogpt else [])
         contenders = [build(kind, d, batch, block, False, nanogpt, shape) for d in dtypes for kind in kinds]
         time_steps(contenders, 1, steps)

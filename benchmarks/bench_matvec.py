@@ -9,17 +9,19 @@ those shapes (random weights: speed does not depend on the values):
 
 1. The kernels. How fast does each float32 matrix-vector kernel within PyTorch's reach read the
    weights, beside reading every weight once with nothing else to do (a sum: the ceiling)?
-     MKL             F.linear on the plain weights (what nn.Linear and transformers call)
-     oneDNN packed   tegaki's PackedLinear kernel (`_linear_pointwise` on the packed weight)
+     F.linear        the plain weights, PyTorch's default BLAS (what nn.Linear and transformers call;
+                     the decoding layer's "plain" path)
+     oneDNN          `_linear_pointwise` on the weight as it is (the "onednn" path)
+     oneDNN packed   the same kernel on a copy in oneDNN's layout (the "packed" path)
      compiled        `(x * W).sum(-1)` through torch.compile (inductor's own C++ loop, what a compiled
-                     decode step runs: PackedLinear.forward_matvec), one call for all 49, --compile
+                     decode step runs: FastLinear.forward_matvec), one call for all 49, --compile
      dnnl_sgemm      oneDNN's BLAS-style sgemm, which CTranslate2 multiplies with on CPUs where it
                      does not use MKL, called through ctypes from a libdnnl given with --dnnl (the
                      `onednn` wheel and its runtime libraries; PyTorch's own copy hides the symbol)
 2. The step. CTranslate2's whole float32 decoding (in a worker process, as in bench_generate.py)
-   against tegaki's 49 packed matrix-vector products alone, back to back, and tegaki's whole eager
-   step (and, with --compile, its compiled step), all per token of a 32-token prompt + 128 greedy
-   tokens.
+   against tegaki's 49 matrix-vector products alone (each on the path measured fastest), back to
+   back, and tegaki's whole eager step (and, with --compile, its compiled step), all per token of a
+   32-token prompt + 128 greedy tokens.
 
 Every candidate runs once per round, in turn; a figure is the median over rounds and its range.
 """
@@ -57,7 +59,7 @@ from bench_generate import (  # noqa: E402
 )
 
 from tegaki.config import ModelConfig  # noqa: E402
-from tegaki.decoding import PackedLinear, prepare_for_decoding  # noqa: E402
+from tegaki.decoding import FastLinear, prepare_for_decoding  # noqa: E402
 from tegaki.generate import generate  # noqa: E402
 from tegaki.kv_cache import KVCache  # noqa: E402
 from tegaki.load import export_hf  # noqa: E402
@@ -76,12 +78,17 @@ def kernel_runs(weights: list[torch.Tensor], dnnl: str | None, compile: bool) ->
         for w in weights:
             F.linear(xs[w.shape[1]], w)
 
+    def onednn():
+        for w in weights:
+            torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], w, None, "none", [], "")
+
     def onednn_packed():
         for w, p in zip(weights, packed):
             torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [], "")
 
-    runs["MKL (F.linear, plain weights)"] = mkl
-    runs["oneDNN packed (tegaki's PackedLinear)"] = onednn_packed
+    runs['F.linear, plain weights (tegaki\'s "plain" path)'] = mkl
+    runs['oneDNN on the weight ("onednn")'] = onednn
+    runs['oneDNN packed copy ("packed")'] = onednn_packed
     if compile:
         inputs = [xs[w.shape[1]] for w in weights]
         runs["compiled dot products (inductor's loop)"] = lambda: chained_products(inputs, weights)
@@ -94,7 +101,7 @@ def kernel_runs(weights: list[torch.Tensor], dnnl: str | None, compile: bool) ->
 
 @torch.compile(dynamic=False)
 def chained_products(xs: list[torch.Tensor], ws: list[torch.Tensor]) -> torch.Tensor:
-    """PackedLinear.forward_matvec's formula for all 49 matrices in one compiled call (no per-call
+    """FastLinear.forward_matvec's formula for all 49 matrices in one compiled call (no per-call
     entry into a compiled function to time). Each input takes a zero-weighted term of the previous
     output, so that, as in a decode step where each layer reads the one before, every product is a
     loop of its own; independent, inductor would fuse all 49 into one kernel."""
@@ -144,7 +151,7 @@ def step_runs(base: GPT, threads: int, with_ct2: bool, compile: bool) -> dict[st
             ct2 = ctranslate2_contestants(f"{tmp}/transformers", f"{tmp}/ct2", cfg.vocab_size, threads)[0]
         runs["CTranslate2 fp32, whole decoding"] = lambda: ct2.run(ids, NEW)
     model = prepare_for_decoding(base)
-    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    layers = [m for m in model.modules() if isinstance(m, FastLinear)]
     xs = {layer.in_features: torch.randn(1, 1, layer.in_features) for layer in layers}
 
     def products():
@@ -160,7 +167,7 @@ def step_runs(base: GPT, threads: int, with_ct2: bool, compile: bool) -> dict[st
             for _ in range(NEW - 1):
                 token = model(token, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)
 
-    runs[f"tegaki: the {len(layers)} packed products alone"] = products
+    runs[f"tegaki: the {len(layers)} products alone (measured paths)"] = products
     runs["tegaki fp32, whole eager decoding"] = eager
     if compile:  # generate's compiled step: forward_matvec for every layer, the prompt eager
         runs["tegaki fp32, whole compiled decoding"] = lambda: generate(model, ids, NEW, temperature=0, compile=True)

@@ -11,8 +11,8 @@ range (min-max): a difference smaller than the ranges is not a difference.
 What is measured, with the code each revision has (so only the public API that both revisions
 share is used):
   decode fp32    GPT-2 124M shapes, random weights, batch 1, a 32-token prompt + 64 new tokens,
-                 greedy, `generate` with the KV cache and `prepare=True` where the revision has a
-                 decoding layout (as its `tegaki generate` command applies it)
+                 greedy, `generate` with the KV cache and the revision's decoding layer applied as
+                 its `tegaki generate` command applies it
   decode int8    the same with int8 weights and bf16 activations (`--dtype bf16 --quantize int8`)
   train          the `tiny` preset, batch 16 x 256 tokens, forward + backward + AdamW, fp32
 """
@@ -42,20 +42,27 @@ from tegaki.config import ModelConfig
 from tegaki.model import GPT
 from tegaki.generate import generate
 from tegaki.quant import quantize_model
-import importlib.util
-# Both the old opt-in decoding layout (tegaki.fastpath) and today's (tegaki.decoding) are switched
-# on by prepare=True, as each revision's `tegaki generate` does.
-has_layout = any(importlib.util.find_spec(f"tegaki.{m}") for m in ("fastpath", "decoding"))
-extra = dict(prepare=True) if has_layout else {}
+import inspect
+# Each revision's `tegaki generate` applies its decoding layer: revisions whose generate() takes
+# prepare= (tegaki.fastpath, then tegaki.decoding's packed layout) by prepare=True, later ones by
+# decoding.prepare_for_decoding (the path measured fastest); the oldest have none.
+extra = dict(prepare=True) if "prepare" in inspect.signature(generate).parameters else {}
+try:
+    from tegaki.decoding import prepare_for_decoding
+except ImportError:
+    prepare_for_decoding = None
+if extra or prepare_for_decoding is None:
+    prepare_for_decoding = lambda model: model
 warnings.simplefilter("ignore")
 out = {}
 torch.manual_seed(0)
 base = GPT(ModelConfig.preset("gpt2")).eval()
-state = {k: v.clone() for k, v in base.state_dict().items()}  # before prepare=True swaps the head
+state = {k: v.clone() for k, v in base.state_dict().items()}  # before the decoding layer swaps the head
 prompt = torch.randint(0, 50257, (1, 32), generator=torch.Generator().manual_seed(1))
 NEW = 64
 
 def decode(model):
+    prepare_for_decoding(model)
     generate(model, prompt, 4, temperature=0, **extra)  # warm-up
     t = time.perf_counter()
     generate(model, prompt, NEW, temperature=0, **extra)

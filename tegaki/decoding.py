@@ -1,137 +1,109 @@
-"""Decoding on a CPU: the linear layers multiplied by oneDNN's kernels, in the layout they read best.
+"""The CPU's fast decoding layer: how each linear layer multiplies, chosen by measuring on this machine.
 
-Decoding one token multiplies one vector by every weight matrix, so its time is the time to stream
-every weight from memory once. In float32 nn.Linear hands W (out, in) to MKL's general matmul, which
-on the CPU measured reads it at about half the speed memory allows when there is one row to multiply.
-oneDNN (PyTorch's CPU kernel library, "mkldnn") has kernels written for this case, called through
-`torch.ops.mkldnn._linear_pointwise`; given a weight in the layout oneDNN asks for
-(`torch.ops.mkldnn._reorder_linear_weight`, "packing"), they halve the matmul time of a GPT-2 124M
-decode step in float32 and in bfloat16 (benchmarks/RESULTS.md). The values, and so the logits, are
-those of nn.Linear up to the order of the additions (tests/test_decoding.py).
+Decoding one token multiplies one vector by every weight matrix, so a step's time is mostly the time
+to stream every weight from memory once. PyTorch offers more than one kernel for that product, and
+which is fastest depends on the CPU, the dtype and the shape:
 
-What that layout is depends on the dtype and the CPU. For float32 on the AVX-512 CPU measured (and
-with oneDNN held to AVX2 there) it is W's own: row after row, the bytes nn.Linear holds. Then the
-kernel reads W where it is and no copy is made. For bfloat16 it is re-blocked into tiles (a copy of
-the weight, made once and made again if the weight changes). `layout_is_own` asks oneDNN once per
-shape and dtype, by packing one weight and comparing the bytes.
+    "plain"   F.linear, nn.Linear's own call (PyTorch's default BLAS for the dtype): the readable twin
+    "onednn"  oneDNN's kernel (`torch.ops.mkldnn._linear_pointwise`) reading the weight where it is
+    "packed"  the same kernel reading a copy of the weight in the layout oneDNN asks for
+              (`torch.ops.mkldnn._reorder_linear_weight`): re-blocked tiles for bfloat16
 
-`PackedLinear` is that layer; it keeps the original weight (the readable twin, `forward_reference`,
-and what `state_dict` saves). Two ways to use it, both module swaps from outside the model:
+None wins everywhere: the oneDNN kernel reads float32 faster than MKL's on some CPUs and slower on
+others. So the layer does not assume: for each (shape, dtype) of a model it times each path on the
+model's own weights of that shape, one row at a time as a decode step multiplies them, in interleaved
+rounds, and keeps the fastest (`choose`). A path other than "plain" must beat "plain" by MARGIN, and
+"packed" must beat "onednn" by MARGIN (it costs a copy of the weight), so that noise never picks a
+slower path. The answer is kept for the process (`CHOICES`); `describe` says what was chosen and the
+times that chose it (`tegaki generate --verbose`).
 
-- `decoding_layout(model)`: for the length of a `with` block, then the model is as it was. This is
-  what `generate` does by default, so `model.generate(...)` is fast without a flag.
+Every path gives nn.Linear's values up to the order of the additions (tests/test_decoding.py).
+`FastLinear` is the swapped-in layer; it keeps the original weight (the readable twin,
+`forward_reference`, and what `state_dict` saves). The model is handed to this layer from outside,
+in one of two ways:
+
+- `decoding_layout(model)`: for the length of a `with` block, then the model is as it was (what
+  `generate` does, so `model.generate(...)` decodes through the chosen paths without a flag);
 - `prepare_for_decoding(model)`: once and for good, for code that only decodes (`tegaki generate`,
-  `tegaki serve`). A prepared model refuses to train: reload it to train it.
+  `tegaki serve`, a compiled step). A prepared model refuses to train: reload it to train it.
+Both take `path=` to force one path everywhere (benchmarks, tests).
 
-Under torch.compile a layer given one float32 row (a decode step) takes `forward_matvec` instead: the
-product written as dot products, which inductor compiles into a loop that reads the plain weight
-faster still; any other input calls the oneDNN kernel as one operator of the graph (opaque.py).
-
-Layers are swapped only where oneDNN serves them: float32 (and bfloat16 where the CPU multiplies it
-in hardware) on the CPU. Quantized layers and GPU layers are left as they are.
+Under torch.compile a layer given one float32 row takes `forward_matvec` (the product written as
+dot products, which inductor turns into its own loop over the plain weight); a "plain" layer traces
+F.linear; the oneDNN paths run as one operator of the graph (opaque.py). `CompiledCpuStep` is the
+decode step a compiled CPU model runs: attention written out (inductor fuses its few small products),
+switched from here around each call (`GPT.attention_as`), so the model itself holds no switch for it.
 """
 
 from __future__ import annotations
 
-import ctypes
+import statistics
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from tegaki import opaque
+from tegaki.device import cpu_bf16_hardware
 from tegaki.errors import TegakiError
 
+PATHS = ("plain", "onednn", "packed")
+MARGIN = 0.05  # a path must be this much faster than the simpler one to be chosen over it
+MIN_ROUNDS, MAX_ROUNDS = 3, 9
+BUDGET_SECONDS = 0.15  # per (shape, dtype): rounds stop once past it (and MIN_ROUNDS are done)
+MEASURED_BYTES = 64 * 2**20  # enough of a model's weights of one shape to reach past the caches
 
-def bf16_matmul_in_hardware() -> bool:
-    """oneDNN multiplies bfloat16 natively (AVX-512 BF16 or AMX); elsewhere it is emulated, slowly."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
-
-def packable(linear: nn.Module) -> bool:
-    """An nn.Linear that oneDNN's packed kernels serve on this machine."""
+def candidates(linear: nn.Module) -> tuple[str, ...]:
+    """The paths that can multiply this layer here: all three for a CPU nn.Linear in float32 (or in
+    bfloat16 on a CPU that multiplies it in hardware), none for anything else (left as it is)."""
     if not isinstance(linear, nn.Linear) or not torch.backends.mkldnn.is_available():
-        return False
+        return ()
     w = linear.weight
-    if w.device.type != "cpu":
-        return False
-    return w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and bf16_matmul_in_hardware())
+    if w.device.type != "cpu" or w.dim() != 2:
+        return ()
+    if w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and cpu_bf16_hardware()):
+        return PATHS
+    return ()
 
 
-# (shape, dtype) -> whether oneDNN's layout for a one-row product is the weight's own (layout_is_own).
-_own_layout: dict[tuple[torch.Size, torch.dtype], bool] = {}
+class FastLinear(opaque.OpaqueLayer):
+    """y = x W^T + b through one of PATHS. nn.Linear's output, through the kernel measured fastest."""
 
-
-def same_bytes(packed: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether oneDNN's packed tensor holds exactly the bytes of `weight`, in the same order. The
-    packed tensor is opaque: its bytes are read where oneDNN keeps them (as inductor reads them to
-    save such a tensor), without a copy."""
-    n = torch.ops.mkldnn._nbytes(packed)
-    if n != weight.nbytes or not weight.is_contiguous():
-        return False
-    raw = (ctypes.c_ubyte * n).from_address(torch.ops.mkldnn.data_ptr(packed))
-    return torch.equal(torch.frombuffer(raw, dtype=torch.uint8), weight.reshape(-1).view(torch.uint8))
-
-
-def layout_is_own(weight: torch.Tensor) -> bool:
-    """Whether oneDNN's kernel for one row reads this weight in its own (out, in) row-major layout,
-    so that packing it would only copy it. Asked once per shape and dtype in a process: one weight is
-    packed and its bytes compared. A weight that reads alike in more than one order (a constant
-    matrix, a symmetric one) cannot tell, so a random one of its shape is asked instead."""
-    if not weight.is_contiguous() or weight.numel() == 0:
-        return False
-    key = (weight.shape, weight.dtype)
-    if key not in _own_layout:
-        probe = weight
-        if bool(weight.amin() == weight.amax()) or (
-            weight.shape[0] == weight.shape[1] and torch.equal(weight, weight.t())
-        ):
-            probe = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
-        _own_layout[key] = same_bytes(torch.ops.mkldnn._reorder_linear_weight(probe, 1), probe)
-    return _own_layout[key]
-
-
-class PackedLinear(opaque.OpaqueLayer):
-    """y = x W^T + b through oneDNN's kernel, with W in the layout it reads: W itself where that is
-    W's own layout (float32), else a packed copy beside it. nn.Linear's output, read faster."""
-
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, path: str):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if path not in PATHS:
+            raise TegakiError(f"decoding path must be one of {', '.join(PATHS)}; got {path!r}")
+        self.in_features, self.out_features, self.path = linear.in_features, linear.out_features, path
         self.register_buffer("weight", linear.weight.detach())  # the same storage: no copy
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
-        # self.packed (OpaqueLayer): the weight as an opaque oneDNN tensor, made on first use where
-        # oneDNN's layout is not the weight's own
+        # self.packed (OpaqueLayer): the "packed" path's copy, made on first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.weight.dtype:  # the kernel takes the weight's dtype only
+        if x.dtype != self.weight.dtype or self.path == "plain":  # the kernels take the weight's dtype only
             return self.forward_reference(x)
         if torch.compiler.is_compiling():
             if not opaque.wanted(x):
                 return self.forward_reference(x)  # a gradient is wanted: the plain twin has one
             if x.dtype == torch.float32 and x.shape[:-1].numel() == 1:
-                # One float32 row (a decode step): the compiler writes the dot products as its own
-                # loop, which reads W faster than oneDNN's kernel (see forward_matvec).
                 return self.forward_matvec(x)
-            # Otherwise the compiler cannot trace the opaque packed tensor: the graph calls this
-            # very forward as one operator (opaque.py), so it reads what the eager layer reads.
+            # The compiler cannot trace oneDNN's opaque tensor: the graph calls this very forward
+            # as one operator (opaque.py), so it reads what the eager layer reads.
             return opaque.eager_layer(x, self.weight, self.layer_id)
         return torch.ops.mkldnn._linear_pointwise(x, self.kernel_weight(), self.bias, "none", [], "")
 
     def kernel_weight(self) -> torch.Tensor:
-        """What oneDNN's kernel reads: the weight itself where its layout is oneDNN's, else the
-        packed copy, packed again if the weight was replaced or written in place (load_state_dict,
-        .to(...)) since."""
-        if layout_is_own(self.weight):
-            if self.packed is not None:  # a copy made before the question was answered: not needed
-                self.packed = self.packed_from = None
+        """What oneDNN's kernel reads: the weight itself ("onednn"), or the packed copy ("packed"),
+        packed again if the weight was replaced or written in place (load_state_dict, .to(...))."""
+        if self.path == "onednn":
             return self.weight
         key = opaque.tensor_key(self.weight)
         if self.packed is None or key != self.packed_from:
-            # The batch size is a hint for the tile shape: 1, the decode step's, which is what
-            # this layout is for (a 512-token prefill through it is still faster than nn.Linear).
+            # The batch size is a hint for the tile shape: 1, the decode step's.
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)
             self.packed_from = key
         return self.packed
@@ -143,54 +115,184 @@ class PackedLinear(opaque.OpaqueLayer):
 
     def forward_matvec(self, x: torch.Tensor) -> torch.Tensor:
         """y = x W^T + b for one row x, written as what it is: output o is the dot product of x with
-        row o of W. Run as written (eagerly, or by the aot_eager backend) it builds the (out, in)
-        products first: slow, for checking. Under inductor the product is fused into the sum: one
-        loop over the plain weight's rows, split across the threads, with x held in registers. On
-        GPT-2 124M that reads float32 weights faster than oneDNN's packed kernel, and a compiled
-        step with it beat a whole CTranslate2 step (benchmarks/bench_matvec.py --compile). Not used
-        for bfloat16, where inductor's loop converts each weight and lost to the packed kernel (one
-        comparison on GPT-2 124M, not kept as a benchmark)."""
+        row o of W. Run eagerly it builds the (out, in) products first: slow, for checking. Under
+        inductor the product is fused into the sum: one loop over the weight's rows, split across
+        the threads, with x held in registers."""
         y = (x.unsqueeze(-2) * self.weight).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
         return y if self.bias is None else y + self.bias
 
     def train(self, mode: bool = True):
         if mode:
             raise TegakiError(
-                "this model was prepared for decoding (its linear layers are oneDNN's read-only layers, "
+                "this model was prepared for decoding (its linear layers are read-only decoding layers, "
                 "not parameters); load it again to train it"
             )
         return super().train(mode)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, {self.weight.dtype}, oneDNN"
+        return f"in={self.in_features}, out={self.out_features}, {self.weight.dtype}, {self.path}"
 
 
-def _swap_in(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Put a PackedLinear where each packable nn.Linear was; return (parent, name, original)."""
+# -------------------------------------------------------------------------------------------------
+# Choosing a path by measuring
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Choice:
+    """The path chosen for one (out, in, dtype) on this machine, and the median times (ms for one
+    row through `layers` weights of that shape) that chose it."""
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    path: str
+    ms: dict[str, float] = field(default_factory=dict)
+    layers: int = 0
+    rounds: int = 0
+
+    def line(self) -> str:
+        times = ", ".join(f"{p} {t:.3f}" for p, t in self.ms.items())
+        dtype = str(self.dtype).removeprefix("torch.")
+        how = f"ms for {self.layers} layer(s), median of {self.rounds} rounds" if self.ms else "forced"
+        return f"{self.shape[0]}x{self.shape[1]} {dtype}: {self.path}" + (f" ({times} {how})" if self.ms else "")
+
+
+# (out, in, dtype, threads) -> Choice, for the process: the CPU and the kernels do not change in it.
+CHOICES: dict[tuple, Choice] = {}
+
+
+def pick(ms: dict[str, float]) -> str:
+    """The path to keep from median times: the simpler one unless another beats it by MARGIN."""
+    best = "plain"
+    for path in ("onednn", "packed"):
+        if path in ms and ms[path] < ms[best] * (1 - MARGIN):
+            best = path
+    return best
+
+
+def _runs(weights: list[torch.Tensor], x: torch.Tensor, path: str) -> list:
+    """One call per weight: x through it on `path`."""
+    if path == "plain":
+        return [lambda w=w: F.linear(x, w) for w in weights]
+    if path == "packed":
+        weights = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
+    return [lambda w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in weights]
+
+
+def measure(weights: list[torch.Tensor], paths: tuple[str, ...] = PATHS) -> tuple[dict[str, float], int]:
+    """Median ms of one row through each weight in turn, for each path, in interleaved rounds
+    (every path once per round, so that a burst of other work on the machine hits all of them).
+    Returns ({path: ms}, rounds)."""
+    x = torch.randn(1, weights[0].shape[1], generator=torch.Generator().manual_seed(0)).to(weights[0].dtype)
+    times: dict[str, list[float]] = {p: [] for p in paths}
+    with torch.inference_mode():
+        runs = {p: _runs(weights, x, p) for p in paths}
+        for p in paths:  # warm-up: first-call allocations and kernel selection
+            for run in runs[p]:
+                run()
+        start = time.perf_counter()
+        for r in range(MAX_ROUNDS):
+            for p in paths:
+                t = time.perf_counter()
+                for run in runs[p]:
+                    run()
+                times[p].append(time.perf_counter() - t)
+            if r + 1 >= MIN_ROUNDS and time.perf_counter() - start > BUDGET_SECONDS:
+                break
+    return {p: statistics.median(ts) * 1e3 for p, ts in times.items()}, len(times[paths[0]])
+
+
+def choose(weights: list[torch.Tensor]) -> Choice:
+    """The fastest path for weights of one shape and dtype (measured once per process)."""
+    w0 = weights[0]
+    key = (*w0.shape, w0.dtype, torch.get_num_threads())
+    if key not in CHOICES:
+        measured, total = [], 0
+        for w in weights:  # enough of them that the cache holds no layer from one pass to the next
+            measured.append(w.contiguous())
+            total += w.nbytes
+            if total >= MEASURED_BYTES:
+                break
+        ms, rounds = measure(measured)
+        CHOICES[key] = Choice(tuple(w0.shape), w0.dtype, pick(ms), ms, len(measured), rounds)
+    return CHOICES[key]
+
+
+# -------------------------------------------------------------------------------------------------
+# Handing a model to the layer
+# -------------------------------------------------------------------------------------------------
+
+
+def _swap_in(model: nn.Module, path: str | None) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Put a FastLinear where each nn.Linear that a path serves was, on the path chosen for its
+    shape (or `path`); return (parent, name, original) for each."""
+    found = [(name, m) for name, m in model.named_modules() if candidates(m)]
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for _, m in found:
+        groups.setdefault((*m.weight.shape, m.weight.dtype), []).append(m.weight.detach())
+    paths = {key: path or choose(weights).path for key, weights in groups.items()}
     swapped = []
-    for name, module in list(model.named_modules()):
-        if packable(module):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, PackedLinear(module))
-            swapped.append((parent, child, module))
+    for name, module in found:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, FastLinear(module, paths[(*module.weight.shape, module.weight.dtype)]))
+        swapped.append((parent, child, module))
     return swapped
 
 
-def prepare_for_decoding(model: nn.Module) -> nn.Module:
-    """Swap every packable nn.Linear for a PackedLinear, for good. In place; returns the model, in
-    eval mode (which it then keeps: training it is refused)."""
-    _swap_in(model)
+def prepare_for_decoding(model: nn.Module, path: str | None = None) -> nn.Module:
+    """Swap every linear layer a path serves for a FastLinear, for good: on the path measured fastest
+    for its shape, or on `path` everywhere. In place; returns the model, in eval mode (which it then
+    keeps: training it is refused). Layers swapped already are left as they are."""
+    _swap_in(model, path)
     return model.eval()
 
 
 @contextmanager
-def decoding_layout(model: nn.Module) -> Iterator[nn.Module]:
-    """The model with packed linear layers for the length of the block, then exactly as before
-    (the same nn.Linear objects, the same parameters, the same train/eval mode)."""
-    swapped = _swap_in(model)
+def decoding_layout(model: nn.Module, path: str | None = None) -> Iterator[nn.Module]:
+    """The model with FastLinear layers for the length of the block, then exactly as before (the same
+    nn.Linear objects, the same parameters, the same train/eval mode)."""
+    swapped = _swap_in(model, path)
     try:
         yield model
     finally:
         for parent, child, original in reversed(swapped):
             setattr(parent, child, original)
+
+
+def describe(model: nn.Module) -> list[str]:
+    """One line per (shape, dtype) of the model's decoding layers: the path and the times that chose it."""
+    lines, seen = [], set()
+    for m in model.modules():
+        if isinstance(m, FastLinear):
+            key = (*m.weight.shape, m.weight.dtype, torch.get_num_threads())
+            if key in seen:
+                continue
+            seen.add(key)
+            choice = CHOICES.get(key)
+            if choice is None or choice.path != m.path:  # forced: nothing was measured for it
+                choice = Choice(tuple(m.weight.shape), m.weight.dtype, m.path)
+            count = sum(isinstance(o, FastLinear) and o.weight.shape == m.weight.shape for o in model.modules())
+            lines.append(f"{choice.line()}; {count} layer(s)")
+    return lines
+
+
+# -------------------------------------------------------------------------------------------------
+# The compiled CPU step
+# -------------------------------------------------------------------------------------------------
+
+
+class CompiledCpuStep:
+    """A compiled one-token step for a CPU model, with its attention written out while the step runs:
+    inductor fuses the written-out formula's few small products into loops of its own, where the
+    fused kernel would be one call over the static cache's padded slots. The model's linear layers
+    are prepared for decoding for good first (a compiled graph is built for the layers a model has).
+    `model` is a GPT (its `attention_as` switches the attention formula)."""
+
+    def __init__(self, model: nn.Module, backend: str = "inductor"):
+        self.model = prepare_for_decoding(model)
+        self.compiled = torch.compile(model, dynamic=False, backend=backend)
+
+    def __call__(self, *args, **kwargs):
+        with self.model.attention_as("manual"):
+            return self.compiled(*args, **kwargs)

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
 
 import torch
 
-from tegaki.decoding import decoding_layout, prepare_for_decoding
+from tegaki.decoding import CompiledCpuStep, decoding_layout
 from tegaki.errors import TegakiError
 from tegaki.kv_cache import KVCache
 from tegaki.sampling import SamplingSettings, sample_next
@@ -161,7 +160,6 @@ def generate(
     generator: torch.Generator | None = None,
     compile: bool | str = False,
     sampling: SamplingSettings | None = None,
-    prepare: bool | None = None,
     **sampling_keywords,
 ) -> torch.Tensor:
     """Sample max_new_tokens after input_ids (B, T); return (B, T + n) ids, prompt included.
@@ -172,26 +170,19 @@ def generate(
     after producing one of `stop_tokens` (kept in the output) or text containing one of
     `stop_strings` (needs `tokenizer` to decode; the token completing it is kept); finished rows are
     filled with pad_id until every row has stopped, and the output is cut at the longest row.
-    `compile=True` runs the decode step through torch.compile (a string names the backend, e.g.
-    "aot_eager"). On the CPU the linear layers are multiplied by oneDNN's kernels, on the weights
-    in the layout those read (`decoding.py`: the same logits, about twice the speed; float32 is read
-    in place, bfloat16 through a packed copy): by default (prepare=None) for this call only, the
-    model as it was afterwards; `prepare=True` swaps them for good (the model then refuses to
-    train); `prepare=False` decodes through the plain layers. A compiled step is built for the
-    layers the model has, so with `compile=True` oneDNN's layers need `prepare=True` (as
-    `tegaki generate --compile` does): a compiled float32 step of one row then multiplies by the
-    plain weights through inductor's own loop (`PackedLinear.forward_matvec`, faster on a CPU),
-    other steps call oneDNN's kernels. Without it, compiled CPU layers go to MKL's matmul, slower
-    than the eager default. `compile="aot_eager"` runs the traced graph without
-    code generation, one-row products as written (an (out, in) temporary each): for checking.
+    On the CPU the linear layers multiply through the decoding layer (`decoding.py`): for this
+    call only, each on the kernel measured fastest on this machine for its shape (the same logits up
+    to the order of the additions); the model is as it was afterwards. A model prepared for good
+    (`decoding.prepare_for_decoding`) keeps the paths it has. `compile=True` runs the decode step
+    through torch.compile (a string names the backend, e.g. "aot_eager", which runs the traced
+    graph without code generation: for checking); a compiled step is built once per model for the
+    layers it has, so on a CPU it prepares the model for decoding for good (`CompiledCpuStep`).
     """
     if sampling is not None and sampling_keywords:
         raise TegakiError("give either sampling=SamplingSettings(...) or its fields as keywords, not both")
     settings = sampling or SamplingSettings.from_keywords(**sampling_keywords)
     if stop_strings and tokenizer is None:
         raise TegakiError("stop_strings need a tokenizer to decode the generated text")
-    if prepare:
-        prepare_for_decoding(model)
     B = input_ids.shape[0]
     stop_set = torch.as_tensor(sorted(set(stop_tokens or [])), dtype=torch.long, device=input_ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -211,7 +202,7 @@ def generate(
         decode_step=step,
     )
     check_stops = stop_set.numel() > 0 or bool(stop_strings)
-    with decoding_layout(model) if prepare is None and not compile else nullcontext():
+    with decoding_layout(model):
         for token in tokens:
             token = torch.where(done, torch.full_like(token, pad_id), token) if check_stops else token
             new_tokens.append(token)
@@ -251,10 +242,14 @@ _compiled: dict[tuple[int, str], object] = {}
 
 def compiled_decode_step(model, backend: str = "inductor"):
     """The model's forward through torch.compile, built once per model, for one-token steps on a
-    static cache (one shape every step, so it compiles once; the prefill runs eagerly)."""
+    static cache (one shape every step, so it compiles once; the prefill runs eagerly). On a CPU,
+    the decoding layer's compiled step (`decoding.CompiledCpuStep`)."""
     key = (id(model), backend)
     if key not in _compiled:
-        _compiled[key] = torch.compile(model, dynamic=False, backend=backend)
+        if next(model.parameters()).device.type == "cpu":
+            _compiled[key] = CompiledCpuStep(model, backend)
+        else:
+            _compiled[key] = torch.compile(model, dynamic=False, backend=backend)
     return _compiled[key]
 
 

@@ -15,7 +15,9 @@ V vocabulary, E experts, N = B*T tokens.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -100,14 +102,6 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
 # -------------------------------------------------------------------------------------------------
 
 
-def compiled_cpu_decode_step(q: torch.Tensor) -> bool:
-    """A torch.compile'd one-token step on the CPU attends through the written-out formula whatever
-    attn_impl says: inductor fuses its few small products into loops of its own, where the fused
-    kernel is a call over the static cache's padded slots (on GPT-2's shapes the profiler shows ~0.1 ms
-    a layer, 1.2 ms of an 18 ms step). Eagerly the fused kernel is the faster of the two, so it stays."""
-    return torch.compiler.is_compiling() and q.device.type == "cpu" and q.shape[2] == 1
-
-
 class Attention(nn.Module):
     """Multi-head causal self-attention, with the modern variants as flags.
 
@@ -172,7 +166,7 @@ class Attention(nn.Module):
             # Append this step's keys/values; attend over everything cached so far.
             k, v, mask = kv_cache.update(self.layer_idx, k, v, positions)  # (B, K, S, D), mask (B,1,T,S)
 
-        if self.config.attn_impl == "manual" or compiled_cpu_decode_step(q):
+        if self.config.attn_impl == "manual":
             y = self._attend_written_out(q, k, v, mask, positions)
         else:
             y = self._attend_fused(q, k, v, mask, positions)
@@ -439,6 +433,19 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
         self._init_residual_projections()
+
+    @contextlib.contextmanager
+    def attention_as(self, impl: str) -> Iterator[None]:
+        """Every attention layer computes through `impl` ("manual": the written-out softmax, "sdpa":
+        the fused kernel) for the length of the block, then as the config said before: the same
+        maths either way. The trace reads the written-out weights; a compiled CPU step lets
+        inductor fuse the written-out products (decoding.CompiledCpuStep)."""
+        before = self.config.attn_impl
+        self.config.attn_impl = impl
+        try:
+            yield
+        finally:
+            self.config.attn_impl = before
 
     # --- initialisation (GPT-2's): N(0, 0.02), residual projections scaled down by depth -------
     def _init_weights(self, module: nn.Module) -> None:

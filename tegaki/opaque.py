@@ -1,31 +1,19 @@
-"""Layers that keep a packed copy of their weights for a kernel torch.compile cannot look inside:
-when that copy is stale, and how a compiled graph calls them as one operator.
+"""Layers whose kernel reads a weight torch.compile cannot look inside: oneDNN's packed copy
+(`decoding.FastLinear` on the "packed" path, an opaque tensor), and how a compiled graph calls them
+as one operator; and when such a copy is stale.
 
-Two of tegaki's fast CPU kernels take an argument the compiler cannot trace: oneDNN's packed weight
-(an opaque tensor, `decoding.PackedLinear`; bfloat16's re-blocked copy, or a float32 one where oneDNN
-asks for a layout other than the weight's own) and fbgemm's packed int8 weight (a TorchScript object,
-`quant.Int8Linear`). Left to itself, torch.compile either breaks the graph at every such call (int8:
-one break per linear layer, 49 in a GPT-2 step) or traces the layer's plain twin instead (float32:
-MKL's matmul, on some CPUs half the speed of oneDNN's kernel). Either way a compiled decode step was
-slower than the eager one. (A float32 layer that oneDNN reads in place takes the same road: one
-operator whose body is the eager forward, so that compiled and eager call the same kernel.)
+Left to itself, torch.compile would trace the layer's plain twin instead, and the compiled step
+would not multiply the way the eager one was measured to be fastest. So such a layer registers
+itself here, and under compile it calls `eager_layer(x, weight, layer_id)`: one custom operator
+whose body is the layer's own eager forward, run when the graph runs. The same kernel reads the
+same bytes, so the layer gives the same numbers compiled and eager; the compiler sees one operator
+with a known output shape, and fuses everything around it. `weight` is passed so that the compiler
+knows the output depends on it (and for the output's shape); the id is a tensor (a buffer of the
+layer), which the compiler does not specialise on, so one graph serves every layer of a model. The
+operator has no gradient: a layer takes it only where none is wanted, and traces its readable twin
+otherwise.
 
-So such a layer registers itself here, and under compile it calls `eager_layer(x, weight, layer_id)`:
-one custom operator whose body is the layer's own eager forward, run when the graph runs. The same
-kernel reads the same packed bytes, so such a layer gives the same numbers compiled and eager; the
-compiler sees one operator with a known output shape, and fuses everything around it. `weight` is
-passed so that the compiler knows the output depends on it (and for the output's shape); the id is a
-tensor (a buffer of the layer), which the compiler does not specialise on, so one graph serves every
-layer of a model. The operator has no gradient: a layer takes it only where none is wanted, and
-traces its readable twin otherwise.
-
-One case takes neither road: a packed float32 layer given one row (a decode step) is written as dot
-products, which inductor compiles into a loop faster than the packed kernel
-(`decoding.PackedLinear.forward_matvec`). Its sums run in another order than oneDNN's, so its outputs
-match eager ones to float32 rounding (~1e-7 relative), not bit for bit; tests compare them within
-a tolerance, and greedy tokens.
-
-The packed copy is rebuilt when a tensor it was made from is replaced or written in place
+The packed copy is rebuilt when the tensor it was made from is replaced or written in place
 (load_state_dict, `.to(...)`): `tensor_key` is what changes then.
 """
 
@@ -49,7 +37,7 @@ def register(layer: nn.Module) -> torch.Tensor:
 
 
 class OpaqueLayer(nn.Module):
-    """The part both packed layers share: the packed copy (`packed`, made from tensors whose
+    """What a layer with a packed copy needs: the copy (`packed`, made from tensors whose
     `tensor_key`s are `packed_from`; never saved, rebuilt on need) and the id a compiled graph calls
     the layer by. A copy (deepcopy, pickling) cannot read the packed copy and is a layer of its own:
     it packs its own and registers again."""

@@ -1,13 +1,15 @@
-"""Weight-only quantization of the linear layers: int8 (per output channel) and int4 (per group).
+"""Weight-only quantization of the linear layers: int8 and int4, each by groups of inputs.
 
 Decoding one token reads every weight once and does two flops per weight: the time goes into
 moving weights from memory, not into arithmetic. Storing weights in 8 bits instead of 32 reads a
 quarter of the bytes. Only the weights are quantized; activations stay in floating point
 ("weight-only"), which keeps the quality cost small.
 
-int8, per output channel (one scale per row of W, shape (out, in)):
-    scale_o = max_i |W[o, i]| / 127        q = round(W / scale) in [-127, 127]
-    W ~= q * scale                          y = x @ W^T = (x @ q^T) * scale
+int8, symmetric, one scale per group of GROUP_SIZE = 32 inputs in each row (the block of llama.cpp's
+q8_0): a group's largest weight sets its step, so a large weight costs precision only to the 31
+beside it, not to its whole row:
+    scale[o, g] = max_i |W[o, g*32 + i]| / 127        q = round(W / scale) in [-127, 127]
+    W ~= q * scale                                     y[o] = sum_g scale[o, g] * (x_g . q[o, g])
 int4, per group of `group_size` inputs in each row, asymmetric (a zero point per group):
     scale = (max - min) / 15      q = round((W - min) / scale) in [0, 15]
     W ~= (q - 8) * scale + zero   with zero = min + 8 * scale
@@ -15,28 +17,20 @@ int4, per group of `group_size` inputs in each row, asymmetric (a zero point per
 Each layer has a readable path (dequantize, then an ordinary matmul) and a fast path; tests/test_quant.py
 proves they agree within the tolerance written there.
 
-int8's fast path multiplies in integers: the activations x of each call are quantized too, on the
-fly, to 8 bits with one scale and zero point for the whole call ("dynamic" quantization), and the
-CPU's int8 dot-product instructions (AVX-512 VNNI, or AVX2's) do the matmul with int32 sums:
-y = (x_q - zero) @ q^T * (x_scale * scale). PyTorch's fbgemm kernel (`quantized::linear_dynamic`) does
-all of it in one call, about twice as fast as multiplying int8 weights by float activations. What it
-costs: x is rounded to one of 256 levels (a relative error of about 1% on each output, against 0.1% for
-the weights alone); the perplexity this costs is measured in benchmarks/bench_generate.py. Without
-fbgemm (non-x86 CPUs) the layer multiplies int8 weights by bf16 activations (`_weight_int8pack_mm`).
-int4's fast path is `_weight_int4pack_mm_for_cpu` (float activations).
+int8's fast path, for one row (a decode step), is `int8_matvec`: the formula above written as
+products and sums, compiled by torch.compile's inductor into one C++ loop that reads each int8
+weight once and never stores the float weight. It needs a C++ compiler (inductor writes C++); where
+there is none, and for several rows (a prompt, a batch), the layer dequantizes and multiplies (the
+readable path). int4's fast path is `_weight_int4pack_mm_for_cpu` (float activations).
 """
 
 from __future__ import annotations
-
-import os
-import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tegaki import opaque
-from tegaki.device import cpu_has
+from tegaki.device import has_cxx_compiler
 from tegaki.errors import TegakiError
 
 # -------------------------------------------------------------------------------------------------
@@ -44,16 +38,37 @@ from tegaki.errors import TegakiError
 # -------------------------------------------------------------------------------------------------
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight (out, in) -> q (out, in) int8, scale (out,) float32: weight ~= q * scale[:, None]."""
-    w = weight.float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,): the row's largest |w| maps to 127
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)  # -128 unused: symmetric
-    return q, scale
+GROUP_SIZE = 32  # inputs per int8 scale: llama.cpp's q8_0 block
+
+
+def int8_group(in_features: int, group_size: int = GROUP_SIZE) -> int:
+    """The group size a row of `in_features` takes: GROUP_SIZE where it divides the row, else the
+    whole row (one scale per output channel)."""
+    return group_size if in_features % group_size == 0 else in_features
+
+
+def quantize_int8(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (out, in) -> q (out, in) int8, scale (out, in // g) float32: weight ~= q * scale, by groups."""
+    out_f, in_f = weight.shape
+    g = int8_group(in_f, group_size)
+    w = weight.float().view(out_f, in_f // g, g)  # (out, groups, g)
+    scale = w.abs().amax(dim=-1).clamp(min=1e-12) / 127.0  # (out, groups): the group's largest |w| -> 127
+    q = torch.round(w / scale[..., None]).clamp(-127, 127).to(torch.int8)  # -128 unused: symmetric
+    return q.view(out_f, in_f), scale
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale[:, None]  # (out, in)
+    out_f, in_f = q.shape
+    return (q.view(out_f, scale.shape[1], -1).float() * scale[..., None]).view(out_f, in_f)  # (out, in)
+
+
+def int8_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (N, in) float32 times the int8 weight, group by group: (N, out). Written for a compiler: the
+    float weight `w` is an expression, never a tensor, once inductor fuses the products into the sums."""
+    out_f, in_f = q.shape
+    groups = scale.shape[1]
+    w = q.view(out_f, groups, in_f // groups) * scale.unsqueeze(-1)  # (out, groups, g)
+    return (x.view(-1, 1, groups, in_f // groups) * w).sum((-1, -2))  # (N, 1, groups, g) * w -> (N, out)
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -78,63 +93,42 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gr
 # -------------------------------------------------------------------------------------------------
 
 
-def integer_matmul_available() -> bool:
-    """PyTorch's fbgemm int8 kernels: x86 CPUs (AVX2 and up), in the PyTorch releases that have them."""
-    return (
-        "fbgemm" in torch.backends.quantized.supported_engines
-        and hasattr(torch, "_make_per_channel_quantized_tensor")
-        and hasattr(torch.ops.quantized, "linear_dynamic")
-    )
+_compiled_matvec = None
 
 
-INTEGER_MATMUL = integer_matmul_available()  # asked once: it does not change within a process
+def compiled_int8_matvec():
+    """`int8_matvec` through inductor, built on first use; None where no C++ compiler is installed.
+    The output dimension is left dynamic (one compiled loop serves every layer with the same `in`),
+    and the loop over outputs is split across the threads however few they are (inductor's default
+    keeps a loop of a few thousand outputs on one thread, which reads memory at half the speed)."""
+    global _compiled_matvec
+    if _compiled_matvec is None and has_cxx_compiler():
+        options = {"cpp.min_chunk_size": 1}
+        _compiled_matvec = torch.compile(int8_matvec, dynamic=False, fullgraph=True, options=options)
+    return _compiled_matvec
 
 
-# FBGEMM_ENABLE_INSTRUCTIONS caps the kernels fbgemm picks (its own environment variable, read by
-# fbgemm at its first call); these caps leave out its VNNI kernels.
-FBGEMM_WITHOUT_VNNI = ("AVX2", "AVX512", "AVX512_256")
-
-
-def activation_range_halved() -> bool:
-    """Whether fbgemm's kernel here adds u8 x s8 products in 16 bits. Without VNNI it multiplies
-    pairs with AVX2's vpmaddubsw, whose 16-bit sums saturate (2 x 255 x 127 > 32767); quantizing
-    activations to 7 bits (fbgemm's "reduce_range") keeps them in range. fbgemm's VNNI kernels,
-    which add in 32 bits and take full 8-bit activations, are AVX-512 ones: a CPU with AVX-VNNI but
-    no AVX-512 (most laptop chips since 2021) gets the AVX2 kernel, and so does any CPU where
-    FBGEMM_ENABLE_INSTRUCTIONS holds fbgemm back to AVX2 or plain AVX-512."""
-    avx512_vnni = all(cpu_has(f) for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"))
-    capped = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").strip().upper() in FBGEMM_WITHOUT_VNNI
-    return not avx512_vnni or capped
-
-
-# fbgemm reads its instruction cap once, at its first call, and the CPU does not change: asked once.
-ACTIVATIONS_HALVED = activation_range_halved()
-
-
-class Int8Linear(opaque.OpaqueLayer):
-    """nn.Linear with int8 weights and one float scale per output channel."""
+class Int8Linear(nn.Module):
+    """nn.Linear with int8 weights and one float scale per group of 32 inputs."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         q, scale = quantize_int8(linear.weight.detach())
         self.register_buffer("weight_int8", q)  # (out, in)
-        self.register_buffer("scale", scale)  # (out,) float32
-        self.register_buffer("scale_bf16", scale.to(torch.bfloat16))  # what the bf16 kernel takes
+        self.register_buffer("scale", scale)  # (out, groups) float32
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.fast = True
-        # self.packed (OpaqueLayer): fbgemm's packed weight, a TorchScript object, made on first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_fast(x) if self.fast else self.forward_reference(x)
 
     def _apply(self, fn, recurse=True):
-        # model.to(dtype) after quantizing casts every float buffer; the kernels insist on float32
-        # and bfloat16 scales, so the scales keep their own dtype and values and only follow the
-        # move to whatever device fn put the rest on.
-        scale, scale_bf16 = self.scale, self.scale_bf16
+        # model.to(dtype) after quantizing casts every float buffer; the scales keep float32 (and
+        # their values) and only follow the move to whatever device fn put the rest on.
+        scale = self.scale
         super()._apply(fn, recurse)
-        self.scale, self.scale_bf16 = scale.to(self.scale.device), scale_bf16.to(self.scale_bf16.device)
+        self.scale = scale.to(self.scale.device)
         return self
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,53 +136,27 @@ class Int8Linear(opaque.OpaqueLayer):
         w = dequantize_int8(self.weight_int8, self.scale).to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
-    def forward_integer(self, x: torch.Tensor) -> torch.Tensor:
-        """Readable twin of the integer kernel, step by step (what fbgemm computes, in float here).
-        x is mapped onto the codes 0..levels with one scale and zero point for the whole call, the
-        range stretched to include 0 so that 0 stays exact:
-            x_scale = (max(x, 0) - min(x, 0)) / levels     zero = round(-min(x, 0) / x_scale)
-            x_q = clamp(round(x / x_scale) + zero, 0, levels)
-            y = ((x_q - zero) @ q^T) * x_scale * scale + bias      (the matmul sums whole numbers)"""
-        shape, x2 = x.shape, x.reshape(-1, self.in_features).float()
-        levels = 127 if ACTIVATIONS_HALVED else 255
-        low, high = min(x2.min().item(), 0.0), max(x2.max().item(), 0.0)
-        x_scale = (high - low) / levels if high > low else 1.0
-        zero = min(max(round(-low / x_scale), 0), levels)
-        x_q = torch.clamp(torch.round(x2 / x_scale) + zero, 0, levels)  # (N, in), whole numbers
-        sums = (x_q - zero) @ self.weight_int8.float().t()  # (N, out), whole numbers
-        y = (sums * (x_scale * self.scale)).to(x.dtype).view(*shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
-
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and opaque.wanted(x):
-            # fbgemm's packed weight is a TorchScript object the compiler cannot trace: the graph
-            # calls this very forward as one operator (opaque.py) instead of breaking around it.
-            return opaque.eager_layer(x, self.weight_int8, self.layer_id)
-        shape = x.shape
+        """One row: `int8_matvec`, compiled (or traced into the graph being compiled). More rows, or
+        no compiler: the readable path."""
         x2 = x.reshape(-1, self.in_features)  # (N, in)
-        if x.device.type == "cpu" and INTEGER_MATMUL:
-            y = torch.ops.quantized.linear_dynamic(x2.float(), self.packed_weight(), ACTIVATIONS_HALVED)
-        else:  # int8 weights times bf16 activations
-            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight_int8, self.scale_bf16)
-        y = y.to(x.dtype).view(*shape[:-1], self.out_features)
+        if x2.shape[0] != 1 or x.device.type != "cpu":
+            return self.forward_reference(x)
+        if torch.compiler.is_compiling():
+            kernel = int8_matvec
+        else:
+            kernel = compiled_int8_matvec()
+            if kernel is None:
+                return self.forward_reference(x)
+            torch._dynamo.maybe_mark_dynamic(self.weight_int8, 0)
+            torch._dynamo.maybe_mark_dynamic(self.scale, 0)
+        y = kernel(x2.float(), self.weight_int8, self.scale).to(x.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
-
-    def packed_weight(self):
-        """q and the scales as fbgemm's packed int8 weight, built on first use and again whenever
-        the buffers are replaced or written (load_state_dict)."""
-        key = (opaque.tensor_key(self.weight_int8), opaque.tensor_key(self.scale))
-        if self.packed is None or key != self.packed_from:
-            zeros = torch.zeros(self.out_features, dtype=torch.long)
-            with warnings.catch_warnings():  # the quantized-tensor type is on its way out of PyTorch;
-                # the kernel still takes its weight that way (integer_matmul_available checks it exists)
-                warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-                qweight = torch._make_per_channel_quantized_tensor(self.weight_int8, self.scale.double(), zeros, 0)
-            self.packed = torch.ops.quantized.linear_prepack(qweight, None)
-            self.packed_from = key
-        return self.packed
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int8 per-channel"
+        g = self.in_features // self.scale.shape[1]
+        return f"in={self.in_features}, out={self.out_features}, int8 groups of {g}"
 
 
 class Int4Linear(nn.Module):
@@ -273,3 +241,16 @@ def set_fast(model: nn.Module, fast: bool) -> None:
     for module in model.modules():
         if isinstance(module, (Int8Linear, Int4Linear)):
             module.fast = fast
+
+
+def quantized_kernels(model: nn.Module) -> list[str]:
+    """What the model's quantized layers run, one line per kind (for `tegaki generate --verbose`)."""
+    int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    lines = []
+    if int8:
+        how = "inductor's compiled int8 loop" if has_cxx_compiler() else "dequantize + matmul (no C++ compiler)"
+        lines.append(f"int8, groups of {GROUP_SIZE}: {len(int8)} layer(s); one row through {how}, several dequantized")
+    if int4:
+        lines.append(f"int4: {len(int4)} layer(s) through _weight_int4pack_mm_for_cpu")
+    return lines

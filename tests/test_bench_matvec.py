@@ -28,11 +28,12 @@ def test_bench_matvec_runs_and_appends_its_report(tmp_path, monkeypatch):
     assert report.startswith("## float32 matrix-vector kernels and the decode step")
     assert "bench_matvec.py --preset tiny --rounds 1" in report and "CPU flags present:" in report
     for row in (
-        "MKL (F.linear, plain weights)",
-        "oneDNN packed (tegaki's PackedLinear)",
+        'F.linear, plain weights (tegaki\'s "plain" path)',
+        'oneDNN on the weight ("onednn")',
+        'oneDNN packed copy ("packed")',
         "ceiling: read every weight once (a sum)",
     ):
         assert f"| {row} |" in report
-    assert "packed products alone |" in report and "| tegaki fp32, whole eager decoding |" in report
+    assert "products alone (measured paths) |" in report and "| tegaki fp32, whole eager decoding |" in report
     assert ("| CTranslate2 fp32, whole decoding |" in report) == bool(with_ct2)
     assert imported_before or "ctranslate2" not in sys.modules  # CTranslate2 ran in its own process

@@ -9,6 +9,7 @@ import torch
 
 from tegaki.cli import main
 from tegaki.config import ModelConfig
+from tegaki.decoding import prepare_for_decoding
 from tegaki.errors import TegakiError
 from tegaki.generate import generate, generate_tokens, left_pad
 from tegaki.kv_cache import KVCache
@@ -191,7 +192,7 @@ def test_a_traced_decode_step_gives_the_same_tokens():
 @pytest.mark.slow  # a few seconds of tracing
 @pytest.mark.parametrize("name", ["tiny", "tiny-gpt-oss"])  # plain; sinks, sliding window and GQA
 def test_a_compiled_cpu_decode_step_attends_written_out_with_the_same_tokens(name, op_calls):
-    """compiled_cpu_decode_step: a compiled one-token step takes the written-out attention (which
+    """decoding.CompiledCpuStep: a compiled one-token step takes the written-out attention (which
     inductor fuses), the eager prompt pass the fused kernel; the tokens are the eager ones."""
     model = random_model(name, **({"moe_impl": "dense"} if name == "tiny-gpt-oss" else {}))
     prompt = torch.tensor([[3, 1, 4, 1, 5, 9, 2]])
@@ -346,12 +347,13 @@ def test_sampling_settings_travel_as_one_object():
         generate(model, prompt, 5, sampling=settings, temperature=0.5)
 
 
-def test_prepare_gives_the_same_tokens():
-    """prepare=True stores the LM head in its decoding layout first (tests/test_decoding.py)."""
+def test_a_model_prepared_for_decoding_gives_the_same_tokens():
+    """prepare_for_decoding swaps the linear layers for good (tests/test_decoding.py); generate
+    then decodes through them as they are."""
     model = random_model("tiny")
     prompt = torch.tensor([[3, 1, 4]])
     plain = model.generate(prompt, 8, temperature=0)
-    assert torch.equal(model.generate(prompt, 8, temperature=0, prepare=True), plain)
+    assert torch.equal(prepare_for_decoding(model).generate(prompt, 8, temperature=0), plain)
 
 
 @pytest.mark.slow  # a few seconds of tracing

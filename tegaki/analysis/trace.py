@@ -18,7 +18,6 @@ the same numbers (tests/test_model.py proves it).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,17 +89,6 @@ class Capture:
     logits: torch.Tensor | None = None  # (1, T, V)
 
 
-@contextlib.contextmanager
-def _written_out_attention(model):
-    """Run every attention layer through its written-out path for the duration."""
-    old = model.config.attn_impl
-    model.config.attn_impl = "manual"
-    try:
-        yield
-    finally:
-        model.config.attn_impl = old
-
-
 @torch.no_grad()
 def capture(model, ids: list[int] | torch.Tensor, attention_layers: list[int] = ()) -> Capture:
     """Run `model` on one sequence and record every intermediate the trace reports."""
@@ -150,7 +138,7 @@ def capture(model, ids: list[int] | torch.Tensor, attention_layers: list[int] = 
         handles.append(model.blocks[layer].attn.attn_dropout.register_forward_hook(keep(cap.attention, layer)))
     handles.append(model.ln_f.register_forward_hook(setter("final_norm")))
     try:
-        with _written_out_attention(model):
+        with model.attention_as("manual"):
             cap.logits = model(ids).detach().float()  # (1, T, V)
     finally:
         for h in handles:

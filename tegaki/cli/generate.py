@@ -11,12 +11,12 @@ import torch
 from tegaki.chat_template import end_ids as chat_end_ids
 from tegaki.chat_template import find_chat_template, local_template_folders
 from tegaki.cli.options import add_device_arguments
-from tegaki.decoding import prepare_for_decoding
-from tegaki.device import DTYPES, check_fits, pick_device, pick_dtype
+from tegaki.decoding import describe, prepare_for_decoding
+from tegaki.device import DTYPES, check_fits, cpu_summary, pick_device, pick_dtype
 from tegaki.errors import TegakiError
 from tegaki.generate import compiled_decode_step, find_stop, generate_tokens
 from tegaki.load import from_pretrained, tokenizer_for
-from tegaki.quant import quantize_model
+from tegaki.quant import quantize_model, quantized_kernels
 from tegaki.sampling import SamplingSettings
 from tegaki.train.settings import check_seed
 
@@ -86,10 +86,16 @@ def register(subparsers) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the decode step, captured as a CUDA graph on a GPU; on a CPU, fp32 "
-        "decodes about 1.3-1.4x faster than the default path (inductor's own loops over the weights), "
-        "int8 no faster, after ~30 s of compiling (~5 s once inductor's cache has it): it pays back "
-        "after a few thousand tokens, not for one short answer",
+        help="torch.compile the decode step, captured as a CUDA graph on a GPU; on a CPU inductor writes its "
+        "own loops over the weights. Compiling takes tens of seconds (less once inductor's cache has it), "
+        "so it pays back over long outputs only; whether it is faster depends on the CPU "
+        "(benchmarks/RESULTS.md)",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="say on stderr how the linear layers multiply (the path measured fastest on this CPU for each "
+        "shape, and the times that chose it)",
     )
     p.add_argument("--stream", action="store_true", help="print text as it is produced")
     p.add_argument("--no-cache", action="store_true", help="recompute every token each step (slow; for checking)")
@@ -134,7 +140,10 @@ def run_generate(args) -> int:
     model, tok = load_for_generation(args.model, DTYPES[pick_dtype(args.dtype, device)], device)
     if args.quantize:
         quantize_model(model, args.quantize)
-    prepare_for_decoding(model)  # this model only decodes: the LM head in its decoding layout
+    started = time.perf_counter()
+    prepare_for_decoding(model)  # this model only decodes: each linear layer on its fastest path here
+    if args.verbose:
+        report_paths(model, time.perf_counter() - started)
     prompt_ids = tok.encode(args.prompt)
     if not prompt_ids:
         raise TegakiError("the prompt encodes to no tokens")
@@ -160,11 +169,23 @@ def run_generate(args) -> int:
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     input_ids = torch.tensor([prompt_ids], device=device)
     step = compiled_decode_step(model) if args.compile else None
+    if args.compile:
+        print("(compiling the decode step on its first call: this takes a while)", file=sys.stderr)
     for n in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {n + 1} ---")
         _print_one(model, tok, input_ids, max_new, settings, stop_tokens, args, generator, step)
     return 0
+
+
+def report_paths(model, seconds: float) -> None:
+    """--verbose: what the decoding layer chose for each shape, and what quantized layers run."""
+    lines = describe(model)
+    print(f"decoding paths ({cpu_summary()}; chosen in {seconds:.2f} s):", file=sys.stderr)
+    for line in lines or ["no linear layer the CPU's decoding paths serve (another device or dtype)"]:
+        print(f"  {line}", file=sys.stderr)
+    for line in quantized_kernels(model):
+        print(f"  {line}", file=sys.stderr)
 
 
 def check_cache_fits(cfg, total: int, dtype: torch.dtype, device: torch.device) -> None:
