@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 # The fast tier leaves out what is slow by nature; tests/conftest.py marks each test from what it reaches.
 FAST = not slow and not oracle and not subprocess and not distributed
 
-.PHONY: install install-dev demo test test-fast lint
+.PHONY: install install-dev demo test test-fast test-isa lint
 
 install:
 	$(PIP) install -q $(TORCH)
@@ -31,6 +31,23 @@ test: install-dev
 # makes the tier two to three times slower.
 test-fast:
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -p no:cacheprovider -m "$(FAST)"
+
+# The CPU-specific tests again as on older CPUs: each kernel library held back by its own variable
+# (oneDNN to AVX2, AVX-512, AVX-512 VNNI; PyTorch's own kernels and inductor's code to AVX2), each
+# run in a fresh process with an inductor cache of its own (a kernel cached for one instruction set
+# must not be loaded under another). tegaki.device reads a oneDNN cap as the CPU's flags too. The
+# slow tests (inductor compiling whole steps) run under the cap that changes inductor's code only.
+ISA_CAPS = ONEDNN_MAX_CPU_ISA=AVX2 ONEDNN_MAX_CPU_ISA=AVX512_CORE ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI ATEN_CPU_CAPABILITY=avx2
+ISA_TESTS = tests/test_decoding.py tests/test_quant.py tests/test_device.py tests/test_generate.py
+test-isa: install-dev
+	@set -e; for cap in $(ISA_CAPS); do \
+		echo "== make test-isa: $$cap"; \
+		cache=$$(mktemp -d); \
+		case $$cap in ATEN*) only="";; *) only="not slow";; esac; \
+		env $$cap TORCHINDUCTOR_CACHE_DIR=$$cache OMP_NUM_THREADS=1 $(PYTHON) -m pytest -p no:cacheprovider -m "$$only" $(ISA_TESTS) \
+			|| { rm -rf $$cache; exit 1; }; \
+		rm -rf $$cache; \
+	done
 
 # Style (ruff, configured in pyproject.toml) and the import direction (the layers contract in
 # pyproject.toml, checked by import-linter and by tests/test_imports.py, which also finds cycles).
