@@ -166,6 +166,9 @@ class FineTuneSetup:
         run.data_dir = Path(ft.data)
         self.build_data(run, template)
         if ft.method == "lora":
+            # A's random start comes from --seed, not from whatever the loading left in torch's
+            # generator: the same command gives the same adapters (and every rank the same ones)
+            torch.manual_seed(cfg.seed)
             add_lora(model, ft.lora(self.new_tokens))
         run.raw_model = model.float().to(run.device)
         run.model = run.raw_model

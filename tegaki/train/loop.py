@@ -447,7 +447,10 @@ class Run:
         tokens_per_step = cfg.batch_size * self.block_size * cfg.grad_accum * self.dist.world_size
         n_params = self.raw_model.num_parameters()
         flops_token = flops_per_token(self.model_config, self.block_size)
-        peak = peak_flops(self.device, self.dtype)[0] * self.dist.world_size
+        # Measuring the peak draws random matrices: from a forked generator, so that the stream a
+        # resumed run restored (dropout) is the uninterrupted run's, the first call in a process or not.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            peak = peak_flops(self.device, self.dtype)[0] * self.dist.world_size
         if start_step == 0:
             shape = (
                 f"{cfg.batch_size} x {self.block_size}"
