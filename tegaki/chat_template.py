@@ -225,7 +225,7 @@ def _tokenizer_config(folders: list[Path]) -> dict:
         if path.is_file():
             try:
                 return json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except (ValueError, RecursionError) as e:  # bad JSON or UTF-8; JSON nested too deep
                 raise TegakiError(f"{path} is not valid JSON: {e}") from None
     return {}
 

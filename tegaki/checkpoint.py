@@ -358,7 +358,7 @@ def check_checkpoint(folder: Path, need: tuple[str, ...] | None = None) -> str |
     try:
         state = json.loads(state_path.read_text())
         files = state["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return f"{STATE_FILE} is missing or unreadable"
     if not isinstance(files, dict) or not all(isinstance(e, dict) for e in files.values()):
         return f"{STATE_FILE} is damaged (no list of files)"
@@ -418,7 +418,7 @@ def read_run_json(path: str | os.PathLike, say: Callable[[str], None] | None = N
     try:
         info = json.loads(run_file.read_text(encoding="utf-8"))
         problem = None if isinstance(info, dict) and isinstance(info.get("model_config"), dict) else "no model_config"
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8
         problem = str(e)
     if problem is None:
         check_inside(path, info.get("tokenizer", "gpt2"), "run.json's tokenizer", named=("gpt2",))
@@ -447,13 +447,13 @@ def rebuild_run_json(run_dir: Path) -> dict[str, Any] | None:
         return None
     try:
         state = json.loads((folder / STATE_FILE).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     train = state.get("train_config") or {}
     data = "data" if (run_dir / "data" / "meta.json").exists() else train.get("data")
     return {
         "model_config": state["model_config"],
-        "tokenizer": state.get("tokenizer", "gpt2"),
+        "tokenizer": state.get("tokenizer", "tokenizer" if (run_dir / "tokenizer").is_dir() else "gpt2"),
         "data": data,
         "train": train,
         "_from": folder.name,

@@ -35,7 +35,7 @@ def _index_shards(index: Path) -> list[str]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         names = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise TegakiError(f"{index} is damaged ({type(e).__name__}: {e}); download it again") from None
     for name in names:
         if not isinstance(name, str) or name != Path(name).name or name in (".", ".."):
@@ -83,7 +83,7 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
 def load_hf_folder(folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     try:
         hf_config = json.loads((folder / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8; JSON nested too deep
         raise TegakiError(f"{folder / 'config.json'} is not valid JSON: {e}") from None
     try:
         config = config_from_hf(hf_config)
@@ -184,7 +184,7 @@ def tokenizer_for(name_or_path: str | os.PathLike):
     hf_formats = [f for f in ("tokenizer.json", "vocab.json", "merges.txt") if (path / f).exists()]
     try:
         return tokenizers.load(path)
-    except (ValueError, KeyError, OSError) as e:  # a damaged file (bad JSON, a missing key)
+    except (ValueError, KeyError, OSError, RecursionError) as e:  # a damaged file (bad JSON, a missing key)
         files = ", ".join(hf_formats) or "the tokenizer files"
         raise TegakiError(f"{path}: could not read {files} ({type(e).__name__}: {e})") from None
     except TegakiError as e:
@@ -204,7 +204,7 @@ def _is_gpt2_vocabulary(folder: Path) -> bool:
     """A GPT-2 config.json whose vocabulary is GPT-2's 50,257 tokens (or that padded to 50,304)."""
     try:
         hf_config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
         return False
     return hf_config.get("model_type") == "gpt2" and hf_config.get("vocab_size", 50257) in (50257, 50304)
 
@@ -226,7 +226,7 @@ def claim_export_folder(out: str | os.PathLike, kind: str) -> None:
     stray model.safetensors.index.json would be read in place of the new weights."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise TegakiError(f"{out} is a file; tegaki export writes a folder: choose another path")
+        raise TegakiError(f"{out} is a file, not a folder: tegaki export writes a folder; choose another path")
     if not _export_folder(out, kind):
         entries = sorted(e.name for e in out.iterdir() if not _WRITING.fullmatch(e.name))
         strangers = [e for e in entries if e not in EXPORT_FILES[kind]] or entries

@@ -139,7 +139,7 @@ def read_adapter_config(folder: str | Path) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except OSError:
         raise TegakiError(f"{folder} is not a PEFT adapter folder (no {CONFIG_FILE})") from None
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise TegakiError(f"{path} is not valid JSON: {e}") from None
     if config.get("peft_type") != "LORA":
         raise TegakiError(f"{path}: peft_type {config.get('peft_type')!r}; tegaki reads LoRA adapters only")
@@ -155,7 +155,7 @@ def load_peft(model, folder: str | Path) -> LoRASettings:
     written = safetensors_metadata(Path(folder) / WEIGHTS_FILE).get("tegaki")
     try:
         own = json.loads(written) if written else config.get("tegaki", {})
-    except ValueError:
+    except (ValueError, RecursionError):
         raise TegakiError(f"{folder}: the adapter's tegaki metadata is not JSON; the adapter is damaged") from None
     if not isinstance(own, dict):
         raise TegakiError(f"{folder}: the adapter's tegaki entry is not a JSON object; the adapter is damaged")

@@ -69,7 +69,8 @@ def load(name_or_dir: str | Path) -> Tokenizer:
         )
     try:
         return _load_folder(folder)
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # bad JSON, a missing key, ...
+    # bad JSON (nested too deep: RecursionError), a missing key, ...
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
         raise TegakiError(
             f"{folder}: the tokenizer files are damaged ({type(e).__name__}: {e}); restore them "
             "from a copy, or train the tokenizer again"

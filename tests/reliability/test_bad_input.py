@@ -203,8 +203,11 @@ OTHER = [
     ),
     (
         "generate-index-outside",
-        lambda w: (w["rope"] / "model.safetensors.index.json").write_text(
-            json.dumps({"weight_map": {"wte.weight": "../../etc/passwd"}})
+        lambda w: (  # a sharded folder: no model.safetensors (which is read before an index, as transformers does)
+            (w["rope"] / "model.safetensors").unlink(),
+            (w["rope"] / "model.safetensors.index.json").write_text(
+                json.dumps({"weight_map": {"wte.weight": "../../etc/passwd"}})
+            ),
         ),
         lambda w: ["generate", "hi", "--model", str(w["rope"])],
         "outside its folder; refused",

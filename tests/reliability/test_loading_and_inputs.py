@@ -160,3 +160,51 @@ def test_json_nested_too_deep_is_one_message(base_run, tmp_path):
     (tmp_path / "tasks.jsonl").write_text(DEEP + "\n")
     rc, err = cli(["eval", "--model", str(base_run), "--tasks", str(tmp_path / "tasks.jsonl")])
     assert_one_message(rc, err, "eval", "from the first line on is JSON nested too deep")
+
+
+@pytest.fixture(scope="module")
+def hf_folder(base_run, tmp_path_factory) -> Path:
+    from tegaki.load import export_hf, from_pretrained, tokenizer_for
+
+    return export_hf(from_pretrained(base_run), tmp_path_factory.mktemp("hf") / "hf", tokenizer_for(base_run))
+
+
+@pytest.mark.parametrize(
+    "folder, file, message",
+    [
+        ("hf", "config.json", "config.json is not valid JSON"),
+        ("hf", "tokenizer.json", "the tokenizer files are damaged (RecursionError"),
+        ("hf", "model.safetensors.index.json", "model.safetensors.index.json is damaged (RecursionError"),
+        ("run", "checkpoints/step_000001/state.json", "no intact checkpoint"),
+        ("run", "tokenizer/tegaki_tokenizer.json", "the tokenizer files are damaged (RecursionError"),
+        ("run", "tokenizer/encoder.json", "the tokenizer files are damaged (RecursionError"),
+        ("adapter", "adapter_config.json", "adapter_config.json is not valid JSON"),
+    ],
+)
+def test_a_model_file_nested_too_deep_is_one_message(base_run, hf_folder, tmp_path, folder, file, message):
+    import shutil
+
+    (tmp_path / "t.txt").write_text("To be, or not to be.")
+    model, adapter = tmp_path / "model", []
+    if folder == "adapter":
+        model, adapter = base_run, ["--adapter", str(tmp_path / "adapter")]
+        (tmp_path / "adapter").mkdir()
+    else:
+        shutil.copytree(hf_folder if folder == "hf" else base_run, model)
+    if file == "model.safetensors.index.json":
+        (model / "model.safetensors").unlink()
+    target = tmp_path / "adapter" / file if folder == "adapter" else model / file
+    target.write_text(DEEP)
+    rc, err = cli(["eval", "--model", str(model), *adapter, "--text", str(tmp_path / "t.txt")])
+    assert_one_message(rc, err, "eval", message)
+
+
+def test_a_run_json_nested_too_deep_is_rebuilt_from_the_checkpoint(base_run, tmp_path):
+    import shutil
+
+    shutil.copytree(base_run, tmp_path / "run")
+    (tmp_path / "run" / "run.json").write_text(DEEP)
+    (tmp_path / "t.txt").write_text("To be, or not to be.")
+    rc, err = cli(["eval", "--model", str(tmp_path / "run"), "--text", str(tmp_path / "t.txt")])
+    assert rc == 0 and "run.json is damaged" in err and "rebuilt it from checkpoint step_000001" in err, err
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["tokenizer"] == "tokenizer"
