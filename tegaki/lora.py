@@ -220,6 +220,14 @@ def add_lora(model: nn.Module, settings: LoRASettings) -> int:
             f"this model has no {', '.join(missing)} projection for LoRA "
             f"(its MLP is {model.config.mlp!r}); choose other --lora-targets"
         )
+    highest_rank = min(
+        min(getattr(parent, name).in_features, rows) for parent, name, parts in sites for _, rows in parts.values()
+    )
+    if settings.r > highest_rank:  # B A of rank above a side of W adds nothing, and a huge r would be allocated first
+        raise TegakiError(
+            f"--lora-r {settings.r} is more than the rank an adapter of this model can have ({highest_rank}, the "
+            "narrowest side of its adapted projections); choose a smaller --lora-r"
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     for parent, name, parts in sites:

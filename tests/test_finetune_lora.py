@@ -129,3 +129,12 @@ def test_no_dropout_draws_no_random_numbers():
     dropping = LoRALinear(torch.nn.Linear(8, 8), {"all": (0, 8)}, LoRASettings(r=2, dropout=0.5)).train()
     dropping(torch.randn(4, 8))
     assert not torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_rank_above_the_projections_side_is_refused_before_it_is_allocated():
+    """B A of rank r above a side of W adds nothing; --lora-r 1000000000 would allocate terabytes first."""
+    model = small("tiny")
+    with pytest.raises(TegakiError, match="--lora-r 1000000000 is more than the rank an adapter"):
+        add_lora(model, LoRASettings(r=1_000_000_000, targets=("q", "v")))
+    assert not has_lora(model) and all(p.requires_grad for p in model.parameters())
+    add_lora(model, LoRASettings(r=32, targets=("q", "v")))  # the side itself: allowed
