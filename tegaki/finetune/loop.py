@@ -162,7 +162,11 @@ class FineTuneSetup:
             )
         run.tokenizer, run.model_config, run.block_size = tokenizer, model.config, ft.max_seq_len
         run.tokenizer_ref = "tokenizer"  # saved into the run folder by write_run_folder
-        model.config.check_positions(ft.max_seq_len, "--max-seq-len")
+        if ft.max_seq_len > model.config.block_size:  # rows of it would be allocated, then trained on
+            raise TegakiError(
+                f"--max-seq-len {ft.max_seq_len} is beyond the context of {ft.model} "
+                f"(block_size={model.config.block_size}); choose at most {model.config.block_size}"
+            )
         run.data_dir = Path(ft.data)
         self.build_data(run, template)
         if ft.method == "lora":

@@ -208,3 +208,14 @@ def test_a_run_json_nested_too_deep_is_rebuilt_from_the_checkpoint(base_run, tmp
     rc, err = cli(["eval", "--model", str(tmp_path / "run"), "--text", str(tmp_path / "t.txt")])
     assert rc == 0 and "run.json is damaged" in err and "rebuilt it from checkpoint step_000001" in err, err
     assert json.loads((tmp_path / "run" / "run.json").read_text())["tokenizer"] == "tokenizer"
+
+
+def test_finetune_rows_beyond_the_models_context_are_refused_before_they_are_allocated(tmp_path):
+    """A rotary model has no learned position table to stop it: 100,000,000 positions would be rows
+    of GBs of padding, then activations no machine holds."""
+    base = make_run(tmp_path / "llama", preset="tiny-llama")
+    data = write_records(tmp_path / "r.jsonl")
+    args = ["finetune", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "ft")]
+    rc, err = cli([*args, "--max-seq-len", "100000000", "--max-steps", "1", "--no-progress"])
+    assert_one_message(rc, err, "finetune", "--max-seq-len 100000000 is beyond the context of")
+    assert "(block_size=64); choose at most 64" in err
