@@ -109,9 +109,13 @@ def score_records(model, tokenizer, template, path: str | Path, max_seq_len: int
     """The mean loss on the response tokens of instruction records (prompts masked, as fine-tuning
     learns them): the figure that shows whether a fine-tune taught its held-out responses."""
     records = read_records(path)
+    if max_seq_len < 2:
+        raise TegakiError(f"--max-seq-len must be at least 2, got {max_seq_len}")
+    # A row is at most the model's context: no longer input can be scored (nor allocated for nothing).
+    max_seq_len = min(max_seq_len, model_context(model))
     encoded = encode_records(records, template, tokenizer, max_seq_len)
     if not encoded.pairs:
-        raise TegakiError(f"{path}: no record fits in --max-seq-len {max_seq_len}")
+        raise TegakiError(f"{path}: no record fits in --max-seq-len {max_seq_len} (at most the model's context)")
     pad = tokenizer.eot_id if tokenizer.eot_id is not None else 0
     rows = PackedRows(encoded.pairs, max_seq_len, pad)
     device = next(model.parameters()).device

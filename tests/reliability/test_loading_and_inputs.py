@@ -219,3 +219,12 @@ def test_finetune_rows_beyond_the_models_context_are_refused_before_they_are_all
     rc, err = cli([*args, "--max-seq-len", "100000000", "--max-steps", "1", "--no-progress"])
     assert_one_message(rc, err, "finetune", "--max-seq-len 100000000 is beyond the context of")
     assert "(block_size=64); choose at most 64" in err
+
+
+def test_eval_records_rows_are_at_most_the_models_context(base_run, tmp_path):
+    data = write_records(tmp_path / "r.jsonl")
+    rc, err = cli(["eval", "--model", str(base_run), "--records", str(data), "--max-seq-len", "100000000"])
+    assert rc == 0 and "Traceback" not in err, err  # rows of 64 tokens, not 100,000,001
+    for bad in ("1", "0", "-3"):
+        rc, err = cli(["eval", "--model", str(base_run), "--records", str(data), "--max-seq-len", bad])
+        assert_one_message(rc, err, "eval", f"--max-seq-len must be at least 2, got {bad}")
