@@ -18,6 +18,7 @@ Run's `setup` hook, before the first step:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -94,8 +95,12 @@ class FineTuneConfig:
             raise TegakiError(f"--max-seq-len must be at least 2, got {self.max_seq_len}")
         if self.method == "lora":
             self.lora()  # refuses bad targets before anything is loaded
-            if self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
-                raise TegakiError("--lora-r must be >= 1, --lora-alpha > 0 and --lora-dropout in [0, 1)")
+            alpha_ok = math.isfinite(self.lora_alpha) and self.lora_alpha > 0  # nan and inf end in a nan loss
+            if self.lora_r < 1 or not alpha_ok or not 0 <= self.lora_dropout < 1:
+                raise TegakiError(
+                    "--lora-r must be >= 1, --lora-alpha a finite number > 0 and --lora-dropout in [0, 1); "
+                    f"got {self.lora_r}, {self.lora_alpha}, {self.lora_dropout}"
+                )
 
 
 def train_settings(ft: FineTuneConfig, values: dict[str, Any]) -> TrainConfig:

@@ -228,3 +228,12 @@ def test_eval_records_rows_are_at_most_the_models_context(base_run, tmp_path):
     for bad in ("1", "0", "-3"):
         rc, err = cli(["eval", "--model", str(base_run), "--records", str(data), "--max-seq-len", bad])
         assert_one_message(rc, err, "eval", f"--max-seq-len must be at least 2, got {bad}")
+
+
+@pytest.mark.parametrize("alpha", ["nan", "inf", "0", "-1"])
+def test_a_lora_alpha_that_is_not_a_finite_positive_number_is_refused_before_training(base_run, tmp_path, alpha):
+    data = write_records(tmp_path / "r.jsonl")
+    args = ["finetune", "--model", str(base_run), "--data", str(data), "--out", str(tmp_path / "ft")]
+    rc, err = cli([*args, "--lora-alpha", alpha, "--max-seq-len", "48", "--max-steps", "1", "--no-progress"])
+    assert_one_message(rc, err, "finetune", "--lora-alpha a finite number > 0")
+    assert not (tmp_path / "ft").exists()
