@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -141,8 +142,17 @@ def read_adapter_config(folder: str | Path) -> dict:
         raise TegakiError(f"{folder} is not a PEFT adapter folder (no {CONFIG_FILE})") from None
     except (ValueError, RecursionError) as e:
         raise TegakiError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise TegakiError(f"{path} is not a JSON object; the adapter is damaged")
     if config.get("peft_type") != "LORA":
         raise TegakiError(f"{path}: peft_type {config.get('peft_type')!r}; tegaki reads LoRA adapters only")
+    r, alpha, modules = config.get("r"), config.get("lora_alpha"), config.get("target_modules", [])
+    if type(r) is not int or r < 1:
+        raise TegakiError(f"{path}: r must be a whole number >= 1, got {r!r}; the adapter is damaged")
+    if type(alpha) not in (int, float) or not math.isfinite(alpha) or alpha <= 0:
+        raise TegakiError(f"{path}: lora_alpha must be a finite number > 0, got {alpha!r}; the adapter is damaged")
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise TegakiError(f"{path}: target_modules must be a list of module names, got {modules!r}")
     return config
 
 

@@ -237,3 +237,23 @@ def test_a_lora_alpha_that_is_not_a_finite_positive_number_is_refused_before_tra
     rc, err = cli([*args, "--lora-alpha", alpha, "--max-seq-len", "48", "--max-steps", "1", "--no-progress"])
     assert_one_message(rc, err, "finetune", "--lora-alpha a finite number > 0")
     assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"peft_type": "LORA"}, "r must be a whole number >= 1, got None"),
+        ({"peft_type": "LORA", "r": "abc", "lora_alpha": 1}, "r must be a whole number >= 1, got 'abc'"),
+        ({"peft_type": "LORA", "r": 1e300, "lora_alpha": 16}, "r must be a whole number >= 1, got 1e+300"),
+        ({"peft_type": "LORA", "r": 4, "lora_alpha": "nan"}, "lora_alpha must be a finite number > 0"),
+        ({"peft_type": "LORA", "r": 4, "lora_alpha": 16, "target_modules": "q_proj"}, "target_modules must be a list"),
+        ([1, 2], "adapter_config.json is not a JSON object"),
+    ],
+)
+def test_an_adapter_config_of_the_wrong_shape_is_one_message(base_run, tmp_path, config, message):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    (tmp_path / "t.txt").write_text("To be, or not to be.")
+    args = ["eval", "--model", str(base_run), "--adapter", str(tmp_path / "adapter"), "--text", str(tmp_path / "t.txt")]
+    rc, err = cli(args)
+    assert_one_message(rc, err, "eval", message)
