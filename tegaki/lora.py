@@ -52,13 +52,19 @@ class LoRASettings:
 
     @classmethod
     def from_dict(cls, d: dict) -> LoRASettings:
-        return cls(
-            int(d["r"]),
-            float(d["alpha"]),
-            float(d.get("dropout", 0.0)),
-            tuple(d["targets"]),
-            tuple(d.get("new_tokens", ())),
-        )
+        """The settings run.json records (`to_dict`); a record of another shape is refused in words."""
+        try:
+            targets, new_tokens = d["targets"], d.get("new_tokens", ())
+            if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
+                raise TypeError("targets is not a list of names")
+            if not all(type(i) is int and i >= 0 for i in new_tokens):
+                raise TypeError("new_tokens is not a list of token ids")
+            return cls(int(d["r"]), float(d["alpha"]), float(d.get("dropout", 0.0)), tuple(targets), tuple(new_tokens))
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise TegakiError(
+                f'the LoRA settings recorded ("lora": {d!r:.120}) are damaged ({type(e).__name__}: {e}); '
+                "restore run.json from a copy"
+            ) from None
 
 
 def parse_targets(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:

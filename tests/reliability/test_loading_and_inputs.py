@@ -257,3 +257,16 @@ def test_an_adapter_config_of_the_wrong_shape_is_one_message(base_run, tmp_path,
     args = ["eval", "--model", str(base_run), "--adapter", str(tmp_path / "adapter"), "--text", str(tmp_path / "t.txt")]
     rc, err = cli(args)
     assert_one_message(rc, err, "eval", message)
+
+
+@pytest.mark.parametrize("lora", ["abc", [1], {"r": "x"}, {"r": 4, "alpha": 8, "targets": 5}])
+def test_damaged_lora_settings_in_run_json_are_one_message(base_run, tmp_path, lora):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "lora": lora}))
+    (tmp_path / "t.txt").write_text("To be, or not to be.")
+    rc, err = cli(["eval", "--model", str(run), "--text", str(tmp_path / "t.txt")])
+    assert_one_message(rc, err, "eval", "the LoRA settings recorded")
