@@ -515,6 +515,32 @@ def safetensors_metadata(file: str | os.PathLike) -> dict[str, str]:
         ) from None
 
 
+def read_optimizer_state(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's optimizer.pt: {"optimizer": AdamW's state, "rng": the random generators' states}.
+    Loaded with weights_only (no code from a downloaded run folder runs); a file that is not one
+    (truncated, forged, even with its recorded sha256 updated to match) is refused in one sentence."""
+    import pickle
+
+    path = Path(checkpoint) / OPTIMIZER_FILE
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise TegakiError(
+            f"{path} holds Python objects that tegaki does not load (a file from an older tegaki, or not "
+            "from tegaki at all); start over with --fresh"
+        ) from None
+    except OSError as e:
+        raise explain_os_error(path, e, doing="read") from None
+    except Exception as e:  # noqa: BLE001 - torch's reader reports a damaged file in many ways
+        raise TegakiError(
+            f"{path}: could not read the optimizer state ({type(e).__name__}); the file is truncated or "
+            "damaged. Move its checkpoint folder aside to resume from the one before it"
+        ) from None
+    if not (isinstance(saved, dict) and all(isinstance(saved.get(k), dict) for k in ("optimizer", "rng"))):
+        raise TegakiError(f"{path} is not a tegaki optimizer state (no optimizer and rng entries); use --fresh")
+    return saved
+
+
 def read_model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's model tensors, named as today's model names them (`upgrade_state_dict`)."""
     return upgrade_state_dict(read_safetensors(Path(checkpoint) / MODEL_FILE))

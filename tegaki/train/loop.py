@@ -29,7 +29,6 @@ import contextlib
 import json
 import math
 import os
-import pickle
 import random
 import shutil
 import sys
@@ -43,7 +42,6 @@ import torch
 import torch.nn.functional as F
 
 from tegaki.checkpoint import (
-    OPTIMIZER_FILE,
     RUN_FILE,
     STATE_FILE,
     MetricsLog,
@@ -52,6 +50,7 @@ from tegaki.checkpoint import (
     clear_run_folder,
     find_checkpoint,
     read_model_tensors,
+    read_optimizer_state,
     read_run_json,
     save_checkpoint,
     upgrade_optimizer_state,
@@ -294,13 +293,7 @@ class Run:
         check_shapes(self.raw_model.state_dict(), tensors, where=f"checkpoint {folder}")
         if self.model_config.tie_embeddings:  # the head's tensors are the embedding's
             tensors |= {"lm_head" + k.removeprefix("wte"): v for k, v in tensors.items() if k.startswith("wte.")}
-        try:
-            saved = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise TegakiError(
-                f"{folder / OPTIMIZER_FILE} holds Python objects that tegaki does not load (a file from an older "
-                "tegaki, or not from tegaki at all); start over with --fresh"
-            ) from None
+        saved = read_optimizer_state(folder)
         options = StateDictOptions(full_state_dict=True, cpu_offload=False)
         set_model_state_dict(self.model, tensors, options=options)
         # a run saved before attention had one qkv projection: its AdamW moments are joined like its weights

@@ -270,3 +270,23 @@ def test_damaged_lora_settings_in_run_json_are_one_message(base_run, tmp_path, l
     (tmp_path / "t.txt").write_text("To be, or not to be.")
     rc, err = cli(["eval", "--model", str(run), "--text", str(tmp_path / "t.txt")])
     assert_one_message(rc, err, "eval", "the LoRA settings recorded")
+
+
+def zeroed(data: bytes) -> bytes:
+    return data[:64] + bytes(len(data) - 64)
+
+
+@pytest.mark.parametrize("how", [truncated, zeroed], ids=["truncated", "zeroed"])
+def test_resuming_from_a_damaged_optimizer_state_is_one_message(run_copy, corpus, how):
+    for checkpoint in sorted((run_copy / "checkpoints").glob("step_*")):
+        data = how((checkpoint / "optimizer.pt").read_bytes())
+        (checkpoint / "optimizer.pt").write_bytes(data)
+        state = json.loads((checkpoint / "state.json").read_text())
+        state["files"]["optimizer.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        (checkpoint / "state.json").write_text(json.dumps(state))
+    before = snapshot(run_copy)
+    rc, err = cli(train_args(run_copy, corpus, 6))
+    assert_one_message(rc, err, "train", "optimizer.pt: could not read the optimizer state")
+    assert {k: v for k, v in snapshot(run_copy).items() if k != "run.json"} == {
+        k: v for k, v in before.items() if k != "run.json"
+    }
