@@ -515,6 +515,24 @@ def safetensors_metadata(file: str | os.PathLike) -> dict[str, str]:
         ) from None
 
 
+def read_resume_state(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's state.json, checked for what a resume reads: the step and the data loader's
+    place (whole numbers). Its files were checked by `check_checkpoint`; state.json itself has no
+    hash, so a hand-edited one is refused here in words rather than deep in the resume."""
+    path = Path(checkpoint) / STATE_FILE
+    state = json.loads(path.read_text())  # readable: check_checkpoint read it before
+    loader = state.get("loader")
+    whole = [type(state.get("step")) is int] + [
+        isinstance(loader, dict) and type(loader.get(k)) is int for k in ("epoch", "position", "seed")
+    ]
+    if not all(whole):
+        raise TegakiError(
+            f"{path} is damaged (its step or the data loader's place is not a whole number); "
+            "move its checkpoint folder aside to resume from the one before it"
+        )
+    return state
+
+
 def read_optimizer_state(checkpoint: Path) -> dict[str, Any]:
     """A checkpoint's optimizer.pt: {"optimizer": AdamW's state, "rng": the random generators' states}.
     Loaded with weights_only (no code from a downloaded run folder runs); a file that is not one

@@ -26,7 +26,6 @@ instruction records this way; the steps, validation, checkpoints and resume are 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -43,7 +42,6 @@ import torch.nn.functional as F
 
 from tegaki.checkpoint import (
     RUN_FILE,
-    STATE_FILE,
     MetricsLog,
     check_shapes,
     claim_run_folder,
@@ -51,6 +49,7 @@ from tegaki.checkpoint import (
     find_checkpoint,
     read_model_tensors,
     read_optimizer_state,
+    read_resume_state,
     read_run_json,
     save_checkpoint,
     upgrade_optimizer_state,
@@ -288,7 +287,7 @@ class Run:
         if found is None:
             return 0
         folder = Path(found)
-        state = json.loads((folder / STATE_FILE).read_text())
+        state = read_resume_state(folder)
         tensors = read_model_tensors(folder)
         check_shapes(self.raw_model.state_dict(), tensors, where=f"checkpoint {folder}")
         if self.model_config.tie_embeddings:  # the head's tensors are the embedding's

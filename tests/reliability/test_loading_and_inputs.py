@@ -290,3 +290,12 @@ def test_resuming_from_a_damaged_optimizer_state_is_one_message(run_copy, corpus
     assert {k: v for k, v in snapshot(run_copy).items() if k != "run.json"} == {
         k: v for k, v in before.items() if k != "run.json"
     }
+
+
+@pytest.mark.parametrize("patch", [{"loader": "x"}, {"loader": {}}, {"step": "x"}, {"step": 2.5}])
+def test_resuming_from_a_hand_edited_state_json_is_one_message(run_copy, corpus, patch):
+    for checkpoint in sorted((run_copy / "checkpoints").glob("step_*")):
+        state = json.loads((checkpoint / "state.json").read_text())
+        (checkpoint / "state.json").write_text(json.dumps({**state, **patch}))
+    rc, err = cli(train_args(run_copy, corpus, 6))
+    assert_one_message(rc, err, "train", "state.json is damaged (its step or the data loader's place")
