@@ -229,7 +229,11 @@ def claim_export_folder(out: str | os.PathLike, kind: str) -> None:
         raise TegakiError(f"{out} is a file, not a folder: tegaki export writes a folder; choose another path")
     if not _export_folder(out, kind):
         entries = sorted(e.name for e in out.iterdir() if not _WRITING.fullmatch(e.name))
-        strangers = [e for e in entries if e not in EXPORT_FILES[kind]] or entries
+        strangers = [e for e in entries if e not in EXPORT_FILES[kind]]
+        if not strangers and (out / "base").is_dir() and not _export_folder(out / "base", "model"):
+            inside = sorted(e.name for e in (out / "base").iterdir())
+            strangers = [f"base/{e}" for e in ([e for e in inside if e not in EXPORT_FILES["model"]] or inside)]
+        strangers = strangers or entries  # tegaki's names, but no export's mark on the weights
         raise TegakiError(
             f"{out} holds files tegaki export did not write ({', '.join(strangers[:5])}"
             f"{' ...' if len(strangers) > 5 else ''}); nothing was written. Export into a new or empty "

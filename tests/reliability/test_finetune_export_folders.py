@@ -185,3 +185,17 @@ def test_a_single_weights_file_is_read_before_a_stray_index_as_transformers_does
     (out / "model.safetensors.index.json").write_text(json.dumps(index))
     expected = from_pretrained(base).state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in from_pretrained(out).state_dict().items())
+
+
+def test_export_peft_with_its_base_replaces_its_own_and_names_a_stranger_in_base(base, records, tmp_path):
+    """A run that added ChatML's tokens: the adapter's base is written beside it, in OUT/base."""
+    run, out = tmp_path / "ft", tmp_path / "adapter"
+    assert cli(finetune_args(base, records, run, "--lora-targets", "all"))[0] == 0
+    assert cli(["export", "--peft", str(run), str(out)])[0] == 0
+    assert (out / "base" / "model.safetensors").is_file()
+    assert cli(["export", "--peft", str(run), str(out)])[0] == 0  # its own: replaced
+    (out / "base" / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    rc, err = cli(["export", "--peft", str(run), str(out)])
+    assert_refused(rc, err, "export", "holds files tegaki export did not write (base/notes.txt)")
+    assert snapshot(out) == before
