@@ -26,6 +26,9 @@ readable path). int4's fast path is `_weight_int4pack_mm_for_cpu` (float activat
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -62,13 +65,15 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (q.view(out_f, scale.shape[1], -1).float() * scale[..., None]).view(out_f, in_f)  # (out, in)
 
 
-def int8_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (N, in) float32 times the int8 weight, group by group: (N, out). Written for a compiler: the
-    float weight `w` is an expression, never a tensor, once inductor fuses the products into the sums."""
+def int8_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+    """x (N, in) float32 times the int8 weight, group by group, plus bias: (N, out). Written for a
+    compiler: the float weight `w` is an expression, never a tensor, once inductor fuses the products
+    into the sums (and the bias into the same loop)."""
     out_f, in_f = q.shape
     groups = scale.shape[1]
     w = q.view(out_f, groups, in_f // groups) * scale.unsqueeze(-1)  # (out, groups, g)
-    return (x.view(-1, 1, groups, in_f // groups) * w).sum((-1, -2))  # (N, 1, groups, g) * w -> (N, out)
+    y = (x.view(-1, 1, groups, in_f // groups) * w).sum((-1, -2))  # (N, 1, groups, g) * w -> (N, out)
+    return y if bias is None else y + bias
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,19 +98,25 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gr
 # -------------------------------------------------------------------------------------------------
 
 
-_compiled_matvec = None
+_compiled_matvecs: dict[int, Callable] = {}
 
 
-def compiled_int8_matvec():
-    """`int8_matvec` through inductor, built on first use; None where no C++ compiler is installed.
-    The output dimension is left dynamic (one compiled loop serves every layer with the same `in`),
-    and the loop over outputs is split across the threads however few they are (inductor's default
-    keeps a loop of a few thousand outputs on one thread, which reads memory at half the speed)."""
-    global _compiled_matvec
-    if _compiled_matvec is None and has_cxx_compiler():
+def compiled_int8_matvec(in_features: int) -> Callable | None:
+    """`int8_matvec` through inductor for rows of `in_features`, built on first use; None where no
+    C++ compiler is installed. The number of outputs is left dynamic (one compiled loop serves every
+    layer with this many inputs), and the loop over outputs is split across the threads however few
+    they are (inductor's default keeps a loop of a few thousand outputs on one thread, which reads
+    memory at half the speed). Each number of inputs gets a function of its own (a copy of
+    int8_matvec's code under another name): the compiler counts recompilations per function, and a
+    process that quantizes models of many widths must not run out of them."""
+    if in_features not in _compiled_matvecs:
+        if not has_cxx_compiler():
+            return None
+        code = int8_matvec.__code__.replace(co_name=f"int8_matvec_{in_features}")
+        fn = types.FunctionType(code, int8_matvec.__globals__, code.co_name, int8_matvec.__defaults__)
         options = {"cpp.min_chunk_size": 1}
-        _compiled_matvec = torch.compile(int8_matvec, dynamic=False, fullgraph=True, options=options)
-    return _compiled_matvec
+        _compiled_matvecs[in_features] = torch.compile(fn, dynamic=False, fullgraph=True, options=options)
+    return _compiled_matvecs[in_features]
 
 
 class Int8Linear(nn.Module):
@@ -139,20 +150,24 @@ class Int8Linear(nn.Module):
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         """One row: `int8_matvec`, compiled (or traced into the graph being compiled). More rows, or
         no compiler: the readable path."""
-        x2 = x.reshape(-1, self.in_features)  # (N, in)
-        if x2.shape[0] != 1 or x.device.type != "cpu":
+        if x.shape[:-1].numel() != 1 or x.device.type != "cpu":
             return self.forward_reference(x)
+        x1 = x.reshape(1, self.in_features).float()
+        bias = None if self.bias is None else self.bias.float()
         if torch.compiler.is_compiling():
-            kernel = int8_matvec
+            y = int8_matvec(x1, self.weight_int8, self.scale, bias)
         else:
-            kernel = compiled_int8_matvec()
+            kernel = compiled_int8_matvec(self.in_features)
             if kernel is None:
                 return self.forward_reference(x)
-            torch._dynamo.maybe_mark_dynamic(self.weight_int8, 0)
-            torch._dynamo.maybe_mark_dynamic(self.scale, 0)
-        y = kernel(x2.float(), self.weight_int8, self.scale).to(x.dtype)
-        y = y.view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+            for t in (self.weight_int8, self.scale, bias):  # the outputs: a dynamic size
+                if t is not None:
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+            try:
+                y = kernel(x1, self.weight_int8, self.scale, bias)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:  # the compiler gave up on new shapes
+                return self.forward_reference(x)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         g = self.in_features // self.scale.shape[1]

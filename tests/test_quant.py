@@ -69,7 +69,7 @@ def test_the_matvec_formula_is_the_dequantized_product(bias):
     torch.manual_seed(0)
     layer = Int8Linear(nn.Linear(128, 96, bias=bias))
     x = torch.randn(3, 128)
-    y = int8_matvec(x, layer.weight_int8, layer.scale) + (0 if layer.bias is None else layer.bias)
+    y = int8_matvec(x, layer.weight_int8, layer.scale, layer.bias)
     torch.testing.assert_close(y, layer.forward_reference(x), rtol=1e-5, atol=1e-5)
 
 
@@ -93,7 +93,7 @@ def test_the_compiled_int8_loop_reads_the_int8_weight_and_stores_no_float_copy()
     layer = Int8Linear(nn.Linear(256, 64, bias=False))
     x = torch.randn(1, 256)
     torch._dynamo.reset()
-    quant._compiled_matvec = None
+    quant._compiled_matvecs.clear()
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the loop must be split across threads even for a few outputs
     try:
@@ -101,7 +101,7 @@ def test_the_compiled_int8_loop_reads_the_int8_weight_and_stores_no_float_copy()
     finally:
         torch.set_num_threads(threads)
         torch._dynamo.reset()
-        quant._compiled_matvec = None
+        quant._compiled_matvecs.clear()
     torch.testing.assert_close(out, layer.forward_reference(x), rtol=1e-5, atol=1e-5)
     code = "\n".join(line for c in codes for line in c.splitlines() if not line.lstrip().startswith(("#", "from")))
     assert "cpp_fused" in code and "int8_t" in code
@@ -111,7 +111,7 @@ def test_the_compiled_int8_loop_reads_the_int8_weight_and_stores_no_float_copy()
 
 def test_without_a_compiler_int8_takes_the_readable_path(monkeypatch):
     monkeypatch.setattr(quant, "has_cxx_compiler", lambda: False)
-    monkeypatch.setattr(quant, "_compiled_matvec", None)
+    monkeypatch.setattr(quant, "_compiled_matvecs", {})
     layer = Int8Linear(nn.Linear(64, 32))
     x = torch.randn(1, 64)
     assert torch.equal(layer.forward_fast(x), layer.forward_reference(x))
