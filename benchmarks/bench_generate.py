@@ -268,8 +268,11 @@ TEGAKI_ROWS = (
 
 
 def worker_contestant(name: str, spec: dict, precision: str, jobs: tuple[str, ...] = JOBS) -> Contestant:
-    """A contestant in a worker process of its own, started now (it loads while others start)."""
+    """A contestant in a worker process of its own, started now and loaded before the next starts:
+    tegaki measures its decoding paths as it loads, which other engines loading beside it would
+    disturb (a choice made on busy cores is kept for the whole run)."""
     worker = Worker(spec)
+    worker.ready()
     return Contestant(name, lambda ids, new: worker(ids.tolist(), new), precision, jobs, worker)
 
 

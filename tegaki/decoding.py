@@ -53,8 +53,8 @@ from tegaki.errors import TegakiError
 
 PATHS = ("plain", "onednn", "packed")
 MARGIN = 0.05  # a path must be this much faster than the simpler one to be chosen over it
-MIN_ROUNDS, MAX_ROUNDS = 3, 9
-BUDGET_SECONDS = 0.15  # per (shape, dtype): rounds stop once past it (and MIN_ROUNDS are done)
+MIN_ROUNDS, MAX_ROUNDS = 3, 7
+BUDGET_SECONDS = 0.1  # per (shape, dtype): rounds stop once past it (and MIN_ROUNDS are done)
 MEASURED_BYTES = 64 * 2**20  # enough of a model's weights of one shape to reach past the caches
 
 

@@ -216,8 +216,9 @@ def measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 102
     key = (str(device), f"{dtype}-{n}")
     if key in _MEASURED:
         return _MEASURED[key]
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(0)  # its own: the caller's random stream is untouched
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     a @ b  # warm up: the library picks its kernel on the first call
     synchronize(device)
     fastest, wall, tries = float("inf"), time.perf_counter(), 0

@@ -99,6 +99,9 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gr
 
 
 _compiled_matvecs: dict[int, Callable] = {}
+# Up to this many rows (a batch's decode step) go through the one-row loop one by one: each reads the
+# int8 weight once more, still fewer bytes than the float copy the readable path makes and reads.
+ROWS_ONE_BY_ONE = 8
 
 
 def compiled_int8_matvec(in_features: int) -> Callable | None:
@@ -148,14 +151,17 @@ class Int8Linear(nn.Module):
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        """One row: `int8_matvec`, compiled (or traced into the graph being compiled). More rows, or
-        no compiler: the readable path."""
-        if x.shape[:-1].numel() != 1 or x.device.type != "cpu":
+        """A few rows (a decode step of a batch of up to ROWS_ONE_BY_ONE): `int8_matvec` on each row
+        in turn, compiled (one row is traced into a graph being compiled). More rows (a prompt), or
+        no compiler: the readable path, whose matmul pays back the float copy it makes."""
+        rows = x.shape[:-1].numel()
+        compiling = torch.compiler.is_compiling()
+        if rows > (1 if compiling else ROWS_ONE_BY_ONE) or rows == 0 or x.device.type != "cpu":
             return self.forward_reference(x)
-        x1 = x.reshape(1, self.in_features).float()
+        x2 = x.reshape(rows, self.in_features).float()
         bias = None if self.bias is None else self.bias.float()
-        if torch.compiler.is_compiling():
-            y = int8_matvec(x1, self.weight_int8, self.scale, bias)
+        if compiling:
+            y = int8_matvec(x2, self.weight_int8, self.scale, bias)
         else:
             kernel = compiled_int8_matvec(self.in_features)
             if kernel is None:
@@ -164,7 +170,7 @@ class Int8Linear(nn.Module):
                 if t is not None:
                     torch._dynamo.maybe_mark_dynamic(t, 0)
             try:
-                y = kernel(x1, self.weight_int8, self.scale, bias)
+                y = torch.cat([kernel(x2[i : i + 1], self.weight_int8, self.scale, bias) for i in range(rows)])
             except torch._dynamo.exc.FailOnRecompileLimitHit:  # the compiler gave up on new shapes
                 return self.forward_reference(x)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)

@@ -112,3 +112,22 @@ def test_every_argument_of_every_command_has_help():
     assert {"tegaki compare", "tegaki trace", "tegaki tokenizer stats", "tegaki tokenizer show"} <= commands
     missing = [f"{path} {name}" for path, name, action in arguments if not (action.help or "").strip()]
     assert missing == [], f"arguments without help text: {missing}"
+
+
+@pytest.mark.parametrize("quantize", [[], ["--quantize", "int8"]])
+def test_generate_verbose_says_which_path_each_shape_takes_and_why(capsys, short_context_model, quantize):
+    """--verbose: one line per (shape, dtype) with the path chosen and the measured times that chose
+    it (float32), and what the quantized layers run (int8)."""
+    code, err = run(
+        capsys, "generate", "--model", str(short_context_model), "--max-new-tokens", "2", "--verbose", *quantize, "hi"
+    )
+    assert code == 0 and "Traceback" not in err and "decoding paths (" in err
+    if quantize:
+        assert "int8, groups of 32:" in err
+    else:
+        lines = [line for line in err.splitlines() if "float32:" in line]
+        shapes = {"96x32", "32x32", "128x32", "32x128", "50257x32"}  # qkv, o_proj, fc, proj, the head
+        assert {line.split()[0] for line in lines} == shapes
+        for line in lines:
+            path = line.split(": ")[1].split()[0]
+            assert path in ("plain", "onednn", "packed") and "plain " in line and "median of" in line

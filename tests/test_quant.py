@@ -75,7 +75,7 @@ def test_the_matvec_formula_is_the_dequantized_product(bias):
 
 @needs_cxx
 @pytest.mark.parametrize("kind", [Int8Linear, Int4Linear])
-@pytest.mark.parametrize("shape", [(1, 1, 128), (3, 5, 128)])  # a decode step's one row; a prompt's many
+@pytest.mark.parametrize("shape", [(1, 1, 128), (2, 3, 128), (3, 5, 128)])  # one row; a batch step; a prompt
 def test_the_fast_kernel_equals_the_readable_path(kind, shape):
     torch.manual_seed(0)
     layer = kind(nn.Linear(128, 96, bias=True))

@@ -154,6 +154,8 @@ def _jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise TegakiError(f"{path}:{line_no}: not a JSON line ({e.msg})") from None
+        except RecursionError:
+            raise TegakiError(f"{path}:{line_no}: JSON nested too deep to read") from None
         if not isinstance(record, dict):
             raise TegakiError(f"{path}:{line_no}: expected a JSON object per line")
         yield record

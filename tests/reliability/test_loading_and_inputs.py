@@ -299,3 +299,12 @@ def test_resuming_from_a_hand_edited_state_json_is_one_message(run_copy, corpus,
         (checkpoint / "state.json").write_text(json.dumps({**state, **patch}))
     rc, err = cli(train_args(run_copy, corpus, 6))
     assert_one_message(rc, err, "train", "state.json is damaged (its step or the data loader's place")
+
+
+def test_a_training_corpus_nested_too_deep_is_one_message(tmp_path):
+    """`tegaki train --data` and `tegaki tokenizer train --input` read .jsonl corpora through the same
+    reader: a line nested deeper than Python's JSON reader follows is one message naming the line."""
+    data = tmp_path / "corpus.jsonl"
+    data.write_text(json.dumps({"text": "To be or not to be"}) + "\n" + DEEP + "\n")
+    rc, err = cli(["train", "--data", str(data), "--preset", "tiny", "--max-steps", "1", "--out", str(tmp_path / "r")])
+    assert_one_message(rc, err, "train", f"{data}:2: JSON nested too deep to read")
