@@ -71,7 +71,7 @@ from engines import (  # noqa: E402
 
 from tegaki import tokenizer as tokenizers  # noqa: E402
 from tegaki.config import ModelConfig  # noqa: E402
-from tegaki.device import CPU_FLAGS, cpu_has  # noqa: E402
+from tegaki.device import CPU_FLAGS, cpu_bf16_hardware, cpu_has  # noqa: E402
 from tegaki.files import atomic_write  # noqa: E402
 from tegaki.generate import generate  # noqa: E402
 from tegaki.kv_cache import KVCache  # noqa: E402
@@ -89,10 +89,12 @@ ENGINES = str(Path(__file__).resolve().parent / "engines.py")
 ISA_CAPS = {
     "avx2": {
         "ATEN_CPU_CAPABILITY": "avx2",  # PyTorch's own kernels
-        "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN: tegaki's packed fp32/bf16 layers (bf16 then has no hardware)
-        "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",  # fbgemm: int8 (7-bit activations, as on a real AVX2 CPU)
-        "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # MKL: transformers' matmuls
+        "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN: tegaki's oneDNN paths (bf16 then has no hardware)
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # MKL: transformers' and the plain path's matmuls
         "CT2_FORCE_CPU_ISA": "AVX2",  # CTranslate2 (its workers inherit the environment)
+        # inductor (int8's loop, compiled steps) writes AVX2 code under ATEN_CPU_CAPABILITY; its
+        # on-disk cache must not hand it kernels built for another instruction set
+        "TORCHINDUCTOR_CACHE_DIR": str(Path(tempfile.gettempdir()) / "tegaki-inductor-avx2"),
     }
 }
 JOBS = ("batch 1", "prefill", "batch 8")
@@ -124,16 +126,6 @@ def cpu_description() -> tuple[str, list[str], list[str]]:
                 name = value.strip()
                 break  # every core reports the same
     return name, [f for f in CPU_FLAGS if cpu_has(f)], [f for f in CPU_FLAGS if not cpu_has(f)]
-
-
-def cpu_bf16_hardware() -> bool:
-    """Whether the CPU multiplies bf16 in hardware (avx512_bf16 or amx_bf16 in its flags): where the
-    bf16 rows run. Elsewhere bf16 is emulated, slowly, and says nothing about an engine."""
-    try:
-        from tegaki.device import cpu_bf16_hardware as in_hardware
-    except ImportError:  # a tegaki whose device.py does not answer it yet: the same flags, read here
-        return cpu_has("avx512_bf16") or cpu_has("amx_bf16")
-    return in_hardware()
 
 
 def versions() -> str:

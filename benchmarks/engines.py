@@ -23,7 +23,6 @@ does not stop it: random weights may well pick one). A worker ends when its stdi
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import json
 import os
 import shutil
@@ -158,16 +157,14 @@ def load_transformers(spec: dict):
 # --- tegaki --------------------------------------------------------------------------------------
 #
 # tegaki's decoding API is the one the benchmark follows most closely: when it changes, the three
-# functions below are what move. prepare_tegaki and tegaki_generate read the signatures, so that this
-# file runs on tegaki with `generate(..., prepare=)` and on tegaki with `prepare_for_decoding(model,
-# path=)` instead.
+# functions below are what move.
 
 
 def tegaki_variant(base, precision: str):
     """A copy of `base` as tegaki runs it in `precision` (fp32, bf16, int8, or int4 for the quality
-    lines): the one place the benchmark's tegaki models are made. int8 keeps float32 activations (its
-    kernel quantizes them itself, per call); int4's kernel takes bf16 activations faster, so that
-    model is cast (as `--dtype bf16 --quantize int4`)."""
+    lines): the one place the benchmark's tegaki models are made. int8 keeps float32 activations
+    (weight-only, groups of 32); int4's kernel takes bf16 activations faster, so that model is cast
+    (as `--dtype bf16 --quantize int4`)."""
     import torch
 
     from tegaki.model import GPT
@@ -184,21 +181,16 @@ def tegaki_variant(base, precision: str):
 
 def prepare_tegaki(model, path: str | None):
     """The model with its linear layers swapped for good by tegaki's speed layer: `path=None` is the
-    layer's own choice (what `tegaki generate` runs), "plain" keeps nn.Linear's products."""
+    layer's own choice (what `tegaki generate` runs), "plain" keeps F.linear's products."""
     from tegaki.decoding import prepare_for_decoding
 
-    if "path" in inspect.signature(prepare_for_decoding).parameters:
-        return prepare_for_decoding(model, path=path)
-    return model.eval() if path == "plain" else prepare_for_decoding(model)  # one layout, no choice to make
+    return prepare_for_decoding(model, path=path)
 
 
 def tegaki_generate(model, ids, new: int, compile: bool = False):
     """Greedy tokens from a model made by prepare_tegaki, which decodes through the layers it holds."""
     from tegaki.generate import generate
 
-    if "prepare" in inspect.signature(generate).parameters:
-        # That generate swaps in its layout for the call unless told not to; a prepared model has it.
-        return generate(model, ids, new, temperature=0, compile=compile, prepare=False)
     return generate(model, ids, new, temperature=0, compile=compile)
 
 
