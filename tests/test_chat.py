@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-pytest.importorskip("jinja2", reason="the serve extra is not installed: pip install 'tegaki[serve]'")
+pytest.importorskip("jinja2", reason="the serve extra is not installed: pip install -e '.[serve]'")
 
 from serve_models import write_model_folder
 

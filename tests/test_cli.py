@@ -131,3 +131,11 @@ def test_generate_verbose_says_which_path_each_shape_takes_and_why(capsys, short
         for line in lines:
             path = line.split(": ")[1].split()[0]
             assert path in ("plain", "onednn", "packed") and "plain " in line and "median of" in line
+
+
+def test_generate_reads_escapes_in_the_prompt_as_stop_does(capsys, short_context_model):
+    """A shell passes \\n as two characters; tegaki generate reads it as the newline, as --stop does
+    (docs/finetuning.md's chat prompt relies on it), and \\\\ as one backslash."""
+    code = main(["generate", "--model", str(short_context_model), "--max-new-tokens", "1", "--seed", "0", "a\\nb\\\\c"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("a\nb\\c")

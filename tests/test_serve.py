@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-pytest.importorskip("starlette", reason="the serve extra is not installed: pip install 'tegaki[serve]'")
-pytest.importorskip("jinja2", reason="the serve extra is not installed: pip install 'tegaki[serve]'")
+pytest.importorskip("starlette", reason="the serve extra is not installed: pip install -e '.[serve]'")
+pytest.importorskip("jinja2", reason="the serve extra is not installed: pip install -e '.[serve]'")
 
 from serve_models import PASSAGE, health, running_server, write_model_folder
 from starlette.testclient import TestClient

@@ -20,7 +20,7 @@ def register(subparsers) -> None:
         "eval",
         help="measure a model: perplexity and bits per byte, multiple choice, response loss",
         description="Evaluate any model tegaki loads. --text: perplexity and bits per byte (sliding window). "
-        "--tasks: multiple-choice accuracy ({context, endings, label} per line) with a 95%% interval. "
+        "--tasks: multiple-choice accuracy ({context, endings, label} per line) with a 95% interval. "
         "--records: mean loss on the responses of instruction records (prompts masked).",
     )
     a = p.add_argument

@@ -25,7 +25,7 @@ ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
 
 def unescape(text: str) -> str:
-    """A shell passes '\\n' as a backslash and an n; a stop string means the newline."""
+    """A shell passes '\\n' as a backslash and an n; a prompt or a stop string means the newline."""
     return re.sub(r"\\([ntr\\])", lambda m: ESCAPES[m.group(1)], text)
 
 
@@ -35,7 +35,11 @@ def register(subparsers) -> None:
         help="sample text from a model",
         description="Sample text from a tegaki run folder, a transformers folder, or a hub id.",
     )
-    p.add_argument("prompt", help="the text to continue")
+    p.add_argument(
+        "prompt",
+        type=unescape,
+        help="the text to continue; \\n, \\t and \\\\ stand for a newline, a tab and a backslash (as in --stop)",
+    )
     p.add_argument("--model", required=True, help="a tegaki run folder, a transformers folder, or a hub id (gpt2)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to add after the prompt (default 200)")
     # The CLI samples a little cooler than the library's plain softmax (temperature 1.0).

@@ -36,7 +36,7 @@ def register(subparsers) -> None:
         help="an OpenAI-compatible HTTP server, with a page of the model's insides at /",
         description="Serve a model over HTTP: /v1/completions, /v1/chat/completions and /v1/models as "
         "OpenAI's API has them, and at / a page that shows the next-token probabilities, attention and "
-        "the logit lens. Needs the serve extra: pip install 'tegaki[serve]'.",
+        "the logit lens. Needs the serve extra: pip install -e '.[serve]' in a clone.",
     )
     add_model_arguments(p)
     p.add_argument("--host", default=HOST, help=f"address to listen on (default {HOST}: this machine only)")
@@ -110,7 +110,7 @@ def run_serve(args) -> int:
         from tegaki.serve.app import Access, create_app
     except ImportError as e:
         raise TegakiError(
-            f"tegaki serve needs the serve extra ({e.name} is missing): pip install 'tegaki[serve]'"
+            f"tegaki serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]' in tegaki's clone"
         ) from None
     if not 0 <= args.port < 65536:
         raise TegakiError(f"--port must be in 0..65535, got {args.port}")

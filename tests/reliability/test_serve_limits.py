@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-pytest.importorskip("starlette", reason="the serve extra is not installed: pip install 'tegaki[serve]'")
-pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install 'tegaki[serve]'")
+pytest.importorskip("starlette", reason="the serve extra is not installed: pip install -e '.[serve]'")
+pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install -e '.[serve]'")
 
 from serve_models import health, running_server, write_model_folder  # noqa: E402
 
