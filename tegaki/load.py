@@ -126,7 +126,7 @@ def _download(repo_id: str, patterns: list[str]) -> Path:
     except ImportError:
         raise TegakiError(
             f"{repo_id!r} is not a local folder; to download it from the Hugging Face hub install "
-            "the hub extra: pip install 'tegaki[hub]'"
+            "the hub extra: pip install -e '.[hub]'"
         ) from None
     try:
         path = snapshot_download(repo_id, allow_patterns=patterns)
