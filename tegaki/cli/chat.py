@@ -11,8 +11,9 @@ from __future__ import annotations
 import sys
 
 from tegaki.chat_template import fit_to_context
-from tegaki.cli.generate import CLI_TEMPERATURE, DTYPES
+from tegaki.cli.generate import CLI_TEMPERATURE
 from tegaki.cli.serve import add_model_arguments
+from tegaki.device import DTYPES, pick_device, pick_dtype
 from tegaki.errors import TegakiError
 from tegaki.sampling import SamplingSettings
 from tegaki.serve.api import ChoiceText
@@ -47,7 +48,7 @@ def run_chat(args) -> int:
     served = load_served(
         args.model,
         device=args.device,
-        dtype=DTYPES[args.dtype],
+        dtype=DTYPES[pick_dtype(args.dtype, pick_device(args.device))],
         quantize=args.quantize,
         chat_template=args.chat_template,
     )

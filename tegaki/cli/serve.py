@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from tegaki.cli.generate import DTYPES
+from tegaki.cli.options import add_device_arguments
+from tegaki.device import DTYPES, pick_device, pick_dtype
 from tegaki.errors import TegakiError
 from tegaki.serve.api import DEFAULT_LIMITS, Limits
 from tegaki.serve.engine import MAX_ACTIVE, MAX_QUEUED, Engine
@@ -17,8 +18,7 @@ API_KEY_VARIABLE = "TEGAKI_API_KEY"
 def add_model_arguments(p) -> None:
     """The flags `tegaki serve` and `tegaki chat` share: which model, where, and its template."""
     p.add_argument("--model", required=True, help="a tegaki run folder, a transformers folder, or a hub id (gpt2)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (default cpu)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights and activations (default fp32)")
+    add_device_arguments(p)
     p.add_argument(
         "--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization of the linear layers"
     )
@@ -120,7 +120,7 @@ def run_serve(args) -> int:
         args.model,
         name=args.name,
         device=args.device,
-        dtype=DTYPES[args.dtype],
+        dtype=DTYPES[pick_dtype(args.dtype, pick_device(args.device))],
         quantize=args.quantize,
         chat_template=args.chat_template,
     )

@@ -15,6 +15,7 @@ import torch
 
 from tegaki.chat_template import ChatTemplate, end_ids, find_chat_template, local_template_folders
 from tegaki.decoding import prepare_for_decoding
+from tegaki.device import pick_device
 from tegaki.errors import TegakiError
 from tegaki.load import from_pretrained, tokenizer_for
 from tegaki.quant import quantize_model
@@ -50,22 +51,17 @@ class Served:
         return end_ids(self.tokenizer, self.template)
 
 
-def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def load_served(
     model: str,
     *,
     name: str | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     dtype: torch.dtype | None = None,
     quantize: str | None = None,
     chat_template: str | None = None,
 ) -> Served:
-    """Load --model with its tokenizer and chat template, ready for the engine."""
+    """Load --model with its tokenizer and chat template, ready for the engine, on `device` as
+    tegaki.device reads it (auto: a CUDA GPU when there is one, else the CPU)."""
     device = pick_device(device)
     net = from_pretrained(model, device=device, dtype=dtype).eval()
     if quantize:
