@@ -1,6 +1,7 @@
 """`tegaki finetune` end to end on a tiny run folder: the result loads everywhere, resumes, exports merged."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -135,3 +136,14 @@ def test_fresh_starts_over_but_deletes_only_what_a_fine_tune_wrote(lora_run, tmp
     assert main(finetune_args(lora_run / "base", data, out, "--max-steps", "2", "--fresh")) == 2
     assert "did not write (notes.txt)" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "mine" and (out / "run.json").exists() and data.exists()
+
+
+def test_a_lora_run_says_how_many_parameters_train(tmp_path, capsys):
+    """A LoRA fine-tune says so at its start: the adapters train, the base's weights are frozen."""
+    base, data = make_run(tmp_path / "base"), write_records(tmp_path / "r.jsonl")
+    capsys.readouterr()
+    assert main(finetune_args(base, data, tmp_path / "ft", "--max-steps", "1")) == 0
+    said = capsys.readouterr()
+    line = next(x for x in (said.out + said.err).splitlines() if x.startswith("model: "))
+    trained, frozen = (int(n.replace(",", "")) for n in re.findall(r"\(([\d,]+) train, ([\d,]+) frozen", line)[0])
+    assert 0 < trained < frozen and "adapters only" in line

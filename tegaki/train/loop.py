@@ -449,9 +449,12 @@ class Run:
                 + (f" x {cfg.grad_accum} accum" if cfg.grad_accum > 1 else "")
                 + (f" x {self.dist.world_size} ranks" if self.dist.enabled else "")
             )
+            trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
+            frozen = sum(p.numel() for p in self.raw_model.parameters() if not p.requires_grad)
+            trains = f" ({trainable:,} train, {frozen:,} frozen: adapters only)" if frozen else ""
             self.say(
-                f"model: {self.cfg.preset}, {n_params / 1e6:.2f}M parameters; {tokens_per_step:,} tokens per step "
-                f"({shape}); {self.device} {self.dtype}"
+                f"model: {self.cfg.preset}, {n_params / 1e6:.2f}M parameters{trains}; {tokens_per_step:,} tokens "
+                f"per step ({shape}); {self.device} {self.dtype}"
             )
         if cfg.warmup is None and warmup_steps(cfg) < DEFAULT_WARMUP and start_step < cfg.max_steps:
             self.say(
