@@ -2,6 +2,8 @@
 
     python benchmarks/bench_serve.py --model runs/demo             # a few minutes on 2 cores
     python benchmarks/bench_serve.py --model runs/demo --quick     # one round
+    python benchmarks/bench_serve.py --hostile                     # hostile load, a tiny model made here
+    python benchmarks/bench_serve.py --hostile --append-results    # ... and add the report to RESULTS.md
 
 A real `tegaki serve` process on 127.0.0.1 (started and stopped here), streamed completions of
 --new-tokens tokens (temperature 0.8, seeded), read with httpx from client threads. Beside them,
@@ -13,19 +15,36 @@ that other work on the machine weighs on both alike. Figures per round: single =
 time (TTFT, tokens/s from the first to the last token);
 load = 32 requests, 8 in flight: TTFT of each request (median and 90th percentile), tokens/s of each
 request, and the server's total tokens/s over the round. Several rounds give the spread.
+
+--hostile: the load of a careless or hostile crowd, for --duration seconds (default 20), against a
+real server whose limits let one request of 16 prompts x n=16 in (--max-request-sequences 256):
+--clients clients (default 32) at once, about half of them sending completions (streamed or not)
+and hanging up after a random short time (seeded), the others well-behaved (waiting for their
+answers, backing off on 429), and one sending 16 prompts x n=16 again and again. Every second a
+probe sends a 1-token request and times its answer. Reported: the probes' latencies, what became
+of the requests (answered, refused with 429, given up by their client) and the server's counters,
+and its resident memory (VmRSS) at the start, at its peak and --settle seconds after the load
+(then once more after one idle probe). Without --model, a tiny untrained model is made here the way
+the serve tests make theirs. Every loop is bounded in count and in time; traffic goes to 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import http.client
 import json
 import math
 import os
 import platform
+import random
+import shlex
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +55,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tegaki.files import atomic_write  # noqa: E402
 from tegaki.generate import generate_tokens  # noqa: E402
 from tegaki.load import from_pretrained, tokenizer_for  # noqa: E402
 from tegaki.sampling import SamplingSettings  # noqa: E402
@@ -127,9 +147,329 @@ def spread(values: list[float], unit: str, digits: int = 1) -> str:
     return f"{statistics.median(values):.{digits}f} {unit} (min {min(values):.{digits}f}, max {max(values):.{digits}f})"
 
 
+# -------------------------------------------------------------------------------------------------
+# --hostile: a crowd of careless clients, one greedy one, and a probe
+# -------------------------------------------------------------------------------------------------
+
+HOSTILE_PROMPTS = ("a", "The cat sat on the mat.", "ROMEO:\nBut soft", "吾輩は猫である。", "Once upon a time")
+
+
+def rss_kib(pid: int) -> int | None:
+    """The process's resident memory in KiB (VmRSS of /proc/PID/status); None once it has gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def tiny_model_folder(folder: Path) -> Path:
+    """An untrained 2-layer model with a 512-token context, as the serve tests make theirs: its
+    greedy text never ends early, so every request decodes all the tokens it asks for."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from serve_models import write_model_folder
+
+    return write_model_folder(folder / "tiny", train_steps=0, block_size=512)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_hostile_server(model: str, port: int, threads: int, extra: list[str], log) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", "tegaki", "serve", "--model", model, "--port", str(port), "--name", "bench"]
+    proc = subprocess.Popen([*command, *extra], env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 90
+    while True:  # bounded: 90 s
+        if proc.poll() is not None:
+            log.seek(0)
+            raise SystemExit(f"the server exited with {proc.returncode}:\n{log.read().decode(errors='replace')}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+            return proc
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise SystemExit("the server did not answer /health within 90 s") from None
+            time.sleep(0.2)
+
+
+def get_health(port: int) -> dict:
+    return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read())
+
+
+def post(port: int, body: dict, patience: float) -> tuple[str, float]:
+    """POST a completion to 127.0.0.1 and read its answer, giving up (closing the connection, as a
+    client that vanishes does) after `patience` seconds in all. (outcome, seconds): outcome is
+    "answered" (200, read to the end), "refused" (429), "gave up", or "status NNN" / "error NAME"."""
+    started = time.monotonic()
+    give_up = started + max(patience, 0.01)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=max(patience, 0.01))
+    try:
+        data = json.dumps(body, ensure_ascii=False).encode()
+        connection.request("POST", "/v1/completions", body=data, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        while True:  # bounded by give_up: each read waits at most what is left
+            left = give_up - time.monotonic()
+            if left <= 0:
+                return "gave up", time.monotonic() - started
+            connection.sock.settimeout(left)
+            if not response.read1(65536):
+                break
+        if response.status == 200:
+            return "answered", time.monotonic() - started
+        return ("refused" if response.status == 429 else f"status {response.status}"), time.monotonic() - started
+    except TimeoutError:
+        return "gave up", time.monotonic() - started
+    except OSError as e:
+        return f"error {type(e).__name__}", time.monotonic() - started
+    finally:
+        connection.close()
+
+
+class Tally:
+    """Outcomes per kind of client, from many threads."""
+
+    def __init__(self):
+        self.lock, self.counts = threading.Lock(), {}
+
+    def add(self, kind: str, outcome: str) -> None:
+        with self.lock:
+            self.counts.setdefault(kind, {}).setdefault(outcome, 0)
+            self.counts[kind][outcome] += 1
+
+
+def vanishing_client(port: int, rng: random.Random, end: float, tally: Tally) -> None:
+    """Completions, streamed or not, abandoned after 0.05-1.5 s (most before they are done)."""
+    for _ in range(10_000):  # bounded in count as well as by `end`
+        if time.monotonic() >= end:
+            return
+        body = {
+            "model": "bench",
+            "prompt": rng.choice(HOSTILE_PROMPTS),
+            "max_tokens": rng.randint(16, 256),
+            "n": rng.choice((1, 1, 2, 4)),
+            "temperature": 0.8,
+            "seed": rng.randrange(1 << 30),
+            "stream": rng.random() < 0.5,
+        }
+        outcome, _ = post(port, body, min(rng.uniform(0.05, 1.5), end - time.monotonic()))
+        tally.add("vanishing", "hung up" if outcome == "gave up" else outcome)
+        time.sleep(rng.uniform(0.0, 0.2))
+
+
+def polite_client(port: int, rng: random.Random, end: float, tally: Tally) -> None:
+    """Short completions, each waited for until the load ends; after a 429, a pause before the next."""
+    for _ in range(10_000):
+        if time.monotonic() >= end:
+            return
+        body = {
+            "model": "bench",
+            "prompt": rng.choice(HOSTILE_PROMPTS),
+            "max_tokens": rng.randint(8, 48),
+            "temperature": 0.8,
+            "seed": rng.randrange(1 << 30),
+            "stream": rng.random() < 0.5,
+        }
+        outcome, _ = post(port, body, end - time.monotonic())
+        tally.add("well-behaved", "unfinished when the load stopped" if outcome == "gave up" else outcome)
+        time.sleep(rng.uniform(0.5, 1.0) if outcome == "refused" else rng.uniform(0.0, 0.3))
+
+
+def greedy_client(port: int, end: float, tally: Tally) -> None:
+    """16 prompts x n=16 of 64 tokens each, again and again; whatever is under way when the load stops
+    is abandoned (its connection closed)."""
+    body = {"model": "bench", "prompt": ["a"] * 16, "n": 16, "max_tokens": 64, "temperature": 0}
+    for _ in range(1_000):
+        if time.monotonic() >= end:
+            return
+        outcome, _ = post(port, body, end - time.monotonic())
+        tally.add("16 x n=16", "unfinished when the load stopped" if outcome == "gave up" else outcome)
+        if outcome != "answered":
+            time.sleep(0.5)
+
+
+def probe(port: int) -> tuple[str, float]:
+    return post(port, {"model": "bench", "prompt": "b", "max_tokens": 1, "temperature": 0}, 30.0)
+
+
+def hostile_run(args, model: str) -> dict:
+    extra = shlex.split(args.server_args)
+    port = free_port()
+    rng = random.Random(args.seed)
+    vanishing = max(1, (args.clients - 2) // 2)
+    polite = max(1, args.clients - 1 - vanishing)
+    tally, probes, rss_seen = Tally(), [], []
+    with tempfile.TemporaryFile() as log:
+        proc = start_hostile_server(model, port, args.threads, extra, log)
+        try:
+            rss_up = rss_kib(proc.pid)
+            warm = probe(port)  # the first request's one-off allocations are part of the start
+            rss_start, before = rss_kib(proc.pid), get_health(port)
+            stop_sampling = threading.Event()
+
+            def sample() -> None:
+                while not stop_sampling.wait(0.1):  # ends with the run (the event is always set)
+                    if (kib := rss_kib(proc.pid)) is not None:
+                        rss_seen.append(kib)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            load_avg_start = os.getloadavg()
+            end = time.monotonic() + args.duration
+            threads = [
+                threading.Thread(target=vanishing_client, args=(port, random.Random(rng.random()), end, tally))
+                for _ in range(vanishing)
+            ]
+            threads += [
+                threading.Thread(target=polite_client, args=(port, random.Random(rng.random()), end, tally))
+                for _ in range(polite)
+            ]
+            threads.append(threading.Thread(target=greedy_client, args=(port, end, tally)))
+            for t in threads:
+                t.start()
+            next_probe = time.monotonic() + 1.0
+            for _ in range(int(args.duration) + 2):  # one probe a second while the load lasts
+                time.sleep(max(0.0, next_probe - time.monotonic()))
+                if time.monotonic() >= end:
+                    break
+                probes.append(probe(port))
+                next_probe += 1.0
+            for t in threads:
+                t.join(timeout=60)  # each gives up at `end`; 60 s more is a generous bound
+            stuck = sum(t.is_alive() for t in threads)
+            load_avg_end = os.getloadavg()
+            time.sleep(args.settle)
+            rss_settled, after_load = rss_kib(proc.pid), get_health(port)
+            idle_probe = probe(port)
+            time.sleep(0.5)
+            rss_final, after = rss_kib(proc.pid), get_health(port)
+            stop_sampling.set()
+            sampler.join(timeout=5)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return {
+        "vanishing": vanishing,
+        "polite": polite,
+        "warm": warm,
+        "probes": probes,
+        "idle_probe": idle_probe,
+        "tally": tally.counts,
+        "stuck": stuck,
+        "before": before,
+        "after_load": after_load,
+        "after": after,
+        "rss": {
+            "up": rss_up,
+            "start": rss_start,
+            "peak": max([rss_start, *rss_seen]),
+            "settled": rss_settled,
+            "final": rss_final,
+        },
+        "load_avg": (load_avg_start, load_avg_end),
+    }
+
+
+def hostile_report(args, model_label: str, r: dict, margin_mib: float = 16.0) -> str:
+    mib = {k: v / 1024 for k, v in r["rss"].items()}
+    answered = [t for outcome, t in r["probes"] if outcome == "answered"]
+    not_answered = [outcome for outcome, _ in r["probes"] if outcome != "answered"]
+    latencies = sorted(t for _, t in r["probes"])
+    probe_max = max(latencies) if latencies else float("nan")
+    probe_ok = bool(latencies) and not not_answered and probe_max <= 2.0
+    memory_ok = mib["settled"] <= mib["start"] + margin_mib and mib["final"] <= mib["start"] + margin_mib
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load0, load1 = (" ".join(f"{x:.2f}" for x in la) for la in r["load_avg"])
+    counters = {k: r["after_load"][k] - r["before"][k] for k in ("requests", "tokens", "cancelled")}
+    lines = [
+        f"### Hostile load, {now}",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{args.threads} thread(s) in the server; load average (1, 5, 15 min) {load0} at the start of the load, "
+        f"{load1} at its end (other work on the machine counts in it). Model: {model_label}. Server flags: "
+        f"`{args.server_args}`. Command: `python benchmarks/bench_serve.py {' '.join(sys.argv[1:])}`.",
+        "",
+        f"{args.duration:g} s of load from {r['vanishing'] + r['polite'] + 1} clients at once: {r['vanishing']} "
+        "hanging up after 0.05-1.5 s (streamed or not, n up to 4, up to 256 tokens), "
+        f"{r['polite']} well-behaved (8-48 tokens, waiting for the answer), one sending 16 prompts x n=16 "
+        "(64 tokens each) again and again; a 1-token probe every second.",
+        "",
+        "| clients | outcomes |",
+        "| --- | --- |",
+    ]
+    for kind in ("vanishing", "well-behaved", "16 x n=16"):
+        outcomes = {"answered": 0, "refused": 0, **r["tally"].get(kind, {})}
+        outcomes["refused (429)"] = outcomes.pop("refused")
+        lines.append(f"| {kind} | " + ", ".join(f"{n} {o}" for o, n in sorted(outcomes.items())) + " |")
+    lines += [
+        "",
+        f"- probes: {len(r['probes'])} sent, {len(answered)} answered; latency median "
+        f"{statistics.median(latencies) * 1e3:.0f} ms, max {probe_max * 1e3:.0f} ms"
+        + (f"; not answered: {', '.join(not_answered)}" if not_answered else "")
+        + f" (warm-up probe before the load: {r['warm'][1] * 1e3:.0f} ms; idle probe after it: "
+        f"{r['idle_probe'][1] * 1e3:.0f} ms, {r['idle_probe'][0]})",
+        f"- server counters (/health) over the load: {counters['requests']} sequences completed, "
+        f"{counters['tokens']} tokens, {counters['cancelled']} sequences cancelled (their client gone); "
+        f"queued {r['after_load']['queued']}, active {r['after_load']['active']} {args.settle:g} s after the load; "
+        f"clients still running after the load: {r['stuck']}",
+        f"- server memory (VmRSS): {mib['up']:.1f} MiB when up, {mib['start']:.1f} MiB at the start "
+        f"(after one warm-up request), peak {mib['peak']:.1f} MiB, {mib['settled']:.1f} MiB {args.settle:g} s "
+        f"after the load, {mib['final']:.1f} MiB after one more idle probe",
+        "",
+        f"Goal (a 1-token probe answered within 2 s throughout; memory back to the start + {margin_mib:g} MiB): "
+        f"probes {'held' if probe_ok else 'NOT held'} (max {probe_max:.2f} s), memory "
+        f"{'held' if memory_ok else 'NOT held'} ({mib['final'] - mib['start']:+.1f} MiB after the load).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def insert_in_section(path: Path, heading: str, section: str) -> None:
+    """Add `section` at the end of the `heading` section of `path` (before the next `## `), or at the
+    end of the file without one; everything else stays byte for byte. Written beside and renamed
+    over it: a crash leaves the old file or the new one."""
+    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
+    lines = old.splitlines(keepends=True)
+    at = len(lines)
+    if heading + "\n" in lines:
+        start = lines.index(heading + "\n")
+        at = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    head, tail = "".join(lines[:at]), "".join(lines[at:])
+    head = head + ("" if head.endswith("\n") else "\n") + ("" if head.endswith("\n\n") else "\n")
+    new = head + section.rstrip("\n") + "\n" + ("\n" + tail if tail else "")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(new, encoding="utf-8"))
+
+
+def hostile_main(args) -> None:
+    if args.clients < 3:
+        raise SystemExit("--clients must be at least 3 (one of each kind)")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model:
+            model, label = args.model, f"`{args.model}`"
+        else:
+            model = str(tiny_model_folder(Path(tmp)))
+            label = "untrained 2 layers x 64, 512-token context, made here (as tests/serve_models.py)"
+        result = hostile_run(args, model)
+    report = hostile_report(args, label, result)
+    print(report)
+    if args.append_results:
+        insert_in_section(ROOT / "benchmarks" / "RESULTS.md", "## Serving", report)
+        print("added to benchmarks/RESULTS.md (Serving)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="a run folder or a transformers folder")
+    p.add_argument("--model", help="a run folder or a transformers folder (required but with --hostile)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=8)
@@ -142,7 +482,27 @@ def main() -> None:
     )
     p.add_argument("--port", type=int, default=8731)
     p.add_argument("--quick", action="store_true", help="one round")
+    hostile = p.add_argument_group("--hostile: a crowd of careless clients and a probe")
+    hostile.add_argument("--hostile", action="store_true", help="run the hostile load instead (see above)")
+    hostile.add_argument("--duration", type=float, default=20.0, help="seconds of load (default 20)")
+    hostile.add_argument("--clients", type=int, default=32, help="clients at once, at least 3 (default 32)")
+    hostile.add_argument("--settle", type=float, default=10.0, help="idle seconds before the last memory reading")
+    hostile.add_argument("--seed", type=int, default=0, help="seed of the clients' choices")
+    hostile.add_argument(
+        "--server-args",
+        default="--max-request-sequences 256 --max-queued 320",
+        help="more flags for `tegaki serve` (default: room for one request of 16 prompts x n=16)",
+    )
+    hostile.add_argument(
+        "--append-results",
+        action="store_true",
+        help="add the report to benchmarks/RESULTS.md, at the end of its Serving section",
+    )
     args = p.parse_args()
+    if args.hostile:
+        return hostile_main(args)
+    if args.model is None:
+        p.error("--model is required (but with --hostile)")
     rounds = 1 if args.quick else args.rounds
     import httpx  # the serve tests' client; imported here so --help works without it
 
