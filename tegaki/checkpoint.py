@@ -87,8 +87,8 @@ def _join_by_layer(entries: dict[str, Any], join: Callable[[str, list[Any]], Any
 def upgrade_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A model's tensors as today's model names them; a no-op for tensors saved by today's code.
 
-    Attention used to have three projections; it has one now, `qkv`, whose output rows are q's,
-    then k's, then v's: `blocks.{i}.attn.qkv.weight` = cat([q_proj.weight (H*D, C),
+    Run folders written by earlier versions of tegaki hold q, k and v as three projections; the
+    model has one, `qkv`, whose output rows are q's, then k's, then v's: `blocks.{i}.attn.qkv.weight` = cat([q_proj.weight (H*D, C),
     k_proj.weight (K*D, C), v_proj.weight (K*D, C)], dim=0), and the same for the biases. The
     layer computes exactly what the three did."""
     if not any(_joined_name(key) for key in tensors):

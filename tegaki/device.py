@@ -235,7 +235,7 @@ def measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 102
 def peak_flops(device: torch.device, dtype: str) -> tuple[float, str]:
     """(the peak MFU divides by, where it came from). A GPU's datasheet figure when tegaki knows
     the chip; otherwise a large matmul measured on it (8192^3 on a GPU: small ones leave a big
-    chip idle and would put MFU above 100%); on a CPU a 1024^3 matmul, as before."""
+    chip idle and would put MFU above 100%); on a CPU a 1024^3 matmul."""
     torch_dtype = DTYPES[dtype]
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
