@@ -88,9 +88,10 @@ def upgrade_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     """A model's tensors as today's model names them; a no-op for tensors saved by today's code.
 
     Run folders written by earlier versions of tegaki hold q, k and v as three projections; the
-    model has one, `qkv`, whose output rows are q's, then k's, then v's: `blocks.{i}.attn.qkv.weight` = cat([q_proj.weight (H*D, C),
-    k_proj.weight (K*D, C), v_proj.weight (K*D, C)], dim=0), and the same for the biases. The
-    layer computes exactly what the three did."""
+    model has one, `qkv`, whose output rows are q's, then k's, then v's:
+    `blocks.{i}.attn.qkv.weight` = cat([q_proj.weight (H*D, C), k_proj.weight (K*D, C),
+    v_proj.weight (K*D, C)], dim=0), and the same for the biases. The layer computes exactly what
+    the three did."""
     if not any(_joined_name(key) for key in tensors):
         return tensors
     return _join_by_layer(tensors, lambda _, parts: torch.cat(parts, dim=0))  # (H*D + 2*K*D, ...)
