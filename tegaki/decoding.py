@@ -71,14 +71,35 @@ def candidates(linear: nn.Module) -> tuple[str, ...]:
     return ()
 
 
+@dataclass
+class Choice:
+    """The path chosen for one (out, in, dtype) on this machine, and the median times (ms for one
+    row through `layers` weights of that shape) that chose it."""
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    path: str
+    ms: dict[str, float] = field(default_factory=dict)
+    layers: int = 0
+    rounds: int = 0
+
+    def line(self) -> str:
+        times = ", ".join(f"{p} {t:.3f}" for p, t in self.ms.items())
+        dtype = str(self.dtype).removeprefix("torch.")
+        how = f"ms for {self.layers} layer(s), median of {self.rounds} rounds" if self.ms else "forced"
+        return f"{self.shape[0]}x{self.shape[1]} {dtype}: {self.path}" + (f" ({times} {how})" if self.ms else "")
+
+
 class FastLinear(opaque.OpaqueLayer):
     """y = x W^T + b through one of PATHS. nn.Linear's output, through the kernel measured fastest."""
 
-    def __init__(self, linear: nn.Linear, path: str):
+    def __init__(self, linear: nn.Linear, path: str, choice: Choice | None = None):
         super().__init__()
         if path not in PATHS:
             raise TegakiError(f"decoding path must be one of {', '.join(PATHS)}; got {path!r}")
         self.in_features, self.out_features, self.path = linear.in_features, linear.out_features, path
+        # how the path was chosen: the measurement, or none where it was forced (describe reports it)
+        self.choice = choice or Choice(tuple(linear.weight.shape), linear.weight.dtype, path)
         self.register_buffer("weight", linear.weight.detach())  # the same storage: no copy
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
         # self.packed (OpaqueLayer): the "packed" path's copy, made on first use
@@ -136,25 +157,6 @@ class FastLinear(opaque.OpaqueLayer):
 # -------------------------------------------------------------------------------------------------
 # Choosing a path by measuring
 # -------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Choice:
-    """The path chosen for one (out, in, dtype) on this machine, and the median times (ms for one
-    row through `layers` weights of that shape) that chose it."""
-
-    shape: tuple[int, int]
-    dtype: torch.dtype
-    path: str
-    ms: dict[str, float] = field(default_factory=dict)
-    layers: int = 0
-    rounds: int = 0
-
-    def line(self) -> str:
-        times = ", ".join(f"{p} {t:.3f}" for p, t in self.ms.items())
-        dtype = str(self.dtype).removeprefix("torch.")
-        how = f"ms for {self.layers} layer(s), median of {self.rounds} rounds" if self.ms else "forced"
-        return f"{self.shape[0]}x{self.shape[1]} {dtype}: {self.path}" + (f" ({times} {how})" if self.ms else "")
 
 
 # (out, in, dtype, threads) -> Choice, for the process: the CPU and the kernels do not change in it.
@@ -230,12 +232,13 @@ def _swap_in(model: nn.Module, path: str | None) -> list[tuple[nn.Module, str, n
     groups: dict[tuple, list[torch.Tensor]] = {}
     for _, m in found:
         groups.setdefault((*m.weight.shape, m.weight.dtype), []).append(m.weight.detach())
-    paths = {key: path or choose(weights).path for key, weights in groups.items()}
+    choices = {key: Choice(key[:2], key[2], path) if path else choose(ws) for key, ws in groups.items()}
     swapped = []
     for name, module in found:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FastLinear(module, paths[(*module.weight.shape, module.weight.dtype)]))
+        choice = choices[(*module.weight.shape, module.weight.dtype)]
+        setattr(parent, child, FastLinear(module, choice.path, choice))
         swapped.append((parent, child, module))
     return swapped
 
@@ -261,20 +264,13 @@ def decoding_layout(model: nn.Module, path: str | None = None) -> Iterator[nn.Mo
 
 
 def describe(model: nn.Module) -> list[str]:
-    """One line per (shape, dtype) of the model's decoding layers: the path and the times that chose it."""
-    lines, seen = [], set()
+    """One line per (shape, dtype, path) of the model's decoding layers: the path and the times
+    that chose it, or "forced"."""
+    groups: dict[tuple, list[FastLinear]] = {}
     for m in model.modules():
         if isinstance(m, FastLinear):
-            key = (*m.weight.shape, m.weight.dtype, torch.get_num_threads())
-            if key in seen:
-                continue
-            seen.add(key)
-            choice = CHOICES.get(key)
-            if choice is None or choice.path != m.path:  # forced: nothing was measured for it
-                choice = Choice(tuple(m.weight.shape), m.weight.dtype, m.path)
-            count = sum(isinstance(o, FastLinear) and o.weight.shape == m.weight.shape for o in model.modules())
-            lines.append(f"{choice.line()}; {count} layer(s)")
-    return lines
+            groups.setdefault((*m.weight.shape, m.weight.dtype, m.path), []).append(m)
+    return [f"{layers[0].choice.line()}; {len(layers)} layer(s)" for layers in groups.values()]
 
 
 # -------------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 refused with a clear message, and the `tegaki generate` command samples and streams text."""
 
 import os
-import shutil
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch
 from tegaki.cli import main
 from tegaki.config import ModelConfig
 from tegaki.decoding import prepare_for_decoding
+from tegaki.device import has_cxx_compiler
 from tegaki.errors import TegakiError
 from tegaki.generate import generate, generate_tokens, left_pad
 from tegaki.kv_cache import KVCache
@@ -208,7 +208,7 @@ def test_a_compiled_cpu_decode_step_attends_written_out_with_the_same_tokens(nam
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    os.environ.get("TEGAKI_TEST_INDUCTOR") != "1" or shutil.which("g++") is None,
+    os.environ.get("TEGAKI_TEST_INDUCTOR") != "1" or not has_cxx_compiler(),
     reason="inductor compiles C++ for a minute or more on 2 cores; set TEGAKI_TEST_INDUCTOR=1 to run it",
 )
 def test_inductor_compiled_decoding_gives_the_same_tokens():
