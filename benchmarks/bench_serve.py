@@ -39,7 +39,6 @@ import os
 import platform
 import random
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -165,38 +164,19 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
+def serve_models():
+    """tests/serve_models.py: the tiny models and the server process the serve tests use."""
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    import serve_models
+
+    return serve_models
+
+
 def tiny_model_folder(folder: Path) -> Path:
     """An untrained 2-layer model with a 512-token context, as the serve tests make theirs: its
     greedy text never ends early, so every request decodes all the tokens it asks for."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from serve_models import write_model_folder
-
-    return write_model_folder(folder / "tiny", train_steps=0, block_size=512)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_hostile_server(model: str, port: int, threads: int, extra: list[str], log) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
-    command = [sys.executable, "-m", "tegaki", "serve", "--model", model, "--port", str(port), "--name", "bench"]
-    proc = subprocess.Popen([*command, *extra], env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 90
-    while True:  # bounded: 90 s
-        if proc.poll() is not None:
-            log.seek(0)
-            raise SystemExit(f"the server exited with {proc.returncode}:\n{log.read().decode(errors='replace')}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-            return proc
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise SystemExit("the server did not answer /health within 90 s") from None
-            time.sleep(0.2)
+    return serve_models().write_model_folder(folder / "tiny", train_steps=0, block_size=512)
 
 
 def get_health(port: int) -> dict:
@@ -300,64 +280,56 @@ def probe(port: int) -> tuple[str, float]:
 
 def hostile_run(args, model: str) -> dict:
     extra = shlex.split(args.server_args)
-    port = free_port()
     rng = random.Random(args.seed)
     vanishing = max(1, (args.clients - 2) // 2)
     polite = max(1, args.clients - 1 - vanishing)
     tally, probes, rss_seen = Tally(), [], []
-    with tempfile.TemporaryFile() as log:
-        proc = start_hostile_server(model, port, args.threads, extra, log)
-        try:
-            rss_up = rss_kib(proc.pid)
-            warm = probe(port)  # the first request's one-off allocations are part of the start
-            rss_start, before = rss_kib(proc.pid), get_health(port)
-            stop_sampling = threading.Event()
+    server = serve_models().server_process(model, "--name", "bench", *extra, threads=args.threads)
+    with server as (proc, url):
+        port = int(url.rsplit(":", 1)[1])
+        rss_up = rss_kib(proc.pid)
+        warm = probe(port)  # the first request's one-off allocations are part of the start
+        rss_start, before = rss_kib(proc.pid), get_health(port)
+        stop_sampling = threading.Event()
 
-            def sample() -> None:
-                while not stop_sampling.wait(0.1):  # ends with the run (the event is always set)
-                    if (kib := rss_kib(proc.pid)) is not None:
-                        rss_seen.append(kib)
+        def sample() -> None:
+            while not stop_sampling.wait(0.1):  # ends with the run (the event is always set)
+                if (kib := rss_kib(proc.pid)) is not None:
+                    rss_seen.append(kib)
 
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
-            load_avg_start = os.getloadavg()
-            end = time.monotonic() + args.duration
-            threads = [
-                threading.Thread(target=vanishing_client, args=(port, random.Random(rng.random()), end, tally))
-                for _ in range(vanishing)
-            ]
-            threads += [
-                threading.Thread(target=polite_client, args=(port, random.Random(rng.random()), end, tally))
-                for _ in range(polite)
-            ]
-            threads.append(threading.Thread(target=greedy_client, args=(port, end, tally)))
-            for t in threads:
-                t.start()
-            next_probe = time.monotonic() + 1.0
-            for _ in range(int(args.duration) + 2):  # one probe a second while the load lasts
-                time.sleep(max(0.0, next_probe - time.monotonic()))
-                if time.monotonic() >= end:
-                    break
-                probes.append(probe(port))
-                next_probe += 1.0
-            for t in threads:
-                t.join(timeout=60)  # each gives up at `end`; 60 s more is a generous bound
-            stuck = sum(t.is_alive() for t in threads)
-            load_avg_end = os.getloadavg()
-            time.sleep(args.settle)
-            rss_settled, after_load = rss_kib(proc.pid), get_health(port)
-            idle_probe = probe(port)
-            time.sleep(0.5)
-            rss_final, after = rss_kib(proc.pid), get_health(port)
-            stop_sampling.set()
-            sampler.join(timeout=5)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        load_avg_start = os.getloadavg()
+        end = time.monotonic() + args.duration
+        threads = [
+            threading.Thread(target=vanishing_client, args=(port, random.Random(rng.random()), end, tally))
+            for _ in range(vanishing)
+        ]
+        threads += [
+            threading.Thread(target=polite_client, args=(port, random.Random(rng.random()), end, tally))
+            for _ in range(polite)
+        ]
+        threads.append(threading.Thread(target=greedy_client, args=(port, end, tally)))
+        for t in threads:
+            t.start()
+        next_probe = time.monotonic() + 1.0
+        for _ in range(int(args.duration) + 2):  # one probe a second while the load lasts
+            time.sleep(max(0.0, next_probe - time.monotonic()))
+            if time.monotonic() >= end:
+                break
+            probes.append(probe(port))
+            next_probe += 1.0
+        for t in threads:
+            t.join(timeout=60)  # each gives up at `end`; 60 s more is a generous bound
+        stuck = sum(t.is_alive() for t in threads)
+        load_avg_end = os.getloadavg()
+        time.sleep(args.settle)
+        rss_settled, after_load = rss_kib(proc.pid), get_health(port)
+        idle_probe = probe(port)
+        time.sleep(0.5)
+        rss_final, after = rss_kib(proc.pid), get_health(port)
+        stop_sampling.set()
+        sampler.join(timeout=5)
     return {
         "vanishing": vanishing,
         "polite": polite,

@@ -86,16 +86,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(model: Path, *args: str, timeout: float = 90.0):
-    """`tegaki serve --model MODEL` on a free port; yields its base URL; stops it afterwards."""
+def server_process(model: Path, *args: str, timeout: float = 90.0, threads: int = 1):
+    """`tegaki serve --model MODEL` on a free port, on `threads` threads (one: tiny models run faster,
+    and the cores are shared); yields (the process, its base URL) once it answers; stops it afterwards."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    env["OMP_NUM_THREADS"] = "1"  # one thread: tiny models run faster, and the cores are shared
+    env["OMP_NUM_THREADS"] = str(threads)
     command = [sys.executable, "-m", "tegaki", "serve", "--model", str(model), "--port", str(port), *args]
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            yield _wait_until_up(proc, log, f"http://127.0.0.1:{port}", timeout)
+            yield proc, _wait_until_up(proc, log, f"http://127.0.0.1:{port}", timeout)
         finally:
             proc.terminate()
             try:
@@ -103,6 +104,13 @@ def running_server(model: Path, *args: str, timeout: float = 90.0):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextlib.contextmanager
+def running_server(model: Path, *args: str, timeout: float = 90.0):
+    """`tegaki serve --model MODEL` on a free port; yields its base URL; stops it afterwards."""
+    with server_process(model, *args, timeout=timeout) as (_, url):
+        yield url
 
 
 def _wait_until_up(proc, log, url: str, timeout: float) -> str:
