@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 # The fast tier leaves out what is slow by nature; tests/conftest.py marks each test from what it reaches.
 FAST = not slow and not oracle and not subprocess and not distributed
 
-.PHONY: install install-dev demo test test-fast test-isa lint
+.PHONY: install install-dev demo test test-fast test-isa test-interop web lint
 
 install:
 	$(PIP) install -q $(TORCH)
@@ -48,6 +48,12 @@ test-isa: install-dev
 			|| { rm -rf $$cache; exit 1; }; \
 		rm -rf $$cache; \
 	done
+
+# The browser page's kernels (docs/web.md): tegaki/web/kernels/kernels.rs -> tegaki/web/static/kernels.wasm
+# with a rustc that has the wasm32 standard library (Debian: rustc + libstd-rust-dev-wasm32), then the
+# check that the committed .wasm is the build of today's source (without a toolchain: the check only).
+web:
+	$(PYTHON) -m tegaki.web.build
 
 # Style (ruff, configured in pyproject.toml) and the import direction (the layers contract in
 # pyproject.toml, checked by import-linter and by tests/test_imports.py, which also finds cycles).

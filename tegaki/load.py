@@ -215,6 +215,18 @@ def _is_gpt2_vocabulary(folder: Path) -> bool:
 EXPORT_FILES = {
     "model": ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"),
     "adapter": ("adapter_model.safetensors", "adapter_config.json", "base"),
+    "web": (  # --web: the page's static folder (tegaki.web)
+        "model.safetensors",
+        "tokenizer.bpe.json",
+        "index.html",
+        "style.css",
+        "app.js",
+        "views.js",
+        "model.js",
+        "kernels.js",
+        "tokenizer.js",
+        "kernels.wasm",
+    ),
 }
 EXPORT_MARK = "tegaki_export"
 _WRITING = re.compile(r"\..*\.(tmp|old)")  # an atomic write's temporary file, killed mid-way

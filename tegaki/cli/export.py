@@ -1,5 +1,6 @@
 """`tegaki export`: any model tegaki can load -> a folder transformers can load; with --peft, a LoRA
-run's adapter in PEFT's format instead."""
+run's adapter in PEFT's format instead; to OUT.gguf, one GGUF file for llama.cpp (`tegaki.gguf_export`);
+with --web, a static folder that runs the model in a browser (`tegaki.web`)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,19 @@ def register(subparsers) -> None:
         "transformers' format (with the run's tokenizer as tokenizer.json when it has one).",
     )
     p.add_argument("model", help="tegaki run folder, transformers folder, or hub id")
-    p.add_argument("out", help="folder to write")
+    p.add_argument("out", help="folder to write, or a file ending in .gguf (one GGUF file for llama.cpp)")
+    p.add_argument(
+        "--outtype",
+        choices=["f32", "f16", "bf16", "q8_0"],
+        default=None,
+        help="the weights' type in a .gguf file (default f16)",
+    )
+    p.add_argument(
+        "--web",
+        action="store_true",
+        help="write a static folder (index.html, scripts, weights, tokenizer) that runs the model in a "
+        "browser, served by any static file server",
+    )
     p.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
@@ -40,6 +53,12 @@ def register(subparsers) -> None:
 def _export_command(args) -> int:
     if args.peft:
         return _export_peft(args)
+    if args.web:
+        return _export_web(args)
+    if args.out.endswith(".gguf"):
+        return _export_gguf(args)
+    if args.outtype:
+        raise TegakiError(f"--outtype is the weights' type of a .gguf file; {args.out} does not end in .gguf")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = from_pretrained(args.model, dtype=dtype)
     tokenizer = None
@@ -75,4 +94,26 @@ def _export_peft(args) -> int:
         where = base_name
     export_peft(model, out, settings, base_name=base_name)
     print(f"wrote {out / CONFIG_FILE} and {out / WEIGHTS_FILE}; load it with peft onto {where}", file=sys.stderr)
+    return 0
+
+
+def _export_gguf(args) -> int:
+    """One GGUF file for llama.cpp: the weights in --outtype, the tokenizer, the chat template."""
+    from tegaki.gguf_export import export_gguf
+
+    export_gguf(args.model, args.out, outtype=args.outtype or "f16")
+    return 0
+
+
+def _export_web(args) -> int:
+    """A static folder that runs the model in a browser (weights in float16 unless --dtype says)."""
+    from tegaki.web import export_web
+
+    out = export_web(args.model, args.out, dtype=args.dtype or "float16")
+    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    print(
+        f"wrote {out} ({size:,.1f} MiB); open it through any static file server, e.g. "
+        f"python -m http.server -d {out}, then http://localhost:8000",
+        file=sys.stderr,
+    )
     return 0

@@ -1,0 +1,217 @@
+"""`tegaki export RUN OUT --web`: the folder, the refusals, and the page in a real browser.
+
+The browser tests serve the exported folder with Python's static file server and open it in
+headless Chromium (Debian's chromium + chromium-driver, driven by Selenium; skipped, with the
+reason, when missing). The page's greedy ids must equal tegaki's, and its first-step logits be
+within 1e-4 of tegaki's, with the WebAssembly kernels and with the JavaScript fallback. The
+reference is tegaki's own model with its weights rounded to the file's float16, computed in
+float32 as the page computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import json
+import shutil
+import tempfile
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+import torch
+from finetune_models import make_run
+
+from tegaki.checkpoint import load_run_model, load_run_tokenizer, save_checkpoint
+from tegaki.config import ModelConfig
+from tegaki.errors import TegakiError
+from tegaki.model import GPT
+from tegaki.tokenizer import train_bpe
+from tegaki.web import WEB_FILES, export_web, web_refusals
+from tegaki.web.build import check as check_wasm
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHROMEDRIVER = shutil.which("chromedriver")
+PROMPT = "To be, or not to be: 吾輩は猫である。"
+STEPS = 64
+
+
+# -------------------------------------------------------------------------------------------------
+# Run folders and the reference
+# -------------------------------------------------------------------------------------------------
+
+
+def web_run(folder: Path, preset: str, seed: int = 0) -> Path:
+    """A run folder of `preset` at its own shape (the vocabulary a 400-token BPE that has seen
+    Japanese), its random weights spread wider than at initialisation so greedy choices are clear."""
+    tokenizer = train_bpe([(PROMPT + " The quick brown fox jumps over the lazy dog. 名前はまだ無い。") * 8], 400)
+    config = ModelConfig.preset(preset).replace(vocab_size=tokenizer.vocab_size, block_size=256)
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    folder.mkdir(parents=True)
+    tokenizer.save(folder / "tokenizer")
+    info = {"model_config": config.to_dict(), "tokenizer": "tokenizer", "train": {}}
+    (folder / "run.json").write_text(json.dumps(info))
+    save_checkpoint(folder, 1, model.state_dict(), {}, {}, config, keep=1)
+    return folder
+
+
+def reference(run: Path, prompt: str, steps: int) -> tuple[list[int], list[int], torch.Tensor]:
+    """(prompt ids, greedy ids, first-step logits) from tegaki, weights rounded to float16."""
+    model = load_run_model(run)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    prompt_ids = load_run_tokenizer(run).encode(prompt)
+    ids = torch.tensor([prompt_ids])
+    generated, first = [], None
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(ids)[0, -1]
+            first = logits if first is None else first
+            token = int(logits.argmax())
+            generated.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return prompt_ids, generated, first
+
+
+# -------------------------------------------------------------------------------------------------
+# The folder, without a browser
+# -------------------------------------------------------------------------------------------------
+
+
+def test_the_folder_holds_the_page_the_weights_and_the_tokenizer(tmp_path):
+    run = make_run(tmp_path / "run", preset="tiny")
+    out = export_web(run, tmp_path / "web")
+    assert sorted(p.name for p in out.iterdir()) == sorted(WEB_FILES)
+    spec = json.loads((out / "tokenizer.bpe.json").read_text())
+    tokenizer = load_run_tokenizer(run)
+    assert len(spec["vocab"]) == tokenizer.vocab_size and len(spec["merges"]) == 3 * len(tokenizer.merges)
+    export_web(run, tmp_path / "web")  # an earlier web export is overwritten
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(TegakiError, match="did not write"):
+        export_web(run, tmp_path / "mine")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    "preset, refused",
+    [("tiny-gpt-oss", "mixture of experts .*, attention sinks"), ("tiny-gated", "gated attention")],
+)
+def test_families_the_kernels_do_not_compute_are_refused_before_writing(tmp_path, preset, refused):
+    run = make_run(tmp_path / "run", preset=preset, n_layer=4)
+    with pytest.raises(TegakiError, match=refused):
+        export_web(run, tmp_path / "web")
+    assert not (tmp_path / "web").exists()
+
+
+def test_gpt2_and_llama_style_flags_are_accepted():
+    for preset in ("gpt2", "demo", "tiny-llama", "tiny-qwen3", "llama-3.2-1b", "qwen3-0.6b"):
+        assert web_refusals(ModelConfig.preset(preset)) == [], preset
+    assert "attention sinks (attn_sinks)" in web_refusals(ModelConfig.preset("gpt-oss-20b"))
+
+
+def test_the_committed_wasm_is_the_build_of_the_kernel_source():
+    check_wasm()  # make web rebuilds it where a wasm32 rustc is installed
+
+
+# -------------------------------------------------------------------------------------------------
+# The page in headless Chromium
+# -------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def static_server(folder: Path):
+    """Python's static file server on a free port, in a thread: the page needs nothing else."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def headless_chromium(profile: str):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--window-size=1200,1400",
+    ):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("no Chromium and chromedriver found (apt-get install chromium chromium-driver)")
+    profile = tempfile.mkdtemp(prefix="tegaki-chromium-")
+    driver = headless_chromium(profile)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def run_page(driver, url: str, prompt: str, steps: int, kernels: str | None = None, timeout: float = 120) -> dict:
+    """Open the page with ?prompt=...&greedy=N and read what it wrote into its <pre> elements."""
+    query = {"prompt": prompt, "greedy": steps, **({"kernels": kernels} if kernels else {})}
+    driver.get(f"{url}/index.html?{urllib.parse.urlencode(query)}")
+    deadline = time.monotonic() + timeout
+    read = "return ['prompt-ids','result','logits','speed','error'].map(id => document.getElementById(id).textContent);"
+    while time.monotonic() < deadline:
+        prompt_ids, result, logits, speed, error = driver.execute_script(read)
+        assert not error, f"the page failed: {error}"
+        if result:
+            return {
+                "prompt_ids": json.loads(prompt_ids),
+                "ids": json.loads(result),
+                "logits": torch.tensor(json.loads(logits)),
+                "speed": json.loads(speed),
+                "kernels": json.loads(speed)["kernels"],
+            }
+        time.sleep(0.05)
+    raise AssertionError(f"the page wrote no result in {timeout} s")
+
+
+@pytest.mark.slow  # a browser starts
+@pytest.mark.parametrize("preset", ["demo", "tiny-llama", "tiny-qwen3"])
+@pytest.mark.parametrize("kernels", ["wasm", "js"])
+def test_the_page_generates_tegakis_greedy_tokens(browser, tmp_path_factory, preset, kernels):
+    run = web_run(tmp_path_factory.mktemp(preset) / "run", preset)
+    out = export_web(run, run.parent / "web")
+    prompt_ids, ids, logits = reference(run, PROMPT, STEPS)
+    with static_server(out) as url:
+        page = run_page(browser, url, PROMPT, STEPS, kernels)
+    assert page["kernels"] == {"wasm": "wasm-simd128", "js": "javascript"}[kernels]
+    assert page["prompt_ids"] == prompt_ids  # the tokenizer, Japanese included
+    assert (page["logits"] - logits).abs().max() < 1e-4
+    assert page["ids"] == ids
