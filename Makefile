@@ -49,6 +49,12 @@ test-isa: install-dev
 		rm -rf $$cache; \
 	done
 
+# The files tegaki writes for other engines, loaded by those engines themselves: GGUF in llama.cpp
+# (llama-cpp-python builds llama.cpp from source: 10-20 minutes on two cores the first time).
+test-interop: install-dev
+	$(PIP) install -q gguf llama-cpp-python==0.3.36
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -p no:cacheprovider tests/test_gguf_export.py
+
 # The browser page's kernels (docs/web.md): tegaki/web/kernels/kernels.rs -> tegaki/web/static/kernels.wasm
 # with a rustc that has the wasm32 standard library (Debian: rustc + libstd-rust-dev-wasm32), then the
 # check that the committed .wasm is the build of today's source (without a toolchain: the check only).

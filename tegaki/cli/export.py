@@ -101,7 +101,11 @@ def _export_gguf(args) -> int:
     """One GGUF file for llama.cpp: the weights in --outtype, the tokenizer, the chat template."""
     from tegaki.gguf_export import export_gguf
 
-    export_gguf(args.model, args.out, outtype=args.outtype or "f16")
+    if args.dtype:
+        raise TegakiError("--dtype is for a transformers folder; a .gguf file takes --outtype f32|f16|bf16|q8_0")
+    out = export_gguf(args.model, args.out, outtype=args.outtype or "f16")
+    size = out.stat().st_size / 2**20
+    print(f"wrote {out} ({size:,.1f} MiB); run it with llama.cpp: llama-cli -m {out}", file=sys.stderr)
     return 0
 
 
