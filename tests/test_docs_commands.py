@@ -30,6 +30,7 @@ PAGES = [
     "docs/architectures.md",
     "docs/serving.md",
     "docs/finetuning.md",
+    "docs/web.md",
     "README.ja.md",
     "docs/training.ja.md",
     "docs/generation.ja.md",
@@ -39,6 +40,7 @@ PAGES = [
     "docs/architectures.ja.md",
     "docs/serving.ja.md",
     "docs/finetuning.ja.md",
+    "docs/web.ja.md",
 ]
 ILLUSTRATIVE = re.compile(r"<!-- illustrative(:[^>]*)? -->\s*$")
 FENCE = re.compile(r"^```(\w*)\s*$")
