@@ -44,11 +44,12 @@ STEPS = 64
 # -------------------------------------------------------------------------------------------------
 
 
-def web_run(folder: Path, preset: str, seed: int = 0) -> Path:
-    """A run folder of `preset` at its own shape (the vocabulary a 400-token BPE that has seen
-    Japanese), its random weights spread wider than at initialisation so greedy choices are clear."""
+def web_run(folder: Path, preset: str, seed: int = 0, vocab_size: int | None = None) -> Path:
+    """A run folder of `preset` at its own shape, its random weights spread wider than at
+    initialisation so greedy choices are clear, with a 400-token BPE that has seen Japanese (the
+    model's vocabulary that BPE's, or `vocab_size` when a speed needs the preset's own)."""
     tokenizer = train_bpe([(PROMPT + " The quick brown fox jumps over the lazy dog. 名前はまだ無い。") * 8], 400)
-    config = ModelConfig.preset(preset).replace(vocab_size=tokenizer.vocab_size, block_size=256)
+    config = ModelConfig.preset(preset).replace(vocab_size=vocab_size or tokenizer.vocab_size, block_size=256)
     torch.manual_seed(seed)
     model = GPT(config)
     with torch.no_grad():
@@ -215,3 +216,44 @@ def test_the_page_generates_tegakis_greedy_tokens(browser, tmp_path_factory, pre
     assert page["prompt_ids"] == prompt_ids  # the tokenizer, Japanese included
     assert (page["logits"] - logits).abs().max() < 1e-4
     assert page["ids"] == ids
+
+
+# -------------------------------------------------------------------------------------------------
+# Speed (benchmarks/RESULTS.md, "The page in a browser"): tokens/s of the page's generation loop,
+# views included, after the prompt; several page loads, their figures printed (pytest -s)
+# -------------------------------------------------------------------------------------------------
+
+
+def page_speeds(driver, url: str, prompt: str, steps: int, rounds: int, timeout: float = 120) -> list[float]:
+    speeds = [run_page(driver, url, prompt, steps, timeout=timeout)["speed"]["tokens_per_s"] for _ in range(rounds)]
+    print(f"\n{url}: {steps} tokens, {rounds} page loads: tokens/s {', '.join(f'{v:.1f}' for v in speeds)}")
+    return speeds
+
+
+@pytest.mark.slow  # a browser starts
+def test_the_demo_model_generates_200_tokens_per_second(browser, tmp_path):
+    """The demo preset at its own size (1.35M parameters, vocabulary 4,096), WebAssembly kernels."""
+    out = export_web(web_run(tmp_path / "run", "demo", vocab_size=4096), tmp_path / "web")
+    assert sum(f.stat().st_size for f in out.iterdir()) < 5e6  # the folder a friend downloads
+    with static_server(out) as url:
+        speeds = page_speeds(browser, url, PROMPT, 200, rounds=3)
+    assert max(speeds) >= 200
+
+
+@pytest.mark.slow  # a 250 MB folder, a browser
+def test_gpt2_124m_loads_and_generates_5_tokens_per_second(browser, tmp_path):
+    """GPT-2 small's shape (124M parameters, random weights, float16 in the file) with GPT-2's tokenizer."""
+    config = ModelConfig.preset("gpt2")
+    model = GPT(config)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"model_config": config.to_dict(), "tokenizer": "gpt2", "train": {}}))
+    save_checkpoint(run, 1, model.state_dict(), {}, {}, config, keep=1)
+    del model
+    out = export_web(run, tmp_path / "web")
+    shutil.rmtree(run)
+    with static_server(out) as url:
+        page = run_page(browser, url, "Hello, I am", 4, timeout=300)
+        assert page["prompt_ids"] == [15496, 11, 314, 716]  # GPT-2's own ids
+        speeds = page_speeds(browser, url, "Hello, I am", 32, rounds=2, timeout=300)
+    assert max(speeds) >= 5

@@ -204,6 +204,7 @@
     $("prompt").value = params.get("prompt") ?? "";
     if (params.has("greedy")) {
       $("temperature").value = "0";
+      $("temperature-value").textContent = "0.00";
       $("max-tokens").value = params.get("greedy");
       await run($("prompt").value, {...settings(), temperature: 0});
     }
