@@ -36,6 +36,12 @@ from tegaki.web.build import check as check_wasm
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHROMEDRIVER = shutil.which("chromedriver")
 PROMPT = "To be, or not to be: 吾輩は猫である。"
+# What pre-tokenizing regexes treat differently: contractions in any case, digit runs, runs of
+# spaces and newlines, punctuation, Japanese, a special token in the text, an emoji (4 bytes).
+TRICKY = (
+    " The quick brown fox jumps over the lazy dog. 名前はまだ無い。 I'M sure it's 12345 DON'T\n\n  x\t!!?"
+    "<|endoftext|>😀 "
+)
 STEPS = 64
 
 
@@ -44,11 +50,11 @@ STEPS = 64
 # -------------------------------------------------------------------------------------------------
 
 
-def web_run(folder: Path, preset: str, seed: int = 0, vocab_size: int | None = None) -> Path:
+def web_run(folder: Path, preset: str, seed: int = 0, vocab_size: int | None = None, pattern: str = "gpt2") -> Path:
     """A run folder of `preset` at its own shape, its random weights spread wider than at
     initialisation so greedy choices are clear, with a 400-token BPE that has seen Japanese (the
     model's vocabulary that BPE's, or `vocab_size` when a speed needs the preset's own)."""
-    tokenizer = train_bpe([(PROMPT + " The quick brown fox jumps over the lazy dog. 名前はまだ無い。") * 8], 400)
+    tokenizer = train_bpe([(PROMPT + TRICKY) * 8], 400, pattern=pattern)
     config = ModelConfig.preset(preset).replace(vocab_size=vocab_size or tokenizer.vocab_size, block_size=256)
     torch.manual_seed(seed)
     model = GPT(config)
@@ -201,6 +207,32 @@ def run_page(driver, url: str, prompt: str, steps: int, kernels: str | None = No
             }
         time.sleep(0.05)
     raise AssertionError(f"the page wrote no result in {timeout} s")
+
+
+@pytest.mark.slow  # a browser starts
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_the_page_tokenizes_and_streams_as_tegaki_does(browser, tmp_path, pattern):
+    """The regex in JavaScript's dialect, the merges, special tokens; decoding token by token never
+    shows a half character (each piece is what tegaki's stream decoder gives)."""
+    run = web_run(tmp_path / "run", "demo", pattern=pattern)
+    out = export_web(run, tmp_path / "web")
+    tokenizer = load_run_tokenizer(run)
+    texts = [PROMPT, TRICKY, TRICKY.upper() + PROMPT * 2, "  leading and trailing  \n", "ね"]
+    with static_server(out) as url:
+        browser.get(f"{url}/index.html")
+        page = browser.execute_async_script(
+            """const [texts, done] = arguments;
+            Tokenizer.load("tokenizer.bpe.json").then((tok) => done(texts.map((text) => {
+                const ids = tok.encode(text), d = tok.decoder();
+                return {ids, pieces: [...ids.map((id) => d.push(id)), d.flush()]};
+            })));""",
+            texts,
+        )
+    for text, got in zip(texts, page):
+        ids = tokenizer.encode(text)
+        assert got["ids"] == ids, text
+        assert "".join(got["pieces"]) == text
+        assert [p for p in got["pieces"] if p] == [p for p in tokenizer.stream_decode(ids) if p]
 
 
 @pytest.mark.slow  # a browser starts
