@@ -10,9 +10,12 @@ writer llama.cpp's own converter uses. As in `hf.py`, the conversion is data:
   * TENSORS: tegaki's parameter name -> the GGUF tensor name, and how the tensor changes on the way
   * PRE_TOKENIZERS: tegaki's pre-tokenization pattern -> the llama.cpp pre-tokenizer with the same splits
 
-What llama.cpp cannot compute exactly as tegaki does is refused with a TegakiError that names it,
-never written as a file that would quietly compute something else. llama.cpp itself is never
-imported here; tests/test_gguf_export.py loads the files with it and compares logits and tokens.
+RoPE scalings travel as llama.cpp's keys where it has the same one (linear; static NTK is a larger
+base), and as tegaki's own frequencies in a `rope_freqs` tensor where it has not (Llama 3, YaRN: only
+llama.cpp's Llama reads that tensor). What llama.cpp cannot compute exactly as tegaki does is
+refused with a TegakiError that names it, never written as a file that would quietly compute
+something else. llama.cpp itself is never imported here; tests/test_gguf_export.py loads the
+files with it and compares ids, logits and greedy tokens.
 """
 
 from __future__ import annotations
@@ -247,13 +250,15 @@ def gguf_family(config: ModelConfig) -> str:
     def refuse(what: str, why: str) -> None:
         raise TegakiError(f"cannot export to GGUF: {what} ({why})")
 
-    if config.rope_scaling == "yarn":
+    if family != "llama" and config.rope_scaling in ("llama3", "yarn"):
         refuse(
-            "rope_scaling='yarn'",
-            "llama.cpp's YaRN rounds the ramp and scales attention its own way; not checked equal to tegaki's",
+            f"rope_scaling={config.rope_scaling!r} in {family}",
+            "only llama.cpp's Llama reads per-frequency factors, which carry it exactly",
         )
     if family == "qwen3" and config.sliding_window is not None:
         refuse("sliding_window with qk_norm", "llama.cpp's Qwen3 attends to the whole context")
+    if family == "qwen3" and (config.qkv_bias or config.attn_out_bias):
+        refuse("qkv_bias / attn_out_bias with qk_norm", "llama.cpp's Qwen3 has no attention biases")
     if family == "gpt_oss":
         alternating = ["sliding" if i % 2 == 0 else "full" for i in range(config.n_layer)]
         layers = [("sliding" if config.window(i) else "full") for i in range(config.n_layer)]
@@ -267,8 +272,6 @@ def gguf_family(config: ModelConfig) -> str:
                 f"moe_swiglu_limit={config.moe_swiglu_limit}, moe_swiglu_alpha={config.moe_swiglu_alpha}",
                 "llama.cpp's GPT-OSS experts clamp at 7 with slope 1.702, as released",
             )
-        if config.rope_scaling == "llama3":
-            refuse("rope_scaling='llama3' with GPT-OSS", "llama.cpp's GPT-OSS reads no per-frequency factors")
     return family
 
 
@@ -311,8 +314,13 @@ def gguf_tensors(model, family: str):
             continue
         if target == "output.weight" and config.tie_embeddings and family != "gpt_oss":
             continue  # llama.cpp reads the embedding as the head when `output` is absent
-        yield target, _converted(kind, ours[source], config)
-    if family == "llama" and config.rope_scaling == "llama3":
+        tensor = _converted(kind, ours[source], config)
+        if kind == "q_pairs" and config.rope_scaling == "yarn":
+            # YaRN scales cos and sin by an attention factor f, so every query-key product by f^2:
+            # the same as queries f^2 larger, which llama.cpp computes without knowing of f.
+            tensor = tensor * rope_frequencies(config)[1] ** 2
+        yield target, tensor
+    if config.rope_scaling in ("llama3", "yarn"):  # gguf_family refused them for the others
         yield "rope_freqs.weight", _rope_factors(config)
 
 
@@ -350,7 +358,8 @@ def _halves_to_pairs(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _rope_factors(config: ModelConfig) -> torch.Tensor:
-    """Llama 3's scaling as llama.cpp reads it: per frequency, the divisor of the plain one."""
+    """Llama 3's or YaRN's frequencies as llama.cpp's Llama reads them (`rope_freqs`): per frequency,
+    the divisor of the plain one. tegaki's own rope.py computes them, so they are its, exactly."""
     plain = rope_frequencies(config.replace(rope_scaling="none"))[0]
     scaled = rope_frequencies(config)[0]
     return (plain / scaled).float()

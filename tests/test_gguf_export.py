@@ -157,6 +157,32 @@ def test_llama_cpp_computes_what_tegaki_does(tmp_path, tokenizers, preset):
     assert agree >= 1  # 8-bit weights move the logits a little; the first choice of a clear prompt stays
 
 
+SCALINGS = {
+    "linear": dict(rope_scaling="linear", rope_factor=4.0),
+    "ntk": dict(rope_scaling="ntk", rope_factor=4.0),
+    "llama3": dict(rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=32),
+    "yarn": dict(rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=16, rope_truncate=False),
+}
+
+
+@needs_llama_cpp
+def test_llama_rope_scalings_and_biases_travel_exactly(tmp_path, tokenizers):
+    """Each RoPE scaling tegaki has, on positions past the original context; GQA, biases, a tied head."""
+    variants = {**SCALINGS, "biases": dict(qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True)}
+    tokenizer = tokenizers["gpt4"]
+    models = {name: small("tiny-llama", **overrides) for name, overrides in variants.items()}
+    for name, model in models.items():
+        write_gguf(model, tokenizer, tmp_path / f"{name}.gguf", "f32")
+    results = run_llama_cpp([job(tmp_path / f"{name}.gguf", tokenizer, PROMPT, texts=[], steps=16) for name in models])
+    prompt = tokenizer.encode(PROMPT)
+    assert len(prompt) > 32  # beyond the original context of llama3 and yarn above
+    for (name, model), result in zip(models.items(), results):
+        with torch.no_grad():
+            ours = model(torch.tensor([prompt]))[0]
+        assert (torch.tensor(result["logits"]) - ours).abs().max().item() <= 1e-4, name
+        assert result["greedy"] == tegaki_greedy(model, prompt, 16), name
+
+
 @needs_llama_cpp
 def test_a_lora_chat_fine_tune_exports_merged_with_its_chat_template(tmp_path, capsys):
     """`tegaki export RUN OUT.gguf` on a LoRA fine-tune that added ChatML's tokens: llama.cpp gets the
@@ -222,8 +248,10 @@ def test_an_existing_file_is_never_overwritten(tmp_path, capsys):
     "preset, overrides, says",
     [
         ("tiny-gated", {}, "attn_gate"),
-        ("tiny-llama", dict(rope_scaling="yarn", rope_factor=2.0, rope_original_max_len=64), "yarn"),
+        ("tiny-gpt-oss-yarn", dict(layer_types=["sliding", "full"]), "yarn"),
+        ("tiny-qwen3", dict(rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=32), "llama3"),
         ("tiny-qwen3", dict(sliding_window=16), "sliding_window"),
+        ("tiny-qwen3", dict(qkv_bias=True, attn_out_bias=True), "biases"),
         ("tiny-gpt-oss", dict(layer_types=["full", "sliding"], sliding_window=8), "even layers"),
         ("tiny-gpt-oss", dict(layer_types=["sliding", "full"], sliding_window=8, moe_swiglu_limit=5.0), "clamp"),
     ],
