@@ -105,7 +105,7 @@
   // --- generation ---------------------------------------------------------------------------------
   function forward(token) {
     const logits = state.model.step(token);
-    state.attention.push(state.model.attention_weights.slice());  // per layer, this token's (H, t+1)
+    state.attention.push(state.model.attentionWeights.slice());  // per layer, this token's (H, t+1)
     return logits;
   }
 

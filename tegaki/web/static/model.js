@@ -86,7 +86,7 @@ const WebModel = (() => {
       this.cache = Array.from({length: c.n_layer}, () => ({keys: take(this.S * K * D), values: take(this.S * K * D)}));
       this.buf = Object.fromEntries(Object.entries(scratch).map(([name, n]) => [name, take(n)]));
       this.length = 0;  // positions in the cache
-      this.attention_weights = [];  // per layer, the last step's (H, length) weights
+      this.attentionWeights = [];  // per layer, the last step's (H, length) weights
     }
 
     get f32() { return this.k.memory.f32; }
@@ -124,7 +124,7 @@ const WebModel = (() => {
       this.f32.copyWithin((keys >> 2) + row, k >> 2, (k >> 2) + K * D);
       this.f32.copyWithin((values >> 2) + row, v >> 2, (v >> 2) + K * D);
       this.k.attention(b.att, q, keys, values, b.probs, H, K, D, position + 1, c.attn_scale);
-      this.attention_weights[layer] = this.f32.slice(b.probs >> 2, (b.probs >> 2) + H * (position + 1));
+      this.attentionWeights[layer] = this.f32.slice(b.probs >> 2, (b.probs >> 2) + H * (position + 1));
       this.linear(`${p}.o_proj`, b.out, b.att, C, H * D);  // heads side by side -> C
     }
 
