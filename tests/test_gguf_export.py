@@ -265,6 +265,32 @@ def test_a_thousand_held_out_strings_tokenize_alike(tmp_path):
         assert not differ, f"{name}: {len(differ)} of {len(strings)} differ, e.g. {differ[:3]}"
 
 
+@needs_llama_cpp
+@pytest.mark.slow  # GPT-2 124M written twice, run in llama.cpp and 64 steps in tegaki: about 60 s, one thread
+def test_gpt2_124m_with_its_own_vocabulary(tmp_path):
+    """GPT-2 small at full size (random weights, GPT-2's 50,257 tokens): f32 logits and 64 greedy tokens
+    as tegaki's; q8_0 loads and starts as tegaki does."""
+    from tegaki.tokenizer import load
+
+    tokenizer = load("gpt2")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset("gpt2")).eval()
+    for outtype in ("f32", "q8_0"):
+        write_gguf(model, tokenizer, tmp_path / f"{outtype}.gguf", outtype)
+    prompt_text = "To be, or not to be: that is the question. Whether 'tis nobler in the mind"
+    f32, q8 = run_llama_cpp([job(tmp_path / f"{t}.gguf", tokenizer, prompt_text, n_ctx=256) for t in ("f32", "q8_0")])
+    prompt = tokenizer.encode(prompt_text)
+    with torch.no_grad():
+        ours = model(torch.tensor([prompt]))[0]
+    assert f32["tokens"] == [tokenizer.encode(t) for t in TEXTS]
+    assert (torch.tensor(f32["logits"]) - ours).abs().max().item() <= TOLERANCE["tiny"]  # GELU's table
+    greedy = tegaki_greedy(model, prompt, 64)
+    assert f32["greedy"] == greedy
+    agree = next((i for i, (a, b) in enumerate(zip(q8["greedy"], greedy)) if a != b), len(greedy))
+    print(f"GPT-2 124M q8_0: the first {agree} of 64 greedy tokens agree with tegaki's")
+    assert agree >= 1
+
+
 # --- what cannot travel is refused, with nothing written --------------------------------------------
 
 
