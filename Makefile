@@ -38,7 +38,7 @@ test-fast:
 # must not be loaded under another). tegaki.device reads a oneDNN cap as the CPU's flags too. The
 # slow tests (inductor compiling whole steps) run under the cap that changes inductor's code only.
 ISA_CAPS = ONEDNN_MAX_CPU_ISA=AVX2 ONEDNN_MAX_CPU_ISA=AVX512_CORE ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI ATEN_CPU_CAPABILITY=avx2
-ISA_TESTS = tests/test_decoding.py tests/test_quant.py tests/test_device.py tests/test_generate.py
+ISA_TESTS = tests/test_decoding.py tests/test_quant.py tests/test_native.py tests/test_device.py tests/test_generate.py
 test-isa: install-dev
 	@set -e; for cap in $(ISA_CAPS); do \
 		echo "== make test-isa: $$cap"; \

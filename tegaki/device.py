@@ -121,9 +121,18 @@ def cpu_bf16_hardware() -> bool:
     return cpu_has("avx512_bf16") or cpu_has("amx_bf16")
 
 
+def cxx_compiler() -> str | None:
+    """The C++ compiler's path ($CXX, else g++, clang++ or c++), or None where none is installed."""
+    for name in (os.environ.get("CXX", ""), "g++", "clang++", "c++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
 def has_cxx_compiler() -> bool:
-    """Whether a C++ compiler is installed: torch.compile's inductor writes C++ for the CPU."""
-    return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++"))
+    """Whether a C++ compiler is installed: torch.compile's inductor writes C++ for the CPU, and
+    tegaki's own loops (native.py) are C++."""
+    return cxx_compiler() is not None
 
 
 def cpu_summary() -> str:

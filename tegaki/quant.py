@@ -17,23 +17,21 @@ int4, per group of `group_size` inputs in each row, asymmetric (a zero point per
 Each layer has a readable path (dequantize, then an ordinary matmul) and a fast path; tests/test_quant.py
 proves they agree within the tolerance written there.
 
-int8's fast path, for one row (a decode step), is `int8_matvec`: the formula above written as
-products and sums, compiled by torch.compile's inductor into one C++ loop that reads each int8
-weight once and never stores the float weight. It needs a C++ compiler (inductor writes C++); where
-there is none, and for several rows (a prompt, a batch), the layer dequantizes and multiplies (the
-readable path). int4's fast path is `_weight_int4pack_mm_for_cpu` (float activations).
+int8's fast path, for the few rows of a decode step, is a loop written by hand in C++
+(tegaki/kernels/int8_matvec.cpp, built for this CPU by `native.py`): `int8_matvec` below as the loop it
+is, reading each int8 weight once and never storing the float weight. Where no C++ compiler is
+installed, and for many rows (a prompt), the layer dequantizes and multiplies (the readable path,
+whose matmul pays back the float copy it makes). int4's fast path is `_weight_int4pack_mm_for_cpu`
+(float activations).
 """
 
 from __future__ import annotations
-
-import types
-from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tegaki.device import has_cxx_compiler
+from tegaki import native
 from tegaki.errors import TegakiError
 
 # -------------------------------------------------------------------------------------------------
@@ -66,9 +64,8 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def int8_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
-    """x (N, in) float32 times the int8 weight, group by group, plus bias: (N, out). Written for a
-    compiler: the float weight `w` is an expression, never a tensor, once inductor fuses the products
-    into the sums (and the bias into the same loop)."""
+    """x (N, in) float32 times the int8 weight, group by group, plus bias: (N, out). The readable twin
+    of the C++ loop (`int8_kernel`), which computes the same sums without ever storing `w`."""
     out_f, in_f = q.shape
     groups = scale.shape[1]
     w = q.view(out_f, groups, in_f // groups) * scale.unsqueeze(-1)  # (out, groups, g)
@@ -98,28 +95,33 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gr
 # -------------------------------------------------------------------------------------------------
 
 
-_compiled_matvecs: dict[int, Callable] = {}
-# Up to this many rows (a batch's decode step) go through the one-row loop one by one: each reads the
-# int8 weight once more, still fewer bytes than the float copy the readable path makes and reads.
-ROWS_ONE_BY_ONE = 8
+# Up to this many rows (a batch's decode step) go through the C++ loop, which multiplies every row by
+# a weight row while it is in the cache; more (a prompt) are dequantized once and multiplied.
+ROWS_BY_LOOP = 8
 
 
-def compiled_int8_matvec(in_features: int) -> Callable | None:
-    """`int8_matvec` through inductor for rows of `in_features`, built on first use; None where no
-    C++ compiler is installed. The number of outputs is left dynamic (one compiled loop serves every
-    layer with this many inputs), and the loop over outputs is split across the threads however few
-    they are (inductor's default keeps a loop of a few thousand outputs on one thread, which reads
-    memory at half the speed). Each number of inputs gets a function of its own (a copy of
-    int8_matvec's code under another name): the compiler counts recompilations per function, and a
-    process that quantizes models of many widths must not run out of them."""
-    if in_features not in _compiled_matvecs:
-        if not has_cxx_compiler():
-            return None
-        code = int8_matvec.__code__.replace(co_name=f"int8_matvec_{in_features}")
-        fn = types.FunctionType(code, int8_matvec.__globals__, code.co_name, int8_matvec.__defaults__)
-        options = {"cpp.min_chunk_size": 1}
-        _compiled_matvecs[in_features] = torch.compile(fn, dynamic=False, fullgraph=True, options=options)
-    return _compiled_matvecs[in_features]
+def int8_kernel():
+    """torch.ops.tegaki.int8_matvec (x, q, scale, bias) -> (N, out), built for this CPU on first use
+    (native.py); None where it cannot be built (no C++ compiler)."""
+    if not native.load("int8_matvec"):
+        return None
+    if not _fake_registered:
+        _register_fake()
+    return torch.ops.tegaki.int8_matvec
+
+
+_fake_registered = False
+
+
+def _register_fake() -> None:
+    """Tell torch.compile the output's shape, so that a compiled graph calls the loop as one operator."""
+    global _fake_registered
+
+    @torch.library.register_fake("tegaki::int8_matvec")
+    def _(x, q, scale, bias):
+        return x.new_empty(x.shape[0], q.shape[0])
+
+    _fake_registered = True
 
 
 class Int8Linear(nn.Module):
@@ -151,28 +153,14 @@ class Int8Linear(nn.Module):
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        """A few rows (a decode step of a batch of up to ROWS_ONE_BY_ONE): `int8_matvec` on each row
-        in turn, compiled (one row is traced into a graph being compiled). More rows (a prompt), or
-        no compiler: the readable path, whose matmul pays back the float copy it makes."""
+        """A few rows (a decode step of a batch of up to ROWS_BY_LOOP): the C++ loop. More rows (a
+        prompt), or no compiler: the readable path."""
         rows = x.shape[:-1].numel()
-        compiling = torch.compiler.is_compiling()
-        if rows > (1 if compiling else ROWS_ONE_BY_ONE) or rows == 0 or x.device.type != "cpu":
+        kernel = int8_kernel() if 0 < rows <= ROWS_BY_LOOP and x.device.type == "cpu" else None
+        if kernel is None:
             return self.forward_reference(x)
-        x2 = x.reshape(rows, self.in_features).float()
         bias = None if self.bias is None else self.bias.float()
-        if compiling:
-            y = int8_matvec(x2, self.weight_int8, self.scale, bias)
-        else:
-            kernel = compiled_int8_matvec(self.in_features)
-            if kernel is None:
-                return self.forward_reference(x)
-            for t in (self.weight_int8, self.scale, bias):  # the outputs: a dynamic size
-                if t is not None:
-                    torch._dynamo.maybe_mark_dynamic(t, 0)
-            try:
-                y = torch.cat([kernel(x2[i : i + 1], self.weight_int8, self.scale, bias) for i in range(rows)])
-            except torch._dynamo.exc.FailOnRecompileLimitHit:  # the compiler gave up on new shapes
-                return self.forward_reference(x)
+        y = kernel(x.reshape(rows, self.in_features).float().contiguous(), self.weight_int8, self.scale, bias)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -249,6 +237,8 @@ def quantize_model(model: nn.Module, mode: str = "int8", *, group_size: int = 64
             setattr(parent, child, Int4Linear(linear, group_size))
         else:
             setattr(parent, child, Int8Linear(linear))
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
+        int8_kernel()  # built (or loaded) now, not inside a timed token or a graph being compiled
     return model
 
 
@@ -270,8 +260,11 @@ def quantized_kernels(model: nn.Module) -> list[str]:
     int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
     lines = []
     if int8:
-        how = "inductor's compiled int8 loop" if has_cxx_compiler() else "dequantize + matmul (no C++ compiler)"
-        lines.append(f"int8, groups of {GROUP_SIZE}: {len(int8)} layer(s); one row through {how}, several dequantized")
+        how = f"tegaki's C++ loop ({native.isa()})" if int8_kernel() else "dequantize + matmul (no C++ compiler)"
+        lines.append(
+            f"int8, groups of {GROUP_SIZE}: {len(int8)} layer(s); "
+            f"up to {ROWS_BY_LOOP} rows through {how}, more dequantized"
+        )
     if int4:
         lines.append(f"int4: {len(int4)} layer(s) through _weight_int4pack_mm_for_cpu")
     return lines

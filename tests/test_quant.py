@@ -4,9 +4,8 @@ equal the readable dequantize-then-matmul path, and a quantized model still pred
 import pytest
 import torch
 import torch.nn as nn
-from torch._inductor.utils import run_and_get_code
 
-from tegaki import quant
+from tegaki import native, quant
 from tegaki.config import ModelConfig
 from tegaki.device import has_cxx_compiler
 from tegaki.errors import TegakiError
@@ -27,7 +26,7 @@ from tegaki.quant import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-needs_cxx = pytest.mark.skipif(not has_cxx_compiler(), reason="inductor compiles C++ and no C++ compiler is installed")
+needs_cxx = pytest.mark.skipif(not has_cxx_compiler(), reason="the int8 loop is C++ and no C++ compiler is installed")
 
 
 def test_int8_round_trip_is_within_half_a_step_per_group():
@@ -86,35 +85,40 @@ def test_the_fast_kernel_equals_the_readable_path(kind, shape):
 
 
 @needs_cxx
-def test_the_compiled_int8_loop_reads_the_int8_weight_and_stores_no_float_copy():
-    """Inductor's code for one row: one fused C++ loop over the int8 weight, no matmul call, and no
-    (out, in) float buffer (the dequantized weight exists only in registers)."""
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("shape", [(96, 128), (37, 96), (5, 40), (3, 24), (70, 3072)])  # groups of 32; whole rows
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_cpp_loop_is_the_int8_formula(rows, shape, bias):
+    """The hand-written C++ loop against `int8_matvec` as written: groups of 32 and whole rows (of
+    sizes the loop's lane count does and does not divide), one row to a batch step, with and
+    without bias, on this CPU's instruction set (make test-isa runs it again as on older CPUs)."""
     torch.manual_seed(0)
-    layer = Int8Linear(nn.Linear(256, 64, bias=False))
-    x = torch.randn(1, 256)
-    torch._dynamo.reset()
-    quant._compiled_matvecs.clear()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the loop must be split across threads even for a few outputs
-    try:
-        out, codes = run_and_get_code(layer.forward_fast, x)
-    finally:
-        torch.set_num_threads(threads)
-        torch._dynamo.reset()
-        quant._compiled_matvecs.clear()
-    torch.testing.assert_close(out, layer.forward_reference(x), rtol=1e-5, atol=1e-5)
-    code = "\n".join(line for c in codes for line in c.splitlines() if not line.lstrip().startswith(("#", "from")))
-    assert "cpp_fused" in code and "int8_t" in code
-    assert "#pragma omp for" in "".join(codes)  # split across threads
-    assert "extern_kernels." not in code and "empty_strided_cpu((64, 256)" not in code and "(64, 8, 32)" not in code
+    out_f, in_f = shape
+    q, scale = quantize_int8(torch.randn(out_f, in_f))
+    b = torch.randn(out_f) if bias else None
+    x = torch.randn(rows, in_f)
+    kernel = quant.int8_kernel()
+    assert kernel is not None, "a C++ compiler is installed, so the loop must build"
+    torch.testing.assert_close(kernel(x, q, scale, b), int8_matvec(x, q, scale, b), rtol=1e-5, atol=1e-4)
+
+
+@needs_cxx
+def test_the_cpp_loop_refuses_what_it_cannot_read():
+    q, scale = quantize_int8(torch.randn(8, 64))
+    kernel = quant.int8_kernel()
+    with pytest.raises(RuntimeError, match="int8_matvec"):
+        kernel(torch.randn(1, 32), q, scale, None)  # 32 inputs for a 64-input weight
+    with pytest.raises(RuntimeError, match="int8_matvec"):
+        kernel(torch.randn(1, 64).double(), q, scale, None)
 
 
 def test_without_a_compiler_int8_takes_the_readable_path(monkeypatch):
-    monkeypatch.setattr(quant, "has_cxx_compiler", lambda: False)
-    monkeypatch.setattr(quant, "_compiled_matvecs", {})
+    monkeypatch.setattr(native, "cxx_compiler", lambda: None)
+    monkeypatch.setattr(native, "_loaded", {})
     layer = Int8Linear(nn.Linear(64, 32))
     x = torch.randn(1, 64)
-    assert torch.equal(layer.forward_fast(x), layer.forward_reference(x))
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        assert torch.equal(layer.forward_fast(x), layer.forward_reference(x))
     assert "no C++ compiler" in quantized_kernels(nn.Sequential(layer))[0]
 
 
