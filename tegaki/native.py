@@ -76,7 +76,8 @@ def load(name: str) -> bool:
     _loaded[name] = False
     cxx = cxx_compiler()
     if cxx is None:
-        warnings.warn(f"no C++ compiler (g++ or clang++): tegaki's {name} loop is not built; the readable path runs", stacklevel=3)
+        message = f"no C++ compiler (g++, clang++): tegaki's {name} loop is not built, the readable path runs"
+        warnings.warn(message, stacklevel=3)
         return False
     source = KERNELS / f"{name}.cpp"
     level = isa()
