@@ -31,6 +31,7 @@ PAGES = [
     "docs/serving.md",
     "docs/finetuning.md",
     "docs/web.md",
+    "docs/gguf.md",
     "README.ja.md",
     "docs/training.ja.md",
     "docs/generation.ja.md",
@@ -41,6 +42,7 @@ PAGES = [
     "docs/serving.ja.md",
     "docs/finetuning.ja.md",
     "docs/web.ja.md",
+    "docs/gguf.ja.md",
 ]
 ILLUSTRATIVE = re.compile(r"<!-- illustrative(:[^>]*)? -->\s*$")
 FENCE = re.compile(r"^```(\w*)\s*$")
