@@ -188,9 +188,13 @@ def browser():
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def run_page(driver, url: str, prompt: str, steps: int, kernels: str | None = None, timeout: float = 120) -> dict:
-    """Open the page with ?prompt=...&greedy=N and read what it wrote into its <pre> elements."""
-    query = {"prompt": prompt, "greedy": steps, **({"kernels": kernels} if kernels else {})}
+def run_page(
+    driver, url: str, prompt: str, steps: int, kernels: str | None = None, timeout: float = 120, **sampling
+) -> dict:
+    """Open the page with ?prompt=...&greedy=N (with sampling settings: &sample=N&temperature=...)
+    and read what it wrote into its <pre> elements."""
+    mode = "sample" if sampling else "greedy"
+    query = {"prompt": prompt, mode: steps, **({"kernels": kernels} if kernels else {}), **sampling}
     driver.get(f"{url}/index.html?{urllib.parse.urlencode(query)}")
     deadline = time.monotonic() + timeout
     read = "return ['prompt-ids','result','logits','speed','error'].map(id => document.getElementById(id).textContent);"
@@ -233,6 +237,23 @@ def test_the_page_tokenizes_and_streams_as_tegaki_does(browser, tmp_path, patter
         assert got["ids"] == ids, text
         assert "".join(got["pieces"]) == text
         assert [p for p in got["pieces"] if p] == [p for p in tokenizer.stream_decode(ids) if p]
+
+
+@pytest.mark.slow  # a browser starts
+def test_sampling_repeats_with_its_seed_and_narrows_to_greedy(browser, tmp_path):
+    """temperature, top-k, top-p and seed from the URL; the page's views drawn after a run."""
+    run = web_run(tmp_path / "run", "tiny-llama")
+    out = export_web(run, tmp_path / "web")
+    greedy = reference(run, PROMPT, 16)[1]
+    with static_server(out) as url:
+        first = run_page(browser, url, PROMPT, 16, temperature=1.5, seed=7)["ids"]
+        assert run_page(browser, url, PROMPT, 16, temperature=1.5, seed=7)["ids"] == first
+        assert run_page(browser, url, PROMPT, 16, temperature=1.5, seed=8)["ids"] != first
+        assert first != greedy[: len(first)]
+        assert run_page(browser, url, PROMPT, 16, temperature=1.5, top_k=1, seed=7)["ids"] == greedy
+        bars = browser.execute_script("return document.querySelectorAll('#bars .bar-row').length")
+        rendered = browser.execute_script("return Number(document.getElementById('attention-view').dataset.rendered)")
+    assert bars == 10 and rendered == len(reference(run, PROMPT, 0)[0]) + 16
 
 
 @pytest.mark.slow  # a browser starts

@@ -4,7 +4,8 @@
 //
 // For tests and measurements: ?prompt=...&greedy=N generates N tokens greedily at once and writes
 // the prompt's ids, the generated ids, the first step's logits and the speed into <pre> elements
-// (#prompt-ids, #result, #logits, #speed). ?kernels=js (or wasm) chooses the kernels.
+// (#prompt-ids, #result, #logits, #speed); ?sample=N with temperature, top_k, top_p and seed
+// samples instead. ?kernels=js (or wasm) chooses the kernels.
 "use strict";
 
 (async () => {
@@ -143,7 +144,7 @@
       span.textContent += piece;
       if (piece) { $("generated").append(span); span = null; }
       if (token === tokenizer.eot_id && !params.has("greedy")) break;
-      if (n + 1 < limit) logits = forward(token);
+      if (state.model.length < state.model.S) logits = forward(token);  // the last one too: its attention is drawn
       if (performance.now() - lastPaint > 50) { await yieldToPage(); lastPaint = performance.now(); }
     }
     const tail = decoder.flush();
@@ -202,11 +203,18 @@
     $("generate-button").disabled = false;
     document.body.dataset.ready = "true";
     $("prompt").value = params.get("prompt") ?? "";
-    if (params.has("greedy")) {
-      $("temperature").value = "0";
-      $("temperature-value").textContent = "0.00";
-      $("max-tokens").value = params.get("greedy");
-      await run($("prompt").value, {...settings(), temperature: 0});
+    // The URL may set the controls (temperature, top_k, top_p, seed, max_tokens); with greedy=N
+    // or sample=N the page generates N tokens at once (greedy: at temperature 0, to the end).
+    const controls = {temperature: "temperature", top_k: "top-k", top_p: "top-p", seed: "seed", max_tokens: "max-tokens"};
+    for (const [name, id] of Object.entries(controls)) if (params.has(name)) $(id).value = params.get(name);
+    if (params.has("greedy")) $("temperature").value = "0";
+    for (const [slider, out] of [["temperature", "temperature-value"], ["top-p", "top-p-value"]]) {
+      $(out).textContent = parseFloat($(slider).value).toFixed(2);
+    }
+    const count = params.get("greedy") ?? params.get("sample");
+    if (count !== null) {
+      $("max-tokens").value = count;
+      await run($("prompt").value, settings());
     }
   } catch (error) {
     $("status").textContent = `could not start: ${error.message}`;
