@@ -11,11 +11,13 @@ writer llama.cpp's own converter uses. As in `hf.py`, the conversion is data:
   * PRE_TOKENIZERS: tegaki's pre-tokenization pattern -> the llama.cpp pre-tokenizer with the same splits
 
 RoPE scalings travel as llama.cpp's keys where it has the same one (linear; static NTK is a larger
-base), and as tegaki's own frequencies in a `rope_freqs` tensor where it has not (Llama 3, YaRN: only
-llama.cpp's Llama reads that tensor). What llama.cpp cannot compute exactly as tegaki does is
-refused with a TegakiError that names it, never written as a file that would quietly compute
-something else. llama.cpp itself is never imported here; tests/test_gguf_export.py loads the
-files with it and compares ids, logits and greedy tokens.
+base; YaRN with its ramp rounded), and as tegaki's own frequencies in a `rope_freqs` tensor where it
+has not (Llama 3, any YaRN: only llama.cpp's Llama reads that tensor).
+
+What llama.cpp cannot compute exactly as tegaki does is refused with a TegakiError that names it,
+never written as a file that would quietly compute something else. llama.cpp itself is never
+imported here; tests/test_gguf_export.py loads the files with it and compares ids, logits and
+greedy tokens.
 """
 
 from __future__ import annotations
@@ -250,11 +252,16 @@ def gguf_family(config: ModelConfig) -> str:
     def refuse(what: str, why: str) -> None:
         raise TegakiError(f"cannot export to GGUF: {what} ({why})")
 
-    if family != "llama" and config.rope_scaling in ("llama3", "yarn"):
-        refuse(
-            f"rope_scaling={config.rope_scaling!r} in {family}",
-            "only llama.cpp's Llama reads per-frequency factors, which carry it exactly",
-        )
+    if family != "llama" and config.rope_scaling == "llama3":
+        refuse(f"rope_scaling='llama3' in {family}", "only llama.cpp's Llama reads per-frequency factors")
+    if family != "llama" and config.rope_scaling == "yarn":  # llama.cpp's own YaRN, which rounds the ramp
+        if not config.rope_truncate:
+            refuse(
+                f"rope_scaling='yarn' with rope_truncate=False in {family}",
+                "llama.cpp's YaRN rounds the ramp's ends (truncate=True); only its Llama reads exact frequencies",
+            )
+        if config.rope_attention_factor is not None:
+            refuse("rope_attention_factor", "llama.cpp's YaRN scales attention by 0.1 ln(factor) + 1 only")
     if family == "qwen3" and config.sliding_window is not None:
         refuse("sliding_window with qk_norm", "llama.cpp's Qwen3 attends to the whole context")
     if family == "qwen3" and (config.qkv_bias or config.attn_out_bias):
@@ -297,6 +304,13 @@ def _add_hyperparameters(writer, config: ModelConfig, family: str) -> None:
         gguf = gguf_module()
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(config.rope_factor)
+    if config.rope_scaling == "yarn" and family != "llama":  # Llama's travels in rope_freqs
+        gguf = gguf_module()
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(config.rope_factor)
+        writer.add_rope_scaling_orig_ctx_len(config.rope_original_max_len)
+        writer.add_rope_scaling_yarn_beta_fast(config.rope_beta_fast)
+        writer.add_rope_scaling_yarn_beta_slow(config.rope_beta_slow)
     if family == "gpt_oss":
         writer.add_expert_count(config.n_experts)
         writer.add_expert_used_count(config.n_experts_per_tok)
@@ -320,7 +334,7 @@ def gguf_tensors(model, family: str):
             # the same as queries f^2 larger, which llama.cpp computes without knowing of f.
             tensor = tensor * rope_frequencies(config)[1] ** 2
         yield target, tensor
-    if config.rope_scaling in ("llama3", "yarn"):  # gguf_family refused them for the others
+    if family == "llama" and config.rope_scaling in ("llama3", "yarn"):
         yield "rope_freqs.weight", _rope_factors(config)
 
 

@@ -204,6 +204,23 @@ def test_llama_rope_scalings_and_biases_travel_exactly(tmp_path, tokenizers):
 
 
 @needs_llama_cpp
+def test_llama_cpps_own_yarn_where_it_is_tegakis(tmp_path, tokenizers):
+    """Qwen3 and GPT-OSS get llama.cpp's YaRN, which rounds the ramp's ends: equal to tegaki's with
+    rope_truncate=True (the flag that makes the ramp matter: an original context of 4,096)."""
+    yarn = dict(rope_scaling="yarn", rope_factor=32.0, rope_original_max_len=4096, rope_truncate=True)
+    models = {preset: small(preset, **yarn) for preset in ("tiny-qwen3", "tiny-gpt-oss")}
+    tokenizer = tokenizers["gpt2"]
+    for preset, model in models.items():
+        write_gguf(model, tokenizer, tmp_path / f"{preset}.gguf", "f32")
+    results = run_llama_cpp([job(tmp_path / f"{p}.gguf", tokenizer, PROMPT, texts=[], steps=1) for p in models])
+    prompt = tokenizer.encode(PROMPT)
+    for (preset, model), result in zip(models.items(), results):
+        with torch.no_grad():
+            ours = model(torch.tensor([prompt]))[0]
+        assert (torch.tensor(result["logits"]) - ours).abs().max().item() <= 1e-4, preset
+
+
+@needs_llama_cpp
 def test_a_lora_chat_fine_tune_exports_merged_with_its_chat_template(tmp_path, capsys):
     """`tegaki export RUN OUT.gguf` on a LoRA fine-tune that added ChatML's tokens: llama.cpp gets the
     merged weights, the template, <|im_end|> as the end of a turn, and splits the markers out of text."""
@@ -341,7 +358,7 @@ def test_an_existing_file_is_never_overwritten(tmp_path, capsys):
     "preset, overrides, says",
     [
         ("tiny-gated", {}, "attn_gate"),
-        ("tiny-gpt-oss-yarn", dict(layer_types=["sliding", "full"]), "yarn"),
+        ("tiny-gpt-oss-yarn", dict(layer_types=["sliding", "full"]), "truncate"),
         ("tiny-qwen3", dict(rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=32), "llama3"),
         ("tiny-qwen3", dict(sliding_window=16), "sliding_window"),
         ("tiny-qwen3", dict(qkv_bias=True, attn_out_bias=True), "biases"),
