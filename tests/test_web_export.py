@@ -25,13 +25,20 @@ import pytest
 import torch
 from finetune_models import make_run
 
-from tegaki.checkpoint import load_run_model, load_run_tokenizer, save_checkpoint
+from tegaki.checkpoint import (
+    load_run_model,
+    load_run_tokenizer,
+    read_safetensors,
+    safetensors_metadata,
+    save_checkpoint,
+)
 from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
 from tegaki.model import GPT
-from tegaki.tokenizer import train_bpe
-from tegaki.web import WEB_FILES, export_web, web_refusals
+from tegaki.tokenizer import Tokenizer, train_bpe
+from tegaki.web import WEB_FILES, build, export_web, web_refusals
 from tegaki.web.build import check as check_wasm
+from tegaki.web.export import web_tokenizer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -69,12 +76,12 @@ def web_run(folder: Path, preset: str, seed: int = 0, vocab_size: int | None = N
     return folder
 
 
-def reference(run: Path, prompt: str, steps: int) -> tuple[list[int], list[int], torch.Tensor]:
-    """(prompt ids, greedy ids, first-step logits) from tegaki, weights rounded to float16."""
+def reference(run: Path, prompt: str, steps: int, dtype=torch.float16) -> tuple[list[int], list[int], torch.Tensor]:
+    """(prompt ids, greedy ids, first-step logits) from tegaki, weights rounded to the file's dtype."""
     model = load_run_model(run)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(p.half().float())
+            p.copy_(p.to(dtype).float())
     prompt_ids = load_run_tokenizer(run).encode(prompt)
     ids = torch.tensor([prompt_ids])
     generated, first = [], None
@@ -125,8 +132,32 @@ def test_gpt2_and_llama_style_flags_are_accepted():
     assert "attention sinks (attn_sinks)" in web_refusals(ModelConfig.preset("gpt-oss-20b"))
 
 
-def test_the_committed_wasm_is_the_build_of_the_kernel_source():
+def test_the_command_writes_the_folder_and_says_how_to_open_it(tmp_path, capsys):
+    from tegaki.cli import main
+
+    run = make_run(tmp_path / "run", preset="tiny-llama")
+    assert main(["export", str(run), str(tmp_path / "web"), "--web", "--dtype", "float32"]) == 0
+    assert "python -m http.server" in capsys.readouterr().err
+    metadata = json.loads(safetensors_metadata(tmp_path / "web" / "model.safetensors")["tegaki_web"])
+    assert metadata["config"]["n_kv_head"] == 2 and metadata["config"]["mlp"] == "swiglu"
+    assert {t.dtype for t in read_safetensors(tmp_path / "web" / "model.safetensors").values()} == {torch.float32}
+
+
+def test_tokenizers_the_page_cannot_run_are_refused(tmp_path):
+    own_regex = train_bpe(["some text, some more text"] * 4, 270, pattern=r"\w+|\s+|[^\w\s]+")
+    with pytest.raises(TegakiError, match="its own regex"):
+        web_tokenizer(own_regex)
+    with pytest.raises(TegakiError, match="byte-level BPE"):
+        web_tokenizer(Tokenizer())
+
+
+def test_the_committed_wasm_is_the_build_of_the_kernel_source(tmp_path, monkeypatch):
     check_wasm()  # make web rebuilds it where a wasm32 rustc is installed
+    changed = tmp_path / "kernels.rs"
+    changed.write_text(build.SOURCE.read_text() + "// an edit\n")
+    monkeypatch.setattr(build, "SOURCE", changed)
+    with pytest.raises(TegakiError, match="changed since kernels.wasm was built"):
+        check_wasm()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -267,6 +298,18 @@ def test_the_page_generates_tegakis_greedy_tokens(browser, tmp_path_factory, pre
         page = run_page(browser, url, PROMPT, STEPS, kernels)
     assert page["kernels"] == {"wasm": "wasm-simd128", "js": "javascript"}[kernels]
     assert page["prompt_ids"] == prompt_ids  # the tokenizer, Japanese included
+    assert (page["logits"] - logits).abs().max() < 1e-4
+    assert page["ids"] == ids
+
+
+@pytest.mark.slow  # a browser starts
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_weights_in_float32_or_bfloat16_give_tegakis_tokens(browser, tmp_path, dtype):
+    run = web_run(tmp_path / "run", "tiny-llama")
+    out = export_web(run, tmp_path / "web", dtype=dtype)
+    _, ids, logits = reference(run, PROMPT, STEPS, dtype=getattr(torch, dtype))
+    with static_server(out) as url:
+        page = run_page(browser, url, PROMPT, STEPS)
     assert (page["logits"] - logits).abs().max() < 1e-4
     assert page["ids"] == ids
 
