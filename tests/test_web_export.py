@@ -36,7 +36,8 @@ from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
 from tegaki.model import GPT
 from tegaki.tokenizer import Tokenizer, train_bpe
-from tegaki.web import WEB_FILES, build, export_web, web_refusals
+from tegaki.tokenizer import load as tokenizer_load
+from tegaki.web import WEB_FILES, build, export_web, web_refusals, write_web_folder
 from tegaki.web.build import check as check_wasm
 from tegaki.web.export import web_tokenizer
 
@@ -342,15 +343,7 @@ def test_the_demo_model_generates_200_tokens_per_second(browser, tmp_path):
 @pytest.mark.slow  # a 250 MB folder, a browser
 def test_gpt2_124m_loads_and_generates_5_tokens_per_second(browser, tmp_path):
     """GPT-2 small's shape (124M parameters, random weights, float16 in the file) with GPT-2's tokenizer."""
-    config = ModelConfig.preset("gpt2")
-    model = GPT(config)
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "run.json").write_text(json.dumps({"model_config": config.to_dict(), "tokenizer": "gpt2", "train": {}}))
-    save_checkpoint(run, 1, model.state_dict(), {}, {}, config, keep=1)
-    del model
-    out = export_web(run, tmp_path / "web")
-    shutil.rmtree(run)
+    out = write_web_folder(GPT(ModelConfig.preset("gpt2")), tokenizer_load("gpt2"), tmp_path / "web", name="gpt2")
     with static_server(out) as url:
         page = run_page(browser, url, "Hello, I am", 4, timeout=300)
         assert page["prompt_ids"] == [15496, 11, 314, 716]  # GPT-2's own ids

@@ -15,6 +15,6 @@
 
 from __future__ import annotations
 
-from tegaki.web.export import WEB_FILES, export_web, web_refusals
+from tegaki.web.export import WEB_FILES, export_web, web_refusals, write_web_folder
 
-__all__ = ["export_web", "web_refusals", "WEB_FILES"]
+__all__ = ["export_web", "write_web_folder", "web_refusals", "WEB_FILES"]

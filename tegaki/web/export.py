@@ -66,25 +66,30 @@ def web_refusals(config: ModelConfig) -> list[str]:
 def export_web(model_ref: str | os.PathLike, out: str | os.PathLike, dtype: str = "float16") -> Path:
     """Write the static folder for the model at `model_ref` (a run folder, a transformers folder or
     a hub id) into `out`; returns `out`. dtype: the weights' type in the file."""
+    model = from_pretrained(model_ref)
+    return write_web_folder(model, tokenizer_for(model_ref), out, dtype, name=Path(str(model_ref)).name)
+
+
+def write_web_folder(model, tokenizer, out: str | os.PathLike, dtype: str = "float16", name: str = "model") -> Path:
+    """The folder for a loaded model and its tokenizer; anything the page cannot run is refused
+    before a file is written."""
     if dtype not in DTYPES:
         raise TegakiError(f"--dtype {dtype}: the page reads weights in {', '.join(DTYPES)}")
     out = Path(out)
-    model = from_pretrained(model_ref)
     problems = web_refusals(model.config)
     if problems:
         raise TegakiError(
-            f"{model_ref} uses {', '.join(problems)}, which the browser page's kernels do not compute "
+            f"{name} uses {', '.join(problems)}, which the browser page's kernels do not compute "
             "(they cover GPT-2 and the Llama-style flags: RMSNorm, SwiGLU, RoPE, GQA, QK-norm). "
-            f"Export it for transformers instead: tegaki export {model_ref} OUT"
+            "Export it for transformers instead: tegaki export MODEL OUT"
         )
-    tokenizer = tokenizer_for(model_ref)
-    tokenizer_spec = web_tokenizer(tokenizer)  # refuses a tokenizer the page cannot run, before writing
+    tokenizer_spec = web_tokenizer(tokenizer)
     claim_export_folder(out, "web")
-    write_weights(model, out / WEIGHTS_FILE, DTYPES[dtype], name=Path(str(model_ref)).name)
+    write_weights(model, out / WEIGHTS_FILE, DTYPES[dtype], name=name)
     atomic_write_text(out / TOKENIZER_FILE, json.dumps(tokenizer_spec, ensure_ascii=False, separators=(",", ":")))
     static = resources.files("tegaki.web") / "static"
-    for name in PAGE_FILES:
-        atomic_write_bytes(out / name, (static / name).read_bytes())
+    for file in PAGE_FILES:
+        atomic_write_bytes(out / file, (static / file).read_bytes())
     return out
 
 
