@@ -337,6 +337,8 @@ def test_the_demo_model_generates_200_tokens_per_second(browser, tmp_path):
     with static_server(out) as url:
         speeds = page_speeds(browser, url, PROMPT, 200, rounds=3)
         page_speeds(browser, url, PROMPT, 200, rounds=2, kernels="js")  # the fallback, for the record
+        drawn = browser.execute_script("return Number(document.getElementById('attention-view').dataset.rendered)")
+    assert drawn == 160  # a long text: the attention maps keep its last 160 tokens
     assert max(speeds) >= 200
 
 

@@ -107,6 +107,8 @@
   function forward(token) {
     const logits = state.model.step(token);
     state.attention.push(state.model.attentionWeights.slice());  // per layer, this token's (H, t+1)
+    const old = state.attention.length - 1 - Views.LAST;
+    if (old >= 0) state.attention[old] = null;  // the view draws the last LAST rows: the rest may go
     return logits;
   }
 

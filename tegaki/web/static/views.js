@@ -110,5 +110,5 @@ const Views = (() => {
     $("attention-head").addEventListener("change", () => { head = parseInt($("attention-head").value, 10); redraw(); });
   }
 
-  return {bars, attention, setup, visible};
+  return {bars, attention, setup, visible, LAST};
 })();
