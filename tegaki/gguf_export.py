@@ -190,7 +190,7 @@ def write_gguf(model, tokenizer, out: str | os.PathLike, outtype: str = "f16", t
     gguf = gguf_module()
     if outtype not in OUTTYPES:
         raise TegakiError(f"--outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
-    out = Path(out)
+    out = _claim_file(out)
     config = model.config
     family = gguf_family(config)
     vocab = bpe_vocabulary(tokenizer, config.vocab_size)
@@ -297,9 +297,10 @@ def _add_hyperparameters(writer, config: ModelConfig, family: str) -> None:
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
     writer.add_rope_dimension_count(config.head_dim)
-    writer.add_rope_freq_base(config.rope_theta)
-    if config.rope_scaling == "ntk":  # static NTK is plain RoPE with a larger base
-        writer.add_rope_freq_base(config.rope_theta * config.rope_factor ** (config.head_dim / (config.head_dim - 2)))
+    base = config.rope_theta
+    if config.rope_scaling == "ntk":  # static NTK is plain RoPE with a larger base (rope.py's formula)
+        base = config.rope_theta * config.rope_factor ** (config.head_dim / (config.head_dim - 2))
+    writer.add_rope_freq_base(base)
     if config.rope_scaling == "linear":
         gguf = gguf_module()
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)

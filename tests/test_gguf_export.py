@@ -350,6 +350,9 @@ def test_an_existing_file_is_never_overwritten(tmp_path, capsys):
     out.write_bytes(b"someone's file")
     assert main(["export", str(run), str(out)]) != 0
     assert "already exists" in capsys.readouterr().err and out.read_bytes() == b"someone's file"
+    with pytest.raises(TegakiError, match="already exists"):
+        write_gguf(small("tiny-qwen3"), train_bpe([ENGLISH], 300), out)
+    assert out.read_bytes() == b"someone's file"
     assert main(["export", str(run), str(tmp_path / "run.bin"), "--outtype", "q8_0"]) != 0
     assert "does not end in .gguf" in capsys.readouterr().err
 
