@@ -95,9 +95,11 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gr
 # -------------------------------------------------------------------------------------------------
 
 
-# Up to this many rows (a batch's decode step) go through the C++ loop, which multiplies every row by
-# a weight row while it is in the cache; more (a prompt) are dequantized once and multiplied.
-ROWS_BY_LOOP = 8
+# Up to this many rows (a batch's decode step, a short prompt) go through the C++ loop, which makes each
+# int8 weight a float once for 8 rows at a time; more are dequantized once and multiplied. The loop's
+# cost grows with the rows and the dequantized matmul's hardly: on GPT-2's shapes they cross at a few
+# dozen rows.
+ROWS_BY_LOOP = 32
 
 
 def int8_kernel():

@@ -85,7 +85,7 @@ def test_the_fast_kernel_equals_the_readable_path(kind, shape):
 
 
 @needs_cxx
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 3, 8, 11])  # 11: eight together, then three
 @pytest.mark.parametrize("shape", [(96, 128), (37, 96), (5, 40), (3, 24), (70, 3072)])  # groups of 32; whole rows
 @pytest.mark.parametrize("bias", [True, False])
 def test_the_cpp_loop_is_the_int8_formula(rows, shape, bias):

@@ -47,6 +47,36 @@ static inline float sum_lanes(floats v) {
   return s;
 }
 
+// One weight row o against ROWS rows of x: each LANES int8 weights are made floats once and
+// multiplied into every row's sums (ROWS is a template argument, so the sums stay in registers).
+template <int ROWS>
+static void row_times_rows(const int8_t* w, const float* s, const float* x, int64_t in, int64_t groups,
+                           float bias, float* y, int64_t y_stride) {
+  const int64_t g = in / groups;         // inputs per group
+  const int64_t gv = g / LANES * LANES;  // of them, those taken LANES at a time
+  floats acc[ROWS] = {};                 // per row: sum over groups of scale * (the group's products)
+  float rest[ROWS] = {};                 // the same for inputs past the last multiple of LANES in a group
+  for (int64_t k = 0; k < groups; ++k) {
+    const int8_t* wk = w + k * g;
+    floats part[ROWS] = {};
+    for (int64_t i = 0; i < gv; i += LANES) {
+      const floats wv = load_int8s(wk + i);
+      for (int r = 0; r < ROWS; ++r) part[r] += wv * load_floats(x + r * in + k * g + i);
+    }
+    for (int r = 0; r < ROWS; ++r) acc[r] += part[r] * s[k];
+    if (gv < g) {  // a group of a size LANES does not divide (a whole odd-sized row)
+      for (int r = 0; r < ROWS; ++r) {
+        float part_rest = 0.f;
+        for (int64_t i = gv; i < g; ++i) part_rest += float(wk[i]) * x[r * in + k * g + i];
+        rest[r] += part_rest * s[k];
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) y[r * y_stride] = sum_lanes(acc[r]) + rest[r] + bias;
+}
+
+constexpr int MAX_ROWS = 8;  // rows taken together; more are taken 8 at a time
+
 at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
                        const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scale.dim() == 2, "int8_matvec: x (N, in), q (out, in), scale (out, groups)");
@@ -60,8 +90,6 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tenso
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == out, "int8_matvec: bias (out,) float32");
     b = bias->data_ptr<float>();
   }
-  const int64_t g = in / groups;   // inputs per group
-  const int64_t gv = g / LANES * LANES;  // of them, those LANES at a time take
   at::Tensor y = at::empty({rows, out}, x.options());
   const float* xs = x.data_ptr<float>();
   const int8_t* qs = q.data_ptr<int8_t>();
@@ -72,23 +100,20 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tenso
     for (int64_t o = begin; o < end; ++o) {
       const int8_t* w = qs + o * in;     // row o of the weight
       const float* s = ss + o * groups;  // its scales
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* xr = xs + r * in;
-        floats acc = {};  // sum over groups of scale * (the group's products, LANES wide)
-        float rest = 0.f;   // the same for inputs past the last multiple of LANES in a group
-        for (int64_t k = 0; k < groups; ++k) {
-          const int8_t* wk = w + k * g;
-          const float* xk = xr + k * g;
-          floats part = {};
-          for (int64_t i = 0; i < gv; i += LANES) part += load_int8s(wk + i) * load_floats(xk + i);
-          acc += part * s[k];
-          if (gv < g) {  // a group of a size LANES does not divide (a whole odd-sized row)
-            float part_rest = 0.f;
-            for (int64_t i = gv; i < g; ++i) part_rest += float(wk[i]) * xk[i];
-            rest += part_rest * s[k];
-          }
+      const float bo = b ? b[o] : 0.f;
+      for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS) {
+        const float* x0 = xs + r0 * in;
+        float* y0 = ys + r0 * out + o;
+        switch (std::min<int64_t>(rows - r0, MAX_ROWS)) {
+          case 1: row_times_rows<1>(w, s, x0, in, groups, bo, y0, out); break;
+          case 2: row_times_rows<2>(w, s, x0, in, groups, bo, y0, out); break;
+          case 3: row_times_rows<3>(w, s, x0, in, groups, bo, y0, out); break;
+          case 4: row_times_rows<4>(w, s, x0, in, groups, bo, y0, out); break;
+          case 5: row_times_rows<5>(w, s, x0, in, groups, bo, y0, out); break;
+          case 6: row_times_rows<6>(w, s, x0, in, groups, bo, y0, out); break;
+          case 7: row_times_rows<7>(w, s, x0, in, groups, bo, y0, out); break;
+          default: row_times_rows<8>(w, s, x0, in, groups, bo, y0, out); break;
         }
-        ys[r * out + o] = sum_lanes(acc) + rest + (b ? b[o] : 0.f);
       }
     }
   });
