@@ -128,9 +128,11 @@ def test_families_the_kernels_do_not_compute_are_refused_before_writing(tmp_path
 
 
 def test_gpt2_and_llama_style_flags_are_accepted():
-    for preset in ("gpt2", "demo", "tiny-llama", "tiny-qwen3", "llama-3.2-1b", "qwen3-0.6b"):
+    for preset in ("gpt2", "gpt2-medium", "demo", "tiny-llama", "tiny-qwen3", "qwen3-0.6b"):
         assert web_refusals(ModelConfig.preset(preset)) == [], preset
     assert "attention sinks (attn_sinks)" in web_refusals(ModelConfig.preset("gpt-oss-20b"))
+    (too_big,) = web_refusals(ModelConfig.preset("llama-3.2-1b"))  # 1.2B parameters: 4.6 GiB in float32
+    assert "GiB of float32 weights" in too_big
 
 
 def test_the_command_writes_the_folder_and_says_how_to_open_it(tmp_path, capsys):

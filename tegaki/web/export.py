@@ -25,6 +25,7 @@ from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
 from tegaki.files import atomic_write, atomic_write_bytes, atomic_write_text
 from tegaki.load import EXPORT_FILES, EXPORT_MARK, claim_export_folder, from_pretrained, tokenizer_for
+from tegaki.model import parameter_count
 from tegaki.rope import rope_frequencies
 from tegaki.tokenizer import BytePairTokenizer
 from tegaki.tokenizer.bpe import PATTERNS, token_to_str
@@ -34,6 +35,8 @@ from tegaki.tokenizer.bpe import PATTERNS, token_to_str
 WEB_FILES = EXPORT_FILES["web"]
 WEIGHTS_FILE, TOKENIZER_FILE, *PAGE_FILES = WEB_FILES
 
+MAX_CONTEXT = 2048  # the page's cache holds min(block_size, this) tokens (model.js, MAX_CONTEXT)
+MEMORY_LIMIT = int(3.5 * 2**30)  # below wasm32's 4 GiB: room for the module, the scratch, the views
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # The pre-tokenization patterns in JavaScript's regex dialect. GPT-2's is the same text; GPT-4's
@@ -45,9 +48,20 @@ JS_PATTERNS = {
 }
 
 
+def page_memory(config: ModelConfig) -> int:
+    """Bytes the page holds in WebAssembly's memory: the weights in float32 and the KV cache."""
+    context = min(config.block_size, MAX_CONTEXT)
+    return 4 * parameter_count(config) + 2 * 4 * config.n_layer * context * config.n_kv_head * config.head_dim
+
+
 def web_refusals(config: ModelConfig) -> list[str]:
     """What in `config` the page's kernels do not compute; empty when the page runs it."""
     problems = []
+    if page_memory(config) > MEMORY_LIMIT:
+        problems.append(
+            f"{page_memory(config) / 2**30:.1f} GiB of float32 weights and cache (the page's memory, "
+            f"WebAssembly's, holds {MEMORY_LIMIT / 2**30:.1f} GiB at most)"
+        )
     if config.mlp == "moe":
         problems.append("a mixture of experts (mlp='moe')")
     if config.attn_sinks:

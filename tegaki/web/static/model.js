@@ -54,6 +54,9 @@ const WebModel = (() => {
     }
   }
 
+  // The cache holds block_size tokens, or this many for models built for long contexts (Llama 3's
+  // 131,072 positions would take gigabytes of cache). tegaki/web/export.py counts with it too.
+  const MAX_CONTEXT = 2048;
   const numel = (shape) => shape.reduce((a, b) => a * b, 1);
   const align = (bytes) => Math.ceil(bytes / 16) * 16;
 
@@ -63,7 +66,7 @@ const WebModel = (() => {
       const c = (this.config = config);
       this.k = kernels;
       const {n_embd: C, n_head: H, n_kv_head: K, head_dim: D, intermediate_size: I, vocab_size: V} = c;
-      this.S = c.block_size;  // the longest context the cache holds
+      this.S = Math.min(c.block_size, MAX_CONTEXT);  // the longest context the cache holds
 
       // One reservation for everything, then pieces of it: the weights, the cache, the scratch.
       const scratch = {
