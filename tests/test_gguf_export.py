@@ -108,19 +108,13 @@ def tokenizers():
     return {pattern: train_bpe([corpus], 600, pattern=pattern) for pattern in ("gpt2", "gpt4")}
 
 
-def small(preset: str, seed: int = 0, **overrides) -> GPT:
-    """A two-layer model of `preset` whose every weight is moved off its initial value (a norm weight
-    of exactly 1 or a zero bias would hide a mapping bug; the sinks get a spread that matters)."""
+def small(preset: str, perturb, **overrides) -> GPT:
+    """A two-layer model of `preset` with every weight moved off its initial value by conftest's
+    `perturb` (a norm weight of exactly 1 or a zero bias would hide a mapping bug)."""
     shape = dict(n_layer=2, vocab_size=640, block_size=128)
     if ModelConfig.preset(preset).layer_types:
         shape.update(layer_types=["sliding", "full"], sliding_window=8)  # the prompt is longer than 8
-    config = ModelConfig.preset(preset).replace(**shape | overrides)
-    torch.manual_seed(seed)
-    model = GPT(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * (2.0 if "sinks" in name else 0.1))
-    return model.eval()
+    return perturb(GPT(ModelConfig.preset(preset).replace(**shape | overrides)))
 
 
 @torch.no_grad()
@@ -139,9 +133,9 @@ PROMPT = "To be, or not to be: that is the question. 猫が好きです。 Wheth
 
 @needs_llama_cpp
 @pytest.mark.parametrize("preset", list(TOLERANCE))
-def test_llama_cpp_computes_what_tegaki_does(tmp_path, tokenizers, preset):
+def test_llama_cpp_computes_what_tegaki_does(tmp_path, tokenizers, preset, perturb):
     """f32: the same ids, the same logits, the same 64 greedy tokens; q8_0: how many greedy tokens agree."""
-    model = small(preset)
+    model = small(preset, perturb)
     pattern = "gpt4" if preset in ("tiny-llama", "tiny-gpt-oss") else "gpt2"  # both patterns, both mappings
     tokenizer = tokenizers[pattern]
     for outtype in ("f32", "q8_0"):
@@ -162,10 +156,10 @@ def test_llama_cpp_computes_what_tegaki_does(tmp_path, tokenizers, preset):
 
 
 @needs_llama_cpp
-def test_gpt2_apart_from_gelu_is_exact(tmp_path, tokenizers):
+def test_gpt2_apart_from_gelu_is_exact(tmp_path, tokenizers, perturb):
     """With every MLP's output projection zeroed (GELU's output then counts for nothing), GPT-2's
     logits agree within 1e-4: embeddings, positions, LayerNorm, attention and head map exactly."""
-    model = small("tiny")
+    model = small("tiny", perturb)
     with torch.no_grad():
         for block in model.blocks:
             block.mlp.proj.weight.zero_()
@@ -186,11 +180,11 @@ SCALINGS = {
 
 
 @needs_llama_cpp
-def test_llama_rope_scalings_and_biases_travel_exactly(tmp_path, tokenizers):
+def test_llama_rope_scalings_and_biases_travel_exactly(tmp_path, tokenizers, perturb):
     """Each RoPE scaling tegaki has, on positions past the original context; GQA, biases, a tied head."""
     variants = {**SCALINGS, "biases": dict(qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True)}
     tokenizer = tokenizers["gpt4"]
-    models = {name: small("tiny-llama", **overrides) for name, overrides in variants.items()}
+    models = {name: small("tiny-llama", perturb, **overrides) for name, overrides in variants.items()}
     for name, model in models.items():
         write_gguf(model, tokenizer, tmp_path / f"{name}.gguf", "f32")
     results = run_llama_cpp([job(tmp_path / f"{name}.gguf", tokenizer, PROMPT, texts=[], steps=16) for name in models])
@@ -204,11 +198,11 @@ def test_llama_rope_scalings_and_biases_travel_exactly(tmp_path, tokenizers):
 
 
 @needs_llama_cpp
-def test_llama_cpps_own_yarn_where_it_is_tegakis(tmp_path, tokenizers):
+def test_llama_cpps_own_yarn_where_it_is_tegakis(tmp_path, tokenizers, perturb):
     """Qwen3 and GPT-OSS get llama.cpp's YaRN, which rounds the ramp's ends: equal to tegaki's with
     rope_truncate=True (the flag that makes the ramp matter: an original context of 4,096)."""
     yarn = dict(rope_scaling="yarn", rope_factor=32.0, rope_original_max_len=4096, rope_truncate=True)
-    models = {preset: small(preset, **yarn) for preset in ("tiny-qwen3", "tiny-gpt-oss")}
+    models = {preset: small(preset, perturb, **yarn) for preset in ("tiny-qwen3", "tiny-gpt-oss")}
     tokenizer = tokenizers["gpt2"]
     for preset, model in models.items():
         write_gguf(model, tokenizer, tmp_path / f"{preset}.gguf", "f32")
@@ -327,10 +321,10 @@ def test_gpt2_124m_with_its_own_vocabulary(tmp_path):
 # --- what cannot travel is refused, with nothing written --------------------------------------------
 
 
-def test_the_tensor_types_follow_outtype(tmp_path, tokenizers):
+def test_the_tensor_types_follow_outtype(tmp_path, tokenizers, perturb):
     import gguf
 
-    model = small("tiny-llama")
+    model = small("tiny-llama", perturb)
     sizes = {}
     for outtype, expected in (("f32", "F32"), ("f16", "F16"), ("bf16", "BF16"), ("q8_0", "Q8_0")):
         path = write_gguf(model, tokenizers["gpt4"], tmp_path / f"{outtype}.gguf", outtype)
@@ -340,7 +334,7 @@ def test_the_tensor_types_follow_outtype(tmp_path, tokenizers):
     assert sizes["f32"] > sizes["f16"] == sizes["bf16"] > sizes["q8_0"]
 
 
-def test_an_existing_file_is_never_overwritten(tmp_path, capsys):
+def test_an_existing_file_is_never_overwritten(tmp_path, capsys, perturb):
     from finetune_models import make_run
 
     from tegaki.cli import main
@@ -351,7 +345,7 @@ def test_an_existing_file_is_never_overwritten(tmp_path, capsys):
     assert main(["export", str(run), str(out)]) != 0
     assert "already exists" in capsys.readouterr().err and out.read_bytes() == b"someone's file"
     with pytest.raises(TegakiError, match="already exists"):
-        write_gguf(small("tiny-qwen3"), train_bpe([ENGLISH], 300), out)
+        write_gguf(small("tiny-qwen3", perturb), train_bpe([ENGLISH], 300), out)
     assert out.read_bytes() == b"someone's file"
     assert main(["export", str(run), str(tmp_path / "run.bin"), "--outtype", "q8_0"]) != 0
     assert "does not end in .gguf" in capsys.readouterr().err
