@@ -186,33 +186,13 @@ def static_server(folder: Path):
         server.server_close()
 
 
-def headless_chromium(profile: str):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={profile}",
-        "--window-size=1200,1400",
-    ):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-
-
 @pytest.fixture(scope="module")
 def browser():
     pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
     if not (CHROMIUM and CHROMEDRIVER):
         pytest.skip("no Chromium and chromedriver found (apt-get install chromium chromium-driver)")
+    from test_page_browser import headless_chromium  # the server page's tests start Chromium the same way
+
     profile = tempfile.mkdtemp(prefix="tegaki-chromium-")
     driver = headless_chromium(profile)
     try:
