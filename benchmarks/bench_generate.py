@@ -92,7 +92,7 @@ ISA_CAPS = {
         "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN: tegaki's oneDNN paths (bf16 then has no hardware)
         "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # MKL: transformers' and the plain path's matmuls
         "CT2_FORCE_CPU_ISA": "AVX2",  # CTranslate2 (its workers inherit the environment)
-        # inductor (int8's loop, compiled steps) writes AVX2 code under ATEN_CPU_CAPABILITY; its
+        # inductor (compiled steps) writes AVX2 code under ATEN_CPU_CAPABILITY; its
         # on-disk cache must not hand it kernels built for another instruction set
         "TORCHINDUCTOR_CACHE_DIR": str(Path(tempfile.gettempdir()) / "tegaki-inductor-avx2"),
     }
@@ -256,6 +256,7 @@ TEGAKI_ROWS = (
     ("tegaki fp32, compiled", "fp32", None, True),
     ("tegaki bf16", "bf16", None, False),
     ("tegaki int8", "int8", None, False),
+    ("tegaki int8, compiled", "int8", None, True),
 )
 
 
