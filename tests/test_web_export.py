@@ -127,6 +127,15 @@ def test_families_the_kernels_do_not_compute_are_refused_before_writing(tmp_path
     assert not (tmp_path / "web").exists()
 
 
+def test_a_run_the_page_cannot_hold_is_refused_before_its_weights_are_read(tmp_path):
+    run = tmp_path / "run"  # run.json alone: reading weights would fail first ("no checkpoint yet")
+    run.mkdir()
+    config = ModelConfig.preset("llama-3.2-1b")
+    (run / "run.json").write_text(json.dumps({"model_config": config.to_dict(), "tokenizer": "gpt2", "train": {}}))
+    with pytest.raises(TegakiError, match="GiB of float32 weights"):
+        export_web(run, tmp_path / "web")
+
+
 def test_gpt2_and_llama_style_flags_are_accepted():
     for preset in ("gpt2", "gpt2-medium", "demo", "tiny-llama", "tiny-qwen3", "qwen3-0.6b"):
         assert web_refusals(ModelConfig.preset(preset)) == [], preset

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from tegaki.checkpoint import read_run_json
 from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
 from tegaki.files import atomic_write, atomic_write_bytes, atomic_write_text
@@ -55,7 +56,8 @@ def page_memory(config: ModelConfig) -> int:
 
 
 def web_refusals(config: ModelConfig) -> list[str]:
-    """What in `config` the page's kernels do not compute; empty when the page runs it."""
+    """What in `config` the page cannot run (a flag its kernels do not compute, or more bytes than
+    its memory holds); empty when the page runs it."""
     problems = []
     if page_memory(config) > MEMORY_LIMIT:
         problems.append(
@@ -80,8 +82,27 @@ def web_refusals(config: ModelConfig) -> list[str]:
 def export_web(model_ref: str | os.PathLike, out: str | os.PathLike, dtype: str = "float16") -> Path:
     """Write the static folder for the model at `model_ref` (a run folder, a transformers folder or
     a hub id) into `out`; returns `out`. dtype: the weights' type in the file."""
+    name = Path(str(model_ref)).name
+    refuse(model_config(model_ref), name)  # before any weight is read: a 20B model is refused at once
     model = from_pretrained(model_ref)
-    return write_web_folder(model, tokenizer_for(model_ref), out, dtype, name=Path(str(model_ref)).name)
+    return write_web_folder(model, tokenizer_for(model_ref), out, dtype, name=name)
+
+
+def model_config(model_ref: str | os.PathLike) -> ModelConfig:
+    """The model's config alone: run.json's, or the model built on the meta device (no weights read)."""
+    if (Path(model_ref) / "run.json").is_file():
+        return ModelConfig.from_dict(read_run_json(model_ref)["model_config"])
+    return from_pretrained(model_ref, device="meta").config
+
+
+def refuse(config: ModelConfig, name: str) -> None:
+    problems = web_refusals(config)
+    if problems:
+        raise TegakiError(
+            f"{name} has {', '.join(problems)}, which the browser page cannot run (its kernels cover GPT-2 "
+            "and the Llama-style flags: RMSNorm, SwiGLU, RoPE, GQA, QK-norm). "
+            "Export it for transformers instead: tegaki export MODEL OUT"
+        )
 
 
 def write_web_folder(model, tokenizer, out: str | os.PathLike, dtype: str = "float16", name: str = "model") -> Path:
@@ -90,13 +111,7 @@ def write_web_folder(model, tokenizer, out: str | os.PathLike, dtype: str = "flo
     if dtype not in DTYPES:
         raise TegakiError(f"--dtype {dtype}: the page reads weights in {', '.join(DTYPES)}")
     out = Path(out)
-    problems = web_refusals(model.config)
-    if problems:
-        raise TegakiError(
-            f"{name} uses {', '.join(problems)}, which the browser page's kernels do not compute "
-            "(they cover GPT-2 and the Llama-style flags: RMSNorm, SwiGLU, RoPE, GQA, QK-norm). "
-            "Export it for transformers instead: tegaki export MODEL OUT"
-        )
+    refuse(model.config, name)
     tokenizer_spec = web_tokenizer(tokenizer)
     claim_export_folder(out, "web")
     write_weights(model, out / WEIGHTS_FILE, DTYPES[dtype], name=name)
