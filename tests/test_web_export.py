@@ -316,7 +316,8 @@ def page_speeds(driver, url: str, prompt: str, steps: int, rounds: int, timeout:
     runs = [run_page(driver, url, prompt, steps, kernels, timeout=timeout)["speed"] for _ in range(rounds)]
     speeds = [r["tokens_per_s"] for r in runs]
     figures = ", ".join(f"{v:.1f}" for v in speeds)
-    print(f"\n{steps} tokens, {runs[0]['kernels']}, {rounds} page loads: tokens/s {figures}")
+    loads = ", ".join(f"{r['load_ms'] / 1000:.1f}" for r in runs)
+    print(f"\n{steps} tokens, {runs[0]['kernels']}, {rounds} page loads: tokens/s {figures}; loaded in s {loads}")
     return speeds
 
 

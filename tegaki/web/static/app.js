@@ -157,6 +157,7 @@
       prompt_tokens: ids.length, prompt_ms: t1 - t0,
       generated_tokens: generated.length, generate_ms: t2 - t1,
       tokens_per_s: generated.length / ((t2 - t1) / 1000), kernels: state.kernels.name,
+      load_ms: state.loadMs,  // from opening the page to the weights in place
     };
     $("speed").textContent = JSON.stringify(speed);
     $("result").textContent = JSON.stringify(generated);
@@ -203,6 +204,7 @@
     $("generate-button").addEventListener("click", () => run($("prompt").value, settings()));
     $("stop-button").addEventListener("click", () => { state.stop = true; });
     $("generate-button").disabled = false;
+    state.loadMs = performance.now();
     document.body.dataset.ready = "true";
     $("prompt").value = params.get("prompt") ?? "";
     // The URL may set the controls (temperature, top_k, top_p, seed, max_tokens); with greedy=N
