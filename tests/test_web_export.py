@@ -295,6 +295,18 @@ def test_the_page_generates_tegakis_greedy_tokens(browser, tmp_path_factory, pre
 
 
 @pytest.mark.slow  # a browser starts
+def test_a_browser_that_cannot_run_the_wasm_gets_the_javascript_kernels(browser, tmp_path):
+    """As a browser without wasm SIMD sees kernels.wasm: a module it cannot validate."""
+    run = web_run(tmp_path / "run", "demo")
+    out = export_web(run, tmp_path / "web")
+    (out / "kernels.wasm").write_bytes(b"\0asm\x01\0\0\0 not a module this browser runs")
+    _, ids, _ = reference(run, PROMPT, 16)
+    with static_server(out) as url:
+        page = run_page(browser, url, PROMPT, 16)
+    assert page["kernels"] == "javascript" and page["ids"] == ids
+
+
+@pytest.mark.slow  # a browser starts
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_weights_in_float32_or_bfloat16_give_tegakis_tokens(browser, tmp_path, dtype):
     run = web_run(tmp_path / "run", "tiny-llama")
