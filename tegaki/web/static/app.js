@@ -115,6 +115,7 @@
   async function generate(prompt, s) {
     const {model, tokenizer} = state;
     state.running = true; state.stop = false;
+    document.body.dataset.done = "false";
     $("generate-button").disabled = true; $("stop-button").disabled = false;
     model.reset();
     state.steps = []; state.attention = [];
