@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from tegaki import opaque
 from tegaki.device import cpu_bf16_hardware
 from tegaki.errors import TegakiError
+from tegaki.modules import replace_module
 
 PATHS = ("plain", "onednn", "packed")
 MARGIN = 0.05  # a path must be this much faster than the simpler one to be chosen over it
@@ -225,22 +226,18 @@ def choose(weights: list[torch.Tensor]) -> Choice:
 # -------------------------------------------------------------------------------------------------
 
 
-def _swap_in(model: nn.Module, path: str | None) -> list[tuple[nn.Module, str, nn.Module]]:
+def _swap_in(model: nn.Module, path: str | None) -> list[tuple[str, nn.Module]]:
     """Put a FastLinear where each nn.Linear that a path serves was, on the path chosen for its
-    shape (or `path`); return (parent, name, original) for each."""
+    shape (or `path`); return (name, original) for each."""
     found = [(name, m) for name, m in model.named_modules() if candidates(m)]
     groups: dict[tuple, list[torch.Tensor]] = {}
     for _, m in found:
         groups.setdefault((*m.weight.shape, m.weight.dtype), []).append(m.weight.detach())
     choices = {key: Choice(key[:2], key[2], path) if path else choose(ws) for key, ws in groups.items()}
-    swapped = []
     for name, module in found:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         choice = choices[(*module.weight.shape, module.weight.dtype)]
-        setattr(parent, child, FastLinear(module, choice.path, choice))
-        swapped.append((parent, child, module))
-    return swapped
+        replace_module(model, name, FastLinear(module, choice.path, choice))
+    return found
 
 
 def prepare_for_decoding(model: nn.Module, path: str | None = None) -> nn.Module:
@@ -259,8 +256,8 @@ def decoding_layout(model: nn.Module, path: str | None = None) -> Iterator[nn.Mo
     try:
         yield model
     finally:
-        for parent, child, original in reversed(swapped):
-            setattr(parent, child, original)
+        for name, original in reversed(swapped):
+            replace_module(model, name, original)
 
 
 def describe(model: nn.Module) -> list[str]:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tegaki.errors import TegakiError
+from tegaki.modules import replace_module
 
 QKV_PARTS = ("q", "k", "v")
 MLP_TARGETS = ("fc", "proj", "gate", "up", "down")
@@ -275,13 +276,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
             plain.weight = layer.weight
         model.wte, model.lm_head = plain_wte, plain_head
     for name, layer in lora_layers(model):
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
         plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         plain.weight = nn.Parameter(layer.merged_weight())
         if layer.bias is not None:
             plain.bias = nn.Parameter(layer.bias.detach().clone())
-        setattr(parent, attr, plain)
+        replace_module(model, name, plain)
     for p in model.parameters():
         p.requires_grad_(True)
     return model

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from tegaki import native
 from tegaki.errors import TegakiError
+from tegaki.modules import replace_module
 
 # -------------------------------------------------------------------------------------------------
 # The formulas
@@ -233,12 +234,8 @@ def quantize_model(model: nn.Module, mode: str = "int8", *, group_size: int = 64
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in SKIPPED
     ]
     for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if mode == "int4" and int4_fits(linear, group_size):
-            setattr(parent, child, Int4Linear(linear, group_size))
-        else:
-            setattr(parent, child, Int8Linear(linear))
+        fits = mode == "int4" and int4_fits(linear, group_size)
+        replace_module(model, name, Int4Linear(linear, group_size) if fits else Int8Linear(linear))
     if any(isinstance(m, Int8Linear) for m in model.modules()):
         int8_kernel()  # built (or loaded) now, not inside a timed token or a graph being compiled
     return model
