@@ -116,6 +116,16 @@ def test_the_folder_holds_the_page_the_weights_and_the_tokenizer(tmp_path):
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
 
 
+def test_the_same_compiler_builds_the_same_wasm_bytes(tmp_path):
+    """Where the recorded rustc is installed, the committed module is byte for byte its build."""
+    rustc = build.find_rustc()
+    recorded = json.loads(build.RECORD.read_text())["rustc"]
+    if rustc is None or build.rustc_version(rustc) != recorded:
+        pytest.skip(f"no {recorded} with the wasm32 standard library (apt-get install rustc libstd-rust-dev-wasm32)")
+    build.compile_kernels(rustc, tmp_path / "kernels.wasm")
+    assert (tmp_path / "kernels.wasm").read_bytes() == build.WASM.read_bytes()
+
+
 @pytest.mark.parametrize(
     "preset, refused",
     [("tiny-gpt-oss", "mixture of experts .*, attention sinks"), ("tiny-gated", "gated attention")],
@@ -164,7 +174,7 @@ def test_tokenizers_the_page_cannot_run_are_refused(tmp_path):
 
 
 def test_the_committed_wasm_is_the_build_of_the_kernel_source(tmp_path, monkeypatch):
-    check_wasm()  # make web rebuilds it where a wasm32 rustc is installed
+    assert build.main(["--check"]) == 0  # make web rebuilds it where a wasm32 rustc is installed
     changed = tmp_path / "kernels.rs"
     changed.write_text(build.SOURCE.read_text() + "// an edit\n")
     monkeypatch.setattr(build, "SOURCE", changed)

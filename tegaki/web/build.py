@@ -54,19 +54,27 @@ def find_rustc() -> str | None:
     return None
 
 
+def compile_kernels(rustc: str, out: Path) -> None:
+    """rustc: kernels.rs -> `out`, a WebAssembly module."""
+    done = subprocess.run([rustc, *FLAGS, "-o", str(out), str(SOURCE)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise TegakiError(f"{rustc} could not build {SOURCE}:\n{done.stderr}")
+
+
+def rustc_version(rustc: str) -> str:
+    return subprocess.run([rustc, "--version"], capture_output=True, text=True).stdout.strip()
+
+
 def build(rustc: str) -> None:
-    """Compile the kernels and record what they were built from."""
+    """Compile the kernels into the package and record what they were built from."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "kernels.wasm"
-        done = subprocess.run([rustc, *FLAGS, "-o", str(out), str(SOURCE)], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise TegakiError(f"{rustc} could not build {SOURCE}:\n{done.stderr}")
+        compile_kernels(rustc, out)
         atomic_write_bytes(WASM, out.read_bytes())
-    version = subprocess.run([rustc, "--version"], capture_output=True, text=True).stdout.strip()
     record = {
         "source_sha256": sha256(SOURCE),
         "wasm_sha256": sha256(WASM),
-        "rustc": version,
+        "rustc": rustc_version(rustc),
         "flags": " ".join(FLAGS),
     }
     atomic_write_json(RECORD, record)
