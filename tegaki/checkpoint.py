@@ -43,6 +43,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
+MADE_BY_FILE = "made_by.json"  # which command made a run folder, written before anything else there
 LOCK_FILE = ".lock"
 
 
@@ -260,6 +261,7 @@ RUN_ENTRIES = {
     "checkpoints": r"step_\d{6}(\.tmp|\.old)?",
     "data": r"(train|val)_\d{6}\.bin(\.tmp)?|meta\.json|prepare\.json|\..*\.tmp",
     "chat_template.jinja": None,  # a fine-tune's template (tegaki finetune)
+    MADE_BY_FILE: None,
 }
 _LEFTOVER = re.compile(r"\..*\.(tmp|old)|\.lock")  # an atomic write's temporary file, a set-aside copy, the lock
 
@@ -270,51 +272,76 @@ def run_command(info: dict[str, Any]) -> str:
     return "finetune" if info.get("finetune") else "train"
 
 
+def made_by(run_dir: Path) -> str | None:
+    """The command that made a run folder ("train", "finetune"): its run.json says, or before that
+    is written, made_by.json; None for a folder no tegaki command has marked."""
+    if (run_dir / RUN_FILE).is_file():
+        return run_command(read_run_json(run_dir))
+    try:
+        command = json.loads((run_dir / MADE_BY_FILE).read_text(encoding="utf-8")).get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return command if command in ("train", "finetune") else None
+
+
 def claim_run_folder(run_dir: Path, command: str) -> None:
     """Refuse, with nothing written, to put a run of `command` ("train", "finetune") into a folder
-    it did not make: a folder of a person's files (their metrics.jsonl, loss.png or tokenizer/ would
-    be overwritten or taken for the run's), or another command's run (a fine-tune must not resume a
-    pretraining's checkpoint and rewrite its run.json). Welcome: a new or empty folder, a run of the
-    same command (resumed), and for train a folder holding only the tokenizer/ and data/ that a train
-    stopped during its set-up wrote (run.json comes after them)."""
+    it did not make: a folder of a person's files (their metrics.jsonl, loss.png, tokenizer/ or
+    data/ would be overwritten, taken for the run's, and later deleted by --fresh), or another
+    command's run (a fine-tune must not resume a pretraining's checkpoint and rewrite its run.json).
+    Welcome: a new or empty folder, and a run of the same command: resumed, or stopped during its
+    set-up (made_by.json names the command; the tokenizer/ and data/ it wrote come before run.json).
+    `mark_run_folder` writes that mark once the folder is claimed."""
     run_dir = Path(run_dir)
     entries = [e for e in run_dir.iterdir() if not _LEFTOVER.fullmatch(e.name)] if run_dir.is_dir() else []
     if not entries:
         return
+    maker = made_by(run_dir)
+    if maker is not None and maker != command:
+        hint = " (to fine-tune this run, give it as --model)" if maker == "train" else ""
+        raise TegakiError(
+            f"{run_dir} holds a run of `tegaki {maker}`, which `tegaki {command}` does not continue "
+            f"or overwrite; nothing was changed. Choose another --out{hint}"
+        )
     if (run_dir / RUN_FILE).is_file():
-        made_by = run_command(read_run_json(run_dir))
-        if made_by != command:
-            hint = " (to fine-tune this run, give it as --model)" if made_by == "train" else ""
-            raise TegakiError(
-                f"{run_dir} holds a run of `tegaki {made_by}`, which `tegaki {command}` does not continue "
-                f"or overwrite; nothing was changed. Choose another --out{hint}"
-            )
         return
-    foreign = _foreign_files(run_dir, entries)
-    set_up_only = command == "train" and all(e.name in ("tokenizer", "data") for e in entries)
-    if foreign or not set_up_only:
-        names = sorted(str(p.relative_to(run_dir)) for p in (foreign or entries))
+    # Unmarked, every file is a person's (tegaki's names included: a tokenizer/ and data/ that
+    # `tegaki tokenizer train` and `tegaki prepare` wrote are theirs); marked, those tegaki never writes.
+    strangers = _foreign_files(run_dir, entries) if maker == command else entries
+    if strangers:
+        names = sorted(str(p.relative_to(run_dir)) for p in strangers)
+        marks = "run.json" if maker else f"run.json or {MADE_BY_FILE}"
+        hint = " (a tokenizer or shards here can be given as --tokenizer or --data)" if command == "train" else ""
         raise TegakiError(
             f"{run_dir} holds files tegaki did not write ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''}) "
-            f"and has no run.json; nothing was deleted or changed. tegaki {command} writes into a new or "
-            "empty folder, or a run of its own: choose another --out"
+            f"and has no {marks}; nothing was deleted or changed. tegaki {command} writes into a new or empty "
+            f"folder, or a run of its own: choose another --out{hint}"
         )
+
+
+def mark_run_folder(run_dir: Path, command: str) -> None:
+    """Write made_by.json (the command) into a run folder just claimed, before its set-up writes
+    anything: a run stopped in its set-up is then known as this command's, and nobody else's."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_FILE).is_file() and made_by(run_dir) is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / MADE_BY_FILE, {"command": command})
 
 
 def clear_run_folder(run_dir: Path, sources: dict[str, str | None]) -> None:
     """Delete a run folder's own files so that training starts over (--fresh).
 
-    Refused, with nothing deleted, unless the folder is a tegaki run (it has run.json) holding only
-    what tegaki writes there, and unless `sources` (--data, --tokenizer: flag -> path) lie outside
-    what would go: starting over must never delete the data or the tokenizer it starts from."""
+    Refused, with nothing deleted, unless the folder is a tegaki run (run.json or made_by.json)
+    holding only what tegaki writes there, and unless `sources` (--data, --tokenizer: flag -> path)
+    lie outside what would go: starting over must never delete the data or the tokenizer it starts from."""
     run_dir = Path(run_dir)
     entries = [e for e in run_dir.iterdir() if not _LEFTOVER.fullmatch(e.name)] if run_dir.is_dir() else []
     if not entries:
         return
-    if not (run_dir / RUN_FILE).is_file():
+    if made_by(run_dir) is None:
         raise TegakiError(
-            f"--fresh deletes only a tegaki run folder, and {run_dir} has no run.json; nothing was "
-            "deleted. Choose another --out, or empty the folder yourself"
+            f"--fresh deletes only a tegaki run folder, and {run_dir} has no run.json or {MADE_BY_FILE}; "
+            "nothing was deleted. Choose another --out, or empty the folder yourself"
         )
     strangers = [str(p.relative_to(run_dir)) for p in _foreign_files(run_dir, entries)]
     if strangers:

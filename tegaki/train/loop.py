@@ -47,6 +47,7 @@ from tegaki.checkpoint import (
     claim_run_folder,
     clear_run_folder,
     find_checkpoint,
+    mark_run_folder,
     read_model_tensors,
     read_optimizer_state,
     read_resume_state,
@@ -131,6 +132,8 @@ class Run:
             claim_run_folder(self.run_dir, "train")
         if d.is_main and cfg.fresh:
             clear_run_folder(self.run_dir, {"--data": cfg.data, "--tokenizer": cfg.tokenizer})
+        if d.is_main:
+            mark_run_folder(self.run_dir, "train")  # before the tokenizer and the shards it writes
         d.barrier()
         if d.is_main:
             preset = ModelConfig.preset(cfg.preset)

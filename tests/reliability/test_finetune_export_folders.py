@@ -77,8 +77,6 @@ def test_finetune_leaves_a_persons_folder_alone(base, records, tmp_path, files):
 
 
 def test_train_leaves_a_persons_metrics_and_plot_alone(corpus, tmp_path):
-    """(A folder holding only a tegaki tokenizer/ and data/ is what a train stopped during its
-    set-up leaves, before run.json: train takes that one up again.)"""
     out = tmp_path / "mine"
     before = users_folder(out, {"metrics.jsonl": b'{"step": 1, "loss": 0.5}\n', "loss.png": b"\x89PNG my plot"})
     rc, err = cli(train_args(out, corpus, 2))
@@ -94,6 +92,64 @@ def test_a_tokenizer_folder_of_a_real_tegaki_tokenizer_is_not_taken_for_the_runs
     rc, err = cli(finetune_args(base, records, out))
     assert_refused(rc, err, "finetune", "holds files tegaki did not write (tokenizer)")
     assert snapshot(out) == before
+
+
+def test_train_leaves_a_tegaki_tokenizer_and_shards_it_did_not_make_alone(shards, corpus, tmp_path):
+    """A tokenizer/ and data/ that `tegaki tokenizer train` and `tegaki prepare` made (tegaki's own
+    files, by name and content) are what a train stopped in its set-up leaves too: without that
+    train's made_by.json they are a person's, neither taken over nor deleted (by --fresh either)."""
+    out = tmp_path / "mine"
+    shutil.copytree(shards.parent / "tok", out / "tokenizer")
+    shutil.copytree(shards, out / "data")
+    before = snapshot(out)
+    for fresh in ([], ["--fresh"]):
+        rc, err = cli(train_args(out, corpus, 2, *fresh))
+        assert_refused(rc, err, "train", "did not write (data, tokenizer) and has no run.json or made_by.json")
+        assert snapshot(out) == before and not (out / ".lock").exists()
+
+
+def test_train_takes_up_its_own_set_up_again(trained, records, corpus, tmp_path):
+    """What a train stopped after its set-up leaves (made_by.json, tokenizer/, data/; no run.json
+    yet) is that train's: run again, it goes on from there, and finetune and export keep out."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("made_by.json", "tokenizer", "data"):
+        copy = shutil.copytree if (trained / name).is_dir() else shutil.copy
+        copy(trained / name, out / name)
+    assert json.loads((out / "made_by.json").read_text()) == {"command": "train"}
+    rc, err = cli(finetune_args(trained, records, out))
+    assert_refused(rc, err, "finetune", "holds a run of `tegaki train`")
+    rc, err = cli(["export", str(trained), str(out)])
+    assert_refused(rc, err, "export", "holds files tegaki export did not write")
+    rc, err = cli(train_args(out, corpus, 2))
+    assert rc == 0, err
+    assert (out / "run.json").is_file() and (out / "checkpoints" / "step_000002").is_dir()
+
+
+@pytest.mark.parametrize("made_by", ["export", "export --peft", "finetune stopped in its set-up"])
+def test_train_does_not_adopt_what_another_command_made(lora_run, corpus, tmp_path, made_by):
+    out = tmp_path / "other"
+    if made_by.startswith("export"):
+        assert cli(["export", *made_by.split()[1:], str(lora_run), str(out)])[0] == 0
+        message = "holds files tegaki did not write"
+    else:  # a fine-tune writes its run.json before anything else
+        out.mkdir()
+        shutil.copy(lora_run / "run.json", out / "run.json")
+        message = "holds a run of `tegaki finetune`"
+    before = snapshot(out)
+    for fresh in ([], ["--fresh"]):
+        rc, err = cli(train_args(out, corpus, 2, *fresh))
+        assert_refused(rc, err, "train", message)
+        assert snapshot(out) == before
+
+
+def test_a_mark_of_another_command_is_refused(corpus, tmp_path):
+    out = tmp_path / "ft"
+    out.mkdir()
+    (out / "made_by.json").write_text('{"command": "finetune"}')
+    rc, err = cli(train_args(out, corpus, 2))
+    assert_refused(rc, err, "train", "holds a run of `tegaki finetune`")
+    assert sorted(p.name for p in out.iterdir()) == ["made_by.json"]
 
 
 # --- 9. a run made by one command is not continued by another -----------------------------------------

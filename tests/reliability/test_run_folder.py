@@ -35,7 +35,7 @@ def test_fresh_on_a_folder_that_is_not_a_run_deletes_nothing(corpus, tmp_path):
     (project / "metrics.jsonl").write_text('{"step": 1}\n')
     before = snapshot(project)
     rc, err = cli(train_args(project, project / "data" / "corpus.txt", 2, "--fresh"))
-    assert rc == 2 and "has no run.json; nothing was deleted" in err and "Traceback" not in err, err
+    assert rc == 2 and "has no run.json or made_by.json; nothing was deleted" in err and "Traceback" not in err, err
     assert snapshot(project) == before
 
 
