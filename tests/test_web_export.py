@@ -273,6 +273,30 @@ def test_the_page_tokenizes_and_streams_as_tegaki_does(browser, tmp_path, patter
 
 
 @pytest.mark.slow  # a browser starts
+def test_gpt2s_vocabulary_tokenizes_english_and_japanese_text_as_tegaki_does(browser, tmp_path):
+    """GPT-2's 50,000 merges on Shakespeare and on Japanese manual pages (../shared/data, when there)."""
+    from tegaki.data import shakespeare_text
+
+    tokenizer = tokenizer_load("gpt2")
+    tiny = ModelConfig.preset("gpt2").replace(n_layer=1, n_head=1, n_embd=8, block_size=16)
+    out = write_web_folder(GPT(tiny), tokenizer, tmp_path / "web", name="gpt2-vocabulary")
+    english = shakespeare_text()[:20_000]
+    japanese = Path(__file__).resolve().parents[2] / "shared" / "data" / "ja_manpages_sec1.txt"
+    texts = [english[i : i + 2000] for i in range(0, len(english), 2000)]
+    if japanese.exists():
+        text = japanese.read_text(encoding="utf-8")[:20_000]
+        texts += [text[i : i + 2000] for i in range(0, len(text), 2000)]
+    with static_server(out) as url:
+        browser.get(f"{url}/index.html")
+        ids = browser.execute_async_script(
+            """const [texts, done] = arguments;
+            Tokenizer.load("tokenizer.bpe.json").then((tok) => done(texts.map((text) => tok.encode(text))));""",
+            texts,
+        )
+    assert ids == [tokenizer.encode(text) for text in texts]
+
+
+@pytest.mark.slow  # a browser starts
 def test_sampling_repeats_with_its_seed_and_narrows_to_greedy(browser, tmp_path):
     """temperature, top-k, top-p and seed from the URL; the page's views drawn after a run."""
     run = web_run(tmp_path / "run", "tiny-llama")
