@@ -181,7 +181,10 @@
   try {
     state.kernels = await Kernels.load("kernels.wasm", params.get("kernels"));
     [state.model, state.tokenizer] = await Promise.all([
-      WebModel.load("model.safetensors", state.kernels), Tokenizer.load("tokenizer.bpe.json"),
+      WebModel.load("model.safetensors", state.kernels, (received, total) => {
+        $("status").textContent = `loading the weights: ${(received / 1e6).toFixed(0)} of ${(total / 1e6).toFixed(0)} MB`;
+      }),
+      Tokenizer.load("tokenizer.bpe.json"),
     ]);
     const c = state.model.config;
     $("model-name").textContent = state.model.name;

@@ -186,10 +186,24 @@ const WebModel = (() => {
   }
 
   // Fetch and place the weights; `kernels` from Kernels.load.
-  async function load(url, kernels) {
+  // The file's bytes, telling `progress(received, total)` as they arrive (GPT-2 small is 250 MB).
+  async function download(url, progress) {
     const response = await fetch(url);
     if (!response.ok) throw new Error(`${url}: ${response.status} ${response.statusText}`);
-    const {metadata, tensors} = readSafetensors(await response.arrayBuffer());
+    const total = Number(response.headers.get("Content-Length")) || 0;
+    if (!response.body || !total) return response.arrayBuffer();
+    const bytes = new Uint8Array(total), reader = response.body.getReader();
+    for (let received = 0; ;) {
+      const {done, value} = await reader.read();
+      if (done) return bytes.buffer;
+      bytes.set(value, received);
+      received += value.length;
+      progress(received, total);
+    }
+  }
+
+  async function load(url, kernels, progress = () => {}) {
+    const {metadata, tensors} = readSafetensors(await download(url, progress));
     const info = JSON.parse(metadata.tegaki_web);
     const model = new GPT(info.config, kernels, tensors);
     model.name = info.name;
