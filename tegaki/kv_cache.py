@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from tegaki.errors import TegakiError
-from tegaki.mask import build_attention_mask
+from tegaki.mask import CAUSAL, SEES_ALL, build_attention_mask
 
 
 class KVCache:
@@ -34,10 +34,10 @@ class KVCache:
     a kind shares these, so the mask for a step is built once per kind, not once per layer.
 
     The protocol model.py uses: `length` (columns cached before this forward),
-    `update(layer_idx, k, v, positions) -> (k_all, v_all, mask_or_None)`, `advance(T)`; and
+    `update(layer_idx, k, v, positions) -> (k_all, v_all, mask)`, `advance(T)`; and
     `mark_padding(padding_mask)` before the layers when some tokens are padding.
-    A mask of None means "nothing to hide": a fresh causal block (the fused kernel's is_causal)
-    or one query that may see every key handed back.
+    Where nothing is hidden but the future, the mask is named rather than built (mask.py): CAUSAL for
+    a fresh causal block, SEES_ALL for one query that may see every key handed back.
     """
 
     def __init__(self, config, batch_size: int, max_len: int, *, dtype=torch.float32, device="cpu", static=False):
@@ -79,7 +79,7 @@ class KVCache:
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """Store this forward's k, v (B, K, T, D) of one layer; return every key and value the new
-        queries may attend to, (B, K, S, D) each, and the mask (B, 1, T, S) or None."""
+        queries may attend to, (B, K, S, D) each, and the mask (B, 1, T, S), CAUSAL or SEES_ALL."""
         window = self.windows[layer_idx]
         step = self._steps.get(window)
         if step is None:  # the first layer of this kind in this forward: plan once for all of them
@@ -139,7 +139,7 @@ class KVCache:
             # One query with no padding sees every slot handed back (a full ring holds exactly
             # the window); a fresh causal prompt is the kernel's is_causal.
             nothing_to_hide = not self.has_padding and (T == 1 or (start == 0 and window is None))
-            mask = None
+            mask = SEES_ALL if T == 1 else CAUSAL
             if not nothing_to_hide:
                 mask = build_attention_mask(
                     positions, pos[:, :visible], window=window, k_valid=valid[:, :visible]
@@ -174,7 +174,7 @@ class KVCache:
 class _Step:
     slots: object  # a slice or an index tensor into the slot axis
     visible: int | None
-    mask: torch.Tensor | None
+    mask: torch.Tensor | str  # a tensor, or CAUSAL / SEES_ALL
     keep_old: int | None = None  # a block into a wrapping ring: old slots to attend over too
     take: torch.Tensor | None = None  # ... and which of the new tokens the ring keeps
     static: bool = False

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import torch
 
+# Two masks need no tensor, and are named instead, so that attention can hand them to a fused
+# kernel's own fast path (its is_causal, or no mask at all) rather than a (T, S) tensor of booleans:
+CAUSAL = "causal"  # a block of tokens attending to itself: each query sees itself and the keys before it
+SEES_ALL = "sees_all"  # one query that may see every key it is given (a cached decode step, nothing hidden)
+
 
 def build_attention_mask(
     q_pos: torch.Tensor,
@@ -38,12 +43,9 @@ def build_attention_mask(
 
 def sequence_mask(
     positions: torch.Tensor, *, causal: bool = True, window: int | None = None, padding_mask: torch.Tensor | None = None
-) -> torch.Tensor | None:
-    """The mask of a sequence attending to itself (no cache), or None for the plain causal case.
-
-    None tells attention "causal over these T tokens, nothing else hidden": the fused kernel then
-    runs its causal fast path (is_causal) instead of reading a (T, T) mask.
-    """
+) -> torch.Tensor | str:
+    """The mask of a sequence attending to itself (no cache), or CAUSAL for the plain causal case
+    (nothing hidden but the future: the fused kernel then runs its is_causal fast path)."""
     if causal and window is None and padding_mask is None:
-        return None
+        return CAUSAL
     return build_attention_mask(positions, positions, causal=causal, window=window, k_valid=padding_mask)

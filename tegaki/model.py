@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from tegaki.config import ModelConfig
 from tegaki.generate import generate
-from tegaki.mask import build_attention_mask, sequence_mask
+from tegaki.mask import CAUSAL, SEES_ALL, build_attention_mask, sequence_mask
 from tegaki.rope import apply_rope, rope_cos_sin, rope_frequencies
 
 # -------------------------------------------------------------------------------------------------
@@ -144,7 +144,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # (B, T, C), already normalised
         rope: tuple[torch.Tensor, torch.Tensor] | None,  # cos, sin: (B, 1, T, D) each
         positions: torch.Tensor,  # (B, T) absolute positions of these tokens
-        mask: torch.Tensor | None,  # (B, 1, T, S) bool, or None for plain causal over these T tokens
+        mask: torch.Tensor | str | None,  # (B, 1, T, S) bool, CAUSAL or SEES_ALL; None: the cache's
         kv_cache=None,
     ) -> torch.Tensor:
         B, T, C = x.shape
@@ -178,15 +178,13 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, H * D)  # heads side by side again: (B, T, H*D)
         return self.resid_dropout(self.o_proj(y))  # (B, T, C)
 
-    def explicit_mask(self, mask: torch.Tensor | None, positions: torch.Tensor, n_keys: int) -> torch.Tensor:
-        """The mask as a tensor. None meant "nothing hidden but the future": for one query (a
-        cached decode step) every key is visible; for T queries it is the causal triangle."""
-        if mask is not None:
+    def explicit_mask(self, mask: torch.Tensor | str, positions: torch.Tensor, n_keys: int) -> torch.Tensor:
+        """The mask as a tensor: SEES_ALL, every key visible to the one query; CAUSAL, the triangle."""
+        if not isinstance(mask, str):
             return mask
-        B, T = positions.shape
-        if T == 1:
-            return torch.ones(B, 1, 1, n_keys, dtype=torch.bool, device=positions.device)
-        return build_attention_mask(positions, positions, causal=self.config.causal, window=self.window)
+        if mask == SEES_ALL:
+            return torch.ones(positions.shape[0], 1, 1, n_keys, dtype=torch.bool, device=positions.device)
+        return build_attention_mask(positions, positions, causal=True, window=self.window)  # CAUSAL
 
     def _attend_written_out(self, q, k, v, mask, positions) -> torch.Tensor:
         """softmax(q k^T * scale + mask) v, every step visible."""
@@ -216,12 +214,11 @@ class Attention(nn.Module):
             q, scale = q * scale, 1.0
         gqa = self.n_kv_head != self.n_head
         T = q.shape[2]
-        # mask None: a plain causal block over T keys, or (T == 1, a cached decode step) one query
-        # that sees every key it is given. sdpa's is_causal aligns the triangle top-left, which
-        # would hide all but the first key from a lone query; so it is used only for T > 1.
-        if mask is None and not self.config.attn_sinks and (self.window is None or T == 1):
+        # A named mask needs no tensor: CAUSAL is sdpa's is_causal (whose triangle is aligned top-left,
+        # right for a block attending to itself), SEES_ALL is no mask at all.
+        if isinstance(mask, str) and not self.config.attn_sinks and (self.window is None or T == 1):
             return F.scaled_dot_product_attention(
-                q, k, v, is_causal=self.config.causal and T > 1, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
+                q, k, v, is_causal=mask == CAUSAL, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
             )
         mask = self.explicit_mask(mask, positions, k.shape[2])
         if self.config.attn_sinks:

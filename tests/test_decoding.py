@@ -322,6 +322,9 @@ def test_compiled_with_gradients_on_it_traces_the_readable_twin():
 
 
 def test_a_layers_hooks_run_once_in_a_compiled_step():
+    # A fresh compile: torch.compile does not guard on hooks (skip_nnmodule_hook_guards), so a graph
+    # an earlier test compiled for a model of the same shape would be reused without the hook.
+    torch._dynamo.reset()
     model = prepare_for_decoding(random_model("tiny"), "packed")
     model.lm_head.register_forward_hook(lambda module, args, out: out + 100.0)
     ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(9))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tegaki.config import ModelConfig
-from tegaki.mask import build_attention_mask
+from tegaki.mask import CAUSAL, build_attention_mask
 from tegaki.model import (
     GPT,
     Attention,
@@ -218,7 +218,7 @@ def attention_pair(perturb, **flags) -> tuple[Attention, Attention, torch.Tensor
     x = torch.randn(2, 10, 32)
     inv_freq, factor = rope_frequencies(config)
     positions = torch.arange(10).expand(2, 10)
-    return with_flag, plain, x, (rope_cos_sin(inv_freq, factor, positions, x.dtype), positions, None)
+    return with_flag, plain, x, (rope_cos_sin(inv_freq, factor, positions, x.dtype), positions, CAUSAL)
 
 
 @pytest.mark.parametrize("impl", ["manual", "sdpa"])
