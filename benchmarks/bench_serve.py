@@ -21,10 +21,13 @@ real server whose limits let one request of 16 prompts x n=16 in (--max-request-
 --clients clients (default 32) at once, about half of them sending completions (streamed or not)
 and hanging up after a random short time (seeded), the others well-behaved (waiting for their
 answers, backing off on 429), and one sending 16 prompts x n=16 again and again. Every second a
-probe sends a 1-token request and times its answer. Reported: the probes' latencies, what became
-of the requests (answered, refused with 429, given up by their client) and the server's counters,
-and its resident memory (VmRSS) at the start, at its peak and --settle seconds after the load
-(then once more after one idle probe). Without --model, a tiny untrained model is made here the way
+probe sends a 1-token request and times its answer. --loads identical loads (default 3) run one
+after another on the same server, --settle idle seconds after each. Reported: the probes' latencies,
+what became of the requests (answered, refused with 429, given up by their client) and the server's
+counters, and its resident memory (VmRSS) at the start, at each load's peak and --settle seconds
+after it (then once more after one idle probe). The first load is the warm-up: the memory it leaves
+(caches that a first load grows, memory the allocator keeps for the next) is the level the later
+loads are held to. Without --model, a tiny untrained model is made here the way
 the serve tests make theirs. Every loop is bounded in count and in time; traffic goes to 127.0.0.1 only.
 """
 
@@ -278,18 +281,51 @@ def probe(port: int) -> tuple[str, float]:
     return post(port, {"model": "bench", "prompt": "b", "max_tokens": 1, "temperature": 0}, 30.0)
 
 
-def hostile_run(args, model: str) -> dict:
-    extra = shlex.split(args.server_args)
-    rng = random.Random(args.seed)
+def one_load(port: int, args, seed: float, tally: Tally) -> list[tuple[str, float]]:
+    """--duration seconds of the crowd (vanishing, polite, one greedy client) with a 1-token probe
+    every second; the probes' (outcome, seconds). Returns once every client has given up."""
+    rng = random.Random(seed)
     vanishing = max(1, (args.clients - 2) // 2)
     polite = max(1, args.clients - 1 - vanishing)
-    tally, probes, rss_seen = Tally(), [], []
+    end = time.monotonic() + args.duration
+    threads = [
+        threading.Thread(target=vanishing_client, args=(port, random.Random(rng.random()), end, tally))
+        for _ in range(vanishing)
+    ]
+    threads += [
+        threading.Thread(target=polite_client, args=(port, random.Random(rng.random()), end, tally))
+        for _ in range(polite)
+    ]
+    threads.append(threading.Thread(target=greedy_client, args=(port, end, tally)))
+    for t in threads:
+        t.start()
+    probes = []
+    next_probe = time.monotonic() + 1.0
+    for _ in range(int(args.duration) + 2):  # one probe a second while the load lasts
+        time.sleep(max(0.0, next_probe - time.monotonic()))
+        if time.monotonic() >= end:
+            break
+        probes.append(probe(port))
+        next_probe += 1.0
+    for t in threads:
+        t.join(timeout=60)  # each gives up at `end`; 60 s more is a generous bound
+    for _ in range(sum(t.is_alive() for t in threads)):
+        tally.add("stuck", "clients still running after the load")
+    return probes
+
+
+def hostile_run(args, model: str) -> dict:
+    """--loads identical loads (same seed) one after another on one server, --settle idle seconds
+    after each: memory after the first load is the level after warm-up (the caches a first load
+    grows), and the later loads show whether it keeps growing."""
+    extra = shlex.split(args.server_args)
+    tally, loads, rss_seen = Tally(), [], []
     server = serve_models().server_process(model, "--name", "bench", *extra, threads=args.threads)
     with server as (proc, url):
         port = int(url.rsplit(":", 1)[1])
         rss_up = rss_kib(proc.pid)
         warm = probe(port)  # the first request's one-off allocations are part of the start
-        rss_start, before = rss_kib(proc.pid), get_health(port)
+        rss_start = rss_kib(proc.pid)
         stop_sampling = threading.Event()
 
         def sample() -> None:
@@ -300,83 +336,66 @@ def hostile_run(args, model: str) -> dict:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         load_avg_start = os.getloadavg()
-        end = time.monotonic() + args.duration
-        threads = [
-            threading.Thread(target=vanishing_client, args=(port, random.Random(rng.random()), end, tally))
-            for _ in range(vanishing)
-        ]
-        threads += [
-            threading.Thread(target=polite_client, args=(port, random.Random(rng.random()), end, tally))
-            for _ in range(polite)
-        ]
-        threads.append(threading.Thread(target=greedy_client, args=(port, end, tally)))
-        for t in threads:
-            t.start()
-        next_probe = time.monotonic() + 1.0
-        for _ in range(int(args.duration) + 2):  # one probe a second while the load lasts
-            time.sleep(max(0.0, next_probe - time.monotonic()))
-            if time.monotonic() >= end:
-                break
-            probes.append(probe(port))
-            next_probe += 1.0
-        for t in threads:
-            t.join(timeout=60)  # each gives up at `end`; 60 s more is a generous bound
-        stuck = sum(t.is_alive() for t in threads)
+        for _ in range(args.loads):
+            before, seen_from = get_health(port), len(rss_seen)
+            probes = one_load(port, args, args.seed, tally)
+            time.sleep(args.settle)
+            after = get_health(port)
+            loads.append(
+                {
+                    "probes": probes,
+                    "before": before,
+                    "after": after,
+                    "peak": max([rss_start, *rss_seen[seen_from:]]),
+                    "settled": rss_kib(proc.pid),
+                }
+            )
         load_avg_end = os.getloadavg()
-        time.sleep(args.settle)
-        rss_settled, after_load = rss_kib(proc.pid), get_health(port)
         idle_probe = probe(port)
         time.sleep(0.5)
-        rss_final, after = rss_kib(proc.pid), get_health(port)
+        rss_final = rss_kib(proc.pid)
         stop_sampling.set()
         sampler.join(timeout=5)
     return {
-        "vanishing": vanishing,
-        "polite": polite,
         "warm": warm,
-        "probes": probes,
+        "loads": loads,
         "idle_probe": idle_probe,
         "tally": tally.counts,
-        "stuck": stuck,
-        "before": before,
-        "after_load": after_load,
-        "after": after,
-        "rss": {
-            "up": rss_up,
-            "start": rss_start,
-            "peak": max([rss_start, *rss_seen]),
-            "settled": rss_settled,
-            "final": rss_final,
-        },
+        "rss": {"up": rss_up, "start": rss_start, "final": rss_final},
         "load_avg": (load_avg_start, load_avg_end),
     }
 
 
-def hostile_report(args, model_label: str, r: dict, margin_mib: float = 16.0) -> str:
+def hostile_report(args, model_label: str, r: dict, margin_mib: float = 4.0) -> str:
     mib = {k: v / 1024 for k, v in r["rss"].items()}
-    answered = [t for outcome, t in r["probes"] if outcome == "answered"]
-    not_answered = [outcome for outcome, _ in r["probes"] if outcome != "answered"]
-    latencies = sorted(t for _, t in r["probes"])
+    loads = r["loads"]
+    settled = [load["settled"] / 1024 for load in loads]
+    probes = [p for load in loads for p in load["probes"]]
+    latencies = sorted(t for _, t in probes)
+    not_answered = [outcome for outcome, _ in probes if outcome != "answered"]
     probe_max = max(latencies) if latencies else float("nan")
     probe_ok = bool(latencies) and not not_answered and probe_max <= 2.0
-    memory_ok = mib["settled"] <= mib["start"] + margin_mib and mib["final"] <= mib["start"] + margin_mib
+    warmed = settled[0]  # the level after warm-up: after the first load
+    memory_ok = max(settled[1:] + [mib["final"]]) <= warmed + margin_mib
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load0, load1 = (" ".join(f"{x:.2f}" for x in la) for la in r["load_avg"])
-    counters = {k: r["after_load"][k] - r["before"][k] for k in ("requests", "tokens", "cancelled")}
+    vanishing = max(1, (args.clients - 2) // 2)
+    polite = max(1, args.clients - 1 - vanishing)
+    stuck = r["tally"].pop("stuck", {}).get("clients still running after the load", 0)
     lines = [
         f"### Hostile load, {now}",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{args.threads} thread(s) in the server; load average (1, 5, 15 min) {load0} at the start of the load, "
-        f"{load1} at its end (other work on the machine counts in it). Model: {model_label}. Server flags: "
+        f"{args.threads} thread(s) in the server; load average (1, 5, 15 min) {load0} at the start of the loads, "
+        f"{load1} at their end (other work on the machine counts in it). Model: {model_label}. Server flags: "
         f"`{args.server_args}`. Command: `python benchmarks/bench_serve.py {' '.join(sys.argv[1:])}`.",
         "",
-        f"{args.duration:g} s of load from {r['vanishing'] + r['polite'] + 1} clients at once: {r['vanishing']} "
-        "hanging up after 0.05-1.5 s (streamed or not, n up to 4, up to 256 tokens), "
-        f"{r['polite']} well-behaved (8-48 tokens, waiting for the answer), one sending 16 prompts x n=16 "
-        "(64 tokens each) again and again; a 1-token probe every second.",
+        f"{args.loads} identical loads of {args.duration:g} s, {args.settle:g} s idle after each, from "
+        f"{vanishing + polite + 1} clients at once: {vanishing} hanging up after 0.05-1.5 s (streamed or not, "
+        f"n up to 4, up to 256 tokens), {polite} well-behaved (8-48 tokens, waiting for the answer), one sending "
+        "16 prompts x n=16 (64 tokens each) again and again; a 1-token probe every second.",
         "",
-        "| clients | outcomes |",
+        "| clients, all loads | outcomes |",
         "| --- | --- |",
     ]
     for kind in ("vanishing", "well-behaved", "16 x n=16"):
@@ -385,22 +404,35 @@ def hostile_report(args, model_label: str, r: dict, margin_mib: float = 16.0) ->
         lines.append(f"| {kind} | " + ", ".join(f"{n} {o}" for o, n in sorted(outcomes.items())) + " |")
     lines += [
         "",
-        f"- probes: {len(r['probes'])} sent, {len(answered)} answered; latency median "
-        f"{statistics.median(latencies) * 1e3:.0f} ms, max {probe_max * 1e3:.0f} ms"
-        + (f"; not answered: {', '.join(not_answered)}" if not_answered else "")
-        + f" (warm-up probe before the load: {r['warm'][1] * 1e3:.0f} ms; idle probe after it: "
-        f"{r['idle_probe'][1] * 1e3:.0f} ms, {r['idle_probe'][0]})",
-        f"- server counters (/health) over the load: {counters['requests']} sequences completed, "
-        f"{counters['tokens']} tokens, {counters['cancelled']} sequences cancelled (their client gone); "
-        f"queued {r['after_load']['queued']}, active {r['after_load']['active']} {args.settle:g} s after the load; "
-        f"clients still running after the load: {r['stuck']}",
-        f"- server memory (VmRSS): {mib['up']:.1f} MiB when up, {mib['start']:.1f} MiB at the start "
-        f"(after one warm-up request), peak {mib['peak']:.1f} MiB, {mib['settled']:.1f} MiB {args.settle:g} s "
-        f"after the load, {mib['final']:.1f} MiB after one more idle probe",
+        "| load | probes answered | probe median | probe max | sequences done / cancelled | "
+        f"RSS peak | RSS {args.settle:g} s after |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for i, load in enumerate(loads, 1):
+        times = sorted(t for _, t in load["probes"])
+        answered = sum(outcome == "answered" for outcome, _ in load["probes"])
+        done = load["after"]["requests"] - load["before"]["requests"]
+        cancelled = load["after"]["cancelled"] - load["before"]["cancelled"]
+        median = f"{statistics.median(times) * 1e3:.0f} ms" if times else "-"
+        top = f"{max(times) * 1e3:.0f} ms" if times else "-"
+        lines.append(
+            f"| {i} | {answered} of {len(times)} | {median} | {top} | {done} / {cancelled} | "
+            f"{load['peak'] / 1024:.1f} MiB | {load['settled'] / 1024:.1f} MiB |"
+        )
+    last = loads[-1]["after"]
+    lines += [
         "",
-        f"Goal (a 1-token probe answered within 2 s throughout; memory back to the start + {margin_mib:g} MiB): "
-        f"probes {'held' if probe_ok else 'NOT held'} (max {probe_max:.2f} s), memory "
-        f"{'held' if memory_ok else 'NOT held'} ({mib['final'] - mib['start']:+.1f} MiB after the load).",
+        f"- server memory (VmRSS): {mib['up']:.1f} MiB when up, {mib['start']:.1f} MiB after one warm-up "
+        f"request, {mib['final']:.1f} MiB after one more idle probe at the end; queued {last['queued']}, "
+        f"active {last['active']} {args.settle:g} s after the last load; clients still running after a load: {stuck}"
+        + (f"; probes not answered: {', '.join(not_answered)}" if not_answered else "")
+        + f" (warm-up probe: {r['warm'][1] * 1e3:.0f} ms; idle probe at the end: {r['idle_probe'][1] * 1e3:.0f} ms)",
+        "",
+        f"Goal (a 1-token probe answered within 2 s throughout; memory after each later load within "
+        f"{margin_mib:g} MiB of its level after warm-up, the first load): probes "
+        f"{'held' if probe_ok else 'NOT held'} (max {probe_max:.2f} s), memory {'held' if memory_ok else 'NOT held'} "
+        f"({', '.join(f'{m - warmed:+.1f}' for m in settled[1:] + [mib['final']])} MiB after the later loads and "
+        f"the idle probe; the first load itself {warmed - mib['start']:+.1f} MiB over the start).",
         "",
     ]
     return "\n".join(lines)
@@ -425,6 +457,8 @@ def insert_in_section(path: Path, heading: str, section: str) -> None:
 def hostile_main(args) -> None:
     if args.clients < 3:
         raise SystemExit("--clients must be at least 3 (one of each kind)")
+    if args.loads < 2:
+        raise SystemExit("--loads must be at least 2 (a warm-up and one to compare with it)")
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
             model, label = args.model, f"`{args.model}`"
@@ -458,7 +492,13 @@ def main() -> None:
     hostile.add_argument("--hostile", action="store_true", help="run the hostile load instead (see above)")
     hostile.add_argument("--duration", type=float, default=20.0, help="seconds of load (default 20)")
     hostile.add_argument("--clients", type=int, default=32, help="clients at once, at least 3 (default 32)")
-    hostile.add_argument("--settle", type=float, default=10.0, help="idle seconds before the last memory reading")
+    hostile.add_argument("--settle", type=float, default=10.0, help="idle seconds after each load (default 10)")
+    hostile.add_argument(
+        "--loads",
+        type=int,
+        default=3,
+        help="identical loads one after another on one server (default 3): the first is the warm-up",
+    )
     hostile.add_argument("--seed", type=int, default=0, help="seed of the clients' choices")
     hostile.add_argument(
         "--server-args",
