@@ -134,7 +134,8 @@ PROMPT = "To be, or not to be: that is the question. 猫が好きです。 Wheth
 @needs_llama_cpp
 @pytest.mark.parametrize("preset", list(TOLERANCE))
 def test_llama_cpp_computes_what_tegaki_does(tmp_path, tokenizers, preset, perturb):
-    """f32: the same ids, the same logits, the same 64 greedy tokens; q8_0: how many greedy tokens agree."""
+    """f32: the same ids, the same logits, the same 64 greedy tokens; q8_0: logits near tegaki's, and
+    how many greedy tokens agree (printed)."""
     model = small(preset, perturb)
     pattern = "gpt4" if preset in ("tiny-llama", "tiny-gpt-oss") else "gpt2"  # both patterns, both mappings
     tokenizer = tokenizers[pattern]
@@ -151,8 +152,14 @@ def test_llama_cpp_computes_what_tegaki_does(tmp_path, tokenizers, preset, pertu
     greedy = tegaki_greedy(model, prompt, 64)
     assert f32["greedy"] == greedy
     agree = next((i for i, (a, b) in enumerate(zip(q8["greedy"], greedy)) if a != b), len(greedy))
-    print(f"{preset} q8_0: the first {agree} of 64 greedy tokens agree with tegaki's")
-    assert agree >= 1  # 8-bit weights move the logits a little; the first choice of a clear prompt stays
+    q8_error = (torch.tensor(q8["logits"]) - ours).abs()
+    print(
+        f"{preset} q8_0: the first {agree} of 64 greedy tokens agree with tegaki's; logits off by "
+        f"{q8_error.mean():.3f} on average, {q8_error.max():.3f} at most"
+    )
+    # 8-bit weights move the logits a little (a wrong mapping moves them by their whole size); on random
+    # weights close choices (and GPT-OSS's experts) flip early, so the greedy agreement is reported only
+    assert q8_error.mean() <= 0.1 * ours.abs().mean()
 
 
 @needs_llama_cpp
@@ -315,7 +322,7 @@ def test_gpt2_124m_with_its_own_vocabulary(tmp_path):
     assert f32["greedy"] == greedy
     agree = next((i for i, (a, b) in enumerate(zip(q8["greedy"], greedy)) if a != b), len(greedy))
     print(f"GPT-2 124M q8_0: the first {agree} of 64 greedy tokens agree with tegaki's")
-    assert agree >= 1
+    assert (torch.tensor(q8["logits"]) - ours).abs().mean() <= 0.1 * ours.abs().mean()
 
 
 # --- what cannot travel is refused, with nothing written --------------------------------------------
