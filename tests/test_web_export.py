@@ -58,12 +58,16 @@ STEPS = 64
 # -------------------------------------------------------------------------------------------------
 
 
-def web_run(folder: Path, preset: str, seed: int = 0, vocab_size: int | None = None, pattern: str = "gpt2") -> Path:
+def web_run(
+    folder: Path, preset: str, seed: int = 0, vocab_size: int | None = None, pattern: str = "gpt2", **overrides
+) -> Path:
     """A run folder of `preset` at its own shape, its random weights spread wider than at
     initialisation so greedy choices are clear, with a 400-token BPE that has seen Japanese (the
     model's vocabulary that BPE's, or `vocab_size` when a speed needs the preset's own)."""
     tokenizer = train_bpe([(PROMPT + TRICKY) * 8], 400, pattern=pattern)
-    config = ModelConfig.preset(preset).replace(vocab_size=vocab_size or tokenizer.vocab_size, block_size=256)
+    config = ModelConfig.preset(preset).replace(
+        vocab_size=vocab_size or tokenizer.vocab_size, block_size=256, **overrides
+    )
     torch.manual_seed(seed)
     model = GPT(config)
     with torch.no_grad():
@@ -326,6 +330,34 @@ def test_the_page_generates_tegakis_greedy_tokens(browser, tmp_path_factory, pre
     assert page["prompt_ids"] == prompt_ids  # the tokenizer, Japanese included
     assert (page["logits"] - logits).abs().max() < 1e-4
     assert page["ids"] == ids
+
+
+@pytest.mark.slow  # a browser starts
+def test_the_flags_mixed_differently_give_tegakis_tokens(browser, tmp_path):
+    """No positions at all, RMSNorm with GELU, an untied head without a final norm, a set attention
+    scale, a rotary model with Llama 3's frequency scaling: each path of model.js, once more."""
+    runs = {
+        "plain": web_run(
+            tmp_path / "plain",
+            "tiny",
+            pos_embedding="none",
+            norm="rmsnorm",
+            tie_embeddings=False,
+            final_norm=False,
+            attn_scale=0.3,
+        ),
+        "llama3": web_run(
+            tmp_path / "llama3", "tiny-llama", rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=32
+        ),
+    }
+    for name, run in runs.items():
+        out = export_web(run, tmp_path / f"{name}-web")
+        _, ids, logits = reference(run, PROMPT, 32)
+        with static_server(out) as url:
+            page = run_page(browser, url, PROMPT, 32)
+        # Without a final norm the logits grow to hundreds: float32 holds them to about 1e-5 of their size.
+        assert (page["logits"] - logits).abs().max() < 1e-4 * max(1.0, float(logits.abs().max())), name
+        assert page["ids"] == ids, name
 
 
 @pytest.mark.slow  # a browser starts
