@@ -47,6 +47,10 @@ static inline float sum_lanes(floats v) {
   return s;
 }
 
+// How far ahead of the loop the weight is asked for. The loop is faster than memory: without this the
+// CPU's own prefetcher lets it wait on most lines (a fifth of the time on GPT-2's shapes, one core).
+constexpr int64_t PREFETCH_AHEAD = 4096;
+
 // One weight row o against ROWS rows of x: each LANES int8 weights are made floats once and
 // multiplied into every row's sums (ROWS is a template argument, so the sums stay in registers).
 template <int ROWS>
@@ -58,6 +62,8 @@ static void row_times_rows(const int8_t* w, const float* s, const float* x, int6
   float rest[ROWS] = {};                 // the same for inputs past the last multiple of LANES in a group
   for (int64_t k = 0; k < groups; ++k) {
     const int8_t* wk = w + k * g;
+    if (k % 2 == 0)  // every other group of 32, one cache line: ask for the line 4 KB ahead now
+      _mm_prefetch(reinterpret_cast<const char*>(wk + PREFETCH_AHEAD), _MM_HINT_T0);
     floats part[ROWS] = {};
     for (int64_t i = 0; i < gv; i += LANES) {
       const floats wv = load_int8s(wk + i);
