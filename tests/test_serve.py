@@ -190,6 +190,38 @@ def test_the_engine_refuses_work_beyond_max_queued(served):
         engine.close()
 
 
+def test_a_finished_request_is_not_kept_alive_by_the_engine(served):
+    """Once a request is done and the engine waits for work, nothing of it stays referenced: a
+    server's reader (its sink) holds the whole API request, every choice and its unread events."""
+    import gc
+    import weakref
+
+    class Reader:
+        def __init__(self):
+            self.done = threading.Event()
+
+        def __call__(self, event):
+            if isinstance(event, DoneEvent):
+                self.done.set()
+
+    engine = Engine(served.model, served.tokenizer)
+    try:
+        readers = [Reader() for _ in range(3)]
+        request = GenerationRequest(served.tokenizer.encode("a"), 4, SamplingSettings(temperature=0))
+        engine.submit_all([(request, reader) for reader in readers])
+        assert all(reader.done.wait(timeout=60) for reader in readers)
+        refs = [weakref.ref(reader) for reader in readers]
+        del readers
+        for _ in range(100):  # bounded: 5 s; the engine thread leaves its turn just after the last event
+            gc.collect()
+            if all(ref() is None for ref in refs):
+                break
+            threading.Event().wait(0.05)
+        assert [ref() for ref in refs] == [None] * 3
+    finally:
+        engine.close()
+
+
 def test_a_text_refused_before_tokenizing_really_has_too_many_tokens(served):
     """The bound encode_within refuses by: no text has fewer tokens than characters / (longest token x
     the normalization slack)."""

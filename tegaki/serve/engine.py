@@ -222,11 +222,17 @@ class Engine:
     def _loop(self) -> None:
         while not self._closing:
             self._take_new_work(block=not self.active and not self.waiting)
-            for job in list(self.active):
-                self._turn(job)
+            self._turns()
         for job in self.active + list(self.waiting):  # shutting down: tell every reader
             self._release(job)
             self._emit(job, DoneEvent("cancelled", completion_tokens=job.generated, message="shutting down"))
+
+    def _turns(self) -> None:
+        """One turn for every active request. A method of its own so that its loop variable dies
+        with it: left in _loop, the last job would stay referenced while the engine waits for work,
+        and through its sink the whole API request (every choice's job and unread events)."""
+        for job in list(self.active):
+            self._turn(job)
 
     def _take_new_work(self, block: bool) -> None:
         """Move everything in the inbox: jobs to the waiting line, calls run now. Then drop the
