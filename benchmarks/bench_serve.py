@@ -42,6 +42,8 @@ import os
 import platform
 import random
 import shlex
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -281,6 +283,99 @@ def probe(port: int) -> tuple[str, float]:
     return post(port, {"model": "bench", "prompt": "b", "max_tokens": 1, "temperature": 0}, 30.0)
 
 
+# What the server holds, read inside it (--inspect): is memory after a load objects kept alive, or
+# memory an allocator keeps for later? The server runs under serve_inspected, and each SIGUSR1 makes
+# it append one JSON line to $BENCH_SERVE_INSPECT after a full garbage collection:
+#   python      objects the collector tracks, tensors among them, the bytes in use in pymalloc's
+#               blocks and what its arenas hold in all (1 MiB each: a partly used one stays)
+#   heap        glibc malloc (mallinfo2, every arena): bytes in use and bytes free but kept
+#   rss, threads
+
+
+def serve_inspected(argv: list[str]) -> None:
+    """`tegaki ARGV` (serve ...) with the SIGUSR1 report above installed first."""
+    import ctypes
+    import gc
+    import runpy
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in [
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            ]
+        ]
+
+    libc = ctypes.CDLL(None)
+    mallinfo2 = getattr(libc, "mallinfo2", None)  # glibc 2.33 and later
+    if mallinfo2 is not None:
+        mallinfo2.restype = MallInfo2
+
+    def report(*_) -> None:
+        gc.collect()
+        objects = gc.get_objects()
+        line = {
+            "rss_kib": rss_kib(os.getpid()),
+            "threads": threading.active_count(),
+            "python_objects": len(objects),
+            "tensors": sum(type(o).__name__ in ("Tensor", "Parameter") for o in objects),
+            **pymalloc_stats(),
+        }
+        if mallinfo2 is not None:
+            info = mallinfo2()
+            line.update(heap_used=info.uordblks, heap_free=info.fordblks, heap_mmapped=info.hblkhd)
+        with open(os.environ["BENCH_SERVE_INSPECT"], "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+
+    signal.signal(signal.SIGUSR1, report)
+    sys.argv = ["tegaki", *argv]
+    runpy.run_module("tegaki", run_name="__main__")
+
+
+def pymalloc_stats() -> dict:
+    """pymalloc's own figures (sys._debugmallocstats writes them to fd 2): bytes in use in its blocks
+    and the bytes its arenas take in all."""
+    with tempfile.TemporaryFile() as f:
+        saved = os.dup(2)
+        os.dup2(f.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        text = f.read().decode("ascii", "replace")
+    stats = {}
+    for line in text.splitlines():
+        name, _, value = line.partition("=")
+        if name.strip() == "# bytes in allocated blocks":
+            stats["python_bytes"] = int(value.strip().replace(",", ""))
+        elif name.strip() == "# arenas allocated current":
+            stats["python_arenas"] = int(value.strip().replace(",", ""))
+    return stats
+
+
+def inspect_server(proc, path: Path) -> dict | None:
+    """Ask the server for one report (SIGUSR1) and wait for its line (bounded: 60 s)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    proc.send_signal(signal.SIGUSR1)
+    for _ in range(600):
+        time.sleep(0.1)
+        now = path.read_text().splitlines() if path.exists() else []
+        if len(now) > len(lines):
+            return json.loads(now[-1])
+    return None
+
+
 def one_load(port: int, args, seed: float, tally: Tally) -> list[tuple[str, float]]:
     """--duration seconds of the crowd (vanishing, polite, one greedy client) with a 1-token probe
     every second; the probes' (outcome, seconds). Returns once every client has given up."""
@@ -320,12 +415,17 @@ def hostile_run(args, model: str) -> dict:
     grows), and the later loads show whether it keeps growing."""
     extra = shlex.split(args.server_args)
     tally, loads, rss_seen = Tally(), [], []
-    server = serve_models().server_process(model, "--name", "bench", *extra, threads=args.threads)
+    inspected = Path(tempfile.mkdtemp()) / "inspect.jsonl" if args.inspect else None
+    launcher = [sys.executable, str(Path(__file__).resolve()), "--serve-inspected"] if inspected else None
+    if inspected:
+        os.environ["BENCH_SERVE_INSPECT"] = str(inspected)  # the server inherits it
+    server = serve_models().server_process(model, "--name", "bench", *extra, threads=args.threads, launcher=launcher)
     with server as (proc, url):
         port = int(url.rsplit(":", 1)[1])
         rss_up = rss_kib(proc.pid)
         warm = probe(port)  # the first request's one-off allocations are part of the start
         rss_start = rss_kib(proc.pid)
+        inside_start = inspect_server(proc, inspected) if inspected else None
         stop_sampling = threading.Event()
 
         def sample() -> None:
@@ -348,6 +448,7 @@ def hostile_run(args, model: str) -> dict:
                     "after": after,
                     "peak": max([rss_start, *rss_seen[seen_from:]]),
                     "settled": rss_kib(proc.pid),
+                    "inside": inspect_server(proc, inspected) if inspected else None,
                 }
             )
         load_avg_end = os.getloadavg()
@@ -356,12 +457,15 @@ def hostile_run(args, model: str) -> dict:
         rss_final = rss_kib(proc.pid)
         stop_sampling.set()
         sampler.join(timeout=5)
+    if inspected:
+        shutil.rmtree(inspected.parent, ignore_errors=True)
     return {
         "warm": warm,
         "loads": loads,
         "idle_probe": idle_probe,
         "tally": tally.counts,
         "rss": {"up": rss_up, "start": rss_start, "final": rss_final},
+        "inside_start": inside_start,
         "load_avg": (load_avg_start, load_avg_end),
     }
 
@@ -419,6 +523,8 @@ def hostile_report(args, model_label: str, r: dict, margin_mib: float = 4.0) -> 
             f"| {i} | {answered} of {len(times)} | {median} | {top} | {done} / {cancelled} | "
             f"{load['peak'] / 1024:.1f} MiB | {load['settled'] / 1024:.1f} MiB |"
         )
+    if r.get("inside_start"):
+        lines += ["", *inside_table([r["inside_start"], *(load["inside"] for load in loads)])]
     last = loads[-1]["after"]
     lines += [
         "",
@@ -436,6 +542,27 @@ def hostile_report(args, model_label: str, r: dict, margin_mib: float = 4.0) -> 
         "",
     ]
     return "\n".join(lines)
+
+
+def inside_table(readings: list[dict | None]) -> list[str]:
+    """--inspect: what the server held at the start (after one warm-up request) and after each load."""
+    mib = lambda value: f"{value / 2**20:.1f}" if value is not None else "-"  # noqa: E731
+    lines = [
+        "Inside the server (--inspect; after a full garbage collection):",
+        "",
+        "| after | RSS MiB | Python objects | tensors | pymalloc in use / arenas MiB | "
+        "malloc heap in use / free MiB | threads |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for i, r in enumerate(readings):
+        if r is None:
+            continue
+        lines.append(
+            f"| {'warm-up request' if i == 0 else f'load {i}'} | {r['rss_kib'] / 1024:.1f} | {r['python_objects']:,} | "
+            f"{r['tensors']} | {mib(r.get('python_bytes'))} / {r.get('python_arenas', '-')} | "
+            f"{mib(r.get('heap_used'))} / {mib(r.get('heap_free'))} | {r['threads']} |"
+        )
+    return lines
 
 
 def insert_in_section(path: Path, heading: str, section: str) -> None:
@@ -474,6 +601,8 @@ def hostile_main(args) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--serve-inspected"]:  # the server of --inspect (see serve_inspected)
+        return serve_inspected(sys.argv[2:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="a run folder or a transformers folder (required but with --hostile)")
     p.add_argument("--new-tokens", type=int, default=128)
@@ -504,6 +633,11 @@ def main() -> None:
         "--server-args",
         default="--max-request-sequences 256 --max-queued 320",
         help="more flags for `tegaki serve` (default: room for one request of 16 prompts x n=16)",
+    )
+    hostile.add_argument(
+        "--inspect",
+        action="store_true",
+        help="read what the server holds after each load, inside it (objects, pymalloc, malloc's heap)",
     )
     hostile.add_argument(
         "--append-results",

@@ -86,13 +86,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server_process(model: Path, *args: str, timeout: float = 90.0, threads: int = 1):
+def server_process(model: Path, *args: str, timeout: float = 90.0, threads: int = 1, launcher=None):
     """`tegaki serve --model MODEL` on a free port, on `threads` threads (one: tiny models run faster,
-    and the cores are shared); yields (the process, its base URL) once it answers; stops it afterwards."""
+    and the cores are shared); yields (the process, its base URL) once it answers; stops it afterwards.
+    launcher: what runs `serve ...` in place of `python -m tegaki` (a benchmark's own wrapper)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     env["OMP_NUM_THREADS"] = str(threads)
-    command = [sys.executable, "-m", "tegaki", "serve", "--model", str(model), "--port", str(port), *args]
+    launcher = launcher or [sys.executable, "-m", "tegaki"]
+    command = [*launcher, "serve", "--model", str(model), "--port", str(port), *args]
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
