@@ -8,12 +8,15 @@ which is fastest depends on the CPU, the dtype and the shape:
     "onednn"  oneDNN's kernel (`torch.ops.mkldnn._linear_pointwise`) reading the weight where it is
     "packed"  the same kernel reading a copy of the weight in the layout oneDNN asks for
               (`torch.ops.mkldnn._reorder_linear_weight`): re-blocked tiles for bfloat16
+    "loop"    tegaki's own loop for float32 (tegaki/kernels/matvec.cpp, built by native.py where a
+              C++ compiler is): each weight row streamed once, asked for ahead of use, into every
+              row of a decode step; oneDNN's kernel for more rows than ROWS_BY_LOOP (a prompt)
 
 None wins everywhere: the oneDNN kernel reads float32 faster than MKL's on some CPUs and slower on
 others. So the layer does not assume: for each (shape, dtype) of a model it times each path on the
 model's own weights of that shape, one row at a time as a decode step multiplies them, in interleaved
-rounds, and keeps the fastest (`choose`). A path other than "plain" must beat "plain" by MARGIN, and
-"packed" must beat "onednn" by MARGIN (it costs a copy of the weight), so that noise never picks a
+rounds, and keeps the fastest (`choose`). A path other than "plain" must beat the simpler paths
+before it by MARGIN ("packed" costs a copy of the weight; "loop" a build), so that noise never picks a
 slower path. The answer is kept for the process (`CHOICES`); `describe` says what was chosen and the
 times that chose it (`tegaki generate --verbose`).
 
@@ -47,12 +50,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tegaki import opaque
+from tegaki import native, opaque
 from tegaki.device import cpu_bf16_hardware
 from tegaki.errors import TegakiError
 from tegaki.modules import replace_module
 
-PATHS = ("plain", "onednn", "packed")
+PATHS = ("plain", "onednn", "packed", "loop")
+ROWS_BY_LOOP = 8  # "loop" takes up to this many rows (a decode step); more go to oneDNN's kernel
 MARGIN = 0.05  # a path must be this much faster than the simpler one to be chosen over it
 MIN_ROUNDS, MAX_ROUNDS = 3, 7
 BUDGET_SECONDS = 0.1  # per (shape, dtype): rounds stop once past it (and MIN_ROUNDS are done)
@@ -60,16 +64,43 @@ MEASURED_BYTES = 64 * 2**20  # enough of a model's weights of one shape to reach
 
 
 def candidates(linear: nn.Module) -> tuple[str, ...]:
-    """The paths that can multiply this layer here: all three for a CPU nn.Linear in float32 (or in
-    bfloat16 on a CPU that multiplies it in hardware), none for anything else (left as it is)."""
+    """The paths that can multiply this layer here: for a CPU nn.Linear in float32 all four ("loop"
+    where tegaki's loop builds), in bfloat16 on a CPU that multiplies it in hardware the three of
+    PyTorch; none for anything else (left as it is)."""
     if not isinstance(linear, nn.Linear) or not torch.backends.mkldnn.is_available():
         return ()
     w = linear.weight
     if w.device.type != "cpu" or w.dim() != 2:
         return ()
-    if w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and cpu_bf16_hardware()):
-        return PATHS
+    if w.dtype == torch.float32:
+        return PATHS if loop_kernel() else PATHS[:3]
+    if w.dtype == torch.bfloat16 and cpu_bf16_hardware():
+        return PATHS[:3]
     return ()
+
+
+def loop_kernel():
+    """torch.ops.tegaki.matvec (x, w, bias) -> (N, out), built for this CPU on first use (native.py);
+    None where it cannot be built."""
+    if not native.load("matvec"):
+        return None
+    if not _fake_registered:
+        _register_fake()
+    return torch.ops.tegaki.matvec
+
+
+_fake_registered = False
+
+
+def _register_fake() -> None:
+    """Tell torch.compile the output's shape, so that a compiled graph calls the loop as one operator."""
+    global _fake_registered
+
+    @torch.library.register_fake("tegaki::matvec")
+    def _(x, w, bias):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    _fake_registered = True
 
 
 @dataclass
@@ -104,10 +135,19 @@ class FastLinear(opaque.OpaqueLayer):
         self.register_buffer("weight", linear.weight.detach())  # the same storage: no copy
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
         # self.packed (OpaqueLayer): the "packed" path's copy, made on first use
+        if path == "loop":
+            loop_kernel()  # built (or loaded) now, not inside a graph being compiled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.weight.dtype or self.path == "plain":  # the kernels take the weight's dtype only
             return self.forward_reference(x)
+        rows = x.shape[:-1].numel()
+        if self.path == "loop" and 0 < rows <= ROWS_BY_LOOP and x.dtype == torch.float32:
+            kernel = loop_kernel()
+            if kernel is None:
+                return self.forward_reference(x)
+            y = kernel(x.reshape(rows, self.in_features).contiguous(), self.weight.contiguous(), self.bias)
+            return y.view(*x.shape[:-1], self.out_features)
         if torch.compiler.is_compiling():
             if not opaque.wanted(x):
                 return self.forward_reference(x)  # a gradient is wanted: the plain twin has one
@@ -121,7 +161,7 @@ class FastLinear(opaque.OpaqueLayer):
     def kernel_weight(self) -> torch.Tensor:
         """What oneDNN's kernel reads: the weight itself ("onednn"), or the packed copy ("packed"),
         packed again if the weight was replaced or written in place (load_state_dict, .to(...))."""
-        if self.path == "onednn":
+        if self.path in ("onednn", "loop"):  # "loop" hands oneDNN its prompts
             return self.weight
         key = opaque.tensor_key(self.weight)
         if self.packed is None or key != self.packed_from:
@@ -167,7 +207,7 @@ CHOICES: dict[tuple, Choice] = {}
 def pick(ms: dict[str, float]) -> str:
     """The path to keep from median times: the simpler one unless another beats it by MARGIN."""
     best = "plain"
-    for path in ("onednn", "packed"):
+    for path in PATHS[1:]:
         if path in ms and ms[path] < ms[best] * (1 - MARGIN):
             best = path
     return best
@@ -177,6 +217,9 @@ def _runs(weights: list[torch.Tensor], x: torch.Tensor, path: str) -> list:
     """One call per weight: x through it on `path`."""
     if path == "plain":
         return [lambda w=w: F.linear(x, w) for w in weights]
+    if path == "loop":
+        kernel = loop_kernel()
+        return [lambda w=w: kernel(x, w, None) for w in weights]
     if path == "packed":
         weights = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
     return [lambda w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in weights]
@@ -205,8 +248,8 @@ def measure(weights: list[torch.Tensor], paths: tuple[str, ...] = PATHS) -> tupl
     return {p: statistics.median(ts) * 1e3 for p, ts in times.items()}, len(times[paths[0]])
 
 
-def choose(weights: list[torch.Tensor]) -> Choice:
-    """The fastest path for weights of one shape and dtype (measured once per process)."""
+def choose(weights: list[torch.Tensor], paths: tuple[str, ...] = PATHS) -> Choice:
+    """The fastest of `paths` for weights of one shape and dtype (measured once per process)."""
     w0 = weights[0]
     key = (*w0.shape, w0.dtype, torch.get_num_threads())
     if key not in CHOICES:
@@ -216,7 +259,7 @@ def choose(weights: list[torch.Tensor]) -> Choice:
             total += w.nbytes
             if total >= MEASURED_BYTES:
                 break
-        ms, rounds = measure(measured)
+        ms, rounds = measure(measured, paths)
         CHOICES[key] = Choice(tuple(w0.shape), w0.dtype, pick(ms), ms, len(measured), rounds)
     return CHOICES[key]
 
@@ -231,9 +274,12 @@ def _swap_in(model: nn.Module, path: str | None) -> list[tuple[str, nn.Module]]:
     shape (or `path`); return (name, original) for each."""
     found = [(name, m) for name, m in model.named_modules() if candidates(m)]
     groups: dict[tuple, list[torch.Tensor]] = {}
+    paths: dict[tuple, tuple[str, ...]] = {}
     for _, m in found:
-        groups.setdefault((*m.weight.shape, m.weight.dtype), []).append(m.weight.detach())
-    choices = {key: Choice(key[:2], key[2], path) if path else choose(ws) for key, ws in groups.items()}
+        key = (*m.weight.shape, m.weight.dtype)
+        groups.setdefault(key, []).append(m.weight.detach())
+        paths[key] = candidates(m)
+    choices = {key: Choice(key[:2], key[2], path) if path else choose(ws, paths[key]) for key, ws in groups.items()}
     for name, module in found:
         choice = choices[(*module.weight.shape, module.weight.dtype)]
         replace_module(model, name, FastLinear(module, choice.path, choice))

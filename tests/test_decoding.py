@@ -115,6 +115,25 @@ def test_a_layer_follows_its_weight_when_it_changes(dtype, path):
         torch.testing.assert_close(layer(x), layer.forward_reference(x), **tol)
 
 
+@pytest.mark.skipif(not has_cxx_compiler(), reason="tegaki's loop is C++ and no C++ compiler is installed")
+@pytest.mark.parametrize("rows", [1, 3, 8, 11])  # 11: eight together, then three; past ROWS_BY_LOOP, oneDNN
+@pytest.mark.parametrize("shape", [(96, 128), (37, 100), (5, 7)])  # inputs a lane count divides, or not
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_loop_is_f_linear(rows, shape, bias):
+    """tegaki's C++ loop against F.linear (the readable twin) on this CPU's instruction set; make
+    test-isa runs it again as on older CPUs."""
+    torch.manual_seed(0)
+    linear = nn.Linear(shape[1], shape[0], bias=bias)
+    x = torch.randn(rows, shape[1])
+    kernel = decoding.loop_kernel()
+    assert kernel is not None, "a C++ compiler is installed, so the loop must build"
+    with torch.no_grad():
+        torch.testing.assert_close(kernel(x, linear.weight, linear.bias), linear(x), rtol=1e-5, atol=1e-5)
+        layer = FastLinear(linear, "loop")
+        torch.testing.assert_close(layer(x[None]), linear(x[None]), rtol=1e-5, atol=1e-5)
+    assert "loop" in decoding.candidates(linear)
+
+
 def test_an_unknown_path_is_refused():
     with pytest.raises(TegakiError, match="plain, onednn, packed"):
         FastLinear(nn.Linear(4, 4), "fastest")

@@ -126,5 +126,5 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return y;
 }
 
-TORCH_LIBRARY(tegaki, m) { m.def("int8_matvec(Tensor x, Tensor q, Tensor scale, Tensor? bias) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(tegaki, m) { m.def("int8_matvec(Tensor x, Tensor q, Tensor scale, Tensor? bias) -> Tensor"); }
 TORCH_LIBRARY_IMPL(tegaki, CPU, m) { m.impl("int8_matvec", &int8_matvec); }

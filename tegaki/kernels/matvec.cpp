@@ -1,0 +1,99 @@
+// float32 weight times a few float rows: F.linear for a decode step, written as the loop it is.
+//
+//     y[r, o] = bias[o] + x[r] . W[o]
+//
+// A decode step multiplies one row (or a batch's few) by every weight matrix, so its time is the time
+// to stream each weight from memory once. This loop streams it: each row of W is read once, in order,
+// asked for PREFETCH_AHEAD bytes before it is used, and multiplied into every row of x while it is in
+// registers. The outputs are split across PyTorch's threads. decoding.py times it beside PyTorch's own
+// kernels on the model's shapes and keeps it where it is faster ("loop").
+//
+// LANES at a time, in GCC/Clang vector types: sixteen floats in an AVX-512 register, eight in an AVX2
+// one, whichever instruction set native.py compiled this file for.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+
+#if defined(__AVX512F__)
+constexpr int LANES = 16;
+#elif defined(__AVX2__)
+constexpr int LANES = 8;
+#else
+constexpr int LANES = 4;
+#endif
+typedef float floats __attribute__((vector_size(4 * LANES), aligned(4)));  // LANES float32s
+
+static inline floats load_floats(const float* p) { return *reinterpret_cast<const floats*>(p); }
+
+static inline float sum_lanes(floats v) {
+  float s = 0.f;
+  for (int k = 0; k < LANES; ++k) s += v[k];
+  return s;
+}
+
+constexpr int64_t PREFETCH_AHEAD = 4096;  // bytes: the CPU's own prefetcher alone lets the loop wait
+constexpr int64_t LINE = 64 / sizeof(float);  // floats per cache line
+
+// One weight row against ROWS rows of x (ROWS a template argument: the sums stay in registers).
+template <int ROWS>
+static void row_times_rows(const float* w, const float* x, int64_t in, float bias, float* y, int64_t y_stride) {
+  const int64_t iv = in / LANES * LANES;  // inputs taken LANES at a time
+  floats acc[ROWS] = {};
+  for (int64_t i = 0; i < iv; i += LANES) {
+    if (i % LINE == 0) _mm_prefetch(reinterpret_cast<const char*>(w + i) + PREFETCH_AHEAD, _MM_HINT_T0);
+    const floats wv = load_floats(w + i);
+    for (int r = 0; r < ROWS; ++r) acc[r] += wv * load_floats(x + r * in + i);
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    float sum = sum_lanes(acc[r]) + bias;
+    for (int64_t i = iv; i < in; ++i) sum += w[i] * x[r * in + i];
+    y[r * y_stride] = sum;
+  }
+}
+
+constexpr int MAX_ROWS = 8;  // rows taken together; more are taken 8 at a time
+
+at::Tensor matvec(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "matvec: x (N, in), w (out, in)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "matvec: float32 only");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "matvec: contiguous tensors only");
+  const int64_t rows = x.size(0), out = w.size(0), in = w.size(1);
+  TORCH_CHECK(x.size(1) == in, "matvec: x has ", x.size(1), " inputs, the weight ", in);
+  const float* b = nullptr;
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == out, "matvec: bias (out,) float32");
+    b = bias->data_ptr<float>();
+  }
+  at::Tensor y = at::empty({rows, out}, x.options());
+  const float* xs = x.data_ptr<float>();
+  const float* ws = w.data_ptr<float>();
+  float* ys = y.data_ptr<float>();
+  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const float bo = b ? b[o] : 0.f;
+      for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS) {
+        const float* x0 = xs + r0 * in;
+        float* y0 = ys + r0 * out + o;
+        switch (std::min<int64_t>(rows - r0, MAX_ROWS)) {
+          case 1: row_times_rows<1>(ws + o * in, x0, in, bo, y0, out); break;
+          case 2: row_times_rows<2>(ws + o * in, x0, in, bo, y0, out); break;
+          case 3: row_times_rows<3>(ws + o * in, x0, in, bo, y0, out); break;
+          case 4: row_times_rows<4>(ws + o * in, x0, in, bo, y0, out); break;
+          case 5: row_times_rows<5>(ws + o * in, x0, in, bo, y0, out); break;
+          case 6: row_times_rows<6>(ws + o * in, x0, in, bo, y0, out); break;
+          case 7: row_times_rows<7>(ws + o * in, x0, in, bo, y0, out); break;
+          default: row_times_rows<8>(ws + o * in, x0, in, bo, y0, out); break;
+        }
+      }
+    }
+  });
+  return y;
+}
+
+TORCH_LIBRARY_FRAGMENT(tegaki, m) { m.def("matvec(Tensor x, Tensor w, Tensor? bias) -> Tensor"); }
+TORCH_LIBRARY_IMPL(tegaki, CPU, m) { m.impl("matvec", &matvec); }
