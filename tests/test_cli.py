@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tegaki import decoding
 from tegaki.cli import main
 from tegaki.config import ModelConfig
 from tegaki.load import export_hf
@@ -130,7 +131,7 @@ def test_generate_verbose_says_which_path_each_shape_takes_and_why(capsys, short
         assert {line.split()[0] for line in lines} == shapes
         for line in lines:
             path = line.split(": ")[1].split()[0]
-            assert path in ("plain", "onednn", "packed") and "plain " in line and "median of" in line
+            assert path in decoding.PATHS and "plain " in line and "median of" in line
 
 
 def test_generate_reads_escapes_in_the_prompt_as_stop_does(capsys, short_context_model):
