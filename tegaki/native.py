@@ -10,7 +10,7 @@ AVX2, below any ONEDNN_MAX_CPU_ISA or ATEN_CPU_CAPABILITY cap, so that a run hel
 runs that CPU's code -- and registered as torch operators (`torch.ops.load_library`): a compiled
 graph can call them too. The library is kept in ~/.cache/tegaki/kernels (or $TEGAKI_CACHE/kernels),
 named by a hash of the source, the flags and the torch version: the first use on a machine compiles
-(about ten seconds on two cores), later processes load the file.
+it, later processes load the file.
 
 Where there is no compiler, or the build fails, `load` says so once (a warning) and returns False:
 the caller takes its readable path.

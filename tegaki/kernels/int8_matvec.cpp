@@ -48,7 +48,7 @@ static inline float sum_lanes(floats v) {
 }
 
 // How far ahead of the loop the weight is asked for. The loop is faster than memory: without this the
-// CPU's own prefetcher lets it wait on most lines (a fifth of the time on GPT-2's shapes, one core).
+// CPU's own prefetcher lets it wait on memory.
 constexpr int64_t PREFETCH_AHEAD = 4096;
 
 // One weight row o against ROWS rows of x: each LANES int8 weights are made floats once and
