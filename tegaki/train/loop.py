@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from tegaki.checkpoint import (
+    MADE_BY_FILE,
     RUN_FILE,
     MetricsLog,
     check_shapes,
@@ -584,14 +585,18 @@ def train(
     `on_batch`, `plot_losses`, `setup`: the hooks of `Run` (described at the top of this file)."""
     out = Path(cfg.out)
     created = not out.exists()
+    was_empty = out.is_dir() and not any(out.iterdir())
     run = Run(cfg, on_batch=on_batch, plot_losses=plot_losses, setup=setup)
     try:
         with flushed_subnormals(cfg.device):
             return run.train()
     except TegakiError:
-        # Refused before any step (bad preset, data, --set, ...): leave no half-made --out behind.
+        # Refused before any step (bad preset, data, --set, ...): leave no half-made --out behind,
+        # nor a mark alone in a folder that was empty (it would keep other commands out).
         if created and not run.started and run.dist.is_main:
             shutil.rmtree(out, ignore_errors=True)
+        elif was_empty and not run.started and run.dist.is_main and [p.name for p in out.iterdir()] == [MADE_BY_FILE]:
+            (out / MADE_BY_FILE).unlink()
         raise
     finally:
         if run.dist.enabled or cfg.fsdp:

@@ -143,6 +143,14 @@ def test_train_does_not_adopt_what_another_command_made(lora_run, corpus, tmp_pa
         assert snapshot(out) == before
 
 
+def test_a_train_refused_in_its_set_up_leaves_an_empty_folder_empty(corpus, tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    rc, err = cli(train_args(out, corpus, 2, "--set", "n_head=3"))  # 32 channels do not split in 3 heads
+    assert rc == 2 and "Traceback" not in err, err
+    assert list(out.iterdir()) == []  # no made_by.json to keep finetune or export out
+
+
 def test_a_mark_of_another_command_is_refused(corpus, tmp_path):
     out = tmp_path / "ft"
     out.mkdir()
