@@ -8,8 +8,9 @@
 // registers. The outputs are split across PyTorch's threads. decoding.py times it beside PyTorch's own
 // kernels on the model's shapes and keeps it where it is faster ("loop").
 //
-// LANES at a time, in GCC/Clang vector types: sixteen floats in an AVX-512 register, eight in an AVX2
-// one, whichever instruction set native.py compiled this file for.
+// LANES at a time, in GCC/Clang vector types: eight floats, an AVX2 register, also where the CPU has
+// AVX-512. The loop waits on memory, not on arithmetic, and with sixteen-float registers it read the
+// weights more slowly on the AMD Zen 4 it was measured on (benchmarks/RESULTS.md).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -19,9 +20,7 @@
 #include <cstdint>
 #include <optional>
 
-#if defined(__AVX512F__)
-constexpr int LANES = 16;
-#elif defined(__AVX2__)
+#if defined(__AVX2__)
 constexpr int LANES = 8;
 #else
 constexpr int LANES = 4;
@@ -36,7 +35,7 @@ static inline float sum_lanes(floats v) {
   return s;
 }
 
-constexpr int64_t PREFETCH_AHEAD = 4096;  // bytes: the CPU's own prefetcher alone lets the loop wait
+constexpr int64_t PREFETCH_AHEAD = 2048;  // bytes: the CPU's own prefetcher alone lets the loop wait
 constexpr int64_t LINE = 64 / sizeof(float);  // floats per cache line
 
 // One weight row against ROWS rows of x (ROWS a template argument: the sums stay in registers).
