@@ -8,7 +8,7 @@ which is fastest depends on the CPU, the dtype and the shape:
     "onednn"  oneDNN's kernel (`torch.ops.mkldnn._linear_pointwise`) reading the weight where it is
     "packed"  the same kernel reading a copy of the weight in the layout oneDNN asks for
               (`torch.ops.mkldnn._reorder_linear_weight`): re-blocked tiles for bfloat16
-    "loop"    tegaki's own loop for float32 (tegaki/kernels/matvec.cpp, built by native.py where a
+    "loop"    tegaki's own loop (tegaki/kernels/matvec.cpp, built by native.py where a
               C++ compiler is): each weight row streamed once, asked for ahead of use, into every
               row of a decode step; oneDNN's kernel for more rows than ROWS_BY_LOOP (a prompt)
 
@@ -64,18 +64,16 @@ MEASURED_BYTES = 64 * 2**20  # enough of a model's weights of one shape to reach
 
 
 def candidates(linear: nn.Module) -> tuple[str, ...]:
-    """The paths that can multiply this layer here: for a CPU nn.Linear in float32 all four ("loop"
-    where tegaki's loop builds), in bfloat16 on a CPU that multiplies it in hardware the three of
-    PyTorch; none for anything else (left as it is)."""
+    """The paths that can multiply this layer here: for a CPU nn.Linear in float32, or in bfloat16 on
+    a CPU that multiplies it in hardware, all four ("loop" where tegaki's loop builds); none for
+    anything else (left as it is)."""
     if not isinstance(linear, nn.Linear) or not torch.backends.mkldnn.is_available():
         return ()
     w = linear.weight
     if w.device.type != "cpu" or w.dim() != 2:
         return ()
-    if w.dtype == torch.float32:
+    if w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and cpu_bf16_hardware()):
         return PATHS if loop_kernel() else PATHS[:3]
-    if w.dtype == torch.bfloat16 and cpu_bf16_hardware():
-        return PATHS[:3]
     return ()
 
 
@@ -98,7 +96,7 @@ def _register_fake() -> None:
 
     @torch.library.register_fake("tegaki::matvec")
     def _(x, w, bias):
-        return x.new_empty(x.shape[0], w.shape[0])
+        return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
 
     _fake_registered = True
 
@@ -142,12 +140,12 @@ class FastLinear(opaque.OpaqueLayer):
         if x.dtype != self.weight.dtype or self.path == "plain":  # the kernels take the weight's dtype only
             return self.forward_reference(x)
         rows = x.shape[:-1].numel()
-        if self.path == "loop" and 0 < rows <= ROWS_BY_LOOP and x.dtype == torch.float32:
+        if self.path == "loop" and 0 < rows <= ROWS_BY_LOOP:
             kernel = loop_kernel()
             if kernel is None:
                 return self.forward_reference(x)
-            y = kernel(x.reshape(rows, self.in_features).contiguous(), self.weight.contiguous(), self.bias)
-            return y.view(*x.shape[:-1], self.out_features)
+            y = kernel(x.reshape(rows, self.in_features), self.weight.contiguous(), self.bias)  # float32
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         if torch.compiler.is_compiling():
             if not opaque.wanted(x):
                 return self.forward_reference(x)  # a gradient is wanted: the plain twin has one

@@ -10,6 +10,7 @@ import pickle
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch._inductor.utils import run_and_get_code
 
 from tegaki import decoding
@@ -119,19 +120,22 @@ def test_a_layer_follows_its_weight_when_it_changes(dtype, path):
 @pytest.mark.parametrize("rows", [1, 3, 8, 11])  # 11: eight together, then three; past ROWS_BY_LOOP, oneDNN
 @pytest.mark.parametrize("shape", [(96, 128), (37, 100), (5, 7)])  # inputs a lane count divides, or not
 @pytest.mark.parametrize("bias", [True, False])
-def test_the_loop_is_f_linear(rows, shape, bias):
-    """tegaki's C++ loop against F.linear (the readable twin) on this CPU's instruction set; make
-    test-isa runs it again as on older CPUs."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_loop_is_f_linear(rows, shape, bias, dtype):
+    """tegaki's C++ loop against F.linear (the readable twin) on this CPU's instruction set, float32
+    and bfloat16 weights; make test-isa runs it again as on older CPUs."""
     torch.manual_seed(0)
-    linear = nn.Linear(shape[1], shape[0], bias=bias)
-    x = torch.randn(rows, shape[1])
+    linear = nn.Linear(shape[1], shape[0], bias=bias).to(dtype)
+    x = torch.randn(rows, shape[1], dtype=dtype)
     kernel = decoding.loop_kernel()
     assert kernel is not None, "a C++ compiler is installed, so the loop must build"
     with torch.no_grad():
-        torch.testing.assert_close(kernel(x, linear.weight, linear.bias), linear(x), rtol=1e-5, atol=1e-5)
+        exact = F.linear(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
+        torch.testing.assert_close(kernel(x, linear.weight, linear.bias), exact, rtol=1e-5, atol=1e-5)
         layer = FastLinear(linear, "loop")
-        torch.testing.assert_close(layer(x[None]), linear(x[None]), rtol=1e-5, atol=1e-5)
-    assert "loop" in decoding.candidates(linear)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.02, atol=0.02)
+        torch.testing.assert_close(layer(x[None]), linear(x[None]), **tol)
+    assert "loop" in decoding.candidates(linear) or (dtype == torch.bfloat16 and not cpu_bf16_hardware())
 
 
 def test_an_unknown_path_is_refused():

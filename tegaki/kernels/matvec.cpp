@@ -1,4 +1,4 @@
-// float32 weight times a few float rows: F.linear for a decode step, written as the loop it is.
+// A float32 or bfloat16 weight times a few rows: F.linear for a decode step, written as the loop it is.
 //
 //     y[r, o] = bias[o] + x[r] . W[o]
 //
@@ -13,6 +13,7 @@
 // weights more slowly on the AMD Zen 4 it was measured on (benchmarks/RESULTS.md).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 #include <ATen/ops/empty.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -29,6 +30,19 @@ typedef float floats __attribute__((vector_size(4 * LANES), aligned(4)));  // LA
 
 static inline floats load_floats(const float* p) { return *reinterpret_cast<const floats*>(p); }
 
+// LANES bfloat16 weights made float32: a bfloat16 is the upper half of a float32's bits, so each
+// 16-bit number is widened and moved up 16 bits.
+static inline floats load_floats(const at::BFloat16* p) {
+#if defined(__AVX2__)
+  const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (floats)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+#else
+  floats v;
+  for (int k = 0; k < LANES; ++k) v[k] = float(p[k]);
+  return v;
+#endif
+}
+
 static inline float sum_lanes(floats v) {
   float s = 0.f;
   for (int k = 0; k < LANES; ++k) s += v[k];
@@ -36,12 +50,13 @@ static inline float sum_lanes(floats v) {
 }
 
 constexpr int64_t PREFETCH_AHEAD = 2048;  // bytes: the CPU's own prefetcher alone lets the loop wait
-constexpr int64_t LINE = 64 / sizeof(float);  // floats per cache line
 
-// One weight row against ROWS rows of x (ROWS a template argument: the sums stay in registers).
-template <int ROWS>
-static void row_times_rows(const float* w, const float* x, int64_t in, float bias, float* y, int64_t y_stride) {
-  const int64_t iv = in / LANES * LANES;  // inputs taken LANES at a time
+// One weight row (W: float or at::BFloat16) against ROWS float rows of x (ROWS a template argument:
+// the sums stay in registers).
+template <int ROWS, typename W>
+static void row_times_rows(const W* w, const float* x, int64_t in, float bias, float* y, int64_t y_stride) {
+  constexpr int64_t LINE = 64 / sizeof(W);  // weights per cache line
+  const int64_t iv = in / LANES * LANES;    // inputs taken LANES at a time
   floats acc[ROWS] = {};
   for (int64_t i = 0; i < iv; i += LANES) {
     if (i % LINE == 0) _mm_prefetch(reinterpret_cast<const char*>(w + i) + PREFETCH_AHEAD, _MM_HINT_T0);
@@ -50,28 +65,16 @@ static void row_times_rows(const float* w, const float* x, int64_t in, float bia
   }
   for (int r = 0; r < ROWS; ++r) {
     float sum = sum_lanes(acc[r]) + bias;
-    for (int64_t i = iv; i < in; ++i) sum += w[i] * x[r * in + i];
+    for (int64_t i = iv; i < in; ++i) sum += float(w[i]) * x[r * in + i];
     y[r * y_stride] = sum;
   }
 }
 
 constexpr int MAX_ROWS = 8;  // rows taken together; more are taken 8 at a time
 
-at::Tensor matvec(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "matvec: x (N, in), w (out, in)");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "matvec: float32 only");
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "matvec: contiguous tensors only");
-  const int64_t rows = x.size(0), out = w.size(0), in = w.size(1);
-  TORCH_CHECK(x.size(1) == in, "matvec: x has ", x.size(1), " inputs, the weight ", in);
-  const float* b = nullptr;
-  if (bias) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == out, "matvec: bias (out,) float32");
-    b = bias->data_ptr<float>();
-  }
-  at::Tensor y = at::empty({rows, out}, x.options());
-  const float* xs = x.data_ptr<float>();
-  const float* ws = w.data_ptr<float>();
-  float* ys = y.data_ptr<float>();
+template <typename W>
+static void rows_times_weight(const float* xs, const W* ws, const float* b, float* ys, int64_t rows, int64_t out,
+                              int64_t in) {
   at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       const float bo = b ? b[o] : 0.f;
@@ -91,6 +94,30 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w, const std::optional<
       }
     }
   });
+}
+
+// y = x W^T + bias in float32, for a float32 or bfloat16 weight; x (and bias) in the weight's dtype
+// or float32 (a bfloat16 x is made float32 first: a few rows, nothing beside the weight).
+at::Tensor matvec(const at::Tensor& x_in, const at::Tensor& w, const std::optional<at::Tensor>& bias_in) {
+  TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2, "matvec: x (N, in), w (out, in)");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, "matvec: a float32 or bfloat16 weight");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, "matvec: x float32 or bfloat16");
+  TORCH_CHECK(w.is_contiguous(), "matvec: a contiguous weight only");
+  const int64_t rows = x_in.size(0), out = w.size(0), in = w.size(1);
+  TORCH_CHECK(x_in.size(1) == in, "matvec: x has ", x_in.size(1), " inputs, the weight ", in);
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const float* b = nullptr;
+  at::Tensor bias;
+  if (bias_in) {
+    bias = bias_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias.numel() == out, "matvec: bias (out,)");
+    b = bias.data_ptr<float>();
+  }
+  at::Tensor y = at::empty({rows, out}, x.options());
+  if (w.scalar_type() == at::kFloat)
+    rows_times_weight(x.data_ptr<float>(), w.data_ptr<float>(), b, y.data_ptr<float>(), rows, out, in);
+  else
+    rows_times_weight(x.data_ptr<float>(), w.data_ptr<at::BFloat16>(), b, y.data_ptr<float>(), rows, out, in);
   return y;
 }
 
