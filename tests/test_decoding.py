@@ -132,10 +132,12 @@ def test_the_loop_is_f_linear(rows, shape, bias, dtype):
     with torch.no_grad():
         exact = F.linear(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
         torch.testing.assert_close(kernel(x, linear.weight, linear.bias), exact, rtol=1e-5, atol=1e-5)
+        if dtype == torch.bfloat16 and not cpu_bf16_hardware():
+            return  # no decoding layer takes bf16 here (candidates): many rows would go to oneDNN's bf16
         layer = FastLinear(linear, "loop")
         tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.02, atol=0.02)
         torch.testing.assert_close(layer(x[None]), linear(x[None]), **tol)
-    assert "loop" in decoding.candidates(linear) or (dtype == torch.bfloat16 and not cpu_bf16_hardware())
+    assert "loop" in decoding.candidates(linear)
 
 
 def test_an_unknown_path_is_refused():
