@@ -78,27 +78,9 @@ def candidates(linear: nn.Module) -> tuple[str, ...]:
 
 
 def loop_kernel():
-    """torch.ops.tegaki.matvec (x, w, bias) -> (N, out), built for this CPU on first use (native.py);
-    None where it cannot be built."""
-    if not native.load("matvec"):
-        return None
-    if not _fake_registered:
-        _register_fake()
-    return torch.ops.tegaki.matvec
-
-
-_fake_registered = False
-
-
-def _register_fake() -> None:
-    """Tell torch.compile the output's shape, so that a compiled graph calls the loop as one operator."""
-    global _fake_registered
-
-    @torch.library.register_fake("tegaki::matvec")
-    def _(x, w, bias):
-        return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
-
-    _fake_registered = True
+    """torch.ops.tegaki.matvec (x, w, bias) -> (N, out) float32, built for this CPU on first use
+    (native.py); None where it cannot be built."""
+    return native.operator("matvec", lambda x, w, bias: x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32))
 
 
 @dataclass

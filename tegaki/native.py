@@ -97,3 +97,18 @@ def load(name: str) -> bool:
     torch.ops.load_library(str(library))
     _loaded[name] = True
     return True
+
+
+_faked: set[str] = set()
+
+
+def operator(name: str, fake):
+    """torch.ops.tegaki.NAME from tegaki/kernels/NAME.cpp, built and loaded on first use, with `fake`
+    (the output's shape from the inputs') registered so that a compiled graph calls it as one
+    operator; None where it cannot be built."""
+    if not load(name):
+        return None
+    if name not in _faked:
+        torch.library.register_fake(f"tegaki::{name}")(fake)
+        _faked.add(name)
+    return getattr(torch.ops.tegaki, name)

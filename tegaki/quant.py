@@ -106,25 +106,7 @@ ROWS_BY_LOOP = 32
 def int8_kernel():
     """torch.ops.tegaki.int8_matvec (x, q, scale, bias) -> (N, out), built for this CPU on first use
     (native.py); None where it cannot be built (no C++ compiler)."""
-    if not native.load("int8_matvec"):
-        return None
-    if not _fake_registered:
-        _register_fake()
-    return torch.ops.tegaki.int8_matvec
-
-
-_fake_registered = False
-
-
-def _register_fake() -> None:
-    """Tell torch.compile the output's shape, so that a compiled graph calls the loop as one operator."""
-    global _fake_registered
-
-    @torch.library.register_fake("tegaki::int8_matvec")
-    def _(x, q, scale, bias):
-        return x.new_empty(x.shape[0], q.shape[0])
-
-    _fake_registered = True
+    return native.operator("int8_matvec", lambda x, q, scale, bias: x.new_empty(x.shape[0], q.shape[0]))
 
 
 class Int8Linear(nn.Module):
