@@ -1,7 +1,7 @@
 """tegaki (手書き): an LLM written by hand in PyTorch.
 
-Read in pipeline order: tokenizer/ → data.py → config.py → model.py → train.py → generate.py →
-hf.py → analysis/.
+Read in pipeline order: tokenizer/ → data/ → config.py → model.py → train/ → generate.py →
+hf/ → analysis/.
 
     import tegaki
     model = tegaki.from_pretrained("gpt2")          # or a transformers folder, or a tegaki run

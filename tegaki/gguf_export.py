@@ -4,7 +4,7 @@
 
 GGUF is llama.cpp's single-file format: a list of metadata keys ("llama.block_count": 4, ...) and a
 list of named tensors ("blk.0.attn_q.weight", ...). The file is written with the `gguf` package, the
-writer llama.cpp's own converter uses. As in `hf.py`, the conversion is data:
+writer llama.cpp's own converter uses. As in `tegaki.hf`, the conversion is data:
 
   * ARCHITECTURES: which llama.cpp architecture runs each tegaki family (hf.family_for_config picks it)
   * TENSORS: tegaki's parameter name -> the GGUF tensor name, and how the tensor changes on the way
@@ -41,7 +41,7 @@ from tegaki.tokenizer.bpe import PATTERNS, BytePairTokenizer, token_to_str
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
-# tegaki family (hf.py's name) -> llama.cpp architecture.
+# tegaki family (its name in tegaki.hf) -> llama.cpp architecture.
 ARCHITECTURES = {"gpt2": "gpt2", "llama": "llama", "qwen3": "qwen3", "gpt_oss": "gpt-oss"}
 
 # -------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Loading any model tegaki can read, and writing transformers folders.
 
 `from_pretrained` takes a tegaki run folder (`checkpoint.py` reads it), a transformers folder
-(config.json + safetensors, converted by the tables in `hf.py`) or a hub id (downloaded first, when
+(config.json + safetensors, converted by the tables in `tegaki/hf/`) or a hub id (downloaded first, when
 `huggingface_hub` is installed); `tokenizer_for` finds the tokenizer that goes with it; `export_hf`
 writes any model back in transformers' format.
 """
