@@ -55,8 +55,8 @@ BLOCK_PARTS: dict[str, tuple[str, str]] = {
 
 
 def build_meta_model(config: ModelConfig):
-    """The model with shapes and no storage (a few milliseconds even for 120B parameters). Its
-    modules still take memory as Python objects: a billion layers are refused, with the figure."""
+    """The model with shapes and no storage, whatever its size. Its modules still take memory as
+    Python objects: a billion layers are refused, with the figure."""
     check_fits(
         config.n_layer, LAYER_OBJECT_BYTES, "cpu", f"describing a model of {config.n_layer:,} layers", items="layers"
     )
@@ -74,6 +74,74 @@ def _shape_text(shapes: list[tuple[int, ...]]) -> str:
     return " + ".join("x".join(f"{d:,}" for d in s) for s in shapes)
 
 
+def _walk(model) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every parameter once: the top-level ones as they are, the blocks' summed over all layers
+    (one row per part of a block, in BLOCK_PARTS' order)."""
+    seen: set[int] = set()  # a tied LM head is the embedding tensor itself: count it once
+    top_rows: list[dict[str, Any]] = []
+    block_rows: dict[str, dict[str, Any]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if not name.startswith("blocks."):
+            top_rows.append(dict(name=name, count=p.numel(), shapes=[list(p.shape)]))
+            continue
+        key = _module_key(name.split(".", 2)[2])  # drop "blocks.{i}."
+        label, group = BLOCK_PARTS.get(key, (key, "other"))
+        row = block_rows.setdefault(key, dict(name=key, label=label, group=group, count=0, shapes=[]))
+        row["count"] += p.numel()
+        if len(row["shapes"]) < 2 and list(p.shape) not in row["shapes"]:
+            row["shapes"].append(list(p.shape))
+    order = list(BLOCK_PARTS)
+    in_order = sorted(block_rows.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+    return top_rows, in_order
+
+
+def _parts(config: ModelConfig, top_rows: list[dict], per_block: list[dict], tied: bool) -> list[dict[str, Any]]:
+    """Rows covering the whole model, in reading order: embeddings, blocks, final norm, head."""
+
+    def top(name: str) -> int:
+        return sum(r["count"] for r in top_rows if r["name"] == name)
+
+    def part(name: str, label: str, group: str, count: int, shapes: list) -> dict[str, Any]:
+        return dict(name=name, label=label, group=group, count=count, shapes=shapes)
+
+    table = [config.vocab_size, config.n_embd]
+    parts = [part("wte.weight", "token embedding (wte)", "embedding", top("wte.weight"), [table])]
+    if config.pos_embedding == "learned":
+        positions = [[config.block_size, config.n_embd]]
+        parts.append(part("wpe.weight", "position embedding (wpe)", "embedding", top("wpe.weight"), positions))
+    for row in per_block:
+        label = f"{row['label']}  x {config.n_layer}"
+        parts.append(part(f"blocks.*.{row['name']}", label, row["group"], row["all_layers"], row["shapes"]))
+    if config.final_norm:
+        final_norm = sum(r["count"] for r in top_rows if r["name"].startswith("ln_f."))
+        parts.append(part("ln_f", "final norm (ln_f)", "norm", final_norm, [[config.n_embd]]))
+    head_label = "LM head" + (" (tied: shares wte)" if tied else "")
+    parts.append(part("lm_head.weight", head_label, "head", 0 if tied else top("lm_head.weight"), [table]))
+    known = {"wte.weight", "wpe.weight", "lm_head.weight"}
+    for r in top_rows:  # anything else at the top level (a module this table does not know) is still counted
+        if r["name"] not in known and not r["name"].startswith("ln_f."):
+            parts.append(dict(r, label=r["name"], group="other"))
+    return parts
+
+
+def _active(config: ModelConfig, total: int, parts: list[dict], tied: bool) -> int | None:
+    """MoE: the parameters one token uses. Every non-expert weight except the input table (a lookup
+    reads one row of it), plus k of the E experts. A tied head still does its full matmul, so it
+    stays in. Dense: None."""
+    if config.mlp != "moe":
+        return None
+    experts = sum(p["count"] for p in parts if p["group"] == "experts")
+    embedding_in = 0 if tied else next(p["count"] for p in parts if p["name"] == "wte.weight")
+    return total - embedding_in - experts + experts * config.n_experts_per_tok // config.n_experts
+
+
+def _memory(n: int | None) -> dict[str, int] | None:
+    return None if n is None else {"fp32": n * 4, "bf16": n * 2, "int8": n}
+
+
 def count_parameters(config: ModelConfig) -> dict[str, Any]:
     """The breakdown of `GPT(config)` as a dict (what `--json` prints).
 
@@ -83,96 +151,16 @@ def count_parameters(config: ModelConfig) -> dict[str, Any]:
     """
     model = build_meta_model(config)
     total = model.num_parameters()
-    seen: set[int] = set()  # a tied LM head is the embedding tensor itself: count it once
-
-    top_rows: list[dict[str, Any]] = []
-    block_rows: dict[str, dict[str, Any]] = {}  # summed over all blocks
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if name.startswith("blocks."):
-            _, _, rest = name.split(".", 2)  # drop "blocks.{i}."
-            key = _module_key(rest)
-            label, group = BLOCK_PARTS.get(key, (key, "other"))
-            row = block_rows.setdefault(key, dict(name=key, label=label, group=group, count=0, shapes=[]))
-            row["count"] += p.numel()
-            if len(row["shapes"]) < 2 and tuple(p.shape) not in [tuple(s) for s in row["shapes"]]:
-                row["shapes"].append(list(p.shape))
-        else:
-            top_rows.append(dict(name=name, count=p.numel(), shapes=[list(p.shape)]))
-
-    def top(name: str) -> int:
-        return sum(r["count"] for r in top_rows if r["name"] == name)
-
     tied = model.lm_head.weight is model.wte.weight
-    order = list(BLOCK_PARTS)
-    per_block = []
-    for row in sorted(block_rows.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order)):
-        per_block.append(dict(row, count=row["count"] // config.n_layer, all_layers=row["count"]))
-
-    parts = [
-        dict(
-            name="wte.weight",
-            label="token embedding (wte)",
-            group="embedding",
-            count=top("wte.weight"),
-            shapes=[[config.vocab_size, config.n_embd]],
-        )
-    ]
-    if config.pos_embedding == "learned":
-        parts.append(
-            dict(
-                name="wpe.weight",
-                label="position embedding (wpe)",
-                group="embedding",
-                count=top("wpe.weight"),
-                shapes=[[config.block_size, config.n_embd]],
-            )
-        )
-    for row in per_block:
-        parts.append(
-            dict(
-                name=f"blocks.*.{row['name']}",
-                label=f"{row['label']}  x {config.n_layer}",
-                group=row["group"],
-                count=row["all_layers"],
-                shapes=row["shapes"],
-            )
-        )
-    final_norm = sum(r["count"] for r in top_rows if r["name"].startswith("ln_f."))
-    if config.final_norm:
-        parts.append(
-            dict(name="ln_f", label="final norm (ln_f)", group="norm", count=final_norm, shapes=[[config.n_embd]])
-        )
-    parts.append(
-        dict(
-            name="lm_head.weight",
-            label="LM head" + (" (tied: shares wte)" if tied else ""),
-            group="head",
-            count=0 if tied else top("lm_head.weight"),
-            shapes=[[config.vocab_size, config.n_embd]],
-        )
-    )
-    known = {"wte.weight", "wpe.weight", "lm_head.weight"}
-    for r in top_rows:  # anything else at the top level (a future module) is still counted
-        if r["name"] not in known and not r["name"].startswith("ln_f."):
-            parts.append(dict(r, label=r["name"], group="other"))
-
+    top_rows, block_rows = _walk(model)
+    per_block = [dict(row, count=row["count"] // config.n_layer, all_layers=row["count"]) for row in block_rows]
+    parts = _parts(config, top_rows, per_block, tied)
     assert sum(p["count"] for p in parts) == total, "the breakdown lost a parameter"
     for row in parts:
         row["share"] = row["count"] / total
     for row in per_block:
         row["share"] = row["all_layers"] / total
-
-    experts = sum(p["count"] for p in parts if p["group"] == "experts")
-    active = None
-    if config.mlp == "moe":
-        # Per token: every non-expert weight except the input table (a lookup reads one row of it),
-        # plus k of the E experts. A tied head still does its full matmul, so it stays in.
-        embedding_in = 0 if tied else top("wte.weight")
-        active = total - embedding_in - experts + experts * config.n_experts_per_tok // config.n_experts
-
+    active = _active(config, total, parts, tied)
     return dict(
         total=total,
         active=active,
@@ -181,8 +169,8 @@ def count_parameters(config: ModelConfig) -> dict[str, Any]:
         per_block_total=sum(r["count"] for r in per_block),
         per_block=per_block,
         parts=parts,
-        memory_bytes={"fp32": total * 4, "bf16": total * 2, "int8": total},
-        active_memory_bytes=None if active is None else {"fp32": active * 4, "bf16": active * 2, "int8": active},
+        memory_bytes=_memory(total),
+        active_memory_bytes=_memory(active),
     )
 
 

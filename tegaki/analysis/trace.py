@@ -176,6 +176,62 @@ def previous_token_scores(att: torch.Tensor) -> torch.Tensor:
     return att.diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=-1)  # the sub-diagonal (H, T-1) -> (H,)
 
 
+def _vector(t: torch.Tensor) -> dict[str, Any]:
+    return {"shape": list(t.shape), "mean_norm": _norm(t)}
+
+
+def _embedding(cap: Capture, cfg, T: int) -> dict[str, Any]:
+    """Step 2: the token embedding, the learned positions if any, and their sum (block 0's input)."""
+    emb: dict[str, Any] = {"token_embedding": _vector(cap.token_embedding), "positions": cfg.pos_embedding}
+    if cap.position_embedding is not None:
+        emb["position_embedding"] = _vector(cap.position_embedding.reshape(1, T, -1))
+    emb["sum"] = _vector(cap.block_inputs[0])
+    return emb
+
+
+def _block(cap: Capture, cfg, i: int) -> dict[str, Any]:
+    """Steps 3-4 for block i: what attention and the MLP each add to the residual stream."""
+    a, m, x_in, x_out = cap.attn_outputs[i], cap.mlp_outputs[i], cap.block_inputs[i], cap.block_outputs[i]
+    a_norm, m_norm = _norm(a), _norm(m)
+    return {
+        "layer": i,
+        "kind": "sliding" if cfg.window(i) else "full",
+        "attention": _vector(a),
+        "mlp": _vector(m),
+        # How much of the block's update came from attention vs the MLP (by vector length)...
+        "attention_share": a_norm / (a_norm + m_norm) if a_norm + m_norm > 0 else 0.0,
+        # ...and how large the update is next to the residual stream it is added to.
+        "update_over_residual": _norm(x_out - x_in) / max(_norm(x_in), 1e-12),
+        "residual_after": _vector(x_out),
+    }
+
+
+def _attention_pattern(cap: Capture, cfg, layer: int, head: int | None) -> dict[str, Any]:
+    """One head's weights in `layer`; head None picks the best previous-token head."""
+    att = cap.attention[layer][0]  # (H, T, T)
+    scores = previous_token_scores(att)  # (H,)
+    chosen = "given" if head is not None else "the highest previous-token score"
+    head = int(scores.argmax()) if head is None else head
+    return {
+        "layer": layer,
+        "head": head,
+        "head_chosen_by": chosen,
+        "previous_token_scores": [round(float(x), 4) for x in scores],
+        "shape": list(cap.attention[layer].shape),
+        "weights": [[round(float(w), 6) for w in row] for row in att[head]],  # (T, T): row = query
+        "sink_mass": [round(1.0 - float(s), 6) for s in att[head].sum(dim=-1)] if cfg.attn_sinks else None,
+    }
+
+
+def _next_tokens(cap: Capture, tokenizer, top_k: int) -> list[dict[str, Any]]:
+    """Step 5: the most likely tokens after the prompt."""
+    probs = torch.softmax(cap.logits[0, -1], dim=-1)  # (V,): the guess for the token after the prompt
+    top = probs.topk(min(top_k, probs.numel()))
+    return [
+        {"id": int(i), "text": token_text(tokenizer, int(i)), "prob": float(p)} for p, i in zip(top.values, top.indices)
+    ]
+
+
 def trace(model, tokenizer, prompt: str, layer: int = 0, head: int | None = None, top_k: int = 10) -> dict[str, Any]:
     """Everything `tegaki trace` prints, as a dict (what --json prints).
 
@@ -188,72 +244,18 @@ def trace(model, tokenizer, prompt: str, layer: int = 0, head: int | None = None
     if ids and max(ids) >= cfg.vocab_size:
         raise TegakiError(f"token id {max(ids)} is outside the model's vocabulary ({cfg.vocab_size}); wrong tokenizer?")
     cap = capture(model, ids, attention_layers=[layer])
-    T = len(ids)
-    tokens = [token_text(tokenizer, i) for i in ids]
-
-    result: dict[str, Any] = {
+    config_keys = ("n_layer", "n_head", "n_embd", "vocab_size", "pos_embedding", "norm", "mlp", "attn_impl")
+    return {
         "prompt": prompt,
-        "config": {
-            k: getattr(cfg, k)
-            for k in ("n_layer", "n_head", "n_embd", "vocab_size", "pos_embedding", "norm", "mlp", "attn_impl")
-        },
+        "config": {k: getattr(cfg, k) for k in config_keys},
+        "tokens": [{"id": i, "text": token_text(tokenizer, i)} for i in ids],  # step 1
+        "embedding": _embedding(cap, cfg, len(ids)),
+        "blocks": [_block(cap, cfg, i) for i in range(cfg.n_layer)],
+        "attention_pattern": _attention_pattern(cap, cfg, layer, head),
+        "final_norm": _vector(cap.final_norm) if cfg.final_norm else None,
+        "logits": {"shape": list(cap.logits.shape)},
+        "next_tokens": _next_tokens(cap, tokenizer, top_k),
     }
-    # Step 1: tokens.
-    result["tokens"] = [{"id": i, "text": t} for i, t in zip(ids, tokens)]
-    # Step 2: embeddings.
-    emb: dict[str, Any] = {
-        "token_embedding": {"shape": list(cap.token_embedding.shape), "mean_norm": _norm(cap.token_embedding)},
-        "positions": cfg.pos_embedding,
-    }
-    if cap.position_embedding is not None:
-        pos = cap.position_embedding.reshape(1, T, -1)
-        emb["position_embedding"] = {"shape": list(pos.shape), "mean_norm": _norm(pos)}
-    first = cap.block_inputs[0]
-    emb["sum"] = {"shape": list(first.shape), "mean_norm": _norm(first)}
-    result["embedding"] = emb
-    # Steps 3-4: blocks.
-    blocks = []
-    for i in range(cfg.n_layer):
-        a, m, x_in, x_out = cap.attn_outputs[i], cap.mlp_outputs[i], cap.block_inputs[i], cap.block_outputs[i]
-        a_norm, m_norm = _norm(a), _norm(m)
-        blocks.append(
-            {
-                "layer": i,
-                "kind": "sliding" if cfg.window(i) else "full",
-                "attention": {"shape": list(a.shape), "mean_norm": a_norm},
-                "mlp": {"shape": list(m.shape), "mean_norm": m_norm},
-                # How much of the block's update came from attention vs the MLP (by vector length)...
-                "attention_share": a_norm / (a_norm + m_norm) if a_norm + m_norm > 0 else 0.0,
-                # ...and how large the update is next to the residual stream it is added to.
-                "update_over_residual": _norm(x_out - x_in) / max(_norm(x_in), 1e-12),
-                "residual_after": {"shape": list(x_out.shape), "mean_norm": _norm(x_out)},
-            }
-        )
-    result["blocks"] = blocks
-    att = cap.attention[layer][0]  # (H, T, T)
-    scores = previous_token_scores(att)  # (H,)
-    chosen = "given" if head is not None else "the highest previous-token score"
-    head = int(scores.argmax()) if head is None else head
-    result["attention_pattern"] = {
-        "layer": layer,
-        "head": head,
-        "head_chosen_by": chosen,
-        "previous_token_scores": [round(float(x), 4) for x in scores],
-        "shape": list(cap.attention[layer].shape),
-        "weights": [[round(float(w), 6) for w in row] for row in att[head]],  # (T, T): row = query
-        "sink_mass": [round(1.0 - float(s), 6) for s in att[head].sum(dim=-1)] if cfg.attn_sinks else None,
-    }
-    # Step 5: logits and the next token.
-    result["final_norm"] = None
-    if cfg.final_norm:
-        result["final_norm"] = {"shape": list(cap.final_norm.shape), "mean_norm": _norm(cap.final_norm)}
-    result["logits"] = {"shape": list(cap.logits.shape)}
-    probs = torch.softmax(cap.logits[0, -1], dim=-1)  # (V,): the guess for the token after the prompt
-    top = probs.topk(min(top_k, probs.numel()))
-    result["next_tokens"] = [
-        {"id": int(i), "text": token_text(tokenizer, int(i)), "prob": float(p)} for p, i in zip(top.values, top.indices)
-    ]
-    return result
 
 
 # -------------------------------------------------------------------------------------------------
