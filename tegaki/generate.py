@@ -1,10 +1,12 @@
 """Generation: the decoding loop -- prefill the prompt, then one token a step through the KV cache.
 
-`generate_tokens` yields the next tokens step by step (the CLI streams them); `generate` collects
-them, stops rows at stop tokens or stop strings, and returns the ids. Both drive any model whose
-forward takes (input_ids, positions=, padding_mask=, kv_cache=, last_only=) -- `GPT.generate`
-hands itself to `generate`; nothing here imports the model. The cache is `kv_cache.py`, the
-samplers `sampling.py`.
+`Decoding` is the loop's state and its one step (the model, the cache, sampling); `generate_tokens`
+drives it and yields the next tokens step by step (the CLI streams them), and the server's engine
+drives one per request. `generate` collects the tokens, stops rows at stop tokens or stop strings,
+and returns the ids; `StopText` cuts streamed text at a stop string. Everything here drives any
+model whose forward takes (input_ids, positions=, padding_mask=, kv_cache=, last_only=) --
+`GPT.generate` hands itself to `generate`; nothing here imports the model. The cache is
+`kv_cache.py`, the samplers `sampling.py`.
 """
 
 from __future__ import annotations
@@ -73,6 +75,99 @@ def check_request(config, input_ids: torch.Tensor, max_new_tokens: int) -> None:
         )
 
 
+def cache_dtype(model) -> torch.dtype:
+    """The KV cache's dtype: keys and values come out in the activations' dtype, the embedding table's."""
+    return model.wte.weight.dtype
+
+
+class Decoding:
+    """One batch of prompts being continued: its KV cache, the positions of its next tokens, the
+    tokens each row has seen (for the penalties) and the step that feeds one token through the model.
+
+        logits = decoding.prefill()          # the whole prompt at once: logits (B, V) after it
+        token = decoding.sample(logits)      # each row's next token (B,)
+        logits = decoding.step(token)        # that token through the model: the logits after it
+
+    `generate_tokens` drives it for a batch; the server's engine drives one per request, a step at
+    a time between the other requests' steps. use_cache=False recomputes the whole text every step:
+    the readable twin the cache is checked against. decode_step: a compiled twin of the model for
+    one-token steps (`compiled_decode_step`), run on a static cache.
+    """
+
+    def __init__(
+        self,
+        model,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        sampling: SamplingSettings = DEFAULT_SAMPLING,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+        decode_step=None,
+    ):
+        sampling.check()
+        check_request(model.config, input_ids, max_new_tokens)
+        self.model, self.input_ids, self.max_new_tokens = model, input_ids, max_new_tokens
+        self.sampling, self.generator, self.use_cache, self.decode_step = sampling, generator, use_cache, decode_step
+        B, T0 = input_ids.shape
+        self.padded = attention_mask is not None and not bool(attention_mask.all())
+        self.valid = attention_mask.bool() if self.padded else None  # (B, T) real tokens, or None: all are
+        if self.padded:
+            self.positions = positions_from_mask(self.valid)  # (B, T0)
+        else:
+            self.positions = torch.arange(T0, device=input_ids.device).expand(B, T0)
+        self.seen = None  # (B, V) bool: tokens in each row's text so far
+        if sampling.uses_seen:
+            self.seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=input_ids.device)
+            self.seen.scatter_(1, input_ids, self.valid if self.valid is not None else True)
+        self.cache: KVCache | None = None
+        self.ids, self.all_valid = input_ids, self.valid  # the whole text, for use_cache=False
+        self.next_pos = self.positions[:, -1:] + 1  # (B, 1)
+
+    @torch.inference_mode()
+    def prefill(self) -> torch.Tensor:
+        """The prompt through the model (filling the cache): the logits (B, V) of each row's next token."""
+        model, (B, T0) = self.model, self.input_ids.shape
+        compiled = self.decode_step is not None
+        self.step_fn = self.decode_step if compiled else model
+        if self.use_cache:
+            max_len = T0 + self.max_new_tokens
+            if compiled:  # round up: a later request of a similar length reuses the compiled graph
+                max_len = -(-max_len // 256) * 256
+            self.cache = KVCache(
+                model.config, B, max_len, dtype=cache_dtype(model), device=self.input_ids.device, static=compiled
+            )
+            if compiled and self.input_ids.device.type == "cuda" and graph_capturable(model):
+                self.step_fn = CudaGraphStep(self.decode_step, self.cache)  # the whole step as one CUDA graph
+        return model(
+            self.input_ids, positions=self.positions, padding_mask=self.valid, kv_cache=self.cache, last_only=True
+        )[:, -1]  # (B, V)
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's next token (B,) from logits (B, V), under the sampling settings."""
+        token = sample_next(logits, self.sampling, seen=self.seen, generator=self.generator)  # (B,)
+        if self.seen is not None:
+            self.seen[torch.arange(token.shape[0], device=token.device), token] = True
+        return token
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """token (B,) through the model after the text so far: the logits (B, V) of the next one."""
+        positions, self.next_pos = self.next_pos, self.next_pos + 1
+        if self.use_cache:
+            # The new token alone. Without padding the model counts positions itself; a compiled
+            # step always gets them (it must not read the cache's count).
+            given = positions if self.padded or self.decode_step is not None else None
+            return self.step_fn(token[:, None], positions=given, kv_cache=self.cache)[:, -1]
+        B = token.shape[0]
+        self.ids = torch.cat([self.ids, token[:, None]], dim=1)  # (B, T0 + i + 1): recompute everything
+        self.positions = torch.cat([self.positions, positions], dim=1)
+        if self.all_valid is not None:
+            self.all_valid = torch.cat([self.all_valid, self.all_valid.new_ones(B, 1)], dim=1)
+        return self.model(self.ids, positions=self.positions, padding_mask=self.all_valid, last_only=True)[:, -1]
+
+
 @torch.inference_mode()
 def generate_tokens(
     model,
@@ -88,61 +183,26 @@ def generate_tokens(
 ) -> Iterator[torch.Tensor]:
     """Yield the next tokens (B,) one step at a time. `generate` collects them; the CLI streams.
     decode_step: a compiled twin of the model for one-token steps (see `compiled_decode_step`)."""
-    settings = sampling
-    settings.check()
-    check_request(model.config, input_ids, max_new_tokens)
     if generator is None and seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-    B, T0 = input_ids.shape
-    device = input_ids.device
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    valid = attention_mask.bool() if padded else None
-    positions = positions_from_mask(valid) if padded else torch.arange(T0, device=device).expand(B, T0)
-    seen = None
-    if settings.uses_seen:
-        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
-        seen.scatter_(1, input_ids, valid if valid is not None else True)
+    decoding = Decoding(
+        model,
+        input_ids,
+        max_new_tokens,
+        sampling,
+        attention_mask=attention_mask,
+        use_cache=use_cache,
+        generator=generator,
+        decode_step=decode_step,
+    )
     if max_new_tokens == 0:
         return
-
-    compiled = decode_step is not None
-    cache = None
-    if use_cache:
-        max_len = T0 + max_new_tokens
-        if compiled:  # round up: a later request of a similar length reuses the compiled graph
-            max_len = -(-max_len // 256) * 256
-        cache = KVCache(model.config, B, max_len, dtype=_cache_dtype(model), device=device, static=compiled)
-    step = decode_step if compiled else model
-    if compiled and use_cache and device.type == "cuda" and graph_capturable(model):
-        step = CudaGraphStep(decode_step, cache)  # the whole step replayed as one CUDA graph
-
-    # Prefill: the whole prompt at once.
-    ids, all_valid = input_ids, valid
-    logits = model(input_ids, positions=positions, padding_mask=valid, kv_cache=cache, last_only=True)[:, -1]  # (B, V)
-    next_pos = positions[:, -1:] + 1  # (B, 1)
+    logits = decoding.prefill()
     for i in range(max_new_tokens):
-        token = sample_next(logits, settings, seen=seen, generator=generator)  # (B,)
+        token = decoding.sample(logits)
         yield token
-        if i == max_new_tokens - 1:
-            return
-        if seen is not None:
-            seen[torch.arange(B, device=device), token] = True
-        if use_cache:
-            # Decode: the new token alone. Without padding the model counts positions itself.
-            # A compiled step always gets the positions (it must not read the cache's count).
-            logits = step(token[:, None], positions=next_pos if padded or compiled else None, kv_cache=cache)[:, -1]
-        else:
-            ids = torch.cat([ids, token[:, None]], dim=1)  # (B, T0 + i + 1): recompute everything
-            positions = torch.cat([positions, next_pos], dim=1)
-            if all_valid is not None:
-                all_valid = torch.cat([all_valid, all_valid.new_ones(B, 1)], dim=1)
-            logits = model(ids, positions=positions, padding_mask=all_valid, last_only=True)[:, -1]
-        next_pos = next_pos + 1
-
-
-def _cache_dtype(model) -> torch.dtype:
-    """Keys and values come out in the activations' dtype: the embedding table's."""
-    return model.wte.weight.dtype
+        if i < max_new_tokens - 1:
+            logits = decoding.step(token)
 
 
 def generate(
@@ -164,29 +224,18 @@ def generate(
 ) -> torch.Tensor:
     """Sample max_new_tokens after input_ids (B, T); return (B, T + n) ids, prompt included.
 
-    How tokens are drawn: `sampling=SamplingSettings(...)`, or its fields as keywords
-    (temperature=0 for greedy, top_k, top_p, min_p, repetition_penalty, presence_penalty).
-    attention_mask (B, T) marks real tokens of a left-padded batch (see `left_pad`). A row stops
-    after producing one of `stop_tokens` (kept in the output) or text containing one of
-    `stop_strings` (needs `tokenizer` to decode; the token completing it is kept); finished rows are
-    filled with pad_id until every row has stopped, and the output is cut at the longest row.
-    On the CPU the linear layers multiply through the decoding layer (`decoding.py`): for this
-    call only, each on the kernel measured fastest on this machine for its shape (the same logits up
-    to the order of the additions); the model is as it was afterwards. A model prepared for good
-    (`decoding.prepare_for_decoding`) keeps the paths it has. `compile=True` runs the decode step
-    through torch.compile (a string names the backend, e.g. "aot_eager", which runs the traced
-    graph without code generation: for checking); a compiled step is built once per model for the
-    layers it has, so on a CPU it prepares the model for decoding for good (`CompiledCpuStep`).
+    Tokens are drawn by `sampling=SamplingSettings(...)` or its fields as keywords (temperature=0:
+    greedy). attention_mask marks the real tokens of a left-padded batch (`left_pad`). A row stops
+    after one of stop_tokens or once its text holds one of stop_strings (decoded with tokenizer);
+    finished rows are filled with pad_id and the output is cut at the longest row. On the CPU the
+    linear layers run, for this call, on the decoding layer (`decoding.py`). compile=True (or a
+    backend's name) runs the one-token steps through torch.compile (`compiled_decode_step`).
     """
     if sampling is not None and sampling_keywords:
         raise TegakiError("give either sampling=SamplingSettings(...) or its fields as keywords, not both")
     settings = sampling or SamplingSettings.from_keywords(**sampling_keywords)
     if stop_strings and tokenizer is None:
         raise TegakiError("stop_strings need a tokenizer to decode the generated text")
-    B = input_ids.shape[0]
-    stop_set = torch.as_tensor(sorted(set(stop_tokens or [])), dtype=torch.long, device=input_ids.device)
-    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    new_tokens: list[torch.Tensor] = []
     step = None
     if compile:
         step = compiled_decode_step(model, compile if isinstance(compile, str) else "inductor")
@@ -201,21 +250,12 @@ def generate(
         generator=generator,
         decode_step=step,
     )
-    check_stops = stop_set.numel() > 0 or bool(stop_strings)
+    stops = RowStops(input_ids.shape[0], stop_tokens, stop_strings, tokenizer, input_ids.device)
+    new_tokens: list[torch.Tensor] = []
     with decoding_layout(model):
         for token in tokens:
-            token = torch.where(done, torch.full_like(token, pad_id), token) if check_stops else token
-            new_tokens.append(token)
-            if not check_stops:
-                continue
-            if stop_set.numel():
-                done |= torch.isin(token, stop_set)
-            if stop_strings:
-                history = torch.stack(new_tokens, dim=1)  # (B, n)
-                for b in range(B):
-                    if not done[b] and ends_with_stop_string(tokenizer, history[b].tolist(), stop_strings):
-                        done[b] = True
-            if bool(done.all()):
+            new_tokens.append(stops.padded(token, pad_id))
+            if stops.update(new_tokens):
                 break
         tokens.close()  # the loop ends inside the layout, whether it ran out or stopped early
     if not new_tokens:
@@ -223,18 +263,76 @@ def generate(
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
 
 
-def ends_with_stop_string(tokenizer, new_ids: list[int], stop_strings: Sequence[str]) -> bool:
-    """Did the newest token complete one of stop_strings? Only a short tail is decoded: a stop
-    string of L characters spans at most 4L bytes, so at most 4L byte-level tokens."""
-    tail = new_ids[-(4 * max(len(s) for s in stop_strings) + 1) :]
-    text = tokenizer.decode(tail)
-    return any(s and s in text for s in stop_strings)
+# -------------------------------------------------------------------------------------------------
+# Stopping: at a token, or at a text
+# -------------------------------------------------------------------------------------------------
+
+
+class RowStops:
+    """Which rows of a batch have stopped: after one of stop_tokens, or once the text they made
+    holds one of stop_strings."""
+
+    def __init__(self, batch_size: int, stop_tokens, stop_strings, tokenizer, device):
+        self.stop_set = torch.as_tensor(sorted(set(stop_tokens or [])), dtype=torch.long, device=device)
+        self.stop_strings, self.tokenizer = list(stop_strings or []), tokenizer
+        self.done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.active = self.stop_set.numel() > 0 or bool(self.stop_strings)
+
+    def padded(self, token: torch.Tensor, pad_id: int) -> torch.Tensor:
+        """token (B,) with pad_id in the rows already finished."""
+        return torch.where(self.done, torch.full_like(token, pad_id), token) if self.active else token
+
+    def update(self, new_tokens: list[torch.Tensor]) -> bool:
+        """Mark the rows the newest token finishes; True once every row has."""
+        if not self.active:
+            return False
+        if self.stop_set.numel():
+            self.done |= torch.isin(new_tokens[-1], self.stop_set)
+        if self.stop_strings:
+            history = torch.stack(new_tokens, dim=1)  # (B, n)
+            for b in range(history.shape[0]):
+                if not self.done[b] and ends_with_stop_string(self.tokenizer, history[b].tolist(), self.stop_strings):
+                    self.done[b] = True
+        return bool(self.done.all())
 
 
 def find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
     """Where the first stop string starts in text, or None."""
     hits = [text.find(s) for s in stop_strings if s and s in text]
     return min(hits) if hits else None
+
+
+def ends_with_stop_string(tokenizer, new_ids: list[int], stop_strings: Sequence[str]) -> bool:
+    """Did the newest token complete one of stop_strings? Only a short tail is decoded: a stop
+    string of L characters spans at most 4L bytes, so at most 4L byte-level tokens."""
+    tail = new_ids[-(4 * max(len(s) for s in stop_strings) + 1) :]
+    return find_stop(tokenizer.decode(tail), stop_strings) is not None
+
+
+class StopText:
+    """Text arriving piece by piece, cut before the first stop string. What `add` hands back may be
+    shown at once: the last few characters are held back while more may come, since they could be
+    the start of a stop string not yet complete. The one stop-text rule of `tegaki generate`, the
+    server's choices and `tegaki chat`."""
+
+    def __init__(self, stop_strings: Sequence[str]):
+        self.stop_strings = [s for s in stop_strings if s]
+        self.hold = max((len(s) for s in self.stop_strings), default=1) - 1
+        self.text = ""  # everything so far, up to a stop string
+        self.sent = 0  # characters of text already handed out
+        self.stopped = False  # a stop string was found
+
+    def add(self, piece: str, final: bool = False) -> str:
+        """Add text; return what may be handed out now (final: all the rest)."""
+        if self.stopped:
+            return ""
+        self.text += piece
+        cut = find_stop(self.text, self.stop_strings)
+        if cut is not None:
+            self.text, self.stopped, final = self.text[:cut], True, True
+        end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
+        ready, self.sent = self.text[self.sent : end], end
+        return ready
 
 
 _compiled: dict[tuple[int, str], object] = {}

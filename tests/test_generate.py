@@ -11,7 +11,7 @@ from tegaki.config import ModelConfig
 from tegaki.decoding import prepare_for_decoding
 from tegaki.device import has_cxx_compiler
 from tegaki.errors import TegakiError
-from tegaki.generate import generate, generate_tokens, left_pad
+from tegaki.generate import StopText, generate, generate_tokens, left_pad
 from tegaki.kv_cache import KVCache
 from tegaki.model import GPT
 from tegaki.sampling import SamplingSettings
@@ -128,6 +128,19 @@ def test_a_stop_string_ends_generation_once_it_appears():
     out = generate(model, prompt, 15, temperature=0, stop_strings=[stop], tokenizer=CharTokenizer())
     produced = CharTokenizer().decode(out[0, 3:].tolist())
     assert produced.endswith(stop) and produced == text[: text.index(stop) + 2]
+
+
+def test_stop_text_holds_back_what_may_start_a_stop_and_cuts_before_it():
+    """While text streams, the last (longest stop - 1) characters wait: they may begin a stop
+    string. Once one appears the text ends before it, and nothing more is handed out."""
+    text = StopText(["\n\n", "END"])
+    assert text.add("Hello E") == "Hello"  # " E" may begin "END": held
+    assert text.add("xtra") == " Ext"
+    assert text.add("\n") == "r"
+    assert text.add("\nmore") == "a" and text.stopped  # cut before the blank line
+    assert text.text == "Hello Extra" and text.add("anything", final=True) == ""
+    assert StopText(["END"]).add("the E", final=True) == "the E"  # the end: nothing is held
+    assert StopText([]).add("all at once") == "all at once"
 
 
 @pytest.mark.parametrize(

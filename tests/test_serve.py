@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 
 from tegaki.analysis.attention import attention_maps
 from tegaki.analysis.params import count_parameters
-from tegaki.generate import generate_tokens
+from tegaki.generate import Decoding, generate_tokens
 from tegaki.sampling import SamplingSettings, sample_next, sampling_distribution
 from tegaki.serve.app import create_app
 from tegaki.serve.engine import DoneEvent, Engine, GenerationRequest, TokenEvent
@@ -89,6 +89,17 @@ def test_the_engine_samples_what_generate_tokens_samples(served, engine, setting
         int(t[0]) for t in generate_tokens(served.model, torch.tensor([prompt]), 30, settings, generator=generator)
     ]
     assert ids == expected
+
+
+def test_the_engine_steps_through_the_librarys_decoding_loop(served, engine, monkeypatch):
+    """One decoding loop: every token after the first is a `Decoding.step` of tegaki.generate."""
+    steps = []
+    real = Decoding.step
+    monkeypatch.setattr(Decoding, "step", lambda self, token: steps.append(int(token[0])) or real(self, token))
+    ids, reason = run_alone(
+        engine, GenerationRequest(served.tokenizer.encode(PROMPT), 6, SamplingSettings(temperature=0))
+    )
+    assert reason == "length" and steps == ids[:-1]
 
 
 def test_requests_at_once_get_what_each_gets_alone(served, engine):

@@ -15,8 +15,8 @@ from tegaki.cli.generate import CLI_TEMPERATURE
 from tegaki.cli.serve import add_model_arguments
 from tegaki.device import DTYPES, pick_device, pick_dtype
 from tegaki.errors import TegakiError
+from tegaki.generate import StopText
 from tegaki.sampling import SamplingSettings
-from tegaki.serve.api import ChoiceText
 from tegaki.serve.engine import DoneEvent, Engine, GenerationRequest
 from tegaki.serve.served import Served, load_served
 
@@ -118,7 +118,7 @@ class Chat:
         request = GenerationRequest(ids, max_tokens, self.settings, self.seed, self.served.end_ids())
         if self.seed is not None:
             self.seed += 1  # the next reply differs, and the whole chat is reproducible
-        reply = ChoiceText(self.served.template.stop_strings)  # cuts at the template's end of a reply
+        reply = StopText(self.served.template.stop_strings)  # cuts at the template's end of a reply
         out = sys.stdout
         out.write("model> ")
         events = self.engine.stream(request)

@@ -14,7 +14,7 @@ from tegaki.cli.options import add_device_arguments
 from tegaki.decoding import describe, prepare_for_decoding
 from tegaki.device import DTYPES, check_fits, cpu_summary, pick_device, pick_dtype
 from tegaki.errors import TegakiError
-from tegaki.generate import compiled_decode_step, find_stop, generate_tokens
+from tegaki.generate import StopText, compiled_decode_step, generate_tokens
 from tegaki.load import from_pretrained, tokenizer_for
 from tegaki.quant import quantize_model, quantized_kernels
 from tegaki.sampling import SamplingSettings
@@ -223,18 +223,14 @@ def _print_one(model, tok, input_ids, max_new, settings, stop_tokens, args, gene
     out.write(args.prompt)
     if args.stream:
         out.flush()
-    text = ""
-    printed = 0
-    hold = max((len(s) for s in args.stop), default=1) - 1  # text that might begin a stop string
+    text = StopText(args.stop)
     for piece in tok.stream_decode(ids()):
-        text += piece
-        cut = find_stop(text, args.stop)
-        if cut is not None:
-            text = text[:cut]
-            break
-        if args.stream and len(text) - hold > printed:
-            out.write(text[printed : len(text) - hold])
+        ready = text.add(piece)
+        if args.stream and ready:
+            out.write(ready)
             out.flush()
-            printed = len(text) - hold
-    out.write(text[printed:] + "\n")
+        if text.stopped:
+            break
+    rest = text.add("", final=True)
+    out.write((rest if args.stream else text.text) + "\n")
     out.flush()

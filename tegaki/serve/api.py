@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass
 
 from tegaki.errors import TegakiError
+from tegaki.generate import StopText
 from tegaki.sampling import SamplingSettingError, SamplingSettings
 from tegaki.serve.engine import GenerationRequest, TokenEvent, token_piece
 from tegaki.serve.served import Served
@@ -373,36 +374,14 @@ def chat_params(body: dict, served: Served, limits: Limits = DEFAULT_LIMITS) -> 
 # -------------------------------------------------------------------------------------------------
 
 
-class ChoiceText:
-    """Collect one choice: cut its text at the first stop string, and while streaming hold back the
-    last few characters, which might be the start of a stop string not yet complete."""
+class ChoiceText(StopText):
+    """One choice: its text cut at the first stop string (`StopText`), its tokens and how it ended."""
 
     def __init__(self, stops: list[str]):
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.text = ""  # everything so far (up to a stop string)
-        self.sent = 0  # characters of text already handed out
-        self.stopped = False  # a stop string was found
+        super().__init__(stops)
         self.finish_reason: str | None = None
         self.tokens: list[TokenEvent] = []
         self.completion_tokens = 0
-
-    def add(self, piece: str, final: bool = False) -> str:
-        """Add text; return what may be handed out now (final: the rest)."""
-        if self.stopped:
-            return ""
-        self.text += piece
-        cut = _find_stop(self.text, self.stops)
-        if cut is not None:
-            self.text, self.stopped, final = self.text[:cut], True, True
-        end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
-        ready, self.sent = self.text[self.sent : end], end
-        return ready
-
-
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    hits = [text.find(s) for s in stops if s in text]
-    return min(hits) if hits else None
 
 
 # -------------------------------------------------------------------------------------------------

@@ -41,9 +41,8 @@ from dataclasses import dataclass, field
 import torch
 
 from tegaki.errors import TegakiError
-from tegaki.generate import check_request
-from tegaki.kv_cache import KVCache
-from tegaki.sampling import SamplingSettings, sample_next
+from tegaki.generate import Decoding, check_request
+from tegaki.sampling import SamplingSettings
 
 # -------------------------------------------------------------------------------------------------
 # What goes in and what comes out
@@ -103,23 +102,17 @@ def token_piece(tokenizer, token_id: int) -> str:
 
 
 class Job:
-    """A request in the engine: its cache, its generator, where its tokens go."""
+    """A request in the engine: its decoding (cache and sampling state), its generator, where its tokens go."""
 
-    def __init__(
-        self, request: GenerationRequest, sink: Callable[[Event], None], tokenizer, vocab_size: int, device, group
-    ):
+    def __init__(self, request: GenerationRequest, sink: Callable[[Event], None], tokenizer, device, group):
         self.request, self.sink, self.group = request, sink, group  # group: the API call it belongs to
         seed = request.seed if request.seed is not None else random.randrange(2**63)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.decoder = tokenizer.stream_decoder()  # UTF-8 safe: never half a character
-        self.cache: KVCache | None = None  # made at the first turn (prefill)
+        self.decoding: Decoding | None = None  # made at the first turn (prefill): the cache lives from then
         self.last_token: torch.Tensor | None = None  # (1,)
         self.generated = 0
         self.cancelled = False  # set from any thread; read by the engine at the job's next turn
-        self.seen = None  # (1, V) bool: tokens in the text so far, for the presence/repetition penalties
-        if request.sampling.uses_seen:
-            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
-            self.seen[0, request.prompt_ids] = True
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -181,8 +174,7 @@ class Engine:
                 )
             self.queued += len(work)
         group = object()
-        config, device = self.model.config, self.model.device
-        jobs = [Job(request, sink, self.tokenizer, config.vocab_size, device, group) for request, sink in work]
+        jobs = [Job(request, sink, self.tokenizer, self.model.device, group) for request, sink in work]
         for job in jobs:
             self.inbox.put(job)
         return jobs
@@ -282,14 +274,12 @@ class Engine:
             return self._finish(job, "cancelled")
         try:
             logits = self._next_logits(job)  # (1, V)
-            token = sample_next(logits, job.request.sampling, seen=job.seen, generator=job.generator)  # (1,)
+            token = job.decoding.sample(logits)  # (1,)
         except Exception as e:  # noqa: BLE001 - one request failing must not stop the others
             return self._finish(job, "error", message=f"{type(e).__name__}: {e}")
         job.last_token, job.generated = token, job.generated + 1
         self.stats["tokens"] += 1
         token_id = int(token[0])
-        if job.seen is not None:
-            job.seen[0, token_id] = True
         if token_id in job.request.stop_ids:  # the end of the reply: no text of its own
             return self._finish(job, "stop")
         self._emit(job, self._token_event(job, logits, token_id))
@@ -297,16 +287,14 @@ class Engine:
             self._finish(job, "length")
 
     def _next_logits(self, job: Job) -> torch.Tensor:
-        """Prefill on the first turn, then one-token steps through the job's own cache. The same
-        calls `tegaki.generate.generate_tokens` makes for a batch of one (tests hold them equal)."""
-        model = self.model
-        if job.cache is None:
-            ids = torch.tensor([job.request.prompt_ids], device=model.device)  # (1, T)
-            size = ids.shape[1] + job.request.max_tokens
-            # Keys and values come out in the activations' dtype, the embedding table's.
-            job.cache = KVCache(model.config, 1, size, dtype=model.wte.weight.dtype, device=model.device)
-            return model(ids, kv_cache=job.cache, last_only=True)[:, -1]  # (1, V)
-        return model(job.last_token[:, None], kv_cache=job.cache)[:, -1]  # (1, V)
+        """Prefill on the first turn, then one-token steps: the loop of `tegaki.generate`
+        (`Decoding`) for a batch of one, driven a turn at a time (tests hold the tokens equal)."""
+        if job.decoding is None:
+            request = job.request
+            ids = torch.tensor([request.prompt_ids], device=self.model.device)  # (1, T)
+            job.decoding = Decoding(self.model, ids, request.max_tokens, request.sampling, generator=job.generator)
+            return job.decoding.prefill()  # (1, V)
+        return job.decoding.step(job.last_token)  # (1, V)
 
     def _token_event(self, job: Job, logits: torch.Tensor, token_id: int) -> TokenEvent:
         """The token, the text it releases, and its log-probability (and the alternatives') under
@@ -321,7 +309,7 @@ class Engine:
     def _finish(self, job: Job, reason: str, message: str = "") -> None:
         self.active.remove(job)
         self._release(job)
-        job.cache = None  # free its memory now, not when the reader lets go
+        job.decoding = None  # free its cache now, not when the reader lets go
         if reason in ("stop", "length"):
             self.stats["requests"] += 1
         self._emit(job, DoneEvent(reason, job.decoder.flush(), job.generated, message))
