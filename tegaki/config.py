@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from tegaki.errors import TegakiError
@@ -84,14 +84,27 @@ class ModelConfig:
 
     init_std: float = 0.02
 
+    # Which fields were derived, and the values they took: {name: value}. Hidden from the caller
+    # (not in to_dict, repr or ==); it travels through dataclasses.replace with the other fields,
+    # so that a derived value passed back unchanged is derived again from the new sizes.
+    _derived: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+
     def __post_init__(self) -> None:
-        # Fields left at None are derived from the others, once, here: code reads config.head_dim
-        # and gets a number. Which ones were derived is remembered, so that replace() derives them
-        # again from the new sizes and to_dict() writes None back (config files keep meaning "auto").
-        derived = {name: value for name, value in self._derivations().items() if getattr(self, name) is None}
-        object.__setattr__(self, "_derived", frozenset(derived))
+        # A field left at None is derived from the others, here: code reads config.head_dim and
+        # gets a number. A field that holds the value it was derived as before (what
+        # dataclasses.replace copies over from the old config) is derived again, so that
+        # replace(config, n_head=6) is the config built with n_head=6. to_dict() writes derived
+        # fields as None: a config file keeps meaning "derive".
+        before = self._derived or {}
+        derivations = self._derivations()
+        derived = {
+            name: value
+            for name, value in derivations.items()
+            if getattr(self, name) is None or (name in before and getattr(self, name) == before[name])
+        }
         for name, value in derived.items():
             setattr(self, name, value)
+        self._derived = derived
         self.validate()
 
     def _derivations(self) -> dict[str, Any]:
@@ -137,97 +150,107 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Reject inconsistent flags when the config is built, not deep inside a forward pass."""
+        for check in (
+            self._check_types,
+            self._check_sizes,
+            self._check_choices,
+            self._check_positions,
+            self._check_experts,
+            self._check_windows,
+        ):
+            problem = check()
+            if problem is not None:
+                raise TegakiError(f"invalid ModelConfig: {problem}")
 
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise TegakiError(f"invalid ModelConfig: {message}")
-
-        for f in fields(self):  # a config.json or run.json may hold anything: "n_layer": 1e9, "causal": "no"
+    def _check_types(self) -> str | None:
+        """A config.json or run.json may hold anything: "n_layer": 1e9, "causal": "no"."""
+        for f in public_fields():
             problem = type_problem(str(f.type), getattr(self, f.name))
-            need(problem is None, f"{f.name} {problem}")
+            if problem is not None:
+                return f"{f.name} {problem}"
+        return None
+
+    def _check_sizes(self) -> str | None:
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
-            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        need(
-            "head_dim" not in self._derived or self.n_embd % self.n_head == 0,
-            f"n_head={self.n_head} does not divide n_embd={self.n_embd} (or set head_dim)",
-        )
-        need(
-            self.n_kv_head >= 1 and self.n_head % self.n_kv_head == 0,
-            f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}",
-        )
-        choices = {
-            "pos_embedding": ("learned", "rope", "none"),
-            "rope_scaling": ("none", "linear", "ntk", "yarn", "llama3"),
-            "norm": ("layernorm", "rmsnorm"),
-            "mlp": ("gelu", "swiglu", "moe"),
-            "moe_expert": ("swiglu", "gpt-oss"),
-            "moe_impl": ("loop", "dense"),
-            "attn_impl": ("manual", "sdpa"),
-            "attn_gate": ("none", "elementwise", "headwise"),
-        }
-        for name, allowed in choices.items():
-            need(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r}, expected one of {allowed}")
-        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        need(self.init_std >= 0, f"init_std must be >= 0, got {self.init_std}")
-        if self.pos_embedding == "rope":
-            need(self.head_dim % 2 == 0, f"rotary embeddings need an even head_dim, got {self.head_dim}")
-        if self.rope_scaling != "none":
-            need(self.pos_embedding == "rope", "rope_scaling needs pos_embedding='rope'")
-            need(self.rope_factor >= 1.0, f"rope_factor must be >= 1, got {self.rope_factor}")
-        if self.rope_scaling in ("yarn", "llama3"):
-            need(
-                self.rope_original_max_len is not None,
-                f"rope_scaling={self.rope_scaling!r} needs rope_original_max_len",
-            )
-        if self.mlp == "moe":
-            need(self.n_experts >= 1, "mlp='moe' needs n_experts >= 1")
-            need(
-                1 <= self.n_experts_per_tok <= self.n_experts,
-                f"n_experts_per_tok={self.n_experts_per_tok} must be between 1 and n_experts={self.n_experts}",
-            )
-        if self.sliding_window is not None:
-            need(self.sliding_window >= 1, f"sliding_window must be >= 1, got {self.sliding_window}")
-            need(
-                self.sliding_window <= self.block_size,
-                f"sliding_window={self.sliding_window} is larger than the context block_size={self.block_size}",
-            )
-        if self.layer_types is not None:
-            need(
-                len(self.layer_types) == self.n_layer,
-                f"layer_types has {len(self.layer_types)} entries for n_layer={self.n_layer}",
-            )
-            need(
-                all(t in ("full", "sliding") for t in self.layer_types),
-                "layer_types entries must be 'full' or 'sliding'",
-            )
-            need(
-                "sliding" not in self.layer_types or self.sliding_window is not None,
-                "layer_types has 'sliding' layers but sliding_window is not set",
-            )
+            if getattr(self, name) <= 0:
+                return f"{name} must be positive, got {getattr(self, name)}"
+        if "head_dim" in self._derived and self.n_embd % self.n_head != 0:
+            return f"n_head={self.n_head} does not divide n_embd={self.n_embd} (or set head_dim)"
+        if not (self.n_kv_head >= 1 and self.n_head % self.n_kv_head == 0):
+            return f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}"
+        if not 0.0 <= self.dropout < 1.0:
+            return f"dropout must be in [0, 1), got {self.dropout}"
+        if self.init_std < 0:
+            return f"init_std must be >= 0, got {self.init_std}"
+        return None
+
+    def _check_choices(self) -> str | None:
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                return f"{name}={getattr(self, name)!r}, expected one of {allowed}"
+        return None
+
+    def _check_positions(self) -> str | None:
+        """Rotary embeddings and their scalings."""
+        if self.pos_embedding == "rope" and self.head_dim % 2 != 0:
+            return f"rotary embeddings need an even head_dim, got {self.head_dim}"
+        if self.rope_scaling != "none" and self.pos_embedding != "rope":
+            return "rope_scaling needs pos_embedding='rope'"
+        if self.rope_scaling != "none" and self.rope_factor < 1.0:
+            return f"rope_factor must be >= 1, got {self.rope_factor}"
+        if self.rope_scaling in ("yarn", "llama3") and self.rope_original_max_len is None:
+            return f"rope_scaling={self.rope_scaling!r} needs rope_original_max_len"
+        return None
+
+    def _check_experts(self) -> str | None:
+        if self.mlp != "moe":
+            return None
+        if self.n_experts < 1:
+            return "mlp='moe' needs n_experts >= 1"
+        if not 1 <= self.n_experts_per_tok <= self.n_experts:
+            return f"n_experts_per_tok={self.n_experts_per_tok} must be between 1 and n_experts={self.n_experts}"
+        return None
+
+    def _check_windows(self) -> str | None:
+        """The sliding window and the per-layer pattern of full and sliding layers."""
+        window, types = self.sliding_window, self.layer_types
+        if window is not None and window < 1:
+            return f"sliding_window must be >= 1, got {window}"
+        if window is not None and window > self.block_size:
+            return f"sliding_window={window} is larger than the context block_size={self.block_size}"
+        if types is None:
+            return None
+        if len(types) != self.n_layer:
+            return f"layer_types has {len(types)} entries for n_layer={self.n_layer}"
+        if not all(t in ("full", "sliding") for t in types):
+            return "layer_types entries must be 'full' or 'sliding'"
+        if "sliding" in types and window is None:
+            return "layer_types has 'sliding' layers but sliding_window is not set"
+        return None
 
     # --- conversions ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Every field; derived ones as None, as they were given."""
-        d = dataclasses.asdict(self)
-        d.update(dict.fromkeys(self._derived))
-        return d
+        return {f.name: getattr(self, f.name) for f in public_fields()} | dict.fromkeys(self._derived)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in public_fields()}
         unknown = sorted(set(d) - known)
         if unknown:
             raise TegakiError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
         return cls(**d)
 
     def replace(self, **changes: Any) -> ModelConfig:
-        """A copy with some fields changed; derived fields are derived again from the new values."""
-        return dataclasses.replace(self, **(dict.fromkeys(self._derived) | changes))
+        """A copy with some fields changed; derived fields are derived again from the new values,
+        and a field named in `changes` keeps the value given, even one equal to its derived value."""
+        unchanged = {name: value for name, value in self._derived.items() if name not in changes}
+        return dataclasses.replace(self, **changes, _derived=unchanged)
 
     def with_overrides(self, assignments: list[str]) -> ModelConfig:
         """Apply `field=value` strings (the CLI's --set), each value parsed by the field's type."""
         changes = {}
-        types = {f.name: f.type for f in fields(self)}
+        types = {f.name: f.type for f in public_fields()}
         for item in assignments:
             name, sep, raw = item.partition("=")
             name = name.strip().replace("-", "_")
@@ -253,6 +276,24 @@ class ModelConfig:
         if name not in PRESETS:
             raise TegakiError(f"unknown preset {name!r}. Known presets: {', '.join(PRESETS)}")
         return ModelConfig(**PRESETS[name])
+
+
+# The fields that take one of a few words, and those words.
+CHOICES = {
+    "pos_embedding": ("learned", "rope", "none"),
+    "rope_scaling": ("none", "linear", "ntk", "yarn", "llama3"),
+    "norm": ("layernorm", "rmsnorm"),
+    "mlp": ("gelu", "swiglu", "moe"),
+    "moe_expert": ("swiglu", "gpt-oss"),
+    "moe_impl": ("loop", "dense"),
+    "attn_impl": ("manual", "sdpa"),
+    "attn_gate": ("none", "elementwise", "headwise"),
+}
+
+
+def public_fields() -> list[dataclasses.Field]:
+    """ModelConfig's fields a caller sets (every one but the hidden record of derived values)."""
+    return [f for f in fields(ModelConfig) if not f.name.startswith("_")]
 
 
 # A value of each annotated kind; an int is a float too, a bool is never an int (nor a number of layers).

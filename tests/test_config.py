@@ -183,6 +183,34 @@ def test_derived_fields_are_filled_once_and_follow_replace():
     assert ModelConfig.from_dict(wider.to_dict()).head_dim == 64
 
 
+GQA = dict(_ROPE, n_layer=2, n_head=8, n_kv_head=2, n_embd=128)  # key/value heads set, head_dim derived
+
+
+@pytest.mark.parametrize("base", [{}, GQA], ids=["gpt2", "gqa"])
+@pytest.mark.parametrize("change", [dict(n_head=4), dict(n_embd=384), dict(bias=False)], ids=str)
+def test_dataclasses_replace_gives_the_config_built_fresh(base, change):
+    """The standard idiom: fields derived from the sizes are derived again, those set stay set."""
+    import dataclasses
+
+    replaced = dataclasses.replace(ModelConfig(**base), **change)
+    fresh = ModelConfig(**base | change)
+    assert replaced == fresh and replaced.to_dict() == fresh.to_dict()
+    assert replaced.n_kv_head == base.get("n_kv_head", replaced.n_head)  # GQA's 2 kept, GPT-2's follows n_head
+    assert replaced.head_dim == replaced.n_embd // replaced.n_head
+
+
+def test_dataclasses_replace_keeps_a_value_given_unless_it_is_the_derived_one_passed_back():
+    import dataclasses
+
+    config = ModelConfig(n_embd=256, n_head=4)  # head_dim derived: 64
+    assert dataclasses.replace(config, n_embd=512, head_dim=32).head_dim == 32
+    assert dataclasses.replace(config, n_embd=512).head_dim == 128
+    assert config.replace(n_embd=512, head_dim=64).to_dict()["head_dim"] == 64  # config.replace: named, kept
+    assert "_derived" not in config.to_dict() and "_derived" not in repr(config)
+    with pytest.raises(TegakiError, match="unknown ModelConfig field"):
+        ModelConfig.from_dict({"_derived": {}})
+
+
 def test_window_of_each_layer():
     oss = ModelConfig.preset("tiny-gpt-oss")
     assert [oss.window(i) for i in range(oss.n_layer)] == [64, None, 64, None]

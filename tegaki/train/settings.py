@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tegaki.config import ModelConfig
-from tegaki.config import type_problem as field_type_problem
+from tegaki.config import public_fields, type_problem
 from tegaki.data import VAL_FRACTION
 from tegaki.errors import TegakiError
 
@@ -25,8 +24,7 @@ from tegaki.errors import TegakiError
 class TrainConfig:
     """Every `tegaki train` flag; a TOML --config file holds the same keys (dashes or underscores)."""
 
-    # The defaults are `make demo`'s run: the demo preset on Shakespeare, 500 steps of 8 x 256 tokens,
-    # about 0.2 s a step on 2 idle CPU cores (benchmarks/RESULTS.md, "The demo run").
+    # The defaults are `make demo`'s run: the demo preset on Shakespeare, 500 steps of 8 x 256 tokens.
     data: str = "shakespeare"
     preset: str = "demo"
     out: str = "runs/demo"
@@ -65,6 +63,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+SETTING_TYPES = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}  # "int | None", as type_problem reads
+
 SCHEDULES = ("cosine", "wsd")  # --schedule
 DTYPE_CHOICES = ("auto", "fp32", "bf16")  # --dtype
 
@@ -98,7 +98,7 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         name = key.replace("-", "_")
         if name not in known:
             raise TegakiError(f"{path}: unknown key {key!r}; known keys: {', '.join(sorted(known))}, [model]")
-        problem = type_problem(name, value)
+        problem = type_problem(SETTING_TYPES[name], value)
         if problem:
             raise TegakiError(f"{path}: {key} {problem}")
         values[name] = value
@@ -108,17 +108,12 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
 def model_assignment(path: str | os.PathLike, key: str, value: Any) -> str:
     """A [model] entry of a TOML file as the "field=value" text --set takes, once its TOML type is
     the field's: `causal = "no"` is refused, not read as a word that might mean false."""
-    annotations = {f.name: str(f.type) for f in dataclasses.fields(ModelConfig)}
-    problem = field_type_problem(annotations.get(key.replace("-", "_"), "str"), value)
+    annotations = {f.name: str(f.type) for f in public_fields()}
+    problem = type_problem(annotations.get(key.replace("-", "_"), "str"), value)
     if problem:
         raise TegakiError(f"{path}: [model] {key} {problem}")
     text = json.dumps(value) if isinstance(value, list) else str(value).lower() if type(value) is bool else value
     return f"{key}={text}"
-
-
-def type_problem(name: str, value: Any) -> str | None:
-    """What is wrong with the type of TrainConfig field `name`'s value, in words; None: nothing."""
-    return field_type_problem(str(TrainConfig.__dataclass_fields__[name].type), value)
 
 
 def resolve_config(cli: dict[str, Any]) -> TrainConfig:
@@ -147,7 +142,7 @@ def check_settings(cfg: TrainConfig) -> None:
             raise TegakiError(message)
 
     for f in dataclasses.fields(cfg):
-        problem = type_problem(f.name, getattr(cfg, f.name))
+        problem = type_problem(str(f.type), getattr(cfg, f.name))
         need(problem is None, f"--{f.name.replace('_', '-')} {problem}")
     for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every", "keep"):
         value = getattr(cfg, name)
