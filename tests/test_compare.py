@@ -246,3 +246,12 @@ def test_picture_titles_name_the_corpus_without_its_folder(tmp_path):
 
     s = CompareSettings(entries=parse_entries("tiny"), out=tmp_path, data="/home/someone/corpora/ja.txt", seeds=3)
     assert plot_title(s, 64) == "ja.txt: 200 steps x 16 x 64 tokens, 3 seeds"
+
+
+def test_the_help_prints_a_percent_sign_once(capsys):
+    """argparse formats help= strings with %, where a literal percent is %%; the reader sees one."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["compare", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "95% intervals separate" in " ".join(out.split()) and "%%" not in out

@@ -175,3 +175,13 @@ def choose_by_sum(model, tok, item):
     """lm-eval's acc: the ending with the highest total (not mean) log-likelihood."""
     sums = [float(ending_logprobs(model, tok, item.context, e).sum()) for e in item.endings]
     return sums.index(max(sums))
+
+
+def test_the_help_prints_a_percent_sign_once(capsys):
+    """argparse formats help text with %, so a literal percent is written %% in a help= string and
+    % in a description; either slip prints "95%%" or fails."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "95% interval" in " ".join(out.split()) and "%%" not in out

@@ -19,7 +19,15 @@ def register(subparsers) -> None:
         "write DIR/results.json, DIR/report.md and DIR/loss.png. Each preset is trained once per seed (--seeds). "
         "Run it again to resume.",
     )
-    a = p.add_argument
+    _add_what_to_compare(p)
+    _add_budget(p)
+    _add_running(p)
+    p.set_defaults(func=run)
+
+
+def _add_what_to_compare(p) -> None:
+    """The runs: which presets, on which data and tokenizer, written where."""
+    a = p.add_argument_group("what to compare").add_argument
     a("--data", default=D.data, help="shakespeare | a .txt/.md/.jsonl/.parquet file or folder | prepared shards")
     a(
         "--presets",
@@ -28,6 +36,26 @@ def register(subparsers) -> None:
         "e.g. tiny,tiny-llama,tiny:causal=false",
     )
     a("--out", required=True, help="output folder")
+    a("--tokenizer", default=D.tokenizer, help="'gpt2' or a tokenizer folder (default: a BPE trained once on the data)")
+    a(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a ModelConfig field in every run (repeatable)",
+    )
+    a(
+        "--match-params",
+        action="store_true",
+        default=D.match_params,
+        help="scale MLP widths so every run has the first run's parameter count",
+    )
+
+
+def _add_budget(p) -> None:
+    """The identical conditions: steps, seeds, batches, schedule and evaluation."""
+    a = p.add_argument_group("the identical conditions").add_argument
     a("--max-steps", type=int, default=D.max_steps, help=f"optimizer steps per run (default {D.max_steps})")
     a("--seed", type=int, default=D.seed, help=f"seed of the weights and the batch order (default {D.seed})")
     a(
@@ -53,21 +81,11 @@ def register(subparsers) -> None:
         default=D.eval_batches,
         help=f"validation batches per evaluation (default {D.eval_batches})",
     )
-    a("--tokenizer", default=D.tokenizer, help="'gpt2' or a tokenizer folder (default: a BPE trained once on the data)")
-    a(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a ModelConfig field in every run (repeatable)",
-    )
-    a(
-        "--match-params",
-        action="store_true",
-        default=D.match_params,
-        help="scale MLP widths so every run has the first run's parameter count",
-    )
+
+
+def _add_running(p) -> None:
+    """How the runs go: precision, device, the decoding timing and samples, resuming."""
+    a = p.add_argument_group("running").add_argument
     a("--dtype", default=D.dtype, choices=DTYPE_CHOICES, help=f"training precision (default {D.dtype})")
     a("--device", default=D.device, help=f"auto | cpu | cuda | cuda:N (default {D.device})")
     a(
@@ -79,7 +97,6 @@ def register(subparsers) -> None:
     a("--sample-tokens", type=int, default=D.sample_tokens, help=f"tokens in each sample (default {D.sample_tokens})")
     a("--fresh", action="store_true", default=D.fresh, help="start every run over instead of resuming")
     a("--no-progress", dest="progress", action="store_false", default=D.progress, help="no progress bars")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -271,7 +271,13 @@ def register(subparsers) -> None:
         "tokenizer", help="train, inspect and measure tokenizers", description="Train, inspect and measure tokenizers."
     )
     sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    _register_train(sub)
+    _register_stats(sub)
+    _register_show(sub)
 
+
+def _register_train(sub) -> None:
+    """`tegaki tokenizer train`: the corpus, the vocabulary and the kind of tokenizer."""
     p = sub.add_parser("train", help="train a tokenizer and save it to a folder")
     p.add_argument(
         "--input", nargs="+", required=True, help="text files, folders of .txt/.md files, or 'shakespeare' (bundled)"
@@ -314,6 +320,9 @@ def register(subparsers) -> None:
     p.add_argument("--name", help="the tokenizer's name (default: the folder name)")
     p.set_defaults(func=cmd_train)
 
+
+def _register_stats(sub) -> None:
+    """`tegaki tokenizer stats`: a tokenizer measured on a corpus."""
     p = sub.add_parser("stats", help="characters and bytes per token, by script")
     p.add_argument("--tokenizer", required=True, help="'gpt2' or a saved folder")
     p.add_argument(
@@ -326,6 +335,9 @@ def register(subparsers) -> None:
     add_held_out_arguments(p, "measure only these (the ones `train --held-out` left out)")
     p.set_defaults(func=cmd_stats)
 
+
+def _register_show(sub) -> None:
+    """`tegaki tokenizer show`: one text cut into tokens."""
     p = sub.add_parser("show", help="show token boundaries in a text")
     p.add_argument("--tokenizer", default="gpt2", help="'gpt2' (the default) or a saved folder")
     p.add_argument("text", help="the text to cut into tokens")
