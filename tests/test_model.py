@@ -489,25 +489,25 @@ def test_gpt_oss_active_parameters():
 
 @pytest.mark.parametrize("doc", ["architectures.md", "architectures.ja.md"])
 def test_architecture_doc_quotes_code_that_exists(doc):
-    """Each `[model.py:N](../tegaki/model.py#LN) `code`` in the doc quotes code model.py really has,
-    so the page cannot silently drift from the model. Line numbers move whenever model.py is
-    edited: a moved line is a warning that says where it is now; a vanished quote is a failure."""
+    """Each `[model.py:N](../tegaki/model.py#LN) `code`` (or moe.py, ...) in the doc quotes code that
+    file really has, so the page cannot silently drift from the model. Line numbers move whenever the
+    file is edited: a moved line is a warning that says where it is now; a vanished quote is a failure."""
     import re
     import warnings
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     text = (root / "docs" / doc).read_text(encoding="utf-8")
-    source = (root / "tegaki" / "model.py").read_text(encoding="utf-8").splitlines()
-    links = re.findall(r"\[model\.py:(\d+)\]\(\.\./tegaki/model\.py#L(\d+)\) `([^`]+)`", text)
-    assert len(links) >= 20 and len(links) == text.count("model.py#L"), "every link must quote its code"
-    for label, anchor, code in links:
+    links = re.findall(r"\[(\w+)\.py:(\d+)\]\(\.\./tegaki/\1\.py#L(\d+)\) `([^`]+)`", text)
+    assert len(links) >= 20 and len(links) == len(re.findall(r"\.py#L", text)), "every link must quote its code"
+    for name, label, anchor, code in links:
+        source = (root / "tegaki" / f"{name}.py").read_text(encoding="utf-8").splitlines()
         assert label == anchor, f"{doc}: link text says line {label}, the link goes to {anchor}"
         found = [i + 1 for i, line in enumerate(source) if code in line]
-        assert found, f"{doc}: model.py no longer has `{code}`"
+        assert found, f"{doc}: {name}.py does not have `{code}`"
         if int(anchor) not in found:
             warnings.warn(
-                f"docs/{doc}: `{code}` is now at model.py line(s) {found}, not {anchor}; "
+                f"docs/{doc}: `{code}` stands at {name}.py line(s) {found}, not {anchor}; "
                 "run python scripts/refresh_doc_links.py",
                 stacklevel=1,
             )
