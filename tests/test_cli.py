@@ -140,3 +140,18 @@ def test_generate_reads_escapes_in_the_prompt_as_stop_does(capsys, short_context
     code = main(["generate", "--model", str(short_context_model), "--max-new-tokens", "1", "--seed", "0", "a\\nb\\\\c"])
     out = capsys.readouterr().out
     assert code == 0 and out.startswith("a\nb\\c")
+
+
+def test_the_model_flags_are_one_set_with_one_default():
+    """generate, serve, chat, trace and attention take --model and --device from one place:
+    --device auto everywhere; chat samples with generate's flags."""
+    from tegaki.cli import build_parser
+
+    parser = build_parser()
+    common = ["--model", "m", "--port", "0"]
+    for argv in (["generate", "hi", "--model", "m"], ["serve", *common], ["chat", "--model", "m"], ["trace", "hi"]):
+        args = parser.parse_args(argv)
+        assert args.device == "auto", argv
+    assert parser.parse_args(["trace", "hi"]).dtype == "fp32"  # measurements: fp32 unless asked
+    chat = parser.parse_args(["chat", "--model", "m", "--min-p", "0.1", "--presence-penalty", "0.5"])
+    assert chat.min_p == 0.1 and chat.presence_penalty == 0.5 and chat.quantize is None

@@ -7,7 +7,7 @@ import argparse
 from tegaki.analysis.attention import attention_maps, future_attention
 from tegaki.analysis.plot import plot_attention_heads
 from tegaki.cli.common import default_of
-from tegaki.cli.trace import add_model_arguments, load_model
+from tegaki.cli.trace import add_model_or_preset_arguments, load_model
 from tegaki.errors import TegakiError
 
 
@@ -18,7 +18,7 @@ def register(subparsers) -> None:
         description="Run one prompt and draw every head's attention weights of one layer.",
     )
     p.add_argument("prompt", help="the text to look at")
-    add_model_arguments(p)
+    add_model_or_preset_arguments(p)
     p.add_argument("--layer", type=int, default=default_of(attention_maps, "layer"), help="which layer (0 = the first)")
     p.add_argument("--out", required=True, metavar="FILE.png", help="where to write the picture")
     p.set_defaults(func=run)

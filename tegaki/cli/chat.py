@@ -11,8 +11,9 @@ from __future__ import annotations
 import sys
 
 from tegaki.chat_template import fit_to_context
-from tegaki.cli.generate import CLI_TEMPERATURE
-from tegaki.cli.serve import add_model_arguments
+from tegaki.cli.generate import add_sampling_arguments, sampling_from
+from tegaki.cli.options import add_model_arguments
+from tegaki.cli.serve import add_chat_template_argument
 from tegaki.device import DTYPES, pick_device, pick_dtype
 from tegaki.errors import TegakiError
 from tegaki.generate import StopText
@@ -31,18 +32,16 @@ def register(subparsers) -> None:
         "/reset clears the history, /exit (or Ctrl-D) leaves.",
     )
     add_model_arguments(p)
+    add_chat_template_argument(p)
     p.add_argument("--system", default=None, help="a system message to start every conversation with")
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help=f"longest reply in tokens (default {MAX_TOKENS})")
-    p.add_argument("--temperature", type=float, default=CLI_TEMPERATURE, help=f"0 = greedy (default {CLI_TEMPERATURE})")
-    defaults = SamplingSettings()
-    p.add_argument("--top-k", type=int, default=defaults.top_k, help="sample among the k most likely (default: all)")
-    p.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus sampling in (0, 1] (default: off)")
+    add_sampling_arguments(p)
     p.add_argument("--seed", type=int, default=None, help="seed of the first reply (then seed + 1, ...)")
     p.set_defaults(func=run_chat)
 
 
 def run_chat(args) -> int:
-    settings = SamplingSettings.from_keywords(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    settings = sampling_from(args)
     if args.max_tokens < 1:
         raise TegakiError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     served = load_served(

@@ -10,7 +10,7 @@ import torch
 
 from tegaki.chat_template import end_ids as chat_end_ids
 from tegaki.chat_template import find_chat_template, local_template_folders
-from tegaki.cli.options import add_device_arguments
+from tegaki.cli.options import add_model_arguments
 from tegaki.decoding import describe, prepare_for_decoding
 from tegaki.device import DTYPES, check_fits, cpu_summary, pick_device, pick_dtype
 from tegaki.errors import TegakiError
@@ -40,9 +40,41 @@ def register(subparsers) -> None:
         type=unescape,
         help="the text to continue; \\n, \\t and \\\\ stand for a newline, a tab and a backslash (as in --stop)",
     )
-    p.add_argument("--model", required=True, help="a tegaki run folder, a transformers folder, or a hub id (gpt2)")
+    add_model_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to add after the prompt (default 200)")
-    # The CLI samples a little cooler than the library's plain softmax (temperature 1.0).
+    add_sampling_arguments(p)
+    p.add_argument("--seed", type=int, default=None, help="for reproducible samples")
+    p.add_argument("--num-samples", type=int, default=1, help="how many continuations to print (default 1)")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        type=unescape,
+        help="stop at this text (repeatable); \\n, \\t and \\\\ stand for a newline, a tab and a "
+        "backslash, so --stop '\\n\\n' stops at a blank line",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step, captured as a CUDA graph on a GPU; on a CPU inductor writes its "
+        "own loops over the weights. Compiling takes tens of seconds (less once inductor's cache has it), "
+        "so it pays back over long outputs only; whether it is faster depends on the CPU "
+        "(benchmarks/RESULTS.md)",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="say on stderr how the linear layers multiply (the path measured fastest on this CPU for each "
+        "shape, and the times that chose it)",
+    )
+    p.add_argument("--stream", action="store_true", help="print text as it is produced")
+    p.add_argument("--no-cache", action="store_true", help="recompute every token each step (slow; for checking)")
+    p.set_defaults(func=run_generate)
+
+
+def add_sampling_arguments(p) -> None:
+    """How tokens are drawn (SamplingSettings' fields): shared with `tegaki chat`."""
+    # A command samples a little cooler than the library's plain softmax (temperature 1.0).
     p.add_argument("--temperature", type=float, default=CLI_TEMPERATURE, help=f"0 = greedy (default {CLI_TEMPERATURE})")
     defaults = SamplingSettings()
     p.add_argument(
@@ -73,37 +105,18 @@ def register(subparsers) -> None:
         default=defaults.presence_penalty,
         help=f"subtract this from the logits of tokens already seen (default {defaults.presence_penalty} = off)",
     )
-    p.add_argument("--seed", type=int, default=None, help="for reproducible samples")
-    p.add_argument("--num-samples", type=int, default=1, help="how many continuations to print (default 1)")
-    p.add_argument(
-        "--stop",
-        action="append",
-        default=[],
-        type=unescape,
-        help="stop at this text (repeatable); \\n, \\t and \\\\ stand for a newline, a tab and a "
-        "backslash, so --stop '\\n\\n' stops at a blank line",
+
+
+def sampling_from(args) -> SamplingSettings:
+    """The flags of `add_sampling_arguments` as settings, checked (before any slow load)."""
+    return SamplingSettings.from_keywords(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
     )
-    add_device_arguments(p)
-    p.add_argument(
-        "--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization of the linear layers"
-    )
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the decode step, captured as a CUDA graph on a GPU; on a CPU inductor writes its "
-        "own loops over the weights. Compiling takes tens of seconds (less once inductor's cache has it), "
-        "so it pays back over long outputs only; whether it is faster depends on the CPU "
-        "(benchmarks/RESULTS.md)",
-    )
-    p.add_argument(
-        "--verbose",
-        action="store_true",
-        help="say on stderr how the linear layers multiply (the path measured fastest on this CPU for each "
-        "shape, and the times that chose it)",
-    )
-    p.add_argument("--stream", action="store_true", help="print text as it is produced")
-    p.add_argument("--no-cache", action="store_true", help="recompute every token each step (slow; for checking)")
-    p.set_defaults(func=run_generate)
 
 
 def load_for_generation(name_or_path: str, dtype: torch.dtype, device: torch.device | str = "cpu"):
@@ -127,14 +140,7 @@ def run_generate(args) -> int:
         raise TegakiError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.max_new_tokens < 1:
         raise TegakiError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    settings = SamplingSettings.from_keywords(  # checked before the (slow) load
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty,
-    )
+    settings = sampling_from(args)  # checked before the (slow) load
     if not args.prompt:
         raise TegakiError("the prompt is empty: give some text to continue")
     if args.seed is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from tegaki.cli.options import add_device_arguments
+from tegaki.cli.options import add_model_arguments
 from tegaki.device import DTYPES, pick_device, pick_dtype
 from tegaki.errors import TegakiError
 from tegaki.serve.api import DEFAULT_LIMITS, Limits
@@ -15,13 +15,8 @@ HOST, PORT = "127.0.0.1", 8000
 API_KEY_VARIABLE = "TEGAKI_API_KEY"
 
 
-def add_model_arguments(p) -> None:
-    """The flags `tegaki serve` and `tegaki chat` share: which model, where, and its template."""
-    p.add_argument("--model", required=True, help="a tegaki run folder, a transformers folder, or a hub id (gpt2)")
-    add_device_arguments(p)
-    p.add_argument(
-        "--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization of the linear layers"
-    )
+def add_chat_template_argument(p) -> None:
+    """--chat-template: `tegaki serve` and `tegaki chat` talk through the model's template, or this one."""
     p.add_argument(
         "--chat-template",
         default=None,
@@ -39,6 +34,7 @@ def register(subparsers) -> None:
         "the logit lens. Needs the serve extra: pip install -e '.[serve]' in a clone.",
     )
     add_model_arguments(p)
+    add_chat_template_argument(p)
     p.add_argument("--host", default=HOST, help=f"address to listen on (default {HOST}: this machine only)")
     p.add_argument("--port", type=int, default=PORT, help=f"(default {PORT})")
     p.add_argument("--name", default=None, help="the model id clients send (default: the folder's name)")
@@ -48,6 +44,13 @@ def register(subparsers) -> None:
         default=MAX_ACTIVE,
         help=f"requests decoding at once; more wait their turn (default {MAX_ACTIVE})",
     )
+    add_limit_arguments(p)
+    add_access_arguments(p)
+    p.set_defaults(func=run_serve)
+
+
+def add_limit_arguments(p) -> None:
+    """How much the server takes at once and in one request."""
     limits = p.add_argument_group("limits (beyond them: 400, 413 or 429, see docs/serving.md)")
     limits.add_argument(
         "--max-queued",
@@ -77,6 +80,10 @@ def register(subparsers) -> None:
         default=DEFAULT_LIMITS.max_body_bytes / 2**20,
         help=f"size of a request body in MiB; more gets 413 (default {DEFAULT_LIMITS.max_body_bytes / 2**20:g})",
     )
+
+
+def add_access_arguments(p) -> None:
+    """Who may call the server: a key, pages elsewhere, further host names."""
     access = p.add_argument_group("who may call it (see docs/serving.md)")
     access.add_argument(
         "--api-key",
@@ -100,7 +107,6 @@ def register(subparsers) -> None:
         help="a further host name clients may call this server by (a reverse proxy's); repeatable. "
         "By default: its IP addresses, localhost and --host",
     )
-    p.set_defaults(func=run_serve)
 
 
 def run_serve(args) -> int:

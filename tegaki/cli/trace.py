@@ -7,14 +7,15 @@ import json
 
 from tegaki.analysis.trace import PRESET_TOKENIZER, format_trace, load_model_and_tokenizer, trace
 from tegaki.cli.common import default_of
-from tegaki.cli.options import add_device_arguments
+from tegaki.cli.options import add_model_arguments
 from tegaki.device import DTYPES, pick_device, pick_dtype
 from tegaki.errors import TegakiError
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """--model / --preset / --set / --tokenizer / --seed: shared with `tegaki attention`."""
-    p.add_argument("--model", help="a run folder (tegaki train --out) or a transformers folder")
+def add_model_or_preset_arguments(p: argparse.ArgumentParser) -> None:
+    """The model to look into: --model (with --device and --dtype), or --preset with random weights
+    (--set, --tokenizer, --seed). Shared with `tegaki attention`."""
+    add_model_arguments(p, required=False, quantize=False, dtype_default="fp32")  # fp32: these are measurements
     p.add_argument("--preset", help="a preset with random weights instead of a trained model")
     p.add_argument(
         "--set",
@@ -33,11 +34,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         default=default_of(load_model_and_tokenizer, "seed"),
         help="seed of a preset's random weights",
     )
-    add_device_arguments(p, dtype_default="fp32")  # fp32 by default: these are measurements
 
 
 def load_model(args: argparse.Namespace):
-    """(model, tokenizer, description) from the flags of `add_model_arguments`, on --device in --dtype."""
+    """(model, tokenizer, description) from the flags of `add_model_or_preset_arguments`, on --device in --dtype."""
     device = pick_device(args.device)
     model, tok, description = load_model_and_tokenizer(
         args.model, args.preset, args.overrides, args.tokenizer, args.seed
@@ -53,7 +53,7 @@ def register(subparsers) -> None:
         "attention pattern, the logits and the top next tokens for one prompt.",
     )
     p.add_argument("prompt", help='the text to trace, e.g. "Hello, I am"')
-    add_model_arguments(p)
+    add_model_or_preset_arguments(p)
     p.add_argument(
         "--layer", type=int, default=default_of(trace, "layer"), help="layer whose attention pattern to show"
     )

@@ -295,16 +295,18 @@ def _endpoint(served: Served, engine: Engine, limits: Limits, kind: str):
 
     async def endpoint(request: Request):
         params = await run_in_threadpool(params_of, await read_body(request, limits.max_body_bytes))
-        run = Run(engine, params)  # submits now, so a request the engine refuses is a 400, not a broken stream
+        submission = Submission(
+            engine, params
+        )  # submits now, so a request the engine refuses is a 400, not a broken stream
         if params.stream:
-            return StreamingResponse(_stream(served, run, params, kind), media_type="text/event-stream")
-        answer = await _collect(served, run, params, kind, request)
+            return StreamingResponse(_stream(served, submission, params, kind), media_type="text/event-stream")
+        answer = await _collect(served, submission, params, kind, request)
         return JSONResponse(answer) if answer is not None else Response(status_code=499)  # 499: nobody reads it
 
     return endpoint
 
 
-class Run:
+class Submission:
     """The engine requests of one API request (one per choice), their events on this event loop."""
 
     def __init__(self, engine: Engine, params: Params):
@@ -350,35 +352,35 @@ async def _hang_up(request: Request) -> None:
         pass
 
 
-async def _collect(served: Served, run: Run, params: Params, kind: str, request: Request) -> dict | None:
+async def _collect(served: Served, submission: Submission, params: Params, kind: str, request: Request) -> dict | None:
     """A whole (not streamed) answer, or None when the client hangs up first, which stops the work."""
     gone = asyncio.ensure_future(_hang_up(request))
     try:
-        while run.open:
-            event_ready = asyncio.ensure_future(run.next())
+        while submission.open:
+            event_ready = asyncio.ensure_future(submission.next())
             await asyncio.wait((event_ready, gone), return_when=asyncio.FIRST_COMPLETED)
             if not event_ready.done():  # the client went away: nobody will read the answer
                 event_ready.cancel()
                 return None
             i, event = event_ready.result()
-            run.choices[i].add(event.text, final=isinstance(event, DoneEvent))
-            if run.choices[i].stopped:
-                run.jobs[i].cancel()
+            submission.choices[i].add(event.text, final=isinstance(event, DoneEvent))
+            if submission.choices[i].stopped:
+                submission.jobs[i].cancel()
     finally:
         gone.cancel()
-        run.cancel()
+        submission.cancel()
     respond = api.completion_response if kind == "completion" else api.chat_response
-    return respond(served, api.new_id("cmpl" if kind == "completion" else "chatcmpl"), run.choices, params)
+    return respond(served, api.new_id("cmpl" if kind == "completion" else "chatcmpl"), submission.choices, params)
 
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _stream(served: Served, run: Run, params: Params, kind: str):
+async def _stream(served: Served, submission: Submission, params: Params, kind: str):
     """Server-sent events: one chunk per piece of text (per token when logprobs are asked for)."""
     rid = api.new_id("cmpl" if kind == "completion" else "chatcmpl")
-    offsets = [0] * len(run.choices)
+    offsets = [0] * len(submission.choices)
 
     def chunk(i: int, text: str, events, finish=None) -> str:
         if kind == "completion":
@@ -390,15 +392,15 @@ async def _stream(served: Served, run: Run, params: Params, kind: str):
 
     try:
         if kind == "chat":  # OpenAI's first chunk of each choice carries the role
-            for i in range(len(run.choices)):
+            for i in range(len(submission.choices)):
                 yield _sse(api.chat_chunk(served, rid, i, {"role": "assistant", "content": ""}, None))
-        while run.open:
+        while submission.open:
             try:
-                i, event = await run.next()
+                i, event = await submission.next()
             except ApiError as e:
                 yield _sse(e.body())
                 break
-            choice = run.choices[i]
+            choice = submission.choices[i]
             text = choice.add(event.text, final=isinstance(event, DoneEvent))
             with_logprobs = params.logprobs is not None and isinstance(event, TokenEvent)
             if isinstance(event, DoneEvent):
@@ -406,14 +408,14 @@ async def _stream(served: Served, run: Run, params: Params, kind: str):
             elif text or with_logprobs:
                 yield chunk(i, text, [event] if with_logprobs else None)
             if choice.stopped:
-                run.jobs[i].cancel()
+                submission.jobs[i].cancel()
         if params.include_usage:
-            total = sum(c.completion_tokens for c in run.choices)
+            total = sum(c.completion_tokens for c in submission.choices)
             object_kind = "text_completion" if kind == "completion" else "chat.completion.chunk"
             yield _sse(api.usage_chunk(served, rid, object_kind, params, total))
         yield "data: [DONE]\n\n"
     finally:  # normal end, or the client went away (this task was cancelled)
-        run.cancel()
+        submission.cancel()
 
 
 # -------------------------------------------------------------------------------------------------
