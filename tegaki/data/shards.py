@@ -247,17 +247,8 @@ def prepare(
     exist, so an interrupted preparation continues; `meta.json` is written last and marks the
     folder complete.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise TegakiError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if workers is not None and (type(workers) is not int or workers < 1):
-        raise TegakiError(f"--workers must be at least 1 (or left out: every core), got {workers}")
-    if type(piece_chars) is not int or piece_chars < 1:
-        raise TegakiError(f"--piece-chars must be at least 1, got {piece_chars}")
+    _check_numbers(val_fraction, workers, piece_chars)
     folder = Path(out)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise explain_os_error(folder, e, doing="create") from None
     dtype = token_dtype(tokenizer.vocab_size)
     settings = {
         "data": str(data),
@@ -267,48 +258,15 @@ def prepare(
         "piece_chars": piece_chars,
         "text_column": text_column,
     }
-    settings_path = folder / "prepare.json"
-    if settings_path.exists():
-        previous = read_json(settings_path, "run `tegaki prepare` again into an empty folder")
-        if previous != settings:
-            changed = sorted(k for k in settings if previous.get(k) != settings[k])
-            raise TegakiError(
-                f"{folder} holds shards prepared with other settings ({', '.join(changed)} differ); "
-                "use another --out folder or delete this one"
-            )
-    else:
-        atomic_write_json(settings_path, settings)
-    meta_path = folder / "meta.json"
-    if meta_path.exists():
+    _claim_folder(folder, settings)
+    if (folder / "meta.json").exists():
         return PrepareResult(folder, load_meta(folder), 0.0, 0)
-
-    encoder = Encoder(tokenizer, fast=fast)
     workers = workers or min(os.cpu_count() or 1, 8)
-    # tiktoken releases the GIL, so threads share one encoder; the Python encoder needs processes.
-    if encoder.releases_gil or workers == 1:
-        pool = ThreadPoolExecutor(workers, initializer=_init_worker, initargs=(encoder,))
-    else:
-        import multiprocessing
-
-        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(encoder,))
-
+    pieces = iter_pieces(iter_documents(data, text_column), piece_chars)
     bar = _progress_bar(total=source_size(str(data)), enabled=progress, desc="prepare")
     start = time.perf_counter()
-    text_bytes = 0
-    n_pieces = 0
-    pending = set()
-    with pool:
-        for index, piece in enumerate(iter_pieces(iter_documents(data, text_column), piece_chars)):
-            n_pieces = index + 1
-            if (folder / f"train_{index:06d}.bin").exists() and (folder / f"val_{index:06d}.bin").exists():
-                bar.update(sum(len(t) for t, _ in piece))  # done before an interruption
-                continue
-            pending.add(pool.submit(_encode_in_worker, index, piece, dtype.str))
-            if len(pending) >= 2 * workers:  # bounded: a huge corpus never sits in memory at once
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                text_bytes += _write_pieces(done, folder, val_fraction, bar)
-        text_bytes += _write_pieces(pending, folder, val_fraction, bar)
+    with _pool(Encoder(tokenizer, fast=fast), workers) as pool:
+        n_pieces, text_bytes = _encode_pieces(pool, workers, pieces, folder, dtype, val_fraction, bar)
     bar.close()
     seconds = time.perf_counter() - start
     if n_pieces == 0:
@@ -316,8 +274,66 @@ def prepare(
     meta = _summarise(folder, n_pieces, settings, tokenizer, dtype)
     if meta["train_tokens"] == 0:
         raise TegakiError(f"the corpus {data!r} holds no text")
-    atomic_write_json(meta_path, meta)
+    atomic_write_json(folder / "meta.json", meta)
     return PrepareResult(folder, meta, seconds, text_bytes)
+
+
+def _check_numbers(val_fraction: float, workers: int | None, piece_chars: int) -> None:
+    if not 0.0 <= val_fraction < 1.0:
+        raise TegakiError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if workers is not None and (type(workers) is not int or workers < 1):
+        raise TegakiError(f"--workers must be at least 1 (or left out: every core), got {workers}")
+    if type(piece_chars) is not int or piece_chars < 1:
+        raise TegakiError(f"--piece-chars must be at least 1, got {piece_chars}")
+
+
+def _claim_folder(folder: Path, settings: dict[str, Any]) -> None:
+    """Create `folder` and record the settings in prepare.json; a folder prepared with other
+    settings is refused, so a resumed preparation never mixes two tokenizations."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise explain_os_error(folder, e, doing="create") from None
+    settings_path = folder / "prepare.json"
+    if not settings_path.exists():
+        atomic_write_json(settings_path, settings)
+        return
+    previous = read_json(settings_path, "run `tegaki prepare` again into an empty folder")
+    if previous != settings:
+        changed = sorted(k for k in settings if previous.get(k) != settings[k])
+        raise TegakiError(
+            f"{folder} holds shards prepared with other settings ({', '.join(changed)} differ); "
+            "use another --out folder or delete this one"
+        )
+
+
+def _pool(encoder: Encoder, workers: int):
+    """tiktoken releases the GIL, so threads share one encoder; the Python encoder needs processes."""
+    if encoder.releases_gil or workers == 1:
+        return ThreadPoolExecutor(workers, initializer=_init_worker, initargs=(encoder,))
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(encoder,))
+
+
+def _encode_pieces(pool, workers: int, pieces, folder: Path, dtype: np.dtype, val_fraction: float, bar):
+    """Encode the pieces whose shards are missing, at most 2 x workers in flight, and write each
+    as it comes back. Returns (pieces in the corpus, bytes of text encoded)."""
+    text_bytes = 0
+    n_pieces = 0
+    pending = set()
+    for index, piece in enumerate(pieces):
+        n_pieces = index + 1
+        if (folder / f"train_{index:06d}.bin").exists() and (folder / f"val_{index:06d}.bin").exists():
+            bar.update(sum(len(t) for t, _ in piece))  # done before an interruption
+            continue
+        pending.add(pool.submit(_encode_in_worker, index, piece, dtype.str))
+        if len(pending) >= 2 * workers:  # bounded: a huge corpus never sits in memory at once
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            text_bytes += _write_pieces(done, folder, val_fraction, bar)
+    text_bytes += _write_pieces(pending, folder, val_fraction, bar)
+    return n_pieces, text_bytes
 
 
 def _write_pieces(futures, folder: Path, val_fraction: float, bar) -> int:
