@@ -1,41 +1,32 @@
 """The CPU's fast decoding layer: how each linear layer multiplies, chosen by measuring on this machine.
 
-Decoding one token multiplies one vector by every weight matrix, so a step's time is mostly the time
-to stream every weight from memory once. PyTorch offers more than one kernel for that product, and
-which is fastest depends on the CPU, the dtype and the shape:
+A decode step multiplies one vector by every weight matrix, so its time is the time to stream the
+weights from memory. Which kernel streams them fastest depends on the CPU, the dtype and the shape:
 
-    "plain"   F.linear, nn.Linear's own call (PyTorch's default BLAS for the dtype): the readable twin
-    "onednn"  oneDNN's kernel (`torch.ops.mkldnn._linear_pointwise`) reading the weight where it is
-    "packed"  the same kernel reading a copy of the weight in the layout oneDNN asks for
-              (`torch.ops.mkldnn._reorder_linear_weight`): re-blocked tiles for bfloat16
-    "loop"    tegaki's own loop (tegaki/kernels/matvec.cpp, built by native.py where a
-              C++ compiler is): each weight row streamed once, asked for ahead of use, into every
-              row of a decode step; oneDNN's kernel for more rows than ROWS_BY_LOOP (a prompt)
+    "plain"   F.linear, nn.Linear's own call: the readable twin
+    "onednn"  oneDNN's kernel (`torch.ops.mkldnn._linear_pointwise`) on the weight as it is
+    "packed"  the same kernel on a copy in oneDNN's own layout (`_reorder_linear_weight`)
+    "loop"    tegaki's loop (tegaki/kernels/matvec.cpp, built by native.py where a C++ compiler is)
+              for up to ROWS_BY_LOOP rows; oneDNN's kernel for more (a prompt)
 
-None wins everywhere: the oneDNN kernel reads float32 faster than MKL's on some CPUs and slower on
-others. So the layer does not assume: for each (shape, dtype) of a model it times each path on the
-model's own weights of that shape, one row at a time as a decode step multiplies them, in interleaved
-rounds, and keeps the fastest (`choose`). A path other than "plain" must beat the simpler paths
-before it by MARGIN ("packed" costs a copy of the weight; "loop" a build), so that noise never picks a
-slower path. The answer is kept for the process (`CHOICES`); `describe` says what was chosen and the
-times that chose it (`tegaki generate --verbose`).
+`choose` times each path on the model's own weights of each (shape, dtype), one row at a time, in
+interleaved rounds, and keeps the fastest; a path must beat the simpler ones before it by MARGIN, so
+that noise never picks a slower path. Choices are kept for the process (`CHOICES`) and reported by
+`describe` (`tegaki generate --verbose`).
 
-Every path gives nn.Linear's values up to the order of the additions (tests/test_decoding.py).
-`FastLinear` is the swapped-in layer; it keeps the original weight (the readable twin,
-`forward_reference`, and what `state_dict` saves). The model is handed to this layer from outside,
-in one of two ways:
+`FastLinear` is the swapped-in layer. It keeps the original weight (the readable twin,
+`forward_reference`, and what `state_dict` saves); every path equals nn.Linear up to the order of the
+additions (tests/test_decoding.py). The model is handed to this layer from outside:
 
-- `decoding_layout(model)`: for the length of a `with` block, then the model is as it was (what
-  `generate` does, so `model.generate(...)` decodes through the chosen paths without a flag);
-- `prepare_for_decoding(model)`: once and for good, for code that only decodes (`tegaki generate`,
-  `tegaki serve`, a compiled step). A prepared model refuses to train: reload it to train it.
+- `decoding_layout(model)`: for the length of a `with` block (what `generate` does);
+- `prepare_for_decoding(model)`: for good, for code that only decodes (`tegaki generate`, `serve`,
+  a compiled step); a prepared model refuses to train.
 Both take `path=` to force one path everywhere (benchmarks, tests).
 
-Under torch.compile a layer given one float32 row takes `forward_matvec` (the product written as
-dot products, which inductor turns into its own loop over the plain weight); a "plain" layer traces
-F.linear; the oneDNN paths run as one operator of the graph (opaque.py). `CompiledCpuStep` is the
-decode step a compiled CPU model runs: attention written out (inductor fuses its few small products),
-switched from here around each call (`GPT.attention_as`), so the model itself holds no switch for it.
+Under torch.compile a float32 row takes `forward_matvec` (dot products that inductor turns into its
+own loop), and the oneDNN paths run as one operator of the graph (opaque.py). `CompiledCpuStep` is a
+compiled CPU model's decode step, with attention written out (`GPT.attention_as`) so that inductor
+fuses its small products; the switch lives here, not in the model.
 """
 
 from __future__ import annotations
