@@ -3,7 +3,7 @@
     GET  /health                  {"status": "ok", ...}: the model, requests under way, counters
     GET  /v1/models               the one model served
     POST /v1/completions          text in, text out (streamed as server-sent events with stream=true)
-    POST /v1/chat/completions     messages through the chat template (see templates.py)
+    POST /v1/chat/completions     messages through the chat template (tegaki/chat_template.py)
     GET  /                        the page (static/index.html) and its files under /static/
     GET  /api/model               the page's header: config, chat template, parameter table
     POST /api/next                next-token bars for a text under given sampling settings
@@ -47,8 +47,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tegaki.errors import TegakiError
-from tegaki.serve import api, insides
-from tegaki.serve.api import ApiError, ChoiceText, Limits, Params, Served
+from tegaki.serve import api, insides, responses
+from tegaki.serve.api import ApiError, Limits, Params, Served
 from tegaki.serve.engine import DoneEvent, Engine, EngineFull, TokenEvent
 
 STATIC = Path(__file__).parent / "static"
@@ -72,7 +72,7 @@ def create_app(
     """The app for one served model; the caller owns the engine (and closes it)."""
     routes = [
         Route("/health", lambda r: _health(served, engine), methods=["GET"]),
-        Route("/v1/models", lambda r: JSONResponse(api.models_list(served)), methods=["GET"]),
+        Route("/v1/models", lambda r: JSONResponse(responses.models_list(served)), methods=["GET"]),
         Route("/v1/completions", _endpoint(served, engine, limits, "completion"), methods=["POST"]),
         Route("/v1/chat/completions", _endpoint(served, engine, limits, "chat"), methods=["POST"]),
         Route("/", lambda r: FileResponse(STATIC / "index.html"), methods=["GET"]),
@@ -318,7 +318,7 @@ class Submission:
             raise ApiError(429, str(e), code="server_busy", kind="server_busy") from None
         except TegakiError as e:
             raise ApiError(400, str(e)) from None
-        self.choices = [ChoiceText(params.stop) for _ in params.requests]
+        self.choices = [responses.ChoiceText(params.stop) for _ in params.requests]
         self.open = len(self.jobs)
 
     def _sink(self, loop, index: int):
@@ -369,8 +369,8 @@ async def _collect(served: Served, submission: Submission, params: Params, kind:
     finally:
         gone.cancel()
         submission.cancel()
-    respond = api.completion_response if kind == "completion" else api.chat_response
-    return respond(served, api.new_id("cmpl" if kind == "completion" else "chatcmpl"), submission.choices, params)
+    respond = responses.completion_response if kind == "completion" else responses.chat_response
+    return respond(served, responses.new_id("cmpl" if kind == "completion" else "chatcmpl"), submission.choices, params)
 
 
 def _sse(obj) -> str:
@@ -379,21 +379,22 @@ def _sse(obj) -> str:
 
 async def _stream(served: Served, submission: Submission, params: Params, kind: str):
     """Server-sent events: one chunk per piece of text (per token when logprobs are asked for)."""
-    rid = api.new_id("cmpl" if kind == "completion" else "chatcmpl")
+    rid = responses.new_id("cmpl" if kind == "completion" else "chatcmpl")
     offsets = [0] * len(submission.choices)
 
     def chunk(i: int, text: str, events, finish=None) -> str:
         if kind == "completion":
-            c = api.completion_chunk(served, rid, i, text, events, finish, offsets[i])
+            c = responses.completion_chunk(served, rid, i, text, events, finish, offsets[i])
         else:
-            c = api.chat_chunk(served, rid, i, {"content": text} if text or finish is None else {}, events, finish)
+            delta = {"content": text} if text or finish is None else {}
+            c = responses.chat_chunk(served, rid, i, delta, events, finish)
         offsets[i] += len(text)
         return _sse(c)
 
     try:
         if kind == "chat":  # OpenAI's first chunk of each choice carries the role
             for i in range(len(submission.choices)):
-                yield _sse(api.chat_chunk(served, rid, i, {"role": "assistant", "content": ""}, None))
+                yield _sse(responses.chat_chunk(served, rid, i, {"role": "assistant", "content": ""}, None))
         while submission.open:
             try:
                 i, event = await submission.next()
@@ -412,7 +413,7 @@ async def _stream(served: Served, submission: Submission, params: Params, kind: 
         if params.include_usage:
             total = sum(c.completion_tokens for c in submission.choices)
             object_kind = "text_completion" if kind == "completion" else "chat.completion.chunk"
-            yield _sse(api.usage_chunk(served, rid, object_kind, params, total))
+            yield _sse(responses.usage_chunk(served, rid, object_kind, params, total))
         yield "data: [DONE]\n\n"
     finally:  # normal end, or the client went away (this task was cancelled)
         submission.cancel()
