@@ -1,20 +1,8 @@
-"""Layers whose kernel reads a weight torch.compile cannot look inside: oneDNN's packed copy
-(`decoding.FastLinear` on the "packed" path, an opaque tensor), and how a compiled graph calls them
-as one operator; and when such a copy is stale.
-
-Left to itself, torch.compile would trace the layer's plain twin instead, and the compiled step
-would not multiply the way the eager one was measured to be fastest. So such a layer registers
-itself here, and under compile it calls `eager_layer(x, weight, layer_id)`: one custom operator
-whose body is the layer's own eager forward, run when the graph runs. The same kernel reads the
-same bytes, so the layer gives the same numbers compiled and eager; the compiler sees one operator
-with a known output shape, and fuses everything around it. `weight` is passed so that the compiler
-knows the output depends on it (and for the output's shape); the id is a tensor (a buffer of the
-layer), which the compiler does not specialise on, so one graph serves every layer of a model. The
-operator has no gradient: a layer takes it only where none is wanted, and traces its readable twin
-otherwise.
-
-The packed copy is rebuilt when the tensor it was made from is replaced or written in place
-(load_state_dict, `.to(...)`): `tensor_key` is what changes then.
+"""Calling a layer whose weight torch.compile cannot look inside (oneDNN's packed copy in
+`decoding.FastLinear`) from a compiled graph: as one custom operator, `eager_layer`, whose body is
+the layer's own eager forward. Traced as it is, the layer would compile its plain twin instead; this
+way compiled and eager run the same kernel on the same bytes, and the compiler fuses what surrounds
+one operator of known output shape. The operator has no gradient.
 """
 
 from __future__ import annotations
@@ -29,18 +17,16 @@ _layers: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictiona
 
 
 def register(layer: nn.Module) -> torch.Tensor:
-    """Make `layer` callable from a compiled graph; returns the id the graph will name it by, as a
-    0-d tensor for the layer to keep as a buffer. Call it again for a copy (deepcopy, unpickling):
-    a copy is another layer."""
+    """Make `layer` callable from a compiled graph; returns its id as a 0-d tensor, for the layer
+    to keep as a buffer."""
     _layers[id(layer)] = layer
     return torch.tensor(id(layer), dtype=torch.int64)
 
 
 class OpaqueLayer(nn.Module):
-    """What a layer with a packed copy needs: the copy (`packed`, made from tensors whose
-    `tensor_key`s are `packed_from`; never saved, rebuilt on need) and the id a compiled graph calls
-    the layer by. A copy (deepcopy, pickling) cannot read the packed copy and is a layer of its own:
-    it packs its own and registers again."""
+    """A layer with a packed copy: the copy (`packed`, made from tensors whose `tensor_key`s are
+    `packed_from`; never saved, rebuilt when they change) and the id a compiled graph calls it by.
+    A deepcopy or unpickled layer is another layer: it packs its own copy and registers again."""
 
     def __init__(self):
         super().__init__()
@@ -59,22 +45,23 @@ class OpaqueLayer(nn.Module):
 
 
 def tensor_key(t: torch.Tensor) -> tuple:
-    """What changes when t is replaced or written in place: its storage, its in-place write count and
-    its dtype. A tensor made under torch.inference_mode keeps no count (and cannot be written in place
-    outside one)."""
+    """What changes when t is replaced or written in place (load_state_dict, `.to(...)`): its
+    storage, its in-place write count and its dtype. An inference-mode tensor keeps no count (and
+    cannot be written in place outside inference mode)."""
     return (t.data_ptr(), None if t.is_inference() else t._version, t.dtype)
 
 
 def wanted(x: torch.Tensor) -> bool:
-    """Under torch.compile, whether a layer should call `eager_layer` on x: on the CPU, and where no
-    gradient is needed (the operator has none)."""
+    """Whether a compiled layer calls `eager_layer` on x: on the CPU, with no gradient wanted."""
     return x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
 
 
 @torch.library.custom_op("tegaki::eager_layer", mutates_args=())
 def eager_layer(x: torch.Tensor, weight: torch.Tensor, layer_id: torch.Tensor) -> torch.Tensor:
-    """The registered layer's eager forward on x: (..., in) -> (..., out = weight.shape[0]), in x's
-    dtype. `forward`, not the call: the compiled graph has run the layer's hooks already."""
+    """The registered layer's eager forward: (..., in) -> (..., weight.shape[0]) in x's dtype.
+    `weight` shows the compiler what the output depends on; `layer_id` is a tensor, which it does
+    not specialise on, so one graph serves every layer. `forward`, not the call: the graph has run
+    the layer's hooks already."""
     return _layers[int(layer_id)].forward(x)
 
 

@@ -78,7 +78,7 @@ def parse_entries(text: str) -> list[Entry]:
         if not item:
             continue
         preset, *overrides = item.split(":")
-        ModelConfig.preset(preset)  # an unknown preset fails now, with the list of known ones
+        ModelConfig.preset(preset)  # an unknown preset fails here, before any training, with the list of known ones
         entries.append(Entry(item, preset, overrides))
     if len(entries) < 1:
         raise TegakiError("--presets needs at least one preset, e.g. --presets tiny,tiny-llama")

@@ -144,7 +144,7 @@ def capture(model, ids: list[int] | torch.Tensor, attention_layers: list[int] = 
         for h in handles:
             h.remove()
     missing = [layer for layer in attention_layers if layer not in cap.attention]
-    if missing:  # the model's written-out path no longer goes through attn_dropout
+    if missing:  # the hooks sit on attn_dropout: a written-out path that skips it shows nothing
         raise RuntimeError(f"could not capture the attention weights of layer(s) {missing}")
     return cap
 

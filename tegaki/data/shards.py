@@ -94,9 +94,9 @@ def iter_pieces(
 class Encoder:
     """Text -> ids for data preparation.
 
-    The readable path is the tokenizer's own `encode_ordinary` (pure Python, ~2 MB/s). For a
+    The readable path is the tokenizer's own `encode_ordinary` (pure Python). For a
     byte-level BPE the same vocabulary is handed to tiktoken, whose Rust core gives the same ids
-    (checked per vocabulary, and by tests/test_data.py) many times faster and lets threads run in
+    (checked per vocabulary, and by tests/test_data.py) faster and lets threads run in
     parallel; `fast=False` keeps to the readable loop.
     """
 

@@ -111,7 +111,7 @@ def score_records(model, tokenizer, template, path: str | Path, max_seq_len: int
     records = read_records(path)
     if max_seq_len < 2:
         raise TegakiError(f"--max-seq-len must be at least 2, got {max_seq_len}")
-    # A row is at most the model's context: no longer input can be scored (nor allocated for nothing).
+    # A row is at most the model's context: no input longer than that can be scored (nor allocated for nothing).
     max_seq_len = min(max_seq_len, model_context(model))
     encoded = encode_records(records, template, tokenizer, max_seq_len)
     if not encoded.pairs:

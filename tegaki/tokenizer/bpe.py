@@ -35,7 +35,7 @@ from tegaki.tokenizer.compiled import tiktoken_encoding
 # Pre-tokenization patterns, by name. GPT-2's keeps letters, digits and other symbols apart and
 # glues one leading space to a word. GPT-4's (cl100k) also splits numbers into groups of at most
 # three digits, matches contractions case-insensitively and keeps newlines apart from words. It is
-# written as tiktoken writes it today: possessive quantifiers (`++`, `?+`) never backtrack, which
+# written as tiktoken writes it: possessive quantifiers (`++`, `?+`) never backtrack, which
 # keeps the regex fast, and `\s++$` keeps trailing whitespace at the very end of a text together.
 PATTERNS = {
     "gpt2": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",

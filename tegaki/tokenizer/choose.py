@@ -4,16 +4,11 @@ Japanese has no spaces between words, so GPT-2's pattern makes each run of lette
 clause) one chunk and cuts every punctuation mark and newline off into chunks of their own. GPT-4's
 pattern keeps a punctuation mark or space with the letters after it ("、次に", "「オプション"), a
 sentence end with its newline ("。\\n") and indentation with its line break; merges can then learn
-those frequent joins. Measured with benchmarks/bench_tokenizer.py (16k vocabulary, Japanese manual
-pages, chars/token on held-out *other* pages; see docs/tokenizers.md):
-
-    byte-level BPE, gpt4 pattern   2.72     <- chosen for Japanese/CJK and mixed corpora
-    SentencePiece BPE              2.56
-    byte-level BPE, gpt2 pattern   2.50
-    SentencePiece unigram          2.46
-
-so the byte-level BPE stays the kind (exact bytes, GPT-2-compatible files, tiktoken speed) and only
-its pattern changes. A corpus with few CJK letters keeps the gpt2 pattern it always had.
+those frequent joins. On Japanese text the tokenizer never saw, the byte-level BPE with GPT-4's
+pattern packs the most characters into a token, ahead of SentencePiece's BPE and unigram and of
+GPT-2's pattern (benchmarks/bench_tokenizer.py; the numbers are in benchmarks/RESULTS.md). So the
+byte-level BPE stays the kind (exact bytes, GPT-2-compatible files, tiktoken speed) and only its
+pattern changes. A corpus with few CJK letters keeps the gpt2 pattern.
 """
 
 from __future__ import annotations

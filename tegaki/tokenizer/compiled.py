@@ -1,7 +1,7 @@
 """A compiled encoder for a byte-level BPE: tiktoken running the very same vocabulary.
 
-`bpe.py` encodes in readable Python (~1-2 MB/s); tiktoken's Rust core does the same work many times
-faster and releases the GIL, so threads can share it. It is an optional extra (`pip install -e
+`bpe.py` encodes in readable Python; tiktoken's Rust core does the same work faster and
+releases the GIL, so threads can share it. It is an optional extra (`pip install -e
 '.[fast]'` in a clone); without it the readable encoder runs, and it stays the twin the tests compare with.
 
 tiktoken and the readable loop rank merges differently. Ours fuses the adjacent *pair* (a, b) with

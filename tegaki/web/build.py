@@ -81,7 +81,7 @@ def build(rustc: str) -> None:
 
 
 def check() -> None:
-    """The committed .wasm is the build of today's source."""
+    """The committed .wasm is the build of the committed source."""
     record = json.loads(RECORD.read_text())
     if record["source_sha256"] != sha256(SOURCE):
         raise TegakiError(
