@@ -1,9 +1,9 @@
 """LoRA vs full fine-tuning on the CPU: time per step and optimizer state, side by side; and, given
 two models, the held-out response loss before and after a fine-tune.
 
-    python benchmarks/bench_finetune.py                                  # speed and optimizer state
-    python benchmarks/bench_finetune.py --base runs/demo --tuned runs/demo-lora   # + response loss
-    python benchmarks/bench_finetune.py --shape gpt2 --batch 2 --rounds 5 --steps 1  # GPT-2 124M
+    python -m benchmarks.bench_finetune                                  # speed and optimizer state
+    python -m benchmarks.bench_finetune --base runs/demo --tuned runs/demo-lora   # + response loss
+    python -m benchmarks.bench_finetune --shape gpt2 --batch 2 --rounds 5 --steps 1  # GPT-2 124M
 
 `--shape gpt2` is GPT-2 124M's shape (12 x 768, vocabulary 50,257): the model people fine-tune on
 a CPU, where the batch is small and full fine-tuning's AdamW update of 124M weights is a visible
@@ -23,14 +23,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from benchmarks.common import command_line, interleaved_seconds
 from tegaki.config import ModelConfig
 from tegaki.device import cpu_summary
 from tegaki.eval.text import score_records
@@ -80,13 +76,8 @@ def measure(shape: dict, rounds: int, steps: int, batch: int, seq: int) -> dict:
     runs = {m: contender(m, shape) for m in ("full", "lora")}
     for model, optimizer in runs.values():
         step(model, optimizer, inputs, targets)  # warm-up (and creates the optimizer state)
-    times = {m: [] for m in runs}
-    for _ in range(rounds):
-        for method, (model, optimizer) in runs.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                step(model, optimizer, inputs, targets)
-            times[method].append((time.perf_counter() - start) / steps)
+    steppers = {m: (lambda m=m: step(*runs[m], inputs, targets)) for m in runs}
+    times = interleaved_seconds(steppers, rounds, repeat=steps)
     return {
         m: {
             "ms": [t * 1000 for t in times[m]],
@@ -107,7 +98,7 @@ def response_losses(base: str, tuned: str, records: str, max_seq_len: int) -> di
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_finetune", description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=SHAPES, default="small", help="the model's shape (see above)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="steps per round")
@@ -121,7 +112,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     shape = SHAPES[args.shape]
-    print(f"$ python {' '.join(sys.argv)}")
+    print(f"$ {command_line('bench_finetune')}")
     print(
         f"date {datetime.date.today()}; torch {torch.__version__}; {args.threads} threads; CPU flags: {cpu_summary()}"
     )

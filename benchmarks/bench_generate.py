@@ -1,9 +1,9 @@
 """Decoding speed: tegaki against transformers, CTranslate2 and llama.cpp, and this machine's ceilings.
 
-    python benchmarks/bench_generate.py                    # 5 rounds: about half an hour on 2 cores
-    python benchmarks/bench_generate.py --quick            # one round, fewer tokens: a smoke test
-    python benchmarks/bench_generate.py --append-results   # ... and add the report to RESULTS.md
-    python benchmarks/bench_generate.py --setup-only       # what a call costs before its first token
+    python -m benchmarks.bench_generate                    # 5 rounds: about half an hour on 2 cores
+    python -m benchmarks.bench_generate --quick            # one round, fewer tokens: a smoke test
+    python -m benchmarks.bench_generate --append-results   # ... and add the report to RESULTS.md
+    python -m benchmarks.bench_generate --setup-only       # what a call costs before its first token
     pip install -e ".[bench]"                              # transformers, CTranslate2, llama.cpp
 
 Everything is measured in one run, on GPT-2 124M shapes with random weights (speed does not
@@ -38,49 +38,51 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engines import (  # noqa: E402
-    Worker,
-    decode_layers,
-    engine_available,
-    llama_cpp_converter,
-    make_gguf,
-    prepare_tegaki,
-    tegaki_generate,
-    tegaki_generator,
-    tegaki_variant,
-    transformers_generator,
+from benchmarks.common import (
+    RESULTS,
+    best_of,
+    command_line,
+    finish,
+    interleaved_seconds,
+    load_average,
+    machine_text,
+    module_command,
+    paragraph,
+    spread,
 )
-
-from tegaki import tokenizer as tokenizers  # noqa: E402
-from tegaki.config import ModelConfig  # noqa: E402
-from tegaki.device import CPU_FLAGS, cpu_bf16_hardware, cpu_has  # noqa: E402
-from tegaki.files import atomic_write  # noqa: E402
-from tegaki.generate import generate  # noqa: E402
-from tegaki.kv_cache import KVCache  # noqa: E402
-from tegaki.load import export_hf  # noqa: E402
-from tegaki.model import GPT  # noqa: E402
+from benchmarks.contestants import (
+    GPT2_VOCAB,
+    JOBS,
+    Contestant,
+    Job,
+    Row,
+    agreement,
+    ctranslate2_contestants,
+    llama_cpp_contestants,
+    ratios,
+    run_rounds,
+    worker_contestant,
+)
+from benchmarks.engines import decode_layers, linear_weights, prepare_tegaki, tegaki_generate, tegaki_variant
+from tegaki import tokenizer as tokenizers
+from tegaki.config import ModelConfig
+from tegaki.device import cpu_bf16_hardware
+from tegaki.generate import generate
+from tegaki.kv_cache import KVCache
+from tegaki.load import export_hf
+from tegaki.model import GPT
 
 PROMPT, NEW, PREFILL = 32, 128, 512
-GPT2_VOCAB = 50257  # GPT-2's tokenizer's ids, which llama.cpp's converter reads the vocabulary from
-ENGINES = str(Path(__file__).resolve().parent / "engines.py")
 
 # --isa avx2: every kernel library held back to AVX2 by its own environment variable, read when the
 # library loads (so the benchmark starts itself again with them set): an AVX2-only CPU emulated on
@@ -97,56 +99,12 @@ ISA_CAPS = {
         "TORCHINDUCTOR_CACHE_DIR": str(Path(tempfile.gettempdir()) / "tegaki-inductor-avx2"),
     }
 }
-JOBS = ("batch 1", "prefill", "batch 8")
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-
-
-def best_of(fn, repeats: int) -> float:
-    """The fastest of `repeats` runs, in seconds: the least disturbed by anything else running."""
-    fn()  # warm-up: first-call allocations and kernel selection
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
-# --- the machine ---------------------------------------------------------------------------------
-
-
-def cpu_description() -> tuple[str, list[str], list[str]]:
-    """(the processor's name, the tegaki.device.CPU_FLAGS it has, those it lacks)."""
-    name = platform.processor() or "unknown"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-                break  # every core reports the same
-    return name, [f for f in CPU_FLAGS if cpu_has(f)], [f for f in CPU_FLAGS if not cpu_has(f)]
-
-
-def versions() -> str:
-    """The engines' versions, read from their installed metadata: importing an engine here would
-    load its kernel libraries into this process (see engines.py)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = [f"torch {torch.__version__}"]
-    for package in ("transformers", "ctranslate2", "llama-cpp-python"):
-        try:
-            found.append(f"{package} {version(package)}")
-        except PackageNotFoundError:
-            found.append(f"{package} not installed")
-    return ", ".join(found)
 
 
 # --- ceilings ------------------------------------------------------------------------------------
 
 
 READ_BYTES = 2**30
-COPY_BYTES = 256 * 2**20
 
 
 def read_run():
@@ -154,18 +112,6 @@ def read_run():
     which is what a decode step does with every weight."""
     buffer = torch.ones(READ_BYTES // 4)
     return lambda: buffer.sum()
-
-
-def copy_run():
-    """A 256 MiB copy, beyond every cache (bench_matvec.py's bandwidth: bytes read + written)."""
-    src = torch.empty(COPY_BYTES // 4, dtype=torch.float32).fill_(1.0)
-    dst = torch.empty_like(src)
-    return lambda: dst.copy_(src)
-
-
-def linear_weights(model: GPT) -> list[torch.Tensor]:
-    """The weights a decode step multiplies by, with q/k/v as one (3C, C) matrix as in GPT-2."""
-    return [layer.weight for layer in decode_layers(model)]
 
 
 def bytes_per_token(weights: list[torch.Tensor], precision: str) -> int:
@@ -227,25 +173,8 @@ def read_ceiling_line(ceiling: dict[str, float], weights: list[torch.Tensor], th
     )
 
 
-# --- the contestants -----------------------------------------------------------------------------
+# --- the contestants (contestants.py), tegaki's rows among them --------------------------------
 #
-# Each is a function (prompt ids (B, T), new tokens) -> (the new tokens of each row, greedy; the
-# seconds of the call), so that the three jobs, the timing and the token checks are the same code
-# for every engine. The benchmark's own contestants run in worker processes (engines.py), which
-# time each call themselves.
-
-Run = Callable[[torch.Tensor, int], tuple[list[list[int]], float]]
-
-
-@dataclass
-class Contestant:
-    name: str
-    run: Run
-    precision: str = "fp32"  # of the weights: which ceiling a row is set against
-    jobs: tuple[str, ...] = JOBS
-    worker: Worker | None = None
-
-
 # tegaki's rows: (name, precision, the speed layer's path (None: its own choice), compiled decode
 # step). Compiled rows run batch 1 only: the prompt's forward is eager anyway, and another batch size
 # is another graph to compile. bf16 rows run where the CPU has bf16 hardware only. When tegaki's fast
@@ -258,88 +187,6 @@ TEGAKI_ROWS = (
     ("tegaki int8", "int8", None, False),
     ("tegaki int8, compiled", "int8", None, True),
 )
-
-
-def worker_contestant(name: str, spec: dict, precision: str, jobs: tuple[str, ...] = JOBS) -> Contestant:
-    """A contestant in a worker process of its own, started now and loaded before the next starts:
-    tegaki measures its decoding paths as it loads, which other engines loading beside it would
-    disturb (a choice made on busy cores is kept for the whole run)."""
-    worker = Worker(spec)
-    worker.ready()
-    return Contestant(name, lambda ids, new: worker(ids.tolist(), new), precision, jobs, worker)
-
-
-def timed(generator: Callable[[list[list[int]], int], list[list[int]]]) -> Run:
-    def run(ids, new):
-        t = time.perf_counter()
-        tokens = generator(ids.tolist(), new)
-        return tokens, time.perf_counter() - t
-
-    return run
-
-
-def transformers_contestant(name: str, model) -> Contestant:
-    """transformers in this process (bench_gpu.py's host rows); this benchmark runs it in a worker."""
-    return Contestant(name, timed(transformers_generator(model)))
-
-
-def tegaki_contestant(name: str, model: GPT, compile: bool) -> Contestant:
-    """tegaki in this process, prepared as its default decodes (bench_gpu.py's host rows)."""
-    run = timed(tegaki_generator(prepare_tegaki(model, None), compile))
-    return Contestant(name, run, jobs=("batch 1",) if compile else JOBS)
-
-
-def left_out(note: str, notes: list[str] | None) -> list[Contestant]:
-    print(f"note: {note}", file=sys.stderr)
-    if notes is not None:
-        notes.append(note)
-    return []
-
-
-def ctranslate2_available() -> bool:
-    return engine_available("ctranslate2")
-
-
-def ctranslate2_contestants(
-    hf_folder: str, out_folder: str, vocab_size: int, threads: int, notes: list[str] | None = None
-) -> list[Contestant]:
-    """CTranslate2 fp32 and int8 from the transformers folder (converted in a process of its own too);
-    none, with a note, without ctranslate2."""
-    if not ctranslate2_available():
-        return left_out("ctranslate2 is not installed (pip install ctranslate2): its rows are left out", notes)
-    subprocess.run([sys.executable, ENGINES, "--ct2-convert", hf_folder, out_folder, str(vocab_size)], check=True)
-    contestants = []
-    for precision, compute_type in (("fp32", "float32"), ("int8", "int8")):
-        spec = {"engine": "ctranslate2", "folder": out_folder, "compute_type": compute_type, "threads": threads}
-        contestants.append(worker_contestant(f"CTranslate2 {precision}", spec, precision))
-    return contestants
-
-
-def llama_cpp_contestants(
-    hf_folder: str, out_folder: Path, config: ModelConfig, threads: int, source: str | None, notes: list[str]
-) -> list[Contestant]:
-    """llama.cpp f32 and q8_0, from GGUF files its own converter makes of the transformers folder;
-    none, with a note, without llama-cpp-python or where the folder has no tokenizer the converter
-    reads. llama-cpp-python's Llama decodes one sequence, so these rows run batch 1 and the prefill."""
-    if not engine_available("llama_cpp"):
-        return left_out(
-            "llama-cpp-python is not installed (pip install llama-cpp-python): its rows are left out", notes
-        )
-    if config.vocab_size < GPT2_VOCAB:
-        return left_out(
-            f"llama.cpp's rows are left out: its converter reads the vocabulary from a tokenizer, and "
-            f"GPT-2's ({GPT2_VOCAB:,} ids) does not fit this model's {config.vocab_size:,}",
-            notes,
-        )
-    converter = llama_cpp_converter(source)
-    out_folder.mkdir(parents=True, exist_ok=True)
-    ggufs = {outtype: make_gguf(converter, hf_folder, out_folder, outtype) for outtype in ("f32", "q8_0")}
-    contestants = []
-    for outtype, precision in (("f32", "fp32"), ("q8_0", "int8")):
-        spec = {"engine": "llama.cpp", "gguf": str(ggufs[outtype]), "n_ctx": config.block_size, "threads": threads}
-        contestants.append(worker_contestant(f"llama.cpp {outtype}", spec, precision, ("batch 1", "prefill")))
-    notes.append("llama.cpp runs batch 1 and the prefill: llama-cpp-python's Llama holds one sequence.")
-    return contestants
 
 
 def start_contestants(
@@ -373,74 +220,7 @@ def start_contestants(
     return notes
 
 
-# --- the jobs and the rounds ---------------------------------------------------------------------
-
-
-@dataclass
-class Job:
-    name: str
-    ids: torch.Tensor  # (B, T) prompts
-    new: int  # new tokens per row
-
-    def rate(self, tokens: list[list[int]], seconds: float) -> float:
-        """tokens/s: of the prompt for the prefill (time to first token), else of new tokens."""
-        if self.name == "prefill":
-            return self.ids.numel() / seconds
-        return sum(len(row) for row in tokens) / seconds
-
-
-@dataclass
-class Row:
-    rates: list[float]  # tokens/s, one a round
-    seconds: list[float]
-    tokens: list[list[int]]  # the last round's
-    first_call: float = 0.0  # seconds of the warm-up call (a compiled row compiles in it)
-
-
-def run_rounds(jobs: list[Job], contestants: list[Contestant], rounds: int) -> dict[tuple[str, str], Row]:
-    """Every contestant once per job per round, in turn, after one warm-up call each."""
-    rows = {}
-    for job in jobs:
-        for c in contestants:
-            if job.name in c.jobs:
-                print(f"warm-up: {job.name}, {c.name}", file=sys.stderr, flush=True)
-                tokens, seconds = c.run(job.ids, job.new)
-                rows[job.name, c.name] = Row([], [], tokens, first_call=seconds)
-    for r in range(rounds):
-        for job in jobs:
-            for c in contestants:
-                if job.name not in c.jobs:
-                    continue
-                tokens, seconds = c.run(job.ids, job.new)
-                row = rows[job.name, c.name]
-                row.rates.append(job.rate(tokens, seconds))
-                row.seconds.append(seconds)
-                row.tokens = tokens
-        print(f"round {r + 1}/{rounds} done, load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
-    return rows
-
-
-def agreement(tokens: list[list[int]], reference: list[list[int]]) -> tuple[int, int, int]:
-    """Greedy tokens against the reference's, summed over rows: (how many are repeated before the
-    first difference, how many are equal position by position, how many the reference has). After
-    one near tie flips, two greedy runs usually part ways for good; positions equal after it say
-    whether they found their way back."""
-    prefix = same = total = 0
-    for row, ref in zip(tokens, reference):
-        pairs = list(zip(row, ref))
-        prefix += next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
-        same += sum(a == b for a, b in pairs)
-        total += len(ref)
-    return prefix, same, total
-
-
-def spread(values: list[float], fmt: str = "{:.1f}") -> tuple[str, str]:
-    """(median, min-max) as text."""
-    return fmt.format(statistics.median(values)), f"{fmt.format(min(values))}-{fmt.format(max(values))}"
-
-
-def ratios(row: Row, reference: Row) -> list[float]:
-    return [a / b for a, b in zip(row.rates, reference.rates)]
+# --- the cache at a context ----------------------------------------------------------------------
 
 
 def per_token_at_context(model: GPT, context: int, steps: int = 8) -> float:
@@ -537,8 +317,8 @@ def main(argv: list[str] | None = None) -> str:
     """Run the benchmark, print its report (markdown) and return it."""
     args = parse_args(argv)
     if args.isa and any(os.environ.get(k) != v for k, v in ISA_CAPS[args.isa].items()):
-        raise SystemExit(f"--isa {args.isa} must be set before the libraries load: run the script itself")
-    command = shlex.join(["python", "benchmarks/bench_generate.py", *(sys.argv[1:] if argv is None else argv)])
+        raise SystemExit(f"--isa {args.isa} must be set before the libraries load: run the module itself")
+    command = command_line("bench_generate", argv)
     torch.set_num_threads(args.threads)
     if args.setup_only:
         torch.manual_seed(0)
@@ -557,7 +337,7 @@ def main(argv: list[str] | None = None) -> str:
     rounds = args.rounds or (1 if args.quick else 5)
     new, prefill = (32, 128) if args.quick else (NEW, PREFILL)
     started = datetime.datetime.now(datetime.timezone.utc)
-    load_at_start = os.getloadavg()[0]
+    load_at_start = load_average()
 
     inductor_files_at_start = inductor_cache_files()
     torch.manual_seed(0)
@@ -615,12 +395,12 @@ def main(argv: list[str] | None = None) -> str:
         ppl, label = perplexities(args.train_steps if not args.quick else 100)
         lines += ["", f"Perplexity ({label}): " + ", ".join(f"{m} {p:.3f}" for m, p in ppl.items())]
     minutes = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60
-    lines += ["", f"Load average at the end: {os.getloadavg()[0]:.1f}; the run took {minutes:.1f} minutes."]
+    lines += ["", f"Load average at the end: {load_average():.1f}; the run took {minutes:.1f} minutes."]
     return finish(lines, args.append_results)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one round, 32 new tokens, a 128-token prefill")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rounds", type=int, default=None, help="rounds of every contestant (default 5, quick 1)")
@@ -653,16 +433,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def machine_text() -> str:
-    """The machine as a report names it: cores, CPU flags, library versions, threads."""
-    name, have, lack = cpu_description()
-    return (
-        f'Machine: {os.cpu_count()} cores of "{name}"; CPU flags present: '
-        f"{' '.join(have) or 'none of these'}; absent: {' '.join(lack) or 'none'} (torch's CPU capability: "
-        f"{torch.backends.cpu.get_cpu_capability()}). {versions()}; {torch.get_num_threads()} threads"
-    )
-
-
 def header_lines(args, command, started, load_at_start, base, rounds, notes, loaded) -> list[str]:
     """The section's title, and what was run where: the command, the machine, the versions, what
     each worker loaded and which rows were left out."""
@@ -688,11 +458,6 @@ def header_lines(args, command, started, load_at_start, base, rounds, notes, loa
     if notes:
         lines += ["", *(f"- {note}" for note in notes)]
     return lines
-
-
-def paragraph(text: str) -> str:
-    """Wrapped as RESULTS.md is, at 100 columns."""
-    return textwrap.fill(text, 100, break_long_words=False, break_on_hyphens=False)
 
 
 def job_table(job: Job, rows, contestants: list[Contestant], ceiling, weights) -> list[str]:
@@ -800,24 +565,6 @@ def compile_cost_lines(rows: dict[tuple[str, str], Row], inductor_files: int) ->
     return ["", paragraph(text + "; ".join(parts) + ".")]
 
 
-def interleaved_seconds(
-    runs: dict[str, Callable[[], object]], rounds: int, *, repeat: int = 1, pause: float = 0.0
-) -> dict[str, list[float]]:
-    """Seconds per call of each run: every run `repeat` times a round, in turn, for `rounds` rounds
-    (a burst of other work then hits them alike), `pause` seconds before each; progress on stderr.
-    No warm-up: callers make their own (some keep its output)."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for r in range(rounds):
-        for name, run in runs.items():
-            time.sleep(pause)
-            t = time.perf_counter()
-            for _ in range(repeat):
-                run()
-            times[name].append((time.perf_counter() - t) / repeat)
-        print(f"round {r + 1}/{rounds}, load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
-    return times
-
-
 def long_output_lines(base: GPT, positions: int, rounds: int = 3) -> list[str]:
     """tegaki fp32 eager against compiled over the whole context: the static cache of a compiled
     step attends over every slot from the first token, so its lead shrinks as the output grows."""
@@ -889,28 +636,10 @@ def context_lines(fp32: GPT) -> list[str]:
     ]
 
 
-def finish(lines: list[str], results: str | None) -> str:
-    """Print the report; with --append-results, add it to the end of that file as a new section."""
-    report = "\n".join(lines) + "\n"
-    print(report, end="")
-    if results:
-        append_section(Path(results), report)
-        print(f"appended to {results}", file=sys.stderr)
-    return report
-
-
-def append_section(path: Path, section: str) -> None:
-    """Add `section` after everything already in `path`, which stays byte for byte as it was. The
-    new file is written beside it and renamed over it: a crash leaves the old file or the new one."""
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    new = old + ("" if old.endswith("\n") else "\n") + "\n" + section
-    atomic_write(path, lambda tmp: Path(tmp).write_text(new, encoding="utf-8"))
-
-
 if __name__ == "__main__":
     isa = next((sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--isa"), None)
     isa = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--isa=")), isa)
     caps = ISA_CAPS.get(isa, {})
     if any(os.environ.get(k) != v for k, v in caps.items()):  # start again with the caps in place
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **caps})
+        os.execve(sys.executable, module_command("bench_generate", *sys.argv[1:]), {**os.environ, **caps})
     main()

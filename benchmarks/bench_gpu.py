@@ -1,7 +1,7 @@
 """tegaki on one CUDA GPU, side by side in one run: parity, training and decoding speed, the CUDA tests.
 
-    python benchmarks/bench_gpu.py             # about 5 minutes on one H100/H200; appends to RESULTS.md
-    python benchmarks/bench_gpu.py --smoke     # every code path on the CPU at toy sizes, nothing appended
+    python -m benchmarks.bench_gpu             # about 5 minutes on one H100/H200; appends to RESULTS.md
+    python -m benchmarks.bench_gpu --smoke     # every code path on the CPU at toy sizes, nothing appended
 
 What it prints (and appends to benchmarks/RESULTS.md with the command, device and date):
   parity      tiny random GPT-2, Llama, Qwen3, GPT-OSS checkpoints written by transformers: the
@@ -32,7 +32,6 @@ import argparse
 import datetime
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -42,33 +41,18 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks.bench_train import SHAPE, Baseline, build, time_steps
+from benchmarks.common import RESULTS, ROOT, Report, append_section, command_line, median_range
+from benchmarks.contestants import Job, ratios, run_rounds, tegaki_contestant, transformers_contestant
+from benchmarks.engines import tegaki_variant
+from tegaki.config import ModelConfig
+from tegaki.device import cpu_bf16_hardware, cpu_has, cpu_summary, mfu, peak_flops, pick_dtype, synchronize
+from tegaki.generate import generate
+from tegaki.load import export_hf, from_pretrained
+from tegaki.model import GPT
+from tegaki.train import flops_per_token
 
-from bench_train import SHAPE, Baseline, build, time_steps  # noqa: E402
-
-from tegaki.config import ModelConfig  # noqa: E402
-from tegaki.device import cpu_bf16_hardware, cpu_has, cpu_summary, mfu, peak_flops, pick_dtype, synchronize  # noqa: E402
-from tegaki.generate import generate  # noqa: E402
-from tegaki.load import export_hf, from_pretrained  # noqa: E402
-from tegaki.model import GPT  # noqa: E402
-from tegaki.train import flops_per_token  # noqa: E402
-
-
-class Report:
-    """Prints as it goes and keeps the lines for RESULTS.md."""
-
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def __call__(self, line: str = "") -> None:
-        print(line, flush=True)
-        self.lines.append(line)
-
-
-def spread(values: list[float], fmt: str = ",.0f") -> str:
-    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+COUNT = "{:,.0f}"  # tokens/s in the tables: median (range)
 
 
 def timed(fn, device: torch.device, repeats: int) -> list[float]:
@@ -189,7 +173,7 @@ def train_rows(report: Report, device: torch.device, smoke: bool) -> dict[str, f
         base = "nanoGPT-style baseline" + (", compiled" if "compiled" in name else "")
         ratio = statistics.median(tps[name]) / statistics.median(tps[base])
         report(
-            f"| {name} | {spread(tps[name])} | {mfu(statistics.median(tps[name]), flops_tok, peak):.1%} | "
+            f"| {name} | {median_range(tps[name], COUNT)} | {mfu(statistics.median(tps[name]), flops_tok, peak):.1%} | "
             f"{ratio:.2f}x |"
         )
     return {name: statistics.median(v) for name, v in tps.items()}
@@ -219,7 +203,8 @@ def train_loop_row(report: Report, device: torch.device, tmp: Path, bare: float 
     train(cfg)
     records = [r for r in read_metrics(Path(cfg.out) / "metrics.jsonl") if "tokens_per_s" in r]
     steady = [r["tokens_per_s"] for r in records[len(records) // 2 :]]  # after compiling and warm-up
-    line = f"`tegaki train` ({cfg.preset}, compiled={cfg.compile}): {spread(steady)} tokens/s over its last steps"
+    line = f"`tegaki train` ({cfg.preset}, compiled={cfg.compile}): {median_range(steady, COUNT)} tokens/s"
+    line += " over its last steps"
     if bare:
         line += f", {statistics.median(steady) / bare:.0%} of the bare compiled step"
     report(line)
@@ -274,9 +259,10 @@ def decode_rows(report: Report, device: torch.device, tmp: Path, smoke: bool) ->
             tps = {name: [batch * new / t for t in timed(fn, device, repeats)] for name, fn in runs.items()}
             med = {name: statistics.median(v) for name, v in tps.items()}
             label = str(dtype).replace("torch.", "")
+            cells = [median_range(tps[name], COUNT) for name in ("hf", "default", "compiled")]
             report(
-                f"| {batch} | {label} | {spread(tps['hf'])} | {spread(tps['default'])} | "
-                f"{spread(tps['compiled'])} | {med['default'] / med['hf']:.2f}x | {med['compiled'] / med['hf']:.2f}x |"
+                f"| {batch} | {label} | {' | '.join(cells)} | {med['default'] / med['hf']:.2f}x | "
+                f"{med['compiled'] / med['hf']:.2f}x |"
             )
             if dtype == torch.float32:
                 report(
@@ -293,7 +279,6 @@ def decode_rows(report: Report, device: torch.device, tmp: Path, smoke: bool) ->
 def host_cpu_rows(report: Report, tmp: Path, smoke: bool, nanogpt: str | None) -> None:
     """The goals of a CPU with AMX, on this machine's CPU and 2 threads (see the module's docstring).
     The smoke run takes this path on any CPU, at toy sizes."""
-    import bench_generate as bg
     from transformers import GPT2LMHeadModel
 
     if not (smoke or cpu_has("amx_bf16")):
@@ -310,20 +295,21 @@ def host_cpu_rows(report: Report, tmp: Path, smoke: bool, nanogpt: str | None) -
         base = GPT(config).eval()
         export_hf(base, tmp / "cpu-gpt2")
         hf = GPT2LMHeadModel.from_pretrained(tmp / "cpu-gpt2").eval()
-        contestants = [bg.transformers_contestant("transformers fp32", hf)]
+        contestants = [transformers_contestant("transformers fp32", hf)]
         contestants += [
-            bg.tegaki_contestant(f"tegaki {m}", bg.tegaki_variant(base, m), False) for m in ("fp32", "bf16", "int8")
+            tegaki_contestant(f"tegaki {m}", tegaki_variant(base, m), False) for m in ("fp32", "bf16", "int8")
         ]
         prompt = torch.randint(0, config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
-        job = bg.Job("batch 1", prompt, new)
-        rows = bg.run_rounds([job], contestants, rounds)
+        job = Job("batch 1", prompt, new)
+        rows = run_rounds([job], contestants, rounds)
         reference = rows[job.name, "transformers fp32"]
         report(f"decoding: batch 1, prompt 32 + {new} greedy tokens, {rounds} interleaved rounds")
         report("| contestant | tokens/s | x transformers fp32 (within rounds) |")
         report("| --- | ---: | ---: |")
         for c in contestants:
             row = rows[job.name, c.name]
-            report(f"| {c.name} | {spread(row.rates, ',.1f')} | {spread(bg.ratios(row, reference), '.2f')} |")
+            rates, x = median_range(row.rates, "{:,.1f}"), median_range(ratios(row, reference), "{:.2f}")
+            report(f"| {c.name} | {rates} | {x} |")
         same = rows[job.name, "tegaki fp32"].tokens == reference.tokens
         report(f"(tegaki fp32's greedy tokens equal transformers fp32's: {same})")
         report()
@@ -342,7 +328,7 @@ def host_cpu_rows(report: Report, tmp: Path, smoke: bool, nanogpt: str | None) -
         report("| --- | ---: | ---: |")
         for c in contenders:
             speedup = fp32[c.name.split()[0]] / statistics.median(c.times)
-            report(f"| {c.name} | {spread([tokens / t for t in c.times])} | {speedup:.2f}x |")
+            report(f"| {c.name} | {median_range([tokens / t for t in c.times], COUNT)} | {speedup:.2f}x |")
     finally:
         torch.set_num_threads(threads)
 
@@ -364,7 +350,7 @@ def cuda_tests(report: Report) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_gpu", description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: check the script, append nothing")
     p.add_argument("--no-append", action="store_true", help="print only; leave RESULTS.md alone")
     p.add_argument("--skip", nargs="*", default=[], choices=["parity", "train", "loop", "decode", "tests", "cpu"])
@@ -386,7 +372,7 @@ def main() -> None:
     name = "CPU (smoke run)" if args.smoke else torch.cuda.get_device_name(device)
     report(f"### GPU run, {datetime.date.today()}: {name}")
     report()
-    report(f"`python benchmarks/bench_gpu.py {shlex.join(sys.argv[1:])}`".replace(" `", "`"))
+    report(f"`{command_line('bench_gpu')}`")
     report(
         f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {hf_version}, Python "
         f"{platform.python_version()}"
@@ -414,10 +400,8 @@ def main() -> None:
         cuda_tests(report)
         report()
     if not args.smoke and not args.no_append:
-        from bench_generate import append_section  # written beside it and renamed over it
-
-        append_section(ROOT / "benchmarks" / "RESULTS.md", "\n".join(report.lines) + "\n")
-        print(f"appended to {ROOT / 'benchmarks' / 'RESULTS.md'}")
+        append_section(RESULTS, report.text())  # written beside it and renamed over it
+        print(f"appended to {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Where a float32 decode step's time goes: the matrix-vector kernels, and the step around them.
 
-    python benchmarks/bench_matvec.py                       # 7 rounds, a few minutes on 2 cores
-    LD_LIBRARY_PATH=/path/lib python benchmarks/bench_matvec.py --dnnl /path/lib/libdnnl.so.3 --compile
+    python -m benchmarks.bench_matvec                       # 7 rounds, a few minutes on 2 cores
+    LD_LIBRARY_PATH=/path/lib python -m benchmarks.bench_matvec --dnnl /path/lib/libdnnl.so.3 --compile
 
 Decoding one token multiplies one vector by each of GPT-2 124M's 49 weight matrices (c_attn, c_proj,
 c_fc, c_proj x 12, and the LM head: 494 MB in float32). This asks two questions, in one run, on
@@ -18,7 +18,7 @@ those shapes (random weights: speed does not depend on the values):
      dnnl_sgemm      oneDNN's BLAS-style sgemm, which CTranslate2 multiplies with on CPUs where it
                      does not use MKL, called through ctypes from a libdnnl given with --dnnl (the
                      `onednn` wheel and its runtime libraries; PyTorch's own copy hides the symbol)
-2. The step. CTranslate2's whole float32 decoding (in a worker process, as in bench_generate.py)
+2. The step. CTranslate2's whole float32 decoding (in a worker process, as in bench_generate)
    against tegaki's 49 matrix-vector products alone (each on the path measured fastest), back to
    back, and tegaki's whole eager step (and, with --compile, its compiled step), all per token of a
    32-token prompt + 128 greedy tokens.
@@ -31,41 +31,41 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
-import os
-import shlex
 import statistics
-import sys
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_generate import (  # noqa: E402
-    COPY_BYTES,
+from benchmarks.common import (
+    RESULTS,
     best_of,
-    copy_run,
-    ctranslate2_available,
-    ctranslate2_contestants,
+    command_line,
     finish,
     interleaved_seconds,
-    linear_weights,
+    load_average,
     machine_text,
     spread,
 )
-
-from tegaki.config import ModelConfig  # noqa: E402
-from tegaki.decoding import FastLinear, prepare_for_decoding  # noqa: E402
-from tegaki.generate import generate  # noqa: E402
-from tegaki.kv_cache import KVCache  # noqa: E402
-from tegaki.load import export_hf  # noqa: E402
-from tegaki.model import GPT  # noqa: E402
+from benchmarks.contestants import ctranslate2_available, ctranslate2_contestants
+from benchmarks.engines import linear_weights
+from tegaki.config import ModelConfig
+from tegaki.decoding import FastLinear, prepare_for_decoding
+from tegaki.generate import generate
+from tegaki.kv_cache import KVCache
+from tegaki.load import export_hf
+from tegaki.model import GPT
 
 PROMPT, NEW = 32, 128
+COPY_BYTES = 256 * 2**20
+
+
+def copy_run():
+    """A 256 MiB copy, beyond every cache: bandwidth as bytes read + written."""
+    src = torch.empty(COPY_BYTES // 4, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
 
 
 def kernel_runs(weights: list[torch.Tensor], dnnl: str | None, compile: bool) -> dict[str, Callable[[], None]]:
@@ -198,7 +198,7 @@ def table_rows(times: dict[str, list[float]], more: Callable[[list[float]], str]
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_matvec", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
     parser.add_argument("--preset", default="gpt2", help="the model's shapes (default gpt2: GPT-2 124M)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads (default: torch's)")
@@ -209,14 +209,14 @@ def main(argv: list[str] | None = None) -> str:
         "--append-results",
         metavar="PATH",
         nargs="?",
-        const=str(Path(__file__).parent / "RESULTS.md"),
+        const=str(RESULTS),
         help="add the report to the end of PATH (default benchmarks/RESULTS.md)",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = shlex.join(["python", "benchmarks/bench_matvec.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("bench_matvec", argv)
     started = datetime.datetime.now(datetime.timezone.utc)
-    load = os.getloadavg()[0]
+    load = load_average()
 
     torch.manual_seed(0)
     base = GPT(ModelConfig.preset(args.preset)).eval()
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> str:
         "| --- | ---: | ---: |",
     ]
     lines += table_rows(steps)
-    lines += ["", f"Load average at the end: {os.getloadavg()[0]:.1f}."]
+    lines += ["", f"Load average at the end: {load_average():.1f}."]
     return finish(lines, args.append_results)
 
 

@@ -1,7 +1,7 @@
 """Two revisions of tegaki side by side: decoding and training throughput, before vs after a change.
 
-    python benchmarks/bench_revisions.py 1285955 HEAD            # 5 rounds, a few minutes on 2 cores
-    python benchmarks/bench_revisions.py 1285955 HEAD --rounds 3
+    python -m benchmarks.bench_revisions 1285955 HEAD            # 5 rounds, a few minutes on 2 cores
+    python -m benchmarks.bench_revisions 1285955 HEAD --rounds 3
 
 Each revision is unpacked from git into a temporary folder (`git archive`), and a fresh Python
 process measures it; the two revisions take turns, round after round, so that a burst of other work
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import tempfile
 from io import BytesIO
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.common import ROOT, cpu_text, median_range
 
 # Runs inside the revision's folder: only names both revisions export.
 CHILD = r"""
@@ -116,18 +115,8 @@ def measure(folder: Path, threads: int) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line for line in f if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
-    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_revisions", description=__doc__.split("\n\n")[0])
     parser.add_argument("before")
     parser.add_argument("after")
     parser.add_argument("--rounds", type=int, default=5)
@@ -145,16 +134,13 @@ def main() -> None:
             for label in order:
                 results[label].append(measure(revs[label][1], args.threads))
                 print(f"round {r + 1} {label}: {results[label][-1]}", file=sys.stderr, flush=True)
-    print(f"machine: {cpu_flags()}, {args.threads} threads; {args.rounds} rounds, alternating")
+    print(f"machine: {cpu_text()}, {args.threads} threads; {args.rounds} rounds, alternating")
     print(f"| figure | before ({revs['before'][0]}) | after ({revs['after'][0]}) | after / before (median) |")
     print("| --- | ---: | ---: | ---: |")
     for key in results["before"][0]:
-        cells = []
-        for label in ("before", "after"):
-            values = [r[key] for r in results[label]]
-            cells.append((statistics.median(values), min(values), max(values)))
-        text = [f"{m:,.1f} ({lo:,.1f}-{hi:,.1f})" for m, lo, hi in cells]
-        print(f"| {key} | {text[0]} | {text[1]} | {cells[1][0] / cells[0][0]:.2f}x |")
+        before, after = ([r[key] for r in results[label]] for label in ("before", "after"))
+        ratio = statistics.median(after) / statistics.median(before)
+        print(f"| {key} | {median_range(before, '{:,.1f}')} | {median_range(after, '{:,.1f}')} | {ratio:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Serving under load: time to first token and tokens/s, one request alone and 32 requests 8 at a time.
 
-    python benchmarks/bench_serve.py --model runs/demo             # a few minutes on 2 cores
-    python benchmarks/bench_serve.py --model runs/demo --quick     # one round
-    python benchmarks/bench_serve.py --hostile                     # hostile load, a tiny model made here
-    python benchmarks/bench_serve.py --hostile --append-results    # ... and add the report to RESULTS.md
+    python -m benchmarks.bench_serve --model runs/demo             # a few minutes on 2 cores
+    python -m benchmarks.bench_serve --model runs/demo --quick     # one round
+    python -m benchmarks.bench_serve --hostile                     # hostile load, a tiny model made here
+    python -m benchmarks.bench_serve --hostile --append-results    # ... and add the report to RESULTS.md
 
 A real `tegaki serve` process on 127.0.0.1 (started and stopped here), streamed completions of
 --new-tokens tokens (temperature 0.8, seeded), read with httpx from client threads. Beside them,
@@ -56,13 +56,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tegaki.files import atomic_write  # noqa: E402
-from tegaki.generate import generate_tokens  # noqa: E402
-from tegaki.load import from_pretrained, tokenizer_for  # noqa: E402
-from tegaki.sampling import SamplingSettings  # noqa: E402
+from benchmarks.common import RESULTS, ROOT, command_line, cpu_name, insert_in_section, module_command
+from tegaki.generate import generate_tokens
+from tegaki.load import from_pretrained, tokenizer_for
+from tegaki.sampling import SamplingSettings
 
 PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
 
@@ -144,7 +141,8 @@ class LibrarySpeed:
         return n / (time.perf_counter() - start)
 
 
-def spread(values: list[float], unit: str, digits: int = 1) -> str:
+def per_round(values: list[float], unit: str, digits: int = 1) -> str:
+    """The median over rounds with its unit, and the least and the most (one round: its figure)."""
     values = [v for v in values if not math.isnan(v)]
     if len(values) == 1:
         return f"{values[0]:.{digits}f} {unit}"
@@ -169,19 +167,12 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
-def serve_models():
-    """tests/serve_models.py: the tiny models and the server process the serve tests use."""
-    if str(ROOT / "tests") not in sys.path:
-        sys.path.insert(0, str(ROOT / "tests"))
-    import serve_models
-
-    return serve_models
-
-
 def tiny_model_folder(folder: Path) -> Path:
     """An untrained 2-layer model with a 512-token context, as the serve tests make theirs: its
     greedy text never ends early, so every request decodes all the tokens it asks for."""
-    return serve_models().write_model_folder(folder / "tiny", train_steps=0, block_size=512)
+    from tests.serve_models import write_model_folder  # the serve tests' tiny models
+
+    return write_model_folder(folder / "tiny", train_steps=0, block_size=512)
 
 
 def get_health(port: int) -> dict:
@@ -416,10 +407,13 @@ def hostile_run(args, model: str) -> dict:
     extra = shlex.split(args.server_args)
     tally, loads, rss_seen = Tally(), [], []
     inspected = Path(tempfile.mkdtemp()) / "inspect.jsonl" if args.inspect else None
-    launcher = [sys.executable, str(Path(__file__).resolve()), "--serve-inspected"] if inspected else None
+    from tests.serve_models import server_process  # the server process the serve tests use
+
+    # server_process puts the repository on the server's PYTHONPATH: this module imports there too.
+    launcher = module_command("bench_serve", "--serve-inspected") if inspected else None
     if inspected:
         os.environ["BENCH_SERVE_INSPECT"] = str(inspected)  # the server inherits it
-    server = serve_models().server_process(model, "--name", "bench", *extra, threads=args.threads, launcher=launcher)
+    server = server_process(model, "--name", "bench", *extra, threads=args.threads, launcher=launcher)
     with server as (proc, url):
         port = int(url.rsplit(":", 1)[1])
         rss_up = rss_kib(proc.pid)
@@ -489,10 +483,10 @@ def hostile_report(args, model_label: str, r: dict, margin_mib: float = 4.0) -> 
     lines = [
         f"### Hostile load, {now}",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{args.threads} thread(s) in the server; load average (1, 5, 15 min) {load0} at the start of the loads, "
         f"{load1} at their end (other work on the machine counts in it). Model: {model_label}. Server flags: "
-        f"`{args.server_args}`. Command: `python benchmarks/bench_serve.py {' '.join(sys.argv[1:])}`.",
+        f"`{args.server_args}`. Command: `{command_line('bench_serve')}`.",
         "",
         f"{args.loads} identical loads of {args.duration:g} s, {args.settle:g} s idle after each, from "
         f"{vanishing + polite + 1} clients at once: {vanishing} hanging up after 0.05-1.5 s (streamed or not, "
@@ -565,22 +559,6 @@ def inside_table(readings: list[dict | None]) -> list[str]:
     return lines
 
 
-def insert_in_section(path: Path, heading: str, section: str) -> None:
-    """Add `section` at the end of the `heading` section of `path` (before the next `## `), or at the
-    end of the file without one; everything else stays byte for byte. Written beside and renamed
-    over it: a crash leaves the old file or the new one."""
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    lines = old.splitlines(keepends=True)
-    at = len(lines)
-    if heading + "\n" in lines:
-        start = lines.index(heading + "\n")
-        at = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    head, tail = "".join(lines[:at]), "".join(lines[at:])
-    head = head + ("" if head.endswith("\n") else "\n") + ("" if head.endswith("\n\n") else "\n")
-    new = head + section.rstrip("\n") + "\n" + ("\n" + tail if tail else "")
-    atomic_write(path, lambda tmp: Path(tmp).write_text(new, encoding="utf-8"))
-
-
 def hostile_main(args) -> None:
     if args.clients < 3:
         raise SystemExit("--clients must be at least 3 (one of each kind)")
@@ -596,14 +574,14 @@ def hostile_main(args) -> None:
     report = hostile_report(args, label, result)
     print(report)
     if args.append_results:
-        insert_in_section(ROOT / "benchmarks" / "RESULTS.md", "## Serving", report)
+        insert_in_section(RESULTS, "## Serving", report)
         print("added to benchmarks/RESULTS.md (Serving)")
 
 
 def main() -> None:
     if sys.argv[1:2] == ["--serve-inspected"]:  # the server of --inspect (see serve_inspected)
         return serve_inspected(sys.argv[2:])
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_serve", description=__doc__.splitlines()[0])
     p.add_argument("--model", help="a run folder or a transformers folder (required but with --hostile)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--requests", type=int, default=32)
@@ -653,10 +631,10 @@ def main() -> None:
     import httpx  # the serve tests' client; imported here so --help works without it
 
     print(
-        f"# {datetime.date.today()}  {platform.node()}  {platform.processor() or platform.machine()}, "
+        f"# {datetime.date.today()}  {platform.node()}  {cpu_name()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s)"
     )
-    print(f"# command: python benchmarks/bench_serve.py {' '.join(sys.argv[1:])}")
+    print(f"# command: {command_line('bench_serve')}")
     print(f"# load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} (other work on the machine)")
     library_speed = LibrarySpeed(args.model, args.new_tokens, args.threads)
     url = f"http://127.0.0.1:{args.port}"
@@ -680,19 +658,17 @@ def main() -> None:
         "tokens/s, server total |"
     )
     print("| --- | --- | --- | --- |")
-    print(f"| `generate_tokens` in process (tegaki generate) | - | {spread(library, 'tok/s')} | - |")
+    print(f"| `generate_tokens` in process (tegaki generate) | - | {per_round(library, 'tok/s')} | - |")
     print(
-        f"| served, 1 request at a time | {spread([s['ttft'] * 1e3 for s in single], 'ms')} | "
-        f"{spread([s['tps'] for s in single], 'tok/s')} | - |"
+        f"| served, 1 request at a time | {per_round([s['ttft'] * 1e3 for s in single], 'ms')} | "
+        f"{per_round([s['tps'] for s in single], 'tok/s')} | - |"
     )
     ttft = (
-        f"median {spread([r['ttft_median'] * 1e3 for r in loads], 'ms')}; "
-        f"p90 {spread([r['ttft_p90'] * 1e3 for r in loads], 'ms')}"
+        f"median {per_round([r['ttft_median'] * 1e3 for r in loads], 'ms')}; "
+        f"p90 {per_round([r['ttft_p90'] * 1e3 for r in loads], 'ms')}"
     )
-    print(
-        f"| served, {args.requests} requests, {args.concurrency} at a time | {ttft} | "
-        f"{spread([r['tps_each'] for r in loads], 'tok/s')} | {spread([r['tps_total'] for r in loads], 'tok/s')} |"
-    )
+    each, total = (per_round([r[key] for r in loads], "tok/s") for key in ("tps_each", "tps_total"))
+    print(f"| served, {args.requests} requests, {args.concurrency} at a time | {ttft} | {each} | {total} |")
     print(f"\n{rounds} round(s); requests lost: {sum(r['lost'] for r in loads)}")
 
 

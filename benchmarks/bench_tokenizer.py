@@ -1,7 +1,7 @@
 """Tokenizers side by side: training time, compression on unseen documents, encode throughput.
 
-    python benchmarks/bench_tokenizer.py                 # Japanese man pages + Shakespeare, vocab 16,000
-    python benchmarks/bench_tokenizer.py --vocab-size 8000 --ja path/to/ja.txt --rounds 3
+    python -m benchmarks.bench_tokenizer                 # Japanese man pages + Shakespeare, vocab 16,000
+    python -m benchmarks.bench_tokenizer --vocab-size 8000 --ja path/to/ja.txt --rounds 3
 
 Each corpus is split by *document* (a manual page, a play): every 5th document is held out, the
 others are trained on, so compression is measured on text the tokenizer never saw, not on the end
@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import ROOT, command_line, cpu_text, load_average, spread
 from tegaki.cli.tokenizer import split_documents, split_held_out
 from tegaki.data import shakespeare_documents
 from tegaki.tokenizer import gpt2_files_dir, load
@@ -30,8 +30,9 @@ from tegaki.tokenizer.choose import choose_pattern
 from tegaki.tokenizer.spm import train_sentencepiece
 from tegaki.tokenizer.trainer import train_bpe, train_bpe_tokenizers
 
-DEFAULT_JA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ja_manpages_sec1.txt"
+DEFAULT_JA = ROOT / ".." / "shared" / "data" / "ja_manpages_sec1.txt"
 HELD_OUT = 0.2  # every 5th document
+TOKENIZER_FLAGS = ("sse4_2", "avx", "avx2", "bmi2", "avx512f", "avx512bw")  # the CPU flags the report names
 
 
 def timed(fn, *args, **kwargs):
@@ -114,7 +115,8 @@ class Table:
         print("| --- | ---: | ---: | ---: | --- |")
         for name, train_seconds, cpt, mbps, threads, exact in self.rows:
             t = f"{train_seconds:.1f}" if train_seconds is not None else "–"
-            speed = f"{statistics.median(mbps):.2f} [{min(mbps):.2f}-{max(mbps):.2f}]"
+            median, low_high = spread(mbps, "{:.2f}")
+            speed = f"{median} [{low_high}]"
             print(f"| {name}{' (ids = readable)' if exact else ''} | {t} | {cpt:.3f} | {speed} | {threads} |")
 
 
@@ -177,27 +179,16 @@ def corpus_rows(label: str, docs: list[str], vocab_size: int, rounds: int) -> No
     table.print()
 
 
-def cpu_flags() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        flags = next(line for line in lines if line.startswith("flags")).split()
-        model = next(line for line in lines if line.startswith("model name")).split(":")[1]
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-    wanted = ("sse4_2", "avx", "avx2", "bmi2", "avx512f", "avx512bw")
-    return f"{model.strip()}, flags: {' '.join(f for f in wanted if f in flags)}"
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_tokenizer", description=__doc__.split("\n")[0])
     parser.add_argument("--ja", default=str(DEFAULT_JA), help="a file of Japanese manual pages")
     parser.add_argument("--vocab-size", type=int, default=16000)
     parser.add_argument("--rounds", type=int, default=5, help="timed runs per encoder")
     args = parser.parse_args()
-    print(f"command: python {' '.join(sys.argv)}")
+    print(f"command: {command_line('bench_tokenizer')}")
     print(
         f"date: {time.strftime('%Y-%m-%d %H:%M')}; machine: {platform.machine()}, {os.cpu_count()} CPUs "
-        f"({cpu_flags()}); Python {platform.python_version()}; load average {os.getloadavg()[0]:.1f}"
+        f"({cpu_text(TOKENIZER_FLAGS)}); Python {platform.python_version()}; load average {load_average():.1f}"
     )
     if Path(args.ja).exists():
         pages = split_documents(Path(args.ja).read_text(encoding="utf-8"), "manpage")

@@ -3,10 +3,10 @@
 Shapes (the issue's): a GPT-2-shaped model with 6 layers, 384 wide, 6 heads, vocabulary 50,304,
 batch 8 x 256 tokens. One step = forward + backward + AdamW update, as in training.
 
-    python benchmarks/bench_train.py                 # fp32 and bf16, tegaki and baseline
-    python benchmarks/bench_train.py --steps 5 --dtypes fp32
-    python benchmarks/bench_train.py --prepare        # also: tokenization throughput of `prepare`
-    python benchmarks/bench_train.py --nanogpt ~/src/nanoGPT   # also nanoGPT's own model.py
+    python -m benchmarks.bench_train                 # fp32 and bf16, tegaki and baseline
+    python -m benchmarks.bench_train --steps 5 --dtypes fp32
+    python -m benchmarks.bench_train --prepare        # also: tokenization throughput of `prepare`
+    python -m benchmarks.bench_train --nanogpt ~/src/nanoGPT   # also nanoGPT's own model.py
 
 `--nanogpt DIR` imports DIR/model.py from a checkout of nanoGPT (not part of tegaki) and times its
 GPT with its own configure_optimizers (fused/foreach AdamW as it chooses) in the same rounds.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -30,11 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tegaki.config import ModelConfig  # noqa: E402
-from tegaki.model import GPT  # noqa: E402
-from tegaki.train import TrainConfig, build_optimizer, flops_per_token  # noqa: E402
+from benchmarks.common import interleaved_seconds
+from tegaki.config import ModelConfig
+from tegaki.model import GPT
+from tegaki.train import TrainConfig, build_optimizer, flops_per_token
 
 SHAPE = dict(vocab_size=50304, n_layer=6, n_head=6, n_embd=384, block_size=256)
 
@@ -97,14 +95,12 @@ class Contender:
         self.y = torch.randint(0, vocab, (batch, block), generator=gen)
         self.times: list[float] = []
 
-    def step(self) -> float:
-        start = time.perf_counter()
+    def step(self) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bf16"):
             _, loss = self.model(self.x, self.y)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
 
 
 def nanogpt_model(directory: str, config: ModelConfig):
@@ -149,9 +145,9 @@ def time_steps(contenders: list[Contender], warmup: int, steps: int) -> None:
     for c in contenders:
         for _ in range(warmup):
             c.step()
-    for _ in range(steps):
-        for c in contenders:
-            c.times.append(c.step())
+    times = interleaved_seconds({c.name: c.step for c in contenders}, steps)
+    for c in contenders:
+        c.times += times[c.name]
 
 
 def bench_training(args) -> None:
@@ -234,7 +230,11 @@ def bench_prepare(args) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--nanogpt", metavar="DIR", help="a nanoGPT checkout: time its model.py too")
     p.add_argument("--batch", type=int, default=8)

@@ -1,13 +1,14 @@
-"""The engines bench_generate.py times, each in a process of its own.
+"""The engines bench_generate times, each in a process of its own.
 
-    python benchmarks/engines.py '{"engine": "tegaki", "folder": "...", "precision": "fp32", "threads": 2}'
+    python -m benchmarks.engines '{"engine": "tegaki", "folder": "/abs/path", "precision": "fp32", "threads": 2}'
 
 Engines bring their own kernel libraries and thread pools (PyTorch's OpenMP and MKL, CTranslate2's
 OpenMP and oneDNN, llama.cpp's ggml threads), and two of them in one process disturb each other:
 ctranslate2 loaded beside PyTorch slowed tegaki's fp32 decoding by a quarter for the rest of the run
 (30 instead of 40 tokens/s, measured 2026-11-29). So the benchmark starts one worker per engine
-(this file, given the engine's spec), keeps it for every round, and feeds it jobs over a pipe. This
-file imports nothing but the standard library at the top: a worker loads its own engine alone.
+(this module, given the engine's spec), keeps it for every round, and feeds it jobs over a pipe.
+This module imports nothing but the standard library at the top: a worker loads its own engine
+alone. A worker runs in the repository root, so the folders a spec names are absolute paths.
 
 The protocol, one JSON line each way:
 
@@ -33,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import ROOT, module_command
+
 PRECISIONS = ("fp32", "bf16", "int8")
 
 
@@ -47,9 +49,8 @@ class Worker:
     def __init__(self, spec: dict):
         self.spec = spec
         # stderr is the benchmark's own: a worker's warnings and errors show where the run shows.
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
+        command = module_command("engines", json.dumps(spec))
+        self.process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.about: str | None = None
 
     def ready(self) -> str:
@@ -213,6 +214,11 @@ def decode_layers(model) -> list:
     return layers + [model.lm_head]
 
 
+def linear_weights(model) -> list:
+    """The weights a decode step multiplies by, with q/k/v as one (3C, C) matrix as in GPT-2."""
+    return [layer.weight for layer in decode_layers(model)]
+
+
 def layer_summary(model) -> str:
     """Which products a decode step runs, for the report: per weight shape, the speed layer's path
     (its measured choice, or the one forced), or the layer's class where it has none (int8)."""
@@ -224,7 +230,6 @@ def layer_summary(model) -> str:
 
 
 def load_tegaki(spec: dict):
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from tegaki.load import from_pretrained
@@ -247,7 +252,8 @@ def ct2_name(token_id: int) -> str:
 
 
 def ct2_convert(hf_folder: str, out_folder: str, vocab_size: int) -> None:
-    """CTranslate2's own converter on the transformers folder, float32 (int8 is quantized when loaded)."""
+    """CTranslate2's own converter on the transformers folder, float32 (int8 is quantized when loaded):
+    `python -m benchmarks.engines --ct2-convert HF_FOLDER OUT_FOLDER VOCAB_SIZE`, in a process of its own."""
     from ctranslate2.converters import TransformersConverter
 
     names = [ct2_name(i) for i in range(vocab_size)]

@@ -15,27 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
-
-
-def load_bench():
-    if "bench_generate" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_generate", BENCH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_generate"] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules["bench_generate"]
-
-
-def load_engines():
-    load_bench()  # which puts benchmarks/ on the path and imports engines.py
-    return sys.modules["engines"]
+from benchmarks import bench_generate as bench
+from benchmarks import contestants, engines
 
 
 @pytest.mark.slow  # about a minute on two cores: eight workers start
 def test_bench_generate_runs_and_appends_its_report(tmp_path):
     pytest.importorskip("transformers")
-    bench = load_bench()
     results = tmp_path / "RESULTS.md"
     before = "# Benchmark results\n\n## An earlier section\n\nkept byte for byte, even without a final newline"
     results.write_text(before, encoding="utf-8")
@@ -45,7 +31,7 @@ def test_bench_generate_runs_and_appends_its_report(tmp_path):
     after = results.read_text(encoding="utf-8")
     assert after.startswith(before) and after.endswith(report)
     assert report.startswith("## Generation side by side")
-    assert "bench_generate.py --preset tiny --quick" in report  # the command is recorded
+    assert "python -m benchmarks.bench_generate --preset tiny --quick" in report  # the command is recorded
     assert "CPU flags present:" in report and "threads" in report
     for title in ("**Batch 1:", "**Prefill:", "**Batch 8:"):
         assert title in report
@@ -80,28 +66,25 @@ def line_of(text: str, row: str) -> str:
 
 
 def test_agreement_counts_the_prefix_and_the_positions_over_rows():
-    bench = load_bench()
     reference = [[1, 2, 3, 4], [5, 6, 7, 8]]
-    assert bench.agreement(reference, reference) == (8, 8, 8)
+    assert contestants.agreement(reference, reference) == (8, 8, 8)
     # row 1 parts at its third token and finds its way back; row 2 differs from the first
-    assert bench.agreement([[1, 2, 9, 4], [0, 6, 7, 8]], reference) == (2, 6, 8)
-    assert bench.agreement([[1, 2]], [[1, 2, 3, 4]]) == (2, 2, 4)  # a short row: the missing ones differ
+    assert contestants.agreement([[1, 2, 9, 4], [0, 6, 7, 8]], reference) == (2, 6, 8)
+    assert contestants.agreement([[1, 2]], [[1, 2, 3, 4]]) == (2, 2, 4)  # a short row: the missing ones differ
 
 
 def test_without_ctranslate2_its_rows_are_left_out(monkeypatch, capsys):
-    bench = load_bench()
     monkeypatch.setitem(sys.modules, "ctranslate2", None)  # `import ctranslate2` now fails
     notes = []
-    assert bench.ctranslate2_contestants("unused", "unused", vocab_size=16, threads=1, notes=notes) == []
+    assert contestants.ctranslate2_contestants("unused", "unused", vocab_size=16, threads=1, notes=notes) == []
     assert "ctranslate2 is not installed" in capsys.readouterr().err and "ctranslate2 is not installed" in notes[0]
 
 
 def test_without_llama_cpp_its_rows_are_left_out(monkeypatch, capsys, tmp_path):
-    bench = load_bench()
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` now fails
     config = bench.ModelConfig.preset("gpt2")
     notes = []
-    assert bench.llama_cpp_contestants("unused", tmp_path, config, 1, None, notes) == []
+    assert contestants.llama_cpp_contestants("unused", tmp_path, config, 1, None, notes) == []
     assert notes == ["llama-cpp-python is not installed (pip install llama-cpp-python): its rows are left out"]
     assert "llama-cpp-python is not installed" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing converted, nothing downloaded
@@ -110,11 +93,10 @@ def test_without_llama_cpp_its_rows_are_left_out(monkeypatch, capsys, tmp_path):
 def test_llama_cpp_rows_need_a_vocabulary_that_holds_gpt2s_tokenizer(monkeypatch, tmp_path):
     """llama.cpp's converter reads the vocabulary from the folder's tokenizer, and GPT-2's is the one
     the benchmark writes: a model with fewer ids is left out with a note, before any download."""
-    bench = load_bench()
-    monkeypatch.setattr(bench, "engine_available", lambda module: True)
-    monkeypatch.setattr(bench, "llama_cpp_converter", lambda source: pytest.fail("nothing to convert"))
+    monkeypatch.setattr(contestants, "engine_available", lambda module: True)
+    monkeypatch.setattr(contestants, "llama_cpp_converter", lambda source: pytest.fail("nothing to convert"))
     notes = []
-    assert bench.llama_cpp_contestants("unused", tmp_path, bench.ModelConfig.preset("tiny"), 1, None, notes) == []
+    assert contestants.llama_cpp_contestants("unused", tmp_path, bench.ModelConfig.preset("tiny"), 1, None, notes) == []
     assert "GPT-2's (50,257 ids) does not fit this model's 4,096" in notes[0]
 
 
@@ -139,7 +121,6 @@ LLAMA_FILES = {
 
 
 def test_the_converter_is_unpacked_from_a_source_distribution_once(tmp_path):
-    engines = load_engines()
     sdist = fake_sdist(tmp_path / "llama_cpp_python-9.9.9.tar.gz", LLAMA_FILES)
     folder = engines.unpack_converter(sdist, tmp_path / "cache")
     assert folder == tmp_path / "cache" / "llama_cpp_python-9.9.9" == engines.find_converter(folder)
@@ -152,7 +133,6 @@ def test_the_converter_is_unpacked_from_a_source_distribution_once(tmp_path):
 
 
 def test_the_converter_comes_from_the_source_named_or_the_installed_versions_sdist(tmp_path, monkeypatch, capsys):
-    engines = load_engines()
     llama = tmp_path / "llama.cpp"  # a llama.cpp checkout
     for name in ("convert_hf_to_gguf.py", "gguf-py/gguf/__init__.py"):
         (llama / name).parent.mkdir(parents=True, exist_ok=True)
@@ -204,22 +184,23 @@ def test_a_worker_answers_jobs_with_the_tokens_of_its_engine(tmp_path):
     """The worker protocol end to end on a tiny model: a tegaki worker loads the folder, says what it
     loaded, returns the greedy tokens the same model makes here, times the call itself, and ends
     when its stdin closes. A worker that cannot load says which, and how it ended."""
-    bench = load_bench()
     model, folder = tiny_folder(tmp_path)
     spec = {"engine": "tegaki", "folder": str(folder), "precision": "fp32", "path": "plain", "threads": 1}
-    worker = bench.Worker(spec)
+    worker = engines.Worker(spec)
     try:
         assert worker.ready().startswith("tegaki, fp32, linear layers (out x in): ")
         ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
         tokens, seconds = worker(ids.tolist(), 7)
-        want = bench.tegaki_generate(bench.prepare_tegaki(model, "plain"), ids, 7)[:, 5:].tolist()
+        want = engines.tegaki_generate(engines.prepare_tegaki(model, "plain"), ids, 7)[:, 5:].tolist()
         assert tokens == want and seconds > 0
         assert worker(ids[:1].tolist(), 3)[0] == [want[0][:3]]  # kept for the next job
     finally:
         worker.close()
     assert worker.process.returncode == 0
 
-    broken = bench.Worker({"engine": "tegaki", "folder": str(tmp_path / "missing"), "precision": "fp32", "threads": 1})
+    broken = engines.Worker(
+        {"engine": "tegaki", "folder": str(tmp_path / "missing"), "precision": "fp32", "threads": 1}
+    )
     with pytest.raises(RuntimeError, match="the tegaki worker .* stopped with exit status 1"):
         broken([[1, 2]], 1)
     broken.close()
@@ -233,7 +214,7 @@ def llama_cpp_source() -> str | None:
     from importlib.metadata import version
 
     name = f"llama_cpp_python-{version('llama-cpp-python')}"
-    for cached in (load_engines().cache_folder() / name, load_engines().cache_folder() / f"{name}.tar.gz"):
+    for cached in (engines.cache_folder() / name, engines.cache_folder() / f"{name}.tar.gz"):
         if cached.exists():
             return str(cached)
     return None
@@ -250,26 +231,25 @@ def test_llama_cpp_decodes_the_greedy_tokens_of_tegaki_fp32(tmp_path, monkeypatc
     source = llama_cpp_source()
     if source is None:
         pytest.skip("llama.cpp's source is not at hand: set TEGAKI_LLAMA_CPP_SOURCE to it (no download in tests)")
-    bench = load_bench()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # a source distribution unpacks there
     model, folder = tiny_folder(tmp_path, vocab_size=50257)
     ids = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(1))
-    want = bench.tegaki_generate(bench.prepare_tegaki(model, "plain"), ids, 16)[:, 12:].tolist()
+    want = engines.tegaki_generate(engines.prepare_tegaki(model, "plain"), ids, 16)[:, 12:].tolist()
     notes = []
-    contestants = bench.llama_cpp_contestants(str(folder), tmp_path / "gguf", model.config, 1, source, notes)
+    llama = contestants.llama_cpp_contestants(str(folder), tmp_path / "gguf", model.config, 1, source, notes)
     try:
-        assert [(c.name, c.precision, c.jobs) for c in contestants] == [
+        assert [(c.name, c.precision, c.jobs) for c in llama] == [
             ("llama.cpp f32", "fp32", ("batch 1", "prefill")),
             ("llama.cpp q8_0", "int8", ("batch 1", "prefill")),
         ]
-        f32, q8_0 = ([c.worker.ready(), *c.run(ids, 16)] for c in contestants)
+        f32, q8_0 = ([c.worker.ready(), *c.run(ids, 16)] for c in llama)
     finally:
-        for c in contestants:
+        for c in llama:
             c.worker.close()
     assert f32[0].startswith("llama-cpp-python ") and f32[0].endswith("model-f32.gguf")
     assert f32[1] == want and f32[2] > 0
     assert [len(row) for row in q8_0[1]] == [16, 16]
-    assert bench.agreement(q8_0[1], want)[1] >= 24  # q8_0 moves the logits by about a percent: a tie may flip
+    assert contestants.agreement(q8_0[1], want)[1] >= 24  # q8_0 moves the logits by about a percent: a tie may flip
     assert notes == ["llama.cpp runs batch 1 and the prefill: llama-cpp-python's Llama holds one sequence."]
 
 
@@ -277,7 +257,6 @@ def test_an_emulated_isa_must_be_set_before_the_libraries_load(monkeypatch):
     """--isa avx2 caps every kernel library through its own environment variable, which the library
     reads when it loads: called in a process where they are not set, the benchmark refuses rather
     than report an emulation that did not happen."""
-    bench = load_bench()
     for name in bench.ISA_CAPS["avx2"]:
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(SystemExit, match="--isa avx2 must be set before the libraries load"):
@@ -286,7 +265,6 @@ def test_an_emulated_isa_must_be_set_before_the_libraries_load(monkeypatch):
 
 
 def test_a_compiled_rows_first_call_is_reported_beside_its_eager_twins():
-    bench = load_bench()
     row = bench.Row
     rows = {
         ("batch 1", "tegaki fp32, default"): row([1.0], [1.0], [[1]], first_call=2.0),
@@ -305,7 +283,6 @@ def test_a_compiled_rows_first_call_is_reported_beside_its_eager_twins():
 def test_setup_only_reports_the_first_token_of_a_call_per_layout(tmp_path):
     """--setup-only times the first token of a call for each layout a call can use, with the machine
     and the command, and appends the section like the full report."""
-    bench = load_bench()
     results = tmp_path / "RESULTS.md"
     report = bench.main(["--preset", "tiny", "--setup-only", "--rounds", "2", "--append-results", str(results)])
     assert report.startswith("## What a call sets up") and results.read_text(encoding="utf-8").endswith(report)

@@ -18,7 +18,7 @@ def test_the_gpu_benchmark_runs_every_section_at_toy_sizes_and_leaves_results_al
     results = ROOT / "benchmarks" / "RESULTS.md"
     before = results.read_bytes()
     done = subprocess.run(
-        [sys.executable, "benchmarks/bench_gpu.py", "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "benchmarks.bench_gpu", "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout

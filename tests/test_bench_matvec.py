@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmarks import bench_matvec as bench
 
 
 @pytest.mark.slow  # about 10 seconds on two cores
 def test_bench_matvec_runs_and_appends_its_report(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_matvec", BENCH / "bench_matvec.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     monkeypatch.setattr(bench, "PAUSE", 0.0)
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\n## before\n", encoding="utf-8")
@@ -26,7 +21,7 @@ def test_bench_matvec_runs_and_appends_its_report(tmp_path, monkeypatch):
     report = bench.main(["--preset", "tiny", "--rounds", "1", "--append-results", str(results)])
     assert results.read_text(encoding="utf-8") == "# Benchmark results\n\n## before\n\n" + report
     assert report.startswith("## float32 matrix-vector kernels and the decode step")
-    assert "bench_matvec.py --preset tiny --rounds 1" in report and "CPU flags present:" in report
+    assert "python -m benchmarks.bench_matvec --preset tiny --rounds 1" in report and "CPU flags present:" in report
     for row in (
         'F.linear, plain weights (tegaki\'s "plain" path)',
         'oneDNN on the weight ("onednn")',

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_hostile_load_reports_the_probes_and_the_servers_memory():
     results = ROOT / "benchmarks" / "RESULTS.md"
     before = results.read_bytes()
-    command = [sys.executable, "benchmarks/bench_serve.py", "--hostile", "--duration", "2", "--clients", "5"]
+    command = [sys.executable, "-m", "benchmarks.bench_serve", "--hostile", "--duration", "2", "--clients", "5"]
     done = subprocess.run(
         [*command, "--settle", "0.5", "--loads", "2"], cwd=ROOT, capture_output=True, text=True, timeout=180
     )
