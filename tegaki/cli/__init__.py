@@ -29,23 +29,22 @@ USER_ERRNOS = {
     errno.ENOENT,
 }
 
-# Each command: its module here, then (while the layout moves) where it lived before. In the order
-# `tegaki --help` lists them.
+# Each command's module, in the order `tegaki --help` lists them; each has a `register(subparsers)`.
 COMMAND_MODULES = [
-    ("tegaki.cli.train", "tegaki.train"),
-    ("tegaki.cli.generate", "tegaki.generate"),
-    ("tegaki.cli.params", "tegaki.analysis.params"),
-    ("tegaki.cli.tokenizer", "tegaki.tokenizer.cli"),
-    ("tegaki.cli.prepare", "tegaki.data"),
-    ("tegaki.cli.compare", "tegaki.analysis.compare"),
-    ("tegaki.cli.trace", "tegaki.analysis.trace"),
-    ("tegaki.cli.attention", "tegaki.analysis.attention"),
-    ("tegaki.cli.plot", "tegaki.analysis.plot"),
-    ("tegaki.cli.export", "tegaki.hf"),
-    ("tegaki.cli.serve",),
-    ("tegaki.cli.chat",),
-    ("tegaki.cli.finetune",),
-    ("tegaki.cli.eval",),
+    "tegaki.cli.train",
+    "tegaki.cli.generate",
+    "tegaki.cli.params",
+    "tegaki.cli.tokenizer",
+    "tegaki.cli.prepare",
+    "tegaki.cli.compare",
+    "tegaki.cli.trace",
+    "tegaki.cli.attention",
+    "tegaki.cli.plot",
+    "tegaki.cli.export",
+    "tegaki.cli.serve",
+    "tegaki.cli.chat",
+    "tegaki.cli.finetune",
+    "tegaki.cli.eval",
 ]
 
 
@@ -56,17 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tegaki {tegaki.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for names in COMMAND_MODULES:
-        for name in names:
-            try:
-                module = importlib.import_module(name)
-            except ModuleNotFoundError as e:
-                if e.name == name:  # not (or no longer) there
-                    continue
-                raise
-            if hasattr(module, "register"):
-                module.register(subparsers)
-                break
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
     parser.commands = subparsers.choices  # name -> that command's own parser
     return parser
 
