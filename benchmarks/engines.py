@@ -7,8 +7,9 @@ OpenMP and oneDNN, llama.cpp's ggml threads), and two of them in one process dis
 ctranslate2 loaded beside PyTorch slowed tegaki's fp32 decoding by a quarter for the rest of the run
 (30 instead of 40 tokens/s, measured 2026-11-29). So the benchmark starts one worker per engine
 (this module, given the engine's spec), keeps it for every round, and feeds it jobs over a pipe.
-This module imports nothing but the standard library at the top: a worker loads its own engine
-alone. A worker runs in the repository root, so the folders a spec names are absolute paths.
+At the top this module imports the standard library and benchmarks.common (standard library only):
+a worker loads its own engine alone. A worker runs in the repository root, so a spec names its
+folders by absolute paths.
 
 The protocol, one JSON line each way:
 
