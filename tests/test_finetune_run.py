@@ -138,12 +138,19 @@ def test_fresh_starts_over_but_deletes_only_what_a_fine_tune_wrote(lora_run, tmp
     assert (out / "notes.txt").read_text() == "mine" and (out / "run.json").exists() and data.exists()
 
 
-def test_a_lora_run_says_how_many_parameters_train(tmp_path, capsys):
-    """A LoRA fine-tune says so at its start: the adapters train, the base's weights are frozen."""
+def test_a_fine_tune_says_its_method_and_how_many_parameters_train(tmp_path, capsys):
+    """A LoRA fine-tune says so at its start, with its rank, its targets and the share of the
+    parameters that train (the adapters); a full fine-tune says that every parameter trains."""
     base, data = make_run(tmp_path / "base"), write_records(tmp_path / "r.jsonl")
-    capsys.readouterr()
-    assert main(finetune_args(base, data, tmp_path / "ft", "--max-steps", "1")) == 0
-    said = capsys.readouterr()
-    line = next(x for x in (said.out + said.err).splitlines() if x.startswith("model: "))
-    trained, frozen = (int(n.replace(",", "")) for n in re.findall(r"\(([\d,]+) train, ([\d,]+) frozen", line)[0])
-    assert 0 < trained < frozen and "adapters only" in line
+    said = {}
+    for method in ("lora", "full"):
+        capsys.readouterr()
+        assert main(finetune_args(base, data, tmp_path / method, "--max-steps", "1", "--method", method)) == 0
+        out = capsys.readouterr()
+        said[method] = out.out + out.err
+    pattern = r"LoRA r=8 on q,v: ([\d,]+) of ([\d,]+) parameters train \((\d+\.\d\d)%\)"
+    trained, total, share = re.search(pattern, said["lora"]).groups()
+    trained, total = int(trained.replace(",", "")), int(total.replace(",", ""))
+    assert 0 < trained < total / 10 and float(share) == pytest.approx(100 * trained / total, abs=0.01)
+    full = re.search(r"full fine-tune: ([\d,]+) of ([\d,]+) parameters train \(100\.00%\)", said["full"])
+    assert full and full[1] == full[2] and int(full[1].replace(",", "")) == total - trained

@@ -645,7 +645,7 @@ def test_cli_export_writes_a_transformers_folder(perturb, tmp_path):
 def test_cli_exports_a_training_run_with_its_tokenizer(perturb, tmp_path):
     """The path a user takes: a tegaki run folder (as `tegaki train` writes it) -> `tegaki export`
     -> transformers, same logits; the run's tokenizer goes along as tokenizer.json."""
-    from tegaki.train import save_checkpoint
+    from tegaki.checkpoint import save_checkpoint
 
     model = perturb(GPT(EXPORT_CASES["tiny-llama"]))
     run = tmp_path / "run"

@@ -633,7 +633,7 @@ def test_default_warmup_fits_a_short_run(shards, tmp_path, capsys):
 
 
 def test_checkpoint_files_are_readable_safe_to_load_and_resaved_atomically(shards, tmp_path, capsys, monkeypatch):
-    import tegaki.checkpoint as checkpoint_module
+    import tegaki.checkpoint.checkpoints as checkpoint_module
 
     out = tmp_path / "run"
     args = [

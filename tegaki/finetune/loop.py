@@ -17,7 +17,6 @@ Run's `setup` hook, before the first step:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,10 +33,10 @@ from tegaki.chat_template import (
     find_chat_template,
     local_template_folders,
 )
-from tegaki.checkpoint import claim_run_folder, clear_run_folder, read_run_json
+from tegaki.checkpoint import prepare_run_folder, read_run_json, write_run_json
 from tegaki.data import BatchLoader
 from tegaki.errors import TegakiError
-from tegaki.files import atomic_write_json, atomic_write_text
+from tegaki.files import atomic_write_text
 from tegaki.finetune.data import (
     PackedRows,
     describe_too_long,
@@ -50,7 +49,7 @@ from tegaki.load import from_pretrained, tokenizer_for
 from tegaki.lora import LoRASettings, add_lora, parse_targets
 from tegaki.train.loop import PlotHook, Run, train
 from tegaki.train.schedule import build_optimizer
-from tegaki.train.settings import TrainConfig, check_settings
+from tegaki.train.settings import RESUME_KEYS, TrainConfig, check_settings
 from tegaki.train.setup import token_byte_lengths
 
 METHODS = ("lora", "full")
@@ -140,6 +139,14 @@ def template_specials(folders, tokenizer) -> dict[str, str]:
     return find_chat_template(folders, tokenizer, "plain").special_tokens
 
 
+def trainable_parameters(model: torch.nn.Module, ft: FineTuneConfig) -> str:
+    """What trains, in a line: "LoRA r=8 on q,v: 294,912 of 124,734,720 parameters train (0.24%)"."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    what = f"LoRA r={ft.lora_r} on {','.join(ft.lora().targets)}" if ft.method == "lora" else "full fine-tune"
+    return f"{what}: {trained:,} of {total:,} parameters train ({trained / total:.2%})"
+
+
 class FineTuneSetup:
     """Run's `setup` hook for a fine-tune (see this file's docstring)."""
 
@@ -150,11 +157,8 @@ class FineTuneSetup:
     def __call__(self, run: Run) -> None:
         ft, cfg = self.ft, run.cfg
         if run.dist.is_main:
-            claim_run_folder(run.run_dir, "finetune")
-        if cfg.fresh and run.dist.is_main:
-            clear_run_folder(run.run_dir, {"--model": ft.model, "--data": ft.data})
+            prepare_run_folder(run.run_dir, "finetune", cfg.fresh, {"--model": ft.model, "--data": ft.data})
         run.dist.barrier()
-        run.run_dir.mkdir(parents=True, exist_ok=True)
         model = from_pretrained(ft.model)
         tokenizer = tokenizer_for(ft.model)
         before = dict(tokenizer.special_tokens)
@@ -179,6 +183,7 @@ class FineTuneSetup:
             # generator: the same command gives the same adapters (and every rank the same ones)
             torch.manual_seed(cfg.seed)
             add_lora(model, ft.lora(self.new_tokens))
+        run.say(trainable_parameters(model, ft))
         run.raw_model = model.float().to(run.device)
         run.model = run.raw_model
         if run.dist.enabled:
@@ -230,16 +235,7 @@ class FineTuneSetup:
             "finetune": asdict(ft) | {"chat_template": self.template_name(template)},
             "lora": ft.lora(self.new_tokens).to_dict() if ft.method == "lora" else None,
         }
-        path = run.run_dir / "run.json"
-        if path.exists() and (run.run_dir / "checkpoints").exists():
-            old = json.loads(path.read_text())
-            for key in ("model_config", "lora"):
-                if old.get(key) != info[key]:
-                    raise TegakiError(
-                        f"{run.run_dir} holds a fine-tune of another model or with other LoRA "
-                        f"settings ({key} differs); use another --out, or --fresh to start over"
-                    )
-        atomic_write_json(path, info)  # first: from here on the folder is this fine-tune's (claim_run_folder)
+        write_run_json(run.run_dir, info, RESUME_KEYS, run.say)  # first: from here on the folder is this fine-tune's
         tokenizer.save(run.run_dir / "tokenizer")  # the base's, with any chat tokens added: the same on a resume
         if template.source not in (DEFAULT_TEMPLATE, PLAIN_TEMPLATE):  # serve finds it here afterwards
             atomic_write_text(run.run_dir / "chat_template.jinja", template.source)

@@ -2,24 +2,15 @@
 
     settings.py     TrainConfig (every `tegaki train` flag and its default), TOML config files, checks
     schedule.py     learning rate (warmup, cosine, warmup-stable-decay), AdamW, FLOPs per token
-    setup.py        the run's tokenizer, its token shards, its model config (device and dtype: tegaki.device)
+    setup.py        what a run holds before its first step: tokenizer, token shards, model config,
+                    data loaders, model and optimizer (device and dtype: tegaki.device)
     distributed.py  the process group under torchrun (DDP, FSDP2)
     loop.py         `Run`: the steps, validation, samples, checkpoints, resume; `train(cfg)`
 
-The run folder it writes (checkpoints, metrics.jsonl, run.json) belongs to tegaki/checkpoint.py;
-the `tegaki train` command to tegaki/cli/train.py.
+The run folder it writes (run.json, the lock, checkpoints, metrics.jsonl) belongs to
+tegaki/checkpoint/; the `tegaki train` command to tegaki/cli/train.py.
 """
 
-from tegaki.checkpoint import (  # the run folder's home is tegaki.checkpoint; these names stay for older code
-    MetricsLog,
-    check_checkpoint,
-    find_checkpoint,
-    load_run_model,
-    load_run_tokenizer,
-    read_metrics,
-    read_run_json,
-    save_checkpoint,
-)
 from tegaki.train.distributed import Dist, broadcast_object, init_distributed
 from tegaki.train.loop import BatchHook, PlotHook, Run, train
 from tegaki.train.schedule import (
@@ -43,6 +34,7 @@ from tegaki.train.setup import (
     flushed_subnormals,
     padded_vocab,
     setup_data,
+    setup_run,
     setup_tokenizer,
     token_byte_lengths,
 )
@@ -52,30 +44,23 @@ __all__ = [
     "broadcast_object",
     "build_model_config",
     "build_optimizer",
-    "check_checkpoint",
     "check_settings",
     "DEFAULT_WARMUP",
     "Dist",
     "DTYPE_CHOICES",
-    "find_checkpoint",
     "flops_per_token",
     "flushed_subnormals",
     "init_distributed",
     "load_config_file",
-    "load_run_model",
-    "load_run_tokenizer",
     "lr_at",
-    "MetricsLog",
     "padded_vocab",
     "PlotHook",
-    "read_metrics",
-    "read_run_json",
     "resolve_config",
     "RESUME_KEYS",
     "Run",
-    "save_checkpoint",
     "SCHEDULES",
     "setup_data",
+    "setup_run",
     "setup_tokenizer",
     "token_byte_lengths",
     "train",

@@ -1,6 +1,10 @@
-"""Setting a run up: the run's tokenizer, its token shards, its model config, the CPU's float mode.
+"""Setting a run up: everything a `Run` holds before its first step, and the CPU's float mode.
 
-Each is decided once, before the first step, and recorded in the run folder (run.json, DIR/tokenizer,
+`setup_run(run)` fills in, in this order: the run folder claimed (tegaki.checkpoint), `tokenizer`
+and `tokenizer_ref`, `data_dir`, `model_config` and `block_size`, run.json, `loader` (a
+BatchLoader), `val_windows`, `token_bytes`, then `raw_model` (the GPT), `model` (wrapped by DDP or
+FSDP), `optimizer` and `forward` (compiled or not). A `setup` hook (`tegaki finetune`'s) fills in
+the same. Each choice is decided once and recorded in the run folder (run.json, DIR/tokenizer,
 DIR/data), so running the same command again resumes with the same choices.
 """
 
@@ -18,14 +22,101 @@ from typing import Any
 import numpy as np
 import torch
 
+from tegaki.checkpoint import check_same_run, prepare_run_folder, write_run_json
 from tegaki.config import ModelConfig
-from tegaki.data import is_prepared, iter_documents, load_meta, prepare
+from tegaki.data import BatchLoader, TokenWindows, is_prepared, iter_documents, load_meta, prepare
+from tegaki.device import check_fits
 from tegaki.errors import TegakiError
 from tegaki.files import atomic_write_folder, atomic_write_json
+from tegaki.model import GPT, parameter_count
 from tegaki.tokenizer import load as load_tokenizer
 from tegaki.tokenizer import train_bpe
 from tegaki.tokenizer.choose import choose_pattern
-from tegaki.train.settings import TrainConfig
+from tegaki.train.distributed import broadcast_object, init_single_process_group
+from tegaki.train.schedule import build_optimizer
+from tegaki.train.settings import RESUME_KEYS, TrainConfig
+
+
+def setup_run(run) -> None:
+    """`tegaki train`'s set-up of `run` (a tegaki.train.loop.Run): what this file's docstring lists."""
+    cfg, d = run.cfg, run.dist
+    if d.is_main:
+        prepare_run_folder(run.run_dir, "train", cfg.fresh, {"--data": cfg.data, "--tokenizer": cfg.tokenizer})
+    d.barrier()
+    if d.is_main:
+        preset = ModelConfig.preset(cfg.preset)
+        preset_vocab = (preset.with_overrides(cfg.set) if cfg.set else preset).vocab_size
+        tokenizer, ref = setup_tokenizer(cfg, run.run_dir, preset_vocab, run.say)
+        data_dir = setup_data(cfg, run.run_dir, tokenizer, ref, cfg.progress, run.say)
+    # Other ranks wait for rank 0 to train the tokenizer and write the shards, then read them.
+    ref, data_dir = broadcast_object((ref, str(data_dir)) if d.is_main else None, d)
+    if not d.is_main:
+        tokenizer = load_tokenizer(ref if is_named_tokenizer(ref) else run.run_dir / ref)
+    run.tokenizer, run.tokenizer_ref, run.data_dir = tokenizer, ref, Path(data_dir)
+    run.model_config = build_model_config(cfg, tokenizer)
+    run.block_size = cfg.block_size or run.model_config.block_size
+    if run.block_size > run.model_config.block_size:
+        raise TegakiError(
+            f"--block-size {run.block_size} is larger than the model's context "
+            f"(block_size={run.model_config.block_size}); lower --block-size or raise it with --set block_size=N"
+        )
+    info = run_info(run)
+    (write_run_json if d.is_main else check_same_run)(run.run_dir, info, RESUME_KEYS, run.say)
+    setup_data_loaders(run)
+    setup_model(run)
+
+
+def run_info(run) -> dict[str, Any]:
+    """run.json's content for a `tegaki train` run."""
+    inside = Path(run.data_dir).resolve().is_relative_to(run.run_dir.resolve())
+    return {
+        "model_config": run.model_config.to_dict(),
+        "tokenizer": run.tokenizer_ref,
+        # inside the run folder: relative to it, so the folder can be moved
+        "data": os.path.relpath(run.data_dir, run.run_dir) if inside else str(run.data_dir),
+        "train": run.cfg.to_dict(),
+    }
+
+
+def setup_data_loaders(run) -> None:
+    """The training batches (this rank's share), the validation windows, each token's length in bytes."""
+    cfg, d = run.cfg, run.dist
+    train_windows = TokenWindows(run.data_dir, "train", run.block_size)
+    run.val_windows = TokenWindows(run.data_dir, "val", run.block_size)
+    if len(run.val_windows) == 0:
+        raise TegakiError(
+            f"the validation split has {run.val_windows.tokens:,} tokens, fewer than one block of "
+            f"{run.block_size + 1}; lower --block-size or raise --val-fraction"
+        )
+    run.loader = BatchLoader(train_windows, cfg.batch_size, cfg.seed, d.rank, d.world_size)
+    run.token_bytes = token_byte_lengths(run.tokenizer, run.model_config.vocab_size).to(run.device)
+
+
+def setup_model(run) -> None:
+    """A new model from `run.model_config`, wrapped for DDP or FSDP2, its optimizer, and its forward."""
+    cfg, d = run.cfg, run.dist
+    # Refused with the figure before a byte is allocated: weights, gradients and AdamW's two
+    # moments are four float32 numbers a parameter.
+    check_fits(parameter_count(run.model_config), 16, run.device, f"training this {cfg.preset} model")
+    torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
+    model = run.raw_model = GPT(run.model_config).to(run.device)
+    if cfg.fsdp:
+        if not d.enabled:
+            run.say("note: --fsdp with one process shards nothing; it still runs, through FSDP2")
+            init_single_process_group(run.device)
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)  # each block's weights live in shards, gathered just for its turn
+        fully_shard(model)
+    elif d.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [run.device.index] if run.device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=device_ids)
+    run.model = model
+    run.optimizer = build_optimizer(model, cfg, run.device)
+    run.forward = torch.compile(model) if cfg.compile else model
 
 
 def is_named_tokenizer(ref: str) -> bool:
@@ -159,9 +250,9 @@ def setup_data(cfg: TrainConfig, run_dir: Path, tokenizer, tokenizer_ref: str, p
 
 
 def _relative_tokenizer_ref(folder: Path, tokenizer_dir: Path, ref: str) -> None:
-    """Older runs wrote the run's own tokenizer into DIR/data/prepare.json (and meta.json) as an
-    absolute path, "/old/place/tokenizer". Those shards were made with DIR/tokenizer, wherever DIR
-    is now: rewrite the reference in the relative form, so the settings compare equal."""
+    """A run's own tokenizer recorded in DIR/data/prepare.json (and meta.json) as an absolute path,
+    "/some/place/tokenizer": those shards were made with DIR/tokenizer, wherever DIR is; the
+    reference is rewritten in the relative form, so the settings compare equal."""
     for name in ("prepare.json", "meta.json"):
         path = folder / name
         if not path.exists():
@@ -214,9 +305,9 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
 def flushed_subnormals(device: str):
     """Flush subnormal floats (|x| < 1.2e-38) to zero while training on a CPU.
 
-    x86 CPUs take a microcode slow path for them; a GPT-OSS-style run on Japanese text slowed from
-    ~2 s to 15-30 s per step once tiny gradients and Adam moments went subnormal. Zeroing them
-    changes nothing a float32 loss can see. PyTorch's default (off) is restored afterwards.
+    x86 CPUs take a microcode slow path for them, and tiny gradients and Adam moments go subnormal
+    late in a run. Zeroing them changes nothing a float32 loss can see. PyTorch's default (off) is
+    restored afterwards.
     """
     on_cpu = device in ("auto", "cpu") and not torch.cuda.is_available()
     if on_cpu:

@@ -63,11 +63,11 @@ def wrong_shape_checkpoint(run: Path) -> None:
         tensors["wte.weight"] = torch.zeros(7, 32)
         save_file(tensors, ckpt / "model.safetensors")
         state = json.loads((ckpt / "state.json").read_text())  # recorded as whole: only the shape is wrong
-        from tegaki.checkpoint import _sha256  # noqa: PLC2701 - the test rewrites a checkpoint as tegaki would
+        from tegaki.checkpoint import file_sha256  # the test rewrites a checkpoint as tegaki would
 
         state["files"]["model.safetensors"] = {
             "bytes": (ckpt / "model.safetensors").stat().st_size,
-            "sha256": _sha256(ckpt / "model.safetensors"),
+            "sha256": file_sha256(ckpt / "model.safetensors"),
         }
         (ckpt / "state.json").write_text(json.dumps(state))
 
