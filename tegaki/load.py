@@ -8,6 +8,7 @@ writes any model back in transformers' format.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -18,7 +19,9 @@ import torch
 from safetensors.torch import save_file
 
 import tegaki.tokenizer as tokenizers
-from tegaki.checkpoint import load_run_model, load_run_tokenizer, read_safetensors, safetensors_metadata
+from tegaki.chat_template import local_template_folders
+from tegaki.checkpoint import load_run_model, load_run_tokenizer, read_run_json, read_safetensors, safetensors_metadata
+from tegaki.config import ModelConfig
 from tegaki.device import LAYER_OBJECT_BYTES, check_fits
 from tegaki.errors import TegakiError
 from tegaki.files import atomic_write, atomic_write_json
@@ -80,17 +83,22 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     raise TegakiError(f"{folder}: no weights found (expected model.safetensors, a sharded index, or pytorch_model.bin)")
 
 
-def load_hf_folder(folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+def read_hf_config(folder: Path) -> tuple[dict, ModelConfig]:
+    """A transformers folder's config.json, as it is and as a ModelConfig."""
     try:
         hf_config = json.loads((folder / "config.json").read_text())
     except (ValueError, RecursionError) as e:  # bad JSON or UTF-8; JSON nested too deep
         raise TegakiError(f"{folder / 'config.json'} is not valid JSON: {e}") from None
     try:
-        config = config_from_hf(hf_config)
+        return hf_config, config_from_hf(hf_config)
     except (TypeError, ValueError, KeyError, AttributeError) as e:  # "num_hidden_layers": "twelve", [] ...
         raise TegakiError(
             f"{folder / 'config.json'} has a field of the wrong type or a missing one ({type(e).__name__}: {e})"
         ) from None
+
+
+def load_hf_folder(folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    hf_config, config = read_hf_config(folder)
     fam = family_of(hf_config)
     if str(device) == "meta":  # shapes only (parameter counts): no need to read the weights
         check_fits(config.n_layer, LAYER_OBJECT_BYTES, "cpu", f"describing the model of {folder}", items="layers")
@@ -117,7 +125,7 @@ def load_hf_folder(folder: Path, device: str | torch.device = "cpu", dtype: torc
 # What a hub snapshot needs: the model's own files, not the extra copies some repositories carry
 # (GPT-OSS ships its weights again under original/ and metal/).
 _MODEL_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json", "generation_config.json"]
-_TOKENIZER_FILES = ["tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json"]
+_TOKENIZER_FILES = ["tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json", "chat_template.jinja"]
 
 
 def _download(repo_id: str, patterns: list[str]) -> Path:
@@ -157,30 +165,83 @@ def _resolve(name_or_path: str | os.PathLike) -> tuple[Path | None, str]:
     return None, text
 
 
+class ModelSource:
+    """A --model resolved once: a tegaki run folder, a transformers folder, or a hub id whose files
+    are downloaded when first needed. It carries what a command asks of a model beside its weights:
+    its folder, its config, its tokenizer and where its chat template may be; `load` builds the model.
+    `from_pretrained` and `tokenizer_for` are this, for one question each."""
+
+    def __init__(self, name_or_path: str | os.PathLike):
+        self.folder, self.name = _resolve(name_or_path)  # folder: None for a hub id
+
+    @property
+    def is_run(self) -> bool:
+        return self.folder is not None and (self.folder / "run.json").exists()
+
+    @property
+    def short_name(self) -> str:
+        """runs/demo -> "demo"; a hub id stays itself ("Qwen/Qwen3-0.6B")."""
+        return self.folder.resolve().name if self.folder is not None else self.name
+
+    @functools.cached_property
+    def config(self) -> ModelConfig:
+        """The model's config, read without its weights."""
+        if self.is_run:
+            return ModelConfig.from_dict(read_run_json(self.folder)["model_config"])
+        return read_hf_config(self.folder or _download(self.name, ["config.json"]))[1]
+
+    def load(self, device: str | torch.device = "cpu", dtype=None):
+        """The model, in eval mode. device="meta" builds it from the config alone (shapes, no weights read)."""
+        if self.folder is None:
+            config_only = str(device) == "meta"
+            return load_hf_folder(_download(self.name, ["config.json"] if config_only else _MODEL_FILES), device, dtype)
+        if self.is_run:
+            return load_run_model(self.folder, device=device, dtype=dtype)
+        if (self.folder / "config.json").exists():
+            return load_hf_folder(self.folder, device, dtype)
+        raise TegakiError(
+            f"{self.folder}: neither a transformers folder (config.json) nor a tegaki run folder (run.json)"
+        )
+
+    @functools.cached_property
+    def tokenizer(self):
+        """The tokenizer that goes with the model."""
+        if self.folder is None and self.name in GPT2_NAMES:
+            return tokenizers.load("gpt2")  # shipped with tegaki: no download
+        path = self.folder or self._hub_tokenizer_folder
+        if (path / "run.json").exists():
+            return load_run_tokenizer(path)
+        return _folder_tokenizer(path)
+
+    def template_folders(self) -> list[Path]:
+        """Where a chat template may be: the folder and a run folder's tokenizer/; for a hub id, its
+        downloaded tokenizer files (tokenizer_config.json, chat_template.jinja)."""
+        if self.folder is not None:
+            return local_template_folders(self.folder)
+        return [] if self.name in GPT2_NAMES else [self._hub_tokenizer_folder]
+
+    @functools.cached_property
+    def _hub_tokenizer_folder(self) -> Path:
+        return _download(self.name, _TOKENIZER_FILES)
+
+
+GPT2_NAMES = ("gpt2", "openai-community/gpt2")
+
+
 def from_pretrained(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", dtype=None):
     """Load a model: a transformers folder, a tegaki run folder, or a hub id such as "gpt2".
 
     device="meta" builds the model from config.json alone (shapes, no weights read)."""
-    path, text = _resolve(name_or_path)
-    if path is None:
-        config_only = str(device) == "meta"
-        return load_hf_folder(_download(text, ["config.json"] if config_only else _MODEL_FILES), device, dtype)
-    if (path / "run.json").exists():
-        return load_run_model(path, device=device, dtype=dtype)
-    if (path / "config.json").exists():
-        return load_hf_folder(path, device, dtype)
-    raise TegakiError(f"{path}: neither a transformers folder (config.json) nor a tegaki run folder (run.json)")
+    return ModelSource(name_or_path).load(device, dtype)
 
 
 def tokenizer_for(name_or_path: str | os.PathLike):
     """The tokenizer that goes with a model: a tegaki run folder, a transformers folder, or a hub id."""
-    path, text = _resolve(name_or_path)
-    if path is None:
-        if text in ("gpt2", "openai-community/gpt2"):
-            return tokenizers.load("gpt2")  # shipped with tegaki: no download
-        path = _download(text, _TOKENIZER_FILES)
-    if (path / "run.json").exists():
-        return load_run_tokenizer(path)
+    return ModelSource(name_or_path).tokenizer
+
+
+def _folder_tokenizer(path: Path):
+    """The tokenizer of a transformers folder (or a tegaki tokenizer saved there)."""
     hf_formats = [f for f in ("tokenizer.json", "vocab.json", "merges.txt") if (path / f).exists()]
     try:
         return tokenizers.load(path)

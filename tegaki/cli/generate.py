@@ -9,13 +9,13 @@ import time
 import torch
 
 from tegaki.chat_template import end_ids as chat_end_ids
-from tegaki.chat_template import find_chat_template, local_template_folders
+from tegaki.chat_template import find_chat_template
 from tegaki.cli.options import add_model_arguments
 from tegaki.decoding import describe, prepare_for_decoding
 from tegaki.device import DTYPES, check_fits, cpu_summary, pick_device, pick_dtype
 from tegaki.errors import TegakiError
 from tegaki.generate import StopText, compiled_decode_step, generate_tokens
-from tegaki.load import from_pretrained, tokenizer_for
+from tegaki.load import ModelSource
 from tegaki.quant import quantize_model, quantized_kernels
 from tegaki.sampling import SamplingSettings
 from tegaki.train.settings import check_seed
@@ -119,35 +119,30 @@ def sampling_from(args) -> SamplingSettings:
     )
 
 
-def load_for_generation(name_or_path: str, dtype: torch.dtype, device: torch.device | str = "cpu"):
+def load_for_generation(model: str | ModelSource, dtype: torch.dtype, device: torch.device | str = "cpu"):
     """(model, tokenizer) for --model: a tegaki run folder, a transformers folder, or a hub id."""
-    model = from_pretrained(name_or_path, device=device, dtype=dtype)
-    return model.eval(), tokenizer_for(name_or_path)
+    source = model if isinstance(model, ModelSource) else ModelSource(model)
+    return source.load(device, dtype).eval(), source.tokenizer
 
 
-def end_ids(name_or_path: str, tok) -> list[int]:
+def end_ids(model: str | ModelSource, tok) -> list[int]:
     """The tokens that end the text (chat_template.end_ids): end of text, and for a chat model whose
-    folder has a chat template (or a tokenizer with ChatML's markers) its end of turn -- a fine-tuned
+    files hold a chat template (or a tokenizer with ChatML's markers) its end of turn -- a fine-tuned
     model ends its reply with <|im_end|>, and past it comes text it never learned to write. The ends
-    `tegaki serve` and `tegaki chat` stop at; a hub id's template is not fetched."""
-    folders = local_template_folders(name_or_path)
+    `tegaki serve` and `tegaki chat` stop at."""
+    source = model if isinstance(model, ModelSource) else ModelSource(model)
+    folders = source.template_folders()
     template = find_chat_template(folders, tok) if folders else None
     return sorted(chat_end_ids(tok, template))
 
 
 def run_generate(args) -> int:
-    if args.num_samples < 1:
-        raise TegakiError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.max_new_tokens < 1:
-        raise TegakiError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    settings = sampling_from(args)  # checked before the (slow) load
-    if not args.prompt:
-        raise TegakiError("the prompt is empty: give some text to continue")
-    if args.seed is not None:
-        check_seed(args.seed)
+    settings = check_flags(args)  # before the (slow) load
     torch.manual_seed(args.seed if args.seed is not None else int(time.time()))
     device = pick_device(args.device)
-    model, tok = load_for_generation(args.model, DTYPES[pick_dtype(args.dtype, device)], device)
+    dtype = DTYPES[pick_dtype(args.dtype, device)]
+    source = ModelSource(args.model)
+    model, tok = load_for_generation(source, dtype, device)
     if args.quantize:
         quantize_model(model, args.quantize)
     started = time.perf_counter()
@@ -157,35 +152,55 @@ def run_generate(args) -> int:
     prompt_ids = tok.encode(args.prompt)
     if not prompt_ids:
         raise TegakiError("the prompt encodes to no tokens")
-    cfg = model.config
-    if len(prompt_ids) > cfg.block_size:
-        raise TegakiError(
-            f"the prompt is {len(prompt_ids)} tokens, longer than the model's context of {cfg.block_size}; shorten it"
-        )
-    max_new = args.max_new_tokens
-    if cfg.pos_embedding == "learned" and len(prompt_ids) + max_new > cfg.block_size:
-        max_new = cfg.block_size - len(prompt_ids)
-        print(f"(max-new-tokens lowered to {max_new}: the model's context is {cfg.block_size} tokens)", file=sys.stderr)
-    if max_new < 1:
-        raise TegakiError(f"the prompt fills the model's whole context ({cfg.block_size} tokens); shorten it")
-    total = len(prompt_ids) + max_new
-    if total > cfg.block_size:  # rotary positions go on, but the model never saw text this long
-        print(
-            f"(note: {total:,} tokens run past the model's context of {cfg.block_size}; the text may degrade)",
-            file=sys.stderr,
-        )
-    check_cache_fits(cfg, total, DTYPES[pick_dtype(args.dtype, device)], device)
-    stop_tokens = end_ids(args.model, tok)
+    max_new = new_token_budget(model.config, len(prompt_ids), args.max_new_tokens)
+    check_cache_fits(model.config, len(prompt_ids) + max_new, dtype, device)
+    stop_tokens = end_ids(source, tok)
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     input_ids = torch.tensor([prompt_ids], device=device)
     step = compiled_decode_step(model) if args.compile else None
     if args.compile:
-        print("(compiling the decode step on its first call: this takes a while)", file=sys.stderr)
+        print("(compiling the decode step on its first call: this takes a while)", file=sys.stderr, flush=True)
     for n in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {n + 1} ---")
         _print_one(model, tok, input_ids, max_new, settings, stop_tokens, args, generator, step)
     return 0
+
+
+def check_flags(args) -> SamplingSettings:
+    """Refuse a flag that cannot work; the sampling settings."""
+    if args.num_samples < 1:
+        raise TegakiError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.max_new_tokens < 1:
+        raise TegakiError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    settings = sampling_from(args)
+    if not args.prompt:
+        raise TegakiError("the prompt is empty: give some text to continue")
+    if args.seed is not None:
+        check_seed(args.seed)
+    return settings
+
+
+def new_token_budget(cfg, prompt_tokens: int, asked: int) -> int:
+    """How many tokens to add after the prompt: --max-new-tokens, lowered to the end of a learned
+    position table (with a note); rotary positions go on past the context, with a warning."""
+    if prompt_tokens > cfg.block_size:
+        raise TegakiError(
+            f"the prompt is {prompt_tokens} tokens, longer than the model's context of {cfg.block_size}; shorten it"
+        )
+    max_new = asked
+    if cfg.pos_embedding == "learned" and prompt_tokens + max_new > cfg.block_size:
+        max_new = cfg.block_size - prompt_tokens
+        print(f"(max-new-tokens lowered to {max_new}: the model's context is {cfg.block_size} tokens)", file=sys.stderr)
+    if max_new < 1:
+        raise TegakiError(f"the prompt fills the model's whole context ({cfg.block_size} tokens); shorten it")
+    total = prompt_tokens + max_new
+    if total > cfg.block_size:  # rotary positions go on, but the model never saw text this long
+        print(
+            f"(note: {total:,} tokens run past the model's context of {cfg.block_size}; the text may degrade)",
+            file=sys.stderr,
+        )
+    return max_new
 
 
 def report_paths(model, seconds: float) -> None:

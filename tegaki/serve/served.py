@@ -9,15 +9,14 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from tegaki.chat_template import ChatTemplate, end_ids, find_chat_template, local_template_folders
+from tegaki.chat_template import ChatTemplate, end_ids, find_chat_template
 from tegaki.decoding import prepare_for_decoding
 from tegaki.device import pick_device
 from tegaki.errors import TegakiError
-from tegaki.load import from_pretrained, tokenizer_for
+from tegaki.load import ModelSource
 from tegaki.quant import quantize_model
 
 
@@ -52,7 +51,7 @@ class Served:
 
 
 def load_served(
-    model: str,
+    model: str | ModelSource,
     *,
     name: str | None = None,
     device: str = "auto",
@@ -62,33 +61,11 @@ def load_served(
 ) -> Served:
     """Load --model with its tokenizer and chat template, ready for the engine, on `device` as
     tegaki.device reads it (auto: a CUDA GPU when there is one, else the CPU)."""
-    device = pick_device(device)
-    net = from_pretrained(model, device=device, dtype=dtype).eval()
+    source = model if isinstance(model, ModelSource) else ModelSource(model)
+    net = source.load(pick_device(device), dtype).eval()
     if quantize:
         quantize_model(net, quantize)
     prepare_for_decoding(net)  # a served model only decodes: the LM head in its decoding layout
-    tokenizer = tokenizer_for(model)
-    is_run = Path(model).expanduser().joinpath("run.json").is_file()
-    template = find_chat_template(_template_folders(model), tokenizer, chat_template, tegaki_run=is_run)
-    return Served(name or _default_name(model), net, tokenizer, template)
-
-
-def _default_name(model: str) -> str:
-    """runs/demo -> "demo"; a hub id stays itself ("Qwen/Qwen3-0.6B")."""
-    path = Path(model).expanduser()
-    return path.resolve().name if path.is_dir() else model
-
-
-def _template_folders(model: str) -> list[Path]:
-    """Where a chat template may be: the folder, and a run folder's tokenizer/. For a hub id, its
-    tokenizer_config.json and chat_template.jinja (downloaded when huggingface_hub is installed)."""
-    if Path(model).expanduser().is_dir():
-        return local_template_folders(model)
-    try:
-        from huggingface_hub import snapshot_download  # optional: the hub extra
-    except ImportError:
-        return []
-    try:
-        return [Path(snapshot_download(model, allow_patterns=["tokenizer_config.json", "chat_template.jinja"]))]
-    except Exception as e:  # noqa: BLE001 - offline, unknown repo: the model loaded, so say what is missing
-        raise TegakiError(f"could not fetch {model}'s chat template from the hub ({type(e).__name__})") from None
+    tokenizer = source.tokenizer
+    template = find_chat_template(source.template_folders(), tokenizer, chat_template, tegaki_run=source.is_run)
+    return Served(name or source.short_name, net, tokenizer, template)
