@@ -155,3 +155,20 @@ def test_the_model_flags_are_one_set_with_one_default():
     assert parser.parse_args(["trace", "hi"]).dtype == "fp32"  # measurements: fp32 unless asked
     chat = parser.parse_args(["chat", "--model", "m", "--min-p", "0.1", "--presence-penalty", "0.5"])
     assert chat.min_p == 0.1 and chat.presence_penalty == 0.5 and chat.quantize is None
+
+
+def test_serve_without_its_extra_says_how_to_install_it_from_a_clone(capsys, monkeypatch):
+    """tegaki is installed from a clone, so the hint is pip install -e '.[serve]', not a PyPI name."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn fails as when it is missing
+    code, err = run(capsys, "serve", "--model", "m")
+    assert code == 2 and "pip install -e '.[serve]'" in err and "uvicorn" in err
+
+
+def test_generate_says_it_is_compiling_before_the_wait(capsys, monkeypatch, short_context_model):
+    from tegaki.cli import generate as cli_generate
+
+    monkeypatch.setattr(cli_generate, "compiled_decode_step", lambda model: model)  # no real compile here
+    code = main(["generate", "--model", str(short_context_model), "--max-new-tokens", "2", "--compile", "hi"])
+    assert code == 0 and "compiling the decode step" in capsys.readouterr().err

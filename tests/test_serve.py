@@ -492,6 +492,9 @@ def test_the_page_and_its_files_are_served(client):
     for name in ("app.js", "views.js", "i18n.js", "style.css"):
         assert client.get(f"/static/{name}").status_code == 200
     assert "http" not in page.text.replace("http-equiv", "")  # nothing from elsewhere: no CDN
+    assert '<link rel="icon" href="data:,">' in page.text  # no request for a missing /favicon.ico
+    button_rule = client.get("/static/style.css").text.split("button {")[1].split("}")[0]
+    assert "white-space: nowrap" in button_rule  # 停止 stays on one line in a narrow header
 
 
 # -------------------------------------------------------------------------------------------------
