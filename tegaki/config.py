@@ -413,10 +413,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
-    # Small enough to train visibly within a minute on two CPU cores.
+    # Small enough to train visibly on a CPU.
     "tiny": dict(_TINY),
-    # `make demo`'s model (the default of `tegaki train`): tiny at 128 wide, 1.35M parameters. A step
-    # costs about 0.65x tiny's, and in the same CPU time it reaches a lower loss (benchmarks/RESULTS.md).
+    # `make demo`'s model (the default of `tegaki train`): tiny at 128 wide, 1.35M parameters, the
+    # lower loss in the same CPU time (benchmarks/RESULTS.md, "The demo run").
     "demo": dict(_TINY, n_embd=128),
     "tiny-llama": dict(**_TINY | _LLAMA, n_kv_head=2, intermediate_size=512, norm_eps=1e-5),
     "tiny-qwen3": dict(

@@ -1,5 +1,5 @@
-"""The run folder's format changes (tegaki/checkpoint.py): old q_proj/k_proj/v_proj tensors and their
-AdamW state become one qkv, exactly; the metrics reader skips what a kill left."""
+"""The run folder's formats (tegaki/checkpoint/): three-projection q_proj/k_proj/v_proj tensors and
+their AdamW state become one qkv, exactly; the metrics reader skips what a kill left."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The training loop, checkpoints, resume and the `tegaki train` command (tegaki/train/, tegaki/checkpoint.py)."""
+"""The training loop, checkpoints, resume and the `tegaki train` command (tegaki/train/, tegaki/checkpoint/)."""
 
 from __future__ import annotations
 

@@ -167,8 +167,8 @@ def read_optimizer_state(checkpoint: Path) -> dict[str, Any]:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise TegakiError(
-            f"{path} holds Python objects that tegaki does not load (a file from an older tegaki, or not "
-            "from tegaki at all); start over with --fresh"
+            f"{path} holds Python objects that tegaki does not load (not an optimizer state that "
+            "tegaki wrote); start over with --fresh"
         ) from None
     except OSError as e:
         raise explain_os_error(path, e, doing="read") from None

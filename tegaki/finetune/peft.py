@@ -12,7 +12,7 @@ rule's first name), v's of v_proj. A and B are the same numbers; so are the outp
 The weights file's metadata also carries a "tegaki" entry (JSON): the targets in tegaki's words and a
 fingerprint of the base (its shape and a few of its weights), so an adapter is refused on a model it
 was not made for. It sits there, not in adapter_config.json, because PEFT warns about every key of
-that file it does not know; adapters written before read from either place.
+that file it does not know; an adapter_config.json that holds the entry is read too.
 """
 
 from __future__ import annotations

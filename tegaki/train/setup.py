@@ -127,7 +127,7 @@ def is_named_tokenizer(ref: str) -> bool:
 def setup_tokenizer(cfg: TrainConfig, run_dir: Path, model_vocab: int, say) -> tuple[Any, str]:
     """The run's tokenizer and how run.json refers to it ("gpt2" or "tokenizer").
 
-    Order: the run folder's own (a resumed run) > --tokenizer > a byte-level BPE trained now on the
+    Order: the run folder's own (a resumed run) > --tokenizer > a byte-level BPE trained on the
     corpus with the preset's vocab_size (a preset with GPT-2's vocabulary or more uses "gpt2")."""
     own = run_dir / "tokenizer"
     if cfg.tokenizer is None and own.is_dir():
@@ -216,7 +216,7 @@ def train_run_tokenizer(cfg: TrainConfig, folder: Path, vocab_size: int, say):
 
 
 def setup_data(cfg: TrainConfig, run_dir: Path, tokenizer, tokenizer_ref: str, progress: bool, say) -> Path:
-    """Token shards: --data itself when already prepared, else prepared now into DIR/data."""
+    """Token shards: --data itself when already prepared, else prepared into DIR/data."""
     if is_prepared(cfg.data):
         meta = load_meta(cfg.data)
         if meta["vocab_size"] != tokenizer.vocab_size:
