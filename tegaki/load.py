@@ -1,9 +1,10 @@
 """Loading any model tegaki can read, and writing transformers folders.
 
-`from_pretrained` takes a tegaki run folder (`checkpoint.py` reads it), a transformers folder
-(config.json + safetensors, converted by the tables in `tegaki/hf/`) or a hub id (downloaded first, when
-`huggingface_hub` is installed); `tokenizer_for` finds the tokenizer that goes with it; `export_hf`
-writes any model back in transformers' format.
+`ModelSource` is a --model resolved once: a tegaki run folder (`tegaki.checkpoint` reads it), a
+transformers folder (config.json + safetensors, converted by the tables in `tegaki/hf/`) or a hub id
+(downloaded when first needed, when `huggingface_hub` is installed), with its config, its tokenizer
+and its chat template's folders. `from_pretrained` and `tokenizer_for` ask it one thing each;
+`export_hf` writes any model back in transformers' format.
 """
 
 from __future__ import annotations

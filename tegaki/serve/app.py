@@ -295,9 +295,8 @@ def _endpoint(served: Served, engine: Engine, limits: Limits, kind: str):
 
     async def endpoint(request: Request):
         params = await run_in_threadpool(params_of, await read_body(request, limits.max_body_bytes))
-        submission = Submission(
-            engine, params
-        )  # submits now, so a request the engine refuses is a 400, not a broken stream
+        # Submitted before the answer starts: a request the engine refuses is a 400, not a broken stream.
+        submission = Submission(engine, params)
         if params.stream:
             return StreamingResponse(_stream(served, submission, params, kind), media_type="text/event-stream")
         answer = await _collect(served, submission, params, kind, request)
