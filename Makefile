@@ -32,6 +32,7 @@ ifndef THREADS
     THREADS := $(shell awk -v cores="$$(nproc)" '{ free = cores - int($$1 + 0.5); print (free > 1 ? free : 1) }' /proc/loadavg 2>/dev/null)
   endif
 endif
+THREADING = $(if $(THREADS),OMP_NUM_THREADS=$(THREADS))
 # The fast tier leaves out what is slow by nature; tests/conftest.py marks each test from what it reaches.
 FAST = not slow and not oracle and not subprocess and not distributed
 
@@ -70,7 +71,6 @@ install-dev: check
 demo: install
 	$(THREADING) $(PYTHON) -m tegaki train --data shakespeare --preset demo --out runs/demo
 	$(THREADING) $(PYTHON) -m tegaki generate --model runs/demo --max-new-tokens 200 --num-samples 2 "ROMEO:"
-THREADING = $(if $(THREADS),OMP_NUM_THREADS=$(THREADS))
 
 test: install-dev
 	$(PYTHON) -m pytest

@@ -156,7 +156,8 @@ def tegaki_arguments(argv: list[str]) -> list[str] | None:
     """The arguments `tegaki` gets from `tegaki ...`, `python -m tegaki ...` or `torchrun ... -m tegaki ...`."""
     if argv[:1] == ["tegaki"]:
         return argv[1:]
-    if argv and re.fullmatch(r"python3?|torchrun", argv[0]):  # (a string of its own would mark this distributed)
+    # (a regular expression: tests/conftest.py marks a test that names "torchrun" alone as distributed)
+    if argv and re.fullmatch(r"python3?|torchrun", argv[0]):
         for i in range(len(argv) - 1):
             if argv[i : i + 2] == ["-m", "tegaki"]:
                 return argv[i + 2 :]
@@ -199,8 +200,8 @@ def parse_problem(parser: argparse.ArgumentParser, arguments: list[str], fragmen
     except ParseError as e:
         if not fragment or not ("are required" in str(e) or "expected one argument" in str(e)):
             return str(e)
-        words = list(itertools.takewhile(lambda a: not a.startswith("-"), arguments))  # `tokenizer train`
-        usage = parse(parser, [*words, "--help"])
+        command = list(itertools.takewhile(lambda a: not a.startswith("-"), arguments))  # `tokenizer train`
+        usage = parse(parser, [*command, "--help"])
         flags = [a.split("=")[0] for a in arguments if a.startswith("--")]
         unknown = [f for f in flags if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", usage)]
         return f"unrecognized arguments: {' '.join(unknown)}" if unknown else None
