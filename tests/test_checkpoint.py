@@ -10,7 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from tegaki.checkpoint import read_metrics, upgrade_optimizer_state, upgrade_state_dict
+from tegaki.checkpoint import (
+    locked_run_folder,
+    read_metrics,
+    restore_rng_state,
+    rng_state,
+    upgrade_optimizer_state,
+    upgrade_state_dict,
+    write_run_json,
+)
 from tegaki.errors import TegakiError
 
 C, H, K, D = 32, 4, 2, 8  # model width, query heads, key/value heads (GQA), head size
@@ -190,3 +198,52 @@ def test_read_metrics_skips_a_half_written_line(tmp_path):
         + '{"step": 2, "lo'
     )
     assert read_metrics(path) == [{"step": 1, "loss": 3.0}, {"step": 1, "kind": "val"}]
+
+
+def run_info(n_layer: int = 2, batch_size: int = 8, lora=None) -> dict:
+    return {
+        "model_config": {"n_layer": n_layer},
+        "tokenizer": "gpt2",
+        "train": {"batch_size": batch_size},
+        "lora": lora,
+    }
+
+
+def test_run_json_refuses_another_model_always_and_other_settings_once_trained(tmp_path):
+    """run.json is checked where it is written: the same model (and LoRA settings), and once a
+    checkpoint exists, the same settings among the resume keys."""
+    write_run_json(tmp_path, run_info(), ("batch_size",))
+    write_run_json(tmp_path, run_info(batch_size=4), ("batch_size",))  # no checkpoint yet: a new start
+    assert json.loads((tmp_path / "run.json").read_text())["train"]["batch_size"] == 4
+    for other in (run_info(n_layer=3, batch_size=4), run_info(batch_size=4, lora={"r": 8})):
+        with pytest.raises(TegakiError, match="another model"):
+            write_run_json(tmp_path, other, ("batch_size",))
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(TegakiError, match="other batch_size"):
+        write_run_json(tmp_path, run_info(batch_size=8), ("batch_size",))
+    assert json.loads((tmp_path / "run.json").read_text()) == run_info(batch_size=4)  # refused: unchanged
+
+
+def test_the_random_generators_come_back_as_they_were():
+    import random
+
+    import numpy as np
+
+    saved = rng_state()
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    torch.save(saved, buffer := io.BytesIO())  # as optimizer.pt holds it: loadable with weights_only
+    buffer.seek(0)
+    restore_rng_state(torch.load(buffer, weights_only=True))
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0]) and (first[1] == again[1]).all() and first[2] == again[2]
+
+
+def test_one_process_per_run_folder(tmp_path):
+    said = []
+    with locked_run_folder(tmp_path, said.append):
+        assert (tmp_path / ".lock").read_text().strip().isdigit()
+        with pytest.raises(TegakiError, match="is in use"), locked_run_folder(tmp_path, said.append):
+            pass
+        with locked_run_folder(tmp_path, said.append, enabled=False):  # a rank that follows: no lock of its own
+            pass
+    assert not (tmp_path / ".lock").exists() and said == []
