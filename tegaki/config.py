@@ -230,8 +230,10 @@ class ModelConfig:
 
     # --- conversions ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Every field; derived ones as None, as they were given."""
-        return {f.name: getattr(self, f.name) for f in public_fields()} | dict.fromkeys(self._derived)
+        """Every field (copies: a list in it is not the config's); derived ones as None, as they were given."""
+        d = dataclasses.asdict(self)
+        del d["_derived"]
+        return d | dict.fromkeys(self._derived)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
