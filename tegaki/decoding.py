@@ -69,9 +69,9 @@ def candidates(linear: nn.Module) -> tuple[str, ...]:
 
 
 def loop_kernel():
-    """torch.ops.tegaki.matvec (x, w, bias) -> (N, out) float32, built for this CPU on first use
-    (native.py); None where it cannot be built."""
-    return native.operator("matvec", lambda x, w, bias: x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32))
+    """torch.ops.tegaki.matvec (x (..., in), w, bias) -> (..., out) in x's dtype, built for this CPU on
+    first use (native.py); None where it cannot be built."""
+    return native.operator("matvec", lambda x, w, bias: x.new_empty(*x.shape[:-1], w.shape[0]))
 
 
 @dataclass
@@ -112,13 +112,9 @@ class FastLinear(opaque.OpaqueLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.weight.dtype or self.path == "plain":  # the kernels take the weight's dtype only
             return self.forward_reference(x)
-        rows = x.shape[:-1].numel()
-        if self.path == "loop" and 0 < rows <= ROWS_BY_LOOP:
+        if self.path == "loop" and 0 < x.numel() // self.in_features <= ROWS_BY_LOOP:
             kernel = loop_kernel()
-            if kernel is None:
-                return self.forward_reference(x)
-            y = kernel(x.reshape(rows, self.in_features), self.weight.contiguous(), self.bias)  # float32
-            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+            return self.forward_reference(x) if kernel is None else kernel(x, self.weight, self.bias)
         if torch.compiler.is_compiling():
             if not opaque.wanted(x):
                 return self.forward_reference(x)  # a gradient is wanted: the plain twin has one

@@ -104,9 +104,9 @@ ROWS_BY_LOOP = 32
 
 
 def int8_kernel():
-    """torch.ops.tegaki.int8_matvec (x, q, scale, bias) -> (N, out), built for this CPU on first use
-    (native.py); None where it cannot be built (no C++ compiler)."""
-    return native.operator("int8_matvec", lambda x, q, scale, bias: x.new_empty(x.shape[0], q.shape[0]))
+    """torch.ops.tegaki.int8_matvec (x (..., in), q, scale, bias) -> (..., out) in x's dtype, built for
+    this CPU on first use (native.py); None where it cannot be built (no C++ compiler)."""
+    return native.operator("int8_matvec", lambda x, q, scale, bias: x.new_empty(*x.shape[:-1], q.shape[0]))
 
 
 class Int8Linear(nn.Module):
@@ -138,15 +138,13 @@ class Int8Linear(nn.Module):
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        """A few rows (a decode step of a batch of up to ROWS_BY_LOOP): the C++ loop. More rows (a
-        prompt), or no compiler: the readable path."""
-        rows = x.shape[:-1].numel()
+        """A few rows (a decode step of a batch of up to ROWS_BY_LOOP): the C++ loop, (..., in) ->
+        (..., out) in x's dtype. More rows (a prompt), or no compiler: the readable path."""
+        rows = x.numel() // self.in_features
         kernel = int8_kernel() if 0 < rows <= ROWS_BY_LOOP and x.device.type == "cpu" else None
         if kernel is None:
             return self.forward_reference(x)
-        bias = None if self.bias is None else self.bias.float()
-        y = kernel(x.reshape(rows, self.in_features).float().contiguous(), self.weight_int8, self.scale, bias)
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return kernel(x, self.weight_int8, self.scale, self.bias)
 
     def extra_repr(self) -> str:
         g = self.in_features // self.scale.shape[1]

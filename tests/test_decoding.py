@@ -131,7 +131,9 @@ def test_the_loop_is_f_linear(rows, shape, bias, dtype):
     assert kernel is not None, "a C++ compiler is installed, so the loop must build"
     with torch.no_grad():
         exact = F.linear(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
-        torch.testing.assert_close(kernel(x, linear.weight, linear.bias), exact, rtol=1e-5, atol=1e-5)
+        y = kernel(x, linear.weight, linear.bias)  # float32 sums, handed back in x's dtype
+        torch.testing.assert_close(y, exact.to(dtype), **(dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}))
+        torch.testing.assert_close(kernel(x[None], linear.weight, linear.bias), y[None], rtol=0, atol=0)  # (1, N, in)
         if dtype == torch.bfloat16 and not cpu_bf16_hardware():
             return  # no decoding layer takes bf16 here (candidates): many rows would go to oneDNN's bf16
         layer = FastLinear(linear, "loop")

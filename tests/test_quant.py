@@ -99,7 +99,12 @@ def test_the_cpp_loop_is_the_int8_formula(rows, shape, bias):
     x = torch.randn(rows, in_f)
     kernel = quant.int8_kernel()
     assert kernel is not None, "a C++ compiler is installed, so the loop must build"
-    torch.testing.assert_close(kernel(x, q, scale, b), int8_matvec(x, q, scale, b), rtol=1e-5, atol=1e-4)
+    y = kernel(x, q, scale, b)
+    torch.testing.assert_close(y, int8_matvec(x, q, scale, b), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kernel(x.view(1, rows, in_f), q, scale, b), y[None], rtol=0, atol=0)  # (B, T, in)
+    y16 = kernel(x.bfloat16(), q, scale, b)  # bf16 activations: float32 sums, a bf16 result
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16, int8_matvec(x.bfloat16().float(), q, scale, b).bfloat16())
 
 
 @needs_cxx

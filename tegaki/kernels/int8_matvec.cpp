@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #if defined(__AVX512F__)
 constexpr int LANES = 16;
@@ -83,18 +84,23 @@ static void row_times_rows(const int8_t* w, const float* s, const float* x, int6
 
 constexpr int MAX_ROWS = 8;  // rows taken together; more are taken 8 at a time
 
-at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
-                       const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scale.dim() == 2, "int8_matvec: x (N, in), q (out, in), scale (out, groups)");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat,
-              "int8_matvec: x and scale float32, q int8");
-  TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && scale.is_contiguous(), "int8_matvec: contiguous tensors only");
-  const int64_t rows = x.size(0), out = q.size(0), in = q.size(1), groups = scale.size(1);
-  TORCH_CHECK(x.size(1) == in && scale.size(0) == out && groups > 0 && in % groups == 0, "int8_matvec: shapes do not match");
+at::Tensor int8_matvec(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& bias_in) {
+  // x (..., in) in float32 or bfloat16 -> y (..., out) in x's dtype; the sums are float32.
+  TORCH_CHECK(x_in.dim() >= 1 && q.dim() == 2 && scale.dim() == 2, "int8_matvec: x (..., in), q (out, in), scale (out, groups)");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, "int8_matvec: x float32 or bfloat16");
+  TORCH_CHECK(q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat, "int8_matvec: q int8, scale float32");
+  TORCH_CHECK(q.is_contiguous() && scale.is_contiguous(), "int8_matvec: contiguous q and scale only");
+  const int64_t out = q.size(0), in = q.size(1), groups = scale.size(1);
+  TORCH_CHECK(x_in.size(-1) == in && scale.size(0) == out && groups > 0 && in % groups == 0, "int8_matvec: shapes do not match");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();  // no copy for a contiguous float32 x
+  const int64_t rows = x.numel() / in;
   const float* b = nullptr;
-  if (bias) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == out, "int8_matvec: bias (out,) float32");
-    b = bias->data_ptr<float>();
+  at::Tensor bias;
+  if (bias_in) {
+    bias = bias_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias.numel() == out, "int8_matvec: bias (out,)");
+    b = bias.data_ptr<float>();
   }
   at::Tensor y = at::empty({rows, out}, x.options());
   const float* xs = x.data_ptr<float>();
@@ -123,7 +129,9 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tenso
       }
     }
   });
-  return y;
+  std::vector<int64_t> shape = x_in.sizes().vec();
+  shape.back() = out;
+  return y.view(shape).to(x_in.scalar_type());  // no copy for float32
 }
 
 TORCH_LIBRARY_FRAGMENT(tegaki, m) { m.def("int8_matvec(Tensor x, Tensor q, Tensor scale, Tensor? bias) -> Tensor"); }

@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #if defined(__AVX2__)
 constexpr int LANES = 8;
@@ -98,14 +99,16 @@ static void rows_times_weight(const float* xs, const W* ws, const float* b, floa
 
 // y = x W^T + bias in float32, for a float32 or bfloat16 weight; x (and bias) in the weight's dtype
 // or float32 (a bfloat16 x is made float32 first: a few rows, nothing beside the weight).
-at::Tensor matvec(const at::Tensor& x_in, const at::Tensor& w, const std::optional<at::Tensor>& bias_in) {
-  TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2, "matvec: x (N, in), w (out, in)");
-  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, "matvec: a float32 or bfloat16 weight");
+at::Tensor matvec(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias_in) {
+  // x (..., in) -> y (..., out) in x's dtype; the sums are float32.
+  TORCH_CHECK(x_in.dim() >= 1 && w_in.dim() == 2, "matvec: x (..., in), w (out, in)");
+  TORCH_CHECK(w_in.scalar_type() == at::kFloat || w_in.scalar_type() == at::kBFloat16, "matvec: a float32 or bfloat16 weight");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, "matvec: x float32 or bfloat16");
-  TORCH_CHECK(w.is_contiguous(), "matvec: a contiguous weight only");
-  const int64_t rows = x_in.size(0), out = w.size(0), in = w.size(1);
-  TORCH_CHECK(x_in.size(1) == in, "matvec: x has ", x_in.size(1), " inputs, the weight ", in);
+  const at::Tensor w = w_in.contiguous();  // no copy for a contiguous weight
+  const int64_t out = w.size(0), in = w.size(1);
+  TORCH_CHECK(x_in.size(-1) == in, "matvec: x has ", x_in.size(-1), " inputs, the weight ", in);
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t rows = x.numel() / in;
   const float* b = nullptr;
   at::Tensor bias;
   if (bias_in) {
@@ -118,7 +121,9 @@ at::Tensor matvec(const at::Tensor& x_in, const at::Tensor& w, const std::option
     rows_times_weight(x.data_ptr<float>(), w.data_ptr<float>(), b, y.data_ptr<float>(), rows, out, in);
   else
     rows_times_weight(x.data_ptr<float>(), w.data_ptr<at::BFloat16>(), b, y.data_ptr<float>(), rows, out, in);
-  return y;
+  std::vector<int64_t> shape = x_in.sizes().vec();
+  shape.back() = out;
+  return y.view(shape).to(x_in.scalar_type());  // no copy for float32
 }
 
 TORCH_LIBRARY_FRAGMENT(tegaki, m) { m.def("matvec(Tensor x, Tensor w, Tensor? bias) -> Tensor"); }
