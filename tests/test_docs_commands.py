@@ -463,6 +463,20 @@ def small(argv: list[str], corpus: Path) -> list[str]:
     return argv
 
 
+def whole_inline_commands() -> list[tuple[str, str, bool]]:
+    """The `tegaki` commands of the prose that are whole: no placeholder, nothing left out, no --help,
+    more than the command's name (`tegaki train` in a sentence names the command)."""
+    parser, whole = build_parser(), []
+    for where, command in all_inline_commands():
+        arguments = tegaki_arguments(words(command))
+        if arguments is None or len(arguments) < 2 or {"--help", "--version", "...", "…"} & set(arguments):
+            continue
+        placeholders = any(re.fullmatch(r"[A-Z][A-Z_]+(\.\w+)?", a) for a in arguments)
+        if not placeholders and parse_problem(parser, arguments, False) is None:
+            whole.append((where, command, False))
+    return whole
+
+
 @pytest.mark.slow
 def test_every_command_of_the_docs_runs(tmp_path, monkeypatch, capsys):
     from tegaki.data import shakespeare_text
@@ -478,8 +492,8 @@ def test_every_command_of_the_docs_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     done, failed = set(), []
     made = [("Makefile (make -n demo)", command, False) for command in make_demo_commands("PYTHON=python3")]
-    for where, command, illustrative in made + all_commands():
-        argv = shlex.split(command, comments=True)
+    for where, command, illustrative in made + all_commands() + whole_inline_commands():
+        argv = words(command)
         if illustrative or command in done:  # the Japanese pages repeat the English commands
             continue
         done.add(command)
