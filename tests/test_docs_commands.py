@@ -11,8 +11,9 @@ same way, where a fragment (`tegaki generate --verbose`) may leave out the requi
 
 Every other command is run, in the order of the pages, in one scratch folder, with small settings
 substituted where the real ones would take minutes: a corpus of 100k characters for `shakespeare`,
-a few steps, tiny batches, few tokens; so are the `tegaki` commands `make demo` runs. The Makefile's
-own choices (which Python, how many threads, the hint where pip may not install) are checked too.
+a few steps, tiny batches, few tokens; so are the `tegaki` commands `make demo` runs and the whole
+ones of the prose (no placeholder, nothing left out). The Makefile's own choices (which Python, how
+many threads, the hint where pip may not install) are checked too.
 """
 
 from __future__ import annotations
