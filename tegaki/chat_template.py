@@ -109,9 +109,14 @@ def _environment():
     global _environment_cache
     if _environment_cache is not None:
         return _environment_cache
-    import jinja2.ext
-    from jinja2 import nodes
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    try:
+        import jinja2.ext
+        from jinja2 import nodes
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError as e:
+        raise TegakiError(
+            f"chat templates need jinja2 ({e.name} is missing): pip install -e '.[serve]' in tegaki's clone"
+        ) from None
 
     class GenerationTag(jinja2.ext.Extension):
         """`{% generation %}...{% endgeneration %}` marks the assistant's part for transformers'
@@ -151,7 +156,7 @@ def _environment():
 
 def local_template_folders(model_ref: str | Path) -> list[Path]:
     """Where a chat template may be for a model on disk: its folder, and a run folder's tokenizer/.
-    Empty for anything else (a hub id: `tegaki serve` fetches its files, see serve/served.py)."""
+    Empty for anything else (a hub id: `load.ModelSource.template_folders` downloads its files)."""
     folder = Path(model_ref).expanduser()
     return [folder, folder / "tokenizer"] if folder.is_dir() else []
 

@@ -35,7 +35,7 @@ from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
 from tegaki.files import atomic_write, explain_write_error
 from tegaki.hf import family_for_config
-from tegaki.load import from_pretrained, tokenizer_for
+from tegaki.load import ModelSource
 from tegaki.rope import rope_frequencies
 from tegaki.tokenizer.bpe import PATTERNS, BytePairTokenizer, token_to_str
 
@@ -176,8 +176,8 @@ def export_gguf(model_ref: str | os.PathLike, out: str | os.PathLike, outtype: s
     """Load a tegaki run (a LoRA fine-tune comes merged), a transformers folder or a hub id, and write
     it with its tokenizer and chat template as one GGUF file."""
     out = _claim_file(out)
-    model = from_pretrained(model_ref)
-    tokenizer = tokenizer_for(model_ref)
+    source = ModelSource(model_ref)
+    model, tokenizer = source.load(), source.tokenizer
     is_run = Path(model_ref).expanduser().joinpath("run.json").is_file()
     template = find_chat_template(local_template_folders(model_ref), tokenizer, tegaki_run=is_run)
     name = Path(model_ref).expanduser().resolve().name if Path(model_ref).expanduser().is_dir() else str(model_ref)

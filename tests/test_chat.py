@@ -176,3 +176,17 @@ def test_chat_without_a_template_says_so(monkeypatch, capsys, tmp_path):
     plain = write_model_folder(tmp_path / "plain", chatml=False, train_steps=0)
     code, _, err = chat(monkeypatch, capsys, plain, ["hi"])
     assert code == 2 and "no chat template" in err and "--chat-template" in err
+
+
+def test_without_jinja2_a_template_says_what_to_install(monkeypatch):
+    """jinja2 comes with the serve extra: without it, rendering a template names the extra to install
+    instead of raising a bare ImportError."""
+    import sys
+
+    from tegaki import chat_template
+
+    monkeypatch.setattr(chat_template, "_environment_cache", None)
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # import jinja2 -> ImportError
+    template = ChatTemplate("{{ messages[0]['content'] }} (never compiled before)", "test")
+    with pytest.raises(TegakiError, match=r"pip install -e '\.\[serve\]'"):
+        template.render([{"role": "user", "content": "hi"}])

@@ -11,7 +11,7 @@ from tegaki.eval.text import read_text, score_records, score_text
 from tegaki.finetune.data import records_path
 from tegaki.finetune.loop import FineTuneConfig, chat_template_for
 from tegaki.finetune.peft import load_peft
-from tegaki.load import from_pretrained, tokenizer_for
+from tegaki.load import ModelSource
 from tegaki.lora import merge_lora
 
 
@@ -43,7 +43,8 @@ def register(subparsers) -> None:
 def _cmd_eval(args) -> int:
     if not (args.text or args.tasks or args.records):
         raise TegakiError("give at least one of --text FILE, --tasks FILE.jsonl, --records FILE.jsonl")
-    model, tokenizer = from_pretrained(args.model), tokenizer_for(args.model)
+    source = ModelSource(args.model)
+    model, tokenizer = source.load(), source.tokenizer
     if args.adapter:
         load_peft(model, args.adapter)
         merge_lora(model)

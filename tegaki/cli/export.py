@@ -11,7 +11,7 @@ import torch
 
 from tegaki.errors import TegakiError
 from tegaki.finetune.peft import CONFIG_FILE, WEIGHTS_FILE, adapter_base, export_peft, load_lora_run
-from tegaki.load import claim_export_folder, export_hf, from_pretrained, tokenizer_for
+from tegaki.load import ModelSource, claim_export_folder, export_hf
 
 
 def register(subparsers) -> None:
@@ -60,11 +60,8 @@ def _export_command(args) -> int:
     if args.outtype:
         raise TegakiError(f"--outtype is the weights' type of a .gguf file; {args.out} does not end in .gguf")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = from_pretrained(args.model, dtype=dtype)
-    tokenizer = None
-    if (Path(args.model) / "run.json").exists():
-        tokenizer = tokenizer_for(args.model)
-    out = export_hf(model, args.out, tokenizer=tokenizer)
+    source = ModelSource(args.model)
+    out = export_hf(source.load(dtype=dtype), args.out, tokenizer=source.tokenizer if source.is_run else None)
     print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'}", file=sys.stderr)
     return 0
 
@@ -82,7 +79,8 @@ def _export_peft(args) -> int:
     if settings.new_tokens:
         base_dir = out / "base"
         base = adapter_base(model)
-        export_hf(base.to(getattr(torch, args.dtype)) if args.dtype else base, base_dir, tokenizer_for(args.model))
+        base = base.to(getattr(torch, args.dtype)) if args.dtype else base
+        export_hf(base, base_dir, ModelSource(args.model).tokenizer)
         base_name = str(base_dir.resolve())
         where = (
             f"{base_dir}: the base with rows for the chat tokens this run added "

@@ -20,7 +20,7 @@ import torch
 
 from tegaki.decoding import decoding_layout
 from tegaki.eval.text import token_logprobs
-from tegaki.load import from_pretrained, tokenizer_for
+from tegaki.load import ModelSource
 
 try:  # an optional dependency: pip install lm-eval
     from lm_eval.api.model import LM as _HarnessLM
@@ -42,7 +42,8 @@ class TegakiLM(_HarnessLM):
     def __init__(self, model=None, tokenizer=None, path: str | None = None, batch_size: int = 1, **_ignored):
         super().__init__()
         if model is None:  # lm_eval --model tegaki --model_args path=...: load it here
-            model, tokenizer = from_pretrained(path), tokenizer_for(path)
+            source = ModelSource(path)
+            model, tokenizer = source.load(), source.tokenizer
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)

@@ -25,7 +25,7 @@ from tegaki.checkpoint import read_run_json
 from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
 from tegaki.files import atomic_write, atomic_write_bytes, atomic_write_text
-from tegaki.load import EXPORT_FILES, EXPORT_MARK, claim_export_folder, from_pretrained, tokenizer_for
+from tegaki.load import EXPORT_FILES, EXPORT_MARK, ModelSource, claim_export_folder
 from tegaki.model import parameter_count
 from tegaki.rope import rope_frequencies
 from tegaki.tokenizer import BytePairTokenizer
@@ -84,15 +84,15 @@ def export_web(model_ref: str | os.PathLike, out: str | os.PathLike, dtype: str 
     a hub id) into `out`; returns `out`. dtype: the weights' type in the file."""
     name = Path(str(model_ref)).name
     refuse(model_config(model_ref), name)  # before any weight is read: a 20B model is refused at once
-    model = from_pretrained(model_ref)
-    return write_web_folder(model, tokenizer_for(model_ref), out, dtype, name=name)
+    source = ModelSource(model_ref)
+    return write_web_folder(source.load(), source.tokenizer, out, dtype, name=name)
 
 
 def model_config(model_ref: str | os.PathLike) -> ModelConfig:
     """The model's config alone: run.json's, or the model built on the meta device (no weights read)."""
     if (Path(model_ref) / "run.json").is_file():
         return ModelConfig.from_dict(read_run_json(model_ref)["model_config"])
-    return from_pretrained(model_ref, device="meta").config
+    return ModelSource(model_ref).config
 
 
 def refuse(config: ModelConfig, name: str) -> None:
