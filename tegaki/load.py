@@ -188,8 +188,15 @@ class ModelSource:
     def config(self) -> ModelConfig:
         """The model's config, read without its weights."""
         if self.is_run:
-            return ModelConfig.from_dict(read_run_json(self.folder)["model_config"])
+            return ModelConfig.from_dict(self.run_info["model_config"])
+        if self.folder is not None and not (self.folder / "config.json").exists():
+            raise TegakiError(self._neither)
         return read_hf_config(self.folder or _download(self.name, ["config.json"]))[1]
+
+    @functools.cached_property
+    def run_info(self) -> dict:
+        """A run folder's run.json, read once."""
+        return read_run_json(self.folder)
 
     def load(self, device: str | torch.device = "cpu", dtype=None):
         """The model, in eval mode. device="meta" builds it from the config alone (shapes, no weights read)."""
@@ -197,12 +204,14 @@ class ModelSource:
             config_only = str(device) == "meta"
             return load_hf_folder(_download(self.name, ["config.json"] if config_only else _MODEL_FILES), device, dtype)
         if self.is_run:
-            return load_run_model(self.folder, device=device, dtype=dtype)
+            return load_run_model(self.folder, device=device, dtype=dtype, info=self.run_info)
         if (self.folder / "config.json").exists():
             return load_hf_folder(self.folder, device, dtype)
-        raise TegakiError(
-            f"{self.folder}: neither a transformers folder (config.json) nor a tegaki run folder (run.json)"
-        )
+        raise TegakiError(self._neither)
+
+    @property
+    def _neither(self) -> str:
+        return f"{self.folder}: neither a transformers folder (config.json) nor a tegaki run folder (run.json)"
 
     @functools.cached_property
     def tokenizer(self):
@@ -210,8 +219,8 @@ class ModelSource:
         if self.folder is None and self.name in GPT2_NAMES:
             return tokenizers.load("gpt2")  # shipped with tegaki: no download
         path = self.folder or self._hub_tokenizer_folder
-        if (path / "run.json").exists():
-            return load_run_tokenizer(path)
+        if self.is_run:
+            return load_run_tokenizer(path, info=self.run_info)
         return _folder_tokenizer(path)
 
     def template_folders(self) -> list[Path]:

@@ -12,7 +12,6 @@ the parts always sum to `model.num_parameters()`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 from tegaki.config import PRESETS, ModelConfig
 from tegaki.device import LAYER_OBJECT_BYTES, check_fits
 from tegaki.errors import TegakiError
-from tegaki.hf import config_from_hf
+from tegaki.load import ModelSource
 from tegaki.model import GPT
 
 # Per-block parameter names (relative to `blocks.{i}.`, without .weight/.bias) -> (label, group).
@@ -186,20 +185,8 @@ def resolve_config(name: str) -> ModelConfig:
     """
     if name in PRESETS:
         return ModelConfig.preset(name)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if (path / "run.json").exists():
-            try:
-                run = json.loads((path / "run.json").read_text())
-                return ModelConfig.from_dict(run["model_config"])
-            except (json.JSONDecodeError, KeyError) as e:
-                raise TegakiError(f"{path / 'run.json'}: not a tegaki run description ({e})") from None
-        if (path / "config.json").exists():
-            try:
-                return config_from_hf(json.loads((path / "config.json").read_text()))
-            except json.JSONDecodeError as e:
-                raise TegakiError(f"{path / 'config.json'} is not valid JSON: {e}") from None
-        raise TegakiError(f"{path}: neither a tegaki run folder (run.json) nor a transformers folder (config.json)")
+    if Path(name).expanduser().is_dir():
+        return ModelSource(name).config  # run.json's, or config.json's
     if any(sep in name for sep in ("/", "\\", ".")):
         raise TegakiError(
             f"{name}: no such preset or folder. Pass a preset, a run folder (with run.json) or a "

@@ -98,11 +98,12 @@ def check_inside(folder: str | os.PathLike, ref: str, what: str, named: tuple[st
     return target
 
 
-def load_run_tokenizer(path: str | os.PathLike):
-    """The tokenizer a run was trained with ("gpt2", or the run's own tokenizer/ folder)."""
+def load_run_tokenizer(path: str | os.PathLike, info: dict[str, Any] | None = None):
+    """The tokenizer a run was trained with ("gpt2", or the run's own tokenizer/ folder). `info`: the
+    run.json already read (read_run_json), if the caller has it."""
     from tegaki.tokenizer import load
 
-    info = read_run_json(path)
+    info = info if info is not None else read_run_json(path)
     ref = info.get("tokenizer", "gpt2")
     if ref == "gpt2":
         return load("gpt2")
@@ -187,10 +188,16 @@ def read_model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
     return upgrade_state_dict(read_safetensors(Path(checkpoint) / MODEL_FILE))
 
 
-def load_run_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+def load_run_model(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    info: dict[str, Any] | None = None,
+):
     """The model of a run folder from its newest intact checkpoint, in eval mode. A LoRA fine-tune
-    (run.json "lora") holds its adapters beside the frozen weights; they are merged in here."""
-    info = read_run_json(path)
+    (run.json "lora") holds its adapters beside the frozen weights; they are merged in here. `info`:
+    the run.json already read (read_run_json), if the caller has it."""
+    info = info if info is not None else read_run_json(path)
     checkpoint = find_checkpoint(
         Path(path),
         say=lambda m: print(m, file=sys.stderr),

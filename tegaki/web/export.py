@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tegaki.checkpoint import read_run_json
 from tegaki.config import ModelConfig
 from tegaki.errors import TegakiError
 from tegaki.files import atomic_write, atomic_write_bytes, atomic_write_text
@@ -90,8 +89,6 @@ def export_web(model_ref: str | os.PathLike, out: str | os.PathLike, dtype: str 
 
 def model_config(model_ref: str | os.PathLike) -> ModelConfig:
     """The model's config alone: run.json's, or the model built on the meta device (no weights read)."""
-    if (Path(model_ref) / "run.json").is_file():
-        return ModelConfig.from_dict(read_run_json(model_ref)["model_config"])
     return ModelSource(model_ref).config
 
 
