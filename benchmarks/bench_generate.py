@@ -77,7 +77,7 @@ from benchmarks.engines import decode_layers, linear_weights, prepare_tegaki, te
 from tegaki import tokenizer as tokenizers
 from tegaki.config import ModelConfig
 from tegaki.device import cpu_bf16_hardware
-from tegaki.generate import generate
+from tegaki.generate import cache_dtype, generate
 from tegaki.kv_cache import KVCache
 from tegaki.load import export_hf
 from tegaki.model import GPT
@@ -225,7 +225,7 @@ def start_contestants(
 
 def per_token_at_context(model: GPT, context: int, steps: int = 8) -> float:
     """Median seconds of one cached decode step with `context` tokens already in the cache."""
-    cache = KVCache(model.config, 1, context + steps + 1, dtype=model.wte.weight.dtype)
+    cache = KVCache(model.config, 1, context + steps + 1, dtype=cache_dtype(model))
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         model(torch.randint(0, model.config.vocab_size, (1, context), generator=g), kv_cache=cache)

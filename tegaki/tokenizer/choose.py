@@ -6,7 +6,7 @@ pattern keeps a punctuation mark or space with the letters after it ("、次に"
 sentence end with its newline ("。\\n") and indentation with its line break; merges can then learn
 those frequent joins. On Japanese text the tokenizer never saw, the byte-level BPE with GPT-4's
 pattern packs the most characters into a token, ahead of SentencePiece's BPE and unigram and of
-GPT-2's pattern (benchmarks/bench_tokenizer.py; the numbers are in benchmarks/RESULTS.md). So the
+GPT-2's pattern (`python -m benchmarks.bench_tokenizer`; the numbers are in benchmarks/RESULTS.md). So the
 byte-level BPE stays the kind (exact bytes, GPT-2-compatible files, tiktoken speed) and only its
 pattern changes. A corpus with few CJK letters keeps the gpt2 pattern.
 """
