@@ -84,6 +84,12 @@ static void row_times_rows(const int8_t* w, const float* s, const float* x, int6
 
 constexpr int MAX_ROWS = 8;  // rows taken together; more are taken 8 at a time
 
+// t as a contiguous float32 tensor: t itself where it is one (no operator called: a decode step makes
+// dozens of these calls, each of which would otherwise pass through PyTorch's dispatcher).
+static at::Tensor as_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+}
+
 at::Tensor int8_matvec(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scale,
                        const std::optional<at::Tensor>& bias_in) {
   // x (..., in) in float32 or bfloat16 -> y (..., out) in x's dtype; the sums are float32.
@@ -93,12 +99,12 @@ at::Tensor int8_matvec(const at::Tensor& x_in, const at::Tensor& q, const at::Te
   TORCH_CHECK(q.is_contiguous() && scale.is_contiguous(), "int8_matvec: contiguous q and scale only");
   const int64_t out = q.size(0), in = q.size(1), groups = scale.size(1);
   TORCH_CHECK(x_in.size(-1) == in && scale.size(0) == out && groups > 0 && in % groups == 0, "int8_matvec: shapes do not match");
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();  // no copy for a contiguous float32 x
+  const at::Tensor x = as_float(x_in);
   const int64_t rows = x.numel() / in;
   const float* b = nullptr;
   at::Tensor bias;
   if (bias_in) {
-    bias = bias_in->to(at::kFloat).contiguous();
+    bias = as_float(*bias_in);
     TORCH_CHECK(bias.numel() == out, "int8_matvec: bias (out,)");
     b = bias.data_ptr<float>();
   }
@@ -131,7 +137,8 @@ at::Tensor int8_matvec(const at::Tensor& x_in, const at::Tensor& q, const at::Te
   });
   std::vector<int64_t> shape = x_in.sizes().vec();
   shape.back() = out;
-  return y.view(shape).to(x_in.scalar_type());  // no copy for float32
+  y = y.view(shape);
+  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
 }
 
 TORCH_LIBRARY_FRAGMENT(tegaki, m) { m.def("int8_matvec(Tensor x, Tensor q, Tensor scale, Tensor? bias) -> Tensor"); }

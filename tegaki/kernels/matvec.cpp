@@ -99,6 +99,12 @@ static void rows_times_weight(const float* xs, const W* ws, const float* b, floa
 
 // y = x W^T + bias in float32, for a float32 or bfloat16 weight; x (and bias) in the weight's dtype
 // or float32 (a bfloat16 x is made float32 first: a few rows, nothing beside the weight).
+// t as a contiguous float32 tensor: t itself where it is one (no operator called: a decode step makes
+// dozens of these calls, each of which would otherwise pass through PyTorch's dispatcher).
+static at::Tensor as_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+}
+
 at::Tensor matvec(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias_in) {
   // x (..., in) -> y (..., out) in x's dtype; the sums are float32.
   TORCH_CHECK(x_in.dim() >= 1 && w_in.dim() == 2, "matvec: x (..., in), w (out, in)");
@@ -107,12 +113,12 @@ at::Tensor matvec(const at::Tensor& x_in, const at::Tensor& w_in, const std::opt
   const at::Tensor w = w_in.contiguous();  // no copy for a contiguous weight
   const int64_t out = w.size(0), in = w.size(1);
   TORCH_CHECK(x_in.size(-1) == in, "matvec: x has ", x_in.size(-1), " inputs, the weight ", in);
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const at::Tensor x = as_float(x_in);
   const int64_t rows = x.numel() / in;
   const float* b = nullptr;
   at::Tensor bias;
   if (bias_in) {
-    bias = bias_in->to(at::kFloat).contiguous();
+    bias = as_float(*bias_in);
     TORCH_CHECK(bias.numel() == out, "matvec: bias (out,)");
     b = bias.data_ptr<float>();
   }
@@ -123,7 +129,8 @@ at::Tensor matvec(const at::Tensor& x_in, const at::Tensor& w_in, const std::opt
     rows_times_weight(x.data_ptr<float>(), w.data_ptr<at::BFloat16>(), b, y.data_ptr<float>(), rows, out, in);
   std::vector<int64_t> shape = x_in.sizes().vec();
   shape.back() = out;
-  return y.view(shape).to(x_in.scalar_type());  // no copy for float32
+  y = y.view(shape);
+  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
 }
 
 TORCH_LIBRARY_FRAGMENT(tegaki, m) { m.def("matvec(Tensor x, Tensor w, Tensor? bias) -> Tensor"); }
