@@ -684,10 +684,12 @@ def fake_train_module(monkeypatch):
     monkeypatch.setattr(
         tegaki.load,
         "load_run_model",
-        lambda path, device="cpu", dtype=None: calls.append(("model", path, device)) or "model",
+        lambda path, device="cpu", dtype=None, info=None: calls.append(("model", path, device)) or "model",
     )
     monkeypatch.setattr(
-        tegaki.load, "load_run_tokenizer", lambda path: calls.append(("tokenizer", path)) or "tokenizer"
+        tegaki.load,
+        "load_run_tokenizer",
+        lambda path, info=None: calls.append(("tokenizer", path)) or "tokenizer",
     )
     return calls
 
