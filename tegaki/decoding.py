@@ -4,15 +4,15 @@ A decode step multiplies one vector by every weight matrix, so its time is the t
 weights from memory. Which kernel streams them fastest depends on the CPU, the dtype and the shape:
 
     "plain"   F.linear, nn.Linear's own call: the readable twin
-    "onednn"  oneDNN's kernel (`torch.ops.mkldnn._linear_pointwise`) on the weight as it is
-    "packed"  the same kernel on a copy in oneDNN's own layout (`_reorder_linear_weight`)
     "loop"    tegaki's loop (tegaki/kernels/matvec.cpp, built by native.py where a C++ compiler is)
               for up to ROWS_BY_LOOP rows; oneDNN's kernel for more (a prompt)
+    "onednn"  oneDNN's kernel (`torch.ops.mkldnn._linear_pointwise`) on the weight as it is
+    "packed"  the same kernel on a copy in oneDNN's own layout (`_reorder_linear_weight`)
 
-`choose` times each path on the model's own weights of each (shape, dtype), one row at a time, in
-interleaved rounds, and keeps the fastest; a path must beat the simpler ones before it by MARGIN, so
-that noise never picks a slower path. Choices are kept for the process (`CHOICES`) and reported by
-`describe` (`tegaki generate --verbose`).
+`choose` times each path on the model's own weights of each (shape, dtype), one row at a time as a
+decode step multiplies them, every shape in turn and every path in interleaved rounds, and keeps the
+fastest; a path must beat the ones before it by MARGIN, so that noise never picks a slower path.
+Choices are kept for the process (`CHOICES`) and reported by `describe` (`tegaki generate --verbose`).
 
 `FastLinear` is the swapped-in layer. It keeps the original weight (the readable twin,
 `forward_reference`, and what `state_dict` saves); every path equals nn.Linear up to the order of the
@@ -42,16 +42,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tegaki import native, opaque
-from tegaki.device import cpu_bf16_hardware
+from tegaki.device import cpu_bf16_hardware, last_level_cache_bytes
 from tegaki.errors import TegakiError
 from tegaki.modules import replace_module
 
-PATHS = ("plain", "onednn", "packed", "loop")
+# In order of what each asks for beyond PyTorch's own call: tegaki's loop (a build, once per machine);
+# oneDNN's kernel (a private operator); its packed layout (a private operator and a copy of the weight).
+PATHS = ("plain", "loop", "onednn", "packed")
 ROWS_BY_LOOP = 8  # "loop" takes up to this many rows (a decode step); more go to oneDNN's kernel
-MARGIN = 0.05  # a path must be this much faster than the simpler one to be chosen over it
+MARGIN = 0.05  # a path must be this much faster than every path before it in PATHS to be chosen
 MIN_ROUNDS, MAX_ROUNDS = 3, 7
-BUDGET_SECONDS = 0.1  # per (shape, dtype): rounds stop once past it (and MIN_ROUNDS are done)
-MEASURED_BYTES = 64 * 2**20  # enough of a model's weights of one shape to reach past the caches
+BUDGET_SECONDS = 0.3  # for a model's shapes together: rounds stop once past it (and MIN_ROUNDS are done)
+# Weights streamed in one pass of a measurement: several times the largest cache, so that each weight
+# comes from memory as in a decode step (a kernel that reads well from the cache is not the fastest
+# from memory), and little enough that a big model is measured in a fraction of a second.
+MEASURED_BYTES = max(256 * 2**20, 4 * last_level_cache_bytes())
 
 
 def candidates(linear: nn.Module) -> tuple[str, ...]:
@@ -64,7 +69,7 @@ def candidates(linear: nn.Module) -> tuple[str, ...]:
     if w.device.type != "cpu" or w.dim() != 2:
         return ()
     if w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and cpu_bf16_hardware()):
-        return PATHS if loop_kernel() else PATHS[:3]
+        return PATHS if loop_kernel() else tuple(p for p in PATHS if p != "loop")
     return ()
 
 
@@ -192,43 +197,61 @@ def _runs(weights: list[torch.Tensor], x: torch.Tensor, path: str) -> list:
     return [lambda w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in weights]
 
 
-def measure(weights: list[torch.Tensor], paths: tuple[str, ...] = PATHS) -> tuple[dict[str, float], int]:
-    """Median ms of one row through each weight in turn, for each path, in interleaved rounds
-    (every path once per round, so that a burst of other work on the machine hits all of them).
-    Returns ({path: ms}, rounds)."""
-    x = torch.randn(1, weights[0].shape[1], generator=torch.Generator().manual_seed(0)).to(weights[0].dtype)
-    times: dict[str, list[float]] = {p: [] for p in paths}
+def measure(
+    groups: dict[tuple, list[torch.Tensor]], paths: dict[tuple, tuple[str, ...]]
+) -> tuple[dict[tuple, dict[str, float]], int]:
+    """Median ms of one row through each group's weights (key: (out, in, dtype)) on each of its
+    paths. A round runs every path in turn, and each path streams every group's weights once, group
+    after group as a decode step does: a weight is out of the cache when it comes round again, as in
+    a step, and a burst of other work on the machine hits every path. Returns ({key: {path: ms}},
+    rounds)."""
+    g = torch.Generator().manual_seed(0)
+    order = [p for p in PATHS if any(p in ps for ps in paths.values())]
+    times: dict[tuple, dict[str, list[float]]] = {key: {p: [] for p in paths[key]} for key in groups}
     with torch.inference_mode():
-        runs = {p: _runs(weights, x, p) for p in paths}
-        for p in paths:  # warm-up: first-call allocations and kernel selection
-            for run in runs[p]:
-                run()
+        xs = {key: torch.randn(1, ws[0].shape[1], generator=g).to(ws[0].dtype) for key, ws in groups.items()}
+        runs = {p: {key: _runs(ws, xs[key], p) for key, ws in groups.items() if p in paths[key]} for p in order}
+        for by_key in runs.values():  # warm-up: first-call allocations and kernel selection
+            for calls in by_key.values():
+                for call in calls:
+                    call()
         start = time.perf_counter()
         for r in range(MAX_ROUNDS):
-            for p in paths:
-                t = time.perf_counter()
-                for run in runs[p]:
-                    run()
-                times[p].append(time.perf_counter() - t)
+            for p in order:
+                for key, calls in runs[p].items():
+                    t = time.perf_counter()
+                    for call in calls:
+                        call()
+                    times[key][p].append(time.perf_counter() - t)
             if r + 1 >= MIN_ROUNDS and time.perf_counter() - start > BUDGET_SECONDS:
                 break
-    return {p: statistics.median(ts) * 1e3 for p, ts in times.items()}, len(times[paths[0]])
+    ms = {key: {p: statistics.median(ts) * 1e3 for p, ts in by_path.items()} for key, by_path in times.items()}
+    return ms, r + 1
 
 
-def choose(weights: list[torch.Tensor], paths: tuple[str, ...] = PATHS) -> Choice:
-    """The fastest of `paths` for weights of one shape and dtype (measured once per process)."""
-    w0 = weights[0]
-    key = (*w0.shape, w0.dtype, torch.get_num_threads())
-    if key not in CHOICES:
-        measured, total = [], 0
-        for w in weights:  # enough of them that the cache holds no layer from one pass to the next
-            measured.append(w.contiguous())
-            total += w.nbytes
-            if total >= MEASURED_BYTES:
-                break
-        ms, rounds = measure(measured, paths)
-        CHOICES[key] = Choice(tuple(w0.shape), w0.dtype, pick(ms), ms, len(measured), rounds)
-    return CHOICES[key]
+def choose(groups: dict[tuple, list[torch.Tensor]], paths: dict[tuple, tuple[str, ...]]) -> dict[tuple, Choice]:
+    """The fastest path for each group of same-shaped weights (key: (out, in, dtype)), among its
+    `paths`; measured once per process for every group not measured yet, together."""
+    threads = torch.get_num_threads()
+    todo = {key: ws for key, ws in groups.items() if (*key, threads) not in CHOICES}
+    if todo:
+        share = MEASURED_BYTES // len(todo)
+        measured = {key: _enough(ws, share) for key, ws in todo.items()}
+        ms, rounds = measure(measured, {key: paths[key] for key in todo})
+        for key, ws in measured.items():
+            CHOICES[(*key, threads)] = Choice(key[:2], key[2], pick(ms[key]), ms[key], len(ws), rounds)
+    return {key: CHOICES[(*key, threads)] for key in groups}
+
+
+def _enough(weights: list[torch.Tensor], nbytes: int) -> list[torch.Tensor]:
+    """The first of `weights` (contiguous) up to `nbytes` in all, at least one."""
+    taken, total = [], 0
+    for w in weights:
+        taken.append(w.contiguous())
+        total += w.nbytes
+        if total >= nbytes:
+            break
+    return taken
 
 
 # -------------------------------------------------------------------------------------------------
@@ -246,7 +269,10 @@ def _swap_in(model: nn.Module, path: str | None) -> list[tuple[str, nn.Module]]:
         key = (*m.weight.shape, m.weight.dtype)
         groups.setdefault(key, []).append(m.weight.detach())
         paths[key] = candidates(m)
-    choices = {key: Choice(key[:2], key[2], path) if path else choose(ws, paths[key]) for key, ws in groups.items()}
+    if path:
+        choices = {key: Choice(key[:2], key[2], path) for key in groups}
+    else:
+        choices = choose(groups, paths)
     for name, module in found:
         choice = choices[(*module.weight.shape, module.weight.dtype)]
         replace_module(model, name, FastLinear(module, choice.path, choice))

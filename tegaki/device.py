@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from pathlib import Path
 
 import torch
 
@@ -119,6 +120,19 @@ def cpu_bf16_hardware() -> bool:
     _is_mkldnn_bf16_supported() says True there), but that is emulation, not hardware: this flag
     is what tegaki's bf16 paths and tests read, the same answer on every machine."""
     return cpu_has("avx512_bf16") or cpu_has("amx_bf16")
+
+
+def last_level_cache_bytes(cpu: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """The size of the CPU's largest cache (L3 on most x86 CPUs), from sysfs; 32 MiB where it cannot
+    be read. What a measurement must read past for every weight to come from memory."""
+    sizes = []
+    for size_file in Path(cpu).glob("index*/size"):
+        text = size_file.read_text().strip().upper()  # "32768K", "2M"
+        try:
+            sizes.append(int(text[:-1]) * {"K": 2**10, "M": 2**20, "G": 2**30}[text[-1]])
+        except (ValueError, KeyError, IndexError):
+            continue
+    return max(sizes, default=32 * 2**20)
 
 
 def cxx_compiler() -> str | None:

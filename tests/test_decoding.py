@@ -143,7 +143,7 @@ def test_the_loop_is_f_linear(rows, shape, bias, dtype):
 
 
 def test_an_unknown_path_is_refused():
-    with pytest.raises(TegakiError, match="plain, onednn, packed"):
+    with pytest.raises(TegakiError, match="plain, loop, onednn, packed"):
         FastLinear(nn.Linear(4, 4), "fastest")
 
 
@@ -155,6 +155,8 @@ def test_an_unknown_path_is_refused():
         ({"plain": 1.00, "onednn": 0.97, "packed": 0.96}, "plain"),  # within noise of plain: plain
         ({"plain": 0.50, "onednn": 1.00, "packed": 0.90}, "plain"),  # the issue's Xeon: plain was faster
         ({"plain": 1.00, "onednn": 1.20, "packed": 0.60}, "packed"),  # bf16: re-blocked wins
+        ({"plain": 1.00, "loop": 0.70, "onednn": 0.69, "packed": 0.68}, "loop"),  # oneDNN within the margin
+        ({"plain": 1.00, "loop": 0.80, "onednn": 0.70, "packed": 0.69}, "onednn"),
         ({"plain": 1.00}, "plain"),
     ],
 )
@@ -163,33 +165,60 @@ def test_a_path_is_chosen_only_where_it_is_clearly_faster(ms, chosen):
 
 
 def test_the_choice_is_measured_once_per_shape_on_the_models_own_weights(monkeypatch):
-    """choose() times every path on the weights it is given, once per (shape, dtype, threads) in
-    a process; a model's layers of one shape share the answer; describe() reports it."""
+    """choose() times the paths of every shape of a model together, once per (shape, dtype, threads)
+    in a process; a model's layers of one shape share the answer; describe() reports it."""
     calls = []
 
-    def measure(weights, paths=PATHS):
-        calls.append([w.shape for w in weights])
-        return {"plain": 2.0, "onednn": 1.0, "packed": 1.5}, 3
+    def measure(groups, paths):
+        calls.append({key: [w.shape for w in ws] for key, ws in groups.items()})
+        return {key: {"plain": 2.0, "onednn": 1.0, "packed": 1.5} for key in groups}, 3
 
     monkeypatch.setattr(decoding, "measure", measure)
     monkeypatch.setattr(decoding, "CHOICES", {})
     model = prepare_for_decoding(random_model("tiny-llama"))
     shapes = {tuple(m.weight.shape) for m in fast_layers(model)}
-    assert len(calls) == len(shapes) and {c[0] for c in calls} == shapes  # one measurement per shape
+    assert len(calls) == 1 and {key[:2] for key in calls[0]} == shapes  # every shape in one measurement
+    assert all(tuple(ws[0]) == key[:2] for key, ws in calls[0].items())  # on weights of that shape
     assert all(m.path == "onednn" for m in fast_layers(model))
     prepare_for_decoding(random_model("tiny-llama"))
-    assert len(calls) == len(shapes)  # the process remembers
+    assert len(calls) == 1  # the process remembers
     lines = describe(model)
     assert len(lines) == len(shapes) and all("onednn (plain 2.000, onednn 1.000, packed 1.500 ms" in x for x in lines)
 
 
-def test_a_real_measurement_times_every_path_over_enough_layers():
-    weights = [torch.randn(48, 32) for _ in range(3)]
-    ms, rounds = decoding.measure(weights)
-    assert set(ms) == set(PATHS) and all(t > 0 for t in ms.values())
+def test_a_real_measurement_times_every_path_of_every_shape():
+    groups = {
+        (48, 32, torch.float32): [torch.randn(48, 32) for _ in range(3)],
+        (32, 64, torch.float32): [torch.randn(32, 64)],
+    }
+    paths = {key: PATHS for key in groups}
+    ms, rounds = decoding.measure(groups, paths)
+    assert set(ms) == set(groups) and all(set(by_path) == set(PATHS) for by_path in ms.values())
+    assert all(t > 0 for by_path in ms.values() for t in by_path.values())
     assert decoding.MIN_ROUNDS <= rounds <= decoding.MAX_ROUNDS
-    choice = choose(weights)
-    assert isinstance(choice, Choice) and choice.path in PATHS and choice.layers == 3
+    choices = choose(groups, paths)
+    assert set(choices) == set(groups) and all(isinstance(c, Choice) and c.path in PATHS for c in choices.values())
+    assert choices[(48, 32, torch.float32)].layers == 3
+
+
+def test_a_measurement_reads_past_the_largest_cache():
+    """Weights are streamed from memory in a decode step: the measurement streams several times the
+    CPU's largest cache, so that a kernel is not judged on weights the cache still holds."""
+    from tegaki.device import last_level_cache_bytes
+
+    assert 4 * last_level_cache_bytes() <= decoding.MEASURED_BYTES
+    ws = [torch.zeros(256, 256) for _ in range(10)]  # 256 KiB each
+    assert len(decoding._enough(ws, 600 * 1024)) == 3 and len(decoding._enough(ws, 1)) == 1
+
+
+def test_the_largest_cache_is_read_from_sysfs(tmp_path):
+    from tegaki.device import last_level_cache_bytes
+
+    for index, size in enumerate(["32K", "1024K", "32768K", "junk"]):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    assert last_level_cache_bytes(str(tmp_path)) == 32 * 2**20
+    assert last_level_cache_bytes(str(tmp_path / "missing")) == 32 * 2**20  # unreadable: a usual L3
 
 
 def test_a_forced_path_is_reported_as_forced():
