@@ -6,7 +6,7 @@ the float weight first). The Python formula stays the readable twin, and a test 
 
 Each kernel file is compiled by the machine's C++ compiler against PyTorch's own headers
 (`torch.utils.cpp_extension.include_paths()`), for the instruction set this CPU has -- AVX-512 or
-AVX2, below any ONEDNN_MAX_CPU_ISA or ATEN_CPU_CAPABILITY cap, so that a run held to an older CPU
+AVX2 (AVX-512 with its bfloat16 dot products where the CPU has them), below any ONEDNN_MAX_CPU_ISA or ATEN_CPU_CAPABILITY cap, so that a run held to an older CPU
 runs that CPU's code -- and registered as torch operators (`torch.ops.load_library`): a compiled
 graph can call them too. The library is kept in ~/.cache/tegaki/kernels (or $TEGAKI_CACHE/kernels),
 named by a hash of the source, the flags and the torch version: the first use on a machine compiles
@@ -33,6 +33,7 @@ KERNELS = Path(__file__).parent / "kernels"
 
 # The compiler's instruction-set flags for each level (GCC and Clang spell them alike).
 ISA_FLAGS = {
+    "avx512_bf16": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "baseline": [],
@@ -45,7 +46,7 @@ def isa() -> str:
     """The instruction set to compile for: the CPU's, held back by the caps that emulate older CPUs."""
     aten_cap = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
     if cpu_has("avx512f") and aten_cap in ("", "avx512"):
-        return "avx512"
+        return "avx512_bf16" if cpu_has("avx512_bf16") else "avx512"
     if cpu_has("avx2") and aten_cap in ("", "avx512", "avx2"):
         return "avx2"
     return "baseline"

@@ -13,6 +13,7 @@
 // by its instruction (the compilers widen bytes poorly from vector types alone).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 #include <ATen/ops/empty.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -54,9 +55,9 @@ constexpr int64_t PREFETCH_AHEAD = 4096;
 
 // One weight row o against ROWS rows of x: each LANES int8 weights are made floats once and
 // multiplied into every row's sums (ROWS is a template argument, so the sums stay in registers).
-template <int ROWS>
+template <int ROWS, typename Y>
 static void row_times_rows(const int8_t* w, const float* s, const float* x, int64_t in, int64_t groups,
-                           float bias, float* y, int64_t y_stride) {
+                           float bias, Y* y, int64_t y_stride) {
   const int64_t g = in / groups;         // inputs per group
   const int64_t gv = g / LANES * LANES;  // of them, those taken LANES at a time
   floats acc[ROWS] = {};                 // per row: sum over groups of scale * (the group's products)
@@ -79,41 +80,33 @@ static void row_times_rows(const int8_t* w, const float* s, const float* x, int6
       }
     }
   }
-  for (int r = 0; r < ROWS; ++r) y[r * y_stride] = sum_lanes(acc[r]) + rest[r] + bias;
+  for (int r = 0; r < ROWS; ++r) y[r * y_stride] = Y(sum_lanes(acc[r]) + rest[r] + bias);  // bf16: to nearest
 }
 
 constexpr int MAX_ROWS = 8;  // rows taken together; more are taken 8 at a time
 
-// t as a contiguous float32 tensor: t itself where it is one (no operator called: a decode step makes
-// dozens of these calls, each of which would otherwise pass through PyTorch's dispatcher).
-static at::Tensor as_float(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+// t's values as float32 (t contiguous, float32 or bfloat16): t's own memory, or `copy` filled here.
+// A decode step calls this loop dozens of times on a few rows: converting them here spares each call
+// the operators (and their passes through PyTorch's dispatcher) that .to(float) would run.
+static const float* floats_of(const at::Tensor& t, std::vector<float>& copy) {
+  if (t.scalar_type() == at::kFloat) return t.data_ptr<float>();
+  const at::BFloat16* p = t.data_ptr<at::BFloat16>();
+  copy.resize(t.numel());
+  for (int64_t i = 0; i < t.numel(); ++i) copy[i] = float(p[i]);
+  return copy.data();
 }
 
-at::Tensor int8_matvec(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scale,
-                       const std::optional<at::Tensor>& bias_in) {
-  // x (..., in) in float32 or bfloat16 -> y (..., out) in x's dtype; the sums are float32.
-  TORCH_CHECK(x_in.dim() >= 1 && q.dim() == 2 && scale.dim() == 2, "int8_matvec: x (..., in), q (out, in), scale (out, groups)");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, "int8_matvec: x float32 or bfloat16");
-  TORCH_CHECK(q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat, "int8_matvec: q int8, scale float32");
-  TORCH_CHECK(q.is_contiguous() && scale.is_contiguous(), "int8_matvec: contiguous q and scale only");
-  const int64_t out = q.size(0), in = q.size(1), groups = scale.size(1);
-  TORCH_CHECK(x_in.size(-1) == in && scale.size(0) == out && groups > 0 && in % groups == 0, "int8_matvec: shapes do not match");
-  const at::Tensor x = as_float(x_in);
-  const int64_t rows = x.numel() / in;
-  const float* b = nullptr;
-  at::Tensor bias;
-  if (bias_in) {
-    bias = as_float(*bias_in);
-    TORCH_CHECK(bias.numel() == out, "int8_matvec: bias (out,)");
-    b = bias.data_ptr<float>();
-  }
-  at::Tensor y = at::empty({rows, out}, x.options());
-  const float* xs = x.data_ptr<float>();
-  const int8_t* qs = q.data_ptr<int8_t>();
-  const float* ss = scale.data_ptr<float>();
-  float* ys = y.data_ptr<float>();
+// x's shape with its last size made `out`: the output's shape.
+static std::vector<int64_t> output_shape(const at::Tensor& x, int64_t out) {
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = out;
+  return shape;
+}
 
+// The int8 weight's rows, split across PyTorch's threads, against every row of x.
+template <typename Y>
+static void rows_times_weight(const float* xs, const int8_t* qs, const float* ss, const float* b, Y* ys,
+                              int64_t rows, int64_t out, int64_t in, int64_t groups) {
   at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       const int8_t* w = qs + o * in;     // row o of the weight
@@ -121,7 +114,7 @@ at::Tensor int8_matvec(const at::Tensor& x_in, const at::Tensor& q, const at::Te
       const float bo = b ? b[o] : 0.f;
       for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS) {
         const float* x0 = xs + r0 * in;
-        float* y0 = ys + r0 * out + o;
+        Y* y0 = ys + r0 * out + o;
         switch (std::min<int64_t>(rows - r0, MAX_ROWS)) {
           case 1: row_times_rows<1>(w, s, x0, in, groups, bo, y0, out); break;
           case 2: row_times_rows<2>(w, s, x0, in, groups, bo, y0, out); break;
@@ -135,10 +128,34 @@ at::Tensor int8_matvec(const at::Tensor& x_in, const at::Tensor& q, const at::Te
       }
     }
   });
-  std::vector<int64_t> shape = x_in.sizes().vec();
-  shape.back() = out;
-  y = y.view(shape);
-  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+}
+
+// x (..., in) in float32 or bfloat16 -> y (..., out) in x's dtype; the sums are float32.
+at::Tensor int8_matvec(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& bias_in) {
+  TORCH_CHECK(x_in.dim() >= 1 && q.dim() == 2 && scale.dim() == 2, "int8_matvec: x (..., in), q (out, in), scale (out, groups)");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, "int8_matvec: x float32 or bfloat16");
+  TORCH_CHECK(q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat, "int8_matvec: q int8, scale float32");
+  TORCH_CHECK(q.is_contiguous() && scale.is_contiguous(), "int8_matvec: contiguous q and scale only");
+  const int64_t out = q.size(0), in = q.size(1), groups = scale.size(1);
+  TORCH_CHECK(x_in.size(-1) == in && scale.size(0) == out && groups > 0 && in % groups == 0, "int8_matvec: shapes do not match");
+  const at::Tensor x = x_in.contiguous();  // no copy where it is
+  std::vector<float> x_copy, b_copy;
+  const float* xs = floats_of(x, x_copy);
+  const float* b = nullptr;
+  if (bias_in) {
+    const at::Tensor bias = bias_in->contiguous();
+    TORCH_CHECK(bias.numel() == out && (bias.scalar_type() == at::kFloat || bias.scalar_type() == at::kBFloat16),
+                "int8_matvec: bias (out,) in float32 or bfloat16");
+    b = floats_of(bias, b_copy);
+  }
+  at::Tensor y = at::empty(output_shape(x, out), x.options());
+  const int64_t rows = x.numel() / in;
+  if (y.scalar_type() == at::kFloat)
+    rows_times_weight(xs, q.data_ptr<int8_t>(), scale.data_ptr<float>(), b, y.data_ptr<float>(), rows, out, in, groups);
+  else
+    rows_times_weight(xs, q.data_ptr<int8_t>(), scale.data_ptr<float>(), b, y.data_ptr<at::BFloat16>(), rows, out, in, groups);
+  return y;
 }
 
 TORCH_LIBRARY_FRAGMENT(tegaki, m) { m.def("int8_matvec(Tensor x, Tensor q, Tensor scale, Tensor? bias) -> Tensor"); }

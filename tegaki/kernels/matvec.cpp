@@ -54,8 +54,8 @@ constexpr int64_t PREFETCH_AHEAD = 2048;  // bytes: the CPU's own prefetcher alo
 
 // One weight row (W: float or at::BFloat16) against ROWS float rows of x (ROWS a template argument:
 // the sums stay in registers).
-template <int ROWS, typename W>
-static void row_times_rows(const W* w, const float* x, int64_t in, float bias, float* y, int64_t y_stride) {
+template <int ROWS, typename W, typename Y>
+static void row_times_rows(const W* w, const float* x, int64_t in, float bias, Y* y, int64_t y_stride) {
   constexpr int64_t LINE = 64 / sizeof(W);  // weights per cache line
   const int64_t iv = in / LANES * LANES;    // inputs taken LANES at a time
   floats acc[ROWS] = {};
@@ -67,21 +67,44 @@ static void row_times_rows(const W* w, const float* x, int64_t in, float bias, f
   for (int r = 0; r < ROWS; ++r) {
     float sum = sum_lanes(acc[r]) + bias;
     for (int64_t i = iv; i < in; ++i) sum += float(w[i]) * x[r * in + i];
-    y[r * y_stride] = sum;
+    y[r * y_stride] = Y(sum);  // a bfloat16 output is rounded to nearest, ties to even
   }
 }
 
+#if defined(__AVX512BF16__)
+// bfloat16 weights against bfloat16 rows (a bfloat16 model's decode step), on a CPU with AVX-512 BF16:
+// one instruction (VDPBF16PS) multiplies 16 pairs of bfloat16s and adds them, in pairs, into eight
+// float32 sums, where the loop above widens every weight and every input to float32 first.
+template <int ROWS, typename Y>
+static void row_times_rows(const at::BFloat16* w, const at::BFloat16* x, int64_t in, float bias, Y* y, int64_t y_stride) {
+  const int64_t iv = in / 16 * 16;  // inputs taken 16 at a time
+  __m256 acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < iv; i += 16) {
+    if (i % 32 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + i) + PREFETCH_AHEAD, _MM_HINT_T0);
+    const __m256bh wv = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i));
+    for (int r = 0; r < ROWS; ++r)
+      acc[r] = _mm256_dpbf16_ps(acc[r], wv, (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * in + i)));
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    float sum = sum_lanes((floats)acc[r]) + bias;
+    for (int64_t i = iv; i < in; ++i) sum += float(w[i]) * float(x[r * in + i]);
+    y[r * y_stride] = Y(sum);
+  }
+}
+#endif
+
 constexpr int MAX_ROWS = 8;  // rows taken together; more are taken 8 at a time
 
-template <typename W>
-static void rows_times_weight(const float* xs, const W* ws, const float* b, float* ys, int64_t rows, int64_t out,
+template <typename W, typename X, typename Y>
+static void rows_times_weight(const X* xs, const W* ws, const float* b, Y* ys, int64_t rows, int64_t out,
                               int64_t in) {
   at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       const float bo = b ? b[o] : 0.f;
       for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS) {
-        const float* x0 = xs + r0 * in;
-        float* y0 = ys + r0 * out + o;
+        const X* x0 = xs + r0 * in;
+        Y* y0 = ys + r0 * out + o;
         switch (std::min<int64_t>(rows - r0, MAX_ROWS)) {
           case 1: row_times_rows<1>(ws + o * in, x0, in, bo, y0, out); break;
           case 2: row_times_rows<2>(ws + o * in, x0, in, bo, y0, out); break;
@@ -97,40 +120,55 @@ static void rows_times_weight(const float* xs, const W* ws, const float* b, floa
   });
 }
 
-// y = x W^T + bias in float32, for a float32 or bfloat16 weight; x (and bias) in the weight's dtype
-// or float32 (a bfloat16 x is made float32 first: a few rows, nothing beside the weight).
-// t as a contiguous float32 tensor: t itself where it is one (no operator called: a decode step makes
-// dozens of these calls, each of which would otherwise pass through PyTorch's dispatcher).
-static at::Tensor as_float(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+// t's values as float32 (t contiguous, float32 or bfloat16): t's own memory, or `copy` filled here.
+// A decode step calls this loop dozens of times on a few rows: converting them here spares each call
+// the operators (and their passes through PyTorch's dispatcher) that .to(float) would run.
+static const float* floats_of(const at::Tensor& t, std::vector<float>& copy) {
+  if (t.scalar_type() == at::kFloat) return t.data_ptr<float>();
+  const at::BFloat16* p = t.data_ptr<at::BFloat16>();
+  copy.resize(t.numel());
+  for (int64_t i = 0; i < t.numel(); ++i) copy[i] = float(p[i]);
+  return copy.data();
 }
 
+// x's shape with its last size made `out`: the output's shape.
+static std::vector<int64_t> output_shape(const at::Tensor& x, int64_t out) {
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = out;
+  return shape;
+}
+
+// y = x W^T + bias for a float32 or bfloat16 weight: x (..., in) and bias in float32 or bfloat16, y (..., out)
+// in x's dtype; the sums are float32.
 at::Tensor matvec(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias_in) {
-  // x (..., in) -> y (..., out) in x's dtype; the sums are float32.
   TORCH_CHECK(x_in.dim() >= 1 && w_in.dim() == 2, "matvec: x (..., in), w (out, in)");
   TORCH_CHECK(w_in.scalar_type() == at::kFloat || w_in.scalar_type() == at::kBFloat16, "matvec: a float32 or bfloat16 weight");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, "matvec: x float32 or bfloat16");
-  const at::Tensor w = w_in.contiguous();  // no copy for a contiguous weight
-  const int64_t out = w.size(0), in = w.size(1);
-  TORCH_CHECK(x_in.size(-1) == in, "matvec: x has ", x_in.size(-1), " inputs, the weight ", in);
-  const at::Tensor x = as_float(x_in);
-  const int64_t rows = x.numel() / in;
+  const at::Tensor w = w_in.contiguous(), x = x_in.contiguous();  // no copy where they are
+  const int64_t out = w.size(0), in = w.size(1), rows = x.numel() / in;
+  TORCH_CHECK(x.size(-1) == in, "matvec: x has ", x.size(-1), " inputs, the weight ", in);
+  std::vector<float> x_copy, b_copy;
   const float* b = nullptr;
-  at::Tensor bias;
   if (bias_in) {
-    bias = as_float(*bias_in);
-    TORCH_CHECK(bias.numel() == out, "matvec: bias (out,)");
-    b = bias.data_ptr<float>();
+    const at::Tensor bias = bias_in->contiguous();
+    TORCH_CHECK(bias.numel() == out && (bias.scalar_type() == at::kFloat || bias.scalar_type() == at::kBFloat16),
+                "matvec: bias (out,) in float32 or bfloat16");
+    b = floats_of(bias, b_copy);
   }
-  at::Tensor y = at::empty({rows, out}, x.options());
-  if (w.scalar_type() == at::kFloat)
-    rows_times_weight(x.data_ptr<float>(), w.data_ptr<float>(), b, y.data_ptr<float>(), rows, out, in);
-  else
-    rows_times_weight(x.data_ptr<float>(), w.data_ptr<at::BFloat16>(), b, y.data_ptr<float>(), rows, out, in);
-  std::vector<int64_t> shape = x_in.sizes().vec();
-  shape.back() = out;
-  y = y.view(shape);
-  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+  at::Tensor y = at::empty(output_shape(x, out), x.options());
+  const bool bf16_w = w.scalar_type() == at::kBFloat16, bf16_y = y.scalar_type() == at::kBFloat16;
+#if defined(__AVX512BF16__)
+  if (bf16_w && bf16_y) {  // x in bfloat16 too (y takes x's dtype): the pairs go to VDPBF16PS as they are
+    rows_times_weight(x.data_ptr<at::BFloat16>(), w.data_ptr<at::BFloat16>(), b, y.data_ptr<at::BFloat16>(), rows, out, in);
+    return y;
+  }
+#endif
+  const float* xs = floats_of(x, x_copy);
+  if (!bf16_w && !bf16_y) rows_times_weight(xs, w.data_ptr<float>(), b, y.data_ptr<float>(), rows, out, in);
+  if (!bf16_w && bf16_y) rows_times_weight(xs, w.data_ptr<float>(), b, y.data_ptr<at::BFloat16>(), rows, out, in);
+  if (bf16_w && !bf16_y) rows_times_weight(xs, w.data_ptr<at::BFloat16>(), b, y.data_ptr<float>(), rows, out, in);
+  if (bf16_w && bf16_y) rows_times_weight(xs, w.data_ptr<at::BFloat16>(), b, y.data_ptr<at::BFloat16>(), rows, out, in);
+  return y;
 }
 
 TORCH_LIBRARY_FRAGMENT(tegaki, m) { m.def("matvec(Tensor x, Tensor w, Tensor? bias) -> Tensor"); }
