@@ -5,9 +5,10 @@ operator does the same work (quant.py's int8 weight times a float row, for one: 
 the float weight first). The Python formula stays the readable twin, and a test proves they agree.
 
 Each kernel file is compiled by the machine's C++ compiler against PyTorch's own headers
-(`torch.utils.cpp_extension.include_paths()`), for the instruction set this CPU has -- AVX-512 or
-AVX2 (AVX-512 with its bfloat16 dot products where the CPU has them), below any ONEDNN_MAX_CPU_ISA or ATEN_CPU_CAPABILITY cap, so that a run held to an older CPU
-runs that CPU's code -- and registered as torch operators (`torch.ops.load_library`): a compiled
+(`torch.utils.cpp_extension.include_paths()`), for the instruction set this CPU has -- AVX-512 (with
+its bfloat16 dot products where the CPU has them) or AVX2, below any ONEDNN_MAX_CPU_ISA or
+ATEN_CPU_CAPABILITY cap, so that a run held to an older CPU runs that CPU's code -- and
+registered as torch operators (`torch.ops.load_library`): a compiled
 graph can call them too. The library is kept in ~/.cache/tegaki/kernels (or $TEGAKI_CACHE/kernels),
 named by a hash of the source, the flags and the torch version: the first use on a machine compiles
 it, later processes load the file.
