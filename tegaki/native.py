@@ -8,10 +8,10 @@ Each kernel file is compiled by the machine's C++ compiler against PyTorch's own
 (`torch.utils.cpp_extension.include_paths()`), for the instruction set this CPU has -- AVX-512 (with
 its bfloat16 dot products where the CPU has them) or AVX2, below any ONEDNN_MAX_CPU_ISA or
 ATEN_CPU_CAPABILITY cap, so that a run held to an older CPU runs that CPU's code -- and
-registered as torch operators (`torch.ops.load_library`): a compiled
-graph can call them too. The library is kept in ~/.cache/tegaki/kernels (or $TEGAKI_CACHE/kernels),
-named by a hash of the source, the flags and the torch version: the first use on a machine compiles
-it, later processes load the file.
+registered as torch operators (`torch.ops.load_library`): a compiled graph can call them too. The
+library is kept in ~/.cache/tegaki/kernels (or $TEGAKI_CACHE/kernels), named by a hash of the source
+(and the headers beside it), the flags and the torch version: the first use on a machine compiles it,
+later processes load the file.
 
 Where there is no compiler, or the build fails, `load` says so once (a warning) and returns False:
 the caller takes its readable path.
@@ -83,9 +83,9 @@ def load(name: str) -> bool:
         return False
     source = KERNELS / f"{name}.cpp"
     level = isa()
-    key = hashlib.sha256(
-        "\n".join([source.read_text(), torch.__version__, cxx, *build_command("", source, Path(), level)]).encode()
-    ).hexdigest()[:16]
+    texts = [source.read_text(), *(h.read_text() for h in sorted(source.parent.glob("*.h")))]  # and what it includes
+    flags = build_command("", source, Path(), level)
+    key = hashlib.sha256("\n".join([*texts, torch.__version__, cxx, *flags]).encode()).hexdigest()[:16]
     library = cache_folder() / f"{name}-{level}-{key}.so"
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "tensors.h"
+
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -118,24 +120,6 @@ static void rows_times_weight(const X* xs, const W* ws, const float* b, Y* ys, i
       }
     }
   });
-}
-
-// t's values as float32 (t contiguous, float32 or bfloat16): t's own memory, or `copy` filled here.
-// A decode step calls this loop dozens of times on a few rows: converting them here spares each call
-// the operators (and their passes through PyTorch's dispatcher) that .to(float) would run.
-static const float* floats_of(const at::Tensor& t, std::vector<float>& copy) {
-  if (t.scalar_type() == at::kFloat) return t.data_ptr<float>();
-  const at::BFloat16* p = t.data_ptr<at::BFloat16>();
-  copy.resize(t.numel());
-  for (int64_t i = 0; i < t.numel(); ++i) copy[i] = float(p[i]);
-  return copy.data();
-}
-
-// x's shape with its last size made `out`: the output's shape.
-static std::vector<int64_t> output_shape(const at::Tensor& x, int64_t out) {
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = out;
-  return shape;
 }
 
 // y = x W^T + bias for a float32 or bfloat16 weight: x (..., in) and bias in float32 or bfloat16, y (..., out)

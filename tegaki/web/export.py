@@ -82,14 +82,9 @@ def export_web(model_ref: str | os.PathLike, out: str | os.PathLike, dtype: str 
     """Write the static folder for the model at `model_ref` (a run folder, a transformers folder or
     a hub id) into `out`; returns `out`. dtype: the weights' type in the file."""
     name = Path(str(model_ref)).name
-    refuse(model_config(model_ref), name)  # before any weight is read: a 20B model is refused at once
     source = ModelSource(model_ref)
+    refuse(source.config, name)  # before any weight is read: a 20B model is refused at once
     return write_web_folder(source.load(), source.tokenizer, out, dtype, name=name)
-
-
-def model_config(model_ref: str | os.PathLike) -> ModelConfig:
-    """The model's config alone: run.json's, or the model built on the meta device (no weights read)."""
-    return ModelSource(model_ref).config
 
 
 def refuse(config: ModelConfig, name: str) -> None:
