@@ -164,9 +164,9 @@ def load_transformers(spec: dict):
 
 def tegaki_variant(base, precision: str):
     """A copy of `base` as tegaki runs it in `precision` (fp32, bf16, int8, or int4 for the quality
-    lines): the one place the benchmark's tegaki models are made. int8 keeps float32 activations
-    (weight-only, groups of 32); int4's kernel takes bf16 activations faster, so that model is cast
-    (as `--dtype bf16 --quantize int4`)."""
+    lines): the one place the benchmark's tegaki models are made. int8 is llama.cpp's q8_0 blocks
+    (groups of 32, int8 activations in a decode step); int4's kernel takes bf16 activations faster,
+    so that model is cast (as `--dtype bf16 --quantize int4`)."""
     import torch
 
     from tegaki.model import GPT

@@ -6,7 +6,7 @@ the float weight first). The Python formula stays the readable twin, and a test 
 
 Each kernel file is compiled by the machine's C++ compiler against PyTorch's own headers
 (`torch.utils.cpp_extension.include_paths()`), for the instruction set this CPU has -- AVX-512 (with
-its bfloat16 dot products where the CPU has them) or AVX2, below any ONEDNN_MAX_CPU_ISA or
+its int8 and bfloat16 dot products where the CPU has them) or AVX2, below any ONEDNN_MAX_CPU_ISA or
 ATEN_CPU_CAPABILITY cap, so that a run held to an older CPU runs that CPU's code -- and
 registered as torch operators (`torch.ops.load_library`): a compiled graph can call them too. The
 library is kept in ~/.cache/tegaki/kernels (or $TEGAKI_CACHE/kernels), named by a hash of the source
@@ -33,10 +33,13 @@ from tegaki.device import cpu_has, cxx_compiler
 KERNELS = Path(__file__).parent / "kernels"
 
 # The compiler's instruction-set flags for each level (GCC and Clang spell them alike).
+_AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", *_AVX2]
 ISA_FLAGS = {
-    "avx512_bf16": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-mavx2", "-mfma", "-mf16c"],
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
-    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512_bf16": [*_AVX512, "-mavx512vnni", "-mavx512bf16"],  # and bf16 dot products (VDPBF16PS)
+    "avx512_vnni": [*_AVX512, "-mavx512vnni"],  # and int8 dot products (VPDPBUSD)
+    "avx512": _AVX512,
+    "avx2": _AVX2,
     "baseline": [],
 }
 
@@ -47,7 +50,9 @@ def isa() -> str:
     """The instruction set to compile for: the CPU's, held back by the caps that emulate older CPUs."""
     aten_cap = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
     if cpu_has("avx512f") and aten_cap in ("", "avx512"):
-        return "avx512_bf16" if cpu_has("avx512_bf16") else "avx512"
+        if cpu_has("avx512_vnni"):  # int8 dot products; every CPU with AVX-512 BF16 has them too
+            return "avx512_bf16" if cpu_has("avx512_bf16") else "avx512_vnni"
+        return "avx512"
     if cpu_has("avx2") and aten_cap in ("", "avx512", "avx2"):
         return "avx2"
     return "baseline"

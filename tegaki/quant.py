@@ -1,28 +1,32 @@
-"""Weight-only quantization of the linear layers: int8 and int4, each by groups of inputs.
+"""Quantization of the linear layers: int8 and int4, each by groups of inputs.
 
 Decoding one token reads every weight once and does two flops per weight: the time goes into
 moving weights from memory, not into arithmetic. Storing weights in 8 bits instead of 32 reads a
-quarter of the bytes. Only the weights are quantized; activations stay in floating point
-("weight-only"), which keeps the quality cost small.
+quarter of the bytes.
 
-int8, symmetric, one scale per group of GROUP_SIZE = 32 inputs in each row (the block of llama.cpp's
-q8_0): a group's largest weight sets its step, so a large weight costs precision only to the 31
-beside it, not to its whole row:
-    scale[o, g] = max_i |W[o, g*32 + i]| / 127        q = round(W / scale) in [-127, 127]
-    W ~= q * scale                                     y[o] = sum_g scale[o, g] * (x_g . q[o, g])
+int8, symmetric, one scale per group of GROUP_SIZE = 32 inputs in each row: a group's largest weight
+sets its step, so a large weight costs precision only to the 31 beside it, not to its whole row.
+The scale is kept in float16, so a group is exactly a block of llama.cpp's q8_0 (34 bytes for 32
+weights):
+    scale[o, g] = float16(max_i |W[o, g*32 + i]| / 127)      q = round(W / scale) in [-127, 127]
+    W ~= q * scale
+A decode step (up to ROWS_BY_LOOP rows) quantizes its activations the same way, by groups of 32
+(`quantize_rows_q8`), and takes each group's dot product in integers, as llama.cpp's q8_0 x q8_0 does:
+    y[r, o] = sum_g scale[o, g] * step[r, g] * (qx[r, g] . q[o, g])          (`q8_matvec`)
+A prompt (more rows) multiplies float activations by the dequantized weight; so does a layer whose
+rows 32 does not divide, which takes one scale per row (`int8_matvec`).
 int4, per group of `group_size` inputs in each row, asymmetric (a zero point per group):
     scale = (max - min) / 15      q = round((W - min) / scale) in [0, 15]
     W ~= (q - 8) * scale + zero   with zero = min + 8 * scale
 
-Each layer has a readable path (dequantize, then an ordinary matmul) and a fast path; tests/test_quant.py
-proves they agree within the tolerance written there.
+Each layer has a readable path (`forward_reference`: the formulas above, written out) and a fast path;
+tests/test_quant.py proves they agree within the tolerance written there.
 
-int8's fast path, for the few rows of a decode step, is a loop written by hand in C++
-(tegaki/kernels/int8_matvec.cpp, built for this CPU by `native.py`): `int8_matvec` below as the loop it
-is, reading each int8 weight once and never storing the float weight. Where no C++ compiler is
-installed, and for many rows (a prompt), the layer dequantizes and multiplies (the readable path,
-whose matmul pays back the float copy it makes). int4's fast path is `_weight_int4pack_mm_for_cpu`
-(float activations).
+int8's fast paths, for the few rows of a decode step, are loops written by hand in C++ and built for
+this CPU by `native.py`: tegaki/kernels/q8_matvec.cpp (`q8_matvec`, on the weight in the loop's order,
+`pack_q8`) and tegaki/kernels/int8_matvec.cpp (`int8_matvec`), each reading every int8 weight once.
+Where no C++ compiler is installed the readable path runs. int4's fast path is
+`_weight_int4pack_mm_for_cpu` (float activations).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from tegaki.modules import replace_module
 
 
 GROUP_SIZE = 32  # inputs per int8 scale: llama.cpp's q8_0 block
+FLOAT16_TINIEST = 2.0**-24  # the smallest float16 above zero: an all-zero group keeps a usable scale
 
 
 def int8_group(in_features: int, group_size: int = GROUP_SIZE) -> int:
@@ -50,18 +55,19 @@ def int8_group(in_features: int, group_size: int = GROUP_SIZE) -> int:
 
 
 def quantize_int8(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight (out, in) -> q (out, in) int8, scale (out, in // g) float32: weight ~= q * scale, by groups."""
+    """weight (out, in) -> q (out, in) int8, scale (out, in // g) float16: weight ~= q * scale, by groups."""
     out_f, in_f = weight.shape
     g = int8_group(in_f, group_size)
     w = weight.float().view(out_f, in_f // g, g)  # (out, groups, g)
-    scale = w.abs().amax(dim=-1).clamp(min=1e-12) / 127.0  # (out, groups): the group's largest |w| -> 127
-    q = torch.round(w / scale[..., None]).clamp(-127, 127).to(torch.int8)  # -128 unused: symmetric
+    step = w.abs().amax(dim=-1) / 127.0  # (out, groups): the group's largest |w| -> 127
+    scale = step.clamp(min=FLOAT16_TINIEST).to(torch.float16)  # rounded once; q is made with what is kept
+    q = torch.round(w / scale.float()[..., None]).clamp(-127, 127).to(torch.int8)  # -128 unused: symmetric
     return q.view(out_f, in_f), scale
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     out_f, in_f = q.shape
-    return (q.view(out_f, scale.shape[1], -1).float() * scale[..., None]).view(out_f, in_f)  # (out, in)
+    return (q.view(out_f, scale.shape[1], -1).float() * scale.float()[..., None]).view(out_f, in_f)  # (out, in)
 
 
 def int8_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
@@ -69,9 +75,59 @@ def int8_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     of the C++ loop (`int8_kernel`), which computes the same sums without ever storing `w`."""
     out_f, in_f = q.shape
     groups = scale.shape[1]
-    w = q.view(out_f, groups, in_f // groups) * scale.unsqueeze(-1)  # (out, groups, g)
+    w = q.view(out_f, groups, in_f // groups) * scale.float().unsqueeze(-1)  # (out, groups, g)
     y = (x.view(-1, 1, groups, in_f // groups) * w).sum((-1, -2))  # (N, 1, groups, g) * w -> (N, out)
     return y if bias is None else y + bias
+
+
+def quantize_rows_q8(x: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations quantized like a weight, for an int8 x int8 product: x (N, in) -> qx (N, in) int8 and
+    step (N, in // 32) float32, x ~= qx * step by groups of 32 (llama.cpp's q8_0 blocks, both sides).
+    Rounded as the C++ loop rounds: x times 1/step, to nearest with ties to even."""
+    n, in_f = x.shape
+    xg = x.float().view(n, in_f // group_size, group_size)
+    step = xg.abs().amax(dim=-1) / 127.0  # (N, groups)
+    inverse = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
+    qx = torch.round(xg * inverse[..., None]).to(torch.int8)  # |x * 127 / max| <= 127
+    return qx.view(n, in_f), step
+
+
+def q8_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+    """x (N, in) times the int8 weight with x quantized too (`quantize_rows_q8`): each group's dot
+    product is a sum of int8 x int8 products, exact in integers, then scaled by both steps:
+        y[r, o] = bias[o] + sum_g scale[o, g] * step[r, g] * (qx[r, g] . q[o, g])
+    The readable twin of the C++ loop (`q8_kernel`), llama.cpp's q8_0 x q8_0 dot product."""
+    out_f, in_f = q.shape
+    groups = scale.shape[1]
+    qx, step = quantize_rows_q8(x, in_f // groups)
+    qxg = qx.view(-1, groups, in_f // groups).float()  # (N, groups, 32)
+    qg = q.view(out_f, groups, in_f // groups).float()  # (out, groups, 32)
+    # Each group's dot product of integers: products up to 127 * 127, sums of 32 of them below 2**24,
+    # so float32 holds every partial sum exactly, in any order.
+    dots = torch.einsum("ngi,ogi->nog", qxg, qg)  # (N, out, groups)
+    y = (dots * (scale.float() * step[:, None, :])).sum(-1)  # (N, out)
+    return y if bias is None else y + bias.float()
+
+
+TILE = 16  # output rows the C++ loop's weight layout interleaves: one AVX-512 register of sums
+
+
+def pack_q8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 weight (out, in) in the order the C++ loop reads it, groups of 32 only:
+        tiles   (tiles, groups, 8, 16, 4) int8: for each tile of 16 rows and each group, 8 pieces of
+                4 inputs of each of the 16 rows (one piece, 64 bytes, is one register)
+        scale   (tiles, groups, 16) float16: the 16 rows' scales of the group
+    Rows past `out` (the last tile's padding) are zeros."""
+    out_f, in_f = q.shape
+    groups = scale.shape[1]
+    n_tiles = -(-out_f // TILE)
+    padded = torch.zeros(n_tiles * TILE, in_f, dtype=torch.int8)
+    padded[:out_f] = q
+    tiles = padded.view(n_tiles, TILE, groups, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
+    tile_scale = torch.zeros(n_tiles * TILE, groups, dtype=torch.float16)
+    tile_scale[:out_f] = scale
+    tile_scale = tile_scale.view(n_tiles, TILE, groups).transpose(1, 2).contiguous()
+    return tiles, tile_scale
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,6 +165,13 @@ def int8_kernel():
     return native.operator("int8_matvec", lambda x, q, scale, bias: x.new_empty(*x.shape[:-1], q.shape[0]))
 
 
+def q8_kernel():
+    """torch.ops.tegaki.q8_matvec (x (..., in), tiles, tile_scale, bias, out) -> (..., out) in
+    x's dtype: `q8_matvec` on pack_q8's layout, built for this CPU on first use; None where it cannot be
+    built."""
+    return native.operator("q8_matvec", lambda x, tiles, tile_scale, bias, out: x.new_empty(*x.shape[:-1], out))
+
+
 class Int8Linear(nn.Module):
     """nn.Linear with int8 weights and one float scale per group of 32 inputs."""
 
@@ -117,7 +180,14 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         q, scale = quantize_int8(linear.weight.detach())
         self.register_buffer("weight_int8", q)  # (out, in)
-        self.register_buffer("scale", scale)  # (out, groups) float32
+        self.register_buffer("scale", scale)  # (out, groups) float16
+        # Groups of 32: a decode step quantizes its activations too and takes int8 x int8 dot products
+        # (`q8_matvec`) on the weight in the loop's order, a copy made once here (not saved).
+        self.q8 = scale.shape[1] * GROUP_SIZE == self.in_features
+        if self.q8:
+            tiles, tile_scale = pack_q8(q, scale)
+            self.register_buffer("tiles", tiles, persistent=False)
+            self.register_buffer("tile_scale", tile_scale, persistent=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.fast = True
 
@@ -125,26 +195,35 @@ class Int8Linear(nn.Module):
         return self.forward_fast(x) if self.fast else self.forward_reference(x)
 
     def _apply(self, fn, recurse=True):
-        # model.to(dtype) after quantizing casts every float buffer; the scales keep float32 (and
+        # model.to(dtype) after quantizing casts every float buffer; the scales keep float16 (and
         # their values) and only follow the move to whatever device fn put the rest on.
-        scale = self.scale
+        scales = {name: getattr(self, name) for name in ("scale", "tile_scale") if hasattr(self, name)}
         super()._apply(fn, recurse)
-        self.scale = scale.to(self.scale.device)
+        for name, scale in scales.items():
+            setattr(self, name, scale.to(self.weight_int8.device))
         return self
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """Readable: rebuild the float weight, then an ordinary linear layer."""
+        """Readable, the formula the fast path computes: for a decode step (up to ROWS_BY_LOOP rows)
+        in groups of 32, `q8_matvec` (int8 activations); else rebuild the float weight, then an
+        ordinary linear layer."""
+        if self.q8 and x.numel() // self.in_features <= ROWS_BY_LOOP:
+            y = q8_matvec(x.reshape(-1, self.in_features), self.weight_int8, self.scale, self.bias)
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         w = dequantize_int8(self.weight_int8, self.scale).to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        """A few rows (a decode step of a batch of up to ROWS_BY_LOOP): the C++ loop, (..., in) ->
-        (..., out) in x's dtype. More rows (a prompt), or no compiler: the readable path."""
+        """A few rows (a decode step of a batch of up to ROWS_BY_LOOP): a C++ loop, (..., in) ->
+        (..., out) in x's dtype; int8 x int8 (`q8_matvec`) for groups of 32, int8 x float
+        (`int8_matvec`) for whole rows. More rows (a prompt), or no compiler: the readable path."""
         rows = x.numel() // self.in_features
-        kernel = int8_kernel() if 0 < rows <= ROWS_BY_LOOP and x.device.type == "cpu" else None
-        if kernel is None:
-            return self.forward_reference(x)
-        return kernel(x, self.weight_int8, self.scale, self.bias)
+        if 0 < rows <= ROWS_BY_LOOP and x.device.type == "cpu":  # (as forward_reference decides)
+            if self.q8 and (q8 := q8_kernel()) is not None:
+                return q8(x, self.tiles, self.tile_scale, self.bias, self.out_features)
+            if not self.q8 and (kernel := int8_kernel()) is not None:
+                return kernel(x, self.weight_int8, self.scale, self.bias)
+        return self.forward_reference(x)
 
     def extra_repr(self) -> str:
         g = self.in_features // self.scale.shape[1]
@@ -216,8 +295,11 @@ def quantize_model(model: nn.Module, mode: str = "int8", *, group_size: int = 64
     for name, linear in targets:
         fits = mode == "int4" and int4_fits(linear, group_size)
         replace_module(model, name, Int4Linear(linear, group_size) if fits else Int8Linear(linear))
-    if any(isinstance(m, Int8Linear) for m in model.modules()):
-        int8_kernel()  # built (or loaded) now, not inside a timed token or a graph being compiled
+    int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    if any(m.q8 for m in int8):  # built (or loaded) now, not inside a timed token or a graph being compiled
+        q8_kernel()
+    if any(not m.q8 for m in int8):
+        int8_kernel()
     return model
 
 
@@ -238,11 +320,15 @@ def quantized_kernels(model: nn.Module) -> list[str]:
     int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
     int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
     lines = []
-    if int8:
-        how = f"tegaki's C++ loop ({native.isa()})" if int8_kernel() else "dequantize + matmul (no C++ compiler)"
+    for q8, kernel, what in ((True, q8_kernel, "int8 x int8"), (False, int8_kernel, "int8 x float")):
+        layers = [m for m in int8 if m.q8 == q8]
+        if not layers:
+            continue
+        loop = kernel() is not None
+        how = f"tegaki's C++ loop ({native.isa()})" if loop else "the readable formula (no C++ compiler)"
+        groups = f"groups of {GROUP_SIZE}" if q8 else "one scale per row"
         lines.append(
-            f"int8, groups of {GROUP_SIZE}: {len(int8)} layer(s); "
-            f"up to {ROWS_BY_LOOP} rows through {how}, more dequantized"
+            f"int8, {groups}: {len(layers)} layer(s); up to {ROWS_BY_LOOP} rows {what} through {how}, more dequantized"
         )
     if int4:
         lines.append(f"int4: {len(int4)} layer(s) through _weight_int4pack_mm_for_cpu")

@@ -18,8 +18,9 @@ needs_cxx = pytest.mark.skipif(not has_cxx_compiler(), reason="no C++ compiler i
     ("flags", "aten_cap", "expected"),
     [
         ({"avx512f", "avx2"}, "", "avx512"),
-        ({"avx512f", "avx512_bf16", "avx2"}, "", "avx512_bf16"),  # Zen 4, Cooper Lake, Sapphire Rapids
-        ({"avx512f", "avx512_bf16", "avx2"}, "avx2", "avx2"),
+        ({"avx512f", "avx512_vnni", "avx2"}, "", "avx512_vnni"),  # Cascade Lake, Ice Lake
+        ({"avx512f", "avx512_vnni", "avx512_bf16", "avx2"}, "", "avx512_bf16"),  # Zen 4, Cooper Lake, Sapphire Rapids
+        ({"avx512f", "avx512_vnni", "avx512_bf16", "avx2"}, "avx2", "avx2"),
         ({"avx512f", "avx2"}, "avx2", "avx2"),  # PyTorch's kernels held to AVX2: tegaki's too
         ({"avx512f", "avx2"}, "default", "baseline"),
         ({"avx2"}, "", "avx2"),  # an AVX2 CPU, or a oneDNN cap (device.cpu_has reads it)

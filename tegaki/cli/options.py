@@ -34,5 +34,8 @@ def add_model_arguments(
     add_device_arguments(p, dtype_default)
     if quantize:
         p.add_argument(
-            "--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization of the linear layers"
+            "--quantize",
+            choices=["int8", "int4"],
+            default=None,
+            help="quantization of the linear layers (int8: llama.cpp's q8_0 blocks)",
         )

@@ -2,7 +2,7 @@
 //
 //     y[r, o] = bias[o] + sum over groups g of  scale[o, g] * (x[r, g's inputs] . q[o, g's inputs])
 //
-// q is the (out, in) int8 weight, scale its (out, groups) float32 steps (a group is in / groups
+// q is the (out, in) int8 weight, scale its (out, groups) float16 steps (a group is in / groups
 // neighbouring inputs of a row: 32, llama.cpp's q8_0 block, or the whole row). Each int8 weight is read
 // once, turned into a float in a register and multiplied there: the float weight is never stored,
 // so a step reads a quarter of float32's bytes. The rows of x (a decode step of a batch) are all
@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <ATen/ops/empty.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -58,7 +59,7 @@ constexpr int64_t PREFETCH_AHEAD = 4096;
 // One weight row o against ROWS rows of x: each LANES int8 weights are made floats once and
 // multiplied into every row's sums (ROWS is a template argument, so the sums stay in registers).
 template <int ROWS, typename Y>
-static void row_times_rows(const int8_t* w, const float* s, const float* x, int64_t in, int64_t groups,
+static void row_times_rows(const int8_t* w, const at::Half* s, const float* x, int64_t in, int64_t groups,
                            float bias, Y* y, int64_t y_stride) {
   const int64_t g = in / groups;         // inputs per group
   const int64_t gv = g / LANES * LANES;  // of them, those taken LANES at a time
@@ -73,12 +74,13 @@ static void row_times_rows(const int8_t* w, const float* s, const float* x, int6
       const floats wv = load_int8s(wk + i);
       for (int r = 0; r < ROWS; ++r) part[r] += wv * load_floats(x + r * in + k * g + i);
     }
-    for (int r = 0; r < ROWS; ++r) acc[r] += part[r] * s[k];
+    const float step = float(s[k]);
+    for (int r = 0; r < ROWS; ++r) acc[r] += part[r] * step;
     if (gv < g) {  // a group of a size LANES does not divide (a whole odd-sized row)
       for (int r = 0; r < ROWS; ++r) {
         float part_rest = 0.f;
         for (int64_t i = gv; i < g; ++i) part_rest += float(wk[i]) * x[r * in + k * g + i];
-        rest[r] += part_rest * s[k];
+        rest[r] += part_rest * step;
       }
     }
   }
@@ -89,12 +91,12 @@ constexpr int MAX_ROWS = 8;  // rows taken together; more are taken 8 at a time
 
 // The int8 weight's rows, split across PyTorch's threads, against every row of x.
 template <typename Y>
-static void rows_times_weight(const float* xs, const int8_t* qs, const float* ss, const float* b, Y* ys,
+static void rows_times_weight(const float* xs, const int8_t* qs, const at::Half* ss, const float* b, Y* ys,
                               int64_t rows, int64_t out, int64_t in, int64_t groups) {
   at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       const int8_t* w = qs + o * in;     // row o of the weight
-      const float* s = ss + o * groups;  // its scales
+      const at::Half* s = ss + o * groups;  // its scales
       const float bo = b ? b[o] : 0.f;
       for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS) {
         const float* x0 = xs + r0 * in;
@@ -119,7 +121,7 @@ at::Tensor int8_matvec(const at::Tensor& x_in, const at::Tensor& q, const at::Te
                        const std::optional<at::Tensor>& bias_in) {
   TORCH_CHECK(x_in.dim() >= 1 && q.dim() == 2 && scale.dim() == 2, "int8_matvec: x (..., in), q (out, in), scale (out, groups)");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, "int8_matvec: x float32 or bfloat16");
-  TORCH_CHECK(q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat, "int8_matvec: q int8, scale float32");
+  TORCH_CHECK(q.scalar_type() == at::kChar && scale.scalar_type() == at::kHalf, "int8_matvec: q int8, scale float16");
   TORCH_CHECK(q.is_contiguous() && scale.is_contiguous(), "int8_matvec: contiguous q and scale only");
   const int64_t out = q.size(0), in = q.size(1), groups = scale.size(1);
   TORCH_CHECK(x_in.size(-1) == in && scale.size(0) == out && groups > 0 && in % groups == 0, "int8_matvec: shapes do not match");
@@ -136,9 +138,9 @@ at::Tensor int8_matvec(const at::Tensor& x_in, const at::Tensor& q, const at::Te
   at::Tensor y = at::empty(output_shape(x, out), x.options());
   const int64_t rows = x.numel() / in;
   if (y.scalar_type() == at::kFloat)
-    rows_times_weight(xs, q.data_ptr<int8_t>(), scale.data_ptr<float>(), b, y.data_ptr<float>(), rows, out, in, groups);
+    rows_times_weight(xs, q.data_ptr<int8_t>(), scale.data_ptr<at::Half>(), b, y.data_ptr<float>(), rows, out, in, groups);
   else
-    rows_times_weight(xs, q.data_ptr<int8_t>(), scale.data_ptr<float>(), b, y.data_ptr<at::BFloat16>(), rows, out, in, groups);
+    rows_times_weight(xs, q.data_ptr<int8_t>(), scale.data_ptr<at::Half>(), b, y.data_ptr<at::BFloat16>(), rows, out, in, groups);
   return y;
 }
 
