@@ -81,6 +81,7 @@ from tegaki.generate import cache_dtype, generate
 from tegaki.kv_cache import KVCache
 from tegaki.load import export_hf
 from tegaki.model import GPT
+from tegaki.quant import ROWS_BY_LOOP
 
 PROMPT, NEW, PREFILL = 32, 128, 512
 
@@ -274,9 +275,21 @@ def shakespeare_bytes() -> bytes:
         return "\n".join(p.read_text(encoding="utf-8") for p in plays).encode("utf-8")
 
 
+def logits_token_by_token(model: GPT, x: torch.Tensor) -> torch.Tensor:
+    """x (B, T) -> logits (B, T, V) as generation computes them: one token a step through the KV
+    cache, ROWS_BY_LOOP sequences at a time (so that int8 runs its decode-step formula, with int8
+    activations, where a whole-sequence forward would multiply float activations)."""
+    out = []
+    for rows in x.split(ROWS_BY_LOOP):
+        cache = KVCache(model.config, rows.shape[0], rows.shape[1], dtype=cache_dtype(model))
+        out.append(torch.cat([model(rows[:, t : t + 1], kv_cache=cache) for t in range(rows.shape[1])], dim=1))
+    return torch.cat(out)
+
+
 def perplexities(steps: int) -> tuple[dict[str, float], str]:
     """Train a byte-level model (the tiny preset's shape, vocabulary 256) briefly; return its
-    held-out perplexity in fp32, bf16, int8 and int4."""
+    held-out perplexity in fp32, bf16, int8 and int4, and in fp32 and int8 token by token as
+    generation computes it."""
     data = torch.frombuffer(bytearray(shakespeare_bytes()), dtype=torch.uint8).long()
     split = int(0.95 * len(data))
     train, held = data[:split], data[split:]
@@ -299,9 +312,10 @@ def perplexities(steps: int) -> tuple[dict[str, float], str]:
     y = held[1 : n * T + 1].view(n, T)
     out = {}
     with torch.inference_mode():
-        for mode in ("fp32", "bf16", "int8", "int4"):
-            variant = tegaki_variant(model, mode) if mode != "fp32" else model
-            logits = variant(x).float()
+        for mode in ("fp32", "bf16", "int8", "int4", "fp32 token by token", "int8 token by token"):
+            precision, _, by_token = mode.partition(" ")
+            variant = tegaki_variant(model, precision) if precision != "fp32" else model
+            logits = (logits_token_by_token(variant, x) if by_token else variant(x)).float()
             out[mode] = torch.exp(F.cross_entropy(logits.view(-1, 256), y.reshape(-1))).item()
     label = (
         f"byte-level {config.n_layer}x{config.n_embd} model, {steps} AdamW steps of 16x128 bytes, "

@@ -295,3 +295,23 @@ def test_setup_only_reports_the_first_token_of_a_call_per_layout(tmp_path):
         median, low_high = row.split("|")[2].strip(), row.split("|")[3].strip()
         low, high = (float(v) for v in low_high.split("-"))
         assert low <= float(median) <= high and low > 0
+
+
+def test_perplexity_token_by_token_is_what_generation_computes():
+    """logits_token_by_token steps through the KV cache: in fp32 it gives the whole-sequence logits
+    (up to float order), over more sequences than one decode step takes; int8 there runs its
+    decode-step formula (int8 activations), close to but not the same as its whole-sequence one."""
+    from tegaki.config import ModelConfig
+    from tegaki.model import GPT
+    from tegaki.quant import ROWS_BY_LOOP
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset("tiny").replace(n_layer=2, vocab_size=256, block_size=16)).eval()
+    x = torch.randint(0, 256, (ROWS_BY_LOOP + 3, 6))
+    with torch.inference_mode():
+        whole = model(x)
+        torch.testing.assert_close(bench.logits_token_by_token(model, x), whole, rtol=1e-4, atol=1e-4)
+        int8 = engines.tegaki_variant(model, "int8")
+        by_token, at_once = bench.logits_token_by_token(int8, x), int8(x)
+    assert not torch.equal(by_token, at_once)
+    assert ((by_token - at_once).norm() / at_once.norm()).item() < 0.02
