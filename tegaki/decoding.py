@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import statistics
 import time
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -325,16 +324,7 @@ class CompiledCpuStep:
     def __init__(self, model: nn.Module, backend: str = "inductor"):
         self.model = prepare_for_decoding(model)
         self.compiled = torch.compile(model, dynamic=False, backend=backend)
-        self.cache = lambda: None  # a weak reference to the cache of the last step
 
-    def __call__(self, *args, kv_cache=None, **kwargs):
-        # Before each call of a compiled graph, torch checks its guards (the inputs' shapes, the
-        # model's parameters, ...) to pick the graph, and on a CPU, for a model of a few hundred
-        # tensors, that check costs a noticeable share of a decode step. The first step on a cache
-        # checks them all; the later steps on the same cache have its shapes, the same model and
-        # the same cache, so they skip the checks that cannot differ (torch's skip_guard_eval_unsafe,
-        # which still tells apart graphs compiled for other shapes).
-        same_cache = kv_cache is not None and self.cache() is kv_cache
-        self.cache = weakref.ref(kv_cache) if kv_cache is not None else (lambda: None)
-        with self.model.attention_as("manual"), torch.compiler.set_stance(skip_guard_eval_unsafe=same_cache):
-            return self.compiled(*args, kv_cache=kv_cache, **kwargs)
+    def __call__(self, *args, **kwargs):
+        with self.model.attention_as("manual"):
+            return self.compiled(*args, **kwargs)

@@ -219,18 +219,6 @@ def test_a_compiled_cpu_decode_step_attends_written_out_with_the_same_tokens(nam
     assert torch.equal(compiled[0], eager)
 
 
-@pytest.mark.slow  # a few seconds of tracing
-def test_a_compiled_cpu_step_skips_only_the_guards_of_its_own_cache():
-    """After a cache's first step, its later steps skip torch's guard checks; a new call (another
-    cache, another batch size, so another graph) checks them again and picks its own graph. Tokens
-    equal the eager ones throughout, batch 1, then 2, then 1 again."""
-    model = random_model("tiny")
-    prompts = [torch.tensor([[3, 1, 4, 1, 5]]), torch.tensor([[2, 7, 1, 8, 2], [8, 1, 8, 2, 8]])]
-    for prompt in [*prompts, prompts[0]]:
-        eager = generate(model, prompt, 6, temperature=0)
-        assert torch.equal(generate(model, prompt, 6, temperature=0, compile="aot_eager"), eager)
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("TEGAKI_TEST_INDUCTOR") != "1" or not has_cxx_compiler(),
