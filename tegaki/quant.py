@@ -203,11 +203,14 @@ class Int8Linear(nn.Module):
             setattr(self, name, scale.to(self.weight_int8.device))
         return self
 
+    def decode_step(self, x: torch.Tensor) -> bool:
+        """Whether x is a decode step's few rows (1 to ROWS_BY_LOOP), which the C++ loops take."""
+        return 0 < x.numel() // self.in_features <= ROWS_BY_LOOP
+
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """Readable, the formula the fast path computes: for a decode step (up to ROWS_BY_LOOP rows)
-        in groups of 32, `q8_matvec` (int8 activations); else rebuild the float weight, then an
-        ordinary linear layer."""
-        if self.q8 and x.numel() // self.in_features <= ROWS_BY_LOOP:
+        """Readable, the formula the fast path computes: for a decode step in groups of 32,
+        `q8_matvec` (int8 activations); else rebuild the float weight, then an ordinary linear layer."""
+        if self.q8 and self.decode_step(x):
             y = q8_matvec(x.reshape(-1, self.in_features), self.weight_int8, self.scale, self.bias)
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         w = dequantize_int8(self.weight_int8, self.scale).to(x.dtype)
@@ -217,8 +220,7 @@ class Int8Linear(nn.Module):
         """A few rows (a decode step of a batch of up to ROWS_BY_LOOP): a C++ loop, (..., in) ->
         (..., out) in x's dtype; int8 x int8 (`q8_matvec`) for groups of 32, int8 x float
         (`int8_matvec`) for whole rows. More rows (a prompt), or no compiler: the readable path."""
-        rows = x.numel() // self.in_features
-        if 0 < rows <= ROWS_BY_LOOP and x.device.type == "cpu":  # (as forward_reference decides)
+        if self.decode_step(x) and x.device.type == "cpu":
             if self.q8 and (q8 := q8_kernel()) is not None:
                 return q8(x, self.tiles, self.tile_scale, self.bias, self.out_features)
             if not self.q8 and (kernel := int8_kernel()) is not None:
@@ -284,7 +286,7 @@ def quantize_model(model: nn.Module, mode: str = "int8", *, group_size: int = 64
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise TegakiError(
-            f"int8/int4 weight-only quantization uses PyTorch's packed CPU kernels; the model is on {device}. "
+            f"int8/int4 quantization uses PyTorch's packed CPU kernels; the model is on {device}. "
             "On a GPU, decode in bf16 (--dtype bf16) instead, or quantize on --device cpu"
         )
     targets = [
@@ -309,7 +311,7 @@ def int4_fits(linear: nn.Linear, group_size: int) -> bool:
 
 
 def set_fast(model: nn.Module, fast: bool) -> None:
-    """Switch every quantized layer between the packed kernel and the readable dequantize path."""
+    """Switch every quantized layer between its fast kernels and its readable path (forward_reference)."""
     for module in model.modules():
         if isinstance(module, (Int8Linear, Int4Linear)):
             module.fast = fast

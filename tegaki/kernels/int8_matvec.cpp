@@ -87,8 +87,6 @@ static void row_times_rows(const int8_t* w, const at::Half* s, const float* x, i
   for (int r = 0; r < ROWS; ++r) y[r * y_stride] = Y(sum_lanes(acc[r]) + rest[r] + bias);  // bf16: to nearest
 }
 
-constexpr int MAX_ROWS = 8;  // rows taken together; more are taken 8 at a time
-
 // The int8 weight's rows, split across PyTorch's threads, against every row of x.
 template <typename Y>
 static void rows_times_weight(const float* xs, const int8_t* qs, const at::Half* ss, const float* b, Y* ys,
@@ -101,16 +99,7 @@ static void rows_times_weight(const float* xs, const int8_t* qs, const at::Half*
       for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS) {
         const float* x0 = xs + r0 * in;
         Y* y0 = ys + r0 * out + o;
-        switch (std::min<int64_t>(rows - r0, MAX_ROWS)) {
-          case 1: row_times_rows<1>(w, s, x0, in, groups, bo, y0, out); break;
-          case 2: row_times_rows<2>(w, s, x0, in, groups, bo, y0, out); break;
-          case 3: row_times_rows<3>(w, s, x0, in, groups, bo, y0, out); break;
-          case 4: row_times_rows<4>(w, s, x0, in, groups, bo, y0, out); break;
-          case 5: row_times_rows<5>(w, s, x0, in, groups, bo, y0, out); break;
-          case 6: row_times_rows<6>(w, s, x0, in, groups, bo, y0, out); break;
-          case 7: row_times_rows<7>(w, s, x0, in, groups, bo, y0, out); break;
-          default: row_times_rows<8>(w, s, x0, in, groups, bo, y0, out); break;
-        }
+        with_rows(rows - r0, [&](auto n) { row_times_rows<decltype(n)::value>(w, s, x0, in, groups, bo, y0, out); });
       }
     }
   });
@@ -128,13 +117,7 @@ at::Tensor int8_matvec(const at::Tensor& x_in, const at::Tensor& q, const at::Te
   const at::Tensor x = x_in.contiguous();  // no copy where it is
   std::vector<float> x_copy, b_copy;
   const float* xs = floats_of(x, x_copy);
-  const float* b = nullptr;
-  if (bias_in) {
-    const at::Tensor bias = bias_in->contiguous();
-    TORCH_CHECK(bias.numel() == out && (bias.scalar_type() == at::kFloat || bias.scalar_type() == at::kBFloat16),
-                "int8_matvec: bias (out,) in float32 or bfloat16");
-    b = floats_of(bias, b_copy);
-  }
+  const float* b = bias_floats(bias_in, out, b_copy, "int8_matvec");
   at::Tensor y = at::empty(output_shape(x, out), x.options());
   const int64_t rows = x.numel() / in;
   if (y.scalar_type() == at::kFloat)

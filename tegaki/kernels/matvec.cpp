@@ -96,8 +96,6 @@ static void row_times_rows(const at::BFloat16* w, const at::BFloat16* x, int64_t
 }
 #endif
 
-constexpr int MAX_ROWS = 8;  // rows taken together; more are taken 8 at a time
-
 template <typename W, typename X, typename Y>
 static void rows_times_weight(const X* xs, const W* ws, const float* b, Y* ys, int64_t rows, int64_t out,
                               int64_t in) {
@@ -107,16 +105,7 @@ static void rows_times_weight(const X* xs, const W* ws, const float* b, Y* ys, i
       for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS) {
         const X* x0 = xs + r0 * in;
         Y* y0 = ys + r0 * out + o;
-        switch (std::min<int64_t>(rows - r0, MAX_ROWS)) {
-          case 1: row_times_rows<1>(ws + o * in, x0, in, bo, y0, out); break;
-          case 2: row_times_rows<2>(ws + o * in, x0, in, bo, y0, out); break;
-          case 3: row_times_rows<3>(ws + o * in, x0, in, bo, y0, out); break;
-          case 4: row_times_rows<4>(ws + o * in, x0, in, bo, y0, out); break;
-          case 5: row_times_rows<5>(ws + o * in, x0, in, bo, y0, out); break;
-          case 6: row_times_rows<6>(ws + o * in, x0, in, bo, y0, out); break;
-          case 7: row_times_rows<7>(ws + o * in, x0, in, bo, y0, out); break;
-          default: row_times_rows<8>(ws + o * in, x0, in, bo, y0, out); break;
-        }
+        with_rows(rows - r0, [&](auto n) { row_times_rows<decltype(n)::value>(ws + o * in, x0, in, bo, y0, out); });
       }
     }
   });
@@ -132,13 +121,7 @@ at::Tensor matvec(const at::Tensor& x_in, const at::Tensor& w_in, const std::opt
   const int64_t out = w.size(0), in = w.size(1), rows = x.numel() / in;
   TORCH_CHECK(x.size(-1) == in, "matvec: x has ", x.size(-1), " inputs, the weight ", in);
   std::vector<float> x_copy, b_copy;
-  const float* b = nullptr;
-  if (bias_in) {
-    const at::Tensor bias = bias_in->contiguous();
-    TORCH_CHECK(bias.numel() == out && (bias.scalar_type() == at::kFloat || bias.scalar_type() == at::kBFloat16),
-                "matvec: bias (out,) in float32 or bfloat16");
-    b = floats_of(bias, b_copy);
-  }
+  const float* b = bias_floats(bias_in, out, b_copy, "matvec");
   at::Tensor y = at::empty(output_shape(x, out), x.options());
   const bool bf16_w = w.scalar_type() == at::kBFloat16, bf16_y = y.scalar_type() == at::kBFloat16;
 #if defined(__AVX512BF16__)

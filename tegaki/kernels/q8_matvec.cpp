@@ -132,8 +132,6 @@ static void tile_times_rows(const int8_t* w, const at::Half* ws, const uint32_t*
 #endif
 }
 
-constexpr int MAX_ROWS = 8;  // rows of x taken together; more are taken 8 at a time
-
 template <typename Y>
 static void rows_times_tiles(const uint32_t* codes, const float* steps, const int8_t* w, const at::Half* ws,
                              const float* b, Y* ys, int64_t rows, int64_t out, int64_t groups) {
@@ -148,16 +146,7 @@ static void rows_times_tiles(const uint32_t* codes, const float* steps, const in
         const uint32_t* c = codes + r0 * groups * PIECES;
         const float* s = steps + r0 * groups;
         const int n = int(std::min<int64_t>(rows - r0, MAX_ROWS));
-        switch (n) {
-          case 1: tile_times_rows<1>(wt, st, c, s, groups, sums); break;
-          case 2: tile_times_rows<2>(wt, st, c, s, groups, sums); break;
-          case 3: tile_times_rows<3>(wt, st, c, s, groups, sums); break;
-          case 4: tile_times_rows<4>(wt, st, c, s, groups, sums); break;
-          case 5: tile_times_rows<5>(wt, st, c, s, groups, sums); break;
-          case 6: tile_times_rows<6>(wt, st, c, s, groups, sums); break;
-          case 7: tile_times_rows<7>(wt, st, c, s, groups, sums); break;
-          default: tile_times_rows<8>(wt, st, c, s, groups, sums); break;
-        }
+        with_rows(n, [&](auto m) { tile_times_rows<decltype(m)::value>(wt, st, c, s, groups, sums); });
         for (int r = 0; r < n; ++r)
           for (int64_t lane = 0; lane < lanes; ++lane) {
             const int64_t o = t * TILE + lane;
@@ -186,13 +175,7 @@ at::Tensor q8_matvec(const at::Tensor& x_in, const at::Tensor& tiles, const at::
   const at::Tensor x = x_in.contiguous();
   std::vector<float> x_copy, b_copy;
   const float* xs = floats_of(x, x_copy);
-  const float* b = nullptr;
-  if (bias_in) {
-    const at::Tensor bias = bias_in->contiguous();
-    TORCH_CHECK(bias.numel() == out && (bias.scalar_type() == at::kFloat || bias.scalar_type() == at::kBFloat16),
-                "q8_matvec: bias (out,) in float32 or bfloat16");
-    b = floats_of(bias, b_copy);
-  }
+  const float* b = bias_floats(bias_in, out, b_copy, "q8_matvec");
   const int64_t rows = x.numel() / in;
 #if defined(__AVX512VNNI__)
   constexpr bool unsigned_codes = true;
